@@ -1,0 +1,128 @@
+"""The shard directory contract: manifest.json, atomic writes, checksums, verification.
+
+Input: an output directory of `sftgo-prep build`.
+Output: the parsed manifest (a dict, see README "Shard schema"), or a ShardError whose
+one-sentence message names the shard or option at fault.
+Cost: reading the manifest is instant; verify_shards with checksums reads every shard
+once (sha256 at disk speed), without it only the Parquet footers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+BASE_COLUMNS = {
+    "id": "string",
+    "input_ids": "list<element: int32>",
+    "loss_mask": "list<element: int8>",
+    "num_tokens": "int32",
+    "num_loss_tokens": "int32",
+}
+
+
+class ShardError(ValueError):
+    """A shard directory is incomplete, corrupted, foreign or lacks what was asked for."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) and rename the file into place, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict:
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    if not out_dir.is_dir():
+        raise ShardError(f"{out_dir} is not a directory.")
+    if not path.is_file():
+        raise ShardError(f"{out_dir} has no {MANIFEST}: the build did not complete or this is not an sftgo-prep output.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ShardError(f"{path} has format version {found!r}; this sftgo reads version {FORMAT_VERSION}.")
+    return manifest
+
+
+def strategy_columns(strategy: str) -> dict[str, str]:
+    return {f"importance_{strategy}": "list<element: float>", f"group_{strategy}": "list<element: int8>"}
+
+
+def verify_shards(
+    out_dir: str | os.PathLike,
+    manifest: dict | None = None,
+    strategies: tuple[str, ...] = (),
+    checksums: bool = True,
+    tokenizer_fingerprint: str | None = None,
+) -> dict:
+    """Check that every shard listed exists, matches its checksum and row count, and has the
+    schema (base columns plus those of `strategies`); optionally that the tokenizer matches.
+    Returns the manifest."""
+    out_dir = Path(out_dir)
+    manifest = manifest or read_manifest(out_dir)
+    if tokenizer_fingerprint is not None and manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
+        raise ShardError(
+            f"The shards in {out_dir} were tokenized with {manifest['tokenizer']['name']!r}, whose vocabulary "
+            "differs from this model's tokenizer; rebuild them with --tokenizer set to this model."
+        )
+    for strategy in strategies:
+        if strategy not in manifest.get("strategies", {}):
+            have = ", ".join(sorted(manifest.get("strategies", {}))) or "none"
+            raise ShardError(f"{out_dir} has no '{strategy}' groups (it has: {have}); add them with `sftgo-prep score`.")
+    expected = dict(BASE_COLUMNS)
+    for strategy in strategies:
+        expected.update(strategy_columns(strategy))
+    for shard in manifest["shards"]:
+        path = out_dir / shard["path"]
+        if not path.is_file():
+            raise ShardError(f"Shard {path} listed in the manifest is missing.")
+        if checksums and file_sha256(path) != shard["sha256"]:
+            raise ShardError(f"Shard {path} does not match its checksum in the manifest: it is corrupted or was replaced.")
+        try:
+            meta = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for garbage files
+            raise ShardError(f"Shard {path} is not a readable Parquet file ({exc}).") from None
+        schema = meta.schema_arrow
+        for column, type_name in expected.items():
+            if column not in schema.names:
+                raise ShardError(f"Shard {path} has no column '{column}': it is not an sftgo shard of this build.")
+            if str(schema.field(column).type) != type_name:
+                raise ShardError(
+                    f"Shard {path} column '{column}' has type {schema.field(column).type}, expected {type_name}."
+                )
+        if meta.metadata.num_rows != shard["rows"]:
+            raise ShardError(f"Shard {path} has {meta.metadata.num_rows} rows, the manifest says {shard['rows']}.")
+    return manifest
