@@ -1,0 +1,290 @@
+"""Normalise one raw instruction record into chat messages.
+
+Input: one record (a dict parsed from JSON, JSONL, Parquet, CSV or `datasets`) in one of
+FORMATS, plus an optional field map {canonical name: name used in the user's data}.
+Output: [{"role": "system"|"user"|"assistant", "content": str}, ...], or a RecordError
+whose `reason` (a short snake_case key) the manifest counts and whose `detail` is one
+sentence naming the field at fault.
+Cost: a few dict lookups and one small dict per turn; no copying of the record, no regex.
+
+Formats (auto-detection order: messages > conversations > instruction+output >
+prompt+completion):
+- alpaca: instruction, optional input (appended after a blank line), output, optional
+  system, optional history [[q, a], ...] (LLaMA-Factory) as earlier turns.
+- messages: "messages" [{role, content}], content a string or a list of OpenAI-style
+  text parts [{"type": "text", "text": ...}] (joined without separator, as chat
+  templates render them).
+- sharegpt: "conversations" [{from, value}]; from human/user -> user,
+  gpt/assistant/bot/model/chatgpt -> assistant, system -> system.
+- prompt_completion: prompt and completion, each a string (user / assistant) or a list
+  of messages (TRL's conversational prompt-completion).
+
+Rules for every format: at least one assistant turn, no empty assistant turn, a system
+turn only first. Trailing user turns after the last assistant turn are kept (they are
+not supervised: loss masks cover assistant turns only).
+"""
+from __future__ import annotations
+
+import operator
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion")
+
+# Canonical field names a field map may rename.
+CANONICAL_FIELDS = (
+    "instruction", "input", "output", "system", "history", "messages", "conversations",
+    "prompt", "completion", "role", "content", "from", "value",
+)
+
+_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+    "model": "assistant", "chatgpt": "assistant",
+}
+_EMPTY: dict[str, str] = {}
+
+
+class RecordError(ValueError):
+    """A record that cannot become a training sample; `reason` is counted in the manifest."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # keep both fields when sent between Dask workers
+        return (RecordError, (self.reason, self.detail))
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _wrong_type(field: str, expected: str, value) -> RecordError:
+    return RecordError("wrong_type", f"Field '{field}' must be {expected}, got {_type_name(value)}.")
+
+
+def _missing(field: str) -> RecordError:
+    return RecordError("missing_field", f"Field '{field}' is missing.")
+
+
+def _name(fm: dict[str, str], canonical: str) -> str:
+    return fm.get(canonical, canonical)
+
+
+def _is_list(value) -> bool:
+    return type(value) is list or type(value) is tuple
+
+
+def detect_format(record: dict, field_map: dict[str, str] | None = None) -> str:
+    """Which of FORMATS the record is in, from its keys (see the module docstring)."""
+    if not isinstance(record, dict):
+        raise RecordError("not_an_object", f"Record must be a JSON object, got {_type_name(record)}.")
+    fm = field_map or _EMPTY
+    for key, default in (("messages", "messages"), ("conversations", "sharegpt")):
+        turns = record.get(_name(fm, key))
+        if turns is not None:
+            # The turn keys decide: some datasets put from/value under "messages" and
+            # role/content under "conversations".
+            if _is_list(turns) and turns and isinstance(turns[0], dict):
+                first = turns[0]
+                if _name(fm, "from") in first or _name(fm, "value") in first:
+                    return "sharegpt"
+                if _name(fm, "role") in first or _name(fm, "content") in first:
+                    return "messages"
+            return default
+    if _name(fm, "instruction") in record and _name(fm, "output") in record:
+        return "alpaca"
+    if _name(fm, "prompt") in record and _name(fm, "completion") in record:
+        return "prompt_completion"
+    keys = ", ".join(sorted(map(str, record))[:8]) or "none"
+    raise RecordError(
+        "unknown_format",
+        f"Record has none of messages, conversations, instruction+output or prompt+completion (keys: {keys}).",
+    )
+
+
+def to_messages(record: dict, fmt: str, field_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The record as chat messages; fmt is one of FORMATS or "auto"."""
+    if not isinstance(record, dict):
+        raise RecordError("not_an_object", f"Record must be a JSON object, got {_type_name(record)}.")
+    fm = field_map or _EMPTY
+    if fmt == "auto":
+        fmt = detect_format(record, fm)
+    if fmt == "alpaca":
+        msgs = _alpaca(record, fm)
+    elif fmt == "messages":
+        msgs = _turns(record, fm, "messages", "conversations", "role", "content", _MESSAGE_ROLES)
+    elif fmt == "sharegpt":
+        msgs = _turns(record, fm, "conversations", "messages", "from", "value", _SHAREGPT_ROLES)
+    elif fmt == "prompt_completion":
+        msgs = _prompt_completion(record, fm)
+    else:
+        raise ValueError(f"Unknown format {fmt!r}; expected one of {', '.join(FORMATS)} or auto.")
+    _validate(msgs)
+    return msgs
+
+
+def _string_field(record: dict, fm: dict[str, str], canonical: str, required: bool) -> str:
+    name = _name(fm, canonical)
+    value = record.get(name)
+    if type(value) is str:
+        return value
+    if value is None:
+        if required:
+            raise _missing(name)
+        return ""
+    if isinstance(value, str):
+        return str(value)
+    raise _wrong_type(name, "a string", value)
+
+
+def _alpaca(record: dict, fm: dict[str, str]) -> list[dict[str, str]]:
+    instruction = _string_field(record, fm, "instruction", True)
+    output = _string_field(record, fm, "output", True)
+    extra = _string_field(record, fm, "input", False)
+    system = _string_field(record, fm, "system", False)
+    msgs: list[dict[str, str]] = []
+    if system.strip():
+        msgs.append({"role": "system", "content": system})
+    history_name = _name(fm, "history")
+    history = record.get(history_name)
+    if history is not None:
+        if not _is_list(history):
+            raise _wrong_type(history_name, "a list of [question, answer] pairs", history)
+        for i, pair in enumerate(history):
+            if not _is_list(pair) or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) is not str:
+                raise _wrong_type(f"{history_name}[{i}]", "a [question, answer] pair of strings", pair)
+            msgs.append({"role": "user", "content": pair[0]})
+            msgs.append({"role": "assistant", "content": pair[1]})
+    if extra.strip():
+        instruction = f"{instruction}\n\n{extra}"
+    msgs.append({"role": "user", "content": instruction})
+    msgs.append({"role": "assistant", "content": output})
+    return msgs
+
+
+def _turns(record, fm, key, alt_key, role_key, content_key, roles, where=None) -> list[dict[str, str]]:
+    """Parse a list of turns from record[key] (or record[alt_key]); `where` overrides the lookup."""
+    if where is None:
+        name = _name(fm, key)
+        turns = record.get(name)
+        if turns is None:
+            alt = _name(fm, alt_key)
+            if record.get(alt) is None:
+                raise _missing(name)
+            name, turns = alt, record[alt]
+    else:
+        name, turns = where
+    if not _is_list(turns):
+        raise _wrong_type(name, "a list of turns", turns)
+    role_name = _name(fm, role_key)
+    content_name = _name(fm, content_key)
+    msgs: list[dict[str, str]] = []
+    for i, turn in enumerate(turns):
+        if type(turn) is not dict:
+            raise _wrong_type(f"{name}[{i}]", "an object", turn)
+        raw_role = turn.get(role_name)
+        if type(raw_role) is not str:
+            if raw_role is None:
+                raise _missing(f"{name}[{i}].{role_name}")
+            raise _wrong_type(f"{name}[{i}].{role_name}", "a string", raw_role)
+        role = roles.get(raw_role) or roles.get(raw_role.strip().lower())
+        if role is None:
+            raise RecordError("unknown_role", f"Turn {name}[{i}] has role '{raw_role[:40]}', which is not supported.")
+        content = turn.get(content_name)
+        if type(content) is not str:
+            content = _content_parts(content, f"{name}[{i}].{content_name}", turn)
+        msgs.append({"role": role, "content": content})
+    return msgs
+
+
+def _content_parts(content, field: str, turn: dict) -> str:
+    """OpenAI-style content: a list of parts, of which only text parts are supported."""
+    if content is None:
+        if turn.get("tool_calls") or turn.get("function_call"):
+            raise RecordError("unsupported_content", f"Field '{field}' is empty and the turn holds tool calls, which are not supported.")
+        raise _missing(field)
+    if isinstance(content, str):
+        return str(content)
+    if not _is_list(content):
+        raise _wrong_type(field, "a string or a list of text parts", content)
+    texts = []
+    for j, part in enumerate(content):
+        if type(part) is str:
+            texts.append(part)
+            continue
+        if type(part) is not dict:
+            raise _wrong_type(f"{field}[{j}]", "a content part object", part)
+        kind = part.get("type", "text")
+        if kind != "text":
+            raise RecordError("unsupported_content", f"Field '{field}[{j}]' is a '{str(kind)[:40]}' part; only text parts are supported.")
+        text = part.get("text")
+        if type(text) is not str:
+            raise _wrong_type(f"{field}[{j}].text", "a string", text)
+        texts.append(text)
+    return "".join(texts)
+
+
+def _prompt_completion(record: dict, fm: dict[str, str]) -> list[dict[str, str]]:
+    msgs: list[dict[str, str]] = []
+    for canonical, role in (("prompt", "user"), ("completion", "assistant")):
+        name = _name(fm, canonical)
+        value = record.get(name)
+        if type(value) is str:
+            msgs.append({"role": role, "content": value})
+        elif value is None:
+            raise _missing(name)
+        elif _is_list(value):
+            msgs.extend(_turns(record, fm, "", "", "role", "content", _MESSAGE_ROLES, where=(name, value)))
+        else:
+            raise _wrong_type(name, "a string or a list of messages", value)
+    return msgs
+
+
+def _validate(msgs: list[dict[str, str]]) -> None:
+    has_assistant = False
+    for i, m in enumerate(msgs):
+        role = m["role"]
+        if role == "assistant":
+            if not m["content"].strip():
+                raise RecordError("empty_response", f"Assistant turn {i} is empty.")
+            has_assistant = True
+        elif role == "system" and i:
+            raise RecordError("misplaced_system", f"Turn {i} is a system turn; a system turn is allowed only first.")
+    if not has_assistant:
+        raise RecordError("no_assistant_turn", "Record has no assistant turn to learn from.")
+
+
+def parse_field_map(spec: str) -> dict[str, str]:
+    """'instruction=question,output=answer' -> {'instruction': 'question', 'output': 'answer'}."""
+    result: dict[str, str] = {}
+    if spec is None or not spec.strip():
+        return result
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        canonical, sep, name = item.partition("=")
+        canonical, name = canonical.strip(), name.strip()
+        if not sep or not canonical or not name:
+            raise ValueError(f"Field map entry '{item}' must look like canonical=name, e.g. instruction=question.")
+        if canonical not in CANONICAL_FIELDS:
+            raise ValueError(f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}.")
+        if canonical in result:
+            raise ValueError(f"Field map gives field '{canonical}' twice.")
+        result[canonical] = name
+    return result
+
+
+def record_id(record: dict, fallback: str) -> str:
+    """The record's own id (a non-empty string or an integer) as a string, else fallback."""
+    if type(record) is not dict:
+        return fallback
+    value = record.get("id")
+    if type(value) is str:
+        return value if value.strip() else fallback
+    if type(value) is int or (hasattr(value, "__index__") and not isinstance(value, (bool, float))):
+        return str(operator.index(value))  # also numpy integers (pandas-read records)
+    return fallback

@@ -1,0 +1,319 @@
+"""pipeline.formats: every format, field maps, detection, and every rejection reason."""
+import pickle
+
+import pytest
+
+from pipeline.formats import FORMATS, RecordError, detect_format, parse_field_map, record_id, to_messages
+
+U, A, S = "user", "assistant", "system"
+
+
+def m(role, content):
+    return {"role": role, "content": content}
+
+
+def reject(record, fmt="auto", field_map=None) -> RecordError:
+    with pytest.raises(RecordError) as e:
+        to_messages(record, fmt, field_map)
+    assert e.value.detail and e.value.detail.endswith(".") and "\n" not in e.value.detail
+    return e.value
+
+
+# ---------------------------------------------------------------- alpaca
+def test_alpaca_basic():
+    r = {"instruction": "Name a river.", "input": "", "output": "The Norford River."}
+    assert to_messages(r, "alpaca") == [m(U, "Name a river."), m(A, "The Norford River.")]
+
+
+def test_alpaca_input_appended_after_blank_line_and_system_first():
+    r = {"instruction": "Translate.", "input": "the tower", "output": "dhi dufic", "system": "Be brief."}
+    assert to_messages(r, "alpaca") == [m(S, "Be brief."), m(U, "Translate.\n\nthe tower"), m(A, "dhi dufic")]
+
+
+def test_alpaca_null_input_and_blank_system_are_dropped():
+    r = {"instruction": "Q", "input": None, "output": "X", "system": "  "}
+    assert to_messages(r, "alpaca") == [m(U, "Q"), m(A, "X")]
+
+
+def test_alpaca_history_becomes_earlier_turns():
+    r = {"instruction": "And the third?", "output": "C", "history": [["First?", "A"], ("Second?", "B")]}
+    assert to_messages(r, "alpaca") == [m(U, "First?"), m(A, "A"), m(U, "Second?"), m(A, "B"),
+                                        m(U, "And the third?"), m(A, "C")]
+
+
+@pytest.mark.parametrize("history", ["not a list", [["only question"]], [["q", 3]], ["qa"]])
+def test_alpaca_bad_history(history):
+    e = reject({"instruction": "Q", "output": "A", "history": history}, "alpaca")
+    assert e.reason == "wrong_type" and "history" in e.detail
+
+
+def test_alpaca_empty_history_in_history_rejected():
+    e = reject({"instruction": "Q", "output": "A", "history": [["q", "  "]]}, "alpaca")
+    assert e.reason == "empty_response"
+
+
+# ---------------------------------------------------------------- messages
+def test_messages_multi_turn_with_system_and_trailing_user():
+    msgs = [m(S, "sys"), m(U, "a"), m(A, "b"), m(U, "c"), m(A, "d"), m(U, "unanswered")]
+    out = to_messages({"messages": msgs, "extra": 1}, "messages")
+    assert out == msgs
+    assert all(set(x) == {"role", "content"} for x in out)
+
+
+def test_messages_extra_keys_dropped_and_input_not_modified():
+    turn = {"role": "user", "content": "hi", "name": "x", "weight": 0}
+    rec = {"messages": [turn, m(A, "hello")]}
+    assert to_messages(rec, "messages") == [m(U, "hi"), m(A, "hello")]
+    assert turn == {"role": "user", "content": "hi", "name": "x", "weight": 0}
+
+
+def test_messages_text_parts_are_joined():
+    content = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "world"}]
+    out = to_messages({"messages": [m(U, content), m(A, [{"type": "text", "text": "ok"}])]}, "messages")
+    assert out == [m(U, "Hello world"), m(A, "ok")]
+
+
+def test_messages_image_part_is_unsupported_content():
+    content = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    e = reject({"messages": [m(U, content), m(A, "a cat")]})
+    assert e.reason == "unsupported_content" and "image_url" in e.detail
+
+
+def test_messages_tool_call_turn_is_unsupported_content():
+    e = reject({"messages": [m(U, "q"), {"role": "assistant", "content": None, "tool_calls": [{"id": 1}]}]})
+    assert e.reason == "unsupported_content"
+
+
+def test_messages_human_role_is_unknown():
+    e = reject({"messages": [m("human", "q"), m(A, "a")]}, "messages")
+    assert e.reason == "unknown_role" and "human" in e.detail
+
+
+def test_messages_tool_role_is_unknown():
+    e = reject({"messages": [m(U, "q"), m("tool", "{}"), m(A, "a")]})
+    assert e.reason == "unknown_role" and "messages[1]" in e.detail
+
+
+def test_messages_role_case_is_normalised():
+    assert to_messages({"messages": [m("User", "q"), m("ASSISTANT", "a")]}, "messages") == [m(U, "q"), m(A, "a")]
+
+
+def test_messages_under_conversations_key():
+    rec = {"conversations": [m(U, "q"), m(A, "a")]}
+    assert detect_format(rec) == "messages"
+    assert to_messages(rec, "messages") == [m(U, "q"), m(A, "a")]
+
+
+# ---------------------------------------------------------------- sharegpt
+def test_sharegpt_roles_map():
+    conv = [{"from": "system", "value": "s"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+            {"from": "user", "value": "q2"}, {"from": "bot", "value": "a2"}, {"from": "human", "value": "q3"},
+            {"from": "model", "value": "a3"}, {"from": "human", "value": "q4"}, {"from": "chatgpt", "value": "a4"},
+            {"from": "user", "value": "q5"}, {"from": "assistant", "value": "a5"}]
+    out = to_messages({"conversations": conv}, "sharegpt")
+    assert [x["role"] for x in out] == [S] + [U, A] * 5
+    assert [x["content"] for x in out] == ["s", "q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4", "q5", "a5"]
+
+
+@pytest.mark.parametrize("role", ["function_call", "observation", "tool"])
+def test_sharegpt_tool_roles_rejected(role):
+    conv = [{"from": "human", "value": "q"}, {"from": role, "value": "{}"}, {"from": "gpt", "value": "a"}]
+    e = reject({"conversations": conv})
+    assert e.reason == "unknown_role" and role in e.detail
+
+
+def test_sharegpt_under_messages_key_detected():
+    rec = {"messages": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    assert detect_format(rec) == "sharegpt"
+    assert to_messages(rec, "auto") == [m(U, "q"), m(A, "a")]
+
+
+# ---------------------------------------------------------------- prompt_completion
+def test_prompt_completion_strings():
+    assert to_messages({"prompt": "2+2?", "completion": "4"}, "prompt_completion") == [m(U, "2+2?"), m(A, "4")]
+
+
+def test_prompt_completion_conversational():
+    rec = {"prompt": [m(S, "s"), m(U, "q")], "completion": [m(A, "a")]}
+    assert to_messages(rec, "auto") == [m(S, "s"), m(U, "q"), m(A, "a")]
+
+
+def test_prompt_completion_wrong_type():
+    e = reject({"prompt": 5, "completion": "x"}, "prompt_completion")
+    assert e.reason == "wrong_type" and "'prompt'" in e.detail and "int" in e.detail
+
+
+# ---------------------------------------------------------------- detection
+@pytest.mark.parametrize("record, fmt", [
+    ({"messages": [m(U, "q"), m(A, "a")]}, "messages"),
+    ({"messages": [], "instruction": "x", "output": "y"}, "messages"),
+    ({"conversations": [{"from": "human", "value": "q"}]}, "sharegpt"),
+    ({"conversations": []}, "sharegpt"),
+    ({"conversations": [m(U, "q")], "instruction": "x", "output": "y"}, "messages"),
+    ({"instruction": "x", "output": "y", "prompt": "p", "completion": "c"}, "alpaca"),
+    ({"instruction": "x", "input": "", "output": "y"}, "alpaca"),
+    ({"prompt": "p", "completion": "c"}, "prompt_completion"),
+])
+def test_detect_format(record, fmt):
+    assert detect_format(record) == fmt
+    assert fmt in FORMATS
+
+
+def test_detect_unknown_format():
+    with pytest.raises(RecordError) as e:
+        detect_format({"question": "q", "answer": "a"})
+    assert e.value.reason == "unknown_format" and "question" in e.value.detail
+
+
+def test_detect_not_an_object():
+    with pytest.raises(RecordError) as e:
+        detect_format(["a", "b"])
+    assert e.value.reason == "not_an_object"
+
+
+def test_instruction_without_output_is_not_alpaca():
+    with pytest.raises(RecordError) as e:
+        detect_format({"instruction": "x"})
+    assert e.value.reason == "unknown_format"
+
+
+def test_unknown_format_name_is_a_programming_error():
+    with pytest.raises(ValueError, match="Unknown format"):
+        to_messages({"prompt": "p", "completion": "c"}, "csv")
+
+
+# ---------------------------------------------------------------- field maps
+def test_field_map_alpaca():
+    fm = parse_field_map("instruction=question, output=answer,input=context")
+    rec = {"question": "Q", "context": "C", "answer": "A"}
+    assert detect_format(rec, fm) == "alpaca"
+    assert to_messages(rec, "auto", fm) == [m(U, "Q\n\nC"), m(A, "A")]
+
+
+def test_field_map_sharegpt_keys():
+    fm = parse_field_map("conversations=dialog,from=speaker,value=text")
+    rec = {"dialog": [{"speaker": "human", "text": "q"}, {"speaker": "gpt", "text": "a"}]}
+    assert detect_format(rec, fm) == "sharegpt"
+    assert to_messages(rec, "sharegpt", fm) == [m(U, "q"), m(A, "a")]
+
+
+def test_field_map_messages_keys():
+    fm = {"messages": "chat", "role": "r", "content": "c"}
+    rec = {"chat": [{"r": "user", "c": "q"}, {"r": "assistant", "c": "a"}]}
+    assert detect_format(rec, fm) == "messages"
+    assert to_messages(rec, "messages", fm) == [m(U, "q"), m(A, "a")]
+
+
+def test_field_map_prompt_completion_missing_names_user_field():
+    fm = parse_field_map("prompt=src,completion=tgt")
+    e = reject({"src": "p"}, "prompt_completion", fm)
+    assert e.reason == "missing_field" and "'tgt'" in e.detail
+
+
+def test_parse_field_map_empty():
+    assert parse_field_map("") == {} and parse_field_map("  ") == {}
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("instruction", "canonical=name"),
+    ("instruction=", "canonical=name"),
+    ("=question", "canonical=name"),
+    ("question=instruction", "unknown field 'question'"),
+    ("output=a,output=b", "twice"),
+])
+def test_parse_field_map_errors(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_field_map(spec)
+
+
+# ---------------------------------------------------------------- rejection reasons
+def test_reason_not_an_object():
+    for fmt in ("auto",) + FORMATS:
+        assert reject("a string", fmt).reason == "not_an_object"
+
+
+def test_reason_missing_field_names_field():
+    e = reject({"instruction": "Q"}, "alpaca")
+    assert e.reason == "missing_field" and "'output'" in e.detail
+    e = reject({"instruction": None, "output": "A"}, "alpaca")
+    assert e.reason == "missing_field" and "'instruction'" in e.detail
+    e = reject({"messages": [{"content": "q"}]}, "messages")
+    assert e.reason == "missing_field" and "messages[0].role" in e.detail
+    e = reject({"messages": [{"role": "user"}]}, "messages")
+    assert e.reason == "missing_field" and "messages[0].content" in e.detail
+    e = reject({"other": 1}, "sharegpt")
+    assert e.reason == "missing_field" and "'conversations'" in e.detail
+
+
+def test_reason_wrong_type_names_field_and_type():
+    e = reject({"instruction": "Q", "output": 42}, "alpaca")
+    assert e.reason == "wrong_type" and "'output'" in e.detail and "int" in e.detail
+    e = reject({"messages": "hello"}, "messages")
+    assert e.reason == "wrong_type" and "'messages'" in e.detail and "str" in e.detail
+    e = reject({"messages": ["hello"]}, "messages")
+    assert e.reason == "wrong_type" and "messages[0]" in e.detail
+    e = reject({"conversations": [{"from": 1, "value": "q"}]}, "sharegpt")
+    assert e.reason == "wrong_type" and "conversations[0].from" in e.detail
+    e = reject({"messages": [m(U, {"text": "x"}), m(A, "a")]}, "messages")
+    assert e.reason == "wrong_type" and "dict" in e.detail
+
+
+@pytest.mark.parametrize("record", [
+    {"instruction": "Q", "output": ""},
+    {"instruction": "Q", "output": " \n\t"},
+    {"messages": [m(U, "q"), m(A, "a"), m(U, "q2"), m(A, "  ")]},
+    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+    {"prompt": "p", "completion": ""},
+    {"messages": [m(U, "q"), m(A, [])]},
+])
+def test_reason_empty_response(record):
+    assert reject(record).reason == "empty_response"
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [m(S, "s"), m(U, "q")]},
+    {"messages": []},
+    {"conversations": [{"from": "human", "value": "q"}]},
+    {"prompt": [m(U, "q")], "completion": []},
+])
+def test_reason_no_assistant_turn(record):
+    assert reject(record).reason == "no_assistant_turn"
+
+
+def test_reason_misplaced_system():
+    e = reject({"messages": [m(U, "q"), m(S, "s"), m(A, "a")]})
+    assert e.reason == "misplaced_system" and "1" in e.detail
+    e = reject({"prompt": "q", "completion": [m(S, "s"), m(A, "a")]})
+    assert e.reason == "misplaced_system"
+
+
+def test_reason_unknown_format_through_auto():
+    assert reject({"text": "raw pretraining text"}).reason == "unknown_format"
+
+
+def test_record_error_survives_pickling():
+    e = pickle.loads(pickle.dumps(RecordError("wrong_type", "Field 'x' must be a string, got int.")))
+    assert (e.reason, e.detail, str(e)) == ("wrong_type", "Field 'x' must be a string, got int.", e.detail)
+    assert isinstance(e, ValueError)
+
+
+# ---------------------------------------------------------------- record_id
+@pytest.mark.parametrize("record, expected", [
+    ({"id": "abc"}, "abc"),
+    ({"id": 7}, "7"),
+    ({"id": ""}, "fb"),
+    ({"id": "  "}, "fb"),
+    ({"id": None}, "fb"),
+    ({"id": True}, "fb"),
+    ({"id": 1.5}, "fb"),
+    ({"id": ["x"]}, "fb"),
+    ({}, "fb"),
+    ("not a dict", "fb"),
+])
+def test_record_id(record, expected):
+    assert record_id(record, "fb") == expected
+
+
+def test_record_id_numpy_integer():
+    np = pytest.importorskip("numpy")
+    assert record_id({"id": np.int64(12)}, "fb") == "12"
