@@ -27,6 +27,10 @@ BASE_COLUMNS = {
 }
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class ShardError(ValueError):
     """A shard directory is incomplete, corrupted, foreign or lacks what was asked for."""
 
@@ -38,6 +42,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,122 @@
+"""TF-IDF importance: terms per response, document frequencies, IDF, token scores.
+
+Definitions are scikit-learn's TfidfVectorizer defaults (raw term counts, smooth idf
+= ln((1 + n) / (1 + df)) + 1, L2-normalised rows); a document is one sample's
+response (all assistant contents).  A token's score is the TF-IDF of the word it
+belongs to (unit "word": regex words, lowercased) or of its own id (unit "token");
+supervised tokens outside any word (punctuation, end-of-turn) score 0.
+
+Three steps, so that the IDF is exact however the corpus is partitioned:
+  extract()        per record   -> its terms, their counts, each token's term index
+  document_freq()  per partition -> table (term, df)
+  fit_idf()        once          -> table (term, df, idf), saved as idf.parquet
+  score()          per partition -> float32 importance per token (vectorised, Arrow/NumPy)
+Cost: linear in tokens; score() hashes the partition's terms against the vocabulary.
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+IDF_FILE = "idf.parquet"
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def extract(
+    text: str,
+    content_spans: list[tuple[int, int]],
+    offsets: np.ndarray,
+    loss_mask: np.ndarray,
+    input_ids: np.ndarray,
+    unit: str = "word",
+    pattern: str = r"(?u)\b\w+\b",
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Terms of one response, their counts, and per token the index of its term (-1: none)."""
+    token_term = np.full(len(input_ids), -1, dtype=np.int32)
+    if unit == "token":
+        sup = np.flatnonzero(loss_mask)
+        uniq, inverse, counts = np.unique(input_ids[sup], return_inverse=True, return_counts=True)
+        token_term[sup] = inverse
+        return [str(t) for t in uniq.tolist()], counts.astype(np.int32), token_term
+    regex = _compiled(pattern)
+    index: dict[str, int] = {}
+    counts: list[int] = []
+    w_start: list[int] = []
+    w_end: list[int] = []
+    w_term: list[int] = []
+    for a, b in content_spans:
+        for m in regex.finditer(text, a, b):
+            word = m.group().lower()
+            t = index.get(word)
+            if t is None:
+                t = index[word] = len(counts)
+                counts.append(0)
+            counts[t] += 1
+            w_start.append(m.start())
+            w_end.append(m.end())
+            w_term.append(t)
+    if w_term:
+        starts, ends = np.asarray(w_start), np.asarray(w_end)
+        sup = np.flatnonzero(loss_mask)
+        tok_s, tok_e = offsets[sup, 0], offsets[sup, 1]
+        # the first word that ends after the token starts; the token belongs to it if they overlap
+        first = np.searchsorted(ends, tok_s, side="right")
+        ok = first < len(ends)
+        ok[ok] &= starts[first[ok]] < tok_e[ok]
+        token_term[sup[ok]] = np.asarray(w_term, dtype=np.int32)[first[ok]]
+    return list(index), np.asarray(counts, dtype=np.int32), token_term
+
+
+def document_freq(term_lists: list[list[str]]) -> pa.Table:
+    """(term, df) for a partition: in how many of its documents each term occurs."""
+    flat = pa.array([t for terms in term_lists for t in terms], type=pa.string())
+    table = pa.table({"term": flat}).group_by("term").aggregate([("term", "count")])
+    return table.rename_columns(["term", "df"]).cast(pa.schema([("term", pa.string()), ("df", pa.int64())]))
+
+
+def fit_idf(df_tables: list[pa.Table], n_docs: int) -> pa.Table:
+    """Sum partition document frequencies and compute smooth IDF; sorted by term (deterministic)."""
+    merged = pa.concat_tables(df_tables).group_by("term").aggregate([("df", "sum")])
+    merged = merged.rename_columns(["term", "df"]).sort_by("term")
+    df = merged.column("df").to_numpy()
+    idf = np.log((1.0 + n_docs) / (1.0 + df)) + 1.0
+    return pa.table({"term": merged.column("term"), "df": merged.column("df"), "idf": pa.array(idf, pa.float64())})
+
+
+def save_idf(table: pa.Table, path: str) -> None:
+    pq.write_table(table, path, compression="zstd")
+
+
+@functools.lru_cache(maxsize=2)
+def load_idf(path: str, sha256: str | None = None) -> pa.Table:
+    """Read idf.parquet once per process (the sha256 argument keys the cache)."""
+    return pq.read_table(path)
+
+
+def score(terms: pa.ListArray, counts: pa.ListArray, token_term: pa.ListArray, idf: pa.Table) -> pa.ListArray:
+    """float32 importance per token for a whole partition (list arrays aligned by row)."""
+    flat_terms = terms.flatten()
+    pos = pc.index_in(flat_terms, value_set=idf.column("term")).to_numpy(zero_copy_only=False)
+    if len(pos) and np.isnan(pos.astype(float)).any():
+        raise ValueError("A term is missing from the fitted IDF; the IDF does not belong to these shards.")
+    weights = counts.flatten().to_numpy().astype(np.float64) * idf.column("idf").to_numpy()[pos.astype(np.int64)]
+    term_row = pc.list_parent_indices(terms).to_numpy()
+    norms = np.sqrt(np.bincount(term_row, weights=weights * weights, minlength=len(terms)))
+    weights = weights / np.where(norms > 0, norms, 1.0)[term_row]
+    tt = token_term.flatten().to_numpy()
+    term_offsets = terms.offsets.to_numpy()
+    term_base = term_offsets[:-1] - term_offsets[0]
+    tok_row = pc.list_parent_indices(token_term).to_numpy()
+    glob = term_base[tok_row] + tt
+    values = np.where(tt >= 0, weights[np.where(tt >= 0, glob, 0)] if len(weights) else 0.0, 0.0).astype(np.float32)
+    tok_offsets = token_term.offsets.to_numpy()
+    return pa.ListArray.from_arrays(pa.array(tok_offsets - tok_offsets[0], pa.int32()), pa.array(values, pa.float32()))

@@ -1,0 +1,226 @@
+"""`sftgo-prep build`: inputs -> tokenized, scored, grouped Parquet shards + manifest.
+
+Input: a BuildConfig.
+Output: in config.out, shard-NNNNN.parquet (one per input partition), idf.parquet for
+tfidf, and manifest.json written last; the manifest dict is also returned.
+Flow: plan partitions (driver) -> pass 1 on the cluster (prepare.py: tokenize, count
+document frequencies, stage) -> fit the IDF on a worker -> pass 2 on the cluster
+(finalize.py: score, group, write shards) -> manifest (driver).
+Reliability: an exclusive lock on out/.lock refuses a second concurrent build; every
+file is written atomically; a build run again after being killed reuses every staged
+partition and finished shard, so only unfinished work is redone and the result is
+byte-identical to an uninterrupted build.
+Cost: two reads of the data on the driver for planning JSONL (line offsets); the
+rest runs on the workers, linear in tokens.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+from grouping import tfidf
+from pipeline import executor, models, readers
+from pipeline.config import BuildConfig
+from pipeline.finalize import finalize_partition
+from pipeline.manifest import FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, file_sha256, read_manifest, write_manifest
+from pipeline.prepare import prepare_partition, stage_path
+
+STAGING = ".staging"
+LOCK = ".lock"
+VERSION = "0.1.0"
+
+
+class BuildError(RuntimeError):
+    """A build cannot start or finish; the message is one sentence for the user."""
+
+
+@contextmanager
+def exclusive(out: Path):
+    """Hold an exclusive lock on out/.lock for the whole build (released if the process dies)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise BuildError(f"Another build (pid {holder}) is writing to {out}; wait for it or choose another --out.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.seek(0)
+        fh.truncate()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _input_identity(cfg: BuildConfig) -> list:
+    """Sizes and mtimes of local inputs: a resumed build must read the same files."""
+    ident = []
+    for inp in cfg.inputs:
+        p = Path(inp)
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        ident.append([inp, [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]])
+    return ident
+
+
+def _clear(out: Path) -> None:
+    """Remove what a build writes (and nothing else)."""
+    for p in out.glob("shard-*.parquet"):
+        p.unlink()
+    for name in (MANIFEST, tfidf.IDF_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+
+
+def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
+    """Decide between fresh start, resume and refusal. Returns (staging dir, already_complete)."""
+    staging = out / STAGING
+    key = {"params": cfg.params(), "inputs": _input_identity(cfg)}
+    if cfg.overwrite:
+        _clear(out)
+    elif (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        if manifest.get("params") == cfg.params() and not staging.exists():
+            return staging, True
+        raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
+    elif (staging / "build.json").exists():
+        if json.loads((staging / "build.json").read_text()) != json.loads(json.dumps(key)):
+            raise BuildError(
+                f"{out} holds an unfinished build with other parameters or inputs; pass --overwrite to start again."
+            )
+        return staging, False
+    elif any(out.glob("shard-*.parquet")):
+        raise BuildError(f"{out} holds shards but no manifest or staging; pass --overwrite to replace them.")
+    staging.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(staging / "build.json", json.dumps(key, sort_keys=True))
+    return staging, False
+
+
+def fit_idf_from_staging(staging: str, indices: list[int], n_docs: int, out: str) -> str:
+    """Reduce the partitions' document frequencies into idf.parquet; returns its sha256."""
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(stage_path(staging, i, "df.parquet")) for i in indices]
+    path = Path(out) / tfidf.IDF_FILE
+    atomic_write(path, lambda tmp: tfidf.save_idf(tfidf.fit_idf(tables, n_docs), tmp))
+    return file_sha256(path)
+
+
+def tokenizer_info(name: str | None, tok) -> dict:
+    return {
+        "name": name or models.EMBEDDED,
+        "fingerprint": models.tokenizer_fingerprint(tok),
+        "chat_template_sha256": models.chat_template_sha256(tok),
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def _log(cfg: BuildConfig, msg: str) -> None:
+    if cfg.progress:
+        print(msg, file=sys.stderr)
+
+
+def run(cfg: BuildConfig) -> dict:
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a directory.")
+    with exclusive(out):
+        staging, complete = _start(cfg, out)
+        if complete:
+            _log(cfg, f"{out} already holds this build; nothing to do.")
+            return read_manifest(out)
+        params = cfg.params()
+        tok_location = models.tokenizer_dir(cfg.tokenizer)
+        tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
+        _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}")
+        with executor.client(cfg.workers, cfg.scheduler) as c:
+            stats = executor.map_tasks(
+                c, prepare_partition, [(p, params, tok_location, str(staging)) for p in parts], "tokenize", cfg.progress
+            )
+            n_docs = sum(s["written"] for s in stats)
+            idf_sha = None
+            if "tfidf" in cfg.strategies:
+                idf_sha = executor.run_one(c, fit_idf_from_staging, str(staging), [p.index for p in parts], n_docs, str(out))
+            idf_path = str(out / tfidf.IDF_FILE)
+            shards = executor.map_tasks(
+                c,
+                finalize_partition,
+                [(p.index, params, str(staging), str(out), idf_path, idf_sha) for p in parts],
+                "score+write",
+                cfg.progress,
+            )
+        manifest = _manifest(cfg, tok, parts, stats, shards, idf_sha)
+        if cfg.rejects:
+            _write_rejects(cfg.rejects, staging, parts)
+        write_manifest(out, manifest)
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_rejects(path: str, staging: Path, parts) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for p in parts:
+                fh.write(stage_path(str(staging), p.index, "rejects.jsonl").read_text(encoding="utf-8"))
+
+    atomic_write(path, write)
+
+
+def _manifest(cfg: BuildConfig, tok, parts, stats: list[dict], shards: list[dict], idf_sha: str | None) -> dict:
+    rejected: Counter = Counter()
+    inputs: dict[str, dict] = {}
+    for s in stats:
+        rejected.update(s["rejected"])
+        entry = inputs.setdefault(s["source"], {"input": s["source"], "records_in": 0, "written": 0, "rejected": 0})
+        entry["records_in"] += s["records_in"]
+        entry["written"] += s["written"]
+        entry["rejected"] += sum(s["rejected"].values())
+    totals = {
+        "records_in": sum(s["records_in"] for s in stats),
+        "records_written": sum(s["written"] for s in stats),
+        "records_rejected": sum(rejected.values()),
+        "truncated": sum(s["truncated"] for s in stats),
+        "tokens": sum(s["tokens"] for s in stats),
+        "loss_tokens": sum(s["loss_tokens"] for s in stats),
+    }
+    assert totals["records_in"] == totals["records_written"] + totals["records_rejected"], "records were lost"
+    assert totals["records_written"] == sum(s["rows"] for s in shards), "shard rows disagree with the counts"
+    strategies = {}
+    if "tfidf" in cfg.strategies:
+        strategies["tfidf"] = {
+            "eta": cfg.eta,
+            "num_groups": cfg.num_groups,
+            "unit": cfg.tfidf_unit,
+            "token_pattern": cfg.tfidf_token_pattern,
+            "idf": {"path": tfidf.IDF_FILE, "sha256": idf_sha, "documents": totals["records_written"]},
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "sftgo_version": VERSION,
+        "tokenizer": tokenizer_info(cfg.tokenizer, tok),
+        "params": cfg.params(),
+        "strategies": strategies,
+        "inputs": list(inputs.values()),
+        "shards": shards,
+        "totals": totals,
+        "rejected": dict(sorted(rejected.items())),
+    }

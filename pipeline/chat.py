@@ -1,0 +1,131 @@
+"""Render conversations with the tokenizer's chat template, tokenize, mark assistant tokens.
+
+Input: conversations (lists of {"role", "content"}) and a fast tokenizer with a chat template.
+Output: per conversation an Encoded (input_ids int32, loss_mask int8, token character
+offsets, the rendered text and the character spans of the assistant turns), or a
+RecordError (too long, nothing supervised after truncation, template failure).
+Cost: one template render per conversation (assistant contents are swapped for
+sentinels so their positions are exact even when the same text occurs twice) and one
+batched Rust tokenizer call per batch; both linear in text length.
+
+Supervised tokens are the assistant contents plus the template's end-of-turn token
+(e.g. `<|im_end|>`), so the model learns to stop -- what TRL's assistant-only loss does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.formats import RecordError
+
+_SENTINEL = "\ue000SFTGO{}\ue001"  # private-use code points: never produced by templates
+_PROBE = "sftgoprobe"
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # int8 [T]
+    offsets: np.ndarray  # int32 [T, 2] character span of each token in `text`
+    text: str  # the chat-rendered sample
+    content_spans: list[tuple[int, int]]  # assistant contents in `text` (without end-of-turn), truncated
+    truncated: bool
+
+
+class ChatEncoder:
+    """Chat template + tokenizer + assistant mask, configured once per tokenizer."""
+
+    def __init__(self, tokenizer, max_length: int, overflow: str = "truncate"):
+        if not tokenizer.chat_template:
+            raise ValueError("The tokenizer has no chat template; choose a chat/instruct tokenizer with --tokenizer.")
+        self.tok = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        self.max_length = max_length
+        self.overflow = overflow
+        self.trims, self.eot = self._probe_template()
+
+    def _render(self, messages) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False)
+
+    def _probe_template(self) -> tuple[bool, str]:
+        """Learn whether the template trims contents and which special token ends a turn."""
+        raw = f" \n{_PROBE}\n "
+        text = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": raw}])
+        trims = raw not in text
+        if _PROBE not in text:
+            raise ValueError("The chat template drops assistant contents; sftgo cannot locate the responses.")
+        after = text[text.index(_PROBE) + len(_PROBE) + (0 if trims else 2) :]
+        specials = sorted(self.tok.get_added_vocab(), key=len, reverse=True)
+        eot = next((s for s in specials if s and after.startswith(s)), "")
+        return trims, eot
+
+    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """Rendered text and the (start, end) of every assistant content in it."""
+        contents, swapped = [], []
+        for m in messages:
+            if m["role"] == "assistant":
+                swapped.append({"role": "assistant", "content": _SENTINEL.format(len(contents))})
+                contents.append(m["content"].strip() if self.trims else m["content"])
+            else:
+                swapped.append(m)
+        try:
+            template = self._render(swapped)
+        except Exception as exc:  # jinja raises for conversations a template refuses (e.g. role order)
+            raise RecordError("template_error", f"the chat template refused this conversation ({exc})") from None
+        pieces, spans, pos, cursor = [], [], 0, 0
+        for i, content in enumerate(contents):
+            mark = _SENTINEL.format(i)
+            at = template.find(mark, cursor)
+            if at < 0:
+                raise RecordError("template_error", "the chat template dropped or reordered an assistant turn")
+            pieces.append(template[cursor:at])
+            pos += at - cursor
+            spans.append((pos, pos + len(content)))
+            pieces.append(content)
+            pos += len(content)
+            cursor = at + len(mark)
+        pieces.append(template[cursor:])
+        return "".join(pieces), spans
+
+    def encode_batch(self, conversations: list[list[dict]]) -> list[Encoded | RecordError]:
+        rendered: list = []
+        for messages in conversations:
+            try:
+                rendered.append(self.render(messages))
+            except RecordError as err:
+                rendered.append(err)
+        texts = [r[0] for r in rendered if not isinstance(r, RecordError)]
+        encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False))
+        out: list[Encoded | RecordError] = []
+        for r in rendered:
+            out.append(r if isinstance(r, RecordError) else self._finish(r[0], r[1], next(encodings)))
+        return out
+
+    def _finish(self, text: str, spans: list[tuple[int, int]], enc) -> Encoded | RecordError:
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2)
+        truncated = False
+        if len(ids) > self.max_length:
+            if self.overflow == "drop":
+                return RecordError("too_long", f"the sample has {len(ids)} tokens, more than --max-length {self.max_length}")
+            ids, offsets, truncated = ids[: self.max_length], offsets[: self.max_length], True
+        mask = self._mask(text, offsets, spans)
+        if not mask.any():
+            return RecordError("no_loss_tokens", f"no response token falls within the first {self.max_length} tokens")
+        if truncated:
+            end = int(offsets[-1, 1])
+            spans = [(a, min(b, end)) for a, b in spans if a < end]
+        return Encoded(ids, mask, offsets, text, spans, truncated)
+
+    def _mask(self, text: str, offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+        """1 for tokens that start inside an assistant content or the end-of-turn token right after it."""
+        if not spans or not len(offsets):
+            return np.zeros(len(offsets), dtype=np.int8)
+        eot = self.eot
+        starts = np.array([a for a, _ in spans], dtype=np.int64)
+        ends = np.array([b + len(eot) if eot and text.startswith(eot, b) else b for a, b in spans], dtype=np.int64)
+        tok_start = offsets[:, 0]
+        idx = np.searchsorted(starts, tok_start, side="right") - 1
+        inside = (idx >= 0) & (tok_start < ends[np.maximum(idx, 0)]) & (offsets[:, 1] > tok_start)
+        return inside.astype(np.int8)

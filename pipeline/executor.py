@@ -1,0 +1,92 @@
+"""The only place that knows about Dask: start or join a cluster, map a function, show progress.
+
+Input: a worker count (local cluster of processes, one thread each) or the address of
+an existing scheduler; a plain function and its per-task arguments.
+Output: the function's results in task order; the first task failure is raised again
+in the driver as TaskError with the worker's one-line message.
+Cost: a local cluster starts in a few seconds (each worker is a fresh Python process
+that imports the pipeline once, then keeps its tokenizer across tasks).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+
+class TaskError(RuntimeError):
+    """A task failed on a worker."""
+
+
+@contextlib.contextmanager
+def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
+    from dask import config as dask_config
+    from distributed import Client, LocalCluster
+
+    for name in ("distributed", "distributed.worker", "distributed.nanny", "distributed.scheduler", "tornado"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if scheduler:
+        try:
+            c = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise TaskError(f"Cannot reach the Dask scheduler at {scheduler} ({exc}).") from None
+        try:
+            yield c
+        finally:
+            c.close()
+        return
+    # Workers inherit these: one thread each for tokenizers / BLAS so workers do not oversubscribe cores.
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with dask_config.set({"distributed.worker.daemon": False, "distributed.admin.tick.limit": "1h"}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+            env=env,
+        )
+        c = Client(cluster)
+        try:
+            yield c
+        finally:
+            c.close()
+            cluster.close()
+
+
+def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = True) -> list:
+    """Run fn(*a) for every a in args on the cluster; results in the order of args."""
+    from distributed import as_completed
+
+    if not args:
+        return []
+    futures = [c.submit(fn, *a, pure=False, key=f"{desc}-{i:05d}") for i, a in enumerate(args)]
+    bar = tqdm(total=len(futures), desc=desc, unit="part", file=sys.stderr, disable=not progress, leave=True)
+    try:
+        for fut in as_completed(futures):
+            if fut.status == "error":
+                exc = fut.exception()
+                raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
+            bar.update(1)
+        return c.gather(futures)
+    finally:
+        bar.close()
+        for fut in futures:
+            fut.release()
+
+
+def run_one(c, fn: Callable, *args):
+    """Run a single function on a worker (e.g. a reduction) and return its result."""
+    fut = c.submit(fn, *args, pure=False)
+    try:
+        return fut.result()
+    except Exception as exc:
+        raise TaskError(f"{getattr(fn, '__name__', 'task')} failed on a worker: {type(exc).__name__}: {exc}") from exc
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))

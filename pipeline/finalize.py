@@ -1,0 +1,78 @@
+"""Pass 2 of a build, one partition: staged tokens + fitted artifacts -> scores -> groups -> shard.
+
+Input: the partition's staged Parquet file, the build parameters and the fitted IDF.
+Output: `shard-NNNNN.parquet` (zstd; columns of README "Shard schema"), written
+atomically, and its entry for the manifest (path, rows, tokens, loss tokens, sha256).
+A shard already present is not rewritten (its entry is recomputed from the file).
+Cost: vectorised Arrow/NumPy work, one read and one write of the partition.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grouping import tfidf
+from grouping.assign import assign_groups
+from pipeline.manifest import atomic_write, file_sha256
+from pipeline.prepare import stage_path
+
+SHARD_COMPRESSION = "zstd"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def group_column(scores: pa.ListArray, loss_mask: pa.ListArray, params: dict) -> pa.ListArray:
+    """int8 group ids aligned with `scores` (same list offsets)."""
+    offsets = loss_mask.offsets.to_numpy()
+    groups = assign_groups(
+        scores.flatten().to_numpy(), loss_mask.flatten().to_numpy(), offsets - offsets[0], params["eta"], params["num_groups"]
+    )
+    return pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()), pa.array(groups, pa.int8()))
+
+
+def shard_entry(path, name: str) -> dict:
+    meta = pq.ParquetFile(path).metadata
+    table = pq.read_table(path, columns=["num_tokens", "num_loss_tokens"])
+    return {
+        "path": name,
+        "rows": meta.num_rows,
+        "tokens": int(np.sum(table["num_tokens"].to_numpy())),
+        "loss_tokens": int(np.sum(table["num_loss_tokens"].to_numpy())),
+        "sha256": file_sha256(path),
+    }
+
+
+def write_shard(table: pa.Table, path) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=SHARD_COMPRESSION))
+
+
+def finalize_partition(index: int, params: dict, staging: str, out: str, idf_path: str | None, idf_sha: str | None) -> dict:
+    name = shard_name(index)
+    path = f"{out}/{name}"
+    try:
+        return shard_entry(path, name)
+    except FileNotFoundError:
+        pass
+    staged = pq.read_table(stage_path(staging, index, "staged.parquet"))
+    columns = {
+        "id": staged["id"],
+        "input_ids": staged["input_ids"],
+        "loss_mask": staged["loss_mask"],
+    }
+    loss_mask = staged["loss_mask"].combine_chunks()
+    if "tfidf" in params["strategies"]:
+        scores = tfidf.score(
+            staged["tfidf_terms"].combine_chunks(),
+            staged["tfidf_counts"].combine_chunks(),
+            staged["tfidf_token_term"].combine_chunks(),
+            tfidf.load_idf(idf_path, idf_sha),
+        )
+        columns["importance_tfidf"] = scores
+        columns["group_tfidf"] = group_column(scores, loss_mask, params)
+    columns["num_tokens"] = staged["num_tokens"]
+    columns["num_loss_tokens"] = staged["num_loss_tokens"]
+    write_shard(pa.table(columns), path)
+    return shard_entry(path, name)

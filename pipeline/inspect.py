@@ -1,0 +1,161 @@
+"""`sftgo-prep inspect`: what is in a shard directory, as text and optionally HTML.
+
+Input: a finished build directory (manifest.json + shards).
+Output: a text report -- records, tokens, supervised tokens, group fractions per
+strategy, rejects by reason, a histogram of sample lengths, one sample's tokens
+coloured by group -- and, with --html, a page highlighting many samples' tokens
+(hover a token for its importance score).
+Cost: reads the group and length columns of every shard once (column projection),
+decodes only the samples shown (the tokenizer named in the manifest is loaded).
+"""
+from __future__ import annotations
+
+import html
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import models
+from pipeline.manifest import ShardError, read_manifest
+
+ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}
+RESET = "\x1b[0m"
+HTML_COLORS = {-1: "color:#8a8a8a", 0: "background:#dbeafe", 1: "background:#f59e0b;font-weight:600"}
+
+
+def _group_style(table: dict, g: int, k: int):
+    if k > 2 and g >= 0:  # K quantile groups: highest group brightest
+        return table[1] if g == k - 1 else table[0]
+    return table.get(g, table[0])
+
+
+def _histogram(lengths: np.ndarray, bins: int = 10, width: int = 40) -> list[str]:
+    if not len(lengths):
+        return ["  (no samples)"]
+    counts, edges = np.histogram(lengths, bins=bins)
+    top = counts.max() or 1
+    return [
+        f"  {int(edges[i]):>6}-{int(edges[i + 1]):<6} {'#' * int(round(width * c / top)):<{width}} {c}"
+        for i, c in enumerate(counts)
+    ]
+
+
+def _load_rows(directory: Path, manifest: dict, columns: list[str], start: int, count: int) -> list[dict]:
+    rows, seen = [], 0
+    for shard in manifest["shards"]:
+        n = shard["rows"]
+        if seen + n > start and len(rows) < count:
+            table = pq.read_table(directory / shard["path"], columns=columns)
+            lo = max(0, start - seen)
+            rows.extend(table.slice(lo, count - len(rows)).to_pylist())
+        seen += n
+    return rows
+
+
+def _token_pieces(tok, ids: list[int]) -> list[str]:
+    return [tok.decode([i]) for i in ids]
+
+
+def summary(directory: Path, manifest: dict, strategy: str | None) -> tuple[list[str], str | None]:
+    t = manifest["totals"]
+    strategies = list(manifest.get("strategies", {}))
+    if strategy is not None and strategy not in strategies:
+        raise ShardError(f"{directory} has no '{strategy}' groups (it has: {', '.join(strategies) or 'none'}).")
+    strategy = strategy or (strategies[0] if strategies else None)
+    lines = [
+        f"Shards:       {directory}  ({len(manifest['shards'])} file(s), tokenizer {manifest['tokenizer']['name']})",
+        f"Records:      {t['records_written']} written of {t['records_in']} read, {t['records_rejected']} rejected, "
+        f"{t.get('truncated', 0)} truncated",
+        f"Tokens:       {t['tokens']} total, {t['loss_tokens']} supervised "
+        f"({100.0 * t['loss_tokens'] / max(t['tokens'], 1):.1f}%)",
+    ]
+    if manifest.get("rejected"):
+        lines.append("Rejected by reason:")
+        lines += [f"  {reason:<24} {n}" for reason, n in manifest["rejected"].items()]
+    cols = ["num_tokens"] + [f"group_{s}" for s in strategies]
+    lengths, counts = [], {s: np.zeros(0, dtype=np.int64) for s in strategies}
+    for shard in manifest["shards"]:
+        table = pq.read_table(directory / shard["path"], columns=cols)
+        lengths.append(table["num_tokens"].to_numpy())
+        for s in strategies:
+            g = table[f"group_{s}"].combine_chunks().flatten().to_numpy().astype(np.int64)
+            c = np.bincount(g[g >= 0]) if (g >= 0).any() else np.zeros(0, dtype=np.int64)
+            size = max(len(c), len(counts[s]))
+            counts[s] = np.pad(counts[s], (0, size - len(counts[s]))) + np.pad(c, (0, size - len(c)))
+    for s in strategies:
+        info = manifest["strategies"][s]
+        total = counts[s].sum() or 1
+        fracs = ", ".join(f"group {g}: {100.0 * n / total:.1f}%" for g, n in enumerate(counts[s]))
+        lines.append(f"Groups [{s}] (eta={info.get('eta')}, of supervised tokens): {fracs or 'none'}")
+    lines.append("Sample length (tokens):")
+    lines += _histogram(np.concatenate(lengths) if lengths else np.zeros(0))
+    return lines, strategy
+
+
+def colour_sample(tok, row: dict, strategy: str, k: int, color: bool) -> str:
+    out = []
+    for piece, g in zip(_token_pieces(tok, row["input_ids"]), row[f"group_{strategy}"]):
+        if color:
+            out.append(f"{_group_style(ANSI, g, k)}{piece}{RESET}")
+        else:  # plain text: mark important tokens with [[...]] and prompt tokens stay bare
+            out.append(f"[[{piece}]]" if g == (k - 1 if k > 2 else 1) else piece)
+    return "".join(out)
+
+
+def html_page(tok, rows: list[dict], strategy: str, k: int, title: str) -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>",
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}",
+        ".s{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px;border:1px solid #ddd;"
+        "padding:.8em;margin:.6em 0 1.6em;border-radius:6px;line-height:1.6}",
+        ".legend span{padding:0 .4em;margin-right:1em}",
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p class='legend'>"
+        + f"<span style='{HTML_COLORS[-1]}'>prompt / not supervised</span>"
+        + f"<span style='{HTML_COLORS[0]}'>group 0 (rest)</span>"
+        + f"<span style='{HTML_COLORS[1]}'>group {k - 1 if k > 2 else 1} (important)</span> "
+        + "Hover a token for its importance score.</p>",
+    ]
+    for row in rows:
+        spans = []
+        pieces = _token_pieces(tok, row["input_ids"])
+        for piece, g, score in zip(pieces, row[f"group_{strategy}"], row[f"importance_{strategy}"]):
+            style = _group_style(HTML_COLORS, g, k)
+            spans.append(f"<span style='{style}' title='group {g}, score {score:.4f}'>{html.escape(piece)}</span>")
+        parts.append(f"<h3>{html.escape(str(row['id']))} <small>({len(pieces)} tokens)</small></h3>")
+        parts.append(f"<div class='s'>{''.join(spans)}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def run(directory: str, strategy: str | None = None, sample: int = 0, html_path: str | None = None,
+        samples: int = 50, color: bool | None = None) -> str:
+    path = Path(directory)
+    manifest = read_manifest(path)
+    lines, strategy = summary(path, manifest, strategy)
+    if strategy is None:
+        return "\n".join(lines)
+    total = manifest["totals"]["records_written"]
+    if not 0 <= sample < max(total, 1):
+        raise ValueError(f"--sample {sample} is out of range: the build has {total} records (0..{total - 1}).")
+    if color is None:
+        color = sys.stdout.isatty()
+    k = manifest["strategies"][strategy].get("num_groups", 2)
+    tok = models.load_tokenizer(manifest["tokenizer"]["name"])
+    if models.tokenizer_fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
+        raise ShardError(f"The tokenizer {manifest['tokenizer']['name']!r} available here differs from the one that built {path}.")
+    columns = ["id", "input_ids", f"group_{strategy}", f"importance_{strategy}"]
+    if total:
+        row = _load_rows(path, manifest, columns, sample, 1)[0]
+        legend = "important" if not color else f"{ANSI[1]}important{RESET} {ANSI[0]}rest{RESET} {ANSI[-1]}prompt{RESET}"
+        lines += ["", f"Sample {sample} ({row['id']}), groups by {strategy} [{legend}]:", colour_sample(tok, row, strategy, k, color)]
+    if html_path:
+        rows = _load_rows(path, manifest, columns, 0, samples)
+        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(html_path).write_text(html_page(tok, rows, strategy, k, f"sftgo shards: {path} ({strategy})"), encoding="utf-8")
+        lines.append(f"\nWrote {html_path} ({len(rows)} samples).")
+    return "\n".join(lines)

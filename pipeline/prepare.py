@@ -1,0 +1,152 @@
+"""Pass 1 of a build, one partition: read -> normalise -> tokenize -> extract terms -> stage.
+
+Input: a Partition, the build parameters, the tokenizer location and the staging folder.
+Output (files in the staging folder, each written atomically, the .json last so that
+its presence marks the partition done):
+  part-NNNNN.staged.parquet  id, input_ids, loss_mask, num_tokens, num_loss_tokens and,
+                             for tfidf, the response's terms, their counts and each
+                             token's term index
+  part-NNNNN.df.parquet      (term, df) of this partition, for the corpus IDF
+  part-NNNNN.rejects.jsonl   every rejected record with reason and detail
+  part-NNNNN.json            counts: records in / written / rejected by reason, tokens
+Returns the counts.  A partition already done is not redone.
+Cost: dominated by the chat template render and the Rust tokenizer (linear in text).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grouping import tfidf
+from pipeline import formats, models, readers
+from pipeline.chat import ChatEncoder
+from pipeline.manifest import atomic_write, atomic_write_text
+
+BATCH = 512  # conversations per tokenizer call: amortises the Rust call, bounds memory
+
+
+def stage_path(staging: str, index: int, suffix: str) -> Path:
+    return Path(staging) / f"part-{index:05d}.{suffix}"
+
+
+@functools.lru_cache(maxsize=2)
+def get_encoder(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool) -> ChatEncoder:
+    """One tokenizer + encoder per worker process, reused by every task on that worker."""
+    return ChatEncoder(models.load_tokenizer(tokenizer, trust_remote_code), max_length, overflow)
+
+
+def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tuple[dict, list[dict], dict]:
+    """Records of a partition -> (columns of accepted records, rejects, counts). No I/O besides reading."""
+    field_map = params["field_map"] or None
+    fmt = params["format"]
+    base = os.path.basename(part.source.rstrip("/")) or part.source
+    ids: list[str] = []
+    convs: list[list[dict]] = []
+    raws: list[tuple[int, dict]] = []  # (row, original record) of accepted records, for rejects later
+    rejects: list[dict] = []
+    rows_in = 0
+
+    def reject(rid, row, reason, detail, raw):
+        rejects.append({"id": rid, "source": part.source, "row": row, "reason": reason, "detail": detail, "record": raw})
+
+    for row, rec, bad in readers.read(part):
+        rows_in += 1
+        fallback = f"{base}:{row}"
+        if bad is not None:
+            reject(fallback, row, bad[0], bad[1], bad[2])
+            continue
+        rid = formats.record_id(rec, fallback) if isinstance(rec, dict) else fallback
+        try:
+            if not isinstance(rec, dict):
+                raise formats.RecordError("not_an_object", f"the record is a JSON {type(rec).__name__}, not an object")
+            kind = formats.detect_format(rec, field_map) if fmt == "auto" else fmt
+            convs.append(formats.to_messages(rec, kind, field_map))
+            ids.append(rid)
+            raws.append((row, rec))
+        except formats.RecordError as err:
+            reject(rid, row, err.reason, err.detail, rec)
+
+    cols: dict[str, list] = {"id": [], "input_ids": [], "loss_mask": [], "terms": [], "counts": [], "token_term": []}
+    truncated = 0
+    use_tfidf = "tfidf" in params["strategies"]
+    for lo in range(0, len(convs), BATCH):
+        batch = slice(lo, lo + BATCH)
+        for rid, raw, enc in zip(ids[batch], raws[batch], encoder.encode_batch(convs[batch])):
+            if isinstance(enc, formats.RecordError):
+                reject(rid, raw[0], enc.reason, enc.detail, raw[1])
+                continue
+            truncated += enc.truncated
+            cols["id"].append(rid)
+            cols["input_ids"].append(enc.input_ids)
+            cols["loss_mask"].append(enc.loss_mask)
+            if use_tfidf:
+                terms, counts, token_term = tfidf.extract(
+                    enc.text, enc.content_spans, enc.offsets, enc.loss_mask, enc.input_ids,
+                    params["tfidf_unit"], params["tfidf_token_pattern"],
+                )
+                cols["terms"].append(terms)
+                cols["counts"].append(counts)
+                cols["token_term"].append(token_term)
+    reasons = Counter(r["reason"] for r in rejects)
+    counts = {
+        "index": part.index,
+        "source": part.source,
+        "records_in": rows_in,
+        "written": len(cols["id"]),
+        "rejected": dict(sorted(reasons.items())),
+        "truncated": truncated,
+    }
+    return cols, rejects, counts
+
+
+def _list_array(arrays: list[np.ndarray], type_: pa.DataType) -> pa.ListArray:
+    """Build a list<type_> column from per-row NumPy arrays in one copy."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
+
+
+def staged_table(cols: dict, use_tfidf: bool) -> pa.Table:
+    ids = _list_array(cols["input_ids"], pa.int32())
+    mask = _list_array(cols["loss_mask"], pa.int8())
+    data = {
+        "id": pa.array(cols["id"], pa.string()),
+        "input_ids": ids,
+        "loss_mask": mask,
+        "num_tokens": pa.array([len(a) for a in cols["input_ids"]], pa.int32()),
+        "num_loss_tokens": pa.array([int(m.sum()) for m in cols["loss_mask"]], pa.int32()),
+    }
+    if use_tfidf:
+        data["tfidf_terms"] = pa.array(cols["terms"], pa.list_(pa.string()))
+        data["tfidf_counts"] = _list_array(cols["counts"], pa.int32())
+        data["tfidf_token_term"] = _list_array(cols["token_term"], pa.int32())
+    return pa.table(data)
+
+
+def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, staging: str) -> dict:
+    done = stage_path(staging, part.index, "json")
+    if done.exists():
+        return json.loads(done.read_text())
+    encoder = get_encoder(tokenizer, params["max_length"], params["overflow"], params["trust_remote_code"])
+    cols, rejects, counts = process(part, params, encoder)
+    use_tfidf = "tfidf" in params["strategies"]
+    table = staged_table(cols, use_tfidf)
+    counts["tokens"] = int(sum(len(a) for a in cols["input_ids"]))
+    counts["loss_tokens"] = int(sum(int(m.sum()) for m in cols["loss_mask"]))
+    atomic_write(stage_path(staging, part.index, "staged.parquet"), lambda p: pq.write_table(table, p, compression="lz4"))
+    if use_tfidf:
+        df = tfidf.document_freq(cols["terms"])
+        atomic_write(stage_path(staging, part.index, "df.parquet"), lambda p: pq.write_table(df, p))
+    lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+    atomic_write_text(stage_path(staging, part.index, "rejects.jsonl"), lines)
+    atomic_write_text(done, json.dumps(counts, sort_keys=True))
+    return counts
