@@ -1,0 +1,117 @@
+"""`sftgo-train`: flags (and an optional --config file) -> TrainConfig -> trainer.loop.run.
+
+Input: command-line flags; --config FILE (JSON, or TOML when it ends in .toml) whose values
+the flags given explicitly override.
+Output: exit code 0 on success; otherwise one sentence on stderr and exit code 1 (2 for
+usage errors), with the traceback only under --debug.
+Cost: argument parsing only; the work is in trainer.loop.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from trainer.config import FIELDS, ConfigError, make_config, read_config_file
+
+EXAMPLE = """\b
+Example:
+  sftgo-train --data out/demo/shards --out runs/go --objective sftgo --groups tfidf \\
+              --lam 0.9 --max-steps 200 --batch-tokens 4096 --eval-data out/demo/eval
+  sftgo-train --data out/demo/shards --out runs/go --max-steps 200 --resume
+  torchrun --nproc_per_node 2 -m trainer.cli --data DIR --out RUN_DIR ...
+"""
+
+
+def _help(name: str) -> str:
+    """The dataclass field docstring, for --help."""
+    import ast
+    import inspect
+
+    from trainer import config
+
+    tree = ast.parse(inspect.getsource(config.TrainConfig))
+    body = tree.body[0].body
+    for i, node in enumerate(body[:-1]):
+        if isinstance(node, ast.AnnAssign) and node.target.id == name:
+            nxt = body[i + 1]
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                return nxt.value.value
+    return ""
+
+
+def opt(name: str, **kw):
+    flag = "--" + name.replace("_", "-")
+    default = FIELDS[name].default
+    if isinstance(default, bool):
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_help(name) + f" [default: {default}]")
+    kw.setdefault("type", type(default) if default not in (None, "") else str)
+    return click.option(flag, name, default=None, help=_help(name) + (f" [default: {default}]" if default not in (None, "") else ""), **kw)
+
+
+OPTIONS = [
+    "data", "out", "model", "eval_data", "objective", "groups", "lam", "lam_schedule", "lam_end", "reduce",
+    "temperature", "dro_step", "batch_tokens", "max_length", "pack", "grad_accum", "shuffle_buffer", "readahead",
+    "bucket_pool", "max_steps", "epochs", "stop_after", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+    "clip_grad", "seed", "precision", "ce_chunk", "grad_checkpointing", "lora_r", "lora_alpha", "trust_remote_code",
+    "eval_every", "eval_batches", "save_every", "keep_checkpoints", "resume", "log_every", "progress", "tensorboard",
+]
+CHOICES = {
+    "objective": click.Choice(["sftgo", "sft", "rho1"]),
+    "lam_schedule": click.Choice(["constant", "linear", "cosine"]),
+    "reduce": click.Choice(["sample", "batch"]),
+    "precision": click.Choice(["auto", "bf16", "fp32"]),
+}
+
+
+def build_command():
+    def command(**kwargs):
+        debug = kwargs.pop("debug")
+        config_file = kwargs.pop("config")
+        try:
+            file_values = read_config_file(config_file) if config_file else {}
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            cfg = make_config(file_values, **given)
+            from trainer.loop import run
+
+            run(cfg)
+        except (Exception, KeyboardInterrupt) as exc:  # one sentence unless --debug
+            if debug:
+                raise
+            _fail(exc)
+
+    for name in reversed(OPTIONS):
+        command = opt(name, **({"type": CHOICES[name]} if name in CHOICES else {}))(command)
+    command = click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+                           help="JSON or TOML file of settings (field names as in --help, dashes or underscores); flags override it.")(command)
+    command = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(command)
+    return click.command(
+        help="Fine-tune a causal LM on sftgo shards with the SFT-GO objective (or plain SFT / Rho-1).\n\n" + EXAMPLE,
+        context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    )(command)
+
+
+def _fail(exc: Exception) -> None:
+    from pipeline.manifest import ShardError
+    from pipeline.models import ModelNotFound
+
+    if isinstance(exc, (ConfigError, ShardError, ModelNotFound)):
+        message = str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        message = "Interrupted; the last checkpoint is intact (continue with --resume)."
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        message = f"Training failed with {type(exc).__name__}: {first} (rerun with --debug for the traceback)."
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+cli = build_command()
+
+
+def main(argv=None):
+    return cli.main(args=argv, prog_name="sftgo-train")
+
+
+if __name__ == "__main__":
+    main()

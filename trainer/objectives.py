@@ -1,0 +1,270 @@
+"""Training objectives: SFT, SFT-GO (worst-group) and Rho-1, plus the chunked token loss.
+
+Input: per-token cross-entropy (from `token_cross_entropy`, or any float tensor) and a
+group id per token (-1 = not supervised), optionally a sample id per token (packing).
+Output: a `LossParts` with the scalar to backpropagate and detached diagnostics.
+Cost: the objectives are O(tokens) scatter-adds, negligible next to the model; the chunked
+cross-entropy costs one extra lm_head matmul per supervised token in backward (it
+recomputes the logits instead of keeping them).
+
+Definitions (DESIGN.md section 1):
+    L_GO  = (1 - lam) * L_CE + lam * L_worst
+    L_CE  = sum of supervised token losses / N_tok
+    L_g(x)= mean loss of the tokens of sample x in group g
+    L_worst (reduce="sample") = sum over samples with supervised tokens of max_g L_g(x) / N_smp
+    L_worst (reduce="batch")  = max_g (sum of group-g token losses / N_g)
+
+Gradient accumulation (and DDP): the denominators N_tok, N_smp and N_g can be passed in,
+so the caller uses the counts of the whole accumulated (global) batch.  Summing the
+`loss` of the micro-batches then gives exactly the loss of the whole batch for CE, for
+`sample` worst (a mean over samples, each sample lives in one micro-batch) and for
+Group-DRO; for `batch` worst the argmax group is chosen per micro-batch, which equals the
+whole-batch value whenever the micro-batches agree on the worst group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("sftgo", "sft", "rho1")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class LossParts:
+    """What an objective returns.  Only `loss` carries gradient."""
+
+    loss: torch.Tensor
+    """Scalar to backpropagate (already divided by the accumulated-batch denominators)."""
+    ce: torch.Tensor
+    """Token-mean cross-entropy over supervised tokens (detached)."""
+    worst: torch.Tensor
+    """The worst-group term as defined by `reduce` (detached; 0 when nothing is supervised)."""
+    group_loss: torch.Tensor
+    """[K] batch-level mean loss per group of this call's tokens; NaN for an empty group."""
+    group_sum: torch.Tensor
+    """[K] sum of token losses per group (detached), for aggregating over micro-batches and ranks."""
+    group_count: torch.Tensor
+    """[K] number of tokens per group, same purpose."""
+    ties: int = 0
+    """Samples whose two largest group losses are exactly equal (the argmax is then arbitrary)."""
+
+
+def _flatten(token_loss, groups, segments):
+    """Keep supervised tokens only; return flat loss, group and dense sample index."""
+    if segments is None:  # one sample per row
+        segments = torch.arange(groups.shape[0], device=groups.device)[:, None].expand_as(groups)
+    keep = groups >= 0
+    loss = token_loss[keep]
+    grp = groups[keep].long()
+    seg = segments[keep].long()
+    # dense sample ids 0..S-1 (segments may be sparse or start anywhere)
+    _, seg = torch.unique(seg, return_inverse=True)
+    return loss, grp, seg
+
+
+def _group_stats(loss, grp, num_groups):
+    group_sum = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, loss.detach())
+    group_count = torch.bincount(grp, minlength=num_groups)[:num_groups].to(loss.dtype)
+    group_loss = group_sum / group_count  # NaN (0/0) for an empty group, on purpose: "no data" is not "zero loss"
+    return group_sum, group_count, group_loss
+
+
+def _smooth_max(values, valid, temperature):
+    """temperature * log(mean over valid of exp(values / temperature)): between the mean
+    (temperature -> inf) and the max (temperature -> 0) of the valid entries, along the last dim."""
+    scaled = (values / temperature).masked_fill(~valid, float("-inf"))
+    n = valid.sum(-1).clamp(min=1).to(values.dtype)
+    return temperature * (torch.logsumexp(scaled, dim=-1) - torch.log(n))
+
+
+def sftgo_loss(
+    token_loss: torch.Tensor,
+    groups: torch.Tensor,
+    lam: float,
+    reduce: str = "sample",
+    *,
+    num_groups: int | None = None,
+    segments: torch.Tensor | None = None,
+    ce_denom: float | torch.Tensor | None = None,
+    worst_denom: float | torch.Tensor | None = None,
+    group_denom: torch.Tensor | None = None,
+    temperature: float | None = None,
+    group_weights: torch.Tensor | None = None,
+) -> LossParts:
+    """L_GO = (1 - lam) * L_CE + lam * L_worst (DESIGN.md section 1).
+
+    token_loss: float [B, T] (or [N]) per-token cross-entropy.
+    groups: int [B, T] group id per token, -1 where not supervised.
+    reduce: "sample" (per-sample max over its non-empty groups, mean over samples) or
+        "batch" (max over groups of the batch-level group means).
+    num_groups: K (default: 1 + the largest id present, at least 2).
+    segments: int [B, T] sample id per token when rows hold several packed samples.
+    ce_denom / worst_denom / group_denom: supervised tokens / supervised samples / [K]
+        tokens per group of the whole accumulated batch (default: this call's counts).
+    temperature: replace the max with a smooth max (log-mean-exp) at this temperature.
+    group_weights: [K] online Group-DRO weights; the worst term becomes
+        sum_g w_g * L_g(batch) (replaces the max; `reduce` is then ignored).
+    """
+    if reduce not in ("sample", "batch"):
+        raise ValueError(f"reduce must be 'sample' or 'batch', not {reduce!r}.")
+    loss, grp, seg = _flatten(token_loss, groups, segments)
+    if num_groups is None:
+        num_groups = max(2, int(grp.max()) + 1 if grp.numel() else 2)
+    zero = loss.sum() * 0.0  # keeps the graph (and DDP) happy when nothing is supervised
+    n_tok = loss.new_tensor(float(loss.numel())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=loss.dtype)
+    ce_sum = loss.sum()
+    ce = ce_sum / n_tok.clamp(min=1)
+    group_sum, group_count, group_loss = _group_stats(loss, grp, num_groups)
+
+    ties = 0
+    if loss.numel() == 0:
+        worst = zero
+    elif group_weights is not None or reduce == "batch":
+        counts = group_count if group_denom is None else torch.as_tensor(group_denom, dtype=loss.dtype)
+        g_sum = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, loss)
+        g_mean = g_sum / counts.clamp(min=1)
+        valid = group_count > 0
+        if group_weights is not None:
+            worst = (group_weights.to(loss.dtype) * g_mean).sum()
+        elif temperature:
+            worst = _smooth_max(g_mean, valid, temperature)
+        else:
+            worst = g_mean.masked_fill(~valid, float("-inf")).max()
+    else:
+        n_smp = int(seg.max()) + 1
+        flat = seg * num_groups + grp
+        s_sum = torch.zeros(n_smp * num_groups, dtype=loss.dtype, device=loss.device).index_add(0, flat, loss)
+        s_cnt = torch.bincount(flat, minlength=n_smp * num_groups).to(loss.dtype)
+        s_sum, s_cnt = s_sum.view(n_smp, num_groups), s_cnt.view(n_smp, num_groups)
+        valid = s_cnt > 0
+        s_mean = s_sum / s_cnt.clamp(min=1)
+        if temperature:
+            per_sample = _smooth_max(s_mean, valid, temperature)
+        else:
+            masked = s_mean.masked_fill(~valid, float("-inf"))
+            per_sample = masked.max(dim=-1).values  # plain max: gradient flows through the argmax group
+            if num_groups > 1:
+                top2 = masked.detach().topk(2, dim=-1).values
+                ties = int(((top2[:, 0] == top2[:, 1]) & torch.isfinite(top2[:, 1])).sum())
+        denom = loss.new_tensor(float(n_smp)) if worst_denom is None else torch.as_tensor(worst_denom, dtype=loss.dtype)
+        worst = per_sample.sum() / denom.clamp(min=1)
+
+    if lam == 0:
+        total = ce + zero  # exactly plain SFT, even when the worst term is undefined
+    else:
+        total = (1.0 - lam) * ce + lam * worst
+    return LossParts(total, ce.detach(), worst.detach(), group_loss, group_sum, group_count, ties)
+
+
+def sft_loss(token_loss, groups, *, ce_denom=None, num_groups=None, segments=None) -> LossParts:
+    """Plain SFT: token-mean cross-entropy over all supervised tokens (sftgo with lam = 0)."""
+    return sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
+
+
+def rho1_loss(token_loss, groups, *, num_groups=None, important_denom=None, ce_denom=None, segments=None) -> LossParts:
+    """Rho-1 selective LM: token-mean CE over the important group only (the top group, K-1).
+
+    important_denom: important-token count of the whole accumulated batch (ce_denom only
+    scales the logged `ce`).
+    """
+    parts = sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
+    k = parts.group_sum.numel()
+    important = groups == (k - 1)
+    n = token_loss.new_tensor(float(important.sum())) if important_denom is None else torch.as_tensor(important_denom)
+    parts.loss = (token_loss * important).sum() / n.to(token_loss.dtype).clamp(min=1)
+    return parts
+
+
+def lam_at(step: int, total_steps: int, lam: float, schedule: str = "constant", lam_end: float = 0.0) -> float:
+    """λ at an optimizer step: constant, or decaying from `lam` to `lam_end` linearly or
+    along a half cosine (the paper's Eq. 5 decays the worst-group weight over training)."""
+    if schedule == "constant" or total_steps <= 1:
+        return lam
+    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
+    if schedule == "linear":
+        return lam + (lam_end - lam) * frac
+    if schedule == "cosine":
+        return lam_end + (lam - lam_end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"Unknown λ schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+
+
+class GroupDRO:
+    """Online Group-DRO weights (Sagawa et al. 2020): after each optimizer step,
+    w_g <- w_g * exp(step_size * L_g) then renormalise (exponentiated gradient ascent on
+    the simplex).  Groups absent from the step keep their weight."""
+
+    def __init__(self, num_groups: int, step_size: float):
+        self.step_size = step_size
+        self.weights = torch.full((num_groups,), 1.0 / num_groups, dtype=torch.float64)
+
+    def update(self, group_loss: torch.Tensor) -> None:
+        g = group_loss.detach().double().cpu()
+        g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))  # an empty group (NaN) leaves its weight alone
+        w = self.weights * torch.exp(self.step_size * g)
+        self.weights = w / w.sum()
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights.tolist(), "step_size": self.step_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = torch.tensor(state["weights"], dtype=torch.float64)
+        self.step_size = state["step_size"]
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Per-token CE of (hidden @ weight.T [+ bias]) against targets, chunk by chunk.
+
+    Forward keeps only the per-token log-sum-exp; backward recomputes each chunk's logits,
+    so at most `chunk` x V fp32 logits exist at any time (instead of N x V)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse_all = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)  # explicit: autocast-proof
+        for i in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[i : i + chunk], w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            tgt = logits.gather(1, targets[i : i + chunk, None]).squeeze(1)
+            losses[i : i + chunk] = lse - tgt
+            lse_all[i : i + chunk] = lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.chunk = chunk
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+        for i in range(0, hidden.shape[0], chunk):
+            h = hidden[i : i + chunk]
+            logits = F.linear(h, w, b).float()
+            g = torch.exp(logits - lse_all[i : i + chunk, None])  # softmax
+            rows = torch.arange(h.shape[0], device=h.device)
+            g[rows, targets[i : i + chunk]] -= 1.0
+            g *= grad_out[i : i + chunk, None].float()
+            if grad_h is not None:
+                grad_h[i : i + chunk] = g.to(hidden.dtype) @ w
+            if grad_w is not None:
+                grad_w += g.t() @ h.float()
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def token_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 1024):
+    """Per-token CE [N] of the rows of `hidden` [N, H] projected by `lm_head`, against
+    `targets` [N]; the full [N, V] logits never exist at once (see _ChunkedLinearCE)."""
+    if hidden.shape[0] == 0:
+        return hidden.sum(-1).float()
+    return _ChunkedLinearCE.apply(hidden, lm_head.weight, lm_head.bias, targets, max(1, int(chunk)))
