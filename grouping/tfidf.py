@@ -48,24 +48,13 @@ def extract(
         token_term[sup] = inverse
         return [str(t) for t in uniq.tolist()], counts.astype(np.int32), token_term
     regex = _compiled(pattern)
+    matches = [m for a, b in content_spans for m in regex.finditer(text, a, b)]
     index: dict[str, int] = {}
-    counts: list[int] = []
-    w_start: list[int] = []
-    w_end: list[int] = []
-    w_term: list[int] = []
-    for a, b in content_spans:
-        for m in regex.finditer(text, a, b):
-            word = m.group().lower()
-            t = index.get(word)
-            if t is None:
-                t = index[word] = len(counts)
-                counts.append(0)
-            counts[t] += 1
-            w_start.append(m.start())
-            w_end.append(m.end())
-            w_term.append(t)
+    w_term = [index.setdefault(m.group().lower(), len(index)) for m in matches]
+    counts = np.bincount(np.asarray(w_term, dtype=np.int64), minlength=len(index)) if w_term else np.zeros(0)
     if w_term:
-        starts, ends = np.asarray(w_start), np.asarray(w_end)
+        starts = np.fromiter((m.start() for m in matches), dtype=np.int64, count=len(matches))
+        ends = np.fromiter((m.end() for m in matches), dtype=np.int64, count=len(matches))
         sup = np.flatnonzero(loss_mask)
         tok_s, tok_e = offsets[sup, 0], offsets[sup, 1]
         # the first word that ends after the token starts; the token belongs to it if they overlap

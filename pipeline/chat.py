@@ -13,6 +13,8 @@ Supervised tokens are the assistant contents plus the template's end-of-turn tok
 """
 from __future__ import annotations
 
+import re
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,14 +41,27 @@ class ChatEncoder:
     def __init__(self, tokenizer, max_length: int, overflow: str = "truncate"):
         if not tokenizer.chat_template:
             raise ValueError("The tokenizer has no chat template; choose a chat/instruct tokenizer with --tokenizer.")
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
         self.tok = tokenizer
         self.backend = tokenizer.backend_tokenizer
         self.max_length = max_length
         self.overflow = overflow
+        # Render with the compiled template directly: apply_chat_template's per-call normalisation
+        # costs about as much as the render itself.  Same variables as transformers passes.
+        self._template = _compile_jinja_template(tokenizer.chat_template)
+        self._variables = {**tokenizer.special_tokens_map, "add_generation_prompt": False}
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+        if self._render(probe) != tokenizer.apply_chat_template(probe, tokenize=False):
+            self._render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)
+        # Control tokens typed inside a message would be parsed as real ones (prompt injection into the
+        # turn structure); such records are rejected.
+        specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+        self._control = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
         self.trims, self.eot = self._probe_template()
 
     def _render(self, messages) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False)
+        return self._template.render(messages=messages, **self._variables)
 
     def _probe_template(self) -> tuple[bool, str]:
         """Learn whether the template trims contents and which special token ends a turn."""
@@ -63,7 +78,12 @@ class ChatEncoder:
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """Rendered text and the (start, end) of every assistant content in it."""
         contents, swapped = [], []
+        control = self._control
         for m in messages:
+            if control is not None and control.search(m["content"]):
+                raise RecordError(
+                    "control_token_in_text", f"a {m['role']} turn contains the control token {control.search(m['content']).group()!r}"
+                )
             if m["role"] == "assistant":
                 swapped.append({"role": "assistant", "content": _SENTINEL.format(len(contents))})
                 contents.append(m["content"].strip() if self.trims else m["content"])
@@ -103,8 +123,8 @@ class ChatEncoder:
         return out
 
     def _finish(self, text: str, spans: list[tuple[int, int]], enc) -> Encoded | RecordError:
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(-1, 2)
+        ids = np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids))
+        offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int32, count=2 * len(ids)).reshape(-1, 2)
         truncated = False
         if len(ids) > self.max_length:
             if self.overflow == "drop":

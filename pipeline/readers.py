@@ -156,12 +156,13 @@ def _whole_file(path: str, kind: str) -> list:
         if not isinstance(data, list):
             raise InputError(f"{path} holds a JSON {type(data).__name__}, expected an array of records.")
         return data
-    import pyarrow.csv as pacsv
+    import csv
 
-    try:
-        return pacsv.read_csv(path).to_pylist()
-    except Exception as exc:
-        raise InputError(f"{path} is not a readable CSV file ({str(exc).splitlines()[0]}).") from None
+    try:  # stdlib csv keeps every field a string (pyarrow would turn numeric answers into ints)
+        with open(path, encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path} is not a readable UTF-8 CSV file ({exc}).") from None
 
 
 @functools.lru_cache(maxsize=4)
