@@ -1,0 +1,48 @@
+"""Shared fixtures: the embedded tokenizer, small input files, and a CLI runner (real subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from pipeline import models
+
+    return models.load_tokenizer(None)
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def cli(command: str, *args: str, cwd: Path | None = None, timeout: int = 300, check: bool = True):
+    """Run an installed console script (sftgo-prep / sftgo-train) as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [str(BIN / command), *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout, env=env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(name="write_jsonl")
+def _write_jsonl_fixture():
+    return write_jsonl
+
+
+@pytest.fixture(name="cli")
+def _cli_fixture():
+    return cli
