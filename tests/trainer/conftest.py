@@ -82,6 +82,14 @@ def make_records(n, vocab, *, seed=0, min_len=8, max_len=40, num_groups=2, strat
 
 
 @pytest.fixture(scope="session")
+def shardkit():
+    """The helpers above, as a fixture (test modules never import conftest by name)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(write_shards=write_shards, make_records=make_records)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from pipeline.models import load_tokenizer
 
