@@ -68,14 +68,13 @@ class MetricsLog:
             self.tb.close()
 
 
-def _ema(values, alpha=0.1):
-    out, acc = [], None
+def _smooth(values, window):
+    """Trailing mean over the last `window` defined values (no lag at the start, unlike an EMA)."""
+    out, recent = [], []
     for v in values:
-        if v is None:
-            out.append(acc)
-            continue
-        acc = v if acc is None else (1 - alpha) * acc + alpha * v
-        out.append(acc)
+        if v is not None:
+            recent = (recent + [v])[-window:]
+        out.append(sum(recent) / len(recent) if recent else None)
     return out
 
 
@@ -92,16 +91,20 @@ def plot_curves(records: list[dict], path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     steps = [r["step"] for r in train]
+    window = max(1, len(train) // 20)
+    nan = lambda ys: [float("nan") if y is None else y for y in ys]  # noqa: E731
     for g in range(k):
         c = colors[g % len(colors)]
         ys = [r["group_loss"][g] if g < len(r.get("group_loss", [])) else None for r in train]
-        ax.plot(steps, [float("nan") if y is None else y for y in ys], color=c, alpha=0.25, lw=1)
-        ax.plot(steps, [float("nan") if y is None else y for y in _ema(ys)], color=c, lw=2, label=f"group {g} (train)")
+        if window > 1:
+            ax.plot(steps, nan(ys), color=c, alpha=0.25, lw=1)
+        ax.plot(steps, nan(_smooth(ys, window)), color=c, lw=2,
+                label=f"group {g} (train" + (f", mean of {window})" if window > 1 else ")"))
         ev = [(r["step"], r["group_loss"][g]) for r in evals if g < len(r.get("group_loss", [])) and r["group_loss"][g] is not None]
         if ev:
             ax.plot(*zip(*ev), "o--", color=c, ms=5, label=f"group {g} (eval)")
     if train:
-        ax.plot(steps, _ema([r["ce"] for r in train]), color="black", lw=1, ls=":", label="CE (train)")
+        ax.plot(steps, nan(_smooth([r["ce"] for r in train], window)), color="black", lw=1, ls=":", label="CE (train)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "per-group loss")
