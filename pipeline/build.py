@@ -140,16 +140,19 @@ def run(cfg: BuildConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory.")
+    # Fail on unreadable inputs or tokenizers before touching the output directory.
+    tok_location = models.tokenizer_dir(cfg.tokenizer)
+    tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
+    params = cfg.params()
     with exclusive(out):
         staging, complete = _start(cfg, out)
         if complete:
             _log(cfg, f"{out} already holds this build; nothing to do.")
             return read_manifest(out)
-        params = cfg.params()
-        tok_location = models.tokenizer_dir(cfg.tokenizer)
-        tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-        parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
-        _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}")
+        done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
+        resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
+        _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
         with executor.client(cfg.workers, cfg.scheduler) as c:
             stats = executor.map_tasks(
                 c, prepare_partition, [(p, params, tok_location, str(staging)) for p in parts], "tokenize", cfg.progress

@@ -1,0 +1,101 @@
+"""Reliability and scale, with real processes: a killed build resumes to identical bytes, and a
+build runs unchanged on an existing Dask cluster (`dask scheduler` + two `dask worker`s)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "data"))
+from generate import generate, write_jsonl  # noqa: E402
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("corpus")
+    write_jsonl(generate(4000, 7, "alpaca"), tmp / "a.jsonl")
+    write_jsonl(generate(4000, 7, "chat"), tmp / "c.jsonl")
+    return [str(tmp / "a.jsonl"), str(tmp / "c.jsonl")]
+
+
+def build_args(corpus, out):
+    return [str(BIN / "sftgo-prep"), "build", *corpus, "--out", str(out), "--rows-per-shard", "200", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    subprocess.run(build_args(corpus, out) + ["--quiet"], check=True, capture_output=True)
+    return files_of(out)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"build ended before {path.name} appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("kill_after", [".staging/part-00004.json", "shard-00003.parquet"], ids=["tokenize", "write"])
+def test_killed_build_resumes_to_identical_output(corpus, reference, tmp_path, kill_after):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(build_args(corpus, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(out / kill_after, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Dask worker processes, mid-build
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    assert (out / ".staging").exists()
+    staged_before = len(list((out / ".staging").glob("part-*.json")))
+    assert 0 < staged_before
+    again = subprocess.run(build_args(corpus, out), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: {staged_before} of 40 partition(s) already tokenized" in again.stderr
+    assert files_of(out) == reference  # byte-identical to an uninterrupted build
+    assert not (out / ".staging").exists()
+
+
+def test_build_on_an_existing_dask_cluster(corpus, reference, tmp_path, cli):
+    sched_file = tmp_path / "scheduler.json"
+    procs = [
+        subprocess.Popen([str(BIN / "dask"), "scheduler", "--scheduler-file", str(sched_file), "--host", "127.0.0.1",
+                          "--port", "0", "--no-dashboard"], start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ]
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists():
+            assert time.time() < deadline, "dask scheduler did not start"
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        for _ in range(2):
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"],
+                                          start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+            out = tmp_path / "out"
+            cli("sftgo-prep", *build_args(corpus, out)[1:], "--scheduler", address)
+            # both workers tokenized, and each loaded its tokenizer exactly once for all its tasks
+            info = client.run(lambda: __import__("pipeline.prepare", fromlist=["_"]).get_encoder.cache_info())
+            assert len(info) == 2
+            assert all(i.misses == 1 and i.hits >= 1 for i in info.values()), info
+        assert files_of(out) == reference
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
