@@ -24,6 +24,38 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 IDF_FILE = "idf.parquet"
+WORD_PATTERN = r"(?u)\b\w+\b"  # the default: runs of word characters (Python's \w: str.isalnum() or "_")
+
+# \w for ASCII code points; others are classified once each with str.isalnum (what re's \w uses)
+_ASCII_WORD = np.array([chr(c).isalnum() or chr(c) == "_" for c in range(128)], dtype=bool)
+
+
+def _word_bounds(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end of every maximal run of word characters inside the spans: the matches of
+    WORD_PATTERN, computed with NumPy instead of one Python match object per word."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    inside = np.zeros(len(codes) + 1, dtype=bool)
+    for a, b in spans:
+        inside[a:b] = True
+    word = np.zeros(len(codes) + 1, dtype=bool)
+    ascii_ = codes < 128
+    word[:-1][ascii_] = _ASCII_WORD[codes[ascii_]]
+    if not ascii_.all():
+        other = codes[~ascii_]
+        uniq, inv = np.unique(other, return_inverse=True)
+        flags = np.array([chr(c).isalnum() or chr(c) == "_" for c in uniq.tolist()], dtype=bool)
+        word[:-1][~ascii_] = flags[inv]
+    word &= inside
+    # a span edge is a word boundary even between two word characters
+    edge = np.zeros(len(codes) + 1, dtype=bool)
+    for a, b in spans:
+        edge[a] = True
+    prev = np.concatenate([[False], word[:-1]]) & ~edge
+    starts = np.flatnonzero(word & ~prev)
+    nxt = np.concatenate([word[1:], [False]])
+    nxt_edge = np.concatenate([edge[1:], [False]])
+    ends = np.flatnonzero(word & ~(nxt & ~nxt_edge)) + 1
+    return starts, ends
 
 
 @functools.lru_cache(maxsize=8)
@@ -38,7 +70,7 @@ def extract(
     loss_mask: np.ndarray,
     input_ids: np.ndarray,
     unit: str = "word",
-    pattern: str = r"(?u)\b\w+\b",
+    pattern: str = WORD_PATTERN,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Terms of one response, their counts, and per token the index of its term (-1: none)."""
     token_term = np.full(len(input_ids), -1, dtype=np.int32)
@@ -47,14 +79,19 @@ def extract(
         uniq, inverse, counts = np.unique(input_ids[sup], return_inverse=True, return_counts=True)
         token_term[sup] = inverse
         return [str(t) for t in uniq.tolist()], counts.astype(np.int32), token_term
-    regex = _compiled(pattern)
-    matches = [m for a, b in content_spans for m in regex.finditer(text, a, b)]
+    if pattern == WORD_PATTERN:
+        starts, ends = _word_bounds(text, content_spans)
+        words = [text[a:b].lower() for a, b in zip(starts.tolist(), ends.tolist())]
+    else:
+        # match within each content alone (as scikit-learn sees the document), then shift to text positions
+        found = [(a + m.start(), a + m.end(), m.group()) for a, b in content_spans for m in _compiled(pattern).finditer(text[a:b])]
+        words = [w.lower() for _, _, w in found]
+        starts = np.array([f[0] for f in found], dtype=np.int64)
+        ends = np.array([f[1] for f in found], dtype=np.int64)
     index: dict[str, int] = {}
-    w_term = [index.setdefault(m.group().lower(), len(index)) for m in matches]
+    w_term = [index.setdefault(w, len(index)) for w in words]
     counts = np.bincount(np.asarray(w_term, dtype=np.int64), minlength=len(index)) if w_term else np.zeros(0)
     if w_term:
-        starts = np.fromiter((m.start() for m in matches), dtype=np.int64, count=len(matches))
-        ends = np.fromiter((m.end() for m in matches), dtype=np.int64, count=len(matches))
         sup = np.flatnonzero(loss_mask)
         tok_s, tok_e = offsets[sup, 0], offsets[sup, 1]
         # the first word that ends after the token starts; the token belongs to it if they overlap

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -140,11 +141,13 @@ def run(cfg: BuildConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory.")
+    clock = _Clock()
     # Fail on unreadable inputs or tokenizers before touching the output directory.
     tok_location = models.tokenizer_dir(cfg.tokenizer)
     tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
     params = cfg.params()
+    clock.lap("plan")
     with exclusive(out):
         staging, complete = _start(cfg, out)
         if complete:
@@ -154,14 +157,17 @@ def run(cfg: BuildConfig) -> dict:
         resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
         _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
         with executor.client(cfg.workers, cfg.scheduler) as c:
+            clock.lap("cluster start")
             stats = executor.map_tasks(
                 c, prepare_partition, [(p, params, tok_location, str(staging)) for p in parts], "tokenize", cfg.progress
             )
+            clock.lap("tokenize")
             n_docs = sum(s["written"] for s in stats)
             idf_sha = None
             if "tfidf" in cfg.strategies:
                 idf_sha = executor.run_one(c, fit_idf_from_staging, str(staging), [p.index for p in parts], n_docs, str(out))
             idf_path = str(out / tfidf.IDF_FILE)
+            clock.lap("fit idf")
             shards = executor.map_tasks(
                 c,
                 finalize_partition,
@@ -169,12 +175,31 @@ def run(cfg: BuildConfig) -> dict:
                 "score+write",
                 cfg.progress,
             )
+            clock.lap("score+write")
         manifest = _manifest(cfg, tok, parts, stats, shards, idf_sha)
         if cfg.rejects:
             _write_rejects(cfg.rejects, staging, parts)
         write_manifest(out, manifest)
         shutil.rmtree(staging, ignore_errors=True)
+    clock.lap("manifest")
+    _log(cfg, f"Time: {clock}")
     return manifest
+
+
+class _Clock:
+    """Wall time per build phase, for the log line users read (not for the manifest: it must be reproducible)."""
+
+    def __init__(self):
+        self.last, self.laps = time.perf_counter(), []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        total = sum(t for _, t in self.laps)
+        return ", ".join(f"{n} {t:.1f}s" for n, t in self.laps) + f" (total {total:.1f}s)"
 
 
 def _write_rejects(path: str, staging: Path, parts) -> None:

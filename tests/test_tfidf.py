@@ -89,3 +89,29 @@ def test_idf_missing_term_is_an_error():
     terms = pa.array([["b"]], pa.list_(pa.string()))
     with pytest.raises(ValueError, match="missing from the fitted IDF"):
         tfidf.score(terms, pa.array([[1]], pa.list_(pa.int32())), pa.array([[0]], pa.list_(pa.int32())), idf)
+
+
+def test_fast_word_bounds_equal_the_regex():
+    """The NumPy word splitter gives exactly re's \\b\\w+\\b matches within each span, Unicode included."""
+    import random
+    import re
+
+    alphabet = list("aZ0_ .,-'\n") + ["é", "ß", "İ", "中", "\u0301", "٣", "\U0001F600", "Ⅻ", "\u00a0"]
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        cut = sorted(rng.sample(range(len(text) + 1), 4)) if len(text) >= 3 else [0, len(text), len(text), len(text)]
+        spans = [(cut[0], cut[1]), (cut[2], cut[3])]
+        starts, ends = tfidf._word_bounds(text, spans)
+        expected = [(a + m.start(), a + m.end()) for a, b in spans for m in re.finditer(tfidf.WORD_PATTERN, text[a:b])]
+        assert list(zip(starts.tolist(), ends.tolist())) == expected, (text, spans)
+
+
+def test_custom_token_pattern(tokenizer):
+    """Any scikit-learn token_pattern works (here: words of 2+ characters, sklearn's own default)."""
+    pattern = r"(?u)\b\w\w+\b"
+    encs = encoded(tokenizer, RESPONSES)
+    extracted = [tfidf.extract(e.text, e.content_spans, e.offsets, e.loss_mask, e.input_ids, "word", pattern) for e in encs]
+    vec = TfidfVectorizer(token_pattern=pattern).fit(RESPONSES)
+    for (terms, _, _), doc in zip(extracted, RESPONSES):
+        assert sorted(terms) == sorted(set(vec.build_analyzer()(doc)))
