@@ -57,6 +57,22 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def on_rank0(fn):
+    """Run fn on rank 0 only and give every rank its result, or raise its error everywhere."""
+    if not dist.is_initialized():
+        return fn()
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except ConfigError as exc:
+            box[1] = str(exc)
+    dist.broadcast_object_list(box, src=0)  # our own small values (a path or a message), never user data
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return box[0]
+
+
 def check_data(cfg: TrainConfig, tokenizer) -> tuple[dict, str | None, int]:
     """Pre-flight checks (one clear sentence each): manifest, tokenizer fingerprint, the
     --groups column, every shard's checksum and schema; for train and eval data.
@@ -124,7 +140,8 @@ def make_optimizer(model, cfg: TrainConfig, device) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+    # fused AdamW exists on CPU and CUDA (torch >= 2.4) and is what HF Trainer uses by default
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type in ("cpu", "cuda"))
 
 
 # ---------------------------------------------------------------- the objective on one micro-batch
@@ -205,8 +222,9 @@ def _run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
         raise ConfigError("--precision bf16 needs a GPU with bf16 support; use auto or fp32 here.")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
-    # 1. checks before anything expensive
-    resume_from = prepare_run_dir(cfg, rank)
+    # 1. checks before anything expensive (rank 0 decides about the run directory; the others
+    #    must not race it, e.g. see its fresh metrics.jsonl and think the run already existed)
+    resume_from = on_rank0(lambda: prepare_run_dir(cfg, rank))
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model, cfg.trust_remote_code)
     manifest, group_column, k = check_data(cfg, tokenizer)
     k_loss = max(k, 2)  # the loss functions want K >= 2; a single group just leaves group 1 empty

@@ -42,7 +42,11 @@ def load_for_training(name: str | None, *, lora_r: int = 0, lora_alpha: float = 
     check_plain_head(model, str(name))
     model.config.use_cache = False
     if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}  # non-reentrant: works with DDP and with inputs that need no grad
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora_r > 0:
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("--lora-r needs the peft package: pip install peft.")

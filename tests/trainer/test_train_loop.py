@@ -1,5 +1,6 @@
 """The loop in-process on a tiny model: exact resume, objectives, pre-flight checks, artifacts."""
 import json
+import math
 import os
 from pathlib import Path
 
@@ -129,3 +130,20 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path, shard_dir, tiny_model_dir):
     state = json.loads((out / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["data_position"][1] == 4
     assert not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_gradient_checkpointing_and_smaller_ce_chunks_do_not_change_training(tmp_path, shard_dir, tiny_model_dir):
+    run(cfg(shard_dir, tmp_path / "plain", tiny_model_dir, max_steps=2))
+    run(cfg(shard_dir, tmp_path / "ckpt", tiny_model_dir, max_steps=2, grad_checkpointing=True, ce_chunk=7))
+    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "ckpt"), atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [dict(reduce="batch"), dict(temperature=0.5), dict(dro_step=0.5)])
+def test_objective_options_train_and_log(tmp_path, shard_dir, tiny_model_dir, extra):
+    out = tmp_path / "opt"
+    run(cfg(shard_dir, out, tiny_model_dir, max_steps=2, **extra))
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    if "dro_step" in extra:
+        w = recs[-1]["dro_weights"]
+        assert sum(w) == pytest.approx(1.0) and w != [0.5, 0.5]

@@ -1,0 +1,183 @@
+"""Training benchmark: SFT-GO vs plain SFT step time in sftgo-train, and sftgo-train vs the
+Hugging Face `Trainer` tokens/s on the same model, data and batches.
+
+Input: a shard directory (--data; by default `sftgo-prep build` is run on data/*.jsonl into
+bench/_work/train-shards), a model (--model, default the embedded SmolLM2-135M-Instruct).
+Output: a table on stdout and, with --json PATH, the raw step times and ratios.
+Cost: (warmup + steps) optimizer steps x 3 configurations x repeats, plus a model load and a
+final checkpoint write per sftgo-train run (not timed).  About 5 minutes on 2 CPU cores with
+the defaults.
+
+Method: each repeat runs the three configurations back to back (sft, sftgo, hf), so they share
+the machine's state; each run's first `--warmup` steps are dropped and the median of the rest
+is that run's step time; the figure is the median over repeats.  All three see the identical
+sequence of micro-batches: sftgo-train builds them from the shards (length-bucketed under
+--batch-tokens), and the HF Trainer is fed exactly those batches, in order, with labels -100 on
+unsupervised tokens and an attention mask, with the same AdamW (fused), lr schedule type,
+clipping and fp32/bf16 choice.  sftgo-train's step time includes reading and collating the
+batch; the HF figure does not (its timer starts after the batch is fetched).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def default_shards() -> str:
+    out = ROOT / "bench" / "_work" / "train-shards"
+    if not (out / "manifest.json").is_file():
+        exe = Path(sys.executable).parent / "sftgo-prep"
+        subprocess.run([str(exe), "build", str(ROOT / "data" / "alpaca.jsonl"), str(ROOT / "data" / "chat.jsonl"),
+                        "--out", str(out), "--strategy", "tfidf", "--workers", "2"], check=True)
+    return str(out)
+
+
+def run_ours(args, objective: str, work: Path) -> list[float]:
+    from trainer.config import TrainConfig
+    from trainer.loop import run
+
+    out = work / f"ours-{objective}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(data=args.data, out=str(out), model=args.model, objective=objective, groups="tfidf",
+                      max_steps=args.warmup + args.steps, batch_tokens=args.batch_tokens, lr=1e-5, progress=False,
+                      tensorboard=False)
+    run(cfg)
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in recs if r["split"] == "train"][args.warmup :]
+    shutil.rmtree(out, ignore_errors=True)
+    return times
+
+
+def the_batches(args) -> list[dict]:
+    """The micro-batches sftgo-train trains on (same seed and settings), in HF's format."""
+    from pipeline.manifest import read_manifest
+    from pipeline.models import load_tokenizer
+    from trainer.batching import IGNORE, Batches, collate
+    from trainer.config import TrainConfig
+    from trainer.data import ShardStream
+
+    c = TrainConfig(data=args.data, out="-", batch_tokens=args.batch_tokens)
+    tok = load_tokenizer(args.model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stream = ShardStream(args.data, read_manifest(args.data), "group_tfidf", seed=c.seed,
+                         shuffle_buffer=c.shuffle_buffer, readahead=c.readahead)
+    batches = Batches(stream, batch_tokens=c.batch_tokens, max_length=c.max_length, pack=False,
+                      pool_batches=c.bucket_pool, seed=c.seed, pad_id=pad)
+    out = []
+    for rows in batches.row_lists(0):
+        b = collate(rows, pad, c.max_length, c.batch_tokens, False)
+        lengths = [min(s["length"], min(c.max_length, c.batch_tokens)) for row in rows for s in row]
+        mask = torch.zeros_like(b.input_ids)
+        for r, n in enumerate(lengths):
+            mask[r, :n] = 1
+        labels = torch.full_like(b.input_ids, IGNORE)
+        labels[:, 1:] = b.targets[:, :-1]  # HF shifts labels inside the model
+        out.append({"input_ids": b.input_ids, "attention_mask": mask, "labels": labels, "num_tokens": b.num_tokens})
+        if len(out) == args.warmup + args.steps:
+            break
+    return out
+
+
+def run_hf(args, batches, work: Path) -> list[float]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pipeline.models import load_causal_lm
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for b in batches:
+                yield {k: v for k, v in b.items() if k != "num_tokens"}
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    model = load_causal_lm(args.model, dtype=torch.float32).train()
+    model.config.use_cache = False
+    timer = Timer()
+    targs = TrainingArguments(
+        output_dir=str(work / "hf"), max_steps=len(batches), per_device_train_batch_size=1, learning_rate=1e-5,
+        lr_scheduler_type="cosine", max_grad_norm=1.0, adam_beta2=0.95, logging_strategy="no", save_strategy="no",
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=Batches(), data_collator=lambda xs: xs[0],
+                      callbacks=[timer])
+    trainer.train()
+    shutil.rmtree(work / "hf", ignore_errors=True)
+    return timer.times[args.warmup :]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", help="shard directory (default: build one from data/*.jsonl)")
+    p.add_argument("--model", default=None, help="model name (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--batch-tokens", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    os.environ.setdefault("SFTGO_CACHE", str(Path.home() / ".cache" / "sftgo"))
+    args.data = args.data or default_shards()
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    batches = the_batches(args)
+    tokens = statistics.mean(b["num_tokens"] for b in batches[args.warmup :])
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    per_run = {"sft": [], "sftgo": [], "hf_trainer": []}
+    raw = {k: [] for k in per_run}
+    try:
+        for r in range(args.repeats):
+            for name in per_run:
+                times = run_hf(args, batches, work) if name == "hf_trainer" else run_ours(args, name, work)
+                raw[name].append(times)
+                per_run[name].append(statistics.median(times))
+                print(f"repeat {r + 1}/{args.repeats} {name:<10} median step {per_run[name][-1]:.3f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in per_run.items()}
+    tps = {k: tokens / v for k, v in med.items()}
+    result = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "torch_threads": torch.get_num_threads(), "model": args.model or "embedded", "data": args.data,
+        "batch_tokens": args.batch_tokens, "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup,
+        "repeats": args.repeats, "step_time_s": med, "tokens_per_s": tps, "per_run_median_s": per_run, "raw_s": raw,
+        "sftgo_over_sft_step_time": med["sftgo"] / med["sft"], "target_sftgo_over_sft": 1.03,
+        "ours_over_hf_tokens_per_s": tps["sft"] / tps["hf_trainer"], "target_ours_over_hf": 1.2,
+    }
+    print()
+    print(f"{'config':<12} {'step s':>8} {'tokens/s':>9}")
+    for k in per_run:
+        print(f"{k:<12} {med[k]:>8.3f} {tps[k]:>9.0f}")
+    print(f"sftgo / sft step time : {result['sftgo_over_sft_step_time']:.3f}  (target <= 1.03)")
+    print(f"ours / HF tokens/s    : {result['ours_over_hf_tokens_per_s']:.3f}  (target >= 1.2; sft objective on both)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
