@@ -147,3 +147,17 @@ def test_objective_options_train_and_log(tmp_path, shard_dir, tiny_model_dir, ex
     if "dro_step" in extra:
         w = recs[-1]["dro_weights"]
         assert sum(w) == pytest.approx(1.0) and w != [0.5, 0.5]
+
+
+def test_lora_trains_adapters_resumes_exactly_and_ships_a_merged_model(tmp_path, shard_dir, tiny_model_dir):
+    pytest.importorskip("peft")
+    extra = dict(lora_r=4, lr=1e-2, max_steps=4)
+    run(cfg(shard_dir, tmp_path / "straight", tiny_model_dir, **extra))
+    run(cfg(shard_dir, tmp_path / "halves", tiny_model_dir, stop_after=2, **extra))
+    assert (tmp_path / "halves" / "checkpoints" / "step-0000002" / "adapter_model.safetensors").is_file()
+    run(cfg(shard_dir, tmp_path / "halves", tiny_model_dir, resume=True, **extra))
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "halves")
+    assert not any("lora" in k for k in a)  # merged: a plain model transformers loads without peft
+    assert_same_weights(a, b)
+    start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    assert any(not torch.equal(start[k], a[k]) for k in start)
