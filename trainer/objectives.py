@@ -4,8 +4,9 @@ Input: per-token cross-entropy (from `token_cross_entropy`, or any float tensor)
 group id per token (-1 = not supervised), optionally a sample id per token (packing).
 Output: a `LossParts` with the scalar to backpropagate and detached diagnostics.
 Cost: the objectives are O(tokens) scatter-adds, negligible next to the model; the chunked
-cross-entropy costs one extra lm_head matmul per supervised token in backward (it
-recomputes the logits instead of keeping them).
+cross-entropy runs the lm_head on supervised tokens only, and costs one extra lm_head
+matmul in backward for the tokens beyond its last chunk (it recomputes their logits
+instead of keeping them).
 
 Definitions (DESIGN.md section 1):
     L_GO  = (1 - lam) * L_CE + lam * L_worst
@@ -218,20 +219,26 @@ class GroupDRO:
 class _ChunkedLinearCE(torch.autograd.Function):
     """Per-token CE of (hidden @ weight.T [+ bias]) against targets, chunk by chunk.
 
-    Forward keeps only the per-token log-sum-exp; backward recomputes each chunk's logits,
-    so at most `chunk` x V fp32 logits exist at any time (instead of N x V)."""
+    Forward keeps the per-token log-sum-exp and the softmax of its last chunk only; backward
+    reuses that chunk's softmax and recomputes the logits of the others.  So at most two
+    chunks of `chunk` x V fp32 logits exist at any time (instead of N x V), and a batch whose
+    supervised tokens fit in one chunk pays no recomputation at all."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
-        losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        lse_all = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        n = hidden.shape[0]
+        losses = hidden.new_empty(n, dtype=torch.float32)
+        lse_all = hidden.new_empty(n, dtype=torch.float32)
         w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)  # explicit: autocast-proof
-        for i in range(0, hidden.shape[0], chunk):
+        ctx.last_probs = None
+        for i in range(0, n, chunk):
             logits = F.linear(hidden[i : i + chunk], w, b).float()
             lse = torch.logsumexp(logits, dim=-1)
             tgt = logits.gather(1, targets[i : i + chunk, None]).squeeze(1)
             losses[i : i + chunk] = lse - tgt
             lse_all[i : i + chunk] = lse
+            if i + chunk >= n and any(ctx.needs_input_grad[:3]):
+                ctx.last_probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no extra copy
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.chunk = chunk
         return losses
@@ -239,24 +246,28 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, n = ctx.chunk, hidden.shape[0]
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_w = grad_b = None
         w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
-        for i in range(0, hidden.shape[0], chunk):
+        starts = list(range(0, n, chunk))
+        for i in reversed(starts):  # the last chunk first: its softmax is ready, free it early
             h = hidden[i : i + chunk]
-            logits = F.linear(h, w, b).float()
-            g = torch.exp(logits - lse_all[i : i + chunk, None])  # softmax
+            if i == starts[-1] and ctx.last_probs is not None:
+                g, ctx.last_probs = ctx.last_probs, None  # used once (a second backward recomputes)
+            else:
+                g = torch.exp(F.linear(h, w, b).float() - lse_all[i : i + chunk, None])  # softmax
             rows = torch.arange(h.shape[0], device=h.device)
             g[rows, targets[i : i + chunk]] -= 1.0
             g *= grad_out[i : i + chunk, None].float()
             if grad_h is not None:
                 grad_h[i : i + chunk] = g.to(hidden.dtype) @ w
-            if grad_w is not None:
-                grad_w += g.t() @ h.float()
-            if grad_b is not None:
-                grad_b += g.sum(0)
+            if ctx.needs_input_grad[1]:
+                part = g.t() @ h.float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
+            if bias is not None and ctx.needs_input_grad[2]:
+                part = g.sum(0)
+                grad_b = part if grad_b is None else grad_b.add_(part)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None

@@ -171,17 +171,29 @@ def test_lambda_schedules(schedule, mid):
         assert lam_at(2, 11, 0.9, "cosine", 0.1) > lam_at(2, 11, 0.9, "linear", 0.1)
 
 
+@pytest.mark.parametrize("chunk", [5, 23, 100])
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_cross_entropy_equals_unchunked_values_and_gradients(bias):
+def test_chunked_cross_entropy_equals_unchunked_values_and_gradients(bias, chunk):
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).double()
     hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (23,))
     weights = torch.rand(23, dtype=torch.float64)  # an arbitrary upstream gradient, like the SFT-GO weights
-    got = token_cross_entropy(hidden, head, targets, chunk=5)
+    got = token_cross_entropy(hidden, head, targets, chunk=chunk)
     want = F.cross_entropy(head(hidden), targets, reduction="none")
     assert torch.allclose(got, want.float(), atol=1e-5)
     g_got = torch.autograd.grad((got.double() * weights).sum(), [hidden, *head.parameters()])
     g_want = torch.autograd.grad((want * weights).sum(), [hidden, *head.parameters()])
     for a, b in zip(g_got, g_want):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_chunked_cross_entropy_second_backward_recomputes_the_same_gradient():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 30, bias=False)
+    hidden = torch.randn(10, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (10,))
+    loss = token_cross_entropy(hidden, head, targets, chunk=4).sum()
+    (g1,) = torch.autograd.grad(loss, hidden, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, hidden)
+    assert torch.allclose(g1, g2)
