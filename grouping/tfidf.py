@@ -7,7 +7,7 @@ belongs to (unit "word": regex words, lowercased) or of its own id (unit "token"
 supervised tokens outside any word (punctuation, end-of-turn) score 0.
 
 Three steps, so that the IDF is exact however the corpus is partitioned:
-  extract()        per record   -> its terms, their counts, each token's term index
+  extract_batch()  per partition -> per record its terms, their counts, each token's term index
   document_freq()  per partition -> table (term, df)
   fit_idf()        once          -> table (term, df, idf), saved as idf.parquet
   score()          per partition -> float32 importance per token (vectorised, Arrow/NumPy)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -63,49 +64,105 @@ def _compiled(pattern: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-def extract(
-    text: str,
-    content_spans: list[tuple[int, int]],
-    offsets: np.ndarray,
-    loss_mask: np.ndarray,
-    input_ids: np.ndarray,
+@dataclass
+class Terms:
+    """Per record (Arrow list layout): its distinct terms, their counts, and for every token the
+    index of its term in the record's term list (-1: no term)."""
+
+    terms: pa.ListArray  # list<string>
+    counts: pa.ListArray  # list<int32>
+    token_term: pa.ListArray  # list<int32>, aligned with input_ids
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def _list(offsets: np.ndarray, values: pa.Array) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+
+
+def _group_terms(rec: np.ndarray, term: np.ndarray, n: int):
+    """Occurrences (record, global term id) -> distinct terms per record, their counts, the
+    record-local index of every occurrence, and the record offsets of the term lists."""
+    width = int(term.max()) + 1 if len(term) else 1
+    uniq, inverse, counts = np.unique(rec * width + term, return_inverse=True, return_counts=True)
+    u_rec, u_term = uniq // width, uniq % width
+    offsets = _offsets(np.bincount(u_rec, minlength=n))
+    local = np.arange(len(uniq)) - offsets[u_rec]
+    return u_term, counts.astype(np.int32), local[inverse.reshape(-1)], offsets
+
+
+def extract_batch(
+    texts: list[str],
+    content_spans: list[list[tuple[int, int]]],
+    offsets: list[np.ndarray],
+    loss_masks: list[np.ndarray],
+    input_ids: list[np.ndarray],
     unit: str = "word",
     pattern: str = WORD_PATTERN,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Terms of one response, their counts, and per token the index of its term (-1: none)."""
-    token_term = np.full(len(input_ids), -1, dtype=np.int32)
+) -> Terms:
+    """Terms of many responses at once (vectorised over the batch; Python work is one dict lookup per word)."""
+    n = len(texts)
+    tok_offsets = _offsets(np.fromiter((len(m) for m in loss_masks), dtype=np.int64, count=n))
+    mask = np.concatenate(loss_masks) if n else np.zeros(0, np.int8)
+    token_term = np.full(len(mask), -1, dtype=np.int32)
+    sup = np.flatnonzero(mask)
+    tok_rec = np.repeat(np.arange(n), np.diff(tok_offsets))
     if unit == "token":
-        sup = np.flatnonzero(loss_mask)
-        uniq, inverse, counts = np.unique(input_ids[sup], return_inverse=True, return_counts=True)
-        token_term[sup] = inverse
-        return [str(t) for t in uniq.tolist()], counts.astype(np.int32), token_term
-    if pattern == WORD_PATTERN:
-        starts, ends = _word_bounds(text, content_spans)
-        words = [text[a:b].lower() for a, b in zip(starts.tolist(), ends.tolist())]
+        ids = np.concatenate(input_ids).astype(np.int64) if n else np.zeros(0, np.int64)
+        u_term, counts, local, term_offsets = _group_terms(tok_rec[sup], ids[sup], n)
+        token_term[sup] = local
+        flat_terms = pa.array(u_term).cast(pa.string())
     else:
-        # match within each content alone (as scikit-learn sees the document), then shift to text positions
-        found = [(a + m.start(), a + m.end(), m.group()) for a, b in content_spans for m in _compiled(pattern).finditer(text[a:b])]
-        words = [w.lower() for _, _, w in found]
-        starts = np.array([f[0] for f in found], dtype=np.int64)
-        ends = np.array([f[1] for f in found], dtype=np.int64)
-    index: dict[str, int] = {}
-    w_term = [index.setdefault(w, len(index)) for w in words]
-    counts = np.bincount(np.asarray(w_term, dtype=np.int64), minlength=len(index)) if w_term else np.zeros(0)
-    if w_term:
-        sup = np.flatnonzero(loss_mask)
-        tok_s, tok_e = offsets[sup, 0], offsets[sup, 1]
-        # the first word that ends after the token starts; the token belongs to it if they overlap
-        first = np.searchsorted(ends, tok_s, side="right")
-        ok = first < len(ends)
-        ok[ok] &= starts[first[ok]] < tok_e[ok]
-        token_term[sup[ok]] = np.asarray(w_term, dtype=np.int32)[first[ok]]
-    return list(index), np.asarray(counts, dtype=np.int32), token_term
+        base = _offsets(np.fromiter((len(t) for t in texts), dtype=np.int64, count=n))
+        joined = "".join(texts)
+        spans = [(a + int(base[r]), b + int(base[r])) for r, sp in enumerate(content_spans) for a, b in sp]
+        if pattern == WORD_PATTERN:
+            starts, ends = _word_bounds(joined, spans)
+            lower = joined.lower()
+            if len(lower) == len(joined):
+                words = [lower[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+            else:  # a few characters lowercase to two (e.g. U+0130): lowercase word by word
+                words = [joined[a:b].lower() for a, b in zip(starts.tolist(), ends.tolist())]
+        else:
+            # match within each content alone (as scikit-learn sees the document), then shift to joined positions
+            regex = _compiled(pattern)
+            found = [(a + m.start(), a + m.end(), m.group()) for a, b in spans for m in regex.finditer(joined[a:b])]
+            words = [w.lower() for _, _, w in found]
+            starts = np.array([f[0] for f in found], dtype=np.int64)
+            ends = np.array([f[1] for f in found], dtype=np.int64)
+        vocab: dict[str, int] = {}
+        gid = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
+        word_rec = np.searchsorted(base, starts, side="right") - 1
+        u_term, counts, word_local, term_offsets = _group_terms(word_rec, gid, n)
+        flat_terms = pa.array(np.array(list(vocab), dtype=object)[u_term], pa.string()) if len(u_term) else pa.array([], pa.string())
+        if len(words):
+            all_off = np.concatenate(offsets).astype(np.int64) + base[:-1][tok_rec][:, None]
+            tok_s, tok_e = all_off[sup, 0], all_off[sup, 1]
+            # the first word that ends after the token starts; the token belongs to it if they overlap
+            first = np.searchsorted(ends, tok_s, side="right")
+            ok = first < len(ends)
+            ok[ok] &= starts[first[ok]] < tok_e[ok]
+            token_term[sup[ok]] = word_local[first[ok]]
+    return Terms(
+        _list(term_offsets, flat_terms),
+        _list(term_offsets, pa.array(counts, pa.int32())),
+        _list(tok_offsets, pa.array(token_term, pa.int32())),
+    )
 
 
-def document_freq(term_lists: list[list[str]]) -> pa.Table:
-    """(term, df) for a partition: in how many of its documents each term occurs."""
-    flat = pa.array([t for terms in term_lists for t in terms], type=pa.string())
-    table = pa.table({"term": flat}).group_by("term").aggregate([("term", "count")])
+def extract(text, content_spans, offsets, loss_mask, input_ids, unit="word", pattern=WORD_PATTERN):
+    """One record: (terms, counts, token_term) as Python list / NumPy arrays (for tests and tools)."""
+    t = extract_batch([text], [content_spans], [offsets], [loss_mask], [input_ids], unit, pattern)
+    return t.terms[0].as_py(), t.counts[0].values.to_numpy(), t.token_term[0].values.to_numpy()
+
+
+def document_freq(terms: pa.ListArray) -> pa.Table:
+    """(term, df) for a partition: in how many of its documents each term occurs (terms are distinct per record)."""
+    table = pa.table({"term": terms.flatten()}).group_by("term").aggregate([("term", "count")])
     return table.rename_columns(["term", "df"]).cast(pa.schema([("term", pa.string()), ("df", pa.int64())]))
 
 

@@ -73,9 +73,8 @@ def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tupl
         except formats.RecordError as err:
             reject(rid, row, err.reason, err.detail, rec)
 
-    cols: dict[str, list] = {"id": [], "input_ids": [], "loss_mask": [], "terms": [], "counts": [], "token_term": []}
+    cols: dict[str, list] = {"id": [], "input_ids": [], "loss_mask": [], "text": [], "spans": [], "offsets": []}
     truncated = 0
-    use_tfidf = "tfidf" in params["strategies"]
     for lo in range(0, len(convs), BATCH):
         batch = slice(lo, lo + BATCH)
         for rid, raw, enc in zip(ids[batch], raws[batch], encoder.encode_batch(convs[batch])):
@@ -86,14 +85,14 @@ def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tupl
             cols["id"].append(rid)
             cols["input_ids"].append(enc.input_ids)
             cols["loss_mask"].append(enc.loss_mask)
-            if use_tfidf:
-                terms, counts, token_term = tfidf.extract(
-                    enc.text, enc.content_spans, enc.offsets, enc.loss_mask, enc.input_ids,
-                    params["tfidf_unit"], params["tfidf_token_pattern"],
-                )
-                cols["terms"].append(terms)
-                cols["counts"].append(counts)
-                cols["token_term"].append(token_term)
+            cols["text"].append(enc.text)
+            cols["spans"].append(enc.content_spans)
+            cols["offsets"].append(enc.offsets)
+    if "tfidf" in params["strategies"]:
+        cols["tfidf"] = tfidf.extract_batch(
+            cols["text"], cols["spans"], cols["offsets"], cols["loss_mask"], cols["input_ids"],
+            params["tfidf_unit"], params["tfidf_token_pattern"],
+        )
     reasons = Counter(r["reason"] for r in rejects)
     counts = {
         "index": part.index,
@@ -115,20 +114,18 @@ def _list_array(arrays: list[np.ndarray], type_: pa.DataType) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
 
 
-def staged_table(cols: dict, use_tfidf: bool) -> pa.Table:
-    ids = _list_array(cols["input_ids"], pa.int32())
-    mask = _list_array(cols["loss_mask"], pa.int8())
+def staged_table(cols: dict) -> pa.Table:
     data = {
         "id": pa.array(cols["id"], pa.string()),
-        "input_ids": ids,
-        "loss_mask": mask,
+        "input_ids": _list_array(cols["input_ids"], pa.int32()),
+        "loss_mask": _list_array(cols["loss_mask"], pa.int8()),
         "num_tokens": pa.array([len(a) for a in cols["input_ids"]], pa.int32()),
         "num_loss_tokens": pa.array([int(m.sum()) for m in cols["loss_mask"]], pa.int32()),
     }
-    if use_tfidf:
-        data["tfidf_terms"] = pa.array(cols["terms"], pa.list_(pa.string()))
-        data["tfidf_counts"] = _list_array(cols["counts"], pa.int32())
-        data["tfidf_token_term"] = _list_array(cols["token_term"], pa.int32())
+    if "tfidf" in cols:
+        data["tfidf_terms"] = cols["tfidf"].terms
+        data["tfidf_counts"] = cols["tfidf"].counts
+        data["tfidf_token_term"] = cols["tfidf"].token_term
     return pa.table(data)
 
 
@@ -138,13 +135,12 @@ def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, sta
         return json.loads(done.read_text())
     encoder = get_encoder(tokenizer, params["max_length"], params["overflow"], params["trust_remote_code"])
     cols, rejects, counts = process(part, params, encoder)
-    use_tfidf = "tfidf" in params["strategies"]
-    table = staged_table(cols, use_tfidf)
+    table = staged_table(cols)
     counts["tokens"] = int(sum(len(a) for a in cols["input_ids"]))
     counts["loss_tokens"] = int(sum(int(m.sum()) for m in cols["loss_mask"]))
     atomic_write(stage_path(staging, part.index, "staged.parquet"), lambda p: pq.write_table(table, p, compression="lz4"))
-    if use_tfidf:
-        df = tfidf.document_freq(cols["terms"])
+    if "tfidf" in cols:
+        df = tfidf.document_freq(cols["tfidf"].terms)
         atomic_write(stage_path(staging, part.index, "df.parquet"), lambda p: pq.write_table(df, p))
     lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
     atomic_write_text(stage_path(staging, part.index, "rejects.jsonl"), lines)

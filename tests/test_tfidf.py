@@ -26,15 +26,20 @@ def encoded(tokenizer, responses):
 
 
 def scores_by_pipeline(tokenizer, responses, unit, partitions):
+    """What a build does: extract and count per partition, fit the IDF over all, score per partition."""
     encs = encoded(tokenizer, responses)
-    extracted = [tfidf.extract(e.text, e.content_spans, e.offsets, e.loss_mask, e.input_ids, unit) for e in encs]
-    chunks = np.array_split(np.arange(len(encs)), partitions)
-    dfs = [tfidf.document_freq([extracted[i][0] for i in chunk]) for chunk in chunks]
-    idf = tfidf.fit_idf(dfs, n_docs=len(encs))
-    terms = pa.array([x[0] for x in extracted], pa.list_(pa.string()))
-    counts = pa.array([x[1].tolist() for x in extracted], pa.list_(pa.int32()))
-    token_term = pa.array([x[2].tolist() for x in extracted], pa.list_(pa.int32()))
-    scores = tfidf.score(terms, counts, token_term, idf).to_pylist()
+    chunks = [c.tolist() for c in np.array_split(np.arange(len(encs)), partitions)]
+    parts = [
+        tfidf.extract_batch(*zip(*[(e.text, e.content_spans, e.offsets, e.loss_mask, e.input_ids) for e in (encs[i] for i in c)]), unit=unit)
+        for c in chunks
+    ]
+    idf = tfidf.fit_idf([tfidf.document_freq(p.terms) for p in parts], n_docs=len(encs))
+    extracted, scores = [], []
+    for p in parts:
+        s = tfidf.score(p.terms, p.counts, p.token_term, idf).to_pylist()
+        for r in range(len(p.terms)):
+            extracted.append((p.terms[r].as_py(), p.counts[r].as_py(), p.token_term[r].as_py()))
+            scores.append(s[r])
     return encs, extracted, idf, scores
 
 
@@ -85,7 +90,7 @@ def test_word_of_a_token(tokenizer):
 
 
 def test_idf_missing_term_is_an_error():
-    idf = tfidf.fit_idf([tfidf.document_freq([["a"]])], 1)
+    idf = tfidf.fit_idf([tfidf.document_freq(pa.array([["a"]], pa.list_(pa.string())))], 1)
     terms = pa.array([["b"]], pa.list_(pa.string()))
     with pytest.raises(ValueError, match="missing from the fitted IDF"):
         tfidf.score(terms, pa.array([[1]], pa.list_(pa.int32())), pa.array([[0]], pa.list_(pa.int32())), idf)
