@@ -89,6 +89,9 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
     """Decide between fresh start, resume and refusal. Returns (staging dir, already_complete)."""
     staging = out / STAGING
     key = {"params": cfg.params(), "inputs": _input_identity(cfg)}
+    for folder in (out, staging):  # temporaries of atomic writes cut short by a kill (we hold the lock)
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink()
     if cfg.overwrite:
         _clear(out)
     elif (out / MANIFEST).exists():
