@@ -20,6 +20,8 @@ batch; the HF figure does not (its timer starts after the batch is fetched).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -55,7 +57,8 @@ def run_ours(args, objective: str, work: Path) -> list[float]:
     cfg = TrainConfig(data=args.data, out=str(out), model=args.model, objective=objective, groups="tfidf",
                       max_steps=args.warmup + args.steps, batch_tokens=args.batch_tokens, lr=1e-5, progress=False,
                       tensorboard=False)
-    run(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # the run's own summary table
+        run(cfg)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in recs if r["split"] == "train"][args.warmup :]
     shutil.rmtree(out, ignore_errors=True)
@@ -123,7 +126,8 @@ def run_hf(args, batches, work: Path) -> list[float]:
     )
     trainer = Trainer(model=model, args=targs, train_dataset=Batches(), data_collator=lambda xs: xs[0],
                       callbacks=[timer])
-    trainer.train()
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
     shutil.rmtree(work / "hf", ignore_errors=True)
     return timer.times[args.warmup :]
 

@@ -263,6 +263,8 @@ def _run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     start_step, worst_prev, switches = 0, None, 0
     if resume_from is not None:
         state = ckpt.load_state(resume_from, rank, optimizer, scheduler)
+        if state.get("world_size", 1) != world:  # each rank's share of the data depends on the world size
+            raise ConfigError(f"{resume_from} was written by {state.get('world_size', 1)} process(es); resume it with the same number, not {world}.")
         start_step = state["step"]
         train_batches.position = tuple(state["data_position"])
         worst_prev, switches = state["worst_group"], state["worst_switches"]

@@ -91,7 +91,7 @@ def plot_curves(records: list[dict], path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     steps = [r["step"] for r in train]
-    window = max(1, len(train) // 20)
+    window = max(1, len(train) // 10)
     nan = lambda ys: [float("nan") if y is None else y for y in ys]  # noqa: E731
     for g in range(k):
         c = colors[g % len(colors)]

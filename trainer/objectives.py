@@ -115,6 +115,8 @@ def sftgo_loss(
     loss, grp, seg = _flatten(token_loss, groups, segments)
     if num_groups is None:
         num_groups = max(2, int(grp.max()) + 1 if grp.numel() else 2)
+    elif grp.numel() and int(grp.max()) >= num_groups:
+        raise ValueError(f"The data has group id {int(grp.max())} but {num_groups} groups were declared (ids 0..{num_groups - 1}).")
     zero = loss.sum() * 0.0  # keeps the graph (and DDP) happy when nothing is supervised
     n_tok = loss.new_tensor(float(loss.numel())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=loss.dtype)
     ce_sum = loss.sum()

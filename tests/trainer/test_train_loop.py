@@ -161,3 +161,13 @@ def test_lora_trains_adapters_resumes_exactly_and_ships_a_merged_model(tmp_path,
     assert_same_weights(a, b)
     start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     assert any(not torch.equal(start[k], a[k]) for k in start)
+
+
+def test_three_quantile_groups_end_to_end(tmp_path, shardkit, tokenizer, fingerprint, tiny_model_dir):
+    d = shardkit.write_shards(tmp_path / "k3", shardkit.make_records(24, 500, num_groups=3), num_groups=3,
+                              fingerprint=fingerprint)
+    out = tmp_path / "run"
+    run(cfg(d, out, tiny_model_dir, max_steps=2))
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["group_loss"]) == 3 for r in recs)
+    assert recs[-1]["worst_group"] in (0, 1, 2)

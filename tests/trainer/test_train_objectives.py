@@ -197,3 +197,8 @@ def test_chunked_cross_entropy_second_backward_recomputes_the_same_gradient():
     (g1,) = torch.autograd.grad(loss, hidden, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, hidden)
     assert torch.allclose(g1, g2)
+
+
+def test_group_ids_beyond_the_declared_number_are_an_error():
+    with pytest.raises(ValueError, match="group id 2"):
+        sftgo_loss(torch.rand(1, 3), torch.tensor([[0, 1, 2]]), 0.9, num_groups=2)
