@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from grouping import tfidf
-from pipeline import executor, models, readers
+from pipeline import executor, models, readers, strategies
 from pipeline.config import BuildConfig
 from pipeline.finalize import finalize_partition
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, file_sha256, read_manifest, write_manifest
@@ -166,20 +166,20 @@ def run(cfg: BuildConfig) -> dict:
             )
             clock.lap("tokenize")
             n_docs = sum(s["written"] for s in stats)
-            idf_sha = None
+            artifacts = {}
             if "tfidf" in cfg.strategies:
-                idf_sha = executor.run_one(c, fit_idf_from_staging, str(staging), [p.index for p in parts], n_docs, str(out))
-            idf_path = str(out / tfidf.IDF_FILE)
-            clock.lap("fit idf")
+                sha = executor.run_one(c, fit_idf_from_staging, str(staging), [p.index for p in parts], n_docs, str(out))
+                artifacts["tfidf"] = {"path": str(out / tfidf.IDF_FILE), "sha256": sha}
+            clock.lap("fit")
             shards = executor.map_tasks(
                 c,
                 finalize_partition,
-                [(p.index, params, str(staging), str(out), idf_path, idf_sha) for p in parts],
+                [(p.index, params, str(staging), str(out), artifacts) for p in parts],
                 "score+write",
                 cfg.progress,
             )
             clock.lap("score+write")
-        manifest = _manifest(cfg, tok, parts, stats, shards, idf_sha)
+        manifest = _manifest(cfg, tok, stats, shards, artifacts)
         if cfg.rejects:
             _write_rejects(cfg.rejects, staging, parts)
         write_manifest(out, manifest)
@@ -216,7 +216,7 @@ def _write_rejects(path: str, staging: Path, parts) -> None:
     atomic_write(path, write)
 
 
-def _manifest(cfg: BuildConfig, tok, parts, stats: list[dict], shards: list[dict], idf_sha: str | None) -> dict:
+def _manifest(cfg: BuildConfig, tok, stats: list[dict], shards: list[dict], artifacts: dict) -> dict:
     rejected: Counter = Counter()
     inputs: dict[str, dict] = {}
     for s in stats:
@@ -235,21 +235,14 @@ def _manifest(cfg: BuildConfig, tok, parts, stats: list[dict], shards: list[dict
     }
     assert totals["records_in"] == totals["records_written"] + totals["records_rejected"], "records were lost"
     assert totals["records_written"] == sum(s["rows"] for s in shards), "shard rows disagree with the counts"
-    strategies = {}
-    if "tfidf" in cfg.strategies:
-        strategies["tfidf"] = {
-            "eta": cfg.eta,
-            "num_groups": cfg.num_groups,
-            "unit": cfg.tfidf_unit,
-            "token_pattern": cfg.tfidf_token_pattern,
-            "idf": {"path": tfidf.IDF_FILE, "sha256": idf_sha, "documents": totals["records_written"]},
-        }
+    params = cfg.params()
+    entries = {s: strategies.manifest_entry(s, params, artifacts, totals["records_written"]) for s in cfg.strategies}
     return {
         "format_version": FORMAT_VERSION,
         "sftgo_version": VERSION,
         "tokenizer": tokenizer_info(cfg.tokenizer, tok),
-        "params": cfg.params(),
-        "strategies": strategies,
+        "params": params,
+        "strategies": entries,
         "inputs": list(inputs.values()),
         "shards": shards,
         "totals": totals,

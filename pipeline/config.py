@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STRATEGIES = ("tfidf",)
+STRATEGIES = ("tfidf", "reference", "semantic")
 
 
 @dataclass
@@ -43,6 +43,18 @@ class BuildConfig:
     """TF-IDF term unit: word (regex words of the response, lowercased) or token (token ids)."""
     tfidf_token_pattern: str = r"(?u)\b\w+\b"
     """Regex defining a word for the word unit (scikit-learn's token_pattern semantics)."""
+    reference_model: str | None = None
+    """Reference LM of the `reference` strategy (hub id, local dir or .gguf); None = the embedded SmolLM2."""
+    reference_mode: str = "loss"
+    """`reference` score: loss (the reference LM's per-token loss) or excess (base loss - reference loss, Rho-1)."""
+    base_model: str | None = None
+    """The base LM of `--reference-mode excess`."""
+    score_batch_tokens: int = 8192
+    """Token budget of one no-grad forward batch of the model strategies (padded rows x length)."""
+    compressor_model: str | None = None
+    """LLMLingua-2-compatible token-classification checkpoint for `semantic`; None = embedding occlusion."""
+    semantic_encoder: str | None = None
+    """Sentence encoder of the occlusion default; None = the packaged all-MiniLM-L6-v2."""
     rows_per_shard: int = 5000
     """Records per input partition; each partition becomes one output shard."""
     workers: int = 2
@@ -76,6 +88,12 @@ class BuildConfig:
             raise ValueError(f"--overflow must be truncate or drop, got {self.overflow!r}.")
         if self.tfidf_unit not in ("word", "token"):
             raise ValueError(f"--tfidf-unit must be word or token, got {self.tfidf_unit!r}.")
+        if self.reference_mode not in ("loss", "excess"):
+            raise ValueError(f"--reference-mode must be loss or excess, got {self.reference_mode!r}.")
+        if self.reference_mode == "excess" and not self.base_model:
+            raise ValueError("--reference-mode excess needs --base-model (score = base loss - reference loss).")
+        if self.score_batch_tokens < 64:
+            raise ValueError("--score-batch-tokens must be at least 64.")
         if self.rows_per_shard < 1:
             raise ValueError("--rows-per-shard must be at least 1.")
         if self.workers < 1:

@@ -1,6 +1,6 @@
 """Pass 2 of a build, one partition: staged tokens + fitted artifacts -> scores -> groups -> shard.
 
-Input: the partition's staged Parquet file, the build parameters and the fitted IDF.
+Input: the partition's staged Parquet file, the build parameters and the fitted artifacts.
 Output: `shard-NNNNN.parquet` (zstd; columns of README "Shard schema"), written
 atomically, and its entry for the manifest (path, rows, tokens, loss tokens, sha256).
 A shard already present is not rewritten (its entry is recomputed from the file).
@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grouping import tfidf
 from grouping.assign import assign_groups
+from pipeline import strategies
 from pipeline.manifest import atomic_write, file_sha256
 from pipeline.prepare import stage_path
 
@@ -49,7 +49,28 @@ def write_shard(table: pa.Table, path) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=SHARD_COMPRESSION))
 
 
-def finalize_partition(index: int, params: dict, staging: str, out: str, idf_path: str | None, idf_sha: str | None) -> dict:
+def shard_table(base: pa.Table, staged: pa.Table, strategies_: list[str], params: dict, artifacts: dict,
+                etas: dict | None = None) -> pa.Table:
+    """The shard: base columns, then importance_/group_ for each strategy, then the lengths.
+
+    `base` holds id, input_ids, loss_mask, num_tokens, num_loss_tokens and may already hold
+    other strategies' columns (when `sftgo-prep score` adds one), which are kept in place."""
+    columns = {name: base[name] for name in ("id", "input_ids", "loss_mask")}
+    for name in base.column_names:
+        if name.startswith(("importance_", "group_")) and name.split("_", 1)[1] not in strategies_:
+            columns[name] = base[name]
+    loss_mask = base["loss_mask"].combine_chunks()
+    for strategy in strategies_:
+        scores = strategies.importance(strategy, staged, artifacts)
+        eta = (etas or {}).get(strategy, params["eta"])
+        columns[f"importance_{strategy}"] = scores
+        columns[f"group_{strategy}"] = group_column(scores, loss_mask, {**params, "eta": eta})
+    columns["num_tokens"] = base["num_tokens"]
+    columns["num_loss_tokens"] = base["num_loss_tokens"]
+    return pa.table(columns)
+
+
+def finalize_partition(index: int, params: dict, staging: str, out: str, artifacts: dict) -> dict:
     name = shard_name(index)
     path = f"{out}/{name}"
     try:
@@ -57,22 +78,5 @@ def finalize_partition(index: int, params: dict, staging: str, out: str, idf_pat
     except FileNotFoundError:
         pass
     staged = pq.read_table(stage_path(staging, index, "staged.parquet"))
-    columns = {
-        "id": staged["id"],
-        "input_ids": staged["input_ids"],
-        "loss_mask": staged["loss_mask"],
-    }
-    loss_mask = staged["loss_mask"].combine_chunks()
-    if "tfidf" in params["strategies"]:
-        scores = tfidf.score(
-            staged["tfidf_terms"].combine_chunks(),
-            staged["tfidf_counts"].combine_chunks(),
-            staged["tfidf_token_term"].combine_chunks(),
-            tfidf.load_idf(idf_path, idf_sha),
-        )
-        columns["importance_tfidf"] = scores
-        columns["group_tfidf"] = group_column(scores, loss_mask, params)
-    columns["num_tokens"] = staged["num_tokens"]
-    columns["num_loss_tokens"] = staged["num_loss_tokens"]
-    write_shard(pa.table(columns), path)
+    write_shard(shard_table(staged, staged, params["strategies"], params, artifacts), path)
     return shard_entry(path, name)

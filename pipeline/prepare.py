@@ -3,14 +3,16 @@
 Input: a Partition, the build parameters, the tokenizer location and the staging folder.
 Output (files in the staging folder, each written atomically, the .json last so that
 its presence marks the partition done):
-  part-NNNNN.staged.parquet  id, input_ids, loss_mask, num_tokens, num_loss_tokens and,
-                             for tfidf, the response's terms, their counts and each
-                             token's term index
+  part-NNNNN.staged.parquet  id, input_ids, loss_mask, num_tokens, num_loss_tokens and
+                             each strategy's staged columns (pipeline/strategies.py): for
+                             tfidf the response's terms, their counts and each token's term
+                             index; for model strategies the importance itself
   part-NNNNN.df.parquet      (term, df) of this partition, for the corpus IDF
   part-NNNNN.rejects.jsonl   every rejected record with reason and detail
   part-NNNNN.json            counts: records in / written / rejected by reason, tokens
 Returns the counts.  A partition already done is not redone.
-Cost: dominated by the chat template render and the Rust tokenizer (linear in text).
+Cost: for tfidf, the chat template render and the Rust tokenizer (linear in text); model
+strategies add their forward passes.
 """
 from __future__ import annotations
 
@@ -20,14 +22,14 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grouping import tfidf
-from pipeline import formats, models, readers
+from pipeline import formats, models, readers, strategies
 from pipeline.chat import ChatEncoder
 from pipeline.manifest import atomic_write, atomic_write_text
+from pipeline.strategies import list_column
 
 BATCH = 512  # conversations per tokenizer call: amortises the Rust call, bounds memory
 
@@ -88,11 +90,6 @@ def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tupl
             cols["text"].append(enc.text)
             cols["spans"].append(enc.content_spans)
             cols["offsets"].append(enc.offsets)
-    if "tfidf" in params["strategies"]:
-        cols["tfidf"] = tfidf.extract_batch(
-            cols["text"], cols["spans"], cols["offsets"], cols["loss_mask"], cols["input_ids"],
-            params["tfidf_unit"], params["tfidf_token_pattern"],
-        )
     reasons = Counter(r["reason"] for r in rejects)
     counts = {
         "index": part.index,
@@ -105,28 +102,29 @@ def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tupl
     return cols, rejects, counts
 
 
-def _list_array(arrays: list[np.ndarray], type_: pa.DataType) -> pa.ListArray:
-    """Build a list<type_> column from per-row NumPy arrays in one copy."""
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
-
-
-def staged_table(cols: dict) -> pa.Table:
+def staged_table(cols: dict, staged: dict[str, pa.Array]) -> pa.Table:
+    """Base columns of the accepted records plus the strategies' staged columns."""
     data = {
         "id": pa.array(cols["id"], pa.string()),
-        "input_ids": _list_array(cols["input_ids"], pa.int32()),
-        "loss_mask": _list_array(cols["loss_mask"], pa.int8()),
+        "input_ids": list_column(cols["input_ids"], pa.int32()),
+        "loss_mask": list_column(cols["loss_mask"], pa.int8()),
         "num_tokens": pa.array([len(a) for a in cols["input_ids"]], pa.int32()),
         "num_loss_tokens": pa.array([int(m.sum()) for m in cols["loss_mask"]], pa.int32()),
     }
-    if "tfidf" in cols:
-        data["tfidf_terms"] = cols["tfidf"].terms
-        data["tfidf_counts"] = cols["tfidf"].counts
-        data["tfidf_token_term"] = cols["tfidf"].token_term
+    data.update(staged)
     return pa.table(data)
+
+
+def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], counts: dict) -> dict:
+    """Write a partition's staged files (the .json last: it marks the partition done)."""
+    atomic_write(stage_path(staging, index, "staged.parquet"), lambda p: pq.write_table(table, p, compression="lz4"))
+    if "tfidf_terms" in table.column_names:
+        df = tfidf.document_freq(table["tfidf_terms"].combine_chunks())
+        atomic_write(stage_path(staging, index, "df.parquet"), lambda p: pq.write_table(df, p))
+    lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
+    atomic_write_text(stage_path(staging, index, "rejects.jsonl"), lines)
+    atomic_write_text(stage_path(staging, index, "json"), json.dumps(counts, sort_keys=True))
+    return counts
 
 
 def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, staging: str) -> dict:
@@ -135,14 +133,9 @@ def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, sta
         return json.loads(done.read_text())
     encoder = get_encoder(tokenizer, params["max_length"], params["overflow"], params["trust_remote_code"])
     cols, rejects, counts = process(part, params, encoder)
-    table = staged_table(cols)
+    staged: dict[str, pa.Array] = {}
+    for strategy in params["strategies"]:
+        staged.update(strategies.stage(strategy, cols, params, tokenizer))
     counts["tokens"] = int(sum(len(a) for a in cols["input_ids"]))
     counts["loss_tokens"] = int(sum(int(m.sum()) for m in cols["loss_mask"]))
-    atomic_write(stage_path(staging, part.index, "staged.parquet"), lambda p: pq.write_table(table, p, compression="lz4"))
-    if "tfidf" in cols:
-        df = tfidf.document_freq(cols["tfidf"].terms)
-        atomic_write(stage_path(staging, part.index, "df.parquet"), lambda p: pq.write_table(df, p))
-    lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
-    atomic_write_text(stage_path(staging, part.index, "rejects.jsonl"), lines)
-    atomic_write_text(done, json.dumps(counts, sort_keys=True))
-    return counts
+    return write_stage(staging, part.index, staged_table(cols, staged), rejects, counts)
