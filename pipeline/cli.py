@@ -20,6 +20,14 @@ Example:
   sftgo-prep build hf:tatsu-lab/alpaca --out shards --scheduler tcp://10.0.0.5:8786
 """
 
+SCORE_EXAMPLE = """
+\b
+Example:
+  sftgo-prep score out/shards --strategy reference
+  sftgo-prep score out/shards --strategy reference --reference-mode excess --base-model HuggingFaceTB/SmolLM2-360M
+  sftgo-prep score out/shards --strategy semantic --compressor-model ./llmlingua-2-checkpoint
+"""
+
 INSPECT_EXAMPLE = """
 \b
 Example:
@@ -60,6 +68,33 @@ def main():
     token's importance and write group masks as columns of Parquet shards."""
 
 
+def _strategy_options(fn):
+    """Options of the importance strategies, shared by `build` and `score`."""
+    options = [
+        click.option("--eta", type=float, default=0.3, show_default=True,
+                     help="Fraction of each sample's response tokens in the important group."),
+        click.option("--reference-model", default=None, help="Reference LM of `reference` [default: embedded SmolLM2]."),
+        click.option("--reference-mode", type=click.Choice(["loss", "excess"]), default="loss", show_default=True,
+                     help="loss: the reference LM's token loss; excess: base loss - reference loss (Rho-1)."),
+        click.option("--base-model", default=None, help="Base LM for --reference-mode excess."),
+        click.option("--score-batch-tokens", type=int, default=8192, show_default=True,
+                     help="Token budget of one no-grad forward batch (reference/semantic)."),
+        click.option("--compressor-model", default=None,
+                     help="LLMLingua-2-compatible checkpoint for `semantic` [default: MiniLM embedding occlusion]."),
+        click.option("--workers", type=int, default=2, show_default=True, help="Processes of the local Dask cluster."),
+        click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (instead of a local cluster)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing build / recompute existing groups."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow custom tokenizer/model code from the hub."),
+        click.option("--quiet", is_flag=True, help="No progress output."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+STRATEGY_FIELDS = ("eta", "reference_model", "reference_mode", "base_model", "score_batch_tokens", "compressor_model")
+
+
 def _explicit(ctx: click.Context) -> set[str]:
     """Names of the options the user actually typed (so they override the config file)."""
     return {k for k in ctx.params if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
@@ -69,8 +104,7 @@ def _explicit(ctx: click.Context) -> set[str]:
 @click.argument("inputs", nargs=-1)
 @click.option("--out", help="Output directory for shards and manifest.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON or TOML file of options; flags override it.")
-@click.option("--strategy", default="tfidf", show_default=True, help="Importance strategies, comma-separated.")
-@click.option("--eta", type=float, default=0.3, show_default=True, help="Fraction of each sample's response tokens in the important group.")
+@click.option("--strategy", default="tfidf", show_default=True, help="Importance strategies, comma-separated: tfidf, reference, semantic.")
 @click.option("--num-groups", type=int, default=2, show_default=True, help="2 = top-eta vs rest; K > 2 = K rank quantiles.")
 @click.option("--tokenizer", default=None, help="Hub id, local dir or .gguf file [default: embedded SmolLM2-135M-Instruct].")
 @click.option("--format", "fmt", default="auto", show_default=True,
@@ -83,12 +117,8 @@ def _explicit(ctx: click.Context) -> set[str]:
 @click.option("--tfidf-unit", type=click.Choice(["word", "token"]), default="word", show_default=True,
               help="TF-IDF over words of the response or over token ids.")
 @click.option("--rows-per-shard", type=int, default=5000, show_default=True, help="Records per partition / output shard.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Processes of the local Dask cluster.")
-@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (instead of a local cluster).")
 @click.option("--rejects", default=None, type=click.Path(dir_okay=False), help="Write rejected records with reasons to this JSONL file.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing build in --out.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom tokenizer code from the hub.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@_strategy_options
 @click.pass_context
 @_user_errors
 def build(ctx, inputs, config_file, **opts):
@@ -102,7 +132,7 @@ def build(ctx, inputs, config_file, **opts):
         "inputs": list(inputs),
         "out": opts["out"],
         "strategies": [s.strip() for s in opts["strategy"].split(",") if s.strip()],
-        "eta": opts["eta"],
+        **{k: opts[k] for k in STRATEGY_FIELDS},
         "num_groups": opts["num_groups"],
         "tokenizer": opts["tokenizer"],
         "format": opts["fmt"],
@@ -134,6 +164,31 @@ def build(ctx, inputs, config_file, **opts):
         + (f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if t["records_rejected"] else "")
         + "."
     )
+
+
+@main.command(epilog=SCORE_EXAMPLE)
+@click.argument("directory", type=click.Path())
+@click.option("--strategy", required=True, help="Strategies to add, comma-separated: tfidf, reference, semantic.")
+@_strategy_options
+@click.pass_context
+@_user_errors
+def score(ctx, directory, strategy, **opts):
+    """Add a strategy's importance and group columns to an existing build (no re-tokenizing)."""
+    from pipeline.config import STRATEGIES
+    from pipeline.score import run
+
+    new = [s.strip() for s in strategy.split(",") if s.strip()]
+    unknown = [s for s in new if s not in STRATEGIES]
+    if unknown or not new:
+        raise ValueError(f"Unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}.")
+    given = _explicit(ctx)
+    options = {k: opts[k] for k in STRATEGY_FIELDS if k in given or k != "eta"}
+    options["trust_remote_code"] = opts["trust_remote_code"]
+    if options.get("reference_mode") == "excess" and not options.get("base_model"):
+        raise ValueError("--reference-mode excess needs --base-model (score = base loss - reference loss).")
+    manifest = run(directory, new, options, opts["workers"], opts["scheduler"], opts["overwrite"], not opts["quiet"])
+    click.echo(f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {directory}; "
+               f"strategies now: {', '.join(manifest['strategies'])}.")
 
 
 @main.command(epilog=INSPECT_EXAMPLE)

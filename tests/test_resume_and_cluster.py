@@ -99,3 +99,22 @@ def test_build_on_an_existing_dask_cluster(corpus, reference, tmp_path, cli):
             os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_score_adds_a_strategy_and_resumes_after_a_kill(corpus, reference, tmp_path):
+    """`sftgo-prep score` recomputing tfidf from the shards alone (tokens decoded back to text) gives
+    the very bytes of the build; killed mid-way and run again, it still does."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in reference.items():
+        (out / name).write_bytes(data)
+    refused = subprocess.run([str(BIN / "sftgo-prep"), "score", str(out), "--strategy", "tfidf"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "already has 'tfidf' groups; pass --overwrite" in refused.stderr
+    args = [str(BIN / "sftgo-prep"), "score", str(out), "--strategy", "tfidf", "--overwrite", "--workers", "1"]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(out / ".scoring/part-00005.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert files_of(out) == reference  # nothing visible changed yet
+    subprocess.run(args, check=True, capture_output=True)
+    assert files_of(out) == reference and not (out / ".scoring").exists()
