@@ -33,6 +33,7 @@ INSPECT_EXAMPLE = """
 Example:
   sftgo-prep inspect out/shards
   sftgo-prep inspect out/shards --sample 3 --html report.html
+  sftgo-prep inspect out/shards --strategy tfidf,reference --html compare.html
 """
 
 
@@ -193,7 +194,7 @@ def score(ctx, directory, strategy, **opts):
 
 @main.command(epilog=INSPECT_EXAMPLE)
 @click.argument("directory", type=click.Path())
-@click.option("--strategy", default=None, help="Which strategy's groups to show [default: the first one].")
+@click.option("--strategy", default=None, help="Strategies to show, comma-separated for side by side [default: the first one].")
 @click.option("--sample", type=int, default=0, show_default=True, help="Row number of the sample shown in colour.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, help="Also write an HTML page highlighting many samples.")
 @click.option("--samples", type=int, default=50, show_default=True, help="How many samples the HTML page shows.")

@@ -2,9 +2,10 @@
 
 Input: a finished build directory (manifest.json + shards).
 Output: a text report -- records, tokens, supervised tokens, group fractions per
-strategy, rejects by reason, a histogram of sample lengths, one sample's tokens
-coloured by group -- and, with --html, a page highlighting many samples' tokens
-(hover a token for its importance score).
+strategy, how much strategies agree (Jaccard of their important tokens), rejects by
+reason, a histogram of sample lengths, one sample's tokens coloured by group for each
+strategy shown -- and, with --html, a page highlighting many samples' tokens, the
+strategies side by side (hover a token for its group and importance score).
 Cost: reads the group and length columns of every shard once (column projection),
 decodes only the samples shown (the tokenizer named in the manifest is loaded).
 """
@@ -58,12 +59,13 @@ def _token_pieces(tok, ids: list[int]) -> list[str]:
     return [tok.decode([i]) for i in ids]
 
 
-def summary(directory: Path, manifest: dict, strategy: str | None) -> tuple[list[str], str | None]:
+def _top(k: int) -> int:
+    return k - 1 if k > 2 else 1
+
+
+def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
     t = manifest["totals"]
     strategies = list(manifest.get("strategies", {}))
-    if strategy is not None and strategy not in strategies:
-        raise ShardError(f"{directory} has no '{strategy}' groups (it has: {', '.join(strategies) or 'none'}).")
-    strategy = strategy or (strategies[0] if strategies else None)
     lines = [
         f"Shards:       {directory}  ({len(manifest['shards'])} file(s), tokenizer {manifest['tokenizer']['name']})",
         f"Records:      {t['records_written']} written of {t['records_in']} read, {t['records_rejected']} rejected, "
@@ -74,24 +76,31 @@ def summary(directory: Path, manifest: dict, strategy: str | None) -> tuple[list
     if manifest.get("rejected"):
         lines.append("Rejected by reason:")
         lines += [f"  {reason:<24} {n}" for reason, n in manifest["rejected"].items()]
-    cols = ["num_tokens"] + [f"group_{s}" for s in strategies]
+    tops = {s: _top(manifest["strategies"][s].get("num_groups", 2)) for s in strategies}
+    pairs = [(a, b) for i, a in enumerate(strategies) for b in strategies[i + 1 :]]
     lengths, counts = [], {s: np.zeros(0, dtype=np.int64) for s in strategies}
+    overlap = {p: [0, 0] for p in pairs}  # |A and B|, |A or B| over important tokens
     for shard in manifest["shards"]:
-        table = pq.read_table(directory / shard["path"], columns=cols)
+        table = pq.read_table(directory / shard["path"], columns=["num_tokens"] + [f"group_{s}" for s in strategies])
         lengths.append(table["num_tokens"].to_numpy())
-        for s in strategies:
-            g = table[f"group_{s}"].combine_chunks().flatten().to_numpy().astype(np.int64)
+        groups = {s: table[f"group_{s}"].combine_chunks().flatten().to_numpy().astype(np.int64) for s in strategies}
+        for s, g in groups.items():
             c = np.bincount(g[g >= 0]) if (g >= 0).any() else np.zeros(0, dtype=np.int64)
             size = max(len(c), len(counts[s]))
             counts[s] = np.pad(counts[s], (0, size - len(counts[s]))) + np.pad(c, (0, size - len(c)))
+        for a, b in pairs:
+            ia, ib = groups[a] == tops[a], groups[b] == tops[b]
+            overlap[(a, b)][0] += int((ia & ib).sum())
+            overlap[(a, b)][1] += int((ia | ib).sum())
     for s in strategies:
-        info = manifest["strategies"][s]
         total = counts[s].sum() or 1
         fracs = ", ".join(f"group {g}: {100.0 * n / total:.1f}%" for g, n in enumerate(counts[s]))
-        lines.append(f"Groups [{s}] (eta={info.get('eta')}, of supervised tokens): {fracs or 'none'}")
+        lines.append(f"Groups [{s}] (eta={manifest['strategies'][s].get('eta')}, of supervised tokens): {fracs or 'none'}")
+    for (a, b), (inter, union) in overlap.items():
+        lines.append(f"Agreement {a} vs {b}: Jaccard of the important tokens {inter / max(union, 1):.3f}")
     lines.append("Sample length (tokens):")
     lines += _histogram(np.concatenate(lengths) if lengths else np.zeros(0))
-    return lines, strategy
+    return lines
 
 
 def colour_sample(tok, row: dict, strategy: str, k: int, color: bool) -> str:
@@ -100,62 +109,76 @@ def colour_sample(tok, row: dict, strategy: str, k: int, color: bool) -> str:
         if color:
             out.append(f"{_group_style(ANSI, g, k)}{piece}{RESET}")
         else:  # plain text: mark important tokens with [[...]] and prompt tokens stay bare
-            out.append(f"[[{piece}]]" if g == (k - 1 if k > 2 else 1) else piece)
+            out.append(f"[[{piece}]]" if g == _top(k) else piece)
     return "".join(out)
 
 
-def html_page(tok, rows: list[dict], strategy: str, k: int, title: str) -> str:
+def _html_tokens(pieces: list[str], row: dict, strategy: str, k: int) -> str:
+    spans = []
+    for piece, g, score in zip(pieces, row[f"group_{strategy}"], row[f"importance_{strategy}"]):
+        style = _group_style(HTML_COLORS, g, k)
+        spans.append(f"<span style='{style}' title='{strategy}: group {g}, score {score:.4f}'>{html.escape(piece)}</span>")
+    return f"<div class='s'>{''.join(spans)}</div>"
+
+
+def html_page(tok, rows: list[dict], shown: list[str], ks: dict, title: str) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}",
+        "body{font-family:system-ui,sans-serif;margin:2em}",
         ".s{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px;border:1px solid #ddd;"
-        "padding:.8em;margin:.6em 0 1.6em;border-radius:6px;line-height:1.6}",
+        "padding:.8em;margin:.3em 0 1.2em;border-radius:6px;line-height:1.6}",
+        ".row{display:grid;grid-template-columns:repeat(%d,minmax(0,1fr));gap:1em}" % len(shown),
         ".legend span{padding:0 .4em;margin-right:1em}",
         "</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p class='legend'>"
         + f"<span style='{HTML_COLORS[-1]}'>prompt / not supervised</span>"
-        + f"<span style='{HTML_COLORS[0]}'>group 0 (rest)</span>"
-        + f"<span style='{HTML_COLORS[1]}'>group {k - 1 if k > 2 else 1} (important)</span> "
-        + "Hover a token for its importance score.</p>",
+        + f"<span style='{HTML_COLORS[0]}'>rest</span>"
+        + f"<span style='{HTML_COLORS[1]}'>important (top group)</span> "
+        + "Hover a token for its group and importance score.</p>",
     ]
     for row in rows:
-        spans = []
         pieces = _token_pieces(tok, row["input_ids"])
-        for piece, g, score in zip(pieces, row[f"group_{strategy}"], row[f"importance_{strategy}"]):
-            style = _group_style(HTML_COLORS, g, k)
-            spans.append(f"<span style='{style}' title='group {g}, score {score:.4f}'>{html.escape(piece)}</span>")
-        parts.append(f"<h3>{html.escape(str(row['id']))} <small>({len(pieces)} tokens)</small></h3>")
-        parts.append(f"<div class='s'>{''.join(spans)}</div>")
+        parts.append(f"<h3>{html.escape(str(row['id']))} <small>({len(pieces)} tokens)</small></h3><div class='row'>")
+        for s in shown:
+            parts.append(f"<div><b>{html.escape(s)}</b>{_html_tokens(pieces, row, s, ks[s])}</div>")
+        parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def run(directory: str, strategy: str | None = None, sample: int = 0, html_path: str | None = None,
         samples: int = 50, color: bool | None = None) -> str:
+    """Text report; `strategy` names one or more (comma-separated) strategies to show side by side."""
     path = Path(directory)
     manifest = read_manifest(path)
-    lines, strategy = summary(path, manifest, strategy)
-    if strategy is None:
+    have = list(manifest.get("strategies", {}))
+    shown = [s.strip() for s in strategy.split(",")] if strategy else have[:1]
+    for s in shown:
+        if s not in have:
+            raise ShardError(f"{path} has no '{s}' groups (it has: {', '.join(have) or 'none'}).")
+    lines = summary(path, manifest, shown)
+    if not shown:
         return "\n".join(lines)
     total = manifest["totals"]["records_written"]
     if not 0 <= sample < max(total, 1):
         raise ValueError(f"--sample {sample} is out of range: the build has {total} records (0..{total - 1}).")
     if color is None:
         color = sys.stdout.isatty()
-    k = manifest["strategies"][strategy].get("num_groups", 2)
+    ks = {s: manifest["strategies"][s].get("num_groups", 2) for s in shown}
     tok = models.load_tokenizer(manifest["tokenizer"]["name"])
     if models.tokenizer_fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
         raise ShardError(f"The tokenizer {manifest['tokenizer']['name']!r} available here differs from the one that built {path}.")
-    columns = ["id", "input_ids", f"group_{strategy}", f"importance_{strategy}"]
+    columns = ["id", "input_ids"] + [f"{c}_{s}" for s in shown for c in ("group", "importance")]
     if total:
         row = _load_rows(path, manifest, columns, sample, 1)[0]
         legend = "important" if not color else f"{ANSI[1]}important{RESET} {ANSI[0]}rest{RESET} {ANSI[-1]}prompt{RESET}"
-        lines += ["", f"Sample {sample} ({row['id']}), groups by {strategy} [{legend}]:", colour_sample(tok, row, strategy, k, color)]
+        for s in shown:
+            lines += ["", f"Sample {sample} ({row['id']}), groups by {s} [{legend}]:", colour_sample(tok, row, s, ks[s], color)]
     if html_path:
         rows = _load_rows(path, manifest, columns, 0, samples)
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(html_path).write_text(html_page(tok, rows, strategy, k, f"sftgo shards: {path} ({strategy})"), encoding="utf-8")
+        Path(html_path).write_text(html_page(tok, rows, shown, ks, f"sftgo shards: {path} ({', '.join(shown)})"), encoding="utf-8")
         lines.append(f"\nWrote {html_path} ({len(rows)} samples).")
     return "\n".join(lines)
