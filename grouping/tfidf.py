@@ -59,6 +59,24 @@ def _word_bounds(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, n
     return starts, ends
 
 
+def word_bounds(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The words of `text` inside `spans` (WORD_PATTERN matches, each span matched alone): start and end
+    character positions, sorted.  Every strategy uses this definition of a word."""
+    return _word_bounds(text, spans)
+
+
+def token_word_index(word_starts: np.ndarray, word_ends: np.ndarray, tok_starts: np.ndarray, tok_ends: np.ndarray) -> np.ndarray:
+    """Index of the word each token belongs to, -1 for none (words sorted and disjoint, as word_bounds gives).
+
+    Rule: the first word that ends after the token starts; the token belongs to it if they overlap
+    (a token that straddles two words belongs to the first)."""
+    tok_starts = np.asarray(tok_starts, dtype=np.int64)
+    first = np.searchsorted(word_ends, tok_starts, side="right")
+    ok = first < len(word_ends)
+    ok[ok] &= word_starts[first[ok]] < np.asarray(tok_ends, dtype=np.int64)[ok]
+    return np.where(ok, first, -1)
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(pattern: str) -> re.Pattern:
     return re.compile(pattern)
@@ -141,12 +159,9 @@ def extract_batch(
         flat_terms = pa.array(np.array(list(vocab), dtype=object)[u_term], pa.string()) if len(u_term) else pa.array([], pa.string())
         if len(words):
             all_off = np.concatenate(offsets).astype(np.int64) + base[:-1][tok_rec][:, None]
-            tok_s, tok_e = all_off[sup, 0], all_off[sup, 1]
-            # the first word that ends after the token starts; the token belongs to it if they overlap
-            first = np.searchsorted(ends, tok_s, side="right")
-            ok = first < len(ends)
-            ok[ok] &= starts[first[ok]] < tok_e[ok]
-            token_term[sup[ok]] = word_local[first[ok]]
+            word = token_word_index(starts, ends, all_off[sup, 0], all_off[sup, 1])
+            ok = word >= 0
+            token_term[sup[ok]] = word_local[word[ok]]
     return Terms(
         _list(term_offsets, flat_terms),
         _list(term_offsets, pa.array(counts, pa.int32())),
