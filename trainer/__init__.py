@@ -1,0 +1,13 @@
+"""sftgo-train: a lean streaming trainer for SFT-GO (and plain SFT / Rho-1) on sftgo shards.
+
+Read in this order:
+    objectives.py  the losses (sftgo_loss, rho1, sft), λ schedules, Group-DRO, chunked token CE
+    data.py        shard streaming: seeded shuffling, disjoint per rank, bounded memory
+    batching.py    token-budget batches (length-bucketed padding or packing), collation, data position
+    model.py       loading (LoRA, checkpointing) and the per-token-loss module DDP wraps
+    checkpoint.py  atomic checkpoints and the final model directory
+    metrics.py     metrics.jsonl, TensorBoard, loss-curve PNG, summary table
+    loop.py        run(config): the training loop, top to bottom
+    config.py      TrainConfig, the one typed configuration
+    cli.py         the sftgo-train command
+"""
