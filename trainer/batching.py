@@ -186,5 +186,7 @@ class Batches:
                 yield collate(rows, self.pad_id, self.max_length, self.batch_tokens, self.pack)
             if not self.cycle:
                 return
+            if taken == 0:  # cycling over nothing would spin forever
+                raise ValueError(f"Process {self.rank} got no samples from the data: there are fewer records than processes.")
             epoch, skip = epoch + 1, 0
             self.position = (epoch, 0)

@@ -149,3 +149,11 @@ def test_prefetch_passes_items_in_order_and_reraises_reader_errors():
 
     with pytest.raises(OSError, match="disk gone"):
         list(prefetch(bad(), 2))
+
+
+def test_a_rank_without_samples_fails_instead_of_spinning(tmp_path, shardkit):
+    d = shardkit.write_shards(tmp_path / "one", shardkit.make_records(1, 100))
+    b = Batches(ShardStream(str(d), read_manifest(d), "group_tfidf", rank=1, world_size=2), batch_tokens=100,
+                max_length=60, pack=False, pool_batches=2, seed=0, pad_id=0)
+    with pytest.raises(ValueError, match="no samples"):
+        next(iter(b))
