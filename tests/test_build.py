@@ -206,3 +206,13 @@ def test_k_groups(tmp_path):
     g = table["group_tfidf"].combine_chunks().flatten().to_numpy()
     frac = np.bincount(g[g >= 0]) / (g >= 0).sum()
     assert len(frac) == 4 and np.allclose(frac, 0.25, atol=0.03)
+
+
+def test_field_map_and_forced_format(tmp_path, write_jsonl):
+    src = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Who built tower {i}?", "answer": f"Idris Pellow built tower {i}."} for i in range(12)])
+    cfg = BuildConfig(inputs=[str(src)], out=str(tmp_path / "o"), workers=1, progress=False, format="alpaca",
+                      field_map={"instruction": "question", "output": "answer"})
+    manifest = run(cfg)
+    assert manifest["totals"]["records_written"] == 12 and manifest["params"]["field_map"] == {"instruction": "question", "output": "answer"}
+    unmapped = run(BuildConfig(inputs=[str(src)], out=str(tmp_path / "p"), workers=1, progress=False, format="alpaca"))
+    assert unmapped["totals"]["records_written"] == 0 and unmapped["rejected"] == {"missing_field": 12}
