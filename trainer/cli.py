@@ -46,6 +46,8 @@ def opt(name: str, **kw):
     if isinstance(default, bool):
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_help(name) + f" [default: {default}]")
     kw.setdefault("type", type(default) if default not in (None, "") else str)
+    if name in METAVARS:
+        kw.setdefault("metavar", METAVARS[name])
     return click.option(flag, name, default=None, help=_help(name) + (f" [default: {default}]" if default not in (None, "") else ""), **kw)
 
 
@@ -56,6 +58,7 @@ OPTIONS = [
     "clip_grad", "seed", "precision", "ce_chunk", "grad_checkpointing", "lora_r", "lora_alpha", "trust_remote_code",
     "eval_every", "eval_batches", "save_every", "keep_checkpoints", "resume", "log_every", "progress", "tensorboard",
 ]
+METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
 CHOICES = {
     "objective": click.Choice(["sftgo", "sft", "rho1"]),
     "lam_schedule": click.Choice(["constant", "linear", "cosine"]),
