@@ -43,8 +43,14 @@ class ChatEncoder:
             raise ValueError("The tokenizer has no chat template; choose a chat/instruct tokenizer with --tokenizer.")
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
+        from tokenizers import Tokenizer
+
         self.tok = tokenizer
-        self.backend = tokenizer.backend_tokenizer
+        # A private copy without the truncation/padding some tokenizer.json files switch on: those
+        # would cut samples silently; max_length is applied below, and counted.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
         self.max_length = max_length
         self.overflow = overflow
         # Render with the compiled template directly: apply_chat_template's per-call normalisation

@@ -189,7 +189,7 @@ def score(ctx, directory, strategy, **opts):
         raise ValueError("--reference-mode excess needs --base-model (score = base loss - reference loss).")
     manifest = run(directory, new, options, opts["workers"], opts["scheduler"], opts["overwrite"], not opts["quiet"])
     click.echo(f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {directory}; "
-               f"strategies now: {', '.join(manifest['strategies'])}.")
+               f"strategies now: {', '.join(manifest['params']['strategies'])}.")
 
 
 @main.command(epilog=INSPECT_EXAMPLE)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import models
-from pipeline.manifest import ShardError, read_manifest
+from pipeline.manifest import ShardError, read_manifest, strategy_order
 
 ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}
 RESET = "\x1b[0m"
@@ -65,7 +65,7 @@ def _top(k: int) -> int:
 
 def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
     t = manifest["totals"]
-    strategies = list(manifest.get("strategies", {}))
+    strategies = strategy_order(manifest)
     lines = [
         f"Shards:       {directory}  ({len(manifest['shards'])} file(s), tokenizer {manifest['tokenizer']['name']})",
         f"Records:      {t['records_written']} written of {t['records_in']} read, {t['records_rejected']} rejected, "
@@ -153,7 +153,7 @@ def run(directory: str, strategy: str | None = None, sample: int = 0, html_path:
     """Text report; `strategy` names one or more (comma-separated) strategies to show side by side."""
     path = Path(directory)
     manifest = read_manifest(path)
-    have = list(manifest.get("strategies", {}))
+    have = strategy_order(manifest)
     shown = [s.strip() for s in strategy.split(",")] if strategy else have[:1]
     for s in shown:
         if s not in have:

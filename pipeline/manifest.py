@@ -82,6 +82,12 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def strategy_order(manifest: dict) -> list[str]:
+    """The build's strategies in the order they were asked for (manifest keys are stored sorted)."""
+    have = manifest.get("strategies", {})
+    return [s for s in manifest.get("params", {}).get("strategies", []) if s in have] or list(have)
+
+
 def strategy_columns(strategy: str) -> dict[str, str]:
     return {f"importance_{strategy}": "list<element: float>", f"group_{strategy}": "list<element: int8>"}
 

@@ -156,7 +156,9 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
 def load_causal_lm(name: str | None, dtype=None, trust_remote_code: bool = False):
     """A causal LM in eval mode (not memoised: callers own the weights)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per Dask worker per load is noise, not progress
     location = model_dir(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)

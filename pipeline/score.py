@@ -27,7 +27,9 @@ from grouping import tfidf
 from pipeline import executor, models, strategies
 from pipeline.build import BuildError, exclusive, fit_idf_from_staging
 from pipeline.finalize import shard_entry, shard_table, write_shard
-from pipeline.manifest import MANIFEST, ShardError, atomic_write_text, read_manifest, verify_shards, write_manifest
+from pipeline.manifest import (
+    MANIFEST, ShardError, atomic_write_text, read_manifest, strategy_order, verify_shards, write_manifest,
+)
 from pipeline.prepare import stage_path, staged_table, write_stage
 
 SCORING = ".scoring"
@@ -113,7 +115,7 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
         if (scoring / MANIFEST).exists():  # a previous run was killed while committing
             return _commit(out, scoring)
         manifest = read_manifest(out)
-        have = list(manifest["strategies"])
+        have = strategy_order(manifest)
         clash = [s for s in new if s in have]
         if clash and not overwrite:
             raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")

@@ -20,6 +20,30 @@ def tokenizer():
     return models.load_tokenizer(None)
 
 
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tokenizer):
+    """Factory: tiny_lm(seed) -> directory of a 2-layer, hidden-32 random Llama over the embedded
+    tokenizer's vocabulary, saved with that tokenizer (a real HF model, seconds to run)."""
+    made: dict[int, str] = {}
+
+    def make(seed: int = 0) -> str:
+        if seed not in made:
+            import torch
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            torch.manual_seed(seed)
+            cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                              tie_word_embeddings=False)
+            path = tmp_path_factory.mktemp(f"tiny-lm-{seed}")
+            LlamaForCausalLM(cfg).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[seed] = str(path)
+        return made[seed]
+
+    return make
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:

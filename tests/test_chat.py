@@ -100,3 +100,12 @@ def test_template_without_chat_template_is_refused(tokenizer):
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         ChatEncoder(tok, max_length=512)
+
+
+def test_backend_truncation_in_tokenizer_json_is_ignored(tokenizer):
+    """A tokenizer.json that enables truncation must not cut samples silently."""
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.enable_truncation(16)
+    enc = ChatEncoder(tok, max_length=4096).encode_batch([CONV])[0]
+    assert len(enc.input_ids) > 16 and not enc.truncated
+    assert enc.input_ids.tolist() == ChatEncoder(tokenizer, max_length=4096).encode_batch([CONV])[0].input_ids.tolist()
