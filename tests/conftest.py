@@ -22,24 +22,27 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory, tokenizer):
-    """Factory: tiny_lm(seed) -> directory of a 2-layer, hidden-32 random Llama over the embedded
-    tokenizer's vocabulary, saved with that tokenizer (a real HF model, seconds to run)."""
+    """Factory: tiny_lm(seed, tok=None) -> directory of a 2-layer, hidden-32 random Llama over the
+    vocabulary of `tok` (default: the embedded tokenizer), saved with it (a real HF model, fast)."""
     made: dict[int, str] = {}
 
-    def make(seed: int = 0) -> str:
-        if seed not in made:
-            import torch
-            from transformers import LlamaConfig, LlamaForCausalLM
+    def make(seed: int = 0, tok=None) -> str:
+        if tok is None and seed in made:
+            return made[seed]
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-            torch.manual_seed(seed)
-            cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                              tie_word_embeddings=False)
-            path = tmp_path_factory.mktemp(f"tiny-lm-{seed}")
-            LlamaForCausalLM(cfg).save_pretrained(path)
-            tokenizer.save_pretrained(path)
+        tok = tok or tokenizer
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
+                          tie_word_embeddings=False)
+        path = tmp_path_factory.mktemp(f"tiny-lm-{seed}")
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+        if tok is tokenizer:
             made[seed] = str(path)
-        return made[seed]
+        return str(path)
 
     return make
 

@@ -26,33 +26,22 @@ def _load_generate():
 generate = _load_generate()
 
 
-def tiny_llama(path, tokenizer, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+@pytest.fixture(scope="module")
+def ref_dir(tiny_lm):
+    return tiny_lm(0)
 
 
 @pytest.fixture(scope="module")
-def ref_dir(tmp_path_factory, tokenizer):
-    return tiny_llama(tmp_path_factory.mktemp("ref"), tokenizer, seed=0)
+def base_dir(tiny_lm):
+    return tiny_lm(1)
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    return tiny_llama(tmp_path_factory.mktemp("base"), tokenizer, seed=1)
-
-
-@pytest.fixture(scope="module")
-def bert_tok_dir(tmp_path_factory):
+def bert_tok_dir(tiny_lm):
     """A tiny causal LM whose tokenizer is MiniLM's WordPiece (a different fast tokenizer)."""
     from transformers import AutoTokenizer
 
-    return tiny_llama(tmp_path_factory.mktemp("berttok"), AutoTokenizer.from_pretrained(packaged_encoder_dir()), seed=2)
+    return tiny_lm(2, AutoTokenizer.from_pretrained(packaged_encoder_dir()))
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +144,12 @@ def test_different_tokenizer_aligned_by_characters(bert_tok_dir, tokenizer, samp
         assert g[e.loss_mask == 1].sum() > 0
 
 
-def test_slow_tokenizer_refused(tmp_path, tokenizer):
+def test_slow_tokenizer_refused(tmp_path, tokenizer, tiny_lm):
     from transformers import BertTokenizerLegacy
 
     slow = BertTokenizerLegacy(str(packaged_encoder_dir()) + "/vocab.txt")
     assert not slow.is_fast
-    path = tiny_llama(tmp_path / "slow", slow, seed=0)
+    path = tiny_lm(0, slow)
     with pytest.raises(ValueError, match="slow tokenizer without character offsets"):
         ReferenceScorer(ReferenceConfig(model=path), tokenizer)
 
