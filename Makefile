@@ -22,10 +22,16 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/sftgo-prep build data/alpaca.jsonl data/chat.jsonl --out $(DEMO)/shards --strategy tfidf --workers 2 --overwrite --rejects $(DEMO)/rejects.jsonl
-	$(VENV)/bin/sftgo-prep inspect $(DEMO)/shards --html $(DEMO)/inspect.html
+	$(PY) data/generate.py --out $(DEMO)/heldout --records 40 --seed 1
+	$(VENV)/bin/sftgo-prep build $(DEMO)/heldout/alpaca.jsonl $(DEMO)/heldout/chat.jsonl --out $(DEMO)/eval --workers 2 --overwrite --quiet
+	$(VENV)/bin/sftgo-prep inspect $(DEMO)/shards --html $(DEMO)/inspect.html --sample 3
+	# A short fine-tune of the embedded SmolLM2-135M-Instruct on CPU: per-group loss before and after.
+	$(VENV)/bin/sftgo-train --data $(DEMO)/shards --eval-data $(DEMO)/eval --out $(DEMO)/run --objective sftgo --groups tfidf \
+		--lam 0.9 --max-steps 4 --batch-tokens 1024 --lr 1e-4 --eval-batches 2 --no-progress
 	@echo
-	@echo "Shards:  $(DEMO)/shards   (manifest.json, idf.parquet, shard-*.parquet)"
-	@echo "Report:  $(DEMO)/inspect.html"
+	@echo "Shards:   $(DEMO)/shards   (manifest.json, idf.parquet, shard-*.parquet)"
+	@echo "Report:   $(DEMO)/inspect.html"
+	@echo "Training: $(DEMO)/run   (metrics.jsonl, loss_curves.png, model/)"
 
 test: install
 	$(PY) -m pytest -q tests
