@@ -41,7 +41,7 @@ def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
         return
     # Workers inherit these: one thread each for tokenizers / BLAS so workers do not oversubscribe cores.
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with dask_config.set({"distributed.worker.daemon": False, "distributed.admin.tick.limit": "1h"}):
+    with dask_config.set({"distributed.admin.tick.limit": "1h"}):  # long GIL-holding tasks are expected
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
