@@ -37,7 +37,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
-	$(PY) bench/bench_prep.py
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

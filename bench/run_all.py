@@ -1,0 +1,375 @@
+"""`make bench`: run every benchmark under bench/, check DESIGN.md section 8, write the report.
+
+Runs, one after the other, as subprocesses (each prints its own table; the output is also kept in
+bench/_work/logs/STAGE.log and the figures in bench/_work/results/STAGE.json):
+  prep        bench/bench_prep.py        tfidf build vs the tokenizer-only ceiling
+  strategies  bench/bench_strategies.py  reference scoring vs the raw no-grad forward; semantic tokens/s
+  train       bench/bench_train.py       sftgo vs sft step time; sftgo-train vs the HF Trainer tokens/s
+  scale       bench/bench_scale.py       vs datasets.map(num_proc=2); 2 vs 1 workers; peak RSS at 1x / 10x
+  profile     py-spy (installed into bench/_work/tools from PyPI if missing) over one
+              `sftgo-prep build --workers 1`, plus the build's own per-phase times at 1 and 2 workers
+Then writes bench/results.json and bench/RESULTS.md: one row per section 8 target (measured,
+baseline, ratio, target, met), the machine, the load average during the run, and the command that
+reproduces each row.  Every figure is a median of --repeats (>= 3) runs, measured side by side
+with its baseline in the same run.  About 20-25 minutes on 2 CPU cores.
+
+Usage: python bench/run_all.py [--repeats 3] [--stages prep,strategies,train,scale,profile]
+                               [--quick] [--report-only]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / "_work"
+RESULTS = WORK / "results"
+LOGS = WORK / "logs"
+PY = ".venv/bin/python"  # how the reproduce commands are written (make install's venv)
+STAGES = ("prep", "strategies", "train", "scale", "profile")
+
+
+def sizes(quick: bool, repeats: int) -> dict:
+    if quick:  # a smoke test of the whole chain, a few minutes; figures not meaningful
+        return {
+            "prep": ["--records", "2000", "--repeats", str(repeats)],
+            "strategies": ["--records", "16", "--repeats", str(repeats), "--semantic-records", "8"],
+            "train": ["--steps", "2", "--warmup", "1", "--repeats", str(repeats), "--paired-rounds", "3"],
+            "scale": ["--records", "2000", "--repeats", str(repeats), "--train-steps", "2"],
+            "profile_records": 2000,
+        }
+    return {
+        "prep": ["--records", "10000", "--repeats", str(repeats), "--workers", "2"],
+        "strategies": ["--records", "48", "--repeats", str(repeats), "--semantic-records", "24"],
+        "train": ["--batch-tokens", "512", "--steps", "3", "--warmup", "1", "--repeats", str(repeats), "--paired-rounds", "5"],
+        "scale": ["--records", "10000", "--repeats", str(repeats), "--train-steps", "2"],
+        "profile_records": 10000,
+    }
+
+
+class LoadSampler(threading.Thread):
+    def __init__(self, every: float = 10.0):
+        super().__init__(daemon=True)
+        self.every, self.samples, self.stop = every, [], threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self.stop.wait(self.every)
+
+
+def machine(load: list[float]) -> dict:
+    model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                  if l.startswith("model name")), platform.processor() or platform.machine())
+    mem = next((int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), 0)
+    load = load or [os.getloadavg()[0]]
+
+    def ver(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "cpus": os.cpu_count(), "cpu_model": model, "ram_gib": round(mem / 2**20, 1), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": ver("torch"), "transformers": ver("transformers"),
+        "datasets": ver("datasets"), "dask": ver("dask"), "tokenizers": ver("tokenizers"),
+        "load_average_1min": {"mean": round(statistics.mean(load), 2), "median": round(statistics.median(load), 2),
+                              "min": round(min(load), 2), "max": round(max(load), 2), "samples": len(load)},
+    }
+
+
+def run_stage(name: str, cmd: list[str], env: dict) -> float:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(LOGS / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        proc.wait()
+    dt = time.perf_counter() - t0
+    print(f"=== {name}: exit {proc.returncode} after {dt:.0f} s", flush=True)
+    if proc.returncode:
+        raise SystemExit(f"stage {name} failed; see {LOGS / (name + '.log')}")
+    return dt
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+
+def py_spy() -> str | None:
+    found = shutil.which("py-spy") or (str(WORK / "tools/bin/py-spy") if (WORK / "tools/bin/py-spy").exists() else None)
+    if found:
+        return found
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(WORK / "tools"), "py-spy"],
+                       capture_output=True, text=True)
+    return str(WORK / "tools/bin/py-spy") if r.returncode == 0 and (WORK / "tools/bin/py-spy").exists() else None
+
+
+def summarise_raw(path: Path, top: int = 15) -> dict:
+    """Collapsed stacks -> total samples, self time per function, inclusive time of sftgo's own functions."""
+    self_t, incl, total = {}, {}, 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        n = int(n)
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += n
+        self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
+        for f in set(frames):
+            if "/pipeline/" in f or "/grouping/" in f or "(pipeline/" in f or "(grouping/" in f:
+                incl[f] = incl.get(f, 0) + n
+    pct = lambda d: [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+    return {"samples": total, "self_pct": pct(self_t), "sftgo_inclusive_pct": pct(incl)}
+
+
+def profile_stage(records: int, env: dict) -> dict:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_scale import build_cmd, corpus  # the same corpus and command as the scale stage
+
+    inputs = corpus(WORK, records)
+    out = WORK / "profile-out"
+    exe = str(Path(sys.executable).parent / "sftgo-prep")
+    result = {"records": records, "phases": {}}
+    for w in (1, 2):  # the build's own per-phase log line (not --quiet)
+        cmd = [exe, "build", *inputs, "--out", str(out), "--strategy", "tfidf", "--workers", str(w), "--overwrite"]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t0
+        line = next((l for l in (r.stdout + r.stderr).splitlines() if "Time:" in l), "")
+        result["phases"][f"workers_{w}"] = {"wall_s": round(wall, 2), "log": line.strip()}
+        print(f"workers {w}: wall {wall:.1f} s; {line.strip()}", flush=True)
+    spy = py_spy()
+    if not spy:
+        result["py_spy"] = "unavailable (pip install py-spy failed)"
+        return result
+    raw = WORK / "profile-build-w1.txt"
+    cmd = [spy, "record", "--subprocesses", "-r", "50", "--format", "raw", "-o", str(raw), "--",
+           *build_cmd(inputs, out, 1)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode or not raw.exists():
+        result["py_spy"] = f"failed: {(r.stderr or r.stdout)[-500:]}"
+        return result
+    result["py_spy"] = summarise_raw(raw)
+    result["py_spy"]["command"] = " ".join(["py-spy", *cmd[1:]]).replace(str(ROOT) + "/", "")
+    # on-CPU samples (no --idle) split by process: the CLI driver vs the Dask worker / nanny processes
+    per_proc = {}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        head = stack.split(";", 1)[0]
+        key = ("sftgo-prep driver" if "sftgo-prep" in head else
+               "Dask worker/nanny processes" if "multiprocessing" in head or "spawn" in head else "other")
+        per_proc[key] = per_proc.get(key, 0) + int(n)
+    result["py_spy"]["by_process_samples"] = per_proc
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def rows(res: dict, args_sizes: dict) -> list[dict]:
+    med = statistics.median
+    out = []
+    cmd = lambda script, stage: f"{PY} bench/{script} {' '.join(args_sizes[stage])}"
+    if "prep" in res:
+        p = res["prep"]
+        out.append({"target": "prep `tfidf` tokens/s vs tokenizer-only ceiling (one-process batch encode)",
+                    "measured": f"{p['build_tfidf']['tok_s']:,.0f} tok/s", "baseline": f"{p['ceiling']['encode_batch_tok_s']:,.0f} tok/s",
+                    "ratio": p["ratio_vs_encode_batch"], "op": ">=", "goal": 0.6, "command": cmd("bench_prep.py", "prep"),
+                    "note": f"vs `tokenizer(texts)`: {p['ratio_vs_tokenizer_call']:.3f}; {p['build_tfidf']['tokens']:,} tokens"})
+    if "scale" in res:
+        s = res["scale"]
+        out.append({"target": "prep `tfidf` tokens/s vs `datasets.map(num_proc=2)` doing the same work",
+                    "measured": f"{s['tok_s']['build_w2_10x']:,.0f} tok/s", "baseline": f"{s['tok_s']['hf_datasets_10x']:,.0f} tok/s",
+                    "ratio": s["sftgo_over_datasets"], "op": ">=", "goal": 2.0, "command": cmd("bench_scale.py", "scale"),
+                    "note": f"both end to end as CLI subprocesses, {s['tokens_10x']:,} tokens; outputs identical"})
+    if "strategies" in res:
+        t = res["strategies"]["results"]
+        out.append({"target": "prep `reference` scoring vs raw batched no-grad forward",
+                    "measured": f"{t['reference score (loss)']['tokens_per_s']:,.0f} tok/s",
+                    "baseline": f"{t['raw forward (full logits)']['tokens_per_s']:,.0f} tok/s",
+                    "ratio": res["strategies"]["reference_vs_raw"], "op": ">=", "goal": 0.9,
+                    "command": cmd("bench_strategies.py", "strategies"),
+                    "note": f"semantic (no target): {t['semantic score (occlusion)']['tokens_per_s']:,.0f} tok/s"})
+    if "train" in res:
+        t = res["train"]
+        ps, pg = med(t["paired_times_s"]["sft"]), med(t["paired_times_s"]["sftgo"])
+        out.append({"target": "train: SFT-GO step time vs plain-CE step (same trainer)",
+                    "measured": f"{pg:.3f} s/step", "baseline": f"{ps:.3f} s/step", "ratio": t["paired_sftgo_over_sft"],
+                    "op": "<=", "goal": 1.03, "command": cmd("bench_train.py", "train"),
+                    "note": f"median of per-pair ratios, steps alternated in one process; separate runs: "
+                            f"{t['sftgo_over_sft_step_time']:.3f}"})
+        out.append({"target": "train: sftgo-train tokens/s vs Hugging Face `Trainer` (same model, data, batches)",
+                    "measured": f"{t['tokens_per_s']['sft']:,.0f} tok/s", "baseline": f"{t['tokens_per_s']['hf_trainer']:,.0f} tok/s",
+                    "ratio": t["ours_over_hf_tokens_per_s"], "op": ">=", "goal": 1.2, "command": cmd("bench_train.py", "train"),
+                    "note": f"CE objective on both; sftgo objective: {t['tokens_per_s']['sftgo'] / t['tokens_per_s']['hf_trainer']:.3f}; "
+                            f"fastest-step ratio {t['ours_over_hf_fastest']:.3f}"})
+    if "scale" in res:
+        s = res["scale"]
+        r = s["peak_rss_mb_median"]
+        out.append({"target": "memory: peak RSS of `sftgo-prep build` (process tree), 10x vs 1x data",
+                    "measured": f"{r['build_w2_10x']:,.0f} MB", "baseline": f"{r['build_w2_1x']:,.0f} MB",
+                    "ratio": s["build_rss_10x_over_1x"], "op": "<=", "goal": 1.2, "command": cmd("bench_scale.py", "scale"),
+                    "note": f"{s['records_10x']:,} vs {s['records_1x']:,} records, --workers 2; datasets.map baseline peak "
+                            f"{r['hf_datasets_10x']:,.0f} MB"})
+        if "train_rss_10x_over_1x" in s:
+            out.append({"target": "memory: peak RSS of `sftgo-train` (process tree), 10x vs 1x shards",
+                        "measured": f"{r['train_10x']:,.0f} MB", "baseline": f"{r['train_1x']:,.0f} MB",
+                        "ratio": s["train_rss_10x_over_1x"], "op": "<=", "goal": 1.2, "command": cmd("bench_scale.py", "scale"),
+                        "note": f"{s['train_steps']} steps, --batch-tokens {s['train_batch_tokens']}"})
+        out.append({"target": "2 Dask workers vs 1 (`sftgo-prep build` throughput)",
+                    "measured": f"{s['tok_s']['build_w2_10x']:,.0f} tok/s", "baseline": f"{s['tok_s']['build_w1_10x']:,.0f} tok/s",
+                    "ratio": s["w2_over_w1"], "op": ">=", "goal": 1.7, "command": cmd("bench_scale.py", "scale"),
+                    "note": f"wall {s['wall_s_median']['build_w2_10x']:.1f} s vs {s['wall_s_median']['build_w1_10x']:.1f} s"})
+    for r in out:
+        r["met"] = r["ratio"] >= r["goal"] if r["op"] == ">=" else r["ratio"] <= r["goal"]
+    return out
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    la = m["load_average_1min"]
+    L = ["# sftgo benchmark results", "",
+         f"Generated by `make bench` (`{PY} bench/run_all.py`) on {report['finished']}, in {report['wall_min']:.1f} minutes. "
+         f"Every figure is the median of {report['repeats']} runs; each ratio's two sides were measured in the same run, "
+         "interleaved or back to back. Targets: `../shared/DESIGN.md` section 8.", "",
+         "## Machine", "",
+         f"- {m['cpus']} CPUs, {m['cpu_model']}, {m['ram_gib']} GiB RAM, no GPU used; {m['platform']}",
+         f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, tokenizers {m['tokenizers']}, "
+         f"datasets {m['datasets']}, dask {m['dask']}",
+         f"- 1-minute load average during the run (sampled every 10 s): mean {la['mean']}, median {la['median']}, "
+         f"min {la['min']}, max {la['max']}. The machine is shared: "
+         + ("the load exceeded the CPU count, so absolute figures are depressed and noisy; the ratios, measured side "
+            "by side, are what to read." if la["mean"] > m["cpus"] else "the load stayed within the CPU count."), "",
+         "## Targets", "",
+         "| # | what | measured | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(report["rows"], 1):
+        L.append(f"| {i} | {r['target']} | {r['measured']} | {r['baseline']} | {r['ratio']:.3f} | {r['op']} {r['goal']} | "
+                 f"{'yes' if r['met'] else '**no**'} |")
+    L += ["", "Notes per row:", ""]
+    for i, r in enumerate(report["rows"], 1):
+        L.append(f"{i}. {r['note']}. Reproduce: `{r['command']}`")
+    missed = [(i, r) for i, r in enumerate(report["rows"], 1) if not r["met"]]
+    L += ["", "## Missed targets", ""]
+    if not missed:
+        L.append("None.")
+    else:
+        L.append("Missed: " + "; ".join(f"row {i} ({r['target']}: {r['ratio']:.3f}, target {r['op']} {r['goal']})"
+                                       for i, r in missed) + ".")
+        L.append("")
+        L += report.get("analysis", [])
+    prof = report.get("results", {}).get("profile")
+    if prof:
+        L += ["", "## Profile of one build", "",
+              f"`sftgo-prep build` on the scale corpus ({prof['records']:,} records), per-phase times from the build's own log line:", ""]
+        for k, v in prof["phases"].items():
+            L.append(f"- {k.replace('_', ' ')}: wall {v['wall_s']} s (process start to exit); {v['log']}")
+        spy = prof.get("py_spy")
+        if isinstance(spy, dict):
+            L += ["", f"py-spy, all processes, 50 Hz, on-CPU samples only (`{spy['command']}`), {spy['samples']} samples. "
+                  "Samples per process:", ""]
+            for k, v in sorted(spy["by_process_samples"].items(), key=lambda kv: -kv[1]):
+                L.append(f"- `{k}`: {v} ({100 * v / spy['samples']:.0f}%)")
+            L += ["", "sftgo functions, inclusive share of all samples:", "", "| % | function |", "|---|---|"]
+            L += [f"| {p} | `{f}` |" for f, p in spy["sftgo_inclusive_pct"]]
+            L += ["", "Leaf functions (self time), share of all samples:", "", "| % | function |", "|---|---|"]
+            L += [f"| {p} | `{f}` |" for f, p in spy["self_pct"]]
+        elif spy:
+            L += ["", f"py-spy: {spy}"]
+    L += ["", "## Stages", "", "| stage | command | minutes |", "|---|---|---|"]
+    for k, v in report["stages"].items():
+        L.append(f"| {k} | `{v['command']}` | {v['seconds'] / 60:.1f} |")
+    L += ["", "Raw figures: `bench/results.json`; logs of the last run: `bench/_work/logs/`.", ""]
+    return "\n".join(L)
+
+
+def analysis(res: dict, rows_: list[dict]) -> list[str]:
+    """Plain statements, from the measured figures, of why a missed target is missed."""
+    out = []
+    miss = {r["target"].split(":")[0].split(" vs")[0]: r for r in rows_ if not r["met"]}
+    prof = res.get("profile", {})
+    phases = {k: v["log"] for k, v in prof.get("phases", {}).items()}
+    extra = ANALYSIS_FILE.read_text() if ANALYSIS_FILE.exists() else ""
+    if extra:
+        out += extra.strip().splitlines()
+    elif miss:
+        out.append("Per-phase times of the build (see the profile below): " + "; ".join(f"{k}: {v}" for k, v in phases.items()))
+    return out
+
+
+ANALYSIS_FILE = ROOT / "bench" / "analysis.md"  # optional hand-written explanation of the misses, pasted in
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the chain (figures meaningless)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from bench/_work/results/*.json")
+    args = ap.parse_args()
+    if args.repeats < 3 and not args.quick:
+        ap.error("--repeats must be >= 3")
+    env = dict(os.environ)
+    env.setdefault("SFTGO_CACHE", str(Path.home() / ".cache" / "sftgo"))
+    env["PYTHONUNBUFFERED"] = "1"
+    sz = sizes(args.quick, args.repeats)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in args.stages.split(",") if s]
+    load = LoadSampler()
+    load.start()
+    t0 = time.perf_counter()
+    timing = {}
+    prev = RESULTS / "stages.json"
+    if args.report_only and prev.exists():
+        timing = json.loads(prev.read_text())
+    scripts = {"prep": "bench_prep.py", "strategies": "bench_strategies.py", "train": "bench_train.py", "scale": "bench_scale.py"}
+    if not args.report_only:
+        for st in stages:
+            if st == "profile":
+                t1 = time.perf_counter()
+                print("\n=== profile", flush=True)
+                prof = profile_stage(sz["profile_records"], env)
+                (RESULTS / "profile.json").write_text(json.dumps(prof, indent=2) + "\n")
+                timing[st] = {"command": "bench/run_all.py --stages profile", "seconds": time.perf_counter() - t1}
+                continue
+            cmd = [sys.executable, f"bench/{scripts[st]}", *sz[st], "--json", str(RESULTS / f"{st}.json")]
+            sec = run_stage(st, cmd, env)
+            timing[st] = {"command": f"{PY} bench/{scripts[st]} {' '.join(sz[st])}", "seconds": sec}
+        prev.write_text(json.dumps(timing, indent=2) + "\n")
+    load.stop.set()
+    res = {st: json.loads((RESULTS / f"{st}.json").read_text()) for st in STAGES if (RESULTS / f"{st}.json").exists()}
+    samples = load.samples
+    if args.report_only and (RESULTS / "load.json").exists():
+        samples = json.loads((RESULTS / "load.json").read_text())
+    elif not args.report_only:
+        (RESULTS / "load.json").write_text(json.dumps(samples) + "\n")
+    table = rows(res, sz)
+    report = {
+        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": args.repeats, "quick": args.quick,
+        "wall_min": sum(v["seconds"] for v in timing.values()) / 60 if timing else (time.perf_counter() - t0) / 60,
+        "machine": machine(samples), "stages": timing, "rows": table, "results": res,
+    }
+    report["analysis"] = analysis(res, table)
+    (ROOT / "bench" / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (ROOT / "bench" / "RESULTS.md").write_text(markdown(report))
+    print("\n" + "\n".join(l for l in markdown(report).splitlines() if l.startswith("|")))
+    print(f"\nwrote bench/RESULTS.md and bench/results.json ({report['wall_min']:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
