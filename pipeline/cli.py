@@ -127,7 +127,7 @@ def build(ctx, inputs, config_file, **opts):
     from pipeline.build import run
     from pipeline.formats import parse_field_map
 
-    values = load_config_file(config_file) if config_file else {}
+    values = load_config_file(config_file, BuildConfig.__dataclass_fields__) if config_file else {}
     given = _explicit(ctx)
     flags = {
         "inputs": list(inputs),
@@ -154,9 +154,6 @@ def build(ctx, inputs, config_file, **opts):
     for key, value in flags.items():
         if key not in values or source.get(key, key) in given:
             values[key] = value
-    unknown = set(values) - set(BuildConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"Unknown option(s) in {config_file}: {', '.join(sorted(unknown))}.")
     manifest = run(BuildConfig(**values))
     t = manifest["totals"]
     click.echo(

@@ -108,14 +108,26 @@ class BuildConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-def load_config_file(path: str) -> dict:
-    """Read a JSON or TOML config file into a dict of BuildConfig/TrainConfig field values."""
+def load_config_file(path: str, fields=None) -> dict:
+    """Values from a JSON or TOML file (by suffix) whose keys are config field names (dashes allowed).
+
+    With `fields` (the dataclass fields), unknown keys are refused. Errors are one-sentence ValueErrors."""
     p = Path(path)
+    kind = "TOML" if p.suffix == ".toml" else "JSON"
     try:
-        if p.suffix == ".toml":
-            return tomllib.loads(p.read_text(encoding="utf-8"))
-        return json.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"Config file {path} does not exist.") from None
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"Config file {path} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({exc}).") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Cannot read config file {path} ({exc}).") from None
+    try:
+        values = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"Config file {path} is not valid {kind} ({exc}).") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path} must hold a table/object of settings.")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(fields)) if fields is not None else []
+    if unknown:
+        raise ValueError(f"Config file {path} has unknown setting(s): {', '.join(unknown)}.")
+    return values

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from pipeline.config import load_config_file
 from trainer.objectives import OBJECTIVES, SCHEDULES
 
 
@@ -154,21 +153,10 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 def read_config_file(path: str) -> dict:
     """Values from a JSON or TOML file (keys are TrainConfig field names; dashes allowed)."""
-    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"Cannot read config file {path}: {exc.strerror}.") from None
-    try:
-        values = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"Config file {path} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'} ({exc}).") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"Config file {path} must hold a table/object of settings.")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"Config file {path} has unknown setting(s): {', '.join(unknown)}.")
+        values = load_config_file(path, FIELDS)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if "betas" in values:
         values["betas"] = tuple(values["betas"])
     return values
