@@ -11,7 +11,8 @@ bench/_work/logs/STAGE.log and the figures in bench/_work/results/STAGE.json):
 Then writes bench/results.json and bench/RESULTS.md: one row per section 8 target (measured,
 baseline, ratio, target, met), the machine, the load average during the run, and the command that
 reproduces each row.  Every figure is a median of --repeats (>= 3) runs, measured side by side
-with its baseline in the same run.  About 20-25 minutes on 2 CPU cores.
+with its baseline in the same run.  About 10 minutes on 2 otherwise idle CPU cores (torch steps slow down several-fold when
+other processes load the CPU).
 
 Usage: python bench/run_all.py [--repeats 3] [--stages prep,strategies,train,scale,profile]
                                [--quick] [--report-only]
@@ -121,20 +122,36 @@ def py_spy() -> str | None:
 
 def summarise_raw(path: Path, top: int = 15) -> dict:
     """Collapsed stacks -> total samples, self time per function, inclusive time of sftgo's own functions."""
-    self_t, incl, total = {}, {}, 0
+    self_t, incl, total, per_proc = {}, {}, 0, {}
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         n = int(n)
-        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        head = ""
+        depth = 0
+        while stack.startswith("process "):
+            depth += 1  # --subprocesses: 'process PID:"command line"' per ancestor, outermost first
+            end = stack.find('";', stack.find(':"'))  # the command line itself may hold ';'
+            head, stack = (stack, "") if end < 0 else (stack[: end + 1], stack[end + 2 :])
+        frames = [f for f in stack.split(";") if f]
         if not frames:
             continue
+        pid = head.split(":", 1)[0]
+        seen = per_proc.setdefault(pid, {"samples": 0, "driver": False, "tasks": False})
+        seen["samples"] += n
+        seen["driver"] |= depth == 1  # the outermost process (workers re-import the CLI module as __mp_main__)
+        seen["tasks"] |= "prepare_partition" in stack or "finalize_partition" in stack
         total += n
         self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
         for f in set(frames):
             if "/pipeline/" in f or "/grouping/" in f or "(pipeline/" in f or "(grouping/" in f:
                 incl[f] = incl.get(f, 0) + n
     pct = lambda d: [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
-    return {"samples": total, "self_pct": pct(self_t), "sftgo_inclusive_pct": pct(incl)}
+    by_role = {}
+    for v in per_proc.values():
+        role = ("sftgo-prep driver (CLI process)" if v["driver"] else "Dask worker running the tasks" if v["tasks"]
+                else "other processes (Dask nanny, resource tracker)")
+        by_role[role] = by_role.get(role, 0) + v["samples"]
+    return {"samples": total, "self_pct": pct(self_t), "sftgo_inclusive_pct": pct(incl), "by_process_samples": by_role}
 
 
 def profile_stage(records: int, env: dict) -> dict:
@@ -166,20 +183,61 @@ def profile_stage(records: int, env: dict) -> dict:
         return result
     result["py_spy"] = summarise_raw(raw)
     result["py_spy"]["command"] = " ".join(["py-spy", *cmd[1:]]).replace(str(ROOT) + "/", "")
-    # on-CPU samples (no --idle) split by process: the CLI driver vs the Dask worker / nanny processes
-    per_proc = {}
-    for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        head = stack.split(";", 1)[0]
-        key = ("sftgo-prep driver" if "sftgo-prep" in head else
-               "Dask worker/nanny processes" if "multiprocessing" in head or "spawn" in head else "other")
-        per_proc[key] = per_proc.get(key, 0) + int(n)
-    result["py_spy"]["by_process_samples"] = per_proc
     shutil.rmtree(out, ignore_errors=True)
+    result["train_py_spy"] = profile_train(spy, env)
     return result
 
 
+TRAIN_PARTS = {  # inclusive share of a training run's samples whose stack holds one of these frames
+    "process start-up and imports (module level)": ("<module> (",),
+    "model load (load_for_training)": ("load_for_training",),
+    "forward: decoder layers": ("LlamaModel.forward", "LlamaDecoderLayer"),
+    "forward: LM head + CE at supervised positions (token_cross_entropy)": ("token_cross_entropy",),
+    "backward (Tensor.backward)": ("Tensor.backward", "_engine_run_backward"),
+    "optimizer (clip_grad_norm_, AdamW step, zero_grad)": ("clip_grad_norm_", "Optimizer.", "adamw", "AdamW"),
+    "batches (ShardStream, Batches, collate)": ("ShardStream", "Batches.", "collate ("),
+    "evaluation and final checkpoint (save_final)": ("save_final", "run_eval", "evaluate"),
+}
+
+
+def profile_train(spy: str, env: dict) -> dict:
+    """py-spy over a short `sftgo-train --objective sft` run: where a CPU step's time goes."""
+    data = WORK / "train-shards"  # bench_train's default shards (built from data/*.jsonl)
+    if not (data / "manifest.json").exists():
+        return {"error": f"{data} missing (run the train stage first)"}
+    raw, run_dir = WORK / "profile-train.txt", WORK / "profile-train-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    train = [str(Path(sys.executable).parent / "sftgo-train"), "--data", str(data), "--out", str(run_dir), "--objective",
+             "sft", "--max-steps", "4", "--batch-tokens", "512", "--no-progress"]
+    r = subprocess.run([spy, "record", "-r", "50", "--format", "raw", "-o", str(raw), "--", *train], env=env,
+                       capture_output=True, text=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if r.returncode or not raw.exists():
+        return {"error": (r.stderr or r.stdout)[-500:]}
+    total, parts = 0, {k: 0 for k in TRAIN_PARTS}
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        n = int(n)
+        total += n
+        frames = stack.split(";")
+        for k, pats in TRAIN_PARTS.items():
+            if k.startswith("process start-up"):
+                hit = len(frames) > 1 and "<module> (" in frames[0] and "_find_and_load" in stack and "run (trainer" not in stack
+            else:
+                hit = any(p in stack for p in pats)
+            parts[k] += n if hit else 0
+    cmd = " ".join(["py-spy", "record", "-r", "50", "--format", "raw", "-o", str(raw), "--", *train])
+    return {"samples": total, "command": cmd.replace(str(ROOT) + "/", ""),
+            "parts_pct": {k: round(100 * v / max(total, 1), 1) for k, v in parts.items()}}
+
+
 # ---------------------------------------------------------------------------------------------- report
+
+
+def marginal(s: dict) -> float:
+    """tokens/s of `--workers 2` between the 1x and the 10x build: throughput without the fixed start-up cost."""
+    w = s["wall_s_median"]
+    return (s["tokens_10x"] - s["tokens_1x"]) / max(w["build_w2_10x"] - w["build_w2_1x"], 1e-9)
 
 
 def rows(res: dict, args_sizes: dict) -> list[dict]:
@@ -197,7 +255,9 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
         out.append({"target": "prep `tfidf` tokens/s vs `datasets.map(num_proc=2)` doing the same work",
                     "measured": f"{s['tok_s']['build_w2_10x']:,.0f} tok/s", "baseline": f"{s['tok_s']['hf_datasets_10x']:,.0f} tok/s",
                     "ratio": s["sftgo_over_datasets"], "op": ">=", "goal": 2.0, "command": cmd("bench_scale.py", "scale"),
-                    "note": f"both end to end as CLI subprocesses, {s['tokens_10x']:,} tokens; outputs identical"})
+                    "note": f"both end to end as CLI subprocesses, {s['tokens_10x']:,} tokens ({s['records_10x']:,} records), "
+                            f"same columns (groups and scores matched sftgo's on all 1,000 records of a check when the baseline was written); fixed cost: the {s['records_1x']:,}-record build takes "
+                            f"{s['wall_s_median']['build_w2_1x']:.1f} s, so sftgo's marginal rate is {marginal(s):,.0f} tok/s"})
     if "strategies" in res:
         t = res["strategies"]["results"]
         out.append({"target": "prep `reference` scoring vs raw batched no-grad forward",
@@ -291,6 +351,15 @@ def markdown(report: dict) -> str:
             L += [f"| {p} | `{f}` |" for f, p in spy["self_pct"]]
         elif spy:
             L += ["", f"py-spy: {spy}"]
+        tspy = prof.get("train_py_spy")
+        if isinstance(tspy, dict) and "parts_pct" in tspy:
+            L += ["", "## Profile of one training run", "",
+                  f"py-spy over 4 `sftgo-train --objective sft` steps (`--batch-tokens 512`, the bench_train data), "
+                  f"{tspy['samples']} samples (`{tspy['command']}`). Inclusive share of all samples (parts may overlap):", "",
+                  "| % | part |", "|---|---|"]
+            L += [f"| {v} | {k} |" for k, v in tspy["parts_pct"].items()]
+        elif tspy:
+            L += ["", f"training profile: {tspy}"]
     L += ["", "## Stages", "", "| stage | command | minutes |", "|---|---|---|"]
     for k, v in report["stages"].items():
         L.append(f"| {k} | `{v['command']}` | {v['seconds'] / 60:.1f} |")
@@ -335,7 +404,8 @@ def main() -> None:
     t0 = time.perf_counter()
     timing = {}
     prev = RESULTS / "stages.json"
-    if args.report_only and prev.exists():
+    partial = set(stages) != set(STAGES)
+    if (args.report_only or partial) and prev.exists():
         timing = json.loads(prev.read_text())
     scripts = {"prep": "bench_prep.py", "strategies": "bench_strategies.py", "train": "bench_train.py", "scale": "bench_scale.py"}
     if not args.report_only:
@@ -353,10 +423,15 @@ def main() -> None:
         prev.write_text(json.dumps(timing, indent=2) + "\n")
     load.stop.set()
     res = {st: json.loads((RESULTS / f"{st}.json").read_text()) for st in STAGES if (RESULTS / f"{st}.json").exists()}
+    raw = WORK / "profile-build-w1.txt"
+    if args.report_only and isinstance(res.get("profile", {}).get("py_spy"), dict) and raw.exists():
+        res["profile"]["py_spy"].update(summarise_raw(raw))
     samples = load.samples
     if args.report_only and (RESULTS / "load.json").exists():
         samples = json.loads((RESULTS / "load.json").read_text())
     elif not args.report_only:
+        if partial and (RESULTS / "load.json").exists():  # a partial rerun adds its samples to the full run's
+            samples = json.loads((RESULTS / "load.json").read_text()) + samples
         (RESULTS / "load.json").write_text(json.dumps(samples) + "\n")
     table = rows(res, sz)
     report = {
