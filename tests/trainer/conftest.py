@@ -90,27 +90,9 @@ def shardkit():
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    from pipeline.models import load_tokenizer
-
-    return load_tokenizer(None)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A 2-layer, hidden-32 Llama over the embedded tokenizer's vocabulary, saved with it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+def tiny_model_dir(tiny_lm):
+    """A 2-layer, hidden-32 Llama over the embedded tokenizer's vocabulary (tests/conftest.py)."""
+    return tiny_lm(0)
 
 
 @pytest.fixture(scope="session")
