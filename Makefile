@@ -27,7 +27,7 @@ demo: install
 	$(VENV)/bin/sftgo-prep inspect $(DEMO)/shards --html $(DEMO)/inspect.html --sample 3
 	# A short fine-tune of the embedded SmolLM2-135M-Instruct on CPU: per-group loss before and after.
 	$(VENV)/bin/sftgo-train --data $(DEMO)/shards --eval-data $(DEMO)/eval --out $(DEMO)/run --objective sftgo --groups tfidf \
-		--lam 0.9 --max-steps 4 --batch-tokens 1024 --lr 1e-4 --eval-batches 2 --no-progress
+		--lam 0.9 --max-steps 10 --batch-tokens 1024 --lr 1e-4 --eval-batches 2 --no-progress
 	@echo
 	@echo "Shards:   $(DEMO)/shards   (manifest.json, idf.parquet, shard-*.parquet)"
 	@echo "Report:   $(DEMO)/inspect.html"
