@@ -30,7 +30,7 @@ from pipeline import executor, models, readers, strategies
 from pipeline.config import BuildConfig
 from pipeline.finalize import finalize_partition
 from pipeline.manifest import FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, file_sha256, read_manifest, write_manifest
-from pipeline.prepare import prepare_partition, stage_path
+from pipeline.prepare import prepare_partition, stage_path, warm_up
 
 STAGING = ".staging"
 LOCK = ".lock"
@@ -145,22 +145,25 @@ def run(cfg: BuildConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory.")
     clock = _Clock()
-    # Fail on unreadable inputs or tokenizers before touching the output directory.
-    tok_location = models.tokenizer_dir(cfg.tokenizer)
-    tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-    parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
+    tok_location = models.tokenizer_dir(cfg.tokenizer)  # converts a GGUF tokenizer once (cached)
     params = cfg.params()
-    clock.lap("plan")
-    with exclusive(out):
-        staging, complete = _start(cfg, out)
-        if complete:
-            _log(cfg, f"{out} already holds this build; nothing to do.")
-            return read_manifest(out)
-        done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
-        resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
-        _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
-        with executor.client(cfg.workers, cfg.scheduler) as c:
-            clock.lap("cluster start")
+    with executor.client(cfg.workers, cfg.scheduler) as c:
+        # Workers import transformers and load the tokenizer while the driver does the same and
+        # plans: start-up cost paid once, in parallel, instead of inside the first tasks.
+        warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code)
+        clock.lap("cluster start")
+        # Fail on unreadable inputs or tokenizers before touching the output directory.
+        tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
+        clock.lap("plan")
+        with exclusive(out):
+            staging, complete = _start(cfg, out)
+            if complete:
+                _log(cfg, f"{out} already holds this build; nothing to do.")
+                return read_manifest(out)
+            done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
+            resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
+            _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
             stats = executor.map_tasks(
                 c, prepare_partition, [(p, params, tok_location, str(staging)) for p in parts], "tokenize", cfg.progress
             )
@@ -179,12 +182,14 @@ def run(cfg: BuildConfig) -> dict:
                 cfg.progress,
             )
             clock.lap("score+write")
-        manifest = _manifest(cfg, tok, stats, shards, artifacts)
-        if cfg.rejects:
-            _write_rejects(cfg.rejects, staging, parts)
-        write_manifest(out, manifest)
-        shutil.rmtree(staging, ignore_errors=True)
-    clock.lap("manifest")
+            del warm
+            manifest = _manifest(cfg, tok, stats, shards, artifacts)
+            if cfg.rejects:
+                _write_rejects(cfg.rejects, staging, parts)
+            write_manifest(out, manifest)
+            shutil.rmtree(staging, ignore_errors=True)
+            clock.lap("manifest")
+    clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
     return manifest
 

@@ -79,6 +79,12 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
             fut.release()
 
 
+def on_every_worker(c, fn: Callable, *args) -> list:
+    """Start fn(*args) once on each worker without waiting; keep the returned futures alive until
+    the work they prepare for is done."""
+    return [c.submit(fn, *args, pure=False, workers=[w], allow_other_workers=False) for w in c.scheduler_info()["workers"]]
+
+
 def run_one(c, fn: Callable, *args):
     """Run a single function on a worker (e.g. a reduction) and return its result."""
     fut = c.submit(fn, *args, pure=False)

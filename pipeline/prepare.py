@@ -44,6 +44,11 @@ def get_encoder(tokenizer: str, max_length: int, overflow: str, trust_remote_cod
     return ChatEncoder(models.load_tokenizer(tokenizer, trust_remote_code), max_length, overflow)
 
 
+def warm_up(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool) -> None:
+    """Load this worker's encoder ahead of its first task (returns nothing to ship back)."""
+    get_encoder(tokenizer, max_length, overflow, trust_remote_code)
+
+
 def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tuple[dict, list[dict], dict]:
     """Records of a partition -> (columns of accepted records, rejects, counts). No I/O besides reading."""
     field_map = params["field_map"] or None
