@@ -28,7 +28,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,17 +56,6 @@ def sizes(quick: bool, repeats: int) -> dict:
         "scale": ["--records", "10000", "--repeats", str(repeats), "--train-steps", "2"],
         "profile_records": 10000,
     }
-
-
-class LoadSampler(threading.Thread):
-    def __init__(self, every: float = 10.0):
-        super().__init__(daemon=True)
-        self.every, self.samples, self.stop = every, [], threading.Event()
-
-    def run(self):
-        while not self.stop.is_set():
-            self.samples.append(os.getloadavg()[0])
-            self.stop.wait(self.every)
 
 
 def machine(load: list[float]) -> dict:
@@ -399,7 +387,10 @@ def main() -> None:
     sz = sizes(args.quick, args.repeats)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stages = [s for s in args.stages.split(",") if s]
-    load = LoadSampler()
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_scale import LoadSampler  # one load sampler for every benchmark
+
+    load = LoadSampler(every=10.0)
     load.start()
     t0 = time.perf_counter()
     timing = {}
