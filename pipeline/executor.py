@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from typing import Callable, Iterator
 
@@ -92,7 +91,3 @@ def run_one(c, fn: Callable, *args):
         return fut.result()
     except Exception as exc:
         raise TaskError(f"{getattr(fn, '__name__', 'task')} failed on a worker: {type(exc).__name__}: {exc}") from exc
-
-
-def default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))

@@ -89,8 +89,7 @@ def rewrite_shard(index: int, name: str, out: str, params: dict, new: list[str],
         base = pq.read_table(Path(out) / name)
         staged = pq.read_table(stage_path(scoring, index, "staged.parquet"))
         write_shard(shard_table(base, staged, new, params, artifacts, etas), target)
-    entry = shard_entry(target, name)
-    return entry
+    return shard_entry(target, name)
 
 
 def _commit(out: Path, scoring: Path) -> dict:
@@ -123,12 +122,13 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
         params["strategies"] = have + [s for s in new if s not in have]
         etas = {s: options.get("eta", manifest["params"]["eta"]) for s in new}
         key = {"new": new, "params": params, "etas": etas, "manifest_shards": manifest["shards"]}
-        if scoring.exists() and json.loads((scoring / "score.json").read_text() if (scoring / "score.json").exists() else "{}") != key:
+        marker = scoring / "score.json"  # what an unfinished run was computing; anything else is stale
+        if scoring.exists() and (not marker.exists() or json.loads(marker.read_text()) != json.loads(json.dumps(key))):
             shutil.rmtree(scoring)
         tok = models.load_tokenizer(manifest["tokenizer"]["name"], params["trust_remote_code"])
         verify_shards(out, manifest, tokenizer_fingerprint=models.tokenizer_fingerprint(tok))
         scoring.mkdir(exist_ok=True)
-        atomic_write_text(scoring / "score.json", json.dumps(key, sort_keys=True))
+        atomic_write_text(marker, json.dumps(key, sort_keys=True))
         tok_location = models.tokenizer_dir(manifest["tokenizer"]["name"])
         shards = manifest["shards"]
         with executor.client(workers, scheduler) as c:
