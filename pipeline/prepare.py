@@ -141,6 +141,7 @@ def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, sta
     staged: dict[str, pa.Array] = {}
     for strategy in params["strategies"]:
         staged.update(strategies.stage(strategy, cols, params, tokenizer))
-    counts["tokens"] = int(sum(len(a) for a in cols["input_ids"]))
-    counts["loss_tokens"] = int(sum(int(m.sum()) for m in cols["loss_mask"]))
-    return write_stage(staging, part.index, staged_table(cols, staged), rejects, counts)
+    table = staged_table(cols, staged)
+    counts["tokens"] = int(table["num_tokens"].to_numpy().sum())  # the lengths staged_table already counted
+    counts["loss_tokens"] = int(table["num_loss_tokens"].to_numpy().sum())
+    return write_stage(staging, part.index, table, rejects, counts)
