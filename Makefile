@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := out/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-quality clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# About an hour on 2 CPU cores: sft vs sftgo (3 groupings + oracle) vs rho1, 3 seeds, eta and lambda sweeps.
+bench-quality: install
+	$(PY) bench/bench_quality.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
