@@ -134,6 +134,12 @@ def tokenizer_info(name: str | None, tok) -> dict:
     }
 
 
+def light_tokenizer_ok(name: str | None, tok) -> bool:
+    """Whether workers may use models.load_tokenizer_light: it must read the same tokenizer."""
+    light = models.load_tokenizer_light(name)
+    return light is not None and models.tokenizer_spec(light) == models.tokenizer_spec(tok)
+
+
 def _log(cfg: BuildConfig, msg: str) -> None:
     if cfg.progress:
         print(msg, file=sys.stderr)
@@ -148,12 +154,15 @@ def run(cfg: BuildConfig) -> dict:
     tok_location = models.tokenizer_dir(cfg.tokenizer)  # converts a GGUF tokenizer once (cached)
     params = cfg.params()
     with executor.client(cfg.workers, cfg.scheduler) as c:
-        # Workers import transformers and load the tokenizer while the driver does the same and
-        # plans: start-up cost paid once, in parallel, instead of inside the first tasks.
-        warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code)
+        # Workers load the tokenizer while the driver does the same and plans: start-up cost paid
+        # once, in parallel, instead of inside the first tasks. They load it the light way (without
+        # torch), which the driver then checks gives the same tokenizer.
+        light = not cfg.trust_remote_code
+        warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code, light)
         clock.lap("cluster start")
         # Fail on unreadable inputs or tokenizers before touching the output directory.
         tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        light = light and light_tokenizer_ok(cfg.tokenizer, tok)
         parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
         clock.lap("plan")
         with exclusive(out):
@@ -165,7 +174,7 @@ def run(cfg: BuildConfig) -> dict:
             resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
             _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
             stats = executor.map_tasks(
-                c, prepare_partition, [(p, params, tok_location, str(staging)) for p in parts], "tokenize", cfg.progress
+                c, prepare_partition, [(p, params, tok_location, str(staging), light) for p in parts], "tokenize", cfg.progress
             )
             clock.lap("tokenize")
             n_docs = sum(s["written"] for s in stats)

@@ -153,6 +153,31 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     return tok
 
 
+@functools.lru_cache(maxsize=4)
+def load_tokenizer_light(name: str | None):
+    """The same tokenizer files through transformers' generic fast-tokenizer class.
+
+    AutoTokenizer imports the model registry and with it torch (about 2.5 s per process on 2
+    busy cores); the generic class reads tokenizer.json, tokenizer_config.json and the chat
+    template without them (about 0.7 s).  A model-specific tokenizer class may set things the
+    files do not say, so this is only used where `tokenizer_spec` of both loads is equal (the
+    build checks that once, in the driver).  None when the generic class cannot read the files.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir(name))
+    except Exception:  # e.g. no tokenizer.json (a slow-only tokenizer): the caller uses load_tokenizer
+        return None
+
+
+def tokenizer_spec(tok) -> tuple:
+    """Everything ChatEncoder reads from a tokenizer: equal specs encode every record identically."""
+    return (tok.backend_tokenizer.to_str(), json.dumps(tok.chat_template, sort_keys=True),
+            json.dumps(tok.special_tokens_map, sort_keys=True), sorted(tok.get_added_vocab().items()),
+            sorted((i, str(t)) for i, t in tok.added_tokens_decoder.items()))
+
+
 def load_causal_lm(name: str | None, dtype=None, trust_remote_code: bool = False):
     """A causal LM in eval mode (not memoised: callers own the weights)."""
     from transformers import AutoModelForCausalLM

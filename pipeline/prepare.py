@@ -39,14 +39,17 @@ def stage_path(staging: str, index: int, suffix: str) -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def get_encoder(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool) -> ChatEncoder:
-    """One tokenizer + encoder per worker process, reused by every task on that worker."""
-    return ChatEncoder(models.load_tokenizer(tokenizer, trust_remote_code), max_length, overflow)
+def get_encoder(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool, light: bool) -> ChatEncoder:
+    """One tokenizer + encoder per worker process, reused by every task on that worker.
+    light: load through the generic class (models.load_tokenizer_light), which the driver found
+    equal to AutoTokenizer's load for this tokenizer."""
+    tok = models.load_tokenizer_light(tokenizer) if light else None
+    return ChatEncoder(tok or models.load_tokenizer(tokenizer, trust_remote_code), max_length, overflow)
 
 
-def warm_up(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool) -> None:
+def warm_up(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool, light: bool) -> None:
     """Load this worker's encoder ahead of its first task (returns nothing to ship back)."""
-    get_encoder(tokenizer, max_length, overflow, trust_remote_code)
+    get_encoder(tokenizer, max_length, overflow, trust_remote_code, light)
 
 
 def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tuple[dict, list[dict], dict]:
@@ -132,11 +135,11 @@ def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], 
     return counts
 
 
-def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, staging: str) -> dict:
+def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, staging: str, light: bool = False) -> dict:
     done = stage_path(staging, part.index, "json")
     if done.exists():
         return json.loads(done.read_text())
-    encoder = get_encoder(tokenizer, params["max_length"], params["overflow"], params["trust_remote_code"])
+    encoder = get_encoder(tokenizer, params["max_length"], params["overflow"], params["trust_remote_code"], light)
     cols, rejects, counts = process(part, params, encoder)
     staged: dict[str, pa.Array] = {}
     for strategy in params["strategies"]:

@@ -109,3 +109,35 @@ def test_backend_truncation_in_tokenizer_json_is_ignored(tokenizer):
     enc = ChatEncoder(tok, max_length=4096).encode_batch([CONV])[0]
     assert len(enc.input_ids) > 16 and not enc.truncated
     assert enc.input_ids.tolist() == ChatEncoder(tokenizer, max_length=4096).encode_batch([CONV])[0].input_ids.tolist()
+
+
+def test_light_tokenizer_encodes_like_autotokenizer(tokenizer):
+    """Build workers load the tokenizer through the generic class (no torch import); for the embedded
+    tokenizer that must be the very same tokenizer, record for record."""
+    import json
+    from pathlib import Path
+
+    from pipeline import models
+    from pipeline.build import light_tokenizer_ok
+
+    light = models.load_tokenizer_light(None)
+    assert light is not None and light_tokenizer_ok(None, tokenizer)
+    assert models.tokenizer_fingerprint(light) == models.tokenizer_fingerprint(tokenizer)
+    lines = Path(__file__).resolve().parents[1].joinpath("data", "chat.jsonl").read_text().splitlines()
+    convs = [json.loads(line)["messages"] for line in lines]
+    full_enc = ChatEncoder(tokenizer, max_length=4096).encode_batch(convs)
+    light_enc = ChatEncoder(light, max_length=4096).encode_batch(convs)
+    for a, b in zip(full_enc, light_enc):
+        assert a.text == b.text
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.loss_mask.tolist() == b.loss_mask.tolist()
+
+
+def test_light_tokenizer_not_used_when_it_differs(tokenizer, monkeypatch):
+    from pipeline import build, models
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    monkeypatch.setattr(models, "load_tokenizer_light", lambda name: other)
+    assert not build.light_tokenizer_ok(None, tokenizer)
+    monkeypatch.setattr(models, "load_tokenizer_light", lambda name: None)  # the generic class could not read it
+    assert not build.light_tokenizer_ok(None, tokenizer)
