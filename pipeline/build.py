@@ -134,12 +134,6 @@ def tokenizer_info(name: str | None, tok) -> dict:
     }
 
 
-def light_tokenizer_ok(name: str | None, tok) -> bool:
-    """Whether workers may use models.load_tokenizer_light: it must read the same tokenizer."""
-    light = models.load_tokenizer_light(name)
-    return light is not None and models.tokenizer_spec(light) == models.tokenizer_spec(tok)
-
-
 def _log(cfg: BuildConfig, msg: str) -> None:
     if cfg.progress:
         print(msg, file=sys.stderr)
@@ -156,13 +150,13 @@ def run(cfg: BuildConfig) -> dict:
     with executor.client(cfg.workers, cfg.scheduler) as c:
         # Workers load the tokenizer while the driver does the same and plans: start-up cost paid
         # once, in parallel, instead of inside the first tasks. They load it the light way (without
-        # torch), which the driver then checks gives the same tokenizer.
+        # torch); the driver says in the tasks whether that gives the same tokenizer (checked once
+        # per tokenizer, see models.load_build_tokenizer), else the tasks load it in full.
         light = not cfg.trust_remote_code
         warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code, light)
         clock.lap("cluster start")
         # Fail on unreadable inputs or tokenizers before touching the output directory.
-        tok = models.load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-        light = light and light_tokenizer_ok(cfg.tokenizer, tok)
+        tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
         parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
         clock.lap("plan")
         with exclusive(out):

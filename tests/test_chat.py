@@ -118,10 +118,9 @@ def test_light_tokenizer_encodes_like_autotokenizer(tokenizer):
     from pathlib import Path
 
     from pipeline import models
-    from pipeline.build import light_tokenizer_ok
 
     light = models.load_tokenizer_light(None)
-    assert light is not None and light_tokenizer_ok(None, tokenizer)
+    assert light is not None and models.tokenizer_spec(light) == models.tokenizer_spec(tokenizer)
     assert models.tokenizer_fingerprint(light) == models.tokenizer_fingerprint(tokenizer)
     lines = Path(__file__).resolve().parents[1].joinpath("data", "chat.jsonl").read_text().splitlines()
     convs = [json.loads(line)["messages"] for line in lines]
@@ -132,12 +131,41 @@ def test_light_tokenizer_encodes_like_autotokenizer(tokenizer):
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.loss_mask.tolist() == b.loss_mask.tolist()
 
 
-def test_light_tokenizer_not_used_when_it_differs(tokenizer, monkeypatch):
-    from pipeline import build, models
+def test_light_verdict_is_checked_once_and_remembered(tokenizer, tmp_path, monkeypatch):
+    import json
 
+    from pipeline import models
+
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    monkeypatch.setattr(models, "cache_root", lambda: tmp_path / "cache")
+    tok, ok = models.load_build_tokenizer(str(tok_dir))
+    assert ok and list((tmp_path / "cache" / "light-tokenizer").glob("*.ok"))
+    # the second build trusts the remembered verdict: AutoTokenizer is not used at all
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("AutoTokenizer loaded"))
+    tok2, ok2 = models.load_build_tokenizer(str(tok_dir))
+    assert ok2 and models.tokenizer_fingerprint(tok2) == models.tokenizer_fingerprint(tokenizer)
+    # trust_remote_code never takes the light path
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: tokenizer)
+    assert models.load_build_tokenizer(str(tok_dir), trust_remote_code=True) == (tokenizer, False)
+    # changed files: a new key, so the verdict is established again
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 1234
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert not models._light_marker(str(tok_dir)).exists()
+
+
+def test_light_tokenizer_not_used_when_it_differs(tokenizer, tmp_path, monkeypatch):
+    from pipeline import models
+
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    monkeypatch.setattr(models, "cache_root", lambda: tmp_path / "cache")
     other = copy.deepcopy(tokenizer)
     other.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
     monkeypatch.setattr(models, "load_tokenizer_light", lambda name: other)
-    assert not build.light_tokenizer_ok(None, tokenizer)
+    tok, ok = models.load_build_tokenizer(str(tok_dir))
+    assert not ok and models.tokenizer_spec(tok) == models.tokenizer_spec(tokenizer)
+    assert not (tmp_path / "cache" / "light-tokenizer").exists()  # a mismatch is not remembered
     monkeypatch.setattr(models, "load_tokenizer_light", lambda name: None)  # the generic class could not read it
-    assert not build.light_tokenizer_ok(None, tokenizer)
+    assert models.load_build_tokenizer(str(tok_dir))[1] is False
