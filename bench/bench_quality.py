@@ -4,7 +4,8 @@ Fine-tunes the embedded SmolLM2-135M-Instruct on generated instruction data whos
 tokens are known (facts about fictional entities inside assistant boilerplate,
 bench/quality_data.py) with
   sft; sftgo with each grouping (tfidf, reference, semantic); rho1 (on the tfidf groups);
-  an eta sweep and a lambda sweep of sftgo on the tfidf groups;
+  an eta sweep and a lambda sweep of sftgo on the tfidf groups; sft and sftgo at two other
+  learning rates (is the comparison an artefact of the one learning rate?);
 each for every seed (the seed sets the data order: all methods of one seed see the same batches,
 the same tokens and the same number of steps). Every run goes through the real `sftgo-prep
 build` CLI (shards with all three strategies) and `trainer.loop.run` (the code behind
@@ -13,8 +14,10 @@ training ones: exact match of the fact, teacher-forced accuracy, and held-out lo
 Output: bench/QUALITY.md, bench/quality.json, bench/quality.png (bench/quality_report.py).
 Runs are cached in bench/_work/quality/runs/NAME/result.json: an interrupted experiment
 continues where it stopped (--fresh starts over).
-Cost: about 1 minute per run on 2 CPU cores; the default plan is 33 runs plus about 3 minutes of
-shard builds (about 40-60 minutes in all). --quick: 2 methods, 1 seed, 2 steps (a smoke test).
+Cost: about 2 minutes per run on 2 CPU cores (30 optimizer steps of 1024 tokens, then the
+evaluation); the default plan is 40 runs plus about 3 minutes of shard builds: about 75 minutes in
+all (--lr-seeds "" drops the learning-rate check: 36 runs, about 65 minutes). --quick: 2 methods,
+1 seed, 2 steps (a smoke test, a few minutes).
 
 Usage: python bench/bench_quality.py [--seeds 0,1,2] [--sweep-seeds 0,1,2] [--quick] [--fresh]
                                      [--report-only]
@@ -53,7 +56,8 @@ class Run:
     lam: float
     eta: float
     seed: int
-    study: str  # main, eta or lam
+    study: str  # main, eta, lam or lr
+    lr: float | None = None  # None: --lr
 
     @property
     def data_key(self) -> str:
@@ -62,7 +66,8 @@ class Run:
         return "shards" if self.eta == 0.3 else f"shards-eta{self.eta:g}"
 
 
-def plan(seeds: list[int], sweep_seeds: list[int], etas: list[float], lams: list[float]) -> list[Run]:
+def plan(seeds: list[int], sweep_seeds: list[int], etas: list[float], lams: list[float], lrs: list[float] = (),
+         lr_seeds: list[int] = ()) -> list[Run]:
     runs = []
     for s in seeds:
         runs.append(Run(f"sft-s{s}", "sft", None, 0.0, 0.3, s, "main"))
@@ -72,6 +77,10 @@ def plan(seeds: list[int], sweep_seeds: list[int], etas: list[float], lams: list
     for s in sweep_seeds:
         runs += [Run(f"sftgo-tfidf-eta{e:g}-s{s}", "sftgo", "tfidf", 0.9, e, s, "eta") for e in etas if e != 0.3]
         runs += [Run(f"sftgo-tfidf-lam{lam:g}-s{s}", "sftgo", "tfidf", lam, 0.3, s, "lam") for lam in lams if lam not in (0.0, 0.9)]
+    for s in lr_seeds:  # is the comparison an artefact of the learning rate? sft and sftgo at other rates
+        for lr in lrs:
+            runs += [Run(f"sft-lr{lr:g}-s{s}", "sft", None, 0.0, 0.3, s, "lr", lr),
+                     Run(f"sftgo-tfidf-lr{lr:g}-s{s}", "sftgo", "tfidf", 0.9, 0.3, s, "lr", lr)]
     return runs
 
 
@@ -163,7 +172,7 @@ def do_run(args, run: Run, heldout_rows, questions, tokenizer) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig(data=str(WORK / run.data_key), out=str(run_dir), objective=run.objective,
                       groups="tfidf" if run.groups in (None, "oracle") else run.groups,
-                      lam=run.lam, seed=run.seed, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+                      lam=run.lam, seed=run.seed, lr=run.lr or args.lr, epochs=args.epochs, max_steps=args.max_steps,
                       batch_tokens=args.batch_tokens, warmup_steps=args.warmup, progress=False, tensorboard=False)
     t0 = time.perf_counter()
     with open(os.devnull, "w") as devnull, _redirect(devnull):
@@ -228,6 +237,8 @@ def main(argv=None) -> None:
     p.add_argument("--sweep-seeds", default="0,1,2", help="training seeds of the eta and lambda sweeps")
     p.add_argument("--etas", default="0.1,0.2,0.3,0.5")
     p.add_argument("--lams", default="0,0.5,0.7,0.9,1")
+    p.add_argument("--lrs", default="1e-4,1e-3", help="other learning rates of sft and sftgo-tfidf (the lr check)")
+    p.add_argument("--lr-seeds", default="0", help="training seeds of the lr check")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--per-kind", type=int, default=3, help="entities per kind (8 kinds)")
     p.add_argument("--per-fact", type=int, default=4, help="training records per fact")
@@ -245,7 +256,9 @@ def main(argv=None) -> None:
     sweep = [int(s) for s in args.sweep_seeds.split(",") if s]
     if args.quick:
         seeds, sweep, args.max_steps = [0], [], 2
-    runs = plan(seeds, sweep, [float(e) for e in args.etas.split(",")], [float(x) for x in args.lams.split(",")])
+    lr_seeds = [int(s) for s in args.lr_seeds.split(",") if s] if not args.quick else []
+    runs = plan(seeds, sweep, [float(e) for e in args.etas.split(",")], [float(x) for x in args.lams.split(",")],
+                [float(x) for x in args.lrs.split(",") if x], lr_seeds)
     if args.quick:
         runs = [r for r in runs if r.name in ("sft-s0", "sftgo-tfidf-s0")]
     if args.only:

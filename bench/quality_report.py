@@ -110,6 +110,24 @@ def sweep_rows(groups: dict, param: str, values: list[float]) -> list[dict]:
     return rows
 
 
+def lr_check_rows(summary: dict, by: dict) -> list[dict]:
+    """sft and sftgo-tfidf per learning rate, on the seeds of the lr check (the main rate included)."""
+    lr_runs = [r for r in summary["runs"] if r["study"] == "lr"]
+    if not lr_runs:
+        return []
+    seeds = sorted({r["seed"] for r in lr_runs})
+    main_lr = summary["settings"]["lr"]
+    rows = []
+    for lr in sorted({r["lr"] for r in lr_runs} | {main_lr}):
+        tag = "" if lr == main_lr else f"-lr{lr:g}"
+        sft = [by.get(f"sft{tag}", {}).get(s) for s in seeds]
+        go = [by.get(f"sftgo-tfidf{tag}", {}).get(s) for s in seeds]
+        sft, go = [r for r in sft if r], [r for r in go if r]
+        rows.append({"lr": lr, "seeds": seeds, "sft_em": [r["em"] for r in sft], "sftgo_em": [r["em"] for r in go],
+                     "sft_answer_loss": [r["answer_loss"] for r in sft], "sftgo_answer_loss": [r["answer_loss"] for r in go]})
+    return rows
+
+
 def plot(summary: dict, mrows: list[dict], eta_rows: list[dict], lam_rows: list[dict], groups: dict, path: Path) -> None:
     import matplotlib
 
@@ -264,6 +282,16 @@ def markdown(summary: dict, mrows, eta_rows, lam_rows, analysis: str) -> str:
             sw = fmt(r["switch_rate"]) if r["prefix"] != "sft" else "—"
             L.append(f"| {r[param]:g} | {fmt(r['em'])} | {fmt(r['tf_acc'])} | {fmt(r['answer_loss'])} | {fmt(r['rest_loss'])} | "
                      f"{sw} | {_diff(r['vs_sft_em']) or '—'} |")
+    lr_rows = lr_check_rows(summary, by)
+    if lr_rows:
+        L += ["", "## Learning-rate check", ""]
+        L.append("Is the comparison an artefact of the one learning rate? sft and sftgo · tfidf (λ = 0.9, η = 0.3) at other peak "
+                 f"learning rates, seeds {', '.join(map(str, lr_rows[0]['seeds']))}; the rate used everywhere else is {st['lr']:g}.")
+        L += ["", "| lr | sft exact match | sftgo · tfidf exact match | sft answer-token loss | sftgo · tfidf answer-token loss |",
+              "|---|---|---|---|---|"]
+        for r in lr_rows:
+            L.append(f"| {r['lr']:g} | {fmt(r['sft_em'])} | {fmt(r['sftgo_em'])} | {fmt(r['sft_answer_loss'])} | "
+                     f"{fmt(r['sftgo_answer_loss'])} |")
     L += ["", "## Worst-group switches (sftgo runs)", ""]
     L.append("The trainer logs, at every step, which group has the highest batch-level loss. The *switch rate* is the share "
              "of consecutive steps where that group changes. *Worst = important* is the share of steps where group 1 is the "
@@ -302,5 +330,6 @@ def write_report(summary: dict, out_dir: Path) -> None:
     slim["runs"] = [{k: v for k, v in r.items() if k not in ("answers", "train_group_loss")} for r in summary["runs"]]
     slim["methods"] = [{k: v for k, v in r.items()} for r in mrows]
     slim["eta_sweep"], slim["lam_sweep"] = eta_rows, lam_rows
+    slim["lr_check"] = lr_check_rows(summary, groups)
     (out_dir / "quality.json").write_text(json.dumps(slim, indent=1) + "\n")
     print(f"wrote {out_dir / 'QUALITY.md'}, quality.json, quality.png")

@@ -88,7 +88,8 @@ def test_report_has_every_section(tmp_path):
     for s in (0, 1, 2):
         runs += [_result("sft", s, 0.5 + 0.01 * s), _result("sftgo-tfidf", s, 0.4), _result("sftgo-oracle", s, 0.6),
                  _result("sftgo-tfidf-eta0.1", s, 0.45, "eta"), _result("sftgo-tfidf-lam0.5", s, 0.48, "lam")]
-    summary = {"settings": {"etas": "0.1,0.3", "lams": "0,0.5,0.9", "lr": 3e-4, "warmup": 2, "batch_tokens": 1024,
+    runs += [_result("sft-lr0.001", 0, 0.3, "lr", lr=1e-3), _result("sftgo-tfidf-lr0.001", 0, 0.35, "lr", lr=1e-3)]
+    summary = {"settings": {"etas": "0.1,0.3", "lams": "0,0.5,0.9", "lr": 0.0003, "warmup": 2, "batch_tokens": 1024,
                             "epochs": 2.0, "per_fact": 4},
                "base": {"em": 0.0, "answer_loss": 4.6, "group_loss": {s: [2.0, 4.0] for s in ("tfidf", "reference", "semantic")}},
                "runs": runs, "minutes": 1.0, "records": {"train": 180, "questions": 45, "heldout": 45},
@@ -97,10 +98,12 @@ def test_report_has_every_section(tmp_path):
     write_report(summary, tmp_path)
     md = (tmp_path / "QUALITY.md").read_text()
     for heading in ("## Methods", "## How well each grouping", "## Held-out loss per group", "## η sweep", "## λ sweep",
-                    "## Worst-group switches", "## Examples"):
+                    "## Learning-rate check", "## Worst-group switches", "## Examples"):
         assert heading in md
     assert "| sftgo · tfidf | 0.400 ± 0.000" in md and "**worse than sft, beyond the noise**" in md
     assert "| 0.1 | 0.450 ± 0.000" in md  # the eta sweep row, with eta 0.3 filled in from the main runs
+    assert "| 0.0003 | 0.500 ± 0.000 | 0.400 ± 0.000 |" in md  # the lr check's main-rate row: seed 0 only
+    assert "| 0.001 | 0.300 ± 0.000 | 0.350 ± 0.000 |" in md
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert [m["method"] for m in saved["methods"]] == ["sft", "sftgo · tfidf", "sftgo · oracle"]
