@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -156,6 +157,7 @@ def train_stats(run_dir: Path) -> dict:
             "final_train_ce": train[-1]["ce"], "worst_switches": train[-1].get("worst_switches", 0),
             "switch_rate": train[-1].get("worst_switches", 0) / max(1, len(worst) - 1),
             "worst_is_important": sum(w == 1 for w in worst) / max(1, len(worst)),
+            "grad_norm_median": statistics.median(r["grad_norm"] for r in train),
             "train_group_loss": [r["group_loss"] for r in train]}
 
 
@@ -167,8 +169,8 @@ def do_run(args, run: Run, heldout_rows, questions, tokenizer) -> dict:
 
     run_dir = WORK / "runs" / run.name
     result_path = run_dir / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    if result_path.exists():  # cached; the training statistics are re-read (cheap) in case the report wants new ones
+        return {**json.loads(result_path.read_text()), **train_stats(run_dir)}
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig(data=str(WORK / run.data_key), out=str(run_dir), objective=run.objective,
                       groups="tfidf" if run.groups in (None, "oracle") else run.groups,

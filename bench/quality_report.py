@@ -84,6 +84,7 @@ def method_rows(groups: dict) -> list[dict]:
         if prefix != "sft":
             row["vs_sft_em"] = paired(runs, sft, "em")
             row["vs_sft_answer_loss"] = paired(runs, sft, "answer_loss")
+        row["grad_norm_median"] = [runs[s].get("grad_norm_median", float("nan")) for s in sorted(runs)]
         if prefix.startswith("sftgo"):
             row["switch_rate"] = [runs[s]["switch_rate"] for s in sorted(runs)]
             row["worst_is_important"] = [runs[s]["worst_is_important"] for s in sorted(runs)]
@@ -292,14 +293,14 @@ def markdown(summary: dict, mrows, eta_rows, lam_rows, analysis: str) -> str:
         for r in lr_rows:
             L.append(f"| {r['lr']:g} | {fmt(r['sft_em'])} | {fmt(r['sftgo_em'])} | {fmt(r['sft_answer_loss'])} | "
                      f"{fmt(r['sftgo_answer_loss'])} |")
-    L += ["", "## Worst-group switches (sftgo runs)", ""]
+    L += ["", "## Worst-group switches and gradient noise", ""]
     L.append("The trainer logs, at every step, which group has the highest batch-level loss. The *switch rate* is the share "
              "of consecutive steps where that group changes. *Worst = important* is the share of steps where group 1 is the "
-             "worst.")
-    L += ["", "| method | switch rate | worst = important |", "|---|---|---|"]
+             "worst. The median gradient norm (before clipping to 1.0) shows how noisy each objective's gradient is.")
+    L += ["", "| method | switch rate | worst = important | median gradient norm |", "|---|---|---|---|"]
     for r in mrows:
-        if "switch_rate" in r:
-            L.append(f"| {r['method']} | {fmt(r['switch_rate'])} | {fmt(r['worst_is_important'])} |")
+        sw = (fmt(r["switch_rate"]), fmt(r["worst_is_important"])) if "switch_rate" in r else ("—", "—")
+        L.append(f"| {r['method']} | {sw[0]} | {sw[1]} | {fmt(r['grad_norm_median'], '{:.2f}')} |")
     L += ["", "## Examples (seed 0, first 4 held-out questions)", ""]
     for label, prefix in (("sft", "sft"), ("sftgo · tfidf", "sftgo-tfidf")):
         run = by.get(prefix, {}).get(0)

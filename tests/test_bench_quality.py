@@ -76,6 +76,7 @@ def test_paired_difference_and_verdict():
 def _result(name, seed, em, study="main", **extra):
     base = {"name": f"{name}-s{seed}", "seed": seed, "study": study, "em": em, "tf_acc": em, "answer_loss": 1 - em,
             "rest_loss": 0.3, "ce": 0.4, "tokens": 1000, "steps": 10, "switch_rate": 0.2, "worst_is_important": 0.8,
+            "grad_norm_median": 2.5,
             "group_loss": {s: [0.3, 0.6] for s in ("tfidf", "reference", "semantic")},
             "train_group_loss": [[1.0, 2.0], [0.5, 0.7]],
             "answers": [{"question": "Q?", "answer": "A", "generated": "A.", "hit": True}]}
@@ -98,7 +99,7 @@ def test_report_has_every_section(tmp_path):
     write_report(summary, tmp_path)
     md = (tmp_path / "QUALITY.md").read_text()
     for heading in ("## Methods", "## How well each grouping", "## Held-out loss per group", "## η sweep", "## λ sweep",
-                    "## Learning-rate check", "## Worst-group switches", "## Examples"):
+                    "## Learning-rate check", "## Worst-group switches and gradient noise", "## Examples"):
         assert heading in md
     assert "| sftgo · tfidf | 0.400 ± 0.000" in md and "**worse than sft, beyond the noise**" in md
     assert "| 0.1 | 0.450 ± 0.000" in md  # the eta sweep row, with eta 0.3 filled in from the main runs
