@@ -38,6 +38,7 @@ def by_prefix(runs: list[dict]) -> dict[str, dict[int, dict]]:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v == v]  # a missing figure (NaN) is left out
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -52,7 +53,7 @@ def paired(a: dict[int, dict], b: dict[int, dict], key: str) -> dict:
     """Difference a - b over the seeds both have: mean, std, n and the paired t-test's p."""
     seeds = sorted(set(a) & set(b))
     d = [a[s][key] - b[s][key] for s in seeds]
-    out = {"n": len(d), "mean": mean_std(d)[0], "std": mean_std(d)[1], "p": float("nan")}
+    out = {"n": len(d), "mean": mean_std(d)[0], "std": mean_std(d)[1], "p": float("nan"), "above": sum(x > 0 for x in d)}
     if len(d) > 1 and any(x != d[0] for x in d):
         from scipy.stats import ttest_rel
 
@@ -205,7 +206,7 @@ def _diff(d: dict | None, f: str = "{:+.3f}") -> str:
     if not d or not d["n"]:
         return ""
     p = "" if d["p"] != d["p"] else f", p = {d['p']:.3f}"
-    return f"{f.format(d['mean'])} ± {d['std']:.3f}{p}"
+    return f"{f.format(d['mean'])} ± {d['std']:.3f}{p} (higher in {d.get('above', 0)}/{d['n']} seeds)"
 
 
 def markdown(summary: dict, mrows, eta_rows, lam_rows, analysis: str) -> str:
@@ -240,12 +241,14 @@ def markdown(summary: dict, mrows, eta_rows, lam_rows, analysis: str) -> str:
              f"exactly the value's tokens (the upper bound of any grouping); rho1 (CE over the tfidf important group). "
              f"Seeds: {', '.join(map(str, seeds))}.")
     L += ["", "## Methods (mean ± std over seeds)", ""]
-    L.append("| method | " + " | ".join(m[1] for m in METRICS) + " | Δ exact match vs sft (paired) | verdict |")
-    L.append("|---|" + "---|" * (len(METRICS) + 2))
+    L.append("| method | " + " | ".join(m[1] for m in METRICS) + " | Δ exact match vs sft (paired) | verdict | "
+             "Δ answer-token loss vs sft (paired) | verdict |")
+    L.append("|---|" + "---|" * (len(METRICS) + 4))
     for r in mrows:
         cells = [fmt(r[k], f) for k, _, f in METRICS]
-        d = r.get("vs_sft_em")
-        L.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_diff(d)} | {verdict(d) if d else 'baseline'} |")
+        d, dl = r.get("vs_sft_em"), r.get("vs_sft_answer_loss")
+        L.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_diff(d)} | {verdict(d) if d else 'baseline'} | "
+                 f"{_diff(dl)} | {verdict(dl, higher_is_better=False) if dl else 'baseline'} |")
     L.append("")
     L.append("Δ is the mean ± std over seeds of (method − sft) with the same seed; p comes from a paired t-test. With 3 seeds "
              "a p below 0.05 needs a consistent difference. The exact match of one run moves in steps of "
