@@ -39,7 +39,7 @@ test: install
 bench: install
 	$(PY) bench/run_all.py
 
-# About an hour on 2 CPU cores: sft vs sftgo (3 groupings + oracle) vs rho1, 3 seeds, eta and lambda sweeps.
+# About 72 minutes on 2 CPU cores: sft vs sftgo (3 groupings + oracle) vs rho1, 3 seeds, eta and lambda sweeps, lr check.
 bench-quality: install
 	$(PY) bench/bench_quality.py
 

@@ -15,8 +15,9 @@ Output: bench/QUALITY.md, bench/quality.json, bench/quality.png (bench/quality_r
 Runs are cached in bench/_work/quality/runs/NAME/result.json: an interrupted experiment
 continues where it stopped (--fresh starts over).
 Cost: about 2 minutes per run on 2 CPU cores (30 optimizer steps of 1024 tokens, then the
-evaluation); the default plan is 40 runs plus about 3 minutes of shard builds: about 75 minutes in
-all (--lr-seeds "" drops the learning-rate check: 36 runs, about 65 minutes). --quick: 2 methods,
+evaluation, about 1.7 minutes on a quiet machine); the default plan is 40 runs plus about 3 minutes of
+shard builds: about 72 minutes in all (--lr-seeds "" drops the learning-rate check: 36 runs, about
+65 minutes). --quick: 2 methods,
 1 seed, 2 steps (a smoke test, a few minutes).
 
 Usage: python bench/bench_quality.py [--seeds 0,1,2] [--sweep-seeds 0,1,2] [--quick] [--fresh]
