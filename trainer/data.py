@@ -43,7 +43,9 @@ def hash_key(*key) -> int:
 
 def prefetch(iterable, depth: int):
     """Iterate `iterable` in a background thread, at most `depth` items ahead.
-    Closing the returned generator stops the thread."""
+    Closing the returned generator stops the thread and waits for it: a reader thread still
+    inside pyarrow when the interpreter exits can abort the process ("terminate called
+    without an active exception")."""
     if depth <= 0:
         yield from iterable
         return
@@ -66,7 +68,7 @@ def prefetch(iterable, depth: int):
         except BaseException as exc:  # hand reader errors to the consumer
             q.put(exc)
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=work, daemon=True, name="sftgo-prefetch")
     thread.start()
     try:
         while True:
@@ -78,6 +80,7 @@ def prefetch(iterable, depth: int):
             yield item
     finally:
         stop.set()
+        thread.join(timeout=60)  # it sees `stop` within 0.1 s of finishing the batch it is reading
 
 
 class ShardStream:

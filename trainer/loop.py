@@ -175,8 +175,10 @@ def evaluate(cfg, net, batches, k, lam, device, autocast) -> dict:
     """Loss, CE, worst and per-group loss of the eval set (all ranks' shares combined)."""
     net.eval()
     acc = torch.zeros(3 + 2 * k, dtype=torch.float64)  # ce_sum, worst_sum, samples, group sums, group counts
-    for i, mb in enumerate(batches):
+    it = iter(batches)
+    for i, mb in enumerate(it):
         if cfg.eval_batches and i >= cfg.eval_batches:
+            it.close()  # stop its background reader now
             break
         mb = mb.to(device)
         with autocast():
@@ -370,6 +372,7 @@ def _run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
             save(step)
     if bar is not None:
         bar.close()
+    it.close()  # stop the background Parquet reader now, not during interpreter shutdown
 
     # 4. the end: eval, final model, curves, summary
     summary = {"step": step, "total_steps": total_steps, "finished": step >= total_steps}

@@ -157,3 +157,23 @@ def test_a_rank_without_samples_fails_instead_of_spinning(tmp_path, shardkit):
                 max_length=60, pack=False, pool_batches=2, seed=0, pad_id=0)
     with pytest.raises(ValueError, match="no samples"):
         next(iter(b))
+
+
+def test_closing_the_prefetch_generator_joins_its_thread():
+    """A reader thread still inside pyarrow at interpreter exit can abort the process, so closing
+    the generator (the training loop does at its end) must leave no reader thread behind."""
+    import threading
+    import time
+
+    def slow_reader():
+        for i in range(100):
+            time.sleep(0.05)  # reading a record batch
+            yield i
+
+    before = set(threading.enumerate())
+    gen = prefetch(slow_reader(), 2)
+    assert next(gen) == 0
+    ours = [t for t in threading.enumerate() if t.name == "sftgo-prefetch" and t not in before]
+    assert len(ours) == 1
+    gen.close()
+    assert not ours[0].is_alive()
