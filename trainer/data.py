@@ -53,20 +53,24 @@ def prefetch(iterable, depth: int):
     stop = threading.Event()
     done = object()
 
+    def put(item) -> bool:
+        """Queue item unless the consumer has gone (never block past `stop`)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as exc:  # hand reader errors to the consumer
-            q.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=work, daemon=True, name="sftgo-prefetch")
     thread.start()

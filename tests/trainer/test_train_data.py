@@ -177,3 +177,10 @@ def test_closing_the_prefetch_generator_joins_its_thread():
     assert len(ours) == 1
     gen.close()
     assert not ours[0].is_alive()
+    # a reader that has already read everything and waits to hand over the end marker stops too
+    gen = prefetch(iter(range(2)), 1)
+    assert next(gen) == 0
+    time.sleep(0.3)  # the reader now holds 1 in the full queue and waits to put the end marker
+    ours = [t for t in threading.enumerate() if t.name == "sftgo-prefetch" and t not in before]
+    gen.close()
+    assert not [t for t in ours if t.is_alive()]
