@@ -26,6 +26,7 @@ Usage: python bench/bench_quality.py [--seeds 0,1,2] [--sweep-seeds 0,1,2] [--qu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import quality_data  # noqa: E402
-from quality_eval import answer_positions, evaluate_model, read_heldout  # noqa: E402
+from quality_eval import answer_positions, evaluate_model, read_answered_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "_work" / "quality"
@@ -65,7 +66,12 @@ class Run:
     def data_key(self) -> str:
         if self.groups == "oracle":
             return "shards-oracle"
-        return "shards" if self.eta == 0.3 else f"shards-eta{self.eta:g}"
+        return eta_shards(self.eta)
+
+
+def eta_shards(eta: float) -> str:
+    """Name of the training shard directory whose tfidf groups use this eta (0.3: the main one)."""
+    return "shards" if eta == 0.3 else f"shards-eta{eta:g}"
 
 
 def plan(seeds: list[int], sweep_seeds: list[int], etas: list[float], lams: list[float], lrs: list[float] = (),
@@ -86,10 +92,6 @@ def plan(seeds: list[int], sweep_seeds: list[int], etas: list[float], lams: list
     return runs
 
 
-def write_jsonl(records, path: Path) -> None:
-    quality_data.gen.write_jsonl(records, path)
-
-
 def build(inputs: list[Path], out: Path, strategies: list[str], eta: float = 0.3) -> None:
     """The real CLI, skipped when the same build is already there (the build itself checks its parameters)."""
     cmd = [PREP, "build", *map(str, inputs), "--out", str(out), "--strategy", ",".join(strategies), "--eta", str(eta),
@@ -105,11 +107,11 @@ def prepare(args, runs: list[Run]) -> dict:
     data = quality_data.make_data(seed=args.data_seed, per_kind=args.per_kind, per_fact=args.per_fact)
     WORK.mkdir(parents=True, exist_ok=True)
     for split, records in data.items():
-        write_jsonl(records, WORK / f"{split}.jsonl")
+        quality_data.gen.write_jsonl(records, WORK / f"{split}.jsonl")
     build([WORK / "train.jsonl"], WORK / "shards", STRATEGIES)
     build([WORK / "heldout.jsonl"], WORK / "heldout-shards", STRATEGIES)
     for eta in sorted({r.eta for r in runs if r.eta != 0.3}):
-        build([WORK / "train.jsonl"], WORK / f"shards-eta{eta:g}", ["tfidf"], eta)
+        build([WORK / "train.jsonl"], WORK / eta_shards(eta), ["tfidf"], eta)
     if any(r.groups == "oracle" for r in runs):
         oracle_shards(data["train"])
     return data
@@ -139,8 +141,7 @@ def oracle_shards(train_records: list[dict]) -> None:
         groups = []
         for rid, ids, mask in zip(*(table.column(c).to_pylist() for c in ("id", "input_ids", "loss_mask"))):
             g = [0 if m else -1 for m in mask]
-            variants = [tok.encode(p + answers[rid], add_special_tokens=False) for p in (" ", "")]
-            for i in answer_positions(ids, mask, variants):
+            for i in answer_positions(ids, mask, answers[rid], tok):
                 g[i] = 1
             groups.append(g)
         col = table.schema.get_field_index("group_tfidf")
@@ -178,7 +179,7 @@ def do_run(args, run: Run, heldout_rows, questions, tokenizer) -> dict:
                       lam=run.lam, seed=run.seed, lr=run.lr or args.lr, epochs=args.epochs, max_steps=args.max_steps,
                       batch_tokens=args.batch_tokens, warmup_steps=args.warmup, progress=False, tensorboard=False)
     t0 = time.perf_counter()
-    with open(os.devnull, "w") as devnull, _redirect(devnull):
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the trainer's summary table
         train(cfg)
     train_s = time.perf_counter() - t0
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
@@ -188,20 +189,6 @@ def do_run(args, run: Run, heldout_rows, questions, tokenizer) -> dict:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     result_path.write_text(json.dumps(res, indent=1) + "\n")
     return res
-
-
-class _redirect:
-    """Send the trainer's summary table to devnull (our own one-line progress is enough)."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def __enter__(self):
-        self.old = sys.stdout
-        sys.stdout = self.f
-
-    def __exit__(self, *exc):
-        sys.stdout = self.old
 
 
 def base_result(heldout_rows, questions, tokenizer) -> dict:
@@ -219,7 +206,7 @@ def group_overlap(train_records: list[dict], tokenizer) -> dict:
     """How well each grouping finds the known important tokens of the training shards:
     recall = share of answer tokens in group 1, precision = share of group-1 tokens that are answer tokens."""
     answers = {r["id"]: r["meta"]["answer"] for r in train_records}
-    rows = read_heldout(str(WORK / "shards"), answers, tokenizer)
+    rows = read_answered_rows(str(WORK / "shards"), answers, tokenizer)
     out = {}
     for s in STRATEGIES:
         hit = ans = imp = 0
@@ -277,7 +264,7 @@ def main(argv=None) -> None:
         print(f"quality experiment: {len(runs)} runs", flush=True)
         data = prepare(args, runs)
         tokenizer = load_tokenizer(None)
-        heldout_rows = read_heldout(str(WORK / "heldout-shards"), {r["id"]: r["meta"]["answer"] for r in data["heldout"]}, tokenizer)
+        heldout_rows = read_answered_rows(str(WORK / "heldout-shards"), {r["id"]: r["meta"]["answer"] for r in data["heldout"]}, tokenizer)
         base = base_result(heldout_rows, data["questions"], tokenizer)
         print(f"  base model: EM {base['em']:.3f}, answer loss {base['answer_loss']:.3f}", flush=True)
         results = []

@@ -24,8 +24,10 @@ import torch
 from quality_data import exact_match
 
 
-def answer_positions(ids: list[int], mask: list[int], variants: list[list[int]]) -> list[int]:
-    """Positions of the first occurrence of any token variant of the answer inside the supervised span."""
+def answer_positions(ids: list[int], mask: list[int], answer: str, tokenizer) -> list[int]:
+    """Positions of the answer's tokens (tokenized with and without a leading space, as it may stand
+    mid-sentence or after a newline): the first occurrence inside the supervised span."""
+    variants = [tokenizer.encode(p + answer, add_special_tokens=False) for p in (" ", "")]
     for var in variants:
         n = len(var)
         for s in range(len(ids) - n + 1):
@@ -34,16 +36,14 @@ def answer_positions(ids: list[int], mask: list[int], variants: list[list[int]])
     return []
 
 
-def read_heldout(shard_dir: str, answers: dict[str, str], tokenizer) -> list[dict]:
-    """Rows of the held-out shards with the answer's token positions (records whose answer is not found are dropped and counted)."""
+def read_answered_rows(shard_dir: str, answers: dict[str, str], tokenizer) -> list[dict]:
+    """Rows of a shard directory, each with `answer_pos`, its answer's token positions (empty where not found)."""
     rows = []
     for path in sorted(glob.glob(f"{shard_dir}/shard-*.parquet")):
         rows += pq.read_table(path).to_pylist()
     out = []
     for r in rows:
-        ans = answers[r["id"]]
-        variants = [tokenizer.encode(p + ans, add_special_tokens=False) for p in (" ", "")]
-        r["answer_pos"] = answer_positions(r["input_ids"], r["loss_mask"], variants)
+        r["answer_pos"] = answer_positions(r["input_ids"], r["loss_mask"], answers[r["id"]], tokenizer)
         out.append(r)
     return out
 

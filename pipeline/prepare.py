@@ -44,7 +44,9 @@ def get_encoder(tokenizer: str, max_length: int, overflow: str, trust_remote_cod
     light: load through the generic class (models.load_tokenizer_light), which the driver found
     equal to AutoTokenizer's load for this tokenizer."""
     tok = models.load_tokenizer_light(tokenizer) if light else None
-    return ChatEncoder(tok or models.load_tokenizer(tokenizer, trust_remote_code), max_length, overflow)
+    if tok is None:  # not light, or the generic class could not read the files
+        tok = models.load_tokenizer(tokenizer, trust_remote_code)
+    return ChatEncoder(tok, max_length, overflow)
 
 
 def warm_up(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool, light: bool) -> None:

@@ -55,10 +55,9 @@ def test_answer_positions_find_the_value_tokens(tokenizer, data):
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     mask = [int(s >= start) for s, _ in offsets]
     ans = rec["meta"]["answer"]
-    variants = [tokenizer.encode(p + ans, add_special_tokens=False) for p in (" ", "")]
-    pos = answer_positions(ids, mask, variants)
+    pos = answer_positions(ids, mask, ans, tokenizer)
     assert pos and tokenizer.decode([ids[i] for i in pos]).strip() == ans
-    assert answer_positions(ids, [0] * len(ids), variants) == []  # only inside the supervised span
+    assert answer_positions(ids, [0] * len(ids), ans, tokenizer) == []  # only inside the supervised span
 
 
 def test_paired_difference_and_verdict():
