@@ -40,7 +40,8 @@ def make_corpus(work: Path, records: int) -> list[str]:
 
 
 def rendered_texts(inputs: list[str]) -> list[str]:
-    from pipeline import formats, models
+    from sftgo.core import models
+    from sftgo.pipeline import formats
 
     tok = models.load_tokenizer(None)
     texts = []
@@ -52,7 +53,7 @@ def rendered_texts(inputs: list[str]) -> list[str]:
 
 
 def ceiling(texts: list[str], repeats: int) -> dict:
-    from pipeline import models
+    from sftgo.core import models
 
     tok = models.load_tokenizer(None)
     tokens = sum(len(ids) for ids in tok(texts[:2000], add_special_tokens=False)["input_ids"])  # warm-up

@@ -124,8 +124,8 @@ def oracle_shards(train_records: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import file_sha256
-    from pipeline.models import load_tokenizer
+    from sftgo.core.shards import file_sha256
+    from sftgo.core.models import load_tokenizer
 
     src, dst = WORK / "shards", WORK / "shards-oracle"
     if (dst / "manifest.json").exists():
@@ -166,8 +166,8 @@ def train_stats(run_dir: Path) -> dict:
 def do_run(args, run: Run, heldout_rows, questions, tokenizer) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from trainer.config import TrainConfig
-    from trainer.loop import run as train
+    from sftgo.trainer.config import TrainConfig
+    from sftgo.trainer.loop import run as train
 
     run_dir = WORK / "runs" / run.name
     result_path = run_dir / "result.json"
@@ -195,7 +195,7 @@ def base_result(heldout_rows, questions, tokenizer) -> dict:
     path = WORK / "base.json"
     if path.exists():
         return json.loads(path.read_text())
-    from pipeline.models import load_causal_lm
+    from sftgo.core.models import load_causal_lm
 
     res = evaluate_model(load_causal_lm(None, dtype=torch.float32), tokenizer, heldout_rows, questions, STRATEGIES)
     path.write_text(json.dumps(res, indent=1) + "\n")
@@ -256,7 +256,7 @@ def main(argv=None) -> None:
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     torch.set_num_threads(os.cpu_count() or 1)
-    from pipeline.models import load_tokenizer
+    from sftgo.core.models import load_tokenizer
 
     t_start = time.perf_counter()
     settings = {k: v for k, v in vars(args).items() if k not in ("fresh", "report_only", "only")}

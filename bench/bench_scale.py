@@ -52,7 +52,7 @@ _TOK = None
 def _tok():
     global _TOK
     if _TOK is None:
-        from pipeline.models import load_tokenizer
+        from sftgo.core.models import load_tokenizer
 
         _TOK = load_tokenizer(None)
     return _TOK
@@ -74,7 +74,7 @@ def hf_encode(batch: dict) -> dict:
     """Normalise, render, tokenize with offsets, assistant loss mask, response text."""
     import numpy as np
 
-    from pipeline.formats import to_messages
+    from sftgo.pipeline.formats import to_messages
 
     tok = _tok()
     keys = [k for k in batch if k not in ("meta",)]

@@ -34,11 +34,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from generate import generate  # noqa: E402
-from grouping.reference import ReferenceConfig, ReferenceScorer, buckets  # noqa: E402
-from grouping.semantic import SemanticConfig, SemanticScorer  # noqa: E402
-from pipeline.chat import ChatEncoder  # noqa: E402
-from pipeline.formats import RecordError, to_messages  # noqa: E402
-from pipeline.models import load_tokenizer  # noqa: E402
+from sftgo.grouping.reference import ReferenceConfig, ReferenceScorer, buckets  # noqa: E402
+from sftgo.grouping.semantic import SemanticConfig, SemanticScorer  # noqa: E402
+from sftgo.pipeline.chat import ChatEncoder  # noqa: E402
+from sftgo.pipeline.formats import RecordError, to_messages  # noqa: E402
+from sftgo.core.models import load_tokenizer  # noqa: E402
 
 
 def samples(records: int, max_length: int, tokenizer):

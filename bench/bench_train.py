@@ -52,8 +52,8 @@ def default_shards() -> str:
 
 
 def run_ours(args, objective: str, work: Path) -> list[float]:
-    from trainer.config import TrainConfig
-    from trainer.loop import run
+    from sftgo.trainer.config import TrainConfig
+    from sftgo.trainer.loop import run
 
     out = work / f"ours-{objective}"
     shutil.rmtree(out, ignore_errors=True)
@@ -71,13 +71,13 @@ def run_ours(args, objective: str, work: Path) -> list[float]:
 def paired_objectives(args, rounds: int) -> dict:
     """sft and sftgo steps alternated in one process on the same batches, with the trainer's
     own parts (TokenLossModel, objective_parts, fused AdamW): contention hits both alike."""
-    from pipeline.manifest import read_manifest
-    from pipeline.models import load_tokenizer
-    from trainer.batching import IGNORE, Batches
-    from trainer.config import TrainConfig
-    from trainer.data import ShardStream
-    from trainer.loop import make_optimizer, objective_parts, step_counts
-    from trainer.model import TokenLossModel, load_for_training
+    from sftgo.core.shards import read_manifest
+    from sftgo.core.models import load_tokenizer
+    from sftgo.trainer.batching import IGNORE, Batches
+    from sftgo.trainer.config import TrainConfig
+    from sftgo.trainer.data import ShardStream
+    from sftgo.trainer.loop import make_optimizer, objective_parts, step_counts
+    from sftgo.trainer.model import TokenLossModel, load_for_training
 
     tok = load_tokenizer(args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -111,11 +111,11 @@ def paired_objectives(args, rounds: int) -> dict:
 
 def the_batches(args) -> list[dict]:
     """The micro-batches sftgo-train trains on (same seed and settings), in HF's format."""
-    from pipeline.manifest import read_manifest
-    from pipeline.models import load_tokenizer
-    from trainer.batching import IGNORE, Batches, collate
-    from trainer.config import TrainConfig
-    from trainer.data import ShardStream
+    from sftgo.core.shards import read_manifest
+    from sftgo.core.models import load_tokenizer
+    from sftgo.trainer.batching import IGNORE, Batches, collate
+    from sftgo.trainer.config import TrainConfig
+    from sftgo.trainer.data import ShardStream
 
     c = TrainConfig(data=args.data, out="-", batch_tokens=args.batch_tokens)
     tok = load_tokenizer(args.model)
@@ -142,7 +142,7 @@ def the_batches(args) -> list[dict]:
 def run_hf(args, batches, work: Path) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from pipeline.models import load_causal_lm
+    from sftgo.core.models import load_causal_lm
 
     class Batches(torch.utils.data.IterableDataset):
         def __iter__(self):

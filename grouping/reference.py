@@ -12,7 +12,7 @@ at the positions that predict a needed token, in chunks, so memory stays at abou
 batch_tokens x hidden plus a bounded [chunk, vocab] block instead of [batch_tokens, vocab].
 
 Tokenizers.  When the model's tokenizer has the pipeline tokenizer's fingerprint
-(pipeline.models.tokenizer_fingerprint) the pipeline ids are fed directly (fast path).
+(sftgo.core.models.tokenizer_fingerprint) the pipeline ids are fed directly (fast path).
 Otherwise the rendered text is re-tokenized with the model's own (fast) tokenizer, without
 adding special tokens (the text is already chat-rendered), each model token's CE is
 computed, and **each model token's loss is spread over the characters it covers and every
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import models
+from sftgo.core import models
 
 log = logging.getLogger(__name__)
 

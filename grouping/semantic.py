@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from grouping.reference import pick_device, set_threads_from_env
-from grouping.tfidf import token_word_index, word_bounds
+from sftgo.grouping.reference import pick_device, set_threads_from_env
+from sftgo.grouping.tfidf import token_word_index, word_bounds
 
 log = logging.getLogger(__name__)
 

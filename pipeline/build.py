@@ -25,12 +25,13 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from grouping import tfidf
-from pipeline import executor, models, readers, strategies
-from pipeline.config import BuildConfig
-from pipeline.finalize import finalize_partition
-from pipeline.manifest import FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, file_sha256, read_manifest, write_manifest
-from pipeline.prepare import prepare_partition, stage_path, warm_up
+from sftgo.grouping import tfidf
+from sftgo.core import models
+from sftgo.pipeline import executor, readers, strategies
+from sftgo.pipeline.config import BuildConfig
+from sftgo.pipeline.finalize import finalize_partition
+from sftgo.core.shards import FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, file_sha256, read_manifest, write_manifest
+from sftgo.pipeline.prepare import prepare_partition, stage_path, warm_up
 
 STAGING = ".staging"
 LOCK = ".lock"

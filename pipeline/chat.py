@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.formats import RecordError
+from sftgo.pipeline.formats import RecordError
 
 _SENTINEL = "\ue000SFTGO{}\ue001"  # private-use code points: never produced by templates
 _PROBE = "sftgoprobe"

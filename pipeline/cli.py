@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from pipeline.config import BuildConfig, load_config_file
+from sftgo.pipeline.config import BuildConfig, load_config_file
 
 BUILD_EXAMPLE = """
 \b
@@ -42,11 +42,11 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, debug=False, **kwargs):
-        from pipeline.build import BuildError
-        from pipeline.executor import TaskError
-        from pipeline.manifest import ShardError
-        from pipeline.models import ModelNotFound
-        from pipeline.readers import InputError
+        from sftgo.pipeline.build import BuildError
+        from sftgo.pipeline.executor import TaskError
+        from sftgo.core.shards import ShardError
+        from sftgo.core.models import ModelNotFound
+        from sftgo.pipeline.readers import InputError
 
         try:
             return fn(*args, **kwargs)
@@ -124,8 +124,8 @@ def _explicit(ctx: click.Context) -> set[str]:
 @_user_errors
 def build(ctx, inputs, config_file, **opts):
     """Build shards from INPUTS (JSONL, JSON, Parquet, CSV, datasets folders, hf:NAME)."""
-    from pipeline.build import run
-    from pipeline.formats import parse_field_map
+    from sftgo.pipeline.build import run
+    from sftgo.pipeline.formats import parse_field_map
 
     values = load_config_file(config_file, BuildConfig.__dataclass_fields__) if config_file else {}
     given = _explicit(ctx)
@@ -172,8 +172,8 @@ def build(ctx, inputs, config_file, **opts):
 @_user_errors
 def score(ctx, directory, strategy, **opts):
     """Add a strategy's importance and group columns to an existing build (no re-tokenizing)."""
-    from pipeline.config import STRATEGIES
-    from pipeline.score import run
+    from sftgo.pipeline.config import STRATEGIES
+    from sftgo.pipeline.score import run
 
     new = [s.strip() for s in strategy.split(",") if s.strip()]
     unknown = [s for s in new if s not in STRATEGIES]
@@ -199,7 +199,7 @@ def score(ctx, directory, strategy, **opts):
 @_user_errors
 def inspect(directory, strategy, sample, html_path, samples, color):
     """Summarise a shard directory and show a sample's tokens coloured by group."""
-    from pipeline import inspect as inspect_mod
+    from sftgo.pipeline import inspect as inspect_mod
 
     click.echo(inspect_mod.run(directory, strategy, sample, html_path, samples, color), color=color)
 

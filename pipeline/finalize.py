@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grouping.assign import assign_groups
-from pipeline import strategies
-from pipeline.manifest import atomic_write, file_sha256
-from pipeline.prepare import stage_path
+from sftgo.grouping.assign import assign_groups
+from sftgo.pipeline import strategies
+from sftgo.core.shards import atomic_write, file_sha256
+from sftgo.pipeline.prepare import stage_path
 
 SHARD_COMPRESSION = "zstd"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import models
-from pipeline.manifest import ShardError, read_manifest, strategy_order
+from sftgo.core import models
+from sftgo.core.shards import ShardError, read_manifest, strategy_order
 
 ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}
 RESET = "\x1b[0m"

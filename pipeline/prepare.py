@@ -25,11 +25,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grouping import tfidf
-from pipeline import formats, models, readers, strategies
-from pipeline.chat import ChatEncoder
-from pipeline.manifest import atomic_write, atomic_write_text
-from pipeline.strategies import list_column
+from sftgo.grouping import tfidf
+from sftgo.core import models
+from sftgo.pipeline import formats, readers, strategies
+from sftgo.pipeline.chat import ChatEncoder
+from sftgo.core.shards import atomic_write, atomic_write_text
+from sftgo.pipeline.strategies import list_column
 
 BATCH = 512  # conversations per tokenizer call: amortises the Rust call, bounds memory
 

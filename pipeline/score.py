@@ -23,14 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grouping import tfidf
-from pipeline import executor, models, strategies
-from pipeline.build import BuildError, exclusive, fit_idf_from_staging
-from pipeline.finalize import shard_entry, shard_table, write_shard
-from pipeline.manifest import (
+from sftgo.grouping import tfidf
+from sftgo.core import models
+from sftgo.pipeline import executor, strategies
+from sftgo.pipeline.build import BuildError, exclusive, fit_idf_from_staging
+from sftgo.pipeline.finalize import shard_entry, shard_table, write_shard
+from sftgo.core.shards import (
     MANIFEST, ShardError, atomic_write_text, read_manifest, strategy_order, verify_shards, write_manifest,
 )
-from pipeline.prepare import stage_path, staged_table, write_stage
+from sftgo.pipeline.prepare import stage_path, staged_table, write_stage
 
 SCORING = ".scoring"
 

@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from grouping import tfidf
+from sftgo.grouping import tfidf
 
 NEEDS_FIT = {"tfidf"}
 
@@ -49,14 +49,14 @@ def _scorer(strategy: str, key: str, tokenizer_location: str, trust_remote_code:
     """One model-backed scorer per worker process (key: its parameters as JSON)."""
     cfg = json.loads(key)
     if strategy == "reference":
-        from grouping.reference import ReferenceConfig, ReferenceScorer
-        from pipeline import models
+        from sftgo.grouping.reference import ReferenceConfig, ReferenceScorer
+        from sftgo.core import models
 
         return ReferenceScorer(
             ReferenceConfig(cfg["model"], cfg["mode"], cfg["base_model"], cfg["batch_tokens"], trust_remote_code=trust_remote_code),
             models.load_tokenizer(tokenizer_location, trust_remote_code),
         )
-    from grouping.semantic import SemanticConfig, SemanticScorer
+    from sftgo.grouping.semantic import SemanticConfig, SemanticScorer
 
     return SemanticScorer(SemanticConfig(compressor_model=cfg["compressor_model"], encoder=cfg["encoder"]))
 

@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from pipeline import models
+    from sftgo.core import models
 
     return models.load_tokenizer(None)
 

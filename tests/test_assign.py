@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from grouping.assign import assign_groups, important_count
+from sftgo.grouping.assign import assign_groups, important_count
 
 
 def brute_force(scores, mask, eta, k):

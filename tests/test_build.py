@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from grouping.assign import assign_groups
-from pipeline import models
-from pipeline.build import BuildError, run
-from pipeline.config import BuildConfig
-from pipeline.manifest import ShardError, file_sha256, read_manifest, verify_shards
+from sftgo.grouping.assign import assign_groups
+from sftgo.core import models
+from sftgo.pipeline.build import BuildError, run
+from sftgo.pipeline.config import BuildConfig
+from sftgo.core.shards import ShardError, file_sha256, read_manifest, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_LINES = [

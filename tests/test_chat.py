@@ -6,8 +6,8 @@ import copy
 import numpy as np
 import pytest
 
-from pipeline.chat import ChatEncoder
-from pipeline.formats import RecordError
+from sftgo.pipeline.chat import ChatEncoder
+from sftgo.pipeline.formats import RecordError
 
 CONV = [
     {"role": "system", "content": "Answer briefly."},
@@ -50,7 +50,7 @@ def test_mask_on_generated_chat_data(tokenizer):
     import json
     from pathlib import Path
 
-    from pipeline.formats import to_messages
+    from sftgo.pipeline.formats import to_messages
 
     encoder = ChatEncoder(tokenizer, max_length=8192)
     lines = Path(__file__).resolve().parents[1].joinpath("data", "chat.jsonl").read_text().splitlines()[:60]
@@ -117,7 +117,7 @@ def test_light_tokenizer_encodes_like_autotokenizer(tokenizer):
     import json
     from pathlib import Path
 
-    from pipeline import models
+    from sftgo.core import models
 
     light = models.load_tokenizer_light(None)
     assert light is not None and models.tokenizer_spec(light) == models.tokenizer_spec(tokenizer)
@@ -134,7 +134,7 @@ def test_light_tokenizer_encodes_like_autotokenizer(tokenizer):
 def test_light_verdict_is_checked_once_and_remembered(tokenizer, tmp_path, monkeypatch):
     import json
 
-    from pipeline import models
+    from sftgo.core import models
 
     tok_dir = tmp_path / "tok"
     tokenizer.save_pretrained(tok_dir)
@@ -156,7 +156,7 @@ def test_light_verdict_is_checked_once_and_remembered(tokenizer, tmp_path, monke
 
 
 def test_light_tokenizer_not_used_when_it_differs(tokenizer, tmp_path, monkeypatch):
-    from pipeline import models
+    from sftgo.core import models
 
     tok_dir = tmp_path / "tok"
     tokenizer.save_pretrained(tok_dir)

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from pipeline.formats import FORMATS, RecordError, detect_format, parse_field_map, record_id, to_messages
+from sftgo.pipeline.formats import FORMATS, RecordError, detect_format, parse_field_map, record_id, to_messages
 
 U, A, S = "user", "assistant", "system"
 

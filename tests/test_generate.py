@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.formats import detect_format, to_messages
+from sftgo.pipeline.formats import detect_format, to_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

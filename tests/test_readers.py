@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import readers
+from sftgo.pipeline import readers
 
 RECORDS = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer number {i}."} for i in range(23)]
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grouping import reference
-from grouping.reference import ReferenceConfig, ReferenceScorer, buckets
-from grouping.semantic import packaged_encoder_dir
-from pipeline.chat import ChatEncoder
+from sftgo.grouping import reference
+from sftgo.grouping.reference import ReferenceConfig, ReferenceScorer, buckets
+from sftgo.grouping.semantic import packaged_encoder_dir
+from sftgo.pipeline.chat import ChatEncoder
 
 
 def _load_generate():
@@ -93,7 +93,7 @@ def direct_ce(model, ids) -> np.ndarray:
 
 
 def test_excess_is_base_minus_reference(ref_dir, base_dir, tokenizer, samples):
-    from pipeline.models import load_causal_lm
+    from sftgo.core.models import load_causal_lm
 
     enc = samples[:4]
     excess = run(ReferenceScorer(ReferenceConfig(model=ref_dir, mode="excess", base_model=base_dir), tokenizer), enc)
@@ -121,7 +121,7 @@ def test_alignment_path_equals_fast_path_on_identical_tokenization(ref_dir, toke
 def test_different_tokenizer_aligned_by_characters(bert_tok_dir, tokenizer, samples):
     from transformers import AutoTokenizer
 
-    from pipeline.models import load_causal_lm
+    from sftgo.core.models import load_causal_lm
 
     enc = samples[:5]
     scorer = ReferenceScorer(ReferenceConfig(model=bert_tok_dir, batch_tokens=900), tokenizer)
@@ -165,7 +165,7 @@ def test_threads_follow_omp_num_threads(ref_dir, tokenizer, monkeypatch):
 
 
 def test_embedded_reference_equals_direct_transformers_loss(tokenizer):
-    from pipeline.models import load_causal_lm
+    from sftgo.core.models import load_causal_lm
 
     convs = [r["messages"] for r in generate(2, seed=11, kind="chat")]
     convs.append([{"role": "user", "content": "Who designed the Varnish Tower?"},

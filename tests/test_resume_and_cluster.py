@@ -90,7 +90,7 @@ def test_build_on_an_existing_dask_cluster(corpus, reference, tmp_path, cli):
             out = tmp_path / "out"
             cli("sftgo-prep", *build_args(corpus, out)[1:], "--scheduler", address)
             # both workers tokenized, and each loaded its tokenizer exactly once for all its tasks
-            info = client.run(lambda: __import__("pipeline.prepare", fromlist=["_"]).get_encoder.cache_info())
+            info = client.run(lambda: __import__("sftgo.pipeline.prepare", fromlist=["_"]).get_encoder.cache_info())
             assert len(info) == 2
             assert all(i.misses == 1 and i.hits >= 1 for i in info.values()), info
         assert files_of(out) == reference

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from grouping.semantic import SemanticConfig, SemanticScorer, packaged_encoder_dir
-from grouping.tfidf import token_word_index, word_bounds
-from pipeline.chat import ChatEncoder
+from sftgo.grouping.semantic import SemanticConfig, SemanticScorer, packaged_encoder_dir
+from sftgo.grouping.tfidf import token_word_index, word_bounds
+from sftgo.pipeline.chat import ChatEncoder
 
 KEY = "The Varnish Tower was designed by the architect Idris Pellow."
 RESPONSES = [

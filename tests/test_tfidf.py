@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from grouping import tfidf
-from pipeline.chat import ChatEncoder
+from sftgo.grouping import tfidf
+from sftgo.pipeline.chat import ChatEncoder
 
 RESPONSES = [
     "The Varnish Tower in Quelmora was completed in 1874 by Idris Pellow.",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainer.data import hash_key
+from sftgo.trainer.data import hash_key
 
 IGNORE = -100
 

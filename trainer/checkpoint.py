@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.manifest import atomic_write_text
+from sftgo.core.shards import atomic_write_text
 
 LATEST = "latest"
 

@@ -12,14 +12,14 @@ import sys
 
 import click
 
-from trainer.config import FIELDS, ConfigError, make_config, read_config_file
+from sftgo.trainer.config import FIELDS, ConfigError, make_config, read_config_file
 
 EXAMPLE = """\b
 Example:
   sftgo-train --data out/demo/shards --out runs/go --objective sftgo --groups tfidf \\
               --lam 0.9 --max-steps 200 --batch-tokens 4096 --eval-data out/demo/eval
   sftgo-train --data out/demo/shards --out runs/go --max-steps 200 --resume
-  torchrun --nproc_per_node 2 -m trainer.cli --data DIR --out RUN_DIR ...
+  torchrun --nproc_per_node 2 -m sftgo.trainer.cli --data DIR --out RUN_DIR ...
 """
 
 
@@ -28,7 +28,7 @@ def _help(name: str) -> str:
     import ast
     import inspect
 
-    from trainer import config
+    from sftgo.trainer import config
 
     tree = ast.parse(inspect.getsource(config.TrainConfig))
     body = tree.body[0].body
@@ -75,7 +75,7 @@ def build_command():
             file_values = read_config_file(config_file) if config_file else {}
             given = {k: v for k, v in kwargs.items() if v is not None}
             cfg = make_config(file_values, **given)
-            from trainer.loop import run
+            from sftgo.trainer.loop import run
 
             run(cfg)
         except (Exception, KeyboardInterrupt) as exc:  # one sentence unless --debug
@@ -95,8 +95,8 @@ def build_command():
 
 
 def _fail(exc: Exception) -> None:
-    from pipeline.manifest import ShardError
-    from pipeline.models import ModelNotFound
+    from sftgo.core.shards import ShardError
+    from sftgo.core.models import ModelNotFound
 
     if isinstance(exc, (ConfigError, ShardError, ModelNotFound)):
         message = str(exc)

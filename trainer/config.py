@@ -10,8 +10,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from pipeline.config import load_config_file
-from trainer.objectives import OBJECTIVES, SCHEDULES
+from sftgo.pipeline.config import load_config_file
+from sftgo.trainer.objectives import OBJECTIVES, SCHEDULES
 
 
 class ConfigError(ValueError):

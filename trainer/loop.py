@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.manifest import atomic_write_text, read_manifest, verify_shards
-from pipeline.models import load_tokenizer, tokenizer_fingerprint
-from trainer import checkpoint as ckpt
-from trainer.batching import IGNORE, Batches
-from trainer.config import ConfigError, TrainConfig
-from trainer.data import ShardStream
-from trainer.metrics import MetricsLog, plot_curves, read_jsonl, summary_table
-from trainer.model import TokenLossModel, causal_lm, load_for_training
-from trainer.objectives import GroupDRO, lam_at, rho1_loss, sftgo_loss
+from sftgo.core.shards import atomic_write_text, read_manifest, verify_shards
+from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
+from sftgo.trainer import checkpoint as ckpt
+from sftgo.trainer.batching import IGNORE, Batches
+from sftgo.trainer.config import ConfigError, TrainConfig
+from sftgo.trainer.data import ShardStream
+from sftgo.trainer.metrics import MetricsLog, plot_curves, read_jsonl, summary_table
+from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training
+from sftgo.trainer.objectives import GroupDRO, lam_at, rho1_loss, sftgo_loss
 
 # settings that change the data order or the meaning of a step: a resume must keep them
 RESUME_KEYS = ("data", "objective", "groups", "batch_tokens", "max_length", "pack", "grad_accum", "seed",

@@ -1,7 +1,7 @@
 """The model side of training: load, optionally LoRA / gradient checkpointing, and a module
 that returns per-token losses of the supervised positions only.
 
-Input: a model name or checkpoint directory (see pipeline.models), training options.
+Input: a model name or checkpoint directory (see sftgo.core.models), training options.
 Output: `TokenLossModel`, an nn.Module (what DDP wraps) whose forward(input_ids,
 position_ids, targets) returns the CE of each supervised target, flattened row-major.
 Cost: the decoder forward/backward as usual; the lm_head and softmax run only on supervised
@@ -15,10 +15,10 @@ import importlib.util
 import torch
 from torch import nn
 
-from pipeline.models import load_causal_lm
-from trainer.batching import IGNORE
-from trainer.config import ConfigError
-from trainer.objectives import token_cross_entropy
+from sftgo.core.models import load_causal_lm
+from sftgo.trainer.batching import IGNORE
+from sftgo.trainer.config import ConfigError
+from sftgo.trainer.objectives import token_cross_entropy
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("SFTGO_CACHE", "/tmp/sftgo-cache")
 
-from pipeline.manifest import file_sha256, write_manifest  # noqa: E402
+from sftgo.core.shards import file_sha256, write_manifest  # noqa: E402
 
 
 def write_shards(out_dir, records, *, rows_per_shard=16, strategies=("tfidf",), num_groups=2,
@@ -97,7 +97,7 @@ def tiny_model_dir(tiny_lm):
 
 @pytest.fixture(scope="session")
 def fingerprint(tokenizer):
-    from pipeline.models import tokenizer_fingerprint
+    from sftgo.core.models import tokenizer_fingerprint
 
     return tokenizer_fingerprint(tokenizer)
 

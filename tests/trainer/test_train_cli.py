@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, make_config, read_config_file
+from sftgo.trainer.config import ConfigError, make_config, read_config_file
 
 BIN = str(Path(sys.executable).parent / "sftgo-train")
 

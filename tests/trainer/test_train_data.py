@@ -4,9 +4,9 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.manifest import read_manifest
-from trainer.batching import IGNORE, Batches, bucketed, collate, packed
-from trainer.data import ShardStream, prefetch
+from sftgo.core.shards import read_manifest
+from sftgo.trainer.batching import IGNORE, Batches, bucketed, collate, packed
+from sftgo.trainer.data import ShardStream, prefetch
 
 
 @pytest.fixture

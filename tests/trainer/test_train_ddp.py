@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     from safetensors.torch import save_file
-    import trainer.batching as tb
-    import trainer.loop as tl
-    from trainer.config import TrainConfig
+    import sftgo.trainer.batching as tb
+    import sftgo.trainer.loop as tl
+    from sftgo.trainer.config import TrainConfig
 
     rank = int(os.environ["RANK"])
     seen, nets = [], []

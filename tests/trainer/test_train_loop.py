@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.manifest import ShardError
-from trainer.config import ConfigError, TrainConfig
-from trainer.loop import run
+from sftgo.core.shards import ShardError
+from sftgo.trainer.config import ConfigError, TrainConfig
+from sftgo.trainer.loop import run
 
 
 def cfg(shard_dir, out, model, **kw):
@@ -75,9 +75,9 @@ def test_rho1_and_epochs_mode_and_eval_records(tmp_path, shard_dir, eval_dir, ti
     out = tmp_path / "rho"
     summary = run(cfg(shard_dir, out, tiny_model_dir, objective="rho1", max_steps=0, epochs=1, eval_data=str(eval_dir),
                       eval_every=2, grad_accum=2))
-    from trainer.batching import Batches
-    from trainer.data import ShardStream
-    from pipeline.manifest import read_manifest
+    from sftgo.trainer.batching import Batches
+    from sftgo.trainer.data import ShardStream
+    from sftgo.core.shards import read_manifest
 
     b = Batches(ShardStream(str(shard_dir), read_manifest(shard_dir), "group_tfidf", seed=0, shuffle_buffer=8),
                 batch_tokens=160, max_length=2048, pack=False, pool_batches=2, seed=0, pad_id=0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.batching import collate
-from trainer.model import TokenLossModel
+from sftgo.trainer.batching import collate
+from sftgo.trainer.model import TokenLossModel
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives import GroupDRO, lam_at, rho1_loss, sft_loss, sftgo_loss, token_cross_entropy
+from sftgo.trainer.objectives import GroupDRO, lam_at, rho1_loss, sft_loss, sftgo_loss, token_cross_entropy
 
 
 def _batch(seed=0, B=5, T=12, K=2, empty_rows=(), single_group_rows=()):
