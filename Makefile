@@ -41,7 +41,7 @@ bench: install
 
 # About 72 minutes on 2 CPU cores: sft vs sftgo (3 groupings + oracle) vs rho1, 3 seeds, eta and lambda sweeps, lr check.
 bench-quality: install
-	$(PY) bench/bench_quality.py
+	$(PY) experiments/bench_quality.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data"))
 sys.path.insert(0, str(ROOT))
 
-WORD = r"(?u)\b\w+\b"
+from sftgo.grouping.tfidf import WORD_PATTERN as WORD  # noqa: E402  (scikit-learn's default)
 ETA = 0.3
 
 # --------------------------------------------------------------------------------------------

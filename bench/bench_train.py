@@ -70,23 +70,21 @@ def run_ours(args, objective: str, work: Path) -> list[float]:
 
 def paired_objectives(args, rounds: int) -> dict:
     """sft and sftgo steps alternated in one process on the same batches, with the trainer's
-    own parts (TokenLossModel, objective_parts, fused AdamW): contention hits both alike."""
-    from sftgo.core.shards import read_manifest
+    own step (TokenLossModel, trainer.step.backward_step, fused AdamW): contention hits both alike."""
     from sftgo.core.models import load_tokenizer
-    from sftgo.trainer.batching import IGNORE, Batches
+    from sftgo.core.shards import group_column, read_manifest
     from sftgo.trainer.config import TrainConfig
-    from sftgo.trainer.data import ShardStream
-    from sftgo.trainer.loop import make_optimizer, objective_parts, step_counts
+    from sftgo.trainer.loop import make_batches, make_optimizer
     from sftgo.trainer.model import TokenLossModel, load_for_training
+    from sftgo.trainer.step import Objective, backward_step
 
     tok = load_tokenizer(args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     times = {"sft": [], "sftgo": []}
-    cfgs = {o: TrainConfig(data=args.data, out="-", objective=o, batch_tokens=args.batch_tokens) for o in times}
-    c = cfgs["sft"]
-    batches = Batches(ShardStream(args.data, read_manifest(args.data), "group_tfidf", seed=c.seed),
-                      batch_tokens=c.batch_tokens, max_length=c.max_length, pack=False, pool_batches=c.bucket_pool,
-                      seed=c.seed, pad_id=pad)
+    c = TrainConfig(data=args.data, out="-", batch_tokens=args.batch_tokens)
+    objectives = {o: Objective(o, 2, c.reduce, c.temperature) for o in times}
+    batches = make_batches(c, args.data, read_manifest(args.data), group_column("tfidf"), pad, 0, 1, shuffle=True,
+                           cycle=True)
     model = load_for_training(args.model)
     net = TokenLossModel(model, c.ce_chunk)
     opt = make_optimizer(model, c, torch.device("cpu"))
@@ -95,12 +93,8 @@ def paired_objectives(args, rounds: int) -> dict:
         mb = next(it)
         for o in (("sft", "sftgo") if r % 2 else ("sftgo", "sft")):
             t0 = time.perf_counter()
-            counts = step_counts([mb], 2, torch.device("cpu"))
-            denoms = (counts[0].item(), counts[1].item(), counts[2:4])
-            tl = net(mb.input_ids, None, mb.targets)
-            keep = mb.targets != IGNORE
-            objective_parts(cfgs[o], tl, mb.groups[keep], mb.segments[keep], 2, 0.9, denoms, None).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            backward_step(net, [mb], objectives[o], c.lam)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_grad)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if r > 0:  # the first round warms up
@@ -111,23 +105,21 @@ def paired_objectives(args, rounds: int) -> dict:
 
 def the_batches(args) -> list[dict]:
     """The micro-batches sftgo-train trains on (same seed and settings), in HF's format."""
-    from sftgo.core.shards import read_manifest
     from sftgo.core.models import load_tokenizer
-    from sftgo.trainer.batching import IGNORE, Batches, collate
+    from sftgo.core.shards import group_column, read_manifest
+    from sftgo.trainer.batching import IGNORE, collate
     from sftgo.trainer.config import TrainConfig
-    from sftgo.trainer.data import ShardStream
+    from sftgo.trainer.loop import make_batches
 
     c = TrainConfig(data=args.data, out="-", batch_tokens=args.batch_tokens)
     tok = load_tokenizer(args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stream = ShardStream(args.data, read_manifest(args.data), "group_tfidf", seed=c.seed,
-                         shuffle_buffer=c.shuffle_buffer, readahead=c.readahead)
-    batches = Batches(stream, batch_tokens=c.batch_tokens, max_length=c.max_length, pack=False,
-                      pool_batches=c.bucket_pool, seed=c.seed, pad_id=pad)
+    batches = make_batches(c, args.data, read_manifest(args.data), group_column("tfidf"), pad, 0, 1, shuffle=True,
+                           cycle=True)
     out = []
     for rows in batches.row_lists(0):
-        b = collate(rows, pad, c.max_length, c.batch_tokens, False)
-        lengths = [min(s["length"], min(c.max_length, c.batch_tokens)) for row in rows for s in row]
+        b = collate(rows, pad, False)
+        lengths = [s["length"] for row in rows for s in row]
         mask = torch.zeros_like(b.input_ids)
         for r, n in enumerate(lengths):
             mask[r, :n] = 1

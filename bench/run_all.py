@@ -127,7 +127,7 @@ def summarise_raw(path: Path, top: int = 15) -> dict:
         seen = per_proc.setdefault(pid, {"samples": 0, "driver": False, "tasks": False})
         seen["samples"] += n
         seen["driver"] |= depth == 1  # the outermost process (workers re-import the CLI module as __mp_main__)
-        seen["tasks"] |= "prepare_partition" in stack or "finalize_partition" in stack
+        seen["tasks"] |= "prepare_partition" in stack or "write_partition" in stack
         total += n
         self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
         for f in set(frames):

@@ -24,13 +24,15 @@ fast path.  A model whose tokenizer is not fast (no offsets) is refused with Val
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from sftgo.core import models
+from sftgo.core import models, shards
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +279,33 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+# --- strategy plug-in (grouping/registry.py)
+@functools.lru_cache(maxsize=2)
+def _scorer(key: tuple, tokenizer_location: str) -> ReferenceScorer:
+    """One scorer per worker process and setting (the models load once)."""
+    model, mode, base_model, batch_tokens, trust_remote_code = key
+    tok = models.load_tokenizer(tokenizer_location, trust_remote_code)
+    return ReferenceScorer(ReferenceConfig(model, mode, base_model, batch_tokens, trust_remote_code=trust_remote_code), tok)
+
+
+class ReferenceStrategy:
+    """Importance = a reference LM's loss per token (or Rho-1's excess loss); no corpus fit."""
+
+    name = "reference"
+
+    def params(self, cfg) -> dict:
+        return {"model": cfg.reference_model, "mode": cfg.reference_mode, "base_model": cfg.base_model,
+                "batch_tokens": cfg.score_batch_tokens}
+
+    def stage(self, cols: dict, cfg, tokenizer: str) -> dict:
+        key = (cfg.reference_model, cfg.reference_mode, cfg.base_model, cfg.score_batch_tokens, cfg.trust_remote_code)
+        scores = _scorer(key, tokenizer).score(cols["input_ids"], cols["loss_mask"], cols["text"], cols["offsets"])
+        return {shards.importance_column(self.name): shards.list_column(scores, pa.float32())}
+
+    def importance(self, staged, artifacts: dict, folder: str):
+        return staged[shards.importance_column(self.name)].combine_chunks()
+
+
+STRATEGY = ReferenceStrategy()

@@ -3,8 +3,10 @@
 Input: per sample the rendered text, the assistant contents' character spans, the LLM
 tokens' character offsets and the loss mask (pipeline.chat.Encoded), plus a SemanticConfig.
 Output: per sample a float32 array [T]: the score of the word each supervised LLM token
-belongs to (words = grouping.tfidf.word_bounds, the WORD_PATTERN matches inside the
-contents, as every strategy uses; a token belongs to a word by grouping.tfidf.token_word_index);
+belongs to (words = grouping.tfidf.word_bounds: every run of word characters inside the
+contents, in the original text -- one-letter words such as "a", "I" or "5" included, case
+kept -- unlike TF-IDF's scikit-learn terms; a token belongs to a word by
+grouping.tfidf.token_word_index);
 0.0 for tokens outside any word (punctuation, end-of-turn) and where loss_mask == 0.
 
 Two scorers; each assistant content (turn) is scored as its own response:
@@ -25,6 +27,7 @@ Two scorers; each assistant content (turn) is scored as its own response:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -32,7 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
+from sftgo.core import shards
 from sftgo.grouping.reference import pick_device, set_threads_from_env
 from sftgo.grouping.tfidf import token_word_index, word_bounds
 
@@ -245,3 +250,30 @@ def _encoder_max_length(location: str, model, tokenizer) -> int:
     limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(limits) if limits else 512
+
+
+# --- strategy plug-in (grouping/registry.py)
+@functools.lru_cache(maxsize=2)
+def _scorer(compressor_model: str | None, encoder: str | None) -> SemanticScorer:
+    """One scorer per worker process and setting (the model loads once)."""
+    return SemanticScorer(SemanticConfig(compressor_model=compressor_model, encoder=encoder))
+
+
+class SemanticStrategy:
+    """Importance = LLMLingua-2 keep probability, or sentence-embedding occlusion; no corpus fit."""
+
+    name = "semantic"
+
+    def params(self, cfg) -> dict:
+        return {"compressor_model": cfg.compressor_model, "encoder": cfg.semantic_encoder}
+
+    def stage(self, cols: dict, cfg, tokenizer: str) -> dict:
+        scorer = _scorer(cfg.compressor_model, cfg.semantic_encoder)
+        scores = scorer.score(cols["text"], cols["spans"], cols["offsets"], cols["loss_mask"])
+        return {shards.importance_column(self.name): shards.list_column([np.asarray(s, np.float32) for s in scores], pa.float32())}
+
+    def importance(self, staged, artifacts: dict, folder: str):
+        return staged[shards.importance_column(self.name)].combine_chunks()
+
+
+STRATEGY = SemanticStrategy()

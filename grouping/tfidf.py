@@ -1,23 +1,32 @@
-"""TF-IDF importance: terms per response, document frequencies, IDF, token scores.
+r"""TF-IDF importance: terms per response, document frequencies, IDF, token scores.
 
-Definitions are scikit-learn's TfidfVectorizer defaults (raw term counts, smooth idf
-= ln((1 + n) / (1 + df)) + 1, L2-normalised rows); a document is one sample's
-response (all assistant contents).  A token's score is the TF-IDF of the word it
-belongs to (unit "word": regex words, lowercased) or of its own id (unit "token");
-supervised tokens outside any word (punctuation, end-of-turn) score 0.
+Definitions are exactly scikit-learn's TfidfVectorizer() defaults: the document is
+lower-cased as a whole, then split by token_pattern (?u)\b\w\w+\b (WORD_PATTERN: words of
+two or more word characters; one-letter words are no terms), raw term counts, smooth idf
+= ln((1 + n) / (1 + df)) + 1, L2-normalised rows.  A document is one sample's response:
+its assistant contents, each lower-cased and split on its own (as scikit-learn would the
+contents joined by newlines).  Terms are found in the lower-cased text and mapped back to
+the original characters (a Turkish "İ" lower-cases to two code points, "i" + U+0307).
+A token's score is the TF-IDF of the term it overlaps (unit "word"; a token over two terms
+takes the first) or of its own id (unit "token"); supervised tokens in no term
+(punctuation, one-letter words, end-of-turn) score 0.
+word_bounds() (the words of the semantic scorer) is another unit: every run of word
+characters of the original text, one-letter words included, case kept.
 
 Three steps, so that the IDF is exact however the corpus is partitioned:
   extract_batch()  per partition -> per record its terms, their counts, each token's term index
   document_freq()  per partition -> table (term, df)
   fit_idf()        once          -> table (term, df, idf), saved as idf.parquet
   score()          per partition -> float32 importance per token (vectorised, Arrow/NumPy)
-Cost: linear in tokens; score() hashes the partition's terms against the vocabulary.
+Cost: linear in tokens and characters (the default patterns are matched with NumPy, others
+with re); score() hashes the partition's terms against the vocabulary.
 """
 from __future__ import annotations
 
 import functools
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,15 +34,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 IDF_FILE = "idf.parquet"
-WORD_PATTERN = r"(?u)\b\w+\b"  # the default: runs of word characters (Python's \w: str.isalnum() or "_")
+WORD_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default token_pattern (Python's \w: str.isalnum() or "_")
+RUN_PATTERN = r"(?u)\b\w+\b"  # every run of word characters: the words of word_bounds()
+# patterns matched with NumPy instead of re (the same matches): the shortest run that is a match
+_FAST_RUNS = {WORD_PATTERN: 2, r"\b\w\w+\b": 2, RUN_PATTERN: 1, r"\b\w+\b": 1}
 
 # \w for ASCII code points; others are classified once each with str.isalnum (what re's \w uses)
 _ASCII_WORD = np.array([chr(c).isalnum() or chr(c) == "_" for c in range(128)], dtype=bool)
 
 
-def _word_bounds(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Start/end of every maximal run of word characters inside the spans: the matches of
-    WORD_PATTERN, computed with NumPy instead of one Python match object per word."""
+def _word_runs(text: str, spans: list[tuple[int, int]], min_len: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end of every maximal run of at least `min_len` word characters inside the spans: the
+    matches of RUN_PATTERN (min_len 1) or WORD_PATTERN (2), with NumPy instead of one Python match
+    object per word."""
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     inside = np.zeros(len(codes) + 1, dtype=bool)
     for a, b in spans:
@@ -56,13 +69,62 @@ def _word_bounds(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, n
     nxt = np.concatenate([word[1:], [False]])
     nxt_edge = np.concatenate([edge[1:], [False]])
     ends = np.flatnonzero(word & ~(nxt & ~nxt_edge)) + 1
-    return starts, ends
+    keep = ends - starts >= min_len
+    return starts[keep], ends[keep]
 
 
 def word_bounds(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """The words of `text` inside `spans` (WORD_PATTERN matches, each span matched alone): start and end
-    character positions, sorted.  Every strategy uses this definition of a word."""
-    return _word_bounds(text, spans)
+    """The words of `text` inside `spans` for word-level scorers (semantic): every run of word
+    characters (RUN_PATTERN, each span matched alone) in the original text, one-letter words
+    included and case kept -- what a sentence encoder or a compressor reads.  Start and end
+    character positions, sorted.  (TF-IDF's terms are find_terms(): scikit-learn's analyzer.)"""
+    return _word_runs(text, spans, 1)
+
+
+def _lower_spans(text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]], np.ndarray | None]:
+    """`text` with each span (sorted, disjoint) lower-cased on its own, the spans' places in the result,
+    and for every position of the result the position of the character of `text` it comes from
+    (None when no character changed length, so that positions agree).  str.lower() maps one code point
+    to one except U+0130 (to two); the context rule of final sigma keeps the length."""
+    pieces, low_spans, grown, cursor, shift = [], [], [], 0, 0
+    for a, b in spans:
+        low = text[a:b].lower()
+        pieces += [text[cursor:a], low]
+        low_spans.append((a + shift, a + shift + len(low)))
+        if len(low) != b - a:
+            grown.append((a, b))
+        shift += len(low) - (b - a)
+        cursor = b
+    pieces.append(text[cursor:])
+    lowered = "".join(pieces)
+    if not grown:
+        return lowered, low_spans, None
+    lengths = np.ones(len(text), dtype=np.int64)
+    for a, b in grown:
+        lengths[a:b] = [len(c.lower()) for c in text[a:b]]
+    return lowered, low_spans, np.repeat(np.arange(len(text), dtype=np.int64), lengths)
+
+
+def find_terms(text: str, spans: list[tuple[int, int]], pattern: str = WORD_PATTERN) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's analyzer on the document made of `spans` (sorted, disjoint): each span lower-cased
+    and split by `pattern` on its own (its one capturing group, if any, is the term; empty matches are
+    no terms).  Returns every term occurrence's start and end in `text` (the original characters
+    its lower-cased form came from) and the terms, in order."""
+    lowered, low_spans, back = _lower_spans(text, spans)
+    run = _FAST_RUNS.get(pattern)
+    if run:
+        starts, ends = _word_runs(lowered, low_spans, run)
+    else:
+        regex = _compiled(pattern)
+        group = 1 if regex.groups else 0
+        found = [(a + m.start(group), a + m.end(group)) for a, b in low_spans for m in regex.finditer(lowered[a:b])]
+        found = [(x, y) for x, y in found if y > x]
+        starts = np.array([f[0] for f in found], dtype=np.int64)
+        ends = np.array([f[1] for f in found], dtype=np.int64)
+    terms = [lowered[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    if back is not None and len(starts):
+        starts, ends = back[starts], back[ends - 1] + 1
+    return starts, ends, terms
 
 
 def token_word_index(word_starts: np.ndarray, word_ends: np.ndarray, tok_starts: np.ndarray, tok_ends: np.ndarray) -> np.ndarray:
@@ -79,7 +141,13 @@ def token_word_index(word_starts: np.ndarray, word_ends: np.ndarray, tok_starts:
 
 @functools.lru_cache(maxsize=8)
 def _compiled(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"The TF-IDF token pattern {pattern!r} is not a valid regular expression ({exc}).") from None
+    if regex.groups > 1:
+        raise ValueError(f"The TF-IDF token pattern {pattern!r} has {regex.groups} capturing groups; scikit-learn allows at most one.")
+    return regex
 
 
 @dataclass
@@ -138,20 +206,7 @@ def extract_batch(
         base = _offsets(np.fromiter((len(t) for t in texts), dtype=np.int64, count=n))
         joined = "".join(texts)
         spans = [(a + int(base[r]), b + int(base[r])) for r, sp in enumerate(content_spans) for a, b in sp]
-        if pattern == WORD_PATTERN:
-            starts, ends = _word_bounds(joined, spans)
-            lower = joined.lower()
-            if len(lower) == len(joined):
-                words = [lower[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-            else:  # a few characters lowercase to two (e.g. U+0130): lowercase word by word
-                words = [joined[a:b].lower() for a, b in zip(starts.tolist(), ends.tolist())]
-        else:
-            # match within each content alone (as scikit-learn sees the document), then shift to joined positions
-            regex = _compiled(pattern)
-            found = [(a + m.start(), a + m.end(), m.group()) for a, b in spans for m in regex.finditer(joined[a:b])]
-            words = [w.lower() for _, _, w in found]
-            starts = np.array([f[0] for f in found], dtype=np.int64)
-            ends = np.array([f[1] for f in found], dtype=np.int64)
+        starts, ends, words = find_terms(joined, spans, pattern)
         vocab: dict[str, int] = {}
         gid = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
         word_rec = np.searchsorted(base, starts, side="right") - 1
@@ -218,3 +273,38 @@ def score(terms: pa.ListArray, counts: pa.ListArray, token_term: pa.ListArray, i
     values = np.where(tt >= 0, weights[np.where(tt >= 0, glob, 0)] if len(weights) else 0.0, 0.0).astype(np.float32)
     tok_offsets = token_term.offsets.to_numpy()
     return pa.ListArray.from_arrays(pa.array(tok_offsets - tok_offsets[0], pa.int32()), pa.array(values, pa.float32()))
+
+
+# --- strategy plug-in (grouping/registry.py)
+class TfidfStrategy:
+    """Importance = TF-IDF of the token's word (or id); the IDF is fitted over the whole corpus."""
+
+    name = "tfidf"
+    artifacts = (IDF_FILE,)
+
+    def params(self, cfg) -> dict:
+        return {"unit": cfg.tfidf_unit, "token_pattern": cfg.tfidf_token_pattern}
+
+    def stage(self, cols: dict, cfg, tokenizer: str) -> dict:
+        t = extract_batch(cols["text"], cols["spans"], cols["offsets"], cols["loss_mask"], cols["input_ids"],
+                          cfg.tfidf_unit, cfg.tfidf_token_pattern)
+        return {"tfidf_terms": t.terms, "tfidf_counts": t.counts, "tfidf_token_term": t.token_term}
+
+    def partition_stats(self, staged: pa.Table) -> pa.Table:
+        return document_freq(staged["tfidf_terms"].combine_chunks())
+
+    def fit(self, stats: list[pa.Table], documents: int, folder: str) -> dict:
+        """Write idf.parquet into `folder`; its manifest entry."""
+        from sftgo.core.shards import atomic_write, file_sha256
+
+        path = Path(folder) / IDF_FILE
+        atomic_write(path, lambda tmp: save_idf(fit_idf(stats, documents), tmp))
+        return {"idf": {"path": IDF_FILE, "sha256": file_sha256(path), "documents": documents}}
+
+    def importance(self, staged: pa.Table, artifacts: dict, folder: str) -> pa.ListArray:
+        idf = artifacts["idf"]
+        return score(staged["tfidf_terms"].combine_chunks(), staged["tfidf_counts"].combine_chunks(),
+                     staged["tfidf_token_term"].combine_chunks(), load_idf(str(Path(folder) / idf["path"]), idf["sha256"]))
+
+
+STRATEGY = TfidfStrategy()

@@ -3,9 +3,10 @@
 Input: a BuildConfig.
 Output: in config.out, shard-NNNNN.parquet (one per input partition), idf.parquet for
 tfidf, and manifest.json written last; the manifest dict is also returned.
-Flow: plan partitions (driver) -> pass 1 on the cluster (prepare.py: tokenize, count
-document frequencies, stage) -> fit the IDF on a worker -> pass 2 on the cluster
-(finalize.py: score, group, write shards) -> manifest (driver).
+Flow: plan partitions (driver) -> pass 1 on the cluster (prepare.py: tokenize, stage each
+strategy's columns and corpus statistics) -> fit the strategies' artifacts (e.g. the IDF) and,
+with --threshold corpus, the corpus cut-offs -> pass 2 on the cluster (finalize.py: score,
+group, write shards; the same code `sftgo-prep score` runs) -> manifest (driver).
 Reliability: an exclusive lock on out/.lock refuses a second concurrent build; every
 file is written atomically; a build run again after being killed reuses every staged
 partition and finished shard, so only unfinished work is redone and the result is
@@ -15,56 +16,31 @@ rest runs on the workers, linear in tokens.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
-from sftgo.grouping import tfidf
+from sftgo import __version__ as VERSION
 from sftgo.core import models
-from sftgo.pipeline import executor, readers, strategies
+from sftgo.core.text import safe_text
+from sftgo.core.shards import (
+    FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, exclusive, read_manifest, write_manifest,
+)
+from sftgo.grouping import registry
+from sftgo.pipeline import executor, readers
 from sftgo.pipeline.config import BuildConfig
-from sftgo.pipeline.finalize import finalize_partition
-from sftgo.core.shards import FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, file_sha256, read_manifest, write_manifest
+from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
 from sftgo.pipeline.prepare import prepare_partition, stage_path, warm_up
 
 STAGING = ".staging"
-LOCK = ".lock"
-VERSION = "0.1.0"
 
 
 class BuildError(RuntimeError):
     """A build cannot start or finish; the message is one sentence for the user."""
-
-
-@contextmanager
-def exclusive(out: Path):
-    """Hold an exclusive lock on out/.lock for the whole build (released if the process dies)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / LOCK, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        fh.close()
-        raise BuildError(f"Another build (pid {holder}) is writing to {out}; wait for it or choose another --out.") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
-    try:
-        yield
-    finally:
-        fh.seek(0)
-        fh.truncate()
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
 
 
 def _input_identity(cfg: BuildConfig) -> list:
@@ -81,7 +57,8 @@ def _clear(out: Path) -> None:
     """Remove what a build writes (and nothing else)."""
     for p in out.glob("shard-*.parquet"):
         p.unlink()
-    for name in (MANIFEST, tfidf.IDF_FILE):
+    artifacts = {f for name in registry.names() for f in registry.artifact_files(registry.get(name))}
+    for name in (MANIFEST, *sorted(artifacts)):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / STAGING, ignore_errors=True)
 
@@ -97,7 +74,8 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
         _clear(out)
     elif (out / MANIFEST).exists():
         manifest = read_manifest(out)
-        if manifest.get("params") == cfg.params() and not staging.exists():
+        if manifest.get("params") == cfg.params():
+            shutil.rmtree(staging, ignore_errors=True)  # a kill between the manifest and the clean-up
             return staging, True
         raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
     elif (staging / "build.json").exists():
@@ -111,16 +89,6 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
     staging.mkdir(parents=True, exist_ok=True)
     atomic_write_text(staging / "build.json", json.dumps(key, sort_keys=True))
     return staging, False
-
-
-def fit_idf_from_staging(staging: str, indices: list[int], n_docs: int, out: str) -> str:
-    """Reduce the partitions' document frequencies into idf.parquet; returns its sha256."""
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(stage_path(staging, i, "df.parquet")) for i in indices]
-    path = Path(out) / tfidf.IDF_FILE
-    atomic_write(path, lambda tmp: tfidf.save_idf(tfidf.fit_idf(tables, n_docs), tmp))
-    return file_sha256(path)
 
 
 def tokenizer_info(name: str | None, tok) -> dict:
@@ -146,56 +114,153 @@ def run(cfg: BuildConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory.")
     clock = _Clock()
+    strategies = cfg.strategy_objects()
+    # Fail on unreadable inputs or tokenizers before starting a cluster or touching the output.
     tok_location = models.tokenizer_dir(cfg.tokenizer)  # converts a GGUF tokenizer once (cached)
-    params = cfg.params()
+    parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
+    _warn_repeated_inputs(cfg)
+    clock.lap("plan")
     with executor.client(cfg.workers, cfg.scheduler) as c:
-        # Workers load the tokenizer while the driver does the same and plans: start-up cost paid
-        # once, in parallel, instead of inside the first tasks. They load it the light way (without
-        # torch); the driver says in the tasks whether that gives the same tokenizer (checked once
-        # per tokenizer, see models.load_build_tokenizer), else the tasks load it in full.
-        light = not cfg.trust_remote_code
-        warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code, light)
-        clock.lap("cluster start")
-        # Fail on unreadable inputs or tokenizers before touching the output directory.
+        # Workers load the tokenizer while the driver does the same: start-up cost paid once, in
+        # parallel, instead of inside the first tasks. They load it the light way (without torch);
+        # the driver says in the tasks whether that gives the same tokenizer (checked once per
+        # tokenizer, see models.load_build_tokenizer), else the tasks load it in full.
+        warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code,
+                                        not cfg.trust_remote_code)
         tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-        parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
-        clock.lap("plan")
+        clock.lap("cluster start")
         with exclusive(out):
             staging, complete = _start(cfg, out)
             if complete:
                 _log(cfg, f"{out} already holds this build; nothing to do.")
                 return read_manifest(out)
-            done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
-            resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
-            _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
-            stats = executor.map_tasks(
-                c, prepare_partition, [(p, params, tok_location, str(staging), light) for p in parts], "tokenize", cfg.progress
-            )
-            clock.lap("tokenize")
-            n_docs = sum(s["written"] for s in stats)
-            artifacts = {}
-            if "tfidf" in cfg.strategies:
-                sha = executor.run_one(c, fit_idf_from_staging, str(staging), [p.index for p in parts], n_docs, str(out))
-                artifacts["tfidf"] = {"path": str(out / tfidf.IDF_FILE), "sha256": sha}
-            clock.lap("fit")
-            shards = executor.map_tasks(
-                c,
-                finalize_partition,
-                [(p.index, params, str(staging), str(out), artifacts) for p in parts],
-                "score+write",
-                cfg.progress,
-            )
-            clock.lap("score+write")
+            manifest = _build(c, cfg, strategies, parts, staging, tok, tok_location, light, clock)
             del warm
-            manifest = _manifest(cfg, tok, stats, shards, artifacts)
-            if cfg.rejects:
-                _write_rejects(cfg.rejects, staging, parts)
-            write_manifest(out, manifest)
-            shutil.rmtree(staging, ignore_errors=True)
-            clock.lap("manifest")
     clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
     return manifest
+
+
+def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, tok, tok_location: str, light: bool,
+           clock: "_Clock") -> dict:
+    """Pass 1, fit, pass 2, manifest; the caller holds the lock."""
+    out = Path(cfg.out)
+    done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
+    resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
+    _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
+    stats = executor.map_tasks(c, prepare_partition, [(p, cfg, strategies, tok_location, str(staging), light) for p in parts],
+                               "tokenize", cfg.progress)
+    clock.lap("tokenize")
+    if cfg.rejects:
+        _write_rejects(cfg.rejects, staging, parts)
+    try:
+        _check_outcome(cfg, stats, staging, parts)
+    except BuildError:
+        _clear(out)  # nothing worth resuming: the same command fails the same way
+        raise
+    indices = [p.index for p in parts]
+    n_docs = sum(s["written"] for s in stats)
+    artifacts, thresholds = fit_all(c, cfg, strategies, str(staging), indices, n_docs, str(out))
+    clock.lap("fit")
+    shards = executor.map_tasks(
+        c, write_partition,
+        [(p.index, cfg, strategies, str(staging), None, str(out / shard_name(p.index)), artifacts, str(out), thresholds)
+         for p in parts],
+        "score+write", cfg.progress,
+    )
+    clock.lap("score+write")
+    duplicates = executor.run_one(c, count_duplicate_ids, str(staging), indices)
+    manifest = _manifest(cfg, tok, stats, shards, strategies, artifacts, thresholds, duplicates)
+    write_manifest(out, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+    clock.lap("manifest")
+    if manifest["totals"]["blank_lines_skipped"]:
+        _log(cfg, f"Skipped {manifest['totals']['blank_lines_skipped']} blank line(s) (not records; counted in the "
+                  "manifest as totals.blank_lines_skipped).")
+    if duplicates:
+        _log(cfg, f"Warning: {duplicates} record(s) repeat an id already used by another record "
+                  "(counted in the manifest as totals.duplicate_ids).")
+    return manifest
+
+
+def _warn_repeated_inputs(cfg: BuildConfig) -> None:
+    """The same file given twice is read twice: say so (users rarely mean it)."""
+    seen: dict[str, str] = {}
+    for inp in cfg.inputs:
+        key = str(Path(inp).resolve()) if Path(inp).exists() else inp
+        if key in seen:
+            print(f"Warning: input {safe_text(inp)} is the same as {safe_text(seen[key])}; its records are read twice.",
+                  file=sys.stderr)
+        seen.setdefault(key, inp)
+
+
+def _check_outcome(cfg: BuildConfig, stats: list[dict], staging: Path, parts: list) -> None:
+    """A build that writes nothing fails; one whose rejections dominate says why and how to fix it;
+    a --field-map entry that matched no record is an error."""
+    records_in = sum(s["records_in"] for s in stats)
+    written = sum(s["written"] for s in stats)
+    rejected: Counter = Counter()
+    hits: Counter = Counter()
+    for s in stats:
+        rejected.update(s["rejected"])
+        hits.update(s.get("field_map_hits", {}))
+    unused = [k for k in cfg.field_map if records_in and not hits.get(k)]
+    if unused and "field_map_hits" in (stats[0] if stats else {}):
+        k = unused[0]
+        raise BuildError(f"--field-map {k}={safe_text(cfg.field_map[k])}: no record has a field "
+                         f"{safe_text(cfg.field_map[k])!r}; check the field names of your data.")
+    if written and sum(rejected.values()) <= written:
+        return
+    reason, count = rejected.most_common(1)[0] if rejected else ("none", 0)
+    hint = rejection_hint(reason, staging, parts)
+    summary = f"{count} of {records_in} record(s) were rejected as {reason}"
+    if not written:
+        raise BuildError(f"Wrote 0 records: {summary}{hint}")
+    _log(cfg, f"Warning: most records were rejected: {summary}{hint}")
+
+
+def rejection_hint(reason: str, staging: Path, parts: list) -> str:
+    """The usual fix of a rejection reason, with the fields the first such record has."""
+    fields = ""
+    for p in parts:
+        path = stage_path(str(staging), p.index, "rejects.jsonl")
+        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+            rec = json.loads(line)
+            if rec.get("reason") == reason:
+                fields = ", ".join(safe_text(str(k)) for k in list(_as_object(rec.get("raw")))[:8])
+                break
+        if fields:
+            break
+    if reason in ("unknown_format", "missing_field"):
+        seen = f" (the records have: {fields})" if fields else ""
+        return (f"; name your fields with --field-map, e.g. --field-map instruction=question,output=answer{seen}, "
+                "or pick the format with --format.")
+    if reason in ("too_long", "no_loss_tokens"):
+        return "; raise --max-length (or use --overflow truncate)."
+    if reason in ("malformed_json", "invalid_utf8", "invalid_unicode", "malformed_csv", "invalid_number", "too_deep"):
+        return "; check the input files' encoding and syntax (--rejects FILE lists every record)."
+    return "; --rejects FILE lists every rejected record with its reason."
+
+
+def _as_object(raw) -> dict:
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def count_duplicate_ids(staging: str, indices: list[int]) -> int:
+    """Worker task: records whose id another record already has (ids stay as given; this only counts)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = [pq.read_table(stage_path(staging, i, "staged.parquet"), columns=["id"])["id"] for i in indices]
+    if not ids:
+        return 0
+    column = pa.chunked_array([c for col in ids for c in col.chunks], pa.string())
+    return int(len(column) - len(pc.unique(column)))
 
 
 class _Clock:
@@ -225,7 +290,8 @@ def _write_rejects(path: str, staging: Path, parts) -> None:
     atomic_write(path, write)
 
 
-def _manifest(cfg: BuildConfig, tok, stats: list[dict], shards: list[dict], artifacts: dict) -> dict:
+def _manifest(cfg: BuildConfig, tok, stats: list[dict], shards: list[dict], strategies: list, artifacts: dict,
+              thresholds: dict, duplicates: int) -> dict:
     rejected: Counter = Counter()
     inputs: dict[str, dict] = {}
     for s in stats:
@@ -241,17 +307,21 @@ def _manifest(cfg: BuildConfig, tok, stats: list[dict], shards: list[dict], arti
         "truncated": sum(s["truncated"] for s in stats),
         "tokens": sum(s["tokens"] for s in stats),
         "loss_tokens": sum(s["loss_tokens"] for s in stats),
+        "duplicate_ids": duplicates,
+        "blank_lines_skipped": sum(s.get("blank_lines", 0) for s in stats),
     }
-    assert totals["records_in"] == totals["records_written"] + totals["records_rejected"], "records were lost"
-    assert totals["records_written"] == sum(s["rows"] for s in shards), "shard rows disagree with the counts"
-    params = cfg.params()
-    entries = {s: strategies.manifest_entry(s, params, artifacts, totals["records_written"]) for s in cfg.strategies}
+    # real checks, not asserts (those vanish under python -O): these protect the data
+    if totals["records_in"] != totals["records_written"] + totals["records_rejected"]:
+        raise BuildError(f"Records were lost: {totals['records_in']} read, {totals['records_written']} written, "
+                         f"{totals['records_rejected']} rejected; please report this.")
+    if totals["records_written"] != sum(s["rows"] for s in shards):
+        raise BuildError("The shards' row counts disagree with the records written; please report this.")
     return {
         "format_version": FORMAT_VERSION,
         "sftgo_version": VERSION,
         "tokenizer": tokenizer_info(cfg.tokenizer, tok),
-        "params": params,
-        "strategies": entries,
+        "params": cfg.params(),
+        "strategies": {s.name: manifest_entry(s, cfg, artifacts, thresholds) for s in strategies},
         "inputs": list(inputs.values()),
         "shards": shards,
         "totals": totals,

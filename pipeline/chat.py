@@ -6,10 +6,16 @@ offsets, the rendered text and the character spans of the assistant turns), or a
 RecordError (too long, nothing supervised after truncation, template failure).
 Cost: one template render per conversation (assistant contents are swapped for
 sentinels so their positions are exact even when the same text occurs twice) and one
-batched Rust tokenizer call per batch; both linear in text length.
+batched Rust tokenizer call per batch; both linear in text length.  The tokenizer sees
+at most max_chars characters of a sample (2 x max_length x the longest token + 4096):
+a sample longer than that has more than max_length tokens, so only its start is
+encoded -- the kept tokens are the ones a whole encoding gives (checked: they must end in
+the first half of the encoded characters, else the whole text is encoded).
 
-Supervised tokens are the assistant contents plus the template's end-of-turn token
-(e.g. `<|im_end|>`), so the model learns to stop -- what TRL's assistant-only loss does.
+Supervised tokens are every token that contains an assistant character (also a token the
+byte-level BPE merged from the template's "\n" and an answer's leading whitespace, as
+transformers' return_assistant_tokens_mask marks it) plus the template's end-of-turn
+token (e.g. `<|im_end|>`), so the model learns to stop -- what TRL's assistant-only loss does.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ class Encoded:
     input_ids: np.ndarray  # int32 [T]
     loss_mask: np.ndarray  # int8 [T]
     offsets: np.ndarray  # int32 [T, 2] character span of each token in `text`
-    text: str  # the chat-rendered sample
+    text: str  # the chat-rendered sample (its first max_chars characters when only those were encoded)
     content_spans: list[tuple[int, int]]  # assistant contents in `text` (without end-of-turn), truncated
     truncated: bool
 
@@ -65,6 +71,10 @@ class ChatEncoder:
         specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
         self._control = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
         self.trims, self.eot = self._probe_template()
+        # characters encoded per sample at most (None: all).  A token covers at most as many characters as its
+        # vocabulary string has (a byte-level string has one per byte), so max_length tokens lie in the first half.
+        longest = max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+        self.max_chars: int | None = 2 * max_length * max(longest, 1) + 4096
 
     def _render(self, messages) -> str:
         return self._template.render(messages=messages, **self._variables)
@@ -121,37 +131,52 @@ class ChatEncoder:
                 rendered.append(self.render(messages))
             except RecordError as err:
                 rendered.append(err)
-        texts = [r[0] for r in rendered if not isinstance(r, RecordError)]
+        cap = self.max_chars
+        texts = [r[0][:cap] if cap else r[0] for r in rendered if not isinstance(r, RecordError)]
         encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False))
         out: list[Encoded | RecordError] = []
         for r in rendered:
             out.append(r if isinstance(r, RecordError) else self._finish(r[0], r[1], next(encodings)))
         return out
 
-    def _finish(self, text: str, spans: list[tuple[int, int]], enc) -> Encoded | RecordError:
+    def _arrays(self, enc) -> tuple[np.ndarray, np.ndarray]:
         ids = np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids))
         offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int32, count=2 * len(ids)).reshape(-1, 2)
+        return ids, offsets
+
+    def _finish(self, text: str, spans: list[tuple[int, int]], enc) -> Encoded | RecordError:
+        ids, offsets = self._arrays(enc)
+        n, size = self.max_length, f"{len(ids)} tokens"
+        if self.max_chars and len(text) > self.max_chars:  # only the start was encoded
+            if len(ids) > n and offsets[n - 1, 1] <= self.max_chars // 2:
+                text, size = text[: self.max_chars], f"{len(text):,} characters"
+            else:  # the kept tokens would reach the cut: encode the whole text, as without the cap
+                ids, offsets = self._arrays(self.backend.encode(text, add_special_tokens=False))
+                size = f"{len(ids)} tokens"
         truncated = False
-        if len(ids) > self.max_length:
+        if len(ids) > n:
             if self.overflow == "drop":
-                return RecordError("too_long", f"the sample has {len(ids)} tokens, more than --max-length {self.max_length}")
-            ids, offsets, truncated = ids[: self.max_length], offsets[: self.max_length], True
+                return RecordError("too_long", f"the sample has {size}, more than --max-length {n} tokens")
+            ids, offsets, truncated = ids[:n], offsets[:n], True
         mask = self._mask(text, offsets, spans)
         if not mask.any():
-            return RecordError("no_loss_tokens", f"no response token falls within the first {self.max_length} tokens")
+            return RecordError("no_loss_tokens", f"no response token falls within the first {n} tokens")
         if truncated:
             end = int(offsets[-1, 1])
             spans = [(a, min(b, end)) for a, b in spans if a < end]
         return Encoded(ids, mask, offsets, text, spans, truncated)
 
     def _mask(self, text: str, offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-        """1 for tokens that start inside an assistant content or the end-of-turn token right after it."""
-        if not spans or not len(offsets):
-            return np.zeros(len(offsets), dtype=np.int8)
+        """1 for every token that contains a character of an assistant content or of the end-of-turn token
+        right after it (a token straddling the template and the content included)."""
         eot = self.eot
-        starts = np.array([a for a, _ in spans], dtype=np.int64)
-        ends = np.array([b + len(eot) if eot and text.startswith(eot, b) else b for a, b in spans], dtype=np.int64)
-        tok_start = offsets[:, 0]
-        idx = np.searchsorted(starts, tok_start, side="right") - 1
-        inside = (idx >= 0) & (tok_start < ends[np.maximum(idx, 0)]) & (offsets[:, 1] > tok_start)
+        ranges = [(a, b + len(eot) if eot and text.startswith(eot, b) else b) for a, b in spans]
+        ranges = [(a, b) for a, b in ranges if b > a]
+        if not ranges or not len(offsets):
+            return np.zeros(len(offsets), dtype=np.int8)
+        starts = np.array([a for a, _ in ranges], dtype=np.int64)
+        ends = np.array([b for _, b in ranges], dtype=np.int64)
+        tok_start, tok_end = offsets[:, 0], offsets[:, 1]
+        idx = np.searchsorted(starts, tok_end, side="left") - 1  # the last range that starts before the token ends
+        inside = (idx >= 0) & (tok_start < ends[np.maximum(idx, 0)]) & (tok_end > tok_start)
         return inside.astype(np.int8)

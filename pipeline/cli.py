@@ -10,7 +10,11 @@ import sys
 
 import click
 
-from sftgo.pipeline.config import BuildConfig, load_config_file
+from sftgo.core.config import field_default, field_docs, load_config_file
+from sftgo.core.text import safe_text
+from sftgo.pipeline.config import FORMATS, THRESHOLDS, BuildConfig
+
+DOCS = field_docs(BuildConfig)
 
 BUILD_EXAMPLE = """
 \b
@@ -44,16 +48,16 @@ def _user_errors(fn):
     def wrapper(*args, debug=False, **kwargs):
         from sftgo.pipeline.build import BuildError
         from sftgo.pipeline.executor import TaskError
-        from sftgo.core.shards import ShardError
+        from sftgo.core.shards import LockedError, ShardError
         from sftgo.core.models import ModelNotFound
         from sftgo.pipeline.readers import InputError
 
         try:
             return fn(*args, **kwargs)
-        except (ValueError, BuildError, TaskError, ShardError, ModelNotFound, InputError, OSError) as exc:
+        except (ValueError, BuildError, TaskError, ShardError, ModelNotFound, InputError, OSError, LockedError) as exc:
             if debug:
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {safe_text(str(exc))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted; run the same command again to resume.", err=True)
@@ -69,23 +73,35 @@ def main():
     token's importance and write group masks as columns of Parquet shards."""
 
 
+def field(name: str, *decls: str, **kw):
+    """A click option for BuildConfig field `name`: its default and help come from the dataclass
+    (each default is written once, there)."""
+    default = field_default(BuildConfig, name)
+    flag = decls or ("--" + name.replace("_", "-"),)
+    if isinstance(default, bool):
+        return click.option(*flag, name, is_flag=True, default=default, help=DOCS.get(name, ""))
+    kw.setdefault("type", type(default) if default not in (None, "") and not isinstance(default, (list, dict)) else str)
+    shown = "" if default in (None, "", [], {}) else f" [default: {default}]"
+    return click.option(*flag, name, default=default, show_default=False, help=DOCS.get(name, "") + shown, **kw)
+
+
 def _strategy_options(fn):
-    """Options of the importance strategies, shared by `build` and `score`."""
+    """Options of the importance strategies and the cluster, shared by `build` and `score`."""
     options = [
-        click.option("--eta", type=float, default=0.3, show_default=True,
-                     help="Fraction of each sample's response tokens in the important group."),
-        click.option("--reference-model", default=None, help="Reference LM of `reference` [default: embedded SmolLM2]."),
-        click.option("--reference-mode", type=click.Choice(["loss", "excess"]), default="loss", show_default=True,
-                     help="loss: the reference LM's token loss; excess: base loss - reference loss (Rho-1)."),
-        click.option("--base-model", default=None, help="Base LM for --reference-mode excess."),
-        click.option("--score-batch-tokens", type=int, default=8192, show_default=True,
-                     help="Token budget of one no-grad forward batch (reference/semantic)."),
-        click.option("--compressor-model", default=None,
-                     help="LLMLingua-2-compatible checkpoint for `semantic` [default: MiniLM embedding occlusion]."),
-        click.option("--workers", type=int, default=2, show_default=True, help="Processes of the local Dask cluster."),
-        click.option("--scheduler", default=None, help="Address of an existing Dask scheduler (instead of a local cluster)."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing build / recompute existing groups."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow custom tokenizer/model code from the hub."),
+        field("eta"),
+        field("threshold", type=click.Choice(THRESHOLDS)),
+        field("reference_model", metavar="NAME"),
+        field("reference_mode", type=click.Choice(["loss", "excess"])),
+        field("base_model", metavar="NAME"),
+        field("score_batch_tokens"),
+        field("compressor_model", metavar="DIR"),
+        field("semantic_encoder", metavar="DIR"),
+        field("tfidf_unit", type=click.Choice(["word", "token"])),
+        field("tfidf_token_pattern", metavar="REGEX"),
+        field("workers"),
+        field("scheduler", metavar="ADDRESS"),
+        field("overwrite"),
+        field("trust_remote_code"),
         click.option("--quiet", is_flag=True, help="No progress output."),
     ]
     for option in reversed(options):
@@ -93,7 +109,8 @@ def _strategy_options(fn):
     return fn
 
 
-STRATEGY_FIELDS = ("eta", "reference_model", "reference_mode", "base_model", "score_batch_tokens", "compressor_model")
+STRATEGY_FIELDS = ("eta", "threshold", "reference_model", "reference_mode", "base_model", "score_batch_tokens",
+                   "compressor_model", "semantic_encoder", "tfidf_unit", "tfidf_token_pattern")
 
 
 def _explicit(ctx: click.Context) -> set[str]:
@@ -101,56 +118,39 @@ def _explicit(ctx: click.Context) -> set[str]:
     return {k for k in ctx.params if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
 
 
+def _strategy_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 @main.command(epilog=BUILD_EXAMPLE)
 @click.argument("inputs", nargs=-1)
-@click.option("--out", help="Output directory for shards and manifest.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="JSON or TOML file of options; flags override it.")
-@click.option("--strategy", default="tfidf", show_default=True, help="Importance strategies, comma-separated: tfidf, reference, semantic.")
-@click.option("--num-groups", type=int, default=2, show_default=True, help="2 = top-eta vs rest; K > 2 = K rank quantiles.")
-@click.option("--tokenizer", default=None, help="Hub id, local dir or .gguf file [default: embedded SmolLM2-135M-Instruct].")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "alpaca", "messages", "sharegpt", "prompt_completion"]), help="Record format.")
-@click.option("--field-map", default="", help="Rename fields, e.g. 'instruction=question,output=answer'.")
-@click.option("--split", default="train", show_default=True, help="Split of a hub dataset or DatasetDict folder.")
-@click.option("--max-length", type=int, default=2048, show_default=True, help="Longest sample in tokens.")
-@click.option("--overflow", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True,
-              help="Longer samples are truncated or dropped (counted as rejected).")
-@click.option("--tfidf-unit", type=click.Choice(["word", "token"]), default="word", show_default=True,
-              help="TF-IDF over words of the response or over token ids.")
-@click.option("--rows-per-shard", type=int, default=5000, show_default=True, help="Records per partition / output shard.")
-@click.option("--rejects", default=None, type=click.Path(dir_okay=False), help="Write rejected records with reasons to this JSONL file.")
+@field("out", metavar="DIR")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="JSON, TOML or YAML file of settings (field names, dashes or underscores); flags override it.")
+@click.option("--strategy", default=",".join(field_default(BuildConfig, "strategies")), show_default=True,
+              help="Importance strategies, comma-separated (built in: tfidf, reference, semantic).")
+@field("num_groups")
+@field("tokenizer", metavar="NAME")
+@field("format", "--format", type=click.Choice(FORMATS))
+@click.option("--field-map", default="", metavar="MAP", help="Rename fields: canonical=name in your data, e.g. 'instruction=question,output=answer'.")
+@field("split")
+@field("max_length")
+@field("overflow", type=click.Choice(["truncate", "drop"]))
+@field("rows_per_shard")
+@field("rejects", metavar="FILE", type=click.Path(dir_okay=False))
 @_strategy_options
 @click.pass_context
 @_user_errors
-def build(ctx, inputs, config_file, **opts):
+def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
     """Build shards from INPUTS (JSONL, JSON, Parquet, CSV, datasets folders, hf:NAME)."""
     from sftgo.pipeline.build import run
     from sftgo.pipeline.formats import parse_field_map
 
-    values = load_config_file(config_file, BuildConfig.__dataclass_fields__) if config_file else {}
+    values = load_config_file(config_file, BuildConfig) if config_file else {}
     given = _explicit(ctx)
-    flags = {
-        "inputs": list(inputs),
-        "out": opts["out"],
-        "strategies": [s.strip() for s in opts["strategy"].split(",") if s.strip()],
-        **{k: opts[k] for k in STRATEGY_FIELDS},
-        "num_groups": opts["num_groups"],
-        "tokenizer": opts["tokenizer"],
-        "format": opts["fmt"],
-        "field_map": parse_field_map(opts["field_map"]) if opts["field_map"] else {},
-        "split": opts["split"],
-        "max_length": opts["max_length"],
-        "overflow": opts["overflow"],
-        "tfidf_unit": opts["tfidf_unit"],
-        "rows_per_shard": opts["rows_per_shard"],
-        "workers": opts["workers"],
-        "scheduler": opts["scheduler"],
-        "rejects": opts["rejects"],
-        "overwrite": opts["overwrite"],
-        "trust_remote_code": opts["trust_remote_code"],
-        "progress": not opts["quiet"],
-    }
-    source = {"inputs": "inputs", "strategies": "strategy", "format": "fmt", "progress": "quiet"}
+    flags = {**opts, "inputs": list(inputs), "strategies": _strategy_list(strategy),
+             "field_map": parse_field_map(field_map) if field_map else {}, "progress": not quiet}
+    source = {"strategies": "strategy", "progress": "quiet"}
     for key, value in flags.items():
         if key not in values or source.get(key, key) in given:
             values[key] = value
@@ -158,7 +158,7 @@ def build(ctx, inputs, config_file, **opts):
     t = manifest["totals"]
     click.echo(
         f"Wrote {t['records_written']} records ({t['tokens']} tokens, {t['loss_tokens']} supervised) "
-        f"in {len(manifest['shards'])} shard(s) to {values['out']}; rejected {t['records_rejected']}"
+        f"in {len(manifest['shards'])} shard(s) to {safe_text(str(values['out']))}; rejected {t['records_rejected']}"
         + (f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if t["records_rejected"] else "")
         + "."
     )
@@ -166,26 +166,21 @@ def build(ctx, inputs, config_file, **opts):
 
 @main.command(epilog=SCORE_EXAMPLE)
 @click.argument("directory", type=click.Path())
-@click.option("--strategy", required=True, help="Strategies to add, comma-separated: tfidf, reference, semantic.")
+@click.option("--strategy", required=True, help="Strategies to add, comma-separated (built in: tfidf, reference, semantic).")
 @_strategy_options
 @click.pass_context
 @_user_errors
-def score(ctx, directory, strategy, **opts):
+def score(ctx, directory, strategy, quiet, workers, scheduler, overwrite, **opts):
     """Add a strategy's importance and group columns to an existing build (no re-tokenizing)."""
-    from sftgo.pipeline.config import STRATEGIES
     from sftgo.pipeline.score import run
 
-    new = [s.strip() for s in strategy.split(",") if s.strip()]
-    unknown = [s for s in new if s not in STRATEGIES]
-    if unknown or not new:
-        raise ValueError(f"Unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}.")
     given = _explicit(ctx)
-    options = {k: opts[k] for k in STRATEGY_FIELDS if k in given or k != "eta"}
+    # the build's own settings stay unless given here (eta and threshold apply to the new strategies)
+    options = {k: opts[k] for k in STRATEGY_FIELDS if k in given}
     options["trust_remote_code"] = opts["trust_remote_code"]
-    if options.get("reference_mode") == "excess" and not options.get("base_model"):
-        raise ValueError("--reference-mode excess needs --base-model (score = base loss - reference loss).")
-    manifest = run(directory, new, options, opts["workers"], opts["scheduler"], opts["overwrite"], not opts["quiet"])
-    click.echo(f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {directory}; "
+    new = _strategy_list(strategy)
+    manifest = run(directory, new, options, workers, scheduler, overwrite, not quiet)
+    click.echo(f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {safe_text(directory)}; "
                f"strategies now: {', '.join(manifest['params']['strategies'])}.")
 
 

@@ -1,18 +1,23 @@
-"""Typed configuration of `sftgo-prep build`.
+"""Typed configuration of `sftgo-prep build` and `sftgo-prep score`.
 
-Input: values from flags and/or a JSON/TOML config file (flags win).
-Output: a BuildConfig, validated, whose `params()` is what the manifest records.
+Input: values from flags and/or a JSON/TOML/YAML config file (flags win; sftgo.core.config
+checks every value against its field's type).
+Output: a BuildConfig, validated, whose `params()` is what the manifest records.  The same
+object travels to the Dask workers (no untyped dict in between).  The flags of `sftgo-prep`
+read their defaults and help from this class (pipeline/cli.py), so each default is written once.
 Cost: none.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
-STRATEGIES = ("tfidf", "reference", "semantic")
+from sftgo.core.config import check_fields
+from sftgo.grouping import registry
+from sftgo.grouping.tfidf import WORD_PATTERN, find_terms
+
+FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion")
+THRESHOLDS = ("sample", "corpus")
 
 
 @dataclass
@@ -27,6 +32,8 @@ class BuildConfig:
     """Fraction of each sample's supervised tokens that form the important group (group 1)."""
     num_groups: int = 2
     """Number of groups. 2: top-eta vs rest. K > 2: K equal-size rank quantiles, K-1 most important."""
+    threshold: str = "sample"
+    """sample: each sample's own top eta (rank quantiles); corpus: cut-offs are quantiles of every supervised token's score in the corpus."""
     tokenizer: str | None = None
     """Tokenizer (hub id, local dir or .gguf); None = the embedded SmolLM2-135M-Instruct."""
     format: str = "auto"
@@ -41,7 +48,7 @@ class BuildConfig:
     """What to do with samples longer than max_length: truncate (keep the start) or drop (reject)."""
     tfidf_unit: str = "word"
     """TF-IDF term unit: word (regex words of the response, lowercased) or token (token ids)."""
-    tfidf_token_pattern: str = r"(?u)\b\w+\b"
+    tfidf_token_pattern: str = WORD_PATTERN
     """Regex defining a word for the word unit (scikit-learn's token_pattern semantics)."""
     reference_model: str | None = None
     """Reference LM of the `reference` strategy (hub id, local dir or .gguf); None = the embedded SmolLM2."""
@@ -71,15 +78,16 @@ class BuildConfig:
     """Show a progress bar on stderr."""
 
     def validate(self) -> "BuildConfig":
+        check_fields(self)  # values from Python callers stay typed too
         if not self.inputs:
             raise ValueError("Give at least one INPUT file, folder or dataset name.")
         if not self.out:
             raise ValueError("Give the output directory with --out.")
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown or not self.strategies:
-            raise ValueError(f"Unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}.")
+        check_strategies(self.strategies)
         if not 0.0 < self.eta < 1.0:
             raise ValueError(f"--eta must be between 0 and 1 (exclusive), got {self.eta}.")
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"--threshold must be sample or corpus, got {self.threshold!r}.")
         if self.num_groups < 2:
             raise ValueError(f"--num-groups must be at least 2, got {self.num_groups}.")
         if self.max_length < 8:
@@ -88,6 +96,7 @@ class BuildConfig:
             raise ValueError(f"--overflow must be truncate or drop, got {self.overflow!r}.")
         if self.tfidf_unit not in ("word", "token"):
             raise ValueError(f"--tfidf-unit must be word or token, got {self.tfidf_unit!r}.")
+        find_terms("", [], self.tfidf_token_pattern)  # a bad regex is one sentence now, not a worker failure
         if self.reference_mode not in ("loss", "excess"):
             raise ValueError(f"--reference-mode must be loss or excess, got {self.reference_mode!r}.")
         if self.reference_mode == "excess" and not self.base_model:
@@ -98,9 +107,12 @@ class BuildConfig:
             raise ValueError("--rows-per-shard must be at least 1.")
         if self.workers < 1:
             raise ValueError("--workers must be at least 1.")
-        if self.format not in ("auto", "alpaca", "messages", "sharegpt", "prompt_completion"):
+        if self.format not in FORMATS:
             raise ValueError(f"Unknown --format {self.format!r}; choose auto, alpaca, messages, sharegpt or prompt_completion.")
         return self
+
+    def strategy_objects(self) -> list:
+        return [registry.get(s) for s in self.strategies]
 
     def params(self) -> dict:
         """Everything that determines the output bytes (recorded in the manifest)."""
@@ -108,26 +120,10 @@ class BuildConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-def load_config_file(path: str, fields=None) -> dict:
-    """Values from a JSON or TOML file (by suffix) whose keys are config field names (dashes allowed).
-
-    With `fields` (the dataclass fields), unknown keys are refused. Errors are one-sentence ValueErrors."""
-    p = Path(path)
-    kind = "TOML" if p.suffix == ".toml" else "JSON"
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"Config file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"Cannot read config file {path} ({exc}).") from None
-    try:
-        values = tomllib.loads(text) if kind == "TOML" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"Config file {path} is not valid {kind} ({exc}).") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"Config file {path} must hold a table/object of settings.")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(fields)) if fields is not None else []
-    if unknown:
-        raise ValueError(f"Config file {path} has unknown setting(s): {', '.join(unknown)}.")
-    return values
+def check_strategies(names: list[str]) -> None:
+    known = registry.names()
+    unknown = [s for s in names if s not in known]
+    if unknown or not names:
+        raise ValueError(f"Unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--strategy names a strategy twice ({', '.join(names)}).")

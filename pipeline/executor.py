@@ -23,11 +23,17 @@ class TaskError(RuntimeError):
 
 @contextlib.contextmanager
 def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
+    """A Dask client.  Dask's own logs and worker tracebacks are silenced: a failed task reaches
+    the user as one sentence (TaskError; the traceback only with --debug, as its __cause__)."""
+    import warnings
+
     from dask import config as dask_config
     from distributed import Client, LocalCluster
 
     for name in ("distributed", "distributed.worker", "distributed.nanny", "distributed.scheduler", "tornado"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # "Port 8787 is already in use": another cluster's dashboard; we serve none (random port below)
+    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
     if scheduler:
         try:
             c = Client(scheduler, timeout="20s")
@@ -45,8 +51,8 @@ def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
+            dashboard_address=":0",  # no fixed port: never collides with (or warns about) another cluster
+            silence_logs=logging.CRITICAL,
             env=env,
         )
         c = Client(cluster)

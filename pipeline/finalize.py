@@ -1,20 +1,31 @@
-"""Pass 2 of a build, one partition: staged tokens + fitted artifacts -> scores -> groups -> shard.
+"""The second half of `build` and `score`, one orchestration for both: fit the strategies'
+corpus artifacts, optionally corpus-wide thresholds, then score, group and write every shard.
 
-Input: the partition's staged Parquet file, the build parameters and the fitted artifacts.
-Output: `shard-NNNNN.parquet` (zstd; columns of README "Shard schema"), written
-atomically, and its entry for the manifest (path, rows, tokens, loss tokens, sha256).
-A shard already present is not rewritten (its entry is recomputed from the file).
-Cost: vectorised Arrow/NumPy work, one read and one write of the partition.
+Input: a Dask client, the typed BuildConfig, the strategy objects (grouping/registry.py), the
+staging folder of pass 1 (part-NNNNN.staged.parquet and part-NNNNN.stats-<strategy>.parquet per
+partition) and a writer task per shard.
+Output: the artifacts (e.g. idf.parquet) in `folder`, and `shard-NNNNN.parquet` files (zstd;
+columns of README "Shard schema") written atomically, with their manifest entries (path, rows,
+tokens, loss tokens, sha256).  A shard already present is not rewritten (its entry is recomputed
+from the file), so a killed build or score resumes.
+Cost: fit reads each partition's small stats once; `--threshold corpus` adds one pass that
+scores every partition (kept in staging, not recomputed) and holds every supervised score on
+one worker (4 bytes per token) for the exact quantile; the write pass is vectorised Arrow/NumPy.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftgo.grouping.assign import assign_groups
-from sftgo.pipeline import strategies
-from sftgo.core.shards import atomic_write, file_sha256
+from sftgo.core.shards import (
+    atomic_write, column_strategy, file_sha256, group_column, importance_column,
+)
+from sftgo.grouping import registry
+from sftgo.grouping.assign import assign_by_thresholds, assign_groups, corpus_thresholds
+from sftgo.pipeline import executor
 from sftgo.pipeline.prepare import stage_path
 
 SHARD_COMPRESSION = "zstd"
@@ -24,12 +35,63 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def group_column(scores: pa.ListArray, loss_mask: pa.ListArray, params: dict) -> pa.ListArray:
-    """int8 group ids aligned with `scores` (same list offsets)."""
+def stats_suffix(strategy: str) -> str:
+    return f"stats-{strategy}.parquet"
+
+
+# ---------------------------------------------------------------- fit (driver side orchestration)
+def fit_strategy(strategy, staging: str, indices: list[int], documents: int, folder: str) -> dict:
+    """Worker task: reduce the partitions' stats into the strategy's artifacts in `folder`."""
+    tables = [pq.read_table(stage_path(staging, i, stats_suffix(strategy.name))) for i in indices]
+    return strategy.fit(tables, documents, folder)
+
+
+def fit_all(c, cfg, strategies: list, staging: str, indices: list[int], documents: int, folder: str) -> tuple[dict, dict]:
+    """(artifacts, thresholds) by strategy name: corpus fits first, then corpus-wide cut-offs."""
+    artifacts = {s.name: executor.run_one(c, fit_strategy, s, staging, indices, documents, folder)
+                 for s in strategies if registry.fitted(s)}
+    thresholds: dict[str, list[float]] = {}
+    if cfg.threshold == "corpus":
+        executor.map_tasks(c, score_partition, [(i, strategies, staging, artifacts, folder) for i in indices],
+                           "score", cfg.progress)
+        thresholds = executor.run_one(c, fit_thresholds, strategies, staging, indices, cfg.eta, cfg.num_groups)
+    return artifacts, thresholds
+
+
+def score_partition(index: int, strategies: list, staging: str, artifacts: dict, folder: str) -> int:
+    """Worker task (corpus thresholds only): the importance columns of one partition, staged."""
+    path = stage_path(staging, index, "scores.parquet")
+    if not path.exists():
+        staged = pq.read_table(stage_path(staging, index, "staged.parquet"))
+        table = pa.table({importance_column(s.name): s.importance(staged, artifacts.get(s.name, {}), folder)
+                          for s in strategies})
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="lz4"))
+    return index
+
+
+def fit_thresholds(strategies: list, staging: str, indices: list[int], eta: float, num_groups: int) -> dict:
+    """Worker task: exact corpus quantiles of every supervised token's score, per strategy."""
+    values: dict[str, list[np.ndarray]] = {s.name: [] for s in strategies}
+    for i in indices:
+        mask = pq.read_table(stage_path(staging, i, "staged.parquet"), columns=["loss_mask"])["loss_mask"]
+        sup = mask.combine_chunks().flatten().to_numpy() == 1
+        scores = pq.read_table(stage_path(staging, i, "scores.parquet"))
+        for s in strategies:
+            values[s.name].append(scores[importance_column(s.name)].combine_chunks().flatten().to_numpy()[sup])
+    return {name: corpus_thresholds(np.concatenate(v) if v else np.zeros(0), eta, num_groups)
+            for name, v in values.items()}
+
+
+# ---------------------------------------------------------------- score + group + write (worker side)
+def group_values(scores: pa.ListArray, loss_mask: pa.ListArray, eta: float, num_groups: int,
+                 thresholds: list[float] | None) -> pa.ListArray:
+    """int8 group ids aligned with `scores` (same list offsets): per-sample ranks, or the corpus cut-offs."""
     offsets = loss_mask.offsets.to_numpy()
-    groups = assign_groups(
-        scores.flatten().to_numpy(), loss_mask.flatten().to_numpy(), offsets - offsets[0], params["eta"], params["num_groups"]
-    )
+    flat_scores, flat_mask = scores.flatten().to_numpy(), loss_mask.flatten().to_numpy()
+    if thresholds is None:
+        groups = assign_groups(flat_scores, flat_mask, offsets - offsets[0], eta, num_groups)
+    else:
+        groups = assign_by_thresholds(flat_scores, flat_mask, thresholds)
     return pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()), pa.array(groups, pa.int8()))
 
 
@@ -49,34 +111,50 @@ def write_shard(table: pa.Table, path) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=SHARD_COMPRESSION))
 
 
-def shard_table(base: pa.Table, staged: pa.Table, strategies_: list[str], params: dict, artifacts: dict,
-                etas: dict | None = None) -> pa.Table:
+def shard_table(base: pa.Table, staged: pa.Table, strategies: list, cfg, artifacts: dict, folder: str,
+                thresholds: dict, scores: pa.Table | None = None) -> pa.Table:
     """The shard: base columns, then importance_/group_ for each strategy, then the lengths.
 
     `base` holds id, input_ids, loss_mask, num_tokens, num_loss_tokens and may already hold
-    other strategies' columns (when `sftgo-prep score` adds one), which are kept in place."""
+    other strategies' columns (when `sftgo-prep score` adds one), which are kept in place.
+    `scores`: importance columns already computed (corpus thresholds), else computed here."""
+    names = [s.name for s in strategies]
     columns = {name: base[name] for name in ("id", "input_ids", "loss_mask")}
     for name in base.column_names:
-        if name.startswith(("importance_", "group_")) and name.split("_", 1)[1] not in strategies_:
+        if column_strategy(name) is not None and column_strategy(name) not in names:
             columns[name] = base[name]
     loss_mask = base["loss_mask"].combine_chunks()
-    for strategy in strategies_:
-        scores = strategies.importance(strategy, staged, artifacts)
-        eta = (etas or {}).get(strategy, params["eta"])
-        columns[f"importance_{strategy}"] = scores
-        columns[f"group_{strategy}"] = group_column(scores, loss_mask, {**params, "eta": eta})
+    for s in strategies:
+        if scores is not None:
+            values = scores[importance_column(s.name)].combine_chunks()
+        else:
+            values = s.importance(staged, artifacts.get(s.name, {}), folder)
+        columns[importance_column(s.name)] = values
+        columns[group_column(s.name)] = group_values(values, loss_mask, cfg.eta, cfg.num_groups, thresholds.get(s.name))
     columns["num_tokens"] = base["num_tokens"]
     columns["num_loss_tokens"] = base["num_loss_tokens"]
     return pa.table(columns)
 
 
-def finalize_partition(index: int, params: dict, staging: str, out: str, artifacts: dict) -> dict:
-    name = shard_name(index)
-    path = f"{out}/{name}"
-    try:
-        return shard_entry(path, name)
-    except FileNotFoundError:
-        pass
-    staged = pq.read_table(stage_path(staging, index, "staged.parquet"))
-    write_shard(shard_table(staged, staged, params["strategies"], params, artifacts), path)
-    return shard_entry(path, name)
+def write_partition(index: int, cfg, strategies: list, staging: str, base_path: str | None, target: str,
+                    artifacts: dict, folder: str, thresholds: dict) -> dict:
+    """Worker task: score + group + write the shard of partition `index` to `target` (a build reads its
+    base columns from the staged file, `score` from the existing shard at `base_path`)."""
+    name = Path(target).name
+    if not Path(target).exists():
+        staged = pq.read_table(stage_path(staging, index, "staged.parquet"))
+        base = pq.read_table(base_path) if base_path else staged
+        scores_path = stage_path(staging, index, "scores.parquet")
+        scores = pq.read_table(scores_path) if thresholds and scores_path.exists() else None
+        write_shard(shard_table(base, staged, strategies, cfg, artifacts, folder, thresholds, scores), target)
+    return shard_entry(target, name)
+
+
+def manifest_entry(strategy, cfg, artifacts: dict, thresholds: dict) -> dict:
+    """The strategy's entry in manifest.json: grouping settings, its parameters, its artifacts."""
+    entry = {"eta": cfg.eta, "num_groups": cfg.num_groups, "threshold": cfg.threshold}
+    if strategy.name in thresholds:
+        entry["thresholds"] = thresholds[strategy.name]
+    entry.update(strategy.params(cfg))
+    entry.update(artifacts.get(strategy.name, {}))
+    return entry

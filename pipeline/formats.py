@@ -5,6 +5,8 @@ FORMATS, plus an optional field map {canonical name: name used in the user's dat
 Output: [{"role": "system"|"user"|"assistant", "content": str}, ...], or a RecordError
 whose `reason` (a short snake_case key) the manifest counts and whose `detail` is one
 sentence naming the field at fault.
+`mapped_fields()` says which fields of a field map a record has (a build counts them to
+refuse a map naming a field that no record has).
 Cost: a few dict lookups and one small dict per turn; no copying of the record, no regex.
 
 Formats (auto-detection order: messages > conversations > instruction+output >
@@ -34,6 +36,9 @@ CANONICAL_FIELDS = (
     "instruction", "input", "output", "system", "history", "messages", "conversations",
     "prompt", "completion", "role", "content", "from", "value",
 )
+
+# Field-map names that live inside turns rather than at the top of a record.
+_TURN_FIELDS = frozenset({"role", "content", "from", "value"})
 
 _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 _SHAREGPT_ROLES = {
@@ -276,6 +281,19 @@ def parse_field_map(spec: str) -> dict[str, str]:
             raise ValueError(f"Field map gives field '{canonical}' twice.")
         result[canonical] = name
     return result
+
+
+def mapped_fields(record, field_map: dict[str, str] | None) -> list[str]:
+    """Canonical names of `field_map` whose mapped field the record has: a top-level key for the
+    record's fields, a key of a turn (a dict in any list of the record) for role/content/from/value."""
+    if type(record) is not dict or not field_map:
+        return []
+    found = [c for c, name in field_map.items() if c not in _TURN_FIELDS and name in record]
+    in_turns = [(c, name) for c, name in field_map.items() if c in _TURN_FIELDS]
+    if in_turns:
+        keys = {k for v in record.values() if _is_list(v) for turn in v if type(turn) is dict for k in turn}
+        found += [c for c, name in in_turns if name in keys]
+    return found
 
 
 def record_id(record: dict, fallback: str) -> str:

@@ -1,29 +1,84 @@
 """`sftgo-prep inspect`: what is in a shard directory, as text and optionally HTML.
 
-Input: a finished build directory (manifest.json + shards).
+Input: a finished build directory (manifest.json + shards); the manifest and the shards are
+untrusted (hand-edited, damaged or foreign): they are verified (checksums and schema, as the
+trainer does) before anything is shown, and every piece of text taken from them (token pieces,
+ids, strategy names, rejection reasons, manifest values, paths) is printed with its control and
+other non-printing characters escaped (`\\x1b`, `\\u202e`), so only our own colour codes reach
+the terminal raw.
 Output: a text report -- records, tokens, supervised tokens, group fractions per
 strategy, how much strategies agree (Jaccard of their important tokens), rejects by
 reason, a histogram of sample lengths, one sample's tokens coloured by group for each
 strategy shown -- and, with --html, a page highlighting many samples' tokens, the
 strategies side by side (hover a token for its group and importance score).
-Cost: reads the group and length columns of every shard once (column projection),
-decodes only the samples shown (the tokenizer named in the manifest is loaded).
+Cost: reads every shard once to verify its checksum (sha256 at disk speed), then the group
+and length columns of every shard (column projection); decodes only the samples shown
+(the tokenizer named in the manifest is loaded).
 """
 from __future__ import annotations
 
 import html
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from sftgo.core import models
-from sftgo.core.shards import ShardError, read_manifest, strategy_order
+from sftgo.core.shards import (
+    MANIFEST, ShardError, group_column, importance_column, read_manifest, strategy_order, verify_shards,
+)
 
 ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}
 RESET = "\x1b[0m"
 HTML_COLORS = {-1: "color:#8a8a8a", 0: "background:#dbeafe", 1: "background:#f59e0b;font-weight:600"}
+TOKEN_TEXT = "\n\t"  # the only non-printing characters a sample's token text keeps raw
+
+
+def printable(value, keep: str = "") -> str:
+    """`value` as text safe for a terminal: control characters (C0, C1, DEL), format characters
+    (bidi overrides, zero-width), line/paragraph separators, surrogates, private-use and
+    unassigned code points become visible escapes (\\x1b, \\u202e); spaces and `keep` stay."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch in keep or ch.isprintable() or unicodedata.category(ch) == "Zs" else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_manifest(path: Path, manifest: dict) -> dict:
+    """The manifest fields inspect reads, checked for type (a hand-edited manifest is untrusted)."""
+    shards, totals, tok = manifest.get("shards"), manifest.get("totals"), manifest.get("tokenizer")
+    strategies, rejected = manifest.get("strategies", {}), manifest.get("rejected", {})
+    params = manifest.get("params", {})
+    checks = {
+        "shards": isinstance(shards, list) and all(
+            isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("sha256"), str)
+            and _is_count(s.get("rows")) for s in shards),
+        "totals": isinstance(totals, dict) and all(
+            _is_count(totals.get(k)) for k in ("records_in", "records_written", "records_rejected", "tokens", "loss_tokens"))
+        and _is_count(totals.get("truncated", 0)),
+        "tokenizer": isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("fingerprint"), str),
+        "strategies": isinstance(strategies, dict) and all(
+            isinstance(v, dict) and _is_count(v.get("num_groups", 2)) and v.get("num_groups", 2) >= 2
+            for v in strategies.values()),
+        "rejected": isinstance(rejected, dict) and all(_is_count(n) for n in rejected.values()),
+        "params": isinstance(params, dict) and isinstance(params.get("strategies", []), list)
+        and all(isinstance(s, str) for s in params.get("strategies", [])),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ShardError(f"{path / MANIFEST} has a missing or malformed '{key}' entry: it was edited or damaged.")
+    return manifest
 
 
 def _group_style(table: dict, g: int, k: int):
@@ -56,7 +111,7 @@ def _load_rows(directory: Path, manifest: dict, columns: list[str], start: int, 
 
 
 def _token_pieces(tok, ids: list[int]) -> list[str]:
-    return [tok.decode([i]) for i in ids]
+    return [printable(tok.decode([i]), keep=TOKEN_TEXT) for i in ids]
 
 
 def _top(k: int) -> int:
@@ -67,7 +122,8 @@ def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
     t = manifest["totals"]
     strategies = strategy_order(manifest)
     lines = [
-        f"Shards:       {directory}  ({len(manifest['shards'])} file(s), tokenizer {manifest['tokenizer']['name']})",
+        f"Shards:       {printable(directory)}  ({len(manifest['shards'])} file(s), "
+        f"tokenizer {printable(manifest['tokenizer']['name'])})",
         f"Records:      {t['records_written']} written of {t['records_in']} read, {t['records_rejected']} rejected, "
         f"{t.get('truncated', 0)} truncated",
         f"Tokens:       {t['tokens']} total, {t['loss_tokens']} supervised "
@@ -75,15 +131,15 @@ def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
     ]
     if manifest.get("rejected"):
         lines.append("Rejected by reason:")
-        lines += [f"  {reason:<24} {n}" for reason, n in manifest["rejected"].items()]
+        lines += [f"  {printable(reason):<24} {n}" for reason, n in manifest["rejected"].items()]
     tops = {s: _top(manifest["strategies"][s].get("num_groups", 2)) for s in strategies}
     pairs = [(a, b) for i, a in enumerate(strategies) for b in strategies[i + 1 :]]
     lengths, counts = [], {s: np.zeros(0, dtype=np.int64) for s in strategies}
     overlap = {p: [0, 0] for p in pairs}  # |A and B|, |A or B| over important tokens
     for shard in manifest["shards"]:
-        table = pq.read_table(directory / shard["path"], columns=["num_tokens"] + [f"group_{s}" for s in strategies])
+        table = pq.read_table(directory / shard["path"], columns=["num_tokens"] + [group_column(s) for s in strategies])
         lengths.append(table["num_tokens"].to_numpy())
-        groups = {s: table[f"group_{s}"].combine_chunks().flatten().to_numpy().astype(np.int64) for s in strategies}
+        groups = {s: table[group_column(s)].combine_chunks().flatten().to_numpy().astype(np.int64) for s in strategies}
         for s, g in groups.items():
             c = np.bincount(g[g >= 0]) if (g >= 0).any() else np.zeros(0, dtype=np.int64)
             size = max(len(c), len(counts[s]))
@@ -95,9 +151,10 @@ def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
     for s in strategies:
         total = counts[s].sum() or 1
         fracs = ", ".join(f"group {g}: {100.0 * n / total:.1f}%" for g, n in enumerate(counts[s]))
-        lines.append(f"Groups [{s}] (eta={manifest['strategies'][s].get('eta')}, of supervised tokens): {fracs or 'none'}")
+        eta = printable(manifest["strategies"][s].get("eta"))
+        lines.append(f"Groups [{printable(s)}] (eta={eta}, of supervised tokens): {fracs or 'none'}")
     for (a, b), (inter, union) in overlap.items():
-        lines.append(f"Agreement {a} vs {b}: Jaccard of the important tokens {inter / max(union, 1):.3f}")
+        lines.append(f"Agreement {printable(a)} vs {printable(b)}: Jaccard of the important tokens {inter / max(union, 1):.3f}")
     lines.append("Sample length (tokens):")
     lines += _histogram(np.concatenate(lengths) if lengths else np.zeros(0))
     return lines
@@ -105,7 +162,7 @@ def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
 
 def colour_sample(tok, row: dict, strategy: str, k: int, color: bool) -> str:
     out = []
-    for piece, g in zip(_token_pieces(tok, row["input_ids"]), row[f"group_{strategy}"]):
+    for piece, g in zip(_token_pieces(tok, row["input_ids"]), row[group_column(strategy)]):
         if color:
             out.append(f"{_group_style(ANSI, g, k)}{piece}{RESET}")
         else:  # plain text: mark important tokens with [[...]] and prompt tokens stay bare
@@ -115,23 +172,25 @@ def colour_sample(tok, row: dict, strategy: str, k: int, color: bool) -> str:
 
 def _html_tokens(pieces: list[str], row: dict, strategy: str, k: int) -> str:
     spans = []
-    for piece, g, score in zip(pieces, row[f"group_{strategy}"], row[f"importance_{strategy}"]):
+    name = html.escape(printable(strategy))
+    for piece, g, score in zip(pieces, row[group_column(strategy)], row[importance_column(strategy)]):
         style = _group_style(HTML_COLORS, g, k)
-        spans.append(f"<span style='{style}' title='{strategy}: group {g}, score {score:.4f}'>{html.escape(piece)}</span>")
+        spans.append(f"<span style='{style}' title='{name}: group {g}, score {score:.4f}'>{html.escape(piece)}</span>")
     return f"<div class='s'>{''.join(spans)}</div>"
 
 
 def html_page(tok, rows: list[dict], shown: list[str], ks: dict, title: str) -> str:
+    title = html.escape(printable(title))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>",
+        f"<title>{title}</title><style>",
         "body{font-family:system-ui,sans-serif;margin:2em}",
         ".s{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px;border:1px solid #ddd;"
         "padding:.8em;margin:.3em 0 1.2em;border-radius:6px;line-height:1.6}",
         ".row{display:grid;grid-template-columns:repeat(%d,minmax(0,1fr));gap:1em}" % len(shown),
         ".legend span{padding:0 .4em;margin-right:1em}",
         "</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
+        f"<h1>{title}</h1>",
         "<p class='legend'>"
         + f"<span style='{HTML_COLORS[-1]}'>prompt / not supervised</span>"
         + f"<span style='{HTML_COLORS[0]}'>rest</span>"
@@ -140,45 +199,76 @@ def html_page(tok, rows: list[dict], shown: list[str], ks: dict, title: str) -> 
     ]
     for row in rows:
         pieces = _token_pieces(tok, row["input_ids"])
-        parts.append(f"<h3>{html.escape(str(row['id']))} <small>({len(pieces)} tokens)</small></h3><div class='row'>")
+        parts.append(f"<h3>{html.escape(printable(row['id']))} <small>({len(pieces)} tokens)</small></h3><div class='row'>")
         for s in shown:
-            parts.append(f"<div><b>{html.escape(s)}</b>{_html_tokens(pieces, row, s, ks[s])}</div>")
+            parts.append(f"<div><b>{html.escape(printable(s))}</b>{_html_tokens(pieces, row, s, ks[s])}</div>")
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def run(directory: str, strategy: str | None = None, sample: int = 0, html_path: str | None = None,
-        samples: int = 50, color: bool | None = None) -> str:
-    """Text report; `strategy` names one or more (comma-separated) strategies to show side by side."""
-    path = Path(directory)
-    manifest = read_manifest(path)
+def _verified(path: Path, strategy: str | None) -> tuple[dict, list[str], int]:
+    """(manifest, strategies shown, rows): the manifest type-checked and every shard verified
+    (checksum, schema of every strategy, row count) before a byte of it is shown."""
+    manifest = _check_manifest(path, read_manifest(path))
     have = strategy_order(manifest)
     shown = [s.strip() for s in strategy.split(",")] if strategy else have[:1]
     for s in shown:
         if s not in have:
             raise ShardError(f"{path} has no '{s}' groups (it has: {', '.join(have) or 'none'}).")
+    verify_shards(path, manifest, strategies=tuple(have))
+    rows = sum(shard["rows"] for shard in manifest["shards"])
+    if rows != manifest["totals"]["records_written"]:
+        raise ShardError(f"{path / MANIFEST} counts {manifest['totals']['records_written']} records written "
+                         f"but its shards hold {rows} rows: it was edited or damaged.")
+    return manifest, shown, rows
+
+
+def _check_request(sample: int, samples: int, rows: int) -> None:
+    if samples < 0:
+        raise ShardError(f"--samples {samples} is negative; give how many samples the HTML page shows.")
+    if rows == 0 and sample != 0:
+        raise ShardError(f"--sample {sample} is out of range: the build has no records.")
+    if rows and not 0 <= sample < rows:
+        raise ShardError(f"--sample {sample} is out of range: the build has {rows} records (0 to {rows - 1}).")
+
+
+def run(directory: str, strategy: str | None = None, sample: int = 0, html_path: str | None = None,
+        samples: int = 50, color: bool | None = None) -> str:
+    """Text report; `strategy` names one or more (comma-separated) strategies to show side by side.
+    Errors are a ShardError of one sentence, its data-derived text escaped like the report."""
+    try:
+        return _report(Path(directory), strategy, sample, html_path, samples, color)
+    except ShardError as exc:  # messages quote paths and names from the manifest and the command line
+        raise ShardError(printable(exc)) from exc
+
+
+def _report(path: Path, strategy: str | None, sample: int, html_path: str | None, samples: int,
+            color: bool | None) -> str:
+    manifest, shown, rows = _verified(path, strategy)
+    _check_request(sample, samples, rows)
     lines = summary(path, manifest, shown)
     if not shown:
         return "\n".join(lines)
-    total = manifest["totals"]["records_written"]
-    if not 0 <= sample < max(total, 1):
-        raise ValueError(f"--sample {sample} is out of range: the build has {total} records (0..{total - 1}).")
+    if not rows:
+        lines += ["", "No records to show: the build wrote 0 records."]
     if color is None:
         color = sys.stdout.isatty()
     ks = {s: manifest["strategies"][s].get("num_groups", 2) for s in shown}
     tok = models.load_tokenizer(manifest["tokenizer"]["name"])
     if models.tokenizer_fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
         raise ShardError(f"The tokenizer {manifest['tokenizer']['name']!r} available here differs from the one that built {path}.")
-    columns = ["id", "input_ids"] + [f"{c}_{s}" for s in shown for c in ("group", "importance")]
-    if total:
+    columns = ["id", "input_ids"] + [c(s) for s in shown for c in (group_column, importance_column)]
+    if rows:
         row = _load_rows(path, manifest, columns, sample, 1)[0]
         legend = "important" if not color else f"{ANSI[1]}important{RESET} {ANSI[0]}rest{RESET} {ANSI[-1]}prompt{RESET}"
         for s in shown:
-            lines += ["", f"Sample {sample} ({row['id']}), groups by {s} [{legend}]:", colour_sample(tok, row, s, ks[s], color)]
+            lines += ["", f"Sample {sample} ({printable(row['id'])}), groups by {printable(s)} [{legend}]:",
+                      colour_sample(tok, row, s, ks[s], color)]
     if html_path:
-        rows = _load_rows(path, manifest, columns, 0, samples)
+        page_rows = _load_rows(path, manifest, columns, 0, samples)
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(html_path).write_text(html_page(tok, rows, shown, ks, f"sftgo shards: {path} ({', '.join(shown)})"), encoding="utf-8")
-        lines.append(f"\nWrote {html_path} ({len(rows)} samples).")
+        Path(html_path).write_text(html_page(tok, page_rows, shown, ks, f"sftgo shards: {path} ({', '.join(shown)})"),
+                                   encoding="utf-8")
+        lines.append(f"\nWrote {printable(html_path)} ({len(page_rows)} samples).")
     return "\n".join(lines)

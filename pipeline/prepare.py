@@ -4,11 +4,12 @@ Input: a Partition, the build parameters, the tokenizer location and the staging
 Output (files in the staging folder, each written atomically, the .json last so that
 its presence marks the partition done):
   part-NNNNN.staged.parquet  id, input_ids, loss_mask, num_tokens, num_loss_tokens and
-                             each strategy's staged columns (pipeline/strategies.py): for
+                             each strategy's staged columns (grouping/registry.py): for
                              tfidf the response's terms, their counts and each token's term
                              index; for model strategies the importance itself
-  part-NNNNN.df.parquet      (term, df) of this partition, for the corpus IDF
-  part-NNNNN.rejects.jsonl   every rejected record with reason and detail
+  part-NNNNN.stats-S.parquet what strategy S fits on the whole corpus needs of this partition
+                             (tfidf: (term, df), for the corpus IDF)
+  part-NNNNN.rejects.jsonl   every rejected record with reason, detail and its original text (raw)
   part-NNNNN.json            counts: records in / written / rejected by reason, tokens
 Returns the counts.  A partition already done is not redone.
 Cost: for tfidf, the chat template render and the Rust tokenizer (linear in text); model
@@ -25,12 +26,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftgo.grouping import tfidf
 from sftgo.core import models
-from sftgo.pipeline import formats, readers, strategies
+from sftgo.core.shards import atomic_write, atomic_write_text, list_column
+from sftgo.grouping import registry
+from sftgo.pipeline import formats, readers
 from sftgo.pipeline.chat import ChatEncoder
-from sftgo.core.shards import atomic_write, atomic_write_text
-from sftgo.pipeline.strategies import list_column
 
 BATCH = 512  # conversations per tokenizer call: amortises the Rust call, bounds memory
 
@@ -55,62 +55,84 @@ def warm_up(tokenizer: str, max_length: int, overflow: str, trust_remote_code: b
     get_encoder(tokenizer, max_length, overflow, trust_remote_code, light)
 
 
-def process(part: readers.Partition, params: dict, encoder: ChatEncoder) -> tuple[dict, list[dict], dict]:
-    """Records of a partition -> (columns of accepted records, rejects, counts). No I/O besides reading."""
-    field_map = params["field_map"] or None
-    fmt = params["format"]
-    base = os.path.basename(part.source.rstrip("/")) or part.source
-    ids: list[str] = []
-    convs: list[list[dict]] = []
-    raws: list[tuple[int, dict]] = []  # (row, original record) of accepted records, for rejects later
-    rejects: list[dict] = []
-    rows_in = 0
+def _encode(encoder: ChatEncoder, convs: list[list[dict]]) -> list:
+    """Encoded or RecordError per conversation; a tokenizer failure is the failing record's reject
+    (the batch is retried one by one to find it), never the partition's death."""
+    try:
+        return encoder.encode_batch(convs)
+    except Exception:
+        out = []
+        for conv in convs:
+            try:
+                out.append(encoder.encode_batch([conv])[0])
+            except Exception as exc:
+                out.append(formats.RecordError("encode_error", f"The tokenizer failed on this record ({type(exc).__name__})."))
+        return out
 
-    def reject(rid, row, reason, detail, raw):
-        rejects.append({"id": rid, "source": part.source, "row": row, "reason": reason, "detail": detail, "record": raw})
 
-    for row, rec, bad in readers.read(part):
-        rows_in += 1
-        fallback = f"{base}:{row}"
-        if bad is not None:
-            reject(fallback, row, bad[0], bad[1], bad[2])
-            continue
-        rid = formats.record_id(rec, fallback) if isinstance(rec, dict) else fallback
-        try:
-            if not isinstance(rec, dict):
-                raise formats.RecordError("not_an_object", f"the record is a JSON {type(rec).__name__}, not an object")
-            kind = formats.detect_format(rec, field_map) if fmt == "auto" else fmt
-            convs.append(formats.to_messages(rec, kind, field_map))
-            ids.append(rid)
-            raws.append((row, rec))
-        except formats.RecordError as err:
-            reject(rid, row, err.reason, err.detail, rec)
+class _Accepted:
+    """What one partition yields: the accepted records' columns, the rejects, the truncation count."""
 
-    cols: dict[str, list] = {"id": [], "input_ids": [], "loss_mask": [], "text": [], "spans": [], "offsets": []}
-    truncated = 0
-    for lo in range(0, len(convs), BATCH):
-        batch = slice(lo, lo + BATCH)
-        for rid, raw, enc in zip(ids[batch], raws[batch], encoder.encode_batch(convs[batch])):
+    def __init__(self, source: str):
+        self.source = source
+        self.cols: dict[str, list] = {"id": [], "input_ids": [], "loss_mask": [], "text": [], "spans": [], "offsets": []}
+        self.rejects: list[dict] = []
+        self.truncated = 0
+
+    def reject(self, rid: str, item: readers.Item, reason: str, detail: str) -> None:
+        safe = readers.escape_surrogates
+        self.rejects.append({"id": safe(rid), "source": safe(self.source), "row": item.row, "reason": reason,
+                             "detail": safe(detail), "raw": readers.raw_text(item)})
+
+    def encode(self, encoder: ChatEncoder, pending: list[tuple[str, readers.Item, list[dict]]]) -> None:
+        for (rid, item, _), enc in zip(pending, _encode(encoder, [conv for _, _, conv in pending])):
             if isinstance(enc, formats.RecordError):
-                reject(rid, raw[0], enc.reason, enc.detail, raw[1])
+                self.reject(rid, item, enc.reason, enc.detail)
                 continue
-            truncated += enc.truncated
-            cols["id"].append(rid)
-            cols["input_ids"].append(enc.input_ids)
-            cols["loss_mask"].append(enc.loss_mask)
-            cols["text"].append(enc.text)
-            cols["spans"].append(enc.content_spans)
-            cols["offsets"].append(enc.offsets)
-    reasons = Counter(r["reason"] for r in rejects)
+            self.truncated += enc.truncated
+            values = (rid, enc.input_ids, enc.loss_mask, enc.text, enc.content_spans, enc.offsets)
+            for column, value in zip(self.cols.values(), values):
+                column.append(value)
+        pending.clear()
+
+
+def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, list[dict], dict]:
+    """Records of a partition -> (columns of accepted records, rejects, counts). No I/O besides reading.
+
+    records_in = written + sum(rejected): a fault inside one record (unreadable, wrong shape, refused by
+    the template or the tokenizer) is that record's reject, which keeps its original text under "raw";
+    at most BATCH records are held before encoding.  counts also hold blank_lines (skipped, not records)
+    and field_map_hits {canonical: records that have the mapped field; 0 = no record has it}."""
+    field_map = cfg.field_map or None
+    base = os.path.basename(part.source.rstrip("/")) or part.source
+    out = _Accepted(part.source)
+    hits = Counter(dict.fromkeys(field_map or (), 0))
+    pending: list[tuple[str, readers.Item, list[dict]]] = []  # (id, item, conversation) waiting to be encoded
+    rows_in = 0
+    for item in readers.read(part):
+        rows_in += 1
+        rid = f"{base}:{item.row}"
+        if item.reject is not None:
+            out.reject(rid, item, *item.reject)
+            continue
+        if field_map:
+            hits.update(formats.mapped_fields(item.record, field_map))
+        rid = formats.record_id(item.record, rid)
+        try:
+            kind = formats.detect_format(item.record, field_map) if cfg.format == "auto" else cfg.format
+            pending.append((rid, item, formats.to_messages(item.record, kind, field_map)))
+        except formats.RecordError as err:
+            out.reject(rid, item, err.reason, err.detail)
+        if len(pending) == BATCH:
+            out.encode(encoder, pending)
+    out.encode(encoder, pending)
+    out.rejects.sort(key=lambda r: r["row"])
     counts = {
-        "index": part.index,
-        "source": part.source,
-        "records_in": rows_in,
-        "written": len(cols["id"]),
-        "rejected": dict(sorted(reasons.items())),
-        "truncated": truncated,
+        "index": part.index, "source": part.source, "records_in": rows_in, "written": len(out.cols["id"]),
+        "rejected": dict(sorted(Counter(r["reason"] for r in out.rejects).items())),
+        "truncated": out.truncated, "blank_lines": part.blank_lines, "field_map_hits": dict(sorted(hits.items())),
     }
-    return cols, rejects, counts
+    return out.cols, out.rejects, counts
 
 
 def staged_table(cols: dict, staged: dict[str, pa.Array]) -> pa.Table:
@@ -126,28 +148,35 @@ def staged_table(cols: dict, staged: dict[str, pa.Array]) -> pa.Table:
     return pa.table(data)
 
 
-def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], counts: dict) -> dict:
+def stage_columns(strategies: list, cols: dict, cfg, tokenizer: str) -> dict[str, pa.Array]:
+    """Pass 1 of every strategy on one partition held in memory."""
+    staged: dict[str, pa.Array] = {}
+    for strategy in strategies:
+        staged.update(strategy.stage(cols, cfg, tokenizer))
+    return staged
+
+
+def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], counts: dict, strategies: list) -> dict:
     """Write a partition's staged files (the .json last: it marks the partition done)."""
     atomic_write(stage_path(staging, index, "staged.parquet"), lambda p: pq.write_table(table, p, compression="lz4"))
-    if "tfidf_terms" in table.column_names:
-        df = tfidf.document_freq(table["tfidf_terms"].combine_chunks())
-        atomic_write(stage_path(staging, index, "df.parquet"), lambda p: pq.write_table(df, p))
+    for strategy in strategies:
+        if registry.fitted(strategy):
+            stats = strategy.partition_stats(table)
+            atomic_write(stage_path(staging, index, f"stats-{strategy.name}.parquet"), lambda p: pq.write_table(stats, p))
     lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
     atomic_write_text(stage_path(staging, index, "rejects.jsonl"), lines)
     atomic_write_text(stage_path(staging, index, "json"), json.dumps(counts, sort_keys=True))
     return counts
 
 
-def prepare_partition(part: readers.Partition, params: dict, tokenizer: str, staging: str, light: bool = False) -> dict:
+def prepare_partition(part: readers.Partition, cfg, strategies: list, tokenizer: str, staging: str,
+                      light: bool = False) -> dict:
     done = stage_path(staging, part.index, "json")
     if done.exists():
         return json.loads(done.read_text())
-    encoder = get_encoder(tokenizer, params["max_length"], params["overflow"], params["trust_remote_code"], light)
-    cols, rejects, counts = process(part, params, encoder)
-    staged: dict[str, pa.Array] = {}
-    for strategy in params["strategies"]:
-        staged.update(strategies.stage(strategy, cols, params, tokenizer))
-    table = staged_table(cols, staged)
+    encoder = get_encoder(tokenizer, cfg.max_length, cfg.overflow, cfg.trust_remote_code, light)
+    cols, rejects, counts = process(part, cfg, encoder)
+    table = staged_table(cols, stage_columns(strategies, cols, cfg, tokenizer))
     counts["tokens"] = int(table["num_tokens"].to_numpy().sum())  # the lengths staged_table already counted
     counts["loss_tokens"] = int(table["num_loss_tokens"].to_numpy().sum())
-    return write_stage(staging, part.index, table, rejects, counts)
+    return write_stage(staging, part.index, table, rejects, counts, strategies)

@@ -3,23 +3,46 @@
 Input: paths of JSONL, JSON (array), Parquet, CSV files, folders of them, `datasets`
 save_to_disk folders, or hub dataset names (`hf:NAME`, loaded through `datasets`).
 Output: `plan()` returns Partition descriptors (deterministic: they depend on the
-inputs and `rows_per_shard` only); `read()` yields (row_number, record dict or None,
-(reason, detail, raw text) or None) for every record of one partition -- malformed lines are
-yielded as rejections, never dropped.
+inputs and `rows_per_shard` only); `read()` yields one Item per record of a partition:
+the parsed record, or a rejection (reason, detail) for a record that cannot be read --
+bad UTF-8 or Unicode (unpaired surrogates, in values and in field names), malformed
+JSON, NaN/Infinity or over-long numbers, nesting deeper than MAX_DEPTH, CSV rows whose
+field count disagrees with the header, Parquet rows that do not convert -- never an
+exception for one record.  A fault in one record never costs the others.  Each Item
+keeps the record's original text when there is one (the JSONL line, a JSON array
+element that could not be parsed); `raw_text()` renders the others as JSON, with
+surrogates escaped so the text is always valid UTF-8.  Blank lines of JSONL and CSV
+are not records: they are skipped and counted in Partition.blank_lines.  A UTF-8 BOM
+is ignored (start of any JSONL line, start of JSON and CSV files).  A whole file that
+cannot be read is an InputError with one sentence.
 Cost: planning scans JSONL files once for line offsets (disk speed) and opens the
 metadata of the others; a hub dataset is downloaded (or read from the datasets cache)
 once by the driver.  Reading a partition touches only its bytes/rows, except JSON
-arrays and CSV files, which are parsed whole (cached per worker process).
+arrays and CSV files, which are parsed whole (cached per worker process).  The
+per-record check is two C-speed scans of a JSONL line; records from other formats are
+walked once (a few microseconds each).
 """
 from __future__ import annotations
 
+import codecs
+import csv
 import functools
 import json
+import re
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+MAX_DEPTH = 100  # containers inside containers; real records nest < 10 deep (tool schemas ~20)
+_BOM = codecs.BOM_UTF8
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate can get into a JSON string
+_WS = re.compile(r"[ \t\n\r]*")
+_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)  # strings and brackets, to skip a value
+_SCALAR = re.compile(r"[^,\]\s]*")
 
 
 class InputError(ValueError):
@@ -35,6 +58,39 @@ class Partition:
     start: int  # first row (jsonl: first byte)
     stop: int  # end row, exclusive (jsonl: end byte)
     first_row: int  # row number of the first record in `path`
+    blank_lines: int = 0  # blank lines inside this partition: skipped, not records, counted here
+
+
+class Item(NamedTuple):
+    """One record of a partition."""
+
+    row: int  # record number in its file (JSONL: non-blank lines; CSV: data rows, blank ones included)
+    record: object  # the parsed value (any JSON type; also kept for rejects that parsed), else None
+    reject: tuple[str, str] | None  # (reason, detail) when the record cannot be read
+    raw: str | None  # original text when there is one (JSONL line, unparsable element); see raw_text()
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """A record of a whole-file input that could not be read (kept in place: row numbers stay)."""
+
+    reason: str
+    detail: str
+    raw: str
+
+
+_BLANK = object()  # a blank CSV line
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _BadNumber(f"{name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
 def _expand(inp: str, split: str) -> list[tuple[str, str, str]]:
@@ -62,7 +118,7 @@ def _kind(path: Path) -> str:
     kind = DATA_SUFFIXES[path.suffix]
     if kind == "json":  # a .json file may hold one array or one object per line
         with open(path, "rb") as fh:
-            head = fh.read(4096).lstrip()
+            head = fh.read(4096).removeprefix(_BOM).lstrip()
         if not head.startswith(b"["):
             kind = "jsonl"
     return kind
@@ -100,30 +156,39 @@ def _dataset_files(ds, name: str, split: str) -> list[str]:
     return [f["filename"] for f in ds.cache_files]
 
 
-def _jsonl_offsets(path: str, rows_per_shard: int) -> list[tuple[int, int, int]]:
-    """[(start_byte, end_byte, first_row)] cutting the file every rows_per_shard non-blank lines."""
-    cuts, row, pos, start, first = [], 0, 0, 0, 0
+def _jsonl_offsets(path: str, rows_per_shard: int) -> list[tuple[int, int, int, int]]:
+    """[(start_byte, end_byte, first_row, blank_lines)] cutting the file every rows_per_shard non-blank lines."""
+    cuts, row, pos, start, first, blank = [], 0, 0, 0, 0, 0
     with open(path, "rb") as fh:
         for line in fh:
             if line.strip():
                 if row - first == rows_per_shard:
-                    cuts.append((start, pos, first))
-                    start, first = pos, row
+                    cuts.append((start, pos, first, blank))
+                    start, first, blank = pos, row, 0
                 row += 1
+            else:
+                blank += 1
             pos += len(line)
     if row > first:
-        cuts.append((start, pos, first))
+        cuts.append((start, pos, first, blank))
     return cuts
 
 
-def _row_count(path: str, kind: str) -> int:
+def _row_ranges(path: str, kind: str, rows_per_shard: int) -> list[tuple[int, int, int, int]]:
+    """[(start_row, stop_row, first_row, blank_lines)] of a file read by rows."""
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    if kind == "arrow":
-        return _arrow_table(path).num_rows
-    return len(_whole_file(path, kind))
+        n, rows = _parquet_file(path).metadata.num_rows, None
+    elif kind == "arrow":
+        n, rows = _arrow_table(path).num_rows, None
+    else:
+        rows = _whole_file(path, kind)
+        n = len(rows)
+    ranges = []
+    for s in range(0, n, rows_per_shard):
+        stop = min(s + rows_per_shard, n)
+        blank = 0 if rows is None else sum(r is _BLANK for r in rows[s:stop])
+        ranges.append((s, stop, s, blank))
+    return ranges
 
 
 def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[Partition]:
@@ -133,10 +198,9 @@ def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[P
             if kind == "jsonl":
                 ranges = _jsonl_offsets(path, rows_per_shard)
             else:
-                n = _row_count(path, kind)
-                ranges = [(s, min(s + rows_per_shard, n), s) for s in range(0, n, rows_per_shard)]
-            for start, stop, first in ranges:
-                parts.append(Partition(len(parts), source, path, kind, start, stop, first))
+                ranges = _row_ranges(path, kind, rows_per_shard)
+            for start, stop, first, blank in ranges:
+                parts.append(Partition(len(parts), source, path, kind, start, stop, first, blank))
     if not parts:
         raise InputError("The inputs hold no records.")
     return parts
@@ -144,25 +208,112 @@ def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[P
 
 @functools.lru_cache(maxsize=1)
 def _whole_file(path: str, kind: str) -> list:
-    """Records of a JSON array or CSV file (parsed once per worker process)."""
-    if kind == "json":
+    """Entries of a JSON array or CSV file (parsed once per worker process): records, _Bad, _BLANK."""
+    with open(path, "rb") as fh:
+        # Bytes that are not UTF-8 become lone surrogates, which the record check rejects per record.
+        text = fh.read().removeprefix(_BOM).decode("utf-8", errors="surrogateescape")
+    return _json_array(path, text) if kind == "json" else _csv_rows(path, text)
+
+
+def _json_array(path: str, text: str) -> list:
+    try:  # fast path: the whole array at once
+        data = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); use JSONL for one record per line.") from None
+    except (ValueError, RecursionError):  # one element too deep or a bad number: parse element by element
+        return _json_elements(path, text)
+    if not isinstance(data, list):
+        raise InputError(f"{path} holds a JSON {type(data).__name__}, expected an array of records.")
+    return data
+
+
+def _json_elements(path: str, text: str) -> list:
+    """Elements of a JSON array, parsed one at a time; an element that parses to an error becomes a _Bad."""
+    out: list = []
+    pos = _WS.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise InputError(f"{path} does not hold a JSON array of records.")
+    pos = _WS.match(text, pos + 1).end()
+    closed = text.startswith("]", pos)
+    while not closed:
+        start = pos
         try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except UnicodeDecodeError:
-            raise InputError(f"{path} is not valid UTF-8 text.") from None
+            value, pos = _DECODER.raw_decode(text, pos)
+            out.append(value)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path} is not valid JSON ({exc}); use JSONL for one record per line.") from None
-        if not isinstance(data, list):
-            raise InputError(f"{path} holds a JSON {type(data).__name__}, expected an array of records.")
-        return data
-    import csv
+        except (ValueError, RecursionError) as exc:
+            pos = _skip_value(path, text, start)
+            out.append(_Bad(*_value_fault(exc), text[start:pos]))
+        pos = _WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            closed = True
+        else:
+            raise InputError(f"{path} is not valid JSON (expected ',' or ']' at character {pos}).")
+    if _WS.match(text, pos + 1).end() != len(text):
+        raise InputError(f"{path} is not valid JSON (extra data after the array at character {pos + 1}).")
+    return out
 
-    try:  # stdlib csv keeps every field a string (pyarrow would turn numeric answers into ints)
-        with open(path, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path} is not a readable UTF-8 CSV file ({exc}).") from None
+
+def _skip_value(path: str, text: str, start: int) -> int:
+    """End of the JSON value starting at `start`, found without parsing it (used for values json cannot parse)."""
+    if text[start] not in "[{":  # a number or constant
+        return _SCALAR.match(text, start).end()
+    depth = 0
+    for m in _TOKEN.finditer(text, start):
+        t = m.group()
+        if t in ("[", "{"):
+            depth += 1
+        elif t in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return m.end()
+    raise InputError(f"{path} is not valid JSON (an array element starting at character {start} never ends).")
+
+
+def _value_fault(exc: BaseException) -> tuple[str, str]:
+    """(reason, detail) of a JSON value that is valid syntax but cannot become a record."""
+    if isinstance(exc, RecursionError):
+        return "too_deep", f"The record is nested more than {MAX_DEPTH} levels deep."
+    if isinstance(exc, _BadNumber):
+        return "invalid_number", f"The record holds {str(exc).split()[0]}, which is not a JSON number."
+    if "digits" in str(exc):  # Python refuses to read integers past sys.get_int_max_str_digits()
+        return "invalid_number", f"The record holds an integer of more than {sys.get_int_max_str_digits()} digits."
+    return "invalid_number", f"The record holds a number that cannot be read ({str(exc)[:80]})."
+
+
+def _csv_rows(path: str, text: str) -> list:
+    import io
+
+    csv.field_size_limit(sys.maxsize)  # one long field is that record's matter, not a file error
+    reader = csv.reader(io.StringIO(text, newline=""))  # stdlib csv keeps every field a string
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise InputError(f"{path} is not a readable CSV file ({exc}).") from None
+    if not header:
+        raise InputError(f"{path} has no CSV header line.")
+    twice = sorted(h for h, n in Counter(header).items() if n > 1)
+    if twice:
+        raise InputError(f"{path} has the CSV column {twice[0]!r} twice in its header.")
+    out: list = []
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return out
+        except csv.Error as exc:
+            out.append(_Bad("malformed_csv", f"The CSV row ending on line {reader.line_num} cannot be parsed ({exc}).", ""))
+            continue
+        if not fields:
+            out.append(_BLANK)
+        elif len(fields) != len(header):
+            detail = f"The CSV row has {len(fields)} field(s); the header has {len(header)}."
+            out.append(_Bad("malformed_csv", detail, json.dumps(fields, ensure_ascii=False)))
+        else:
+            out.append(dict(zip(header, fields)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -175,51 +326,152 @@ def _arrow_table(path: str):
         return pa.ipc.open_file(pa.memory_map(path)).read_all()
 
 
-def read(part: Partition) -> Iterator[tuple[int, dict | None, tuple[str, str, str] | None]]:
-    """Yield (row, record, None) or (row, None, (reason, detail, raw_text)) for each record of `part`."""
+def read(part: Partition) -> Iterator[Item]:
+    """Every record of `part` as an Item, in file order (blank lines skipped)."""
     if part.kind == "jsonl":
         yield from _read_jsonl(part)
         return
     if part.kind == "parquet":
         rows = _parquet_rows(part)
     elif part.kind == "arrow":
-        rows = _arrow_table(part.path).slice(part.start, part.stop - part.start).to_pylist()
+        rows = _table_rows(_arrow_table(part.path).slice(part.start, part.stop - part.start))
     else:
         rows = _whole_file(part.path, part.kind)[part.start : part.stop]
-    for i, rec in enumerate(rows):
-        yield part.first_row + i, rec, None
+    for row, entry in enumerate(rows, part.first_row):
+        if entry is _BLANK:
+            continue
+        if isinstance(entry, _Bad):
+            yield Item(row, None, (entry.reason, entry.detail), entry.raw)
+        else:
+            yield Item(row, entry, check_record(entry), None)
 
 
-def _read_jsonl(part: Partition):
+def _read_jsonl(part: Partition) -> Iterator[Item]:
     with open(part.path, "rb") as fh:
         fh.seek(part.start)
         data = fh.read(part.stop - part.start)
     row = part.first_row
     for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raw = line.decode("utf-8", errors="replace")
-            yield row, None, ("invalid_utf8", f"line has bytes that are not UTF-8 at position {exc.start}", raw)
-        else:
-            try:
-                yield row, json.loads(text), None
-            except json.JSONDecodeError as exc:
-                yield row, None, ("malformed_json", f"line is not valid JSON ({exc.msg} at column {exc.colno})", text)
-        row += 1
+        if line.strip():  # the same test as _jsonl_offsets: row numbers agree with the plan
+            yield _jsonl_item(row, line.removeprefix(_BOM))
+            row += 1
 
 
-def _parquet_rows(part: Partition) -> list[dict]:
+def _jsonl_item(row: int, line: bytes) -> Item:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raw = line.decode("utf-8", errors="backslashreplace")
+        return Item(row, None, ("invalid_utf8", f"The line has bytes that are not UTF-8 at position {exc.start}."), raw)
+    try:
+        record = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        return Item(row, None, ("malformed_json", f"The line is not valid JSON ({exc.msg} at column {exc.colno})."), text)
+    except (ValueError, RecursionError) as exc:
+        return Item(row, None, _value_fault(exc), text)
+    # Only a line with many brackets can nest deep, and only a \uD8xx-\uDFxx escape makes a surrogate.
+    if text.count("[") + text.count("{") > MAX_DEPTH or ("\\u" in text and _SURROGATE_ESCAPE.search(text)):
+        return Item(row, record, check_record(record), text)
+    return Item(row, record, None, text)
+
+
+def check_record(value) -> tuple[str, str] | None:
+    """(reason, detail) of the first fault in a parsed record (unpaired surrogate in a value or a field
+    name, nesting deeper than MAX_DEPTH), or None.  Iterative: any depth is safe."""
+    stack = [(value, 0, None)]  # (value, depth, path as a linked (parent, key) chain)
+    while stack:
+        v, depth, path = stack.pop()
+        t = type(v)
+        if t is str:
+            if not v.isascii() and _SURROGATE.search(v):
+                return "invalid_unicode", f"Field '{_path_text(path)}' holds an unpaired surrogate or bytes that are not UTF-8."
+        elif t is dict or t is list or t is tuple:
+            if depth >= MAX_DEPTH:
+                return "too_deep", f"Field '{_path_text(path)}' is nested more than {MAX_DEPTH} levels deep."
+            for k, x in (v.items() if t is dict else enumerate(v)):
+                if type(k) is str and not k.isascii() and _SURROGATE.search(k):
+                    where = f"in '{_path_text(path)}'" if path else "of the record"
+                    return "invalid_unicode", f"A field name {where} holds an unpaired surrogate or bytes that are not UTF-8."
+                stack.append((x, depth + 1, (path, k)))
+    return None
+
+
+def _path_text(path) -> str:
+    keys = []
+    while path is not None:
+        path, key = path
+        keys.append(f"[{key}]" if type(key) is int else "." + escape_surrogates(str(key)[:40]))
+    text = "".join(reversed(keys)).lstrip(".") or "(the record)"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def escape_surrogates(text: str) -> str:
+    """`text` with each lone surrogate written as its JSON escape (so it encodes as UTF-8, and a JSON
+    text stays the same JSON value)."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def raw_text(item: Item) -> str:
+    """The record's original text, else a JSON rendering of it; always valid UTF-8."""
+    if item.raw is not None:
+        return escape_surrogates(item.raw)
+    try:
+        return escape_surrogates(json.dumps(item.record, ensure_ascii=False, default=str))
+    except RecursionError:  # only a record nested past Python's recursion limit, which read() rejects as too_deep
+        return ""
+
+
+def _parquet_file(path: str):
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(part.path)
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # not Parquet, truncated, or a schema pyarrow refuses (e.g. nested past 100 levels)
+        raise InputError(f"Cannot read the Parquet file {path} ({str(exc).splitlines()[0][:200]}).") from None
+
+
+def _parquet_rows(part: Partition) -> list:
+    pf = _parquet_file(part.path)
     out, row0 = [], 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         lo, hi = max(part.start, row0), min(part.stop, row0 + n)
         if lo < hi:
-            out.extend(pf.read_row_group(g).slice(lo - row0, hi - lo).to_pylist())
+            out.extend(_table_rows(pf.read_row_group(g).slice(lo - row0, hi - lo)))
         row0 += n
     return out
+
+
+def _table_rows(table) -> list:
+    """Rows of an Arrow table as dicts; a row that does not convert (e.g. a string column holding bytes
+    that are not UTF-8) becomes a _Bad for that row alone."""
+    try:
+        return table.to_pylist()
+    except Exception:  # pyarrow raises several types; find the rows at fault below
+        return [_table_row(table, i) for i in range(table.num_rows)]
+
+
+def _table_row(table, i: int):
+    try:
+        return table.slice(i, 1).to_pylist()[0]
+    except Exception:
+        pass
+    import pyarrow as pa
+
+    rendered, bad = {}, []
+    for name in table.column_names:
+        cell = table.column(name).slice(i, 1)
+        try:
+            rendered[name] = cell.to_pylist()[0]
+        except Exception:
+            bad.append(name)
+            try:
+                rendered[name] = cell.cast(pa.binary()).to_pylist()[0].decode("utf-8", errors="backslashreplace")
+            except Exception:
+                rendered[name] = None
+    bad = bad or table.column_names[:1]
+    reason = "invalid_utf8" if any(pa.types.is_string(table.schema.field(n).type) for n in bad) else "unreadable_row"
+    detail = f"Field '{escape_surrogates(str(bad[0])[:40])}' cannot be read (bytes that are not UTF-8 or an unsupported value)."
+    return _Bad(reason, detail, json.dumps(rendered, ensure_ascii=False, default=str))

@@ -5,9 +5,8 @@ Input: a finished build directory and the new strategies' parameters.
 Output: every shard rewritten with importance_<S> / group_<S> added (other columns kept as they
 are), the strategy's artifacts, and manifest.json updated.
 Flow: per shard on the cluster, decode the tokens back to text (re-encoding must give the same
-ids, else the shard is refused) and stage the strategy's columns (pass A), fit artifacts
-(tfidf: IDF over all shards), then score + group + write the new shards into DIR/.scoring
-(pass B).  Commit: the new manifest is written to .scoring first, then the shards and
+ids, else the shard is refused) and stage the strategy's columns (pass A), then the same fit +
+score + group + write as a build (pipeline/finalize.py), into DIR/.scoring (pass B).  Commit: the new manifest is written to .scoring first, then the shards and
 artifacts are renamed into place and the manifest last, so a killed `score` resumes (or
 finishes its commit) when run again, and readers never see a half-written file.
 Cost: one read and one write of every shard plus the strategy's own scoring work.
@@ -23,15 +22,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftgo.grouping import tfidf
 from sftgo.core import models
-from sftgo.pipeline import executor, strategies
-from sftgo.pipeline.build import BuildError, exclusive, fit_idf_from_staging
-from sftgo.pipeline.finalize import shard_entry, shard_table, write_shard
 from sftgo.core.shards import (
-    MANIFEST, ShardError, atomic_write_text, read_manifest, strategy_order, verify_shards, write_manifest,
+    MANIFEST, ShardError, atomic_write_text, exclusive, member_path, read_manifest, strategy_order, verify_shards,
+    write_manifest,
 )
-from sftgo.pipeline.prepare import stage_path, staged_table, write_stage
+from sftgo.grouping import registry
+from sftgo.pipeline import executor
+from sftgo.pipeline.build import BuildError
+from sftgo.pipeline.config import BuildConfig, check_strategies
+from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
+from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, write_stage
 
 SCORING = ".scoring"
 
@@ -72,43 +73,44 @@ def reconstruct(table: pa.Table, tok, shard: str) -> dict:
     return {"id": table["id"].to_pylist(), "input_ids": ids, "loss_mask": masks, "text": texts, "offsets": offsets, "spans": spans}
 
 
-def stage_shard(index: int, shard: str, params: dict, new: list[str], tokenizer: str, scoring: str) -> dict:
+def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: str, scoring: str) -> dict:
     done = stage_path(scoring, index, "json")
     if done.exists():
         return json.loads(done.read_text())
     table = pq.read_table(shard, columns=["id", "input_ids", "loss_mask"])
-    cols = reconstruct(table, models.load_tokenizer(tokenizer, params["trust_remote_code"]), shard)
-    staged: dict[str, pa.Array] = {}
-    for strategy in new:
-        staged.update(strategies.stage(strategy, cols, params, tokenizer))
-    return write_stage(scoring, index, staged_table(cols, staged), [], {"index": index, "written": len(cols["id"])})
-
-
-def rewrite_shard(index: int, name: str, out: str, params: dict, new: list[str], scoring: str, artifacts: dict, etas: dict) -> dict:
-    target = Path(scoring) / name
-    if not target.exists():
-        base = pq.read_table(Path(out) / name)
-        staged = pq.read_table(stage_path(scoring, index, "staged.parquet"))
-        write_shard(shard_table(base, staged, new, params, artifacts, etas), target)
-    return shard_entry(target, name)
+    cols = reconstruct(table, models.load_tokenizer(tokenizer, cfg.trust_remote_code), shard)
+    staged = staged_table(cols, stage_columns(new, cols, cfg, tokenizer))
+    return write_stage(scoring, index, staged, [], {"index": index, "written": len(cols["id"])}, new)
 
 
 def _commit(out: Path, scoring: Path) -> dict:
     """Move the rewritten shards and artifacts into place, then the manifest (last)."""
     manifest = json.loads((scoring / MANIFEST).read_text())
-    for shard in manifest["shards"]:
-        if (scoring / shard["path"]).exists():
-            os.replace(scoring / shard["path"], out / shard["path"])
-    if (scoring / tfidf.IDF_FILE).exists():
-        os.replace(scoring / tfidf.IDF_FILE, out / tfidf.IDF_FILE)
+    names = [s["path"] for s in manifest["shards"]]
+    names += sorted({f for name in manifest["strategies"] if name in registry.names()
+                     for f in registry.artifact_files(registry.get(name))})
+    for name in names:
+        if (scoring / name).exists():
+            os.replace(member_path(scoring, name), member_path(out, name))
     write_manifest(out, manifest)
     shutil.rmtree(scoring, ignore_errors=True)
     return manifest
 
 
+def scoring_config(manifest: dict, options: dict, directory: str, workers: int, scheduler: str | None,
+                   progress: bool) -> BuildConfig:
+    """The build's own settings, with the options given for the new strategies (typed, validated)."""
+    fields = set(BuildConfig.__dataclass_fields__)
+    values = {k: v for k, v in manifest["params"].items() if k in fields}
+    values.update(options)
+    values.update(out=directory, workers=workers, scheduler=scheduler, progress=progress)
+    return BuildConfig(**values).validate()
+
+
 def run(directory: str, new: list[str], options: dict, workers: int = 2, scheduler: str | None = None,
         overwrite: bool = False, progress: bool = True) -> dict:
     """Add strategies `new` to the build in `directory`; `options` overrides BuildConfig fields (eta, models)."""
+    check_strategies(new)
     out = Path(directory)
     with exclusive(out):
         scoring = out / SCORING
@@ -119,41 +121,41 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
         clash = [s for s in new if s in have]
         if clash and not overwrite:
             raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")
-        params = {**manifest["params"], **{k: v for k, v in options.items() if k != "eta"}}
-        params["strategies"] = have + [s for s in new if s not in have]
-        etas = {s: options.get("eta", manifest["params"]["eta"]) for s in new}
-        key = {"new": new, "params": params, "etas": etas, "manifest_shards": manifest["shards"]}
+        cfg = scoring_config(manifest, options, directory, workers, scheduler, progress)
+        cfg.strategies = have + [s for s in new if s not in have]
+        key = {"new": new, "params": cfg.params(), "manifest_shards": manifest["shards"]}
         marker = scoring / "score.json"  # what an unfinished run was computing; anything else is stale
         if scoring.exists() and (not marker.exists() or json.loads(marker.read_text()) != json.loads(json.dumps(key))):
             shutil.rmtree(scoring)
-        tok = models.load_tokenizer(manifest["tokenizer"]["name"], params["trust_remote_code"])
+        tok = models.load_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
         verify_shards(out, manifest, tokenizer_fingerprint=models.tokenizer_fingerprint(tok))
         scoring.mkdir(exist_ok=True)
         atomic_write_text(marker, json.dumps(key, sort_keys=True))
-        tok_location = models.tokenizer_dir(manifest["tokenizer"]["name"])
-        shards = manifest["shards"]
-        with executor.client(workers, scheduler) as c:
-            executor.map_tasks(
-                c, stage_shard, [(i, str(out / s["path"]), params, new, tok_location, str(scoring)) for i, s in enumerate(shards)],
-                "score", progress,
-            )
-            artifacts = {}
-            if "tfidf" in new:
-                docs = manifest["totals"]["records_written"]
-                sha = executor.run_one(c, fit_idf_from_staging, str(scoring), list(range(len(shards))), docs, str(scoring))
-                artifacts["tfidf"] = {"path": str(scoring / tfidf.IDF_FILE), "sha256": sha}
-            entries = executor.map_tasks(
-                c, rewrite_shard,
-                [(i, s["path"], str(out), params, new, str(scoring), artifacts, etas) for i, s in enumerate(shards)],
-                "write", progress,
-            )
-        updated = dict(manifest)
-        updated["params"] = params
-        updated["shards"] = entries
-        updated["strategies"] = {
-            **{s: manifest["strategies"][s] for s in have if s not in new},
-            **{s: strategies.manifest_entry(s, {**params, "eta": etas[s]}, artifacts, manifest["totals"]["records_written"]) for s in new},
-        }
-        updated["strategies"] = {s: updated["strategies"][s] for s in params["strategies"]}
+        updated = _score(cfg, manifest, [registry.get(s) for s in new], out, scoring)
         write_manifest(scoring, updated)
         return _commit(out, scoring)
+
+
+def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path) -> dict:
+    """Pass A, fit, pass B on the cluster; the updated manifest (not yet written)."""
+    tok_location = models.tokenizer_dir(manifest["tokenizer"]["name"])
+    shards = manifest["shards"]
+    indices = list(range(len(shards)))
+    with executor.client(cfg.workers, cfg.scheduler) as c:
+        executor.map_tasks(c, stage_shard, [(i, str(member_path(out, s["path"])), cfg, new, tok_location, str(scoring))
+                                            for i, s in enumerate(shards)], "score", cfg.progress)
+        artifacts, thresholds = fit_all(c, cfg, new, str(scoring), indices, manifest["totals"]["records_written"],
+                                        str(scoring))
+        entries = executor.map_tasks(
+            c, write_partition,
+            [(i, cfg, new, str(scoring), str(member_path(out, s["path"])), str(scoring / s["path"]), artifacts,
+              str(scoring), thresholds) for i, s in enumerate(shards)],
+            "write", cfg.progress,
+        )
+    params = cfg.params()
+    for key in ("eta", "threshold", "num_groups"):  # the build's own; each strategy's entry has its own
+        params[key] = manifest["params"].get(key, params[key])
+    old = manifest["strategies"]
+    added = {s.name: manifest_entry(s, cfg, artifacts, thresholds) for s in new}
+    return {**manifest, "params": params, "shards": entries,
+            "strategies": {s: added.get(s) or old[s] for s in cfg.strategies}}

@@ -18,7 +18,7 @@ from sftgo.grouping.assign import assign_groups
 from sftgo.core import models
 from sftgo.pipeline.build import BuildError, run
 from sftgo.pipeline.config import BuildConfig
-from sftgo.core.shards import ShardError, file_sha256, read_manifest, verify_shards
+from sftgo.core.shards import LockedError, ShardError, file_sha256, read_manifest, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_LINES = [
@@ -195,7 +195,7 @@ def test_second_build_refuses_while_first_runs(tmp_path):
     out.mkdir()
     with open(out / ".lock", "a+") as fh:  # what a running build holds
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(BuildError, match="Another build .* is writing to"):
+        with pytest.raises(LockedError, match="Another build .* is writing to"):
             run(small_cfg(tmp_path))
     assert not (out / "manifest.json").exists()
 
@@ -214,5 +214,6 @@ def test_field_map_and_forced_format(tmp_path, write_jsonl):
                       field_map={"instruction": "question", "output": "answer"})
     manifest = run(cfg)
     assert manifest["totals"]["records_written"] == 12 and manifest["params"]["field_map"] == {"instruction": "question", "output": "answer"}
-    unmapped = run(BuildConfig(inputs=[str(src)], out=str(tmp_path / "p"), workers=1, progress=False, format="alpaca"))
-    assert unmapped["totals"]["records_written"] == 0 and unmapped["rejected"] == {"missing_field": 12}
+    with pytest.raises(BuildError, match="Wrote 0 records: 12 of 12 record.s. were rejected as missing_field; name your "
+                                         "fields with --field-map"):
+        run(BuildConfig(inputs=[str(src)], out=str(tmp_path / "p"), workers=1, progress=False, format="alpaca"))

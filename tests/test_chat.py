@@ -169,3 +169,99 @@ def test_light_tokenizer_not_used_when_it_differs(tokenizer, tmp_path, monkeypat
     assert not (tmp_path / "cache" / "light-tokenizer").exists()  # a mismatch is not remembered
     monkeypatch.setattr(models, "load_tokenizer_light", lambda name: None)  # the generic class could not read it
     assert models.load_build_tokenizer(str(tok_dir))[1] is False
+
+
+# -- the loss mask against transformers' return_assistant_tokens_mask ---------------------------------
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}{{ AFTER }}{% endfor %}"
+)
+WHITESPACE_CONVS = [
+    [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Norford River."}],
+    [{"role": "user", "content": "Indent?"}, {"role": "assistant", "content": "   indented answer"}],
+    [{"role": "user", "content": "Lines?"}, {"role": "assistant", "content": "\n\n   starts with blank lines"}],
+    [{"role": "user", "content": "Trail?"}, {"role": "assistant", "content": "ends with spaces   "}],
+    [{"role": "user", "content": "Trail?"}, {"role": "assistant", "content": "ends with newlines\n\n"}],
+    [{"role": "user", "content": "Both?"}, {"role": "assistant", "content": " \n\tboth sides \n "}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "\n  one"},
+     {"role": "user", "content": "b"}, {"role": "assistant", "content": "two  \n"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "  three"}],
+    CONV,
+]
+
+
+def hf_assistant_mask(tok, conv):
+    out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return out["input_ids"], np.array(out["assistant_masks"], dtype=np.int8)
+
+
+@pytest.mark.parametrize("after", ["<|im_end|>\\n", "\\n<|im_end|>\\n"])
+def test_mask_equals_transformers_assistant_mask(tokenizer, after):
+    """Every token that contains an assistant character is supervised, as transformers marks it -- also a
+    token the BPE merged from the template's "\\n" and an answer's leading (or trailing) whitespace.
+    Ours adds the end-of-turn token right after a content (template 1); where the template puts a "\\n"
+    between the content and <|im_end|> there is no end-of-turn token to add (template 2)."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = GENERATION_TEMPLATE.replace("AFTER", f"'{after}'")
+    encoder = ChatEncoder(tok, max_length=4096)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    straddling = 0
+    for conv, enc in zip(WHITESPACE_CONVS, encoder.encode_batch(WHITESPACE_CONVS)):
+        ids, hf = hf_assistant_mask(tok, conv)
+        assert enc.input_ids.tolist() == ids
+        expected = hf.copy()
+        if encoder.eot:  # + the end-of-turn token that directly follows a supervised token
+            expected[1:] |= ((enc.input_ids[1:] == im_end) & (hf[:-1] == 1)).astype(np.int8)
+        assert enc.loss_mask.tolist() == expected.tolist(), conv
+        starts = [a for a, _ in enc.content_spans]
+        straddling += sum(int(s < a < e) for s, e in enc.offsets[enc.loss_mask == 1].tolist() for a in starts)
+    assert straddling > 0  # the merged "\n  " tokens occur in these conversations
+    assert encoder.eot == ("<|im_end|>" if after.startswith("<") else "")
+
+
+# -- work per record bounded by max_length -----------------------------------------------------------
+def long_answer_conv(chars: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["the", "river", "Straße", "İstanbul", "ΟΔΟΣ", "中文字", "É", "a", "42,000", "—", "\n\n", "  ", "naïve", "x=1;"]
+    block = " ".join(rng.choice(words) for _ in range(200_000))
+    text = (block * (chars // len(block) + 1))[:chars]
+    return [{"role": "user", "content": "Write a lot."}, {"role": "assistant", "content": text}]
+
+
+def same_encoding(a, b) -> None:
+    assert a.input_ids.tolist() == b.input_ids.tolist() and a.loss_mask.tolist() == b.loss_mask.tolist()
+    assert a.offsets.tolist() == b.offsets.tolist() and a.content_spans == b.content_spans
+    assert a.truncated and b.truncated and b.text.startswith(a.text)
+
+
+def test_long_record_encodes_only_a_bounded_prefix(tokenizer):
+    """A sample far longer than max_length is encoded from its first max_chars characters only, and the
+    kept tokens, mask, offsets and spans are exactly those of encoding the whole text."""
+    conv = long_answer_conv(300_000)
+    capped = ChatEncoder(tokenizer, max_length=64)
+    whole = ChatEncoder(tokenizer, max_length=64)
+    whole.max_chars = None  # today's behaviour: the whole text is encoded
+    a, b = capped.encode_batch([conv])[0], whole.encode_batch([conv])[0]
+    assert len(a.text) == capped.max_chars < len(b.text)
+    same_encoding(a, b)
+    # a cap too small to vouch for the kept tokens falls back to encoding the whole text
+    tight = ChatEncoder(tokenizer, max_length=64)
+    tight.max_chars = 200
+    same_encoding(tight.encode_batch([conv])[0], b)
+
+
+def test_20mb_record_is_truncated_and_counted(tokenizer):
+    conv = long_answer_conv(20_000_000, seed=1)
+    enc = ChatEncoder(tokenizer, max_length=2048).encode_batch([conv])[0]
+    assert enc.truncated and len(enc.input_ids) == 2048 and len(enc.text) < 1_000_000
+    # the same first 2048 tokens as encoding a 1 MB start of it whole (without any cap)
+    whole = ChatEncoder(tokenizer, max_length=2048)
+    whole.max_chars = None
+    short = [conv[0], {"role": "assistant", "content": conv[1]["content"][:1_000_000]}]
+    same_encoding(enc, whole.encode_batch([short])[0])
+    dropped = ChatEncoder(tokenizer, max_length=2048, overflow="drop").encode_batch([conv])[0]
+    assert isinstance(dropped, RecordError) and dropped.reason == "too_long"
+    assert "more than --max-length 2048" in dropped.detail

@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from sftgo.pipeline.formats import FORMATS, RecordError, detect_format, parse_field_map, record_id, to_messages
+from sftgo.pipeline.formats import FORMATS, RecordError, detect_format, mapped_fields, parse_field_map, record_id, to_messages
 
 U, A, S = "user", "assistant", "system"
 
@@ -208,6 +208,23 @@ def test_field_map_prompt_completion_missing_names_user_field():
     fm = parse_field_map("prompt=src,completion=tgt")
     e = reject({"src": "p"}, "prompt_completion", fm)
     assert e.reason == "missing_field" and "'tgt'" in e.detail
+
+
+@pytest.mark.parametrize(
+    "record, field_map, found",
+    [
+        ({"question": "Q", "answer": "A"}, {"instruction": "question", "output": "answer"}, ["instruction", "output"]),
+        ({"question": "Q", "output": "A"}, {"instruction": "question", "output": "answr"}, ["instruction"]),  # a typo
+        ({"dialog": [{"speaker": "human", "text": "q"}]}, {"conversations": "dialog", "from": "speaker", "value": "txt"},
+         ["conversations", "from"]),  # turn fields are looked up inside the turns
+        ({"src": [{"r": "user", "c": "q"}], "tgt": "a"}, {"prompt": "src", "role": "r", "content": "c"}, ["prompt", "role", "content"]),
+        ({"r": "user"}, {"role": "r"}, []),  # a turn field at the top of the record is not a turn
+        ([1, 2], {"instruction": "q"}, []),
+        ({"question": "Q"}, None, []),
+    ],
+)
+def test_mapped_fields(record, field_map, found):
+    assert mapped_fields(record, field_map) == found
 
 
 def test_parse_field_map_empty():

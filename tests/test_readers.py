@@ -24,17 +24,32 @@ def test_jsonl_partitions_cover_every_line_once(tmp_path, write_jsonl):
     parts, rows = read_all([path], rows_per_shard=5)
     assert [p.stop - p.start > 0 for p in parts] == [True] * 5
     assert [p.index for p in parts] == list(range(5))
-    assert [r[1] for r in rows] == RECORDS
-    assert [r[0] for r in rows] == list(range(23))
+    assert [r.record for r in rows] == RECORDS
+    assert [r.row for r in rows] == list(range(23))
 
 
 def test_bad_lines_are_yielded_as_rejections(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"a": 1}\n{not json\n\xff\xfe{"b": 2}\n[1, 2]\n')
     _, rows = read_all([path])
-    assert [r[2][0] if r[2] else None for r in rows] == [None, "malformed_json", "invalid_utf8", None]
-    assert rows[1][2][2] == "{not json"  # the raw line is kept for the rejects file
-    assert rows[3][1] == [1, 2]  # not an object: the normaliser rejects it later
+    assert [r.reject[0] if r.reject else None for r in rows] == [None, "malformed_json", "invalid_utf8", None]
+    assert [r.raw for r in rows] == ['{"a": 1}', "{not json", '\\xff\\xfe{"b": 2}', "[1, 2]"]  # every line's text is kept
+    assert rows[3].record == [1, 2]  # not an object: the normaliser rejects it later
+
+
+def test_blank_lines_are_skipped_and_counted_per_partition(tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "b.jsonl", ["", *RECORDS[:3], "  ", "", *RECORDS[3:6], "\t"])
+    parts, rows = read_all([path], rows_per_shard=3)
+    assert [r.record for r in rows] == RECORDS[:6] and [r.row for r in rows] == list(range(6))
+    assert [p.blank_lines for p in parts] == [3, 1]  # every blank line in exactly one partition
+
+
+def test_csv_blank_lines_are_counted(tmp_path):
+    inp = tmp_path / "b.csv"
+    inp.write_text("prompt,completion\n\nQ1,A1\n\n\nQ2,A2\n")
+    parts, rows = read_all([inp], rows_per_shard=100)
+    assert [r.record for r in rows] == [{"prompt": "Q1", "completion": "A1"}, {"prompt": "Q2", "completion": "A2"}]
+    assert sum(p.blank_lines for p in parts) == 3
 
 
 @pytest.mark.parametrize("kind", ["json", "parquet", "csv", "arrow_dir", "hf_local", "folder"])
@@ -62,20 +77,21 @@ def test_every_input_kind_reads_all_records(tmp_path, kind, write_jsonl):
         write_jsonl(inp / "a.jsonl", RECORDS[:10])
         pq.write_table(pa.Table.from_pylist(RECORDS[10:]), inp / "b.parquet")
     _, rows = read_all([inp], rows_per_shard=5)
-    assert [r[1] for r in rows] == RECORDS
+    assert [r.record for r in rows] == RECORDS
+    assert all(r.reject is None for r in rows)
 
 
 def test_csv_fields_stay_strings(tmp_path):
     inp = tmp_path / "n.csv"
     inp.write_text("prompt,completion\nWhat is 6 x 7?,42\n")
     _, rows = read_all([inp])
-    assert rows[0][1] == {"prompt": "What is 6 x 7?", "completion": "42"}
+    assert rows[0].record == {"prompt": "What is 6 x 7?", "completion": "42"}
 
 
 def test_datasetdict_split(tmp_path):
     inp = tmp_path / "dd"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS[:3]), "test": datasets.Dataset.from_list(RECORDS[3:5])}).save_to_disk(str(inp))
-    assert [r[1] for r in read_all([inp], split="test")[1]] == RECORDS[3:5]
+    assert [r.record for r in read_all([inp], split="test")[1]] == RECORDS[3:5]
     with pytest.raises(readers.InputError, match="no split 'dev'"):
         readers.plan([str(inp)], 5, "dev")
 
@@ -88,8 +104,14 @@ def test_datasetdict_split(tmp_path):
         (lambda p: (p / "e").mkdir() or p / "e", "holds no .jsonl"),
         (lambda p: (p / "a.json").write_text("[1, 2") and p / "a.json", "not valid JSON"),
         (lambda p: (p / "empty.jsonl").write_text("\n\n") and p / "empty.jsonl", "hold no records"),
+        (lambda p: (p / "t.json").write_text('[{"a": 1} {"b": 2}]') and p / "t.json", "not valid JSON"),
+        (lambda p: (p / "d.json").write_text("[" * 5000 + "]" * 4999) and p / "d.json", "not valid JSON"),
+        (lambda p: (p / "x.json").write_text('[{"a": 1}] extra') and p / "x.json", "not valid JSON"),
+        (lambda p: (p / "h.csv").write_text("a,b,a\n1,2,3\n") and p / "h.csv", "column 'a' twice"),
+        (lambda p: (p / "n.csv").write_text("\n") and p / "n.csv", "no CSV header"),
     ],
 )
 def test_unreadable_inputs_give_one_sentence(tmp_path, setup, message):
-    with pytest.raises(readers.InputError, match=message):
+    with pytest.raises(readers.InputError, match=message) as e:
         read_all([setup(tmp_path)])
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300

@@ -2,18 +2,25 @@
 
 Input: samples from `trainer.data.ShardStream` (dicts with numpy token, mask and group arrays).
 Output: `Batch` objects: padded [B, T] tensors with next-token targets, group ids and sample
-ids aligned to the predicting position.
+ids aligned to the predicting position, plus the truncation counts of their samples.
 Cost: O(tokens) numpy work per batch plus a sort per bucket pool; no model involvement.
+
+Cutting (`fit`): a sample is cut only at `max_length`, never to fit a micro-batch; every cut
+is counted (samples, and supervised tokens lost), and a sample left with no supervised
+target is skipped and counted.  The counts ride on the batches, so one epoch's batches
+account for every supervised token of the shards: trained + cut = the manifest's total.
 
 Two layouts, each a list of rows holding lists of samples:
 - bucketed padding: one sample per row; a pool of samples is sorted by length and cut into
   batches whose rows x longest length stays within `batch_tokens`, and the batches of the
   pool are emitted in a seeded random order (so the model doesn't see lengths in order).
+  A sample longer than `batch_tokens` is a batch of its own (over the budget, not cut).
 - packing: rows of `min(max_length, batch_tokens)` tokens, `batch_tokens // row` rows per
-  batch, filled first-fit; position ids restart at 0 for every sample.  Attention between
-  samples: we pass position_ids and no attention mask, and transformers (>= 4.56) derives a
-  block-diagonal causal mask from the restarting position ids for sdpa/eager, and flash
-  attention uses them natively; a test checks the packed outputs equal unpacked ones.
+  batch, filled first-fit; position ids restart at 0 for every sample; a sample longer than
+  the row is a batch of its own.  Attention between samples: we pass position_ids and no
+  attention mask, and transformers (>= 4.56) derives a block-diagonal causal mask from the
+  restarting position ids for sdpa/eager, and flash attention uses them natively; a test
+  checks the packed outputs equal unpacked ones.
 Padded batches pass no attention mask either: padding is on the right and attention is
 causal, so real tokens never see pads (and sdpa keeps its fast is_causal path).
 """
@@ -28,6 +35,7 @@ import torch
 from sftgo.trainer.data import hash_key
 
 IGNORE = -100
+ARRAYS = ("input_ids", "loss_mask", "groups")
 
 
 @dataclass
@@ -39,29 +47,52 @@ class Batch:
     segments: torch.Tensor  # [B, T] long: batch-local sample id of that target (unique per sample)
     num_tokens: int  # real (non-pad) tokens
     num_samples: int
+    truncated_samples: int = 0  # samples of this batch cut at max_length
+    truncated_loss_tokens: int = 0  # supervised tokens those cuts removed
+    skipped_samples: int = 0  # samples before these that had no supervised token left (not trained)
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.groups),
-                     move(self.segments), self.num_tokens, self.num_samples)
+                     move(self.segments), self.num_tokens, self.num_samples, self.truncated_samples,
+                     self.truncated_loss_tokens, self.skipped_samples)
 
 
-def row_limit(batch_tokens: int, max_length: int) -> int:
-    """The longest a sample (or a packed row) may be."""
-    return min(max_length, batch_tokens)
+def fit(samples, max_length: int):
+    """Samples cut to `max_length` (the only cut); those with no supervised target left are
+    skipped.  Each kept sample carries "cut": [samples truncated, supervised tokens cut, samples
+    skipped] since the previous kept sample (itself included); what follows the last kept
+    sample rides on it (one sample of look-ahead), so nothing counted is lost."""
+    held, pending = None, [0, 0, 0]
+    for s in samples:
+        mask = s["loss_mask"]
+        if len(mask) > max_length:
+            pending[0] += 1
+            pending[1] += int((mask[max_length:] == 1).sum())
+            s = {k: (v[:max_length] if k in ARRAYS else v) for k, v in s.items()}
+            s["length"] = max_length
+        if not (s["loss_mask"][1:] == 1).any():  # the first token is never a target
+            pending[2] += 1
+            continue
+        s["cut"], pending = pending, [0, 0, 0]
+        if held is not None:
+            yield held
+        held = s
+    if held is not None:
+        held["cut"] = [a + b for a, b in zip(held["cut"], pending)]
+        yield held
 
 
-def bucketed(samples, batch_tokens: int, max_length: int, pool_batches: int, rng: random.Random):
-    """Yield lists of rows (each row a one-sample list), rows x longest <= batch_tokens."""
-    limit = row_limit(batch_tokens, max_length)
+def bucketed(samples, batch_tokens: int, pool_batches: int, rng: random.Random):
+    """Yield lists of rows (each row a one-sample list), rows x longest <= batch_tokens, or a
+    single row when that one sample is longer than the budget."""
     pool_tokens = pool_batches * batch_tokens
 
     def flush(pool):
-        pool.sort(key=lambda s: min(s["length"], limit))
+        pool.sort(key=lambda s: s["length"])
         batches, cur = [], []
         for s in pool:
-            n = min(s["length"], limit)
-            if cur and (len(cur) + 1) * n > batch_tokens:  # sorted ascending: n is the new longest
+            if cur and (len(cur) + 1) * s["length"] > batch_tokens:  # sorted ascending: the new longest
                 batches.append(cur)
                 cur = []
             cur.append([s])
@@ -73,7 +104,7 @@ def bucketed(samples, batch_tokens: int, max_length: int, pool_batches: int, rng
     pool, tokens = [], 0
     for s in samples:
         pool.append(s)
-        tokens += min(s["length"], limit)
+        tokens += s["length"]
         if tokens >= pool_tokens:
             yield from flush(pool)
             pool, tokens = [], 0
@@ -82,13 +113,17 @@ def bucketed(samples, batch_tokens: int, max_length: int, pool_batches: int, rng
 
 
 def packed(samples, batch_tokens: int, max_length: int):
-    """Yield lists of rows, each row several samples whose lengths sum to <= the row length."""
-    limit = row_limit(batch_tokens, max_length)
+    """Yield lists of rows, each row several samples whose lengths sum to <= the row length; a
+    sample longer than the row is a batch of one row of its own."""
+    limit = min(max_length, batch_tokens)
     n_rows = max(1, batch_tokens // limit)
     rows: list[list] = []
     used: list[int] = []
     for s in samples:
-        n = min(s["length"], limit)
+        n = s["length"]
+        if n > limit:
+            yield [[s]]
+            continue
         for i, u in enumerate(used):  # first fit among the open rows
             if u + n <= limit:
                 rows[i].append(s)
@@ -104,10 +139,9 @@ def packed(samples, batch_tokens: int, max_length: int):
         yield rows
 
 
-def collate(rows: list[list[dict]], pad_id: int, max_length: int, batch_tokens: int, packed_rows: bool) -> Batch:
-    """Concatenate each row's samples, pad on the right, and align next-token targets."""
-    limit = row_limit(batch_tokens, max_length)
-    width = max(sum(min(s["length"], limit) for s in row) for row in rows)
+def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool) -> Batch:
+    """Concatenate each row's samples (already `fit`), pad on the right, align next-token targets."""
+    width = max(sum(s["length"] for s in row) for row in rows)
     B = len(rows)
     ids = np.full((B, width), pad_id, dtype=np.int64)
     mask = np.zeros((B, width), dtype=bool)
@@ -115,17 +149,19 @@ def collate(rows: list[list[dict]], pad_id: int, max_length: int, batch_tokens: 
     seg = np.full((B, width), -1, dtype=np.int64)
     pos = np.zeros((B, width), dtype=np.int64)
     n_samples = n_tokens = 0
+    cut = [0, 0, 0]
     for r, row in enumerate(rows):
         at = 0
         for s in row:
-            n = min(s["length"], limit)
-            ids[r, at : at + n] = s["input_ids"][:n]
-            mask[r, at : at + n] = s["loss_mask"][:n] == 1
-            grp[r, at : at + n] = s["groups"][:n]
+            n = s["length"]
+            ids[r, at : at + n] = s["input_ids"]
+            mask[r, at : at + n] = s["loss_mask"] == 1
+            grp[r, at : at + n] = s["groups"]
             seg[r, at : at + n] = n_samples
             pos[r, at : at + n] = np.arange(n)
             at += n
             n_samples += 1
+            cut = [a + b for a, b in zip(cut, s.get("cut", (0, 0, 0)))]
         n_tokens += at
         if packed_rows and at < width:  # the padding tail is a sequence of its own
             pos[r, at:] = np.arange(width - at)
@@ -137,15 +173,8 @@ def collate(rows: list[list[dict]], pad_id: int, max_length: int, batch_tokens: 
     groups[:, :-1] = np.where(sup, grp[:, 1:], -1)
     segments = np.full((B, width), -1, dtype=np.int64)
     segments[:, :-1] = np.where(sup, seg[:, 1:], -1)
-    return Batch(
-        torch.from_numpy(ids),
-        torch.from_numpy(pos) if packed_rows else None,
-        torch.from_numpy(targets),
-        torch.from_numpy(groups),
-        torch.from_numpy(segments),
-        n_tokens,
-        n_samples,
-    )
+    return Batch(torch.from_numpy(ids), torch.from_numpy(pos) if packed_rows else None, torch.from_numpy(targets),
+                 torch.from_numpy(groups), torch.from_numpy(segments), n_tokens, n_samples, *cut)
 
 
 class Batches:
@@ -163,14 +192,14 @@ class Batches:
         self.position = (0, 0)
 
     def row_lists(self, epoch: int, lengths_only: bool = False):
-        samples = self.stream.samples(epoch, lengths_only=lengths_only)
+        samples = fit(self.stream.samples(epoch, lengths_only=lengths_only), self.max_length)
         if self.pack:
             return packed(samples, self.batch_tokens, self.max_length)
         rng = random.Random(hash_key(self.seed, epoch, self.rank, 2))
-        return bucketed(samples, self.batch_tokens, self.max_length, self.pool_batches, rng)
+        return bucketed(samples, self.batch_tokens, self.pool_batches, rng)
 
     def count(self, epoch: int = 0) -> int:
-        """Micro-batches in `epoch`, from a dry pass over the lengths only (cheap)."""
+        """Micro-batches in `epoch`, from a dry pass over the lengths and masks only (cheap)."""
         return sum(1 for _ in self.row_lists(epoch, lengths_only=True))
 
     def __iter__(self):
@@ -183,7 +212,7 @@ class Batches:
                     continue
                 taken += 1
                 self.position = (epoch, taken)
-                yield collate(rows, self.pad_id, self.max_length, self.batch_tokens, self.pack)
+                yield collate(rows, self.pad_id, self.pack)
             if not self.cycle:
                 return
             if taken == 0:  # cycling over nothing would spin forever

@@ -7,9 +7,10 @@ Output: RUN_DIR/checkpoints/step-NNNNNNN/ holding
     trainer_state.pt   optimizer + scheduler tensors (torch.save of our own tensors only,
         loaded back with weights_only=True; nothing user-supplied is ever unpickled);
     trainer_state.json step, data position, objective state (Group-DRO weights, worst-group
-        bookkeeping), config;
+        bookkeeping), the shards' sha256 lists (checked by --resume), truncation counts;
     rng-rank{R}.pt     torch (and CUDA) RNG state of each rank;
-and RUN_DIR/checkpoints/latest naming the newest one.
+and RUN_DIR/checkpoints/latest naming the newest one.  Checkpoints stay fp32 (exact resume);
+RUN_DIR/model is saved in the dtype the model was loaded in, with its own `use_cache`.
 Atomicity: everything is written into a hidden temporary directory that is renamed into
 place only when complete; `latest` is replaced atomically afterwards.  A crash at any point
 leaves the previous checkpoint intact and `latest` pointing at a complete directory.
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sftgo.core.shards import atomic_write_text
+from sftgo.trainer.config import ConfigError
 
 LATEST = "latest"
 
@@ -55,9 +57,16 @@ def begin(out, step: int) -> Path:
 
 
 def write_main(tmp: Path, model, tokenizer, optimizer, scheduler, state: dict) -> None:
-    """Rank 0: weights, tokenizer, optimizer/scheduler tensors and the JSON state."""
-    save_pretrained(model, tokenizer, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+    """Rank 0: weights, tokenizer, optimizer/scheduler tensors and the JSON state.  model and
+    optimizer None: an --fsdp checkpoint, whose ranks write them sharded (trainer/fsdp.py)."""
+    if model is not None:
+        save_pretrained(model, tokenizer, tmp)
+    else:
+        tokenizer.save_pretrained(tmp)
+    tensors = {"scheduler": scheduler.state_dict()}
+    if optimizer is not None:
+        tensors["optimizer"] = optimizer.state_dict()
+    torch.save(tensors, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
@@ -81,27 +90,41 @@ def commit(out, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
-def load_state(path: Path, rank: int, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and this rank's RNG; return the JSON state."""
-    tensors = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(tensors["optimizer"])
-    scheduler.load_state_dict(tensors["scheduler"])
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+def read_state(path: Path) -> dict:
+    """The JSON state of checkpoint `path` (step, data position, shard checksums, ...)."""
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def save_final(out, model, tokenizer) -> Path:
-    """RUN_DIR/model: the final weights (LoRA merged into the base), replaced atomically."""
+def load_state(path: Path, rank: int, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and this rank's RNG; return the JSON state."""
+    rng_file = path / f"rng-rank{rank}.pt"
+    if not rng_file.is_file():  # without it the run would not continue exactly: refuse, don't guess
+        raise ConfigError(f"{path} has no {rng_file.name}, so process {rank} cannot continue exactly; "
+                          "the checkpoint is incomplete or from another number of processes.")
+    tensors = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if "optimizer" in tensors:  # else an --fsdp checkpoint: trainer/fsdp.py loaded it already
+        optimizer.load_state_dict(tensors["optimizer"])
+    scheduler.load_state_dict(tensors["scheduler"])
+    rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return read_state(path)
+
+
+def save_final(out, model, tokenizer, dtype: torch.dtype | None = None, use_cache: bool | None = None) -> Path:
+    """RUN_DIR/model: the final weights (LoRA merged into the base), replaced atomically, in
+    `dtype` (the one the model was loaded in; training runs in fp32) and with the model's own
+    `use_cache` (training turns it off).  Training is over: the model is cast in place."""
     final = Path(out) / "model"
     tmp = Path(out) / ".tmp-model"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):  # peft: ship a plain model; training is over
         model = model.merge_and_unload()
+    if dtype is not None:
+        model = model.to(dtype)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
     save_pretrained(model, tokenizer, tmp)
     old = Path(out) / ".old-model"
     if final.exists():

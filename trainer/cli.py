@@ -1,7 +1,7 @@
 """`sftgo-train`: flags (and an optional --config file) -> TrainConfig -> trainer.loop.run.
 
-Input: command-line flags; --config FILE (JSON, or TOML when it ends in .toml) whose values
-the flags given explicitly override.
+Input: command-line flags; --config FILE (JSON, TOML by .toml, YAML by .yaml/.yml; values
+type-checked) whose values the flags given explicitly override.
 Output: exit code 0 on success; otherwise one sentence on stderr and exit code 1 (2 for
 usage errors), with the traceback only under --debug.
 Cost: argument parsing only; the work is in trainer.loop.
@@ -43,8 +43,9 @@ def _help(name: str) -> str:
 def opt(name: str, **kw):
     flag = "--" + name.replace("_", "-")
     default = FIELDS[name].default
-    if isinstance(default, bool):
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_help(name) + f" [default: {default}]")
+    if isinstance(default, bool) or FIELDS[name].type == "bool | None":  # None: decided at run time
+        shown = "" if default is None else f" [default: {default}]"
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_help(name) + shown)
     kw.setdefault("type", type(default) if default not in (None, "") else str)
     if name in METAVARS:
         kw.setdefault("metavar", METAVARS[name])
@@ -55,7 +56,7 @@ OPTIONS = [
     "data", "out", "model", "eval_data", "objective", "groups", "lam", "lam_schedule", "lam_end", "reduce",
     "temperature", "dro_step", "batch_tokens", "max_length", "pack", "grad_accum", "shuffle_buffer", "readahead",
     "bucket_pool", "max_steps", "epochs", "stop_after", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-    "clip_grad", "seed", "precision", "ce_chunk", "grad_checkpointing", "lora_r", "lora_alpha", "trust_remote_code",
+    "clip_grad", "seed", "precision", "ce_chunk", "grad_checkpointing", "fsdp", "lora_r", "lora_alpha", "trust_remote_code",
     "eval_every", "eval_batches", "save_every", "keep_checkpoints", "resume", "log_every", "progress", "tensorboard",
 ]
 METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
@@ -86,7 +87,7 @@ def build_command():
     for name in reversed(OPTIONS):
         command = opt(name, **({"type": CHOICES[name]} if name in CHOICES else {}))(command)
     command = click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-                           help="JSON or TOML file of settings (field names as in --help, dashes or underscores); flags override it.")(command)
+                           help="JSON, TOML or YAML file of settings (field names as in --help, dashes or underscores); flags override it.")(command)
     command = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(command)
     return click.command(
         help="Fine-tune a causal LM on sftgo shards with the SFT-GO objective (or plain SFT / Rho-1).\n\n" + EXAMPLE,

@@ -1,6 +1,7 @@
 """The training configuration: one typed dataclass, loaded from flags and/or a config file.
 
-Input: keyword values (from click flags) and optionally a JSON or TOML file.
+Input: keyword values (from click flags) and optionally a JSON, TOML or YAML file (values
+type-checked against the field annotations by sftgo.core.config).
 Output: a validated `TrainConfig`, or a `ConfigError` with a one-sentence message.
 Cost: instant.
 """
@@ -10,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from sftgo.pipeline.config import load_config_file
+from sftgo.core.config import load_config_file
 from sftgo.trainer.objectives import OBJECTIVES, SCHEDULES
 
 
@@ -50,9 +51,9 @@ class TrainConfig:
 
     # --- data and batching
     batch_tokens: int = 4096
-    """Token budget of one micro-batch per process (rows x padded length, or rows x max_length when packing)."""
+    """Token budget of one micro-batch per process (rows x padded length, or rows x row length when packing); a longer sample gets a micro-batch of its own, never cut."""
     max_length: int = 2048
-    """Samples longer than this are truncated; the row length when packing."""
+    """Samples longer than this are truncated (counted in metrics and summary); the row length when packing."""
     pack: bool = False
     """Pack several samples per row (position ids restart; no attention across samples)."""
     grad_accum: int = 1
@@ -93,6 +94,8 @@ class TrainConfig:
     """Tokens per chunk of the lm_head + cross-entropy (bounds the fp32 logits in memory)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward (less memory, about 30% slower)."""
+    fsdp: bool = False
+    """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2, per decoder layer) instead of DDP: for models that do not fit one device."""
     lora_r: int = 0
     """> 0 trains LoRA adapters of this rank through peft instead of all weights."""
     lora_alpha: float = 16.0
@@ -115,10 +118,12 @@ class TrainConfig:
     """Write a metrics.jsonl line every N steps."""
     progress: bool = True
     """Show a tqdm progress bar."""
-    tensorboard: bool = True
-    """Also log to TensorBoard (out/tb) when the tensorboard package is installed."""
+    tensorboard: bool | None = None
+    """Also log to TensorBoard (out/tb); default: when the tensorboard package is installed (a note says when not)."""
 
     def validate(self) -> "TrainConfig":
+        if self.fsdp and self.lora_r > 0:
+            raise ConfigError("--fsdp with --lora-r is not supported: LoRA adapters are small, train them with DDP (the default).")
         if not self.data:
             raise ConfigError("--data is required: the shard directory written by `sftgo-prep build`.")
         if not self.out:
@@ -154,7 +159,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def read_config_file(path: str) -> dict:
     """Values from a JSON or TOML file (keys are TrainConfig field names; dashes allowed)."""
     try:
-        values = load_config_file(path, FIELDS)
+        values = load_config_file(path, TrainConfig)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if "betas" in values:

@@ -3,7 +3,8 @@
 Input: a shard directory (its manifest), the columns to read, seed/epoch, rank/world size.
 Output: an iterator of samples, dicts of numpy arrays:
     {"id", "length", "input_ids" int32[L], "loss_mask" int8[L], "groups" int8[L]}
-(`lengths_only=True` yields {"length"} only: the dry pass that counts steps per epoch).
+(`lengths_only=True` yields {"length", "loss_mask"} only: the dry pass that counts steps per
+epoch, which needs the mask to know which samples truncation leaves without a target).
 Cost: one background thread decodes Parquet record batches (pyarrow releases the GIL);
 memory is bounded by `readahead` record batches plus `shuffle_buffer` samples, whatever
 the size of the data.
@@ -120,7 +121,7 @@ class ShardStream:
             yield from pq.ParquetFile(self.dir / path).iter_batches(batch_size=READ_ROWS, columns=columns)
 
     def _rows(self, epoch: int, lengths_only: bool):
-        columns = ["num_tokens"] if lengths_only else ["id", "input_ids", "loss_mask"]
+        columns = ["loss_mask"] if lengths_only else ["id", "input_ids", "loss_mask"]
         if not lengths_only and self.group_column:
             columns.append(self.group_column)
         index = 0  # global row index in this epoch's order
@@ -129,9 +130,10 @@ class ShardStream:
             mine = [i for i in range(n) if (index + i) % self.world_size == self.rank]
             index += n
             if lengths_only:
-                lengths = rb.column("num_tokens").to_numpy()
+                arr = rb.column("loss_mask")
+                off, vals = arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
                 for i in mine:
-                    yield {"length": int(lengths[i])}
+                    yield {"length": int(off[i + 1] - off[i]), "loss_mask": vals[off[i] : off[i + 1]]}
                 continue
             ids = rb.column("id").to_pylist()
             cols = {}

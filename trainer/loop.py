@@ -1,11 +1,15 @@
 """The training loop: `run(config)`, readable top to bottom.
 
 Input: a validated TrainConfig (and, under torchrun, the usual RANK/WORLD_SIZE env).
-Output: RUN_DIR with metrics.jsonl, loss_curves.png, checkpoints/ and model/; returns a
-summary dict (rank 0 prints a table).
-Cost: the model's forward/backward per micro-batch; everything else is small: two
-all-reduces of a few numbers per step under DDP, a dry pass over the sample lengths
-(num_tokens column only) when --epochs sets the length of training.
+Output: RUN_DIR with metrics.jsonl, loss_curves.png, checkpoints/, model/ and summary.json;
+returns a summary dict (rank 0 prints a table).  RUN_DIR is locked (RUN_DIR/.lock, held by
+rank 0 for the whole run): a second training into it is refused.
+Cost: the model's forward/backward per micro-batch (trainer.step); everything else is small:
+two all-reduces of a few numbers per step under DDP, a dry pass over the sample lengths and
+masks when --epochs sets the length of training.
+
+Reading order: run -> set_up (checks, model, data, optimizer, resume) -> train (one_step,
+evaluate, save per step) -> finish (final eval, model, curves, summary).
 """
 from __future__ import annotations
 
@@ -14,30 +18,32 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from sftgo.core.shards import atomic_write_text, read_manifest, verify_shards
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
+from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclusive, group_column, read_manifest, verify_shards
 from sftgo.trainer import checkpoint as ckpt
+from sftgo.trainer import fsdp, resume
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig
 from sftgo.trainer.data import ShardStream
-from sftgo.trainer.metrics import MetricsLog, plot_curves, read_jsonl, summary_table
-from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training
-from sftgo.trainer.objectives import GroupDRO, lam_at, rho1_loss, sftgo_loss
+from sftgo.trainer.metrics import MetricsLog, plot_curves, read_jsonl, summary_table, tensorboard_enabled
+from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, saved_form
+from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
+from sftgo.trainer.step import Objective, all_reduce, backward_step
 
-# settings that change the data order or the meaning of a step: a resume must keep them
-RESUME_KEYS = ("data", "objective", "groups", "batch_tokens", "max_length", "pack", "grad_accum", "seed",
-               "shuffle_buffer", "bucket_pool", "max_steps", "epochs", "lora_r")
+CUT_KEYS = ("truncated_samples", "truncated_loss_tokens", "skipped_samples")
 
 
 # ---------------------------------------------------------------- set-up helpers
-def setup_distributed():
-    """(rank, world_size, device); initialises the process group under torchrun."""
+def setup_distributed(fsdp: bool = False):
+    """(rank, world_size, device); initialises the process group under torchrun (or accelerate
+    launch, which sets the same variables).  --fsdp on one process gets a process group of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,15 +52,20 @@ def setup_distributed():
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if (world > 1 or fsdp) and not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, device
 
 
-def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def on_rank0(fn):
@@ -65,12 +76,20 @@ def on_rank0(fn):
     if dist.get_rank() == 0:
         try:
             box[0] = fn()
-        except ConfigError as exc:
+        except (ConfigError, ShardError) as exc:
             box[1] = str(exc)
     dist.broadcast_object_list(box, src=0)  # our own small values (a path or a message), never user data
     if box[1] is not None:
         raise ConfigError(box[1])
     return box[0]
+
+
+def lock_run_dir(stack: contextlib.ExitStack, out: str) -> None:
+    """Hold RUN_DIR/.lock until `stack` closes; a second training into `out` is refused."""
+    try:
+        stack.enter_context(exclusive(Path(out), what="training run"))
+    except LockedError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_data(cfg: TrainConfig, tokenizer) -> tuple[dict, str | None, int]:
@@ -92,28 +111,32 @@ def check_data(cfg: TrainConfig, tokenizer) -> tuple[dict, str | None, int]:
     k = int(manifest["strategies"][groups].get("num_groups", 2)) if groups else 1
     if cfg.objective == "rho1" and k < 2:
         raise ConfigError(f"--objective rho1 needs at least 2 groups; '{groups}' has {k}.")
-    return manifest, (f"group_{groups}" if groups else None), k
+    return manifest, (group_column(groups) if groups else None), k
 
 
-def prepare_run_dir(cfg: TrainConfig, rank: int) -> Path | None:
-    """Refuse to clobber a run; on --resume find the checkpoint and check settings match."""
+def data_checksums(cfg: TrainConfig) -> tuple[list[str], list[str] | None]:
+    """The sha256 lists of the train and eval shards, as their manifests record them."""
+    return (resume.shard_checksums(read_manifest(cfg.data)),
+            resume.shard_checksums(read_manifest(cfg.eval_data) if cfg.eval_data else None))
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str]]:
+    """Rank 0: refuse to clobber a run; on --resume find the checkpoint and check that it
+    continues the same run (trainer.resume).  Returns (checkpoint or None, notes to log)."""
     out = Path(cfg.out)
     latest = ckpt.latest_checkpoint(out)
     if cfg.resume:
         if latest is None:
             raise ConfigError(f"--resume was given but {out} has no checkpoint to resume from.")
         saved = json.loads((out / "config.json").read_text())
-        for key in RESUME_KEYS:
-            now = dataclasses.asdict(cfg)[key]
-            if json.loads(json.dumps(now)) != saved.get(key):
-                raise ConfigError(f"--resume with a different --{key.replace('_', '-')} ({saved.get(key)!r} before, {now!r} now) would not continue the same run.")
-        return latest
+        notes = resume.check(cfg, saved, ckpt.read_state(latest), *data_checksums(cfg))
+        atomic_write_text(out / "config.json", cfg.to_json())  # what the run continues with
+        return latest, notes
     if latest is not None or (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", cfg.to_json())
-    return None
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", cfg.to_json())
+    return None, []
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -140,41 +163,161 @@ def make_optimizer(model, cfg: TrainConfig, device) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW exists on CPU and CUDA (torch >= 2.4) and is what HF Trainer uses by default
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type in ("cpu", "cuda"))
+    # fused AdamW exists on CPU and CUDA (torch >= 2.4) and is what HF Trainer uses by default;
+    # FSDP's sharded (DTensor) parameters take the foreach implementation
+    fused = device.type in ("cpu", "cuda") and not cfg.fsdp
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused, foreach=None if fused else True)
 
 
-# ---------------------------------------------------------------- the objective on one micro-batch
-def objective_parts(cfg, token_loss, groups, segments, k, lam, denoms, dro):
-    """LossParts of one micro-batch; denominators are those of the whole global step."""
-    n_tok, n_smp, n_grp = denoms
-    if cfg.objective == "sftgo":
-        return sftgo_loss(token_loss, groups, lam, cfg.reduce, num_groups=k, segments=segments, ce_denom=n_tok,
-                          worst_denom=n_smp, group_denom=n_grp, temperature=cfg.temperature or None,
-                          group_weights=None if dro is None else dro.weights)
-    if cfg.objective == "rho1":
-        return rho1_loss(token_loss, groups, num_groups=k, segments=segments, important_denom=n_grp[k - 1],
-                         ce_denom=n_tok)
-    return sftgo_loss(token_loss, groups, 0.0, num_groups=k, segments=segments, ce_denom=n_tok)
+def make_batches(cfg: TrainConfig, data_dir: str, manifest: dict, group_col: str | None, pad_id: int, rank: int,
+                 world: int, *, shuffle: bool, cycle: bool) -> Batches:
+    stream = ShardStream(data_dir, manifest, group_col, seed=cfg.seed, rank=rank, world_size=world,
+                         shuffle=shuffle, shuffle_buffer=cfg.shuffle_buffer, readahead=cfg.readahead)
+    return Batches(stream, batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, pack=cfg.pack,
+                   pool_batches=cfg.bucket_pool, seed=cfg.seed, pad_id=pad_id, rank=rank, cycle=cycle)
 
 
-def step_counts(micro, k, device) -> torch.Tensor:
-    """[supervised tokens, supervised samples, tokens per group (k), real tokens] of a step."""
-    c = torch.zeros(k + 3, dtype=torch.float64)
-    for mb in micro:
-        g = mb.groups[mb.groups >= 0]
-        c[0] += g.numel()
-        c[1] += torch.unique(mb.segments[mb.groups >= 0]).numel()
-        c[2 : 2 + k] += torch.bincount(g, minlength=k)[:k].double()
-        c[2 + k] += mb.num_tokens
-    return all_reduce(c.to(device)).cpu()
+def count_steps(cfg: TrainConfig, batches: Batches, device) -> int:
+    """Optimizer steps of the run: --max-steps, or --epochs passes (the rank with the fewest
+    micro-batches decides: every rank must run the same number of steps)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_rank = all_reduce(torch.tensor([batches.count(0)], device=device), dist.ReduceOp.MIN).item()
+    if per_rank // cfg.grad_accum == 0:
+        raise ConfigError(f"{cfg.data} is too small for one optimizer step of {cfg.grad_accum} micro-batches per process.")
+    return max(1, round(cfg.epochs * (per_rank // cfg.grad_accum)))
 
 
+def use_bf16(cfg: TrainConfig, device) -> bool:
+    """bf16 on GPUs that support it (unless --precision fp32)."""
+    bf16 = device.type == "cuda" and cfg.precision != "fp32" and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and not bf16:
+        raise ConfigError("--precision bf16 needs a GPU with bf16 support; use auto or fp32 here.")
+    return bf16
+
+
+def autocast_for(cfg: TrainConfig, device):
+    """bf16 autocast with DDP / one process; under --fsdp the MixedPrecisionPolicy casts instead."""
+    if use_bf16(cfg, device) and not cfg.fsdp:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# ---------------------------------------------------------------- the run's state
+@dataclasses.dataclass
+class Run:
+    """Everything the loop works with, built once by set_up (no closures, no globals)."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object
+    tokenizer: object
+    manifest: dict
+    group_col: str | None
+    k: int  # groups in the data
+    objective: Objective  # its num_groups is max(k, 2): the losses want K >= 2
+    model: torch.nn.Module
+    net: TokenLossModel
+    train_net: torch.nn.Module  # net, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    dro: GroupDRO | None
+    batches: Batches
+    total_steps: int
+    pad_id: int
+    data_sha: list
+    eval_sha: list | None
+    log: MetricsLog | None = None
+    step: int = 0
+    worst_prev: int | None = None
+    switches: int = 0
+    cut: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(CUT_KEYS, 0))  # run totals
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def lam(self, step: int) -> float:
+        cfg = self.cfg
+        return lam_at(step, self.total_steps, cfg.lam, cfg.lam_schedule, cfg.lam_end)
+
+
+def load_model(cfg: TrainConfig, resume_from: Path | None, device):
+    """The model to train: the checkpoint's weights on resume (LoRA: base + the checkpoint's adapter)."""
+    torch.manual_seed(cfg.seed)
+    lora_resume = resume_from is not None and cfg.lora_r > 0
+    from_base = resume_from is None or lora_resume or cfg.fsdp  # FSDP checkpoints hold sharded weights only
+    model = load_for_training(cfg.model if from_base else str(resume_from),
+                              lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                              adapter_dir=str(resume_from) if lora_resume else None,
+                              grad_checkpointing=cfg.grad_checkpointing, trust_remote_code=cfg.trust_remote_code)
+    return model.to(device)
+
+
+def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path | None, list[str]]:
+    """Checks before anything expensive, then model, data, optimizer and schedule.  Rank 0
+    decides about the run directory; the others must not race it (e.g. see its fresh
+    metrics.jsonl and think the run already existed)."""
+    autocast = autocast_for(cfg, device)
+    resume_from, notes = on_rank0(lambda: prepare_run_dir(cfg))
+    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model, cfg.trust_remote_code)
+    manifest, group_col, k = check_data(cfg, tokenizer)
+    tb = tensorboard_enabled(cfg.tensorboard, say=rank == 0)  # after the checks: a failed run needs no note
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_model(cfg, resume_from, device)
+    net = TokenLossModel(model, cfg.ce_chunk)
+    train_net = net
+    if cfg.fsdp:  # before the optimizer: fully_shard replaces the parameters with sharded ones
+        train_net = fsdp.shard(net, model, bf16=use_bf16(cfg, device))
+    elif world > 1:
+        train_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as it would on different data
+    batches = make_batches(cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True)
+    total = count_steps(cfg, batches, device)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LRLambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
+    k_loss = max(k, 2)
+    dro = GroupDRO(k_loss, cfg.dro_step) if cfg.objective == "sftgo" and cfg.dro_step > 0 else None
+    r = Run(cfg, rank, world, device, autocast, tokenizer, manifest, group_col, k,
+            Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature), model, net, train_net, optimizer,
+            scheduler, dro, batches, total, pad_id, *data_checksums(cfg))
+    if resume_from is not None:
+        restore(r, resume_from)
+    if r.main:
+        r.log = MetricsLog(cfg.out, r.step if resume_from else None, tb)
+    return r, resume_from, notes
+
+
+def restore(r: Run, path: Path) -> None:
+    """Continue from checkpoint `path`: optimizer, schedule, RNG, data position, objective state."""
+    if r.cfg.fsdp:
+        fsdp.load(path, r.train_net, r.optimizer)  # weights and optimizer state, each rank its shards
+    state = ckpt.load_state(path, r.rank, r.optimizer, r.scheduler)
+    if state.get("world_size", 1) != r.world:  # each rank's share of the data depends on the world size
+        raise ConfigError(f"{path} was written by {state.get('world_size', 1)} process(es); resume it with the same number, not {r.world}.")
+    r.step = state["step"]
+    r.batches.position = tuple(state["data_position"])
+    r.worst_prev, r.switches = state["worst_group"], state["worst_switches"]
+    r.cut = {key: state.get(key, 0) for key in CUT_KEYS}
+    if r.dro is not None:
+        r.dro.load_state_dict(state["dro"])
+    for fn in r.scheduler.lr_lambdas:  # the checkpoint holds the old length; a raised --max-steps recomputes it
+        if fn.total != r.total_steps:
+            fn.total = r.total_steps
+            lrs = [base * fn(r.scheduler.last_epoch) for base in r.scheduler.base_lrs]
+            for group, lr in zip(r.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            r.scheduler._last_lr = lrs
+
+
+# ---------------------------------------------------------------- evaluation and checkpoints
 @torch.no_grad()
 def evaluate(cfg, net, batches, k, lam, device, autocast) -> dict:
     """Loss, CE, worst and per-group loss of the eval set (all ranks' shares combined)."""
     net.eval()
-    acc = torch.zeros(3 + 2 * k, dtype=torch.float64)  # ce_sum, worst_sum, samples, group sums, group counts
+    acc = torch.zeros(6 + 2 * k, dtype=torch.float64)  # ce, worst, samples, 3 cut counts, group sums, counts
     it = iter(batches)
     for i, mb in enumerate(it):
         if cfg.eval_batches and i >= cfg.eval_batches:
@@ -186,207 +329,205 @@ def evaluate(cfg, net, batches, k, lam, device, autocast) -> dict:
         keep = mb.targets != IGNORE
         p = sftgo_loss(tl.float(), mb.groups[keep], 1.0, "sample", num_groups=max(k, 2), segments=mb.segments[keep],
                        ce_denom=1.0, worst_denom=1.0)  # sums, normalised below
-        acc[0] += float(p.ce)
-        acc[1] += float(p.worst)
-        acc[2] += torch.unique(mb.segments[keep]).numel()
-        acc[3 : 3 + k] += p.group_sum[:k].double().cpu()
-        acc[3 + k :] += p.group_count[:k].double().cpu()
+        acc[:6] += torch.tensor([float(p.ce), float(p.worst), torch.unique(mb.segments[keep]).numel(),
+                                 mb.truncated_samples, mb.truncated_loss_tokens, mb.skipped_samples], dtype=torch.float64)
+        acc[6 : 6 + k] += p.group_sum[:k].double().cpu()
+        acc[6 + k :] += p.group_count[:k].double().cpu()
     acc = all_reduce(acc.to(device)).cpu()
     net.train()
-    n_tok = float(acc[3 + k :].sum())
+    n_tok = float(acc[6 + k :].sum())
     ce = float(acc[0]) / max(n_tok, 1)
     worst = float(acc[1]) / max(float(acc[2]), 1)
-    group_loss = (acc[3 : 3 + k] / acc[3 + k :]).tolist()
+    group_loss = (acc[6 : 6 + k] / acc[6 + k :]).tolist()
     loss = ce if cfg.objective == "sft" else (1 - lam) * ce + lam * worst
     if cfg.objective == "rho1":
         loss = group_loss[k - 1]
-    return {"split": "eval", "loss": loss, "ce": ce, "worst": worst, "group_loss": group_loss, "loss_tokens": int(n_tok)}
+    return {"split": "eval", "loss": loss, "ce": ce, "worst": worst, "group_loss": group_loss, "loss_tokens": int(n_tok),
+            **{key: int(v) for key, v in zip(CUT_KEYS, acc[3:6].tolist())}}
 
 
-# ---------------------------------------------------------------- run
-def run(cfg: TrainConfig) -> dict:
-    cfg.validate()
-    rank, world, device = setup_distributed()
-    try:
-        return _run(cfg, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def run_eval(r: Run, step: int) -> None:
+    if not r.cfg.eval_data:
+        return
+    batches = make_batches(r.cfg, r.cfg.eval_data, read_manifest(r.cfg.eval_data), r.group_col, r.pad_id, r.rank,
+                           r.world, shuffle=False, cycle=False)
+    rec = evaluate(r.cfg, r.net, batches, r.k, r.lam(step), r.device, r.autocast)
+    if r.main:
+        r.log.write({"step": step, **rec})
 
 
-def _run(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
-    main = rank == 0
-    from transformers.utils import logging as hf_logging
+def save(r: Run, step: int) -> None:
+    """An atomic checkpoint: rank 0 writes weights and state, every rank its RNG, rank 0 commits."""
+    out = r.cfg.out
+    tmp = ckpt.begin(out, step) if r.main else Path(out) / "checkpoints" / f".tmp-step-{step:07d}"
+    if r.main:
+        state = {"step": step, "data_position": list(r.batches.position), "worst_group": r.worst_prev,
+                 "worst_switches": r.switches, "dro": r.dro.state_dict() if r.dro else None, "world_size": r.world,
+                 "data_sha256": r.data_sha, "eval_data_sha256": r.eval_sha, **r.cut}
+        ckpt.write_main(tmp, None if r.cfg.fsdp else r.model, r.tokenizer, None if r.cfg.fsdp else r.optimizer,
+                        r.scheduler, state)
+    barrier(r)
+    if r.cfg.fsdp:  # every rank writes its shards of weights and optimizer state (collective)
+        fsdp.save(tmp, r.train_net, r.optimizer)
+        barrier(r)
+    ckpt.write_rng(tmp, r.rank)
+    barrier(r)
+    if r.main:
+        ckpt.commit(out, tmp, step, r.cfg.keep_checkpoints)
+    barrier(r)
 
-    hf_logging.disable_progress_bar()  # our own bar is the one to watch
-    use_bf16 = device.type == "cuda" and cfg.precision != "fp32" and torch.cuda.is_bf16_supported()
-    if cfg.precision == "bf16" and not use_bf16:
-        raise ConfigError("--precision bf16 needs a GPU with bf16 support; use auto or fp32 here.")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
-    # 1. checks before anything expensive (rank 0 decides about the run directory; the others
-    #    must not race it, e.g. see its fresh metrics.jsonl and think the run already existed)
-    resume_from = on_rank0(lambda: prepare_run_dir(cfg, rank))
-    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model, cfg.trust_remote_code)
-    manifest, group_column, k = check_data(cfg, tokenizer)
-    k_loss = max(k, 2)  # the loss functions want K >= 2; a single group just leaves group 1 empty
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def barrier(r: Run) -> None:
+    if r.world > 1:
+        dist.barrier()
 
-    # 2. model, optimizer, schedule
-    torch.manual_seed(cfg.seed)
-    lora_resume = resume_from is not None and cfg.lora_r > 0
-    model = load_for_training(cfg.model if (resume_from is None or lora_resume) else str(resume_from),
-                              lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              adapter_dir=str(resume_from) if lora_resume else None,
-                              grad_checkpointing=cfg.grad_checkpointing, trust_remote_code=cfg.trust_remote_code)
-    model.to(device)
-    net = TokenLossModel(model, cfg.ce_chunk)
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as it would on different data
 
-    def batches_for(data_dir, shuffle, cycle):
-        man = manifest if data_dir == cfg.data else read_manifest(data_dir)
-        stream = ShardStream(data_dir, man, group_column, seed=cfg.seed, rank=rank, world_size=world,
-                             shuffle=shuffle, shuffle_buffer=cfg.shuffle_buffer, readahead=cfg.readahead)
-        return Batches(stream, batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, pack=cfg.pack,
-                       pool_batches=cfg.bucket_pool, seed=cfg.seed, pad_id=pad_id, rank=rank, cycle=cycle)
+# ---------------------------------------------------------------- one optimizer step
+def one_step(r: Run, it) -> dict:
+    """Train one optimizer step on the next grad_accum micro-batches; return its metrics record."""
+    t0 = time.perf_counter()
+    micro = [next(it).to(r.device) for _ in range(r.cfg.grad_accum)]
+    lam = r.lam(r.step)
+    stats = backward_step(r.train_net, micro, r.objective, lam, group_weights=None if r.dro is None else r.dro.weights,
+                          autocast=r.autocast, grad_scale=r.world)
+    clip = r.cfg.clip_grad if r.cfg.clip_grad > 0 else float("inf")
+    grad_norm = fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(r.model.parameters(), clip))
+    lr = r.scheduler.get_last_lr()[0]
+    r.optimizer.step()
+    r.scheduler.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    if r.dro is not None:
+        r.dro.update(stats.group_loss)
+    group_loss = stats.group_loss[: max(r.k, 1)]
+    finite = torch.nan_to_num(group_loss, nan=-math.inf)
+    worst_group = int(finite.argmax()) if torch.isfinite(finite).any() else None
+    if r.worst_prev is not None and worst_group is not None and worst_group != r.worst_prev:
+        r.switches += 1
+    r.worst_prev = worst_group if worst_group is not None else r.worst_prev
+    for key in CUT_KEYS:
+        r.cut[key] += getattr(stats.counts, key)
+    r.step += 1
+    dt = time.perf_counter() - t0
+    rec = {"step": r.step, "split": "train", "loss": stats.loss, "ce": stats.ce, "worst": stats.worst,
+           "group_loss": group_loss.tolist(), "worst_group": worst_group, "worst_switches": r.switches,
+           "ties": stats.ties, "lam": lam, "lr": lr, "grad_norm": float(grad_norm), "tokens": stats.counts.tokens,
+           "loss_tokens": int(stats.counts.loss_tokens), "tokens_per_s": stats.counts.tokens / dt,
+           "step_time_s": dt, "epoch": r.batches.position[0], **r.cut}
+    if r.dro is not None:
+        rec["dro_weights"] = r.dro.weights.tolist()
+    return rec
 
-    train_batches = batches_for(cfg.data, shuffle=True, cycle=True)
-    if cfg.max_steps:
-        total_steps = cfg.max_steps
-    else:  # every rank must run the same number of steps: the fewest micro-batches decide
-        per_rank = all_reduce(torch.tensor([train_batches.count(0)], device=device), dist.ReduceOp.MIN).item()
-        total_steps = max(1, round(cfg.epochs * (per_rank // cfg.grad_accum)))
-        if per_rank // cfg.grad_accum == 0:
-            raise ConfigError(f"{cfg.data} is too small for one optimizer step of {cfg.grad_accum} micro-batches per process.")
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LRLambda(cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
-    dro = GroupDRO(k_loss, cfg.dro_step) if cfg.objective == "sftgo" and cfg.dro_step > 0 else None
 
-    start_step, worst_prev, switches = 0, None, 0
-    if resume_from is not None:
-        state = ckpt.load_state(resume_from, rank, optimizer, scheduler)
-        if state.get("world_size", 1) != world:  # each rank's share of the data depends on the world size
-            raise ConfigError(f"{resume_from} was written by {state.get('world_size', 1)} process(es); resume it with the same number, not {world}.")
-        start_step = state["step"]
-        train_batches.position = tuple(state["data_position"])
-        worst_prev, switches = state["worst_group"], state["worst_switches"]
-        if dro is not None:
-            dro.load_state_dict(state["dro"])
-
-    ddp = None
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    train_net = ddp or net
-
-    log = MetricsLog(cfg.out, start_step if resume_from else None, cfg.tensorboard) if main else None
-    eval_batches = (lambda: batches_for(cfg.eval_data, shuffle=False, cycle=False)) if cfg.eval_data else None
-
-    def run_eval(step):
-        if eval_batches is None:
-            return
-        rec = evaluate(cfg, net, eval_batches(), k, lam_at(step, total_steps, cfg.lam, cfg.lam_schedule, cfg.lam_end),
-                       device, autocast)
-        if main:
-            log.write({"step": step, **rec})
-
-    def save(step):
-        tmp = ckpt.begin(cfg.out, step) if main else Path(cfg.out) / "checkpoints" / f".tmp-step-{step:07d}"
-        if main:
-            state = {"step": step, "data_position": list(train_batches.position), "worst_group": worst_prev,
-                     "worst_switches": switches, "dro": dro.state_dict() if dro else None, "world_size": world}
-            ckpt.write_main(tmp, model, tokenizer, optimizer, scheduler, state)
-        if world > 1:
-            dist.barrier()
-        ckpt.write_rng(tmp, rank)
-        if world > 1:
-            dist.barrier()
-        if main:
-            ckpt.commit(cfg.out, tmp, step, cfg.keep_checkpoints)
-        if world > 1:
-            dist.barrier()
-
-    # 3. the loop
-    if start_step == 0:
-        run_eval(0)
-    stop = min(total_steps, cfg.stop_after) if cfg.stop_after else total_steps
+# ---------------------------------------------------------------- the loop
+def train(r: Run) -> None:
+    cfg = r.cfg
+    if r.step == 0:
+        run_eval(r, 0)
+    stop = min(r.total_steps, cfg.stop_after) if cfg.stop_after else r.total_steps
     bar = None
-    if main and cfg.progress:
+    if r.main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.objective}", unit="step", dynamic_ncols=True)
-    it = iter(train_batches)
-    step = start_step
-    while step < stop:
-        t0 = time.perf_counter()
-        micro = [next(it).to(device) for _ in range(cfg.grad_accum)]
-        counts = step_counts(micro, k_loss, device)
-        denoms = (counts[0].item(), counts[1].item(), counts[2 : 2 + k_loss].to(device))
-        lam = lam_at(step, total_steps, cfg.lam, cfg.lam_schedule, cfg.lam_end)
-        acc = torch.zeros(4 + 2 * k_loss, dtype=torch.float64)  # loss, ce, worst, ties, group sums, group counts
-        for i, mb in enumerate(micro):
-            sync = ddp is None or i == len(micro) - 1  # DDP: all-reduce gradients on the last micro-batch only
-            with (contextlib.nullcontext() if sync else ddp.no_sync()):
-                with autocast():
-                    token_loss = train_net(mb.input_ids, mb.position_ids, mb.targets)
-                keep = mb.targets != IGNORE
-                parts = objective_parts(cfg, token_loss.float(), mb.groups[keep], mb.segments[keep], k_loss, lam,
-                                        denoms, dro)
-                # denominators are global; DDP averages gradients over ranks, so undo its 1/world
-                (parts.loss * world).backward()
-            acc[:4] += torch.tensor([parts.loss.item(), float(parts.ce), float(parts.worst), parts.ties], dtype=torch.float64)
-            acc[4 : 4 + k_loss] += parts.group_sum.double().cpu()
-            acc[4 + k_loss :] += parts.group_count.double().cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        acc = all_reduce(acc.to(device)).cpu()
-        group_loss = (acc[4 : 4 + k_loss] / acc[4 + k_loss :])[:max(k, 1)]
-        if dro is not None:
-            dro.update(acc[4 : 4 + k_loss] / acc[4 + k_loss :])
-        finite = torch.nan_to_num(group_loss, nan=-math.inf)
-        worst_group = int(finite.argmax()) if torch.isfinite(finite).any() else None
-        if worst_prev is not None and worst_group is not None and worst_group != worst_prev:
-            switches += 1
-        worst_prev = worst_group if worst_group is not None else worst_prev
-        step += 1
-        dt = time.perf_counter() - t0
-        if main:
-            rec = {"step": step, "split": "train", "loss": acc[0].item(), "ce": acc[1].item(), "worst": acc[2].item(),
-                   "group_loss": group_loss.tolist(), "worst_group": worst_group, "worst_switches": switches,
-                   "ties": int(acc[3].item()), "lam": lam, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": int(counts[2 + k_loss].item()), "loss_tokens": int(counts[0].item()),
-                   "tokens_per_s": counts[2 + k_loss].item() / dt, "step_time_s": dt,
-                   "epoch": train_batches.position[0]}
-            if dro is not None:
-                rec["dro_weights"] = dro.weights.tolist()
-            if step % cfg.log_every == 0 or step == stop:
-                log.write(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", worst_g=worst_group, tok_s=f"{rec['tokens_per_s']:.0f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            run_eval(step)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-            save(step)
+        bar = tqdm(total=r.total_steps, initial=r.step, desc=cfg.objective, unit="step", dynamic_ncols=True)
+    it = iter(r.batches)
+    while r.step < stop:
+        rec = one_step(r, it)
+        if r.main and (r.step % cfg.log_every == 0 or r.step == stop):
+            r.log.write(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", worst_g=rec["worst_group"], tok_s=f"{rec['tokens_per_s']:.0f}")
+        if cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
+            run_eval(r, r.step)
+        if (cfg.save_every and r.step % cfg.save_every == 0) or r.step == stop:
+            save(r, r.step)
     if bar is not None:
         bar.close()
     it.close()  # stop the background Parquet reader now, not during interpreter shutdown
 
-    # 4. the end: eval, final model, curves, summary
-    summary = {"step": step, "total_steps": total_steps, "finished": step >= total_steps}
-    if step >= total_steps:
-        run_eval(step)
-        if main:
-            summary["model_dir"] = str(ckpt.save_final(cfg.out, causal_lm(model) if cfg.lora_r == 0 else model, tokenizer))
-    if main:
-        log.close()
-        records = read_jsonl(Path(cfg.out) / "metrics.jsonl")
-        plot_curves(records, Path(cfg.out) / "loss_curves.png",
-                    title=f"{cfg.objective} (λ={cfg.lam}, groups={cfg.groups}) — per-group loss")
-        table = summary_table(records)
-        summary["table"] = table
-        atomic_write_text(Path(cfg.out) / "summary.json", json.dumps({k_: v for k_, v in summary.items()}, indent=2) + "\n")
-        print(table, flush=True)
+
+def finish(r: Run) -> dict:
+    """The end: final eval and model (when the run is complete), curves, summary."""
+    cfg = r.cfg
+    summary = {"step": r.step, "total_steps": r.total_steps, "finished": r.step >= r.total_steps, **r.cut}
+    if r.step >= r.total_steps:
+        run_eval(r, r.step)
+        model_dir = save_model(r)
+        if model_dir is not None:
+            summary["model_dir"] = str(model_dir)
+    summary["peak_memory_mb_per_rank"] = peak_memory(r)
+    if not r.main:
+        return summary
+    r.log.close()
+    records = read_jsonl(Path(cfg.out) / "metrics.jsonl")
+    plot_curves(records, Path(cfg.out) / "loss_curves.png",
+                title=f"{cfg.objective} (λ={cfg.lam}, groups={cfg.groups}) — per-group loss")
+    table = summary_table(records)
+    cuts = (f"truncated at --max-length {cfg.max_length}: {r.cut['truncated_samples']} samples "
+            f"({r.cut['truncated_loss_tokens']} supervised tokens cut); skipped (no supervised token left): "
+            f"{r.cut['skipped_samples']} samples")
+    summary["table"] = table + "\n" + cuts
+    atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(summary["table"], flush=True)
     return summary
+
+
+def launch_note(r: Run) -> str:
+    """Say how many processes train, so a launcher that started fewer than meant is never silent."""
+    if r.world == 1:
+        how = "1 process (no torchrun / accelerate launch environment; torchrun --nproc_per_node N for more)"
+    else:
+        how = f"{r.world} processes ({'FSDP2, sharded' if r.cfg.fsdp else 'DDP'}, each reading its own part of the data)"
+    return f"Training on {how}, {r.device.type}."
+
+
+def save_model(r: Run) -> Path | None:
+    """RUN_DIR/model on rank 0 (under --fsdp, every rank first gives its shards of the weights)."""
+    cfg = r.cfg
+    dtype, use_cache = saved_form(cfg.model, cfg.trust_remote_code) if r.main else (None, None)
+    if cfg.fsdp:
+        state = fsdp.full_state_dict(r.model)  # collective
+        if not r.main:
+            return None
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(causal_lm(r.model).config)
+        model.load_state_dict(state)
+    elif r.main:
+        model = causal_lm(r.model) if cfg.lora_r == 0 else r.model
+    else:
+        return None
+    return ckpt.save_final(cfg.out, model, r.tokenizer, dtype=dtype, use_cache=use_cache)
+
+
+def peak_memory(r: Run) -> list[dict]:
+    """Each rank's peak memory: resident set (CPU) and, on a GPU, the most allocated by torch."""
+    import resource
+
+    mine = {"rank": r.rank, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if r.device.type == "cuda":
+        mine["cuda_mb"] = torch.cuda.max_memory_allocated(r.device) / 2**20
+    if r.world == 1:
+        return [mine]
+    every: list = [None] * r.world
+    dist.all_gather_object(every, mine)  # our own small dicts of numbers
+    return every
+
+
+def run(cfg: TrainConfig) -> dict:
+    cfg.validate()
+    rank, world, device = setup_distributed(cfg.fsdp)
+    try:
+        with contextlib.ExitStack() as lock:
+            on_rank0(lambda: lock_run_dir(lock, cfg.out))  # rank 0 holds RUN_DIR/.lock for the whole run
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # our own bar is the one to watch
+            r, _, notes = set_up(cfg, rank, world, device)
+            for note in (notes + [launch_note(r)]) if r.main else ():
+                print(note, file=sys.stderr, flush=True)
+            train(r)
+            return finish(r)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

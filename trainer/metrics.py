@@ -2,14 +2,20 @@
 
 Input: one dict per logged step (train) or evaluation (eval), rank 0 only.
 Output: RUN_DIR/metrics.jsonl (one JSON object per line, NaN written as null),
-RUN_DIR/loss_curves.png, RUN_DIR/tb/ (when tensorboard is installed), a printed table.
+RUN_DIR/loss_curves.png, RUN_DIR/tb/ (when tensorboard is installed: a defaulted TensorBoard
+without the package is said once on stderr; an explicit --tensorboard without it is an error),
+a printed table.
 Cost: a line write per step; the PNG and table once at the end.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
+
+from sftgo.trainer.config import ConfigError
 
 
 def _clean(value):
@@ -29,6 +35,19 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def tensorboard_enabled(wanted: bool | None, say: bool = True) -> bool:
+    """Whether to write TensorBoard logs. wanted=None (the default) means "when installed", and
+    says once on stderr (when `say`) that it is not; wanted=True without the package is an error."""
+    have = importlib.util.find_spec("tensorboard") is not None
+    if wanted and not have:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard, or pass --no-tensorboard.")
+    if wanted is None and not have and say:
+        print("Note: tensorboard is not installed, so no TensorBoard logs are written (metrics.jsonl and "
+              "loss_curves.png are); pip install tensorboard, or pass --no-tensorboard to silence this note.",
+              file=sys.stderr, flush=True)
+    return have and wanted is not False
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl; on resume drops records past the resumed step
     (written after the checkpoint by the run that died), so the file has each step once."""
@@ -42,13 +61,10 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.fh = open(self.path, "a", encoding="utf-8")
         self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if tensorboard:  # trainer.metrics.tensorboard_enabled decided it is installed
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(out) / "tb"))
-            except ImportError:  # tensorboard not installed: JSONL and PNG only
-                self.tb = None
+            self.tb = SummaryWriter(str(Path(out) / "tb"))
 
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(_clean(record)) + "\n")

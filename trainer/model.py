@@ -15,7 +15,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from sftgo.core.models import load_causal_lm
+from sftgo.core.models import load_causal_lm, model_dir
 from sftgo.trainer.batching import IGNORE
 from sftgo.trainer.config import ConfigError
 from sftgo.trainer.objectives import token_cross_entropy
@@ -33,6 +33,18 @@ def check_plain_head(model: nn.Module, name: str) -> None:
         value = getattr(cfg, attr, None) or getattr(getattr(cfg, "text_config", None), attr, None)
         if value not in (None, 1, 1.0):
             raise ConfigError(f"Model {name!r} scales or caps its logits ({attr}={value}), which sftgo-train does not support.")
+
+
+def saved_form(name: str | None, trust_remote_code: bool = False) -> tuple[torch.dtype | None, bool | None]:
+    """(dtype, use_cache) as the model's own config.json states them: the final model is saved
+    so (training itself runs in fp32 with the cache off).  None where the config says nothing."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir(name), trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return (dtype if isinstance(dtype, torch.dtype) else None), getattr(config, "use_cache", None)
 
 
 def load_for_training(name: str | None, *, lora_r: int = 0, lora_alpha: float = 16.0, adapter_dir: str | None = None,

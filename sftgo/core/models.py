@@ -147,9 +147,15 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     location = tokenizer_dir(name)
+    vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if Path(location).is_dir() and not any((Path(location) / f).is_file() for f in vocab_files):
+        config = "" if (Path(location) / "tokenizer_config.json").is_file() else " nor tokenizer_config.json"
+        raise ModelNotFound(f"{name} has no tokenizer: it holds no tokenizer.json (nor tokenizer.model, vocab.json "
+                            f"with merges.txt, vocab.txt or spiece.model){config}; copy the tokenizer files of the "
+                            "model into it or pass a model directory that has them.")
     try:
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ModelNotFound(f"Cannot load a tokenizer from {name!r}: {str(exc).splitlines()[0]}") from None
     if not getattr(tok, "is_fast", False):
         raise ModelNotFound(f"The tokenizer of {name!r} is not a fast tokenizer; sftgo needs character offsets.")

@@ -1,6 +1,7 @@
-"""The shard directory contract: manifest.json, atomic writes, checksums, verification.
+"""The shard directory contract: column names, manifest.json, atomic writes, checksums,
+verification, and the directory lock that builds and training runs hold.
 
-Input: an output directory of `sftgo-prep build`.
+Input: an output directory of `sftgo-prep build` (or a training run directory, for the lock).
 Output: the parsed manifest (a dict, see README "Shard schema"), or a ShardError whose
 one-sentence message names the shard or option at fault.
 Cost: reading the manifest is instant; verify_shards with checksums reads every shard
@@ -8,15 +9,20 @@ once (sha256 at disk speed), without it only the Parquet footers.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 FORMAT_VERSION = 1
 BASE_COLUMNS = {
     "id": "string",
@@ -82,14 +88,91 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+def member_path(directory: str | os.PathLike, name) -> Path:
+    """The path of manifest entry `name` inside `directory`, refusing anything but a plain file name
+    there: no folders, `..`, absolute paths, or symlinks that lead out (DESIGN.md 3, manifest paths)."""
+    directory = Path(directory)
+    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\x00" not in name and not os.path.isabs(name)
+    if not plain:
+        raise ShardError(f"The manifest in {directory} names {name!r}, which is not a plain file name inside "
+                         "the build directory; refusing to read or write it.")
+    path = directory / name
+    if path.is_symlink() and path.resolve().parent != directory.resolve():
+        raise ShardError(f"{path} is a symlink that leads out of {directory}; refusing to read or write it.")
+    return path
+
+
 def strategy_order(manifest: dict) -> list[str]:
     """The build's strategies in the order they were asked for (manifest keys are stored sorted)."""
     have = manifest.get("strategies", {})
     return [s for s in manifest.get("params", {}).get("strategies", []) if s in have] or list(have)
 
 
+IMPORTANCE_PREFIX = "importance_"
+GROUP_PREFIX = "group_"
+
+
+def importance_column(strategy: str) -> str:
+    """Name of the float32 per-token importance column of `strategy` (the one place it is spelled)."""
+    return IMPORTANCE_PREFIX + strategy
+
+
+def group_column(strategy: str) -> str:
+    """Name of the int8 per-token group column of `strategy` (-1 where not supervised)."""
+    return GROUP_PREFIX + strategy
+
+
+def column_strategy(column: str) -> str | None:
+    """The strategy a column belongs to, or None for a base column."""
+    for prefix in (IMPORTANCE_PREFIX, GROUP_PREFIX):
+        if column.startswith(prefix):
+            return column[len(prefix):]
+    return None
+
+
 def strategy_columns(strategy: str) -> dict[str, str]:
-    return {f"importance_{strategy}": "list<element: float>", f"group_{strategy}": "list<element: int8>"}
+    return {importance_column(strategy): "list<element: float>", group_column(strategy): "list<element: int8>"}
+
+
+def list_column(arrays: list, type_: pa.DataType) -> pa.ListArray:
+    """A list<type_> column from per-row NumPy arrays in one copy."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
+
+
+class LockedError(RuntimeError):
+    """Another process holds the directory."""
+
+
+@contextmanager
+def exclusive(out: Path, what: str = "build"):
+    """Hold an exclusive lock on out/.lock for the whole job (released if the process dies).
+    A second build (or training run) into the same directory is refused with one sentence."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise LockedError(f"Another {what} (pid {holder}) is writing to {out}; wait for it or choose another --out.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.seek(0)
+        fh.truncate()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
 
 
 def verify_shards(
@@ -116,8 +199,15 @@ def verify_shards(
     expected = dict(BASE_COLUMNS)
     for strategy in strategies:
         expected.update(strategy_columns(strategy))
-    for shard in manifest["shards"]:
-        path = out_dir / shard["path"]
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ShardError(f"{out_dir / MANIFEST} has no list of shards.")
+    for entry in manifest.get("strategies", {}).values():
+        for artifact in entry.values() if isinstance(entry, dict) else ():
+            if isinstance(artifact, dict) and "path" in artifact:
+                member_path(out_dir, artifact["path"])
+    for shard in shards:
+        path = member_path(out_dir, shard.get("path") if isinstance(shard, dict) else shard)
         if not path.is_file():
             raise ShardError(f"Shard {path} listed in the manifest is missing.")
         if checksums and file_sha256(path) != shard["sha256"]:

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from sftgo.core.shards import read_manifest
-from sftgo.trainer.batching import IGNORE, Batches, bucketed, collate, packed
+from sftgo.core.shards import group_column, read_manifest
+from sftgo.trainer.batching import IGNORE, Batches, bucketed, collate, fit, packed
 from sftgo.trainer.data import ShardStream, prefetch
 
 
@@ -15,7 +15,7 @@ def shards(tmp_path, shardkit):
 
 
 def stream(d, **kw):
-    return ShardStream(str(d), read_manifest(d), "group_tfidf", **kw)
+    return ShardStream(str(d), read_manifest(d), group_column("tfidf"), **kw)
 
 
 def ids(samples):
@@ -44,7 +44,7 @@ def test_samples_carry_arrays_with_groups_only_on_supervised_tokens(shards, shar
     for s in stream(shards, shuffle=False).samples(0):
         r = recs[s["id"]]
         assert s["input_ids"].tolist() == r["input_ids"] and s["loss_mask"].tolist() == r["loss_mask"]
-        want = [g if m == 1 else -1 for g, m in zip(r["group_tfidf"], r["loss_mask"])]
+        want = [g if m == 1 else -1 for g, m in zip(r[group_column("tfidf")], r["loss_mask"])]
         assert s["groups"].tolist() == want and s["length"] == len(r["input_ids"])
 
 
@@ -55,7 +55,7 @@ def test_without_a_group_column_supervised_tokens_are_group_zero(shards):
 
 def test_bucketed_batches_respect_the_token_budget_and_keep_every_sample(shards):
     samples = list(stream(shards).samples(0))
-    batches = list(bucketed(iter(samples), 120, 2048, 4, random.Random(0)))
+    batches = list(bucketed(iter(samples), 120, 4, random.Random(0)))
     seen = [s["id"] for b in batches for row in b for s in row]
     assert sorted(seen) == sorted(ids(samples))
     for b in batches:
@@ -86,7 +86,7 @@ def _sample(ids_, mask, groups):
 def test_collate_aligns_targets_groups_and_samples_with_the_predicting_position():
     a = _sample([10, 11, 12, 13], [0, 0, 1, 1], [-1, -1, 1, 0])
     b = _sample([20, 21, 22], [0, 1, 1], [-1, 0, 1])
-    batch = collate([[a], [b]], pad_id=0, max_length=100, batch_tokens=100, packed_rows=False)
+    batch = collate([[a], [b]], pad_id=0, packed_rows=False)
     assert batch.input_ids.tolist() == [[10, 11, 12, 13], [20, 21, 22, 0]]
     assert batch.position_ids is None
     assert batch.targets.tolist() == [[IGNORE, 12, 13, IGNORE], [21, 22, IGNORE, IGNORE]]
@@ -98,7 +98,7 @@ def test_collate_aligns_targets_groups_and_samples_with_the_predicting_position(
 def test_packed_collate_restarts_positions_and_never_targets_across_samples():
     a = _sample([10, 11, 12], [0, 1, 1], [-1, 0, 1])
     b = _sample([20, 21, 22], [1, 1, 1], [0, 1, 0])  # b's first token is supervised: must not be a target of a
-    batch = collate([[a, b]], pad_id=0, max_length=8, batch_tokens=8, packed_rows=True)
+    batch = collate([[a, b]], pad_id=0, packed_rows=True)
     assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 22]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2]]
     assert batch.targets.tolist() == [[11, 12, IGNORE, 21, 22, IGNORE]]
@@ -106,10 +106,35 @@ def test_packed_collate_restarts_positions_and_never_targets_across_samples():
     assert batch.segments.tolist() == [[0, 0, -1, 1, 1, -1]]
 
 
-def test_truncation_to_max_length():
-    a = _sample(list(range(1, 11)), [1] * 10, [0] * 10)
-    batch = collate([[a]], pad_id=0, max_length=4, batch_tokens=100, packed_rows=False)
+def test_truncation_happens_only_at_max_length_and_is_counted():
+    a = _sample(list(range(1, 11)), [0] + [1] * 9, [-1] + [0] * 9)
+    fitted = list(fit(iter([a]), 4))
+    assert fitted[0]["cut"] == [1, 6, 0]  # one sample cut, 6 supervised tokens lost, none skipped
+    batch = collate([fitted], pad_id=0, packed_rows=False)
     assert batch.input_ids.tolist() == [[1, 2, 3, 4]] and batch.targets.tolist() == [[2, 3, 4, IGNORE]]
+    assert (batch.truncated_samples, batch.truncated_loss_tokens, batch.skipped_samples) == (1, 6, 0)
+
+
+def test_a_sample_with_no_supervised_token_left_is_skipped_and_counted():
+    prompt_only = _sample(list(range(1, 11)), [0] * 6 + [1] * 4, [-1] * 6 + [1] * 4)  # cut at 5: nothing left
+    ok = _sample([1, 2, 3], [0, 1, 1], [-1, 0, 1])
+    kept = list(fit(iter([prompt_only, ok, prompt_only]), 5))
+    assert len(kept) == 1 and kept[0]["cut"] == [2, 8, 2]  # the trailing skip rides on the last kept sample
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_samples_longer_than_the_budget_get_a_micro_batch_of_their_own(shards, pack):
+    """--batch-tokens below the longest samples: no sample is cut (max_length is larger)."""
+    b = Batches(stream(shards, seed=5), batch_tokens=16, max_length=4096, pack=pack, pool_batches=2, seed=5,
+                pad_id=0, cycle=False)
+    samples = {s["id"]: s for s in stream(shards, seed=5).samples(0)}
+    batches = list(b)
+    assert sum(x.num_samples for x in batches) == len(samples)
+    assert sum(x.num_tokens for x in batches) == sum(s["length"] for s in samples.values())
+    assert sum(x.truncated_samples for x in batches) == 0
+    for x in batches:  # over the budget only as a single sample
+        assert x.input_ids.numel() <= 16 or x.num_samples == 1
+    assert b.count(0) == len(batches)
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -153,7 +178,7 @@ def test_prefetch_passes_items_in_order_and_reraises_reader_errors():
 
 def test_a_rank_without_samples_fails_instead_of_spinning(tmp_path, shardkit):
     d = shardkit.write_shards(tmp_path / "one", shardkit.make_records(1, 100))
-    b = Batches(ShardStream(str(d), read_manifest(d), "group_tfidf", rank=1, world_size=2), batch_tokens=100,
+    b = Batches(ShardStream(str(d), read_manifest(d), group_column("tfidf"), rank=1, world_size=2), batch_tokens=100,
                 max_length=60, pack=False, pool_batches=2, seed=0, pad_id=0)
     with pytest.raises(ValueError, match="no samples"):
         next(iter(b))

@@ -77,9 +77,9 @@ def test_rho1_and_epochs_mode_and_eval_records(tmp_path, shard_dir, eval_dir, ti
                       eval_every=2, grad_accum=2))
     from sftgo.trainer.batching import Batches
     from sftgo.trainer.data import ShardStream
-    from sftgo.core.shards import read_manifest
+    from sftgo.core.shards import group_column, read_manifest
 
-    b = Batches(ShardStream(str(shard_dir), read_manifest(shard_dir), "group_tfidf", seed=0, shuffle_buffer=8),
+    b = Batches(ShardStream(str(shard_dir), read_manifest(shard_dir), group_column("tfidf"), seed=0, shuffle_buffer=8),
                 batch_tokens=160, max_length=2048, pack=False, pool_batches=2, seed=0, pad_id=0)
     assert summary["total_steps"] == b.count(0) // 2
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -129,13 +129,17 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path, shard_dir, tiny_model_dir):
     assert names == ["latest", "step-0000003", "step-0000004"]  # no temporary directories left behind
     state = json.loads((out / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["data_position"][1] == 4
-    assert not any(p.name.startswith(".") for p in out.iterdir())
+    assert not any(p.name.startswith(".") for p in out.iterdir() if p.name != ".lock")  # the run's lock file stays
 
 
 def test_gradient_checkpointing_and_smaller_ce_chunks_do_not_change_training(tmp_path, shard_dir, tiny_model_dir):
     run(cfg(shard_dir, tmp_path / "plain", tiny_model_dir, max_steps=2))
-    run(cfg(shard_dir, tmp_path / "ckpt", tiny_model_dir, max_steps=2, grad_checkpointing=True, ce_chunk=7))
-    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "ckpt"), atol=1e-5)
+    run(cfg(shard_dir, tmp_path / "ckpt", tiny_model_dir, max_steps=2, grad_checkpointing=True))
+    run(cfg(shard_dir, tmp_path / "chunk", tiny_model_dir, max_steps=2, ce_chunk=7))
+    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "ckpt"), atol=1e-6)
+    # other chunks sum the lm_head gradient in another order: fp32 rounding, which AdamW's g/sqrt(v)
+    # turns into up to ~6e-5 on rows whose gradient is near zero; a real difference would be ~lr (3e-3)
+    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "chunk"), atol=3e-4)
 
 
 @pytest.mark.parametrize("extra", [dict(reduce="batch"), dict(temperature=0.5), dict(dro_step=0.5)])

@@ -22,7 +22,7 @@ def _sample(rng, n, p):
 def test_token_losses_equal_transformers_loss(tiny):
     rng = np.random.default_rng(0)
     samples = [_sample(rng, 12, 4), _sample(rng, 9, 3)]
-    batch = collate([[s] for s in samples], pad_id=0, max_length=64, batch_tokens=64, packed_rows=False)
+    batch = collate([[s] for s in samples], pad_id=0, packed_rows=False)
     net = TokenLossModel(tiny, ce_chunk=5)
     with torch.no_grad():
         got = net(batch.input_ids, None, batch.targets)
@@ -40,8 +40,8 @@ def test_packed_rows_give_the_same_token_losses_as_one_sample_per_row(tiny):
     samples = [_sample(rng, 10, 3), _sample(rng, 7, 2), _sample(rng, 12, 5)]
     net = TokenLossModel(tiny)
     with torch.no_grad():
-        padded = collate([[s] for s in samples], pad_id=0, max_length=32, batch_tokens=96, packed_rows=False)
-        packed = collate([samples], pad_id=0, max_length=32, batch_tokens=32, packed_rows=True)
+        padded = collate([[s] for s in samples], pad_id=0, packed_rows=False)
+        packed = collate([samples], pad_id=0, packed_rows=True)
         a = net(padded.input_ids, None, padded.targets)
         b = net(packed.input_ids, packed.position_ids, packed.targets)
         # the same rows concatenated without restarting positions do attend across samples

@@ -1,4 +1,4 @@
-"""The quality experiment's data, metrics and report (bench/quality_*.py), without training."""
+"""The quality experiment's data, metrics and report (experiments/quality_*.py), without training."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import quality_data  # noqa: E402
 from quality_eval import answer_positions  # noqa: E402

@@ -2,17 +2,17 @@
 
 Fine-tunes the embedded SmolLM2-135M-Instruct on generated instruction data whose important
 tokens are known (facts about fictional entities inside assistant boilerplate,
-bench/quality_data.py) with
+experiments/quality_data.py) with
   sft; sftgo with each grouping (tfidf, reference, semantic); rho1 (on the tfidf groups);
   an eta sweep and a lambda sweep of sftgo on the tfidf groups; sft and sftgo at two other
   learning rates (is the comparison an artefact of the one learning rate?);
 each for every seed (the seed sets the data order: all methods of one seed see the same batches,
 the same tokens and the same number of steps). Every run goes through the real `sftgo-prep
 build` CLI (shards with all three strategies) and `trainer.loop.run` (the code behind
-`sftgo-train`), then bench/quality_eval.py scores it on held-out questions phrased unlike the
+`sftgo-train`), then experiments/quality_eval.py scores it on held-out questions phrased unlike the
 training ones: exact match of the fact, teacher-forced accuracy, and held-out loss per group.
-Output: bench/QUALITY.md, bench/quality.json, bench/quality.png (bench/quality_report.py).
-Runs are cached in bench/_work/quality/runs/NAME/result.json: an interrupted experiment
+Output: experiments/QUALITY.md, experiments/quality.json, experiments/quality.png (experiments/quality_report.py).
+Runs are cached in experiments/_work/quality/runs/NAME/result.json: an interrupted experiment
 continues where it stopped (--fresh starts over).
 Cost: about 2 minutes per run on 2 CPU cores (30 optimizer steps of 1024 tokens, then the
 evaluation, about 1.7 minutes on a quiet machine); the default plan is 40 runs plus about 3 minutes of
@@ -20,7 +20,7 @@ shard builds: about 72 minutes in all (--lr-seeds "" drops the learning-rate che
 65 minutes). --quick: 2 methods,
 1 seed, 2 steps (a smoke test, a few minutes).
 
-Usage: python bench/bench_quality.py [--seeds 0,1,2] [--sweep-seeds 0,1,2] [--quick] [--fresh]
+Usage: python experiments/bench_quality.py [--seeds 0,1,2] [--sweep-seeds 0,1,2] [--quick] [--fresh]
                                      [--report-only]
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ import quality_data  # noqa: E402
 from quality_eval import answer_positions, evaluate_model, read_answered_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "bench" / "_work" / "quality"
+WORK = ROOT / "experiments" / "_work" / "quality"
 STRATEGIES = ["tfidf", "reference", "semantic"]
 PREP = str(Path(sys.executable).parent / "sftgo-prep")
 
@@ -278,10 +278,12 @@ def main(argv=None) -> None:
         summary = {"settings": settings, "base": base, "runs": results, "overlap": overlap,
                    "minutes": (time.perf_counter() - t_start) / 60, "records": {k: len(v) for k, v in data.items()}}
         (WORK / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if not (WORK / "summary.json").is_file():
+        raise SystemExit(f"No cached results in {WORK.relative_to(ROOT)}: run without --report-only first.")
     summary = json.loads((WORK / "summary.json").read_text())
     from quality_report import write_report
 
-    write_report(summary, ROOT / "bench")
+    write_report(summary, ROOT / "experiments")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""SFT-GO inside the Hugging Face stack: shards as a `datasets.Dataset`, a collator that keeps the
+groups aligned with the labels, and `SFTGOTrainer`, a `transformers.Trainer` with the objectives of
+`sftgo-train` (the same `trainer.step.objective_parts`, the same accumulated-batch denominators).
+
+Input: a shard directory of `sftgo-prep build` (checked: manifest paths, checksums, schema), a
+causal LM, and the usual `TrainingArguments`.
+Output: `load_shards` -> datasets.Dataset with id, input_ids, loss_mask, group_<s>;
+`SFTGOCollator` -> dict of input_ids, attention_mask (or position_ids when packing), labels
+(unshifted, HF convention: the model predicts labels[t + 1] at position t), sftgo_groups (the
+group of each label, -1 where the label is -100) and sftgo_segments (the sample of each label);
+`SFTGOTrainer` -> the usual Trainer with loss = the chosen objective.
+Cost: the model's forward (full logits, as the Trainer's own loss) plus O(tokens) bookkeeping; the
+denominators of one optimizer step are counted once per step over its micro-batches and, under
+DDP / accelerate / FSDP, summed over processes (one all-reduce of K + 2 numbers).
+
+Denominators: `get_batch_samples` (called by Trainer once per optimizer step with all the step's
+micro-batches) counts supervised tokens, supervised samples and tokens per group over those
+micro-batches and all processes; every micro-batch's loss is divided by them, so the accumulated
+gradient is the gradient of the whole step's loss, exactly as `sftgo-train --grad-accum N`.
+Because gradients are averaged over processes by DDP, the loss is multiplied by the number of
+processes (what Trainer itself does with `average_tokens_across_devices`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from transformers import Trainer
+
+from sftgo.core.shards import group_column, member_path, read_manifest, verify_shards
+from sftgo.trainer.objectives import OBJECTIVES, SCHEDULES, lam_at
+from sftgo.trainer.step import Counts, Objective, objective_parts
+
+IGNORE = -100
+EXTRA = ("sftgo_groups", "sftgo_segments")
+
+
+def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = True):
+    """The shards of `directory` as a datasets.Dataset (columns id, input_ids, loss_mask and, with
+    `groups`, group_<groups>), in manifest order; checked like sftgo-train checks them."""
+    import datasets
+
+    manifest = read_manifest(directory)
+    if verify:
+        verify_shards(directory, manifest, strategies=(groups,) if groups else (), checksums=True)
+    files = [str(member_path(directory, s["path"])) for s in manifest["shards"]]
+    columns = ["id", "input_ids", "loss_mask"] + ([group_column(groups)] if groups else [])
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    return ds.select_columns(columns)
+
+
+class SFTGOCollator:
+    """Pads (right) or packs (one row, position ids restarting per sample) while keeping each label's
+    group.  `groups`: the strategy whose group_<s> column the rows carry (None: one group, plain SFT)."""
+
+    def __init__(self, pad_token_id: int, groups: str | None = "tfidf", pack: bool = False, max_length: int | None = None):
+        self.pad_token_id, self.column, self.pack, self.max_length = pad_token_id, group_column(groups) if groups else None, pack, max_length
+
+    def _row(self, f: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids = np.asarray(f["input_ids"], dtype=np.int64)
+        mask = np.asarray(f["loss_mask"], dtype=np.int64) == 1
+        grp = np.asarray(f[self.column], dtype=np.int64) if self.column else np.zeros(len(ids), np.int64)
+        if self.max_length and len(ids) > self.max_length:
+            raise ValueError(f"A sample has {len(ids)} tokens, more than max_length {self.max_length}; "
+                             "rebuild the shards with --max-length instead of cutting samples here.")
+        grp = np.where(mask & (grp >= 0), grp, -1)
+        return ids, np.where(grp >= 0, ids, IGNORE), grp
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [self._row(f) for f in features]
+        if self.pack:
+            ids, labels, grp = (np.concatenate([r[i] for r in rows])[None] for i in range(3))
+            seg = np.concatenate([np.full(len(r[0]), n) for n, r in enumerate(rows)])[None]
+            pos = np.concatenate([np.arange(len(r[0])) for r in rows])[None]
+            # a label is predicted from the previous position: never across a sample boundary
+            labels[:, 0], grp[:, 0] = IGNORE, -1
+            starts = np.flatnonzero(pos[0] == 0)
+            labels[0, starts], grp[0, starts] = IGNORE, -1
+            out = {"input_ids": ids, "position_ids": pos, "labels": labels}
+        else:
+            width = max(len(r[0]) for r in rows)
+            ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)
+            labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+            grp = np.full((len(rows), width), -1, dtype=np.int64)
+            att = np.zeros((len(rows), width), dtype=np.int64)
+            for n, (i, lab, g) in enumerate(rows):
+                ids[n, : len(i)], labels[n, : len(i)], grp[n, : len(i)], att[n, : len(i)] = i, lab, g, 1
+            seg = np.repeat(np.arange(len(rows)), width).reshape(len(rows), width)
+            out = {"input_ids": ids, "attention_mask": att, "labels": labels}
+        out.update(sftgo_groups=grp, sftgo_segments=seg)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+def shifted(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(targets, groups, segments) aligned with the predicting positions (HF's internal label shift)."""
+    targets = inputs["labels"][:, 1:]
+    return targets, inputs["sftgo_groups"][:, 1:], inputs["sftgo_segments"][:, 1:]
+
+
+def count_batches(batches: list[dict], k: int) -> torch.Tensor:
+    """[supervised tokens, supervised samples, tokens per group (K), real tokens] of micro-batches."""
+    c = torch.zeros(k + 3, dtype=torch.float64)
+    for n, b in enumerate(batches):
+        _, grp, seg = shifted(b)
+        sup = grp >= 0
+        c[0] += int(sup.sum())
+        c[1] += torch.unique(seg[sup] + n * (1 << 32)).numel()
+        c[2 : 2 + k] += torch.bincount(grp[sup].flatten().cpu(), minlength=k)[:k].double()
+        c[2 + k] += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+    return c
+
+
+class SFTGOTrainer(Trainer):
+    """transformers.Trainer whose loss is sftgo-train's objective (sft, sftgo, rho1, ...).
+
+    Extra arguments: objective ("sftgo"), lam (0.9), lam_schedule ("constant"), lam_end (0.0),
+    reduce ("sample"), temperature (0.0), num_groups (2).  Use with SFTGOCollator and load_shards;
+    the dataset's group column is kept (the Trainer would otherwise drop columns the model's
+    forward does not take)."""
+
+    def __init__(self, *args, objective: str = "sftgo", lam: float = 0.9, lam_schedule: str = "constant",
+                 lam_end: float = 0.0, reduce: str = "sample", temperature: float = 0.0, num_groups: int = 2, **kwargs):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.")
+        if lam_schedule not in SCHEDULES:
+            raise ValueError(f"lam_schedule must be one of {', '.join(SCHEDULES)}, not {lam_schedule!r}.")
+        super().__init__(*args, **kwargs)
+        self.sftgo = Objective(objective, max(2, num_groups), reduce, temperature)
+        self.lam, self.lam_schedule, self.lam_end = lam, lam_schedule, lam_end
+        self.loss_is_scaled_for_ga = True  # divided by the whole step's counts already
+        self._step_counts: Counts | None = None
+        self._diag = torch.zeros(2 * self.sftgo.num_groups, dtype=torch.float64)  # group loss sums, token counts
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys(self._signature_columns + ["loss_mask", "input_ids"] + [
+            c for c in (self.train_dataset.column_names if self.train_dataset is not None else [])
+            if c.startswith("group_")]))
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and "sftgo_groups" in batch_samples[0]:
+            self._step_counts = self._counts(batch_samples, device)
+        return batch_samples, num_items
+
+    def _counts(self, batches: list[dict], device) -> Counts:
+        k = self.sftgo.num_groups
+        c = count_batches(batches, k).to(device)
+        if self.accelerator.num_processes > 1:
+            c = self.accelerator.reduce(c, reduction="sum")
+        c = c.cpu()
+        return Counts(c[0].item(), c[1].item(), c[2 : 2 + k].to(device), int(c[2 + k]), 0, 0, 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        groups_full, segments_full = inputs.pop("sftgo_groups"), inputs.pop("sftgo_segments")
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        logits = outputs.logits[:, :-1].float()
+        shifted_view = {"labels": labels, "sftgo_groups": groups_full, "sftgo_segments": segments_full,
+                        "input_ids": inputs["input_ids"], **({"attention_mask": inputs["attention_mask"]}
+                                                             if "attention_mask" in inputs else {})}
+        targets, groups, segments = shifted(shifted_view)
+        keep = targets != IGNORE
+        token_loss = F.cross_entropy(logits[keep], targets[keep], reduction="none")
+        training = model.training and self._step_counts is not None
+        counts = self._step_counts if training else self._counts([shifted_view], token_loss.device)
+        lam = lam_at(self.state.global_step, max(1, self.state.max_steps), self.lam, self.lam_schedule, self.lam_end)
+        parts = objective_parts(self.sftgo, token_loss, groups[keep], segments[keep], lam, counts)
+        self._note(parts)
+        loss = parts.loss * (self.accelerator.num_processes if training else 1)
+        return (loss, outputs) if return_outputs else loss
+
+    def _note(self, parts) -> None:
+        k = self.sftgo.num_groups
+        self._diag += torch.cat([parts.group_sum[:k].double().cpu(), parts.group_count[:k].double().cpu()])
+
+    def log(self, logs, start_time=None):
+        k = self.sftgo.num_groups
+        if self._diag[k:].sum() > 0 and "loss" in logs:  # per-group loss since the last log line
+            for g in range(k):
+                n = float(self._diag[k + g])
+                logs[f"group_{g}_loss"] = float(self._diag[g]) / n if n else float("nan")
+            self._diag.zero_()
+        return super().log(logs, start_time)
+
+
+def trl_trainer_class():
+    """SFTGOTrainer on top of TRL's SFTTrainer (for users whose scripts build an SFTTrainer): the loss,
+    denominators and collator are ours, everything else TRL's.  Pass pre-tokenized shards with
+    SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, max_length=None) and SFTGOCollator."""
+    from trl import SFTTrainer
+
+    return type("SFTGOSFTTrainer", (SFTGOTrainer, SFTTrainer), {"__doc__": trl_trainer_class.__doc__})

@@ -1,0 +1,141 @@
+"""One training step anyone can call: micro-batches -> per-token loss -> objective -> backward.
+
+Input: `net`, a module whose forward(input_ids, position_ids, targets) returns the CE of each
+supervised target ([N], row-major; trainer.model.TokenLossModel, or DDP around it), the
+micro-batches of one optimizer step (trainer.batching.Batch), an `Objective` and λ.
+Output: gradients accumulated in the parameters (no optimizer step: the caller clips and
+steps), and a `StepStats` with the step's loss, CE, worst term, ties, per-group sums/counts
+and the step's counts, summed over the micro-batches and, under torch.distributed, the ranks.
+Cost: the model's forward and backward per micro-batch; O(tokens) bookkeeping; under
+torch.distributed two all-reduces of a few numbers per step.
+
+Denominators: every micro-batch's loss is divided by the counts of the whole accumulated
+(global) batch -- supervised tokens, supervised samples and tokens per group, summed over
+the micro-batches of this step and over ranks -- so summing the micro-batch gradients gives
+the gradient of the whole batch's loss (trainer.objectives explains the one exception).
+The loop, bench/bench_train.py and a Hugging Face Trainer integration all call these.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sftgo.trainer.batching import IGNORE
+from sftgo.trainer.objectives import LossParts, rho1_loss, sftgo_loss
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What to optimise (DESIGN.md section 1); λ is passed per step, as it may follow a schedule."""
+
+    name: str = "sftgo"
+    """sftgo, sft or rho1."""
+    num_groups: int = 2
+    """K, at least 2 (a single group just leaves group 1 empty)."""
+    reduce: str = "sample"
+    """sample or batch: how the worst-group term reduces (sftgo)."""
+    temperature: float = 0.0
+    """> 0: smooth max at this temperature instead of the max (sftgo)."""
+
+
+@dataclass
+class Counts:
+    """The counts of one step's micro-batches, over all ranks; the first three are the denominators."""
+
+    loss_tokens: float
+    samples: float
+    group_tokens: torch.Tensor  # [K], on the loss's device
+    tokens: int  # real (non-pad) tokens
+    truncated_samples: int
+    truncated_loss_tokens: int
+    skipped_samples: int
+
+
+@dataclass
+class StepStats:
+    """Sums over the step's micro-batches (and ranks) of what the objective reported."""
+
+    loss: float
+    ce: float
+    worst: float
+    ties: int
+    group_sum: torch.Tensor  # [K] float64, CPU
+    group_count: torch.Tensor  # [K] float64, CPU
+    counts: Counts
+
+    @property
+    def group_loss(self) -> torch.Tensor:
+        """[K] mean loss per group over the step (NaN where a group had no token)."""
+        return self.group_sum / self.group_count
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) over ranks in place when torch.distributed is initialised; else t."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def step_counts(micro, k: int, device) -> Counts:
+    """The counts of the micro-batches of one optimizer step, summed over ranks."""
+    c = torch.zeros(k + 6, dtype=torch.float64)
+    for mb in micro:
+        sup = mb.groups >= 0
+        g = mb.groups[sup]
+        c[0] += g.numel()
+        c[1] += torch.unique(mb.segments[sup]).numel()
+        c[2 : 2 + k] += torch.bincount(g.cpu(), minlength=k)[:k].double()
+        c[2 + k :] += torch.tensor([mb.num_tokens, mb.truncated_samples, mb.truncated_loss_tokens, mb.skipped_samples],
+                                   dtype=torch.float64)
+    c = all_reduce(c.to(device)).cpu()
+    rest = [int(v) for v in c[2 + k :].tolist()]
+    return Counts(c[0].item(), c[1].item(), c[2 : 2 + k].to(device), *rest)
+
+
+def objective_parts(obj: Objective, token_loss, groups, segments, lam: float, counts: Counts,
+                    group_weights: torch.Tensor | None = None) -> LossParts:
+    """LossParts of one micro-batch (flat [N] losses, groups and sample ids of its supervised
+    targets), divided by the whole step's denominators; `group_weights`: online Group-DRO."""
+    k, n_tok, n_smp, n_grp = obj.num_groups, counts.loss_tokens, counts.samples, counts.group_tokens
+    if obj.name == "sftgo":
+        return sftgo_loss(token_loss, groups, lam, obj.reduce, num_groups=k, segments=segments, ce_denom=n_tok,
+                          worst_denom=n_smp, group_denom=n_grp, temperature=obj.temperature or None,
+                          group_weights=group_weights)
+    if obj.name == "rho1":
+        return rho1_loss(token_loss, groups, num_groups=k, segments=segments, important_denom=n_grp[k - 1],
+                         ce_denom=n_tok)
+    return sftgo_loss(token_loss, groups, 0.0, num_groups=k, segments=segments, ce_denom=n_tok)
+
+
+def backward_step(net, micro, obj: Objective, lam: float, *, group_weights=None, autocast=contextlib.nullcontext,
+                  grad_scale: float = 1.0) -> StepStats:
+    """Forward and backward every micro-batch of one optimizer step (already on the device).
+
+    `net` may be a DistributedDataParallel: gradients are then all-reduced on the last
+    micro-batch only, and since DDP averages them over ranks while our denominators are
+    already global, pass grad_scale=world_size to undo its 1/world.  `autocast`: a
+    context-manager factory (e.g. bf16 autocast on GPUs)."""
+    device = micro[0].input_ids.device
+    k = obj.num_groups
+    counts = step_counts(micro, k, device)
+    acc = torch.zeros(4 + 2 * k, dtype=torch.float64)  # loss, ce, worst, ties, group sums, group counts
+    for i, mb in enumerate(micro):
+        last = i == len(micro) - 1
+        if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
+            net.set_requires_gradient_sync(last)
+        with (net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext()):
+            with autocast():
+                token_loss = net(mb.input_ids, mb.position_ids, mb.targets)
+            keep = mb.targets != IGNORE
+            parts = objective_parts(obj, token_loss.float(), mb.groups[keep], mb.segments[keep], lam, counts,
+                                    group_weights)
+            (parts.loss * grad_scale).backward()
+        acc[:4] += torch.tensor([parts.loss.item(), float(parts.ce), float(parts.worst), parts.ties], dtype=torch.float64)
+        acc[4 : 4 + k] += parts.group_sum.double().cpu()
+        acc[4 + k :] += parts.group_count.double().cpu()
+    acc = all_reduce(acc.to(device)).cpu()
+    return StepStats(acc[0].item(), acc[1].item(), acc[2].item(), int(acc[3].item()), acc[4 : 4 + k],
+                     acc[4 + k :], counts)
