@@ -112,6 +112,18 @@ def load_state(path: Path, rank: int, optimizer, scheduler) -> dict:
     return read_state(path)
 
 
+def save_adapter(out, model, tokenizer) -> Path:
+    """RUN_DIR/adapter: the peft adapter alone (adapter_config.json + adapter_model.safetensors),
+    which PeftModel.from_pretrained(base, dir) loads; replaced atomically."""
+    final = Path(out) / "adapter"
+    tmp = Path(out) / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tokenizer, tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
 def save_final(out, model, tokenizer, dtype: torch.dtype | None = None, use_cache: bool | None = None) -> Path:
     """RUN_DIR/model: the final weights (LoRA merged into the base), replaced atomically, in
     `dtype` (the one the model was loaded in; training runs in fp32) and with the model's own

@@ -12,7 +12,8 @@ import sys
 
 import click
 
-from sftgo.trainer.config import FIELDS, ConfigError, make_config, read_config_file
+from sftgo.core.config import field_default, field_docs
+from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, make_config, read_config_file
 
 EXAMPLE = """\b
 Example:
@@ -23,26 +24,20 @@ Example:
 """
 
 
+DOCS = field_docs(TrainConfig)
+LISTS = ("report_to",)  # comma-separated on the command line
+
+
 def _help(name: str) -> str:
     """The dataclass field docstring, for --help."""
-    import ast
-    import inspect
-
-    from sftgo.trainer import config
-
-    tree = ast.parse(inspect.getsource(config.TrainConfig))
-    body = tree.body[0].body
-    for i, node in enumerate(body[:-1]):
-        if isinstance(node, ast.AnnAssign) and node.target.id == name:
-            nxt = body[i + 1]
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                return nxt.value.value
-    return ""
+    return DOCS.get(name, "")
 
 
 def opt(name: str, **kw):
     flag = "--" + name.replace("_", "-")
-    default = FIELDS[name].default
+    default = field_default(TrainConfig, name)
+    if name in LISTS:
+        return click.option(flag, name, default=None, metavar="A,B", help=_help(name))
     if isinstance(default, bool) or FIELDS[name].type == "bool | None":  # None: decided at run time
         shown = "" if default is None else f" [default: {default}]"
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_help(name) + shown)
@@ -58,6 +53,7 @@ OPTIONS = [
     "bucket_pool", "max_steps", "epochs", "stop_after", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
     "clip_grad", "seed", "precision", "ce_chunk", "grad_checkpointing", "fsdp", "lora_r", "lora_alpha", "trust_remote_code",
     "eval_every", "eval_batches", "save_every", "keep_checkpoints", "resume", "log_every", "progress", "tensorboard",
+    "report_to", "save_adapter",
 ]
 METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
 CHOICES = {
@@ -75,6 +71,9 @@ def build_command():
         try:
             file_values = read_config_file(config_file) if config_file else {}
             given = {k: v for k, v in kwargs.items() if v is not None}
+            for name in LISTS:
+                if name in given:
+                    given[name] = [s.strip() for s in given[name].split(",") if s.strip()]
             cfg = make_config(file_values, **given)
             from sftgo.trainer.loop import run
 

@@ -118,10 +118,16 @@ class TrainConfig:
     """Write a metrics.jsonl line every N steps."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    report_to: list[str] = field(default_factory=list)
+    """Also log to these trackers: tensorboard (out/tb), wandb (offline with WANDB_MODE=offline), mlflow (out/mlruns unless MLFLOW_TRACKING_URI is set); each must be installed (pip install 'sftgo[wandb]')."""
+    save_adapter: bool = False
+    """With --lora-r: also write the peft adapter alone (out/adapter) beside the merged model (out/model)."""
     tensorboard: bool | None = None
     """Also log to TensorBoard (out/tb); default: when the tensorboard package is installed (a note says when not)."""
 
     def validate(self) -> "TrainConfig":
+        if self.save_adapter and self.lora_r == 0:
+            raise ConfigError("--save-adapter needs --lora-r: without LoRA there is no adapter to save.")
         if self.fsdp and self.lora_r > 0:
             raise ConfigError("--fsdp with --lora-r is not supported: LoRA adapters are small, train them with DDP (the default).")
         if not self.data:

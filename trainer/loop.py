@@ -32,7 +32,9 @@ from sftgo.trainer import fsdp, resume
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig
 from sftgo.trainer.data import ShardStream
-from sftgo.trainer.metrics import MetricsLog, plot_curves, read_jsonl, summary_table, tensorboard_enabled
+from sftgo.trainer.metrics import (
+    MetricsLog, check_trackers, plot_curves, read_jsonl, summary_table, tensorboard_enabled,
+)
 from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, saved_form
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
 from sftgo.trainer.step import Objective, all_reduce, backward_step
@@ -264,7 +266,9 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     resume_from, notes = on_rank0(lambda: prepare_run_dir(cfg))
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model, cfg.trust_remote_code)
     manifest, group_col, k = check_data(cfg, tokenizer)
-    tb = tensorboard_enabled(cfg.tensorboard, say=rank == 0)  # after the checks: a failed run needs no note
+    check_trackers(cfg.report_to)
+    wanted_tb = True if "tensorboard" in cfg.report_to else cfg.tensorboard
+    tb = tensorboard_enabled(wanted_tb, say=rank == 0)  # after the checks: a failed run needs no note
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = load_model(cfg, resume_from, device)
     net = TokenLossModel(model, cfg.ce_chunk)
@@ -286,7 +290,8 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     if resume_from is not None:
         restore(r, resume_from)
     if r.main:
-        r.log = MetricsLog(cfg.out, r.step if resume_from else None, tb)
+        r.log = MetricsLog(cfg.out, r.step if resume_from else None, tb,
+                           tuple(t for t in cfg.report_to if t != "tensorboard"), dataclasses.asdict(cfg))
     return r, resume_from, notes
 
 
@@ -495,6 +500,8 @@ def save_model(r: Run) -> Path | None:
         model.load_state_dict(state)
     elif r.main:
         model = causal_lm(r.model) if cfg.lora_r == 0 else r.model
+        if cfg.save_adapter:  # the adapter alone, before save_final merges it into the base
+            ckpt.save_adapter(cfg.out, model, r.tokenizer)
     else:
         return None
     return ckpt.save_final(cfg.out, model, r.tokenizer, dtype=dtype, use_cache=use_cache)

@@ -4,7 +4,8 @@ Input: one dict per logged step (train) or evaluation (eval), rank 0 only.
 Output: RUN_DIR/metrics.jsonl (one JSON object per line, NaN written as null),
 RUN_DIR/loss_curves.png, RUN_DIR/tb/ (when tensorboard is installed: a defaulted TensorBoard
 without the package is said once on stderr; an explicit --tensorboard without it is an error),
-a printed table.
+the same scalars to each tracker of --report-to (tensorboard, wandb, mlflow; one not installed is
+an error before training starts), a printed table.
 Cost: a line write per step; the PNG and table once at the end.
 """
 from __future__ import annotations
@@ -48,11 +49,89 @@ def tensorboard_enabled(wanted: bool | None, say: bool = True) -> bool:
     return have and wanted is not False
 
 
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> package
+
+
+def check_trackers(names: list[str]) -> None:
+    """--report-to: every name known and its package installed (one sentence otherwise)."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"--report-to {name!r} is not a tracker sftgo knows; choose from {', '.join(TRACKERS)}.")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"--report-to {name} needs the {TRACKERS[name]} package: pip install 'sftgo[{name}]' "
+                              f"(or pip install {TRACKERS[name]}).")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The finite numbers of a record, as split/name (group losses as split/group_G_loss)."""
+    split = record.get("split", "train")
+    out = {f"{split}/{k}": float(v) for k, v in record.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "split") and math.isfinite(v)}
+    for g, value in enumerate(record.get("group_loss", [])):
+        if value is not None and math.isfinite(value):
+            out[f"{split}/group_{g}_loss"] = float(value)
+    return out
+
+
+class _TensorBoard:
+    def __init__(self, out: Path, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tb"))
+
+    def log(self, values: dict, step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, out: Path, config: dict):
+        import os
+
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sftgo"), dir=str(out), config=config,
+                              name=out.name, resume="allow")
+
+    def log(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, out: Path, config: dict):
+        import os
+
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # a local store in the run directory (no server, no database)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=out.name)
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in config.items()})
+
+    def log(self, values: dict, step: int) -> None:
+        self.mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+_TRACKER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl; on resume drops records past the resumed step
     (written after the checkpoint by the run that died), so the file has each step once."""
 
-    def __init__(self, out, resume_step: int | None, tensorboard: bool):
+    def __init__(self, out, resume_step: int | None, tensorboard: bool, report_to: tuple[str, ...] = (),
+                 config: dict | None = None):
         self.path = Path(out) / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -60,28 +139,20 @@ class MetricsLog:
             kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.fh = open(self.path, "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:  # trainer.metrics.tensorboard_enabled decided it is installed
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(out) / "tb"))
+        names = list(dict.fromkeys(([*report_to] + (["tensorboard"] if tensorboard else []))))
+        self.trackers = [_TRACKER_CLASSES[n](Path(out), config or {}) for n in names]
 
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(_clean(record)) + "\n")
         self.fh.flush()
-        if self.tb is not None:
-            split = record.get("split", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "split") and math.isfinite(value):
-                    self.tb.add_scalar(f"{split}/{key}", value, record["step"])
-            for g, value in enumerate(record.get("group_loss", [])):
-                if value is not None and math.isfinite(value):
-                    self.tb.add_scalar(f"{split}/group_{g}_loss", value, record["step"])
+        values = scalars(record) if self.trackers else {}
+        for tracker in self.trackers:
+            tracker.log(values, record["step"])
 
     def close(self) -> None:
         self.fh.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _smooth(values, window):

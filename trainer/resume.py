@@ -33,6 +33,7 @@ BY_CONTENT = ("data", "eval_data")
 OPERATIONAL = (
     "out", "readahead", "stop_after", "ce_chunk", "grad_checkpointing", "trust_remote_code", "eval_every",
     "save_every", "keep_checkpoints", "resume", "log_every", "progress", "tensorboard",
+    "report_to", "save_adapter",
 )
 EXTENSIBLE = ("max_steps",)
 

@@ -1,0 +1,68 @@
+"""Per-rank peak memory of 2-process FSDP2 against 2-process DDP, same model, data and steps.
+
+Usage: python bench/bench_fsdp.py --data SHARD_DIR [--model NAME] [--steps 3] [--repeats 3] [--json FILE]
+
+Input: a shard directory and a model (default: the embedded SmolLM2-135M-Instruct).
+Output: per repeat and mode, each rank's peak memory as sftgo-train records it in summary.json
+(`peak_memory_mb_per_rank`: resident set on CPU, torch's max allocated on a GPU), the medians,
+and the ratio FSDP / DDP of the larger rank's peak (DESIGN.md 8: at most 0.6); runs alternate
+DDP, FSDP so that both see the same machine load.
+Cost: 2 x repeats torchrun runs of `steps` optimizer steps each (about 30 s each for SmolLM2 on
+2 CPU cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sftgo.trainer.cli",
+           "--data", data, "--out", str(out), "--max-steps", str(steps), "--batch-tokens", "1024", "--lr", "1e-5",
+           "--no-progress", "--no-tensorboard", "--save-every", "0"]
+    if model:
+        cmd += ["--model", model]
+    if fsdp:
+        cmd.append("--fsdp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{'fsdp' if fsdp else 'ddp'} run failed:\n{proc.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    ranks = summary["peak_memory_mb_per_rank"]
+    key = "cuda_mb" if "cuda_mb" in ranks[0] else "rss_mb"
+    return {"per_rank_mb": [r[key] for r in ranks], "max_rank_mb": max(r[key] for r in ranks), "measure": key}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for mode in ("ddp", "fsdp"):
+                rec = one_run(args.data, args.model, args.steps, mode == "fsdp", Path(tmp) / f"{mode}-{i}")
+                runs[mode].append(rec)
+                print(f"{mode} repeat {i}: per-rank peak {', '.join(f'{m:.0f}' for m in rec['per_rank_mb'])} MB "
+                      f"({rec['measure']})", flush=True)
+    med = {m: statistics.median(r["max_rank_mb"] for r in rs) for m, rs in runs.items()}
+    result = {"ddp_peak_mb": med["ddp"], "fsdp_peak_mb": med["fsdp"], "ratio": med["fsdp"] / med["ddp"],
+              "measure": runs["ddp"][0]["measure"], "runs": runs, "steps": args.steps, "model": args.model or "embedded"}
+    print(f"median per-rank peak: DDP {med['ddp']:.0f} MB, FSDP {med['fsdp']:.0f} MB, ratio {result['ratio']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
