@@ -1,6 +1,7 @@
 """Per-rank peak memory of 2-process FSDP2 against 2-process DDP, same model, data and steps.
 
-Usage: python bench/bench_fsdp.py --data SHARD_DIR [--model NAME] [--steps 3] [--repeats 3] [--json FILE]
+Usage: python bench/bench_fsdp.py --data SHARD_DIR [--model NAME] [--steps 3] [--repeats 3] [--batch-tokens 256]
+                                 [--grad-checkpointing] [--json FILE]
 
 Input: a shard directory and a model (default: the embedded SmolLM2-135M-Instruct).
 Output: per repeat and mode, each rank's peak memory as sftgo-train records it in summary.json
@@ -22,14 +23,16 @@ import tempfile
 from pathlib import Path
 
 
-def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path) -> dict:
+def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path, batch_tokens: int, checkpointing: bool) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sftgo.trainer.cli",
-           "--data", data, "--out", str(out), "--max-steps", str(steps), "--batch-tokens", "1024", "--lr", "1e-5",
+           "--data", data, "--out", str(out), "--max-steps", str(steps), "--batch-tokens", str(batch_tokens), "--lr", "1e-5",
            "--no-progress", "--no-tensorboard", "--save-every", "0"]
     if model:
         cmd += ["--model", model]
     if fsdp:
         cmd.append("--fsdp")
+    if checkpointing:
+        cmd.append("--grad-checkpointing")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -46,19 +49,24 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-tokens", type=int, default=256,
+                    help="tokens per micro-batch: small, so that weights, gradients and Adam state dominate memory")
+    ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for mode in ("ddp", "fsdp"):
-                rec = one_run(args.data, args.model, args.steps, mode == "fsdp", Path(tmp) / f"{mode}-{i}")
+                rec = one_run(args.data, args.model, args.steps, mode == "fsdp", Path(tmp) / f"{mode}-{i}",
+                              args.batch_tokens, args.grad_checkpointing)
                 runs[mode].append(rec)
                 print(f"{mode} repeat {i}: per-rank peak {', '.join(f'{m:.0f}' for m in rec['per_rank_mb'])} MB "
                       f"({rec['measure']})", flush=True)
     med = {m: statistics.median(r["max_rank_mb"] for r in rs) for m, rs in runs.items()}
     result = {"ddp_peak_mb": med["ddp"], "fsdp_peak_mb": med["fsdp"], "ratio": med["fsdp"] / med["ddp"],
-              "measure": runs["ddp"][0]["measure"], "runs": runs, "steps": args.steps, "model": args.model or "embedded"}
+              "measure": runs["ddp"][0]["measure"], "runs": runs, "steps": args.steps, "batch_tokens": args.batch_tokens,
+              "grad_checkpointing": args.grad_checkpointing, "model": args.model or "embedded"}
     print(f"median per-rank peak: DDP {med['ddp']:.0f} MB, FSDP {med['fsdp']:.0f} MB, ratio {result['ratio']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

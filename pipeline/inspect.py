@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import html
 import sys
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from sftgo.core.text import safe_text as printable
 from sftgo.core import models
 from sftgo.core.shards import (
     MANIFEST, ShardError, group_column, importance_column, read_manifest, strategy_order, verify_shards,
@@ -34,21 +34,6 @@ ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}
 RESET = "\x1b[0m"
 HTML_COLORS = {-1: "color:#8a8a8a", 0: "background:#dbeafe", 1: "background:#f59e0b;font-weight:600"}
 TOKEN_TEXT = "\n\t"  # the only non-printing characters a sample's token text keeps raw
-
-
-def printable(value, keep: str = "") -> str:
-    """`value` as text safe for a terminal: control characters (C0, C1, DEL), format characters
-    (bidi overrides, zero-width), line/paragraph separators, surrogates, private-use and
-    unassigned code points become visible escapes (\\x1b, \\u202e); spaces and `keep` stay."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(ch if ch in keep or ch.isprintable() or unicodedata.category(ch) == "Zs" else _escape(ch) for ch in text)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _is_count(value) -> bool:

@@ -13,6 +13,7 @@ import sys
 import click
 
 from sftgo.core.config import field_default, field_docs
+from sftgo.trainer.objectives import OBJECTIVES
 from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, make_config, read_config_file
 
 EXAMPLE = """\b
@@ -48,7 +49,7 @@ def opt(name: str, **kw):
 
 
 OPTIONS = [
-    "data", "out", "model", "eval_data", "objective", "groups", "lam", "lam_schedule", "lam_end", "reduce",
+    "data", "out", "model", "eval_data", "objective", "groups", "group_weight", "lam", "lam_schedule", "lam_end", "reduce",
     "temperature", "dro_step", "batch_tokens", "max_length", "pack", "grad_accum", "shuffle_buffer", "readahead",
     "bucket_pool", "max_steps", "epochs", "stop_after", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
     "clip_grad", "seed", "precision", "ce_chunk", "grad_checkpointing", "fsdp", "lora_r", "lora_alpha", "trust_remote_code",
@@ -57,7 +58,7 @@ OPTIONS = [
 ]
 METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
 CHOICES = {
-    "objective": click.Choice(["sftgo", "sft", "rho1"]),
+    "objective": click.Choice(list(OBJECTIVES)),
     "lam_schedule": click.Choice(["constant", "linear", "cosine"]),
     "reduce": click.Choice(["sample", "batch"]),
     "precision": click.Choice(["auto", "bf16", "fp32"]),

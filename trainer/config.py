@@ -33,11 +33,13 @@ class TrainConfig:
 
     # --- objective
     objective: str = "sftgo"
-    """sftgo (worst-group), sft (plain token-mean CE) or rho1 (CE over the important group only)."""
+    """sftgo (worst-group), sft (plain token-mean CE), rho1 (CE over the important group only), dft (each token's CE times its detached probability, arXiv 2508.05629) or weighted (CE with weight --group-weight on the important group)."""
     groups: str | None = "tfidf"
     """Strategy whose `group_<name>` column defines the groups (not needed by `sft`)."""
     lam: float = 0.9
     """λ, the weight of the worst-group term (0 = plain SFT; the paper uses 0.9)."""
+    group_weight: float = 1.0
+    """--objective weighted: the weight on the important group's tokens (1 on the others; a weighted token mean). Match it to the group-1 weight an sftgo run logs (group_weight)."""
     lam_schedule: str = "constant"
     """constant, linear or cosine decay of λ from `lam` to `lam_end` over training."""
     lam_end: float = 0.0
@@ -136,7 +138,9 @@ class TrainConfig:
             raise ConfigError("--out is required: the run directory for metrics and checkpoints.")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}.")
-        if self.objective != "sft" and not self.groups:
+        if self.group_weight <= 0:
+            raise ConfigError(f"--group-weight must be positive, got {self.group_weight}.")
+        if self.objective not in ("sft", "dft") and not self.groups:
             raise ConfigError(f"--objective {self.objective} needs --groups (a strategy of the shards, e.g. tfidf).")
         if self.lam_schedule not in SCHEDULES:
             raise ConfigError(f"--lam-schedule must be one of {', '.join(SCHEDULES)}, not {self.lam_schedule!r}.")

@@ -120,13 +120,14 @@ class SFTGOTrainer(Trainer):
     forward does not take)."""
 
     def __init__(self, *args, objective: str = "sftgo", lam: float = 0.9, lam_schedule: str = "constant",
-                 lam_end: float = 0.0, reduce: str = "sample", temperature: float = 0.0, num_groups: int = 2, **kwargs):
+                 lam_end: float = 0.0, reduce: str = "sample", temperature: float = 0.0, num_groups: int = 2,
+                 group_weight: float = 1.0, **kwargs):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.")
         if lam_schedule not in SCHEDULES:
             raise ValueError(f"lam_schedule must be one of {', '.join(SCHEDULES)}, not {lam_schedule!r}.")
         super().__init__(*args, **kwargs)
-        self.sftgo = Objective(objective, max(2, num_groups), reduce, temperature)
+        self.sftgo = Objective(objective, max(2, num_groups), reduce, temperature, group_weight)
         self.lam, self.lam_schedule, self.lam_end = lam, lam_schedule, lam_end
         self.loss_is_scaled_for_ga = True  # divided by the whole step's counts already
         self._step_counts: Counts | None = None

@@ -100,8 +100,8 @@ def check_data(cfg: TrainConfig, tokenizer) -> tuple[dict, str | None, int]:
     Returns (manifest, group column or None, number of groups)."""
     manifest = read_manifest(cfg.data)
     groups = cfg.groups
-    if cfg.objective == "sft" and groups and groups not in manifest.get("strategies", {}):
-        groups = None  # plain SFT needs no groups; with them it only logs per-group loss
+    if cfg.objective in ("sft", "dft") and groups and groups not in manifest.get("strategies", {}):
+        groups = None  # plain SFT and DFT need no groups; with them they only log per-group loss
     strategies = (groups,) if groups else ()
     fp = tokenizer_fingerprint(tokenizer)
     verify_shards(cfg.data, manifest, strategies=strategies, checksums=True, tokenizer_fingerprint=fp)
@@ -111,8 +111,8 @@ def check_data(cfg: TrainConfig, tokenizer) -> tuple[dict, str | None, int]:
     if not manifest["shards"]:
         raise ConfigError(f"{cfg.data} holds no shards (0 records written).")
     k = int(manifest["strategies"][groups].get("num_groups", 2)) if groups else 1
-    if cfg.objective == "rho1" and k < 2:
-        raise ConfigError(f"--objective rho1 needs at least 2 groups; '{groups}' has {k}.")
+    if cfg.objective in ("rho1", "weighted") and k < 2:
+        raise ConfigError(f"--objective {cfg.objective} needs at least 2 groups; '{groups}' has {k}.")
     return manifest, (group_column(groups) if groups else None), k
 
 
@@ -285,7 +285,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     k_loss = max(k, 2)
     dro = GroupDRO(k_loss, cfg.dro_step) if cfg.objective == "sftgo" and cfg.dro_step > 0 else None
     r = Run(cfg, rank, world, device, autocast, tokenizer, manifest, group_col, k,
-            Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature), model, net, train_net, optimizer,
+            Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature, cfg.group_weight), model, net, train_net, optimizer,
             scheduler, dro, batches, total, pad_id, *data_checksums(cfg))
     if resume_from is not None:
         restore(r, resume_from)
@@ -344,7 +344,7 @@ def evaluate(cfg, net, batches, k, lam, device, autocast) -> dict:
     ce = float(acc[0]) / max(n_tok, 1)
     worst = float(acc[1]) / max(float(acc[2]), 1)
     group_loss = (acc[6 : 6 + k] / acc[6 + k :]).tolist()
-    loss = ce if cfg.objective == "sft" else (1 - lam) * ce + lam * worst
+    loss = (1 - lam) * ce + lam * worst if cfg.objective == "sftgo" else ce  # sft, dft, weighted: the held-out CE
     if cfg.objective == "rho1":
         loss = group_loss[k - 1]
     return {"split": "eval", "loss": loss, "ce": ce, "worst": worst, "group_loss": group_loss, "loss_tokens": int(n_tok),
@@ -414,7 +414,8 @@ def one_step(r: Run, it) -> dict:
     r.step += 1
     dt = time.perf_counter() - t0
     rec = {"step": r.step, "split": "train", "loss": stats.loss, "ce": stats.ce, "worst": stats.worst,
-           "group_loss": group_loss.tolist(), "worst_group": worst_group, "worst_switches": r.switches,
+           "group_loss": group_loss.tolist(), "group_weight": stats.group_weight[: max(r.k, 1)].tolist(),
+           "worst_group": worst_group, "worst_switches": r.switches,
            "ties": stats.ties, "lam": lam, "lr": lr, "grad_norm": float(grad_norm), "tokens": stats.counts.tokens,
            "loss_tokens": int(stats.counts.loss_tokens), "tokens_per_s": stats.counts.tokens / dt,
            "step_time_s": dt, "epoch": r.batches.position[0], **r.cut}

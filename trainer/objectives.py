@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("sftgo", "sft", "rho1")
+OBJECTIVES = ("sftgo", "sft", "rho1", "dft", "weighted")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -179,6 +179,35 @@ def rho1_loss(token_loss, groups, *, num_groups=None, important_denom=None, ce_d
     important = groups == (k - 1)
     n = token_loss.new_tensor(float(important.sum())) if important_denom is None else torch.as_tensor(important_denom)
     parts.loss = (token_loss * important).sum() / n.to(token_loss.dtype).clamp(min=1)
+    return parts
+
+
+def dft_loss(token_loss, groups, *, num_groups=None, ce_denom=None, segments=None) -> LossParts:
+    """Dynamic Fine-Tuning (arXiv 2508.05629; TRL's loss_type="dft", axolotl's use_dft): each
+    supervised token's CE times its own probability exp(-CE), detached, over the supervised-token
+    count of the whole accumulated batch (`ce_denom`)."""
+    parts = sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
+    sup = token_loss[groups >= 0]
+    n = sup.new_tensor(float(sup.numel())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=sup.dtype)
+    parts.loss = (torch.exp(-sup).detach() * sup).sum() / n.clamp(min=1)
+    return parts
+
+
+def weighted_loss(token_loss, groups, weight: float, *, num_groups=None, ce_denom=None, important_denom=None,
+                  segments=None) -> LossParts:
+    """CE with a fixed weight on the important group (K-1) and 1 on the others, as a weighted token
+    mean: sum(w_t * CE_t) / sum(w_t), the sums over the whole accumulated batch (`ce_denom`
+    supervised tokens, `important_denom` of them important).  weight = 1 is plain SFT; the control
+    that separates SFT-GO's worst-group max from plain re-weighting."""
+    parts = sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
+    k = parts.group_sum.numel()
+    keep = groups >= 0
+    important = groups == (k - 1)
+    n = token_loss.new_tensor(float(keep.sum())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=token_loss.dtype)
+    n_imp = token_loss.new_tensor(float(important.sum())) if important_denom is None else \
+        torch.as_tensor(important_denom, dtype=token_loss.dtype)
+    w = torch.where(important, token_loss.new_tensor(float(weight)), token_loss.new_tensor(1.0)) * keep
+    parts.loss = (token_loss * w).sum() / (n + (weight - 1.0) * n_imp).clamp(min=1e-12)
     return parts
 
 

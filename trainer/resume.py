@@ -24,7 +24,7 @@ import json
 from sftgo.trainer.config import ConfigError, TrainConfig
 
 SHAPES_RUN = (
-    "model", "objective", "groups", "lam", "lam_schedule", "lam_end", "reduce", "temperature", "dro_step",
+    "model", "objective", "groups", "group_weight", "lam", "lam_schedule", "lam_end", "reduce", "temperature", "dro_step",
     "batch_tokens", "max_length", "pack", "grad_accum", "shuffle_buffer", "bucket_pool", "epochs", "lr",
     "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "clip_grad", "seed", "precision", "lora_r",
     "lora_alpha", "eval_batches", "fsdp",

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sftgo.trainer.batching import IGNORE
-from sftgo.trainer.objectives import LossParts, rho1_loss, sftgo_loss
+from sftgo.trainer.objectives import LossParts, dft_loss, rho1_loss, sftgo_loss, weighted_loss
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,15 @@ class Objective:
     """What to optimise (DESIGN.md section 1); λ is passed per step, as it may follow a schedule."""
 
     name: str = "sftgo"
-    """sftgo, sft or rho1."""
+    """sftgo, sft, rho1, dft or weighted."""
     num_groups: int = 2
     """K, at least 2 (a single group just leaves group 1 empty)."""
     reduce: str = "sample"
     """sample or batch: how the worst-group term reduces (sftgo)."""
     temperature: float = 0.0
     """> 0: smooth max at this temperature instead of the max (sftgo)."""
+    weight: float = 1.0
+    """The fixed weight on the important group (weighted)."""
 
 
 @dataclass
@@ -65,11 +67,18 @@ class StepStats:
     group_sum: torch.Tensor  # [K] float64, CPU
     group_count: torch.Tensor  # [K] float64, CPU
     counts: Counts
+    grad_sum: torch.Tensor  # [K] float64, CPU: sum over each group's tokens of d loss / d token CE
 
     @property
     def group_loss(self) -> torch.Tensor:
         """[K] mean loss per group over the step (NaN where a group had no token)."""
         return self.group_sum / self.group_count
+
+    @property
+    def group_weight(self) -> torch.Tensor:
+        """[K] the objective's mean weight on a token of each group, relative to plain SFT (whose weight
+        on every token is 1 / supervised tokens): how much more SFT-GO pushes on the important group."""
+        return self.grad_sum / self.group_count * self.counts.loss_tokens
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -107,6 +116,11 @@ def objective_parts(obj: Objective, token_loss, groups, segments, lam: float, co
     if obj.name == "rho1":
         return rho1_loss(token_loss, groups, num_groups=k, segments=segments, important_denom=n_grp[k - 1],
                          ce_denom=n_tok)
+    if obj.name == "dft":
+        return dft_loss(token_loss, groups, num_groups=k, segments=segments, ce_denom=n_tok)
+    if obj.name == "weighted":
+        return weighted_loss(token_loss, groups, obj.weight, num_groups=k, segments=segments, ce_denom=n_tok,
+                             important_denom=n_grp[k - 1])
     return sftgo_loss(token_loss, groups, 0.0, num_groups=k, segments=segments, ce_denom=n_tok)
 
 
@@ -121,7 +135,7 @@ def backward_step(net, micro, obj: Objective, lam: float, *, group_weights=None,
     device = micro[0].input_ids.device
     k = obj.num_groups
     counts = step_counts(micro, k, device)
-    acc = torch.zeros(4 + 2 * k, dtype=torch.float64)  # loss, ce, worst, ties, group sums, group counts
+    acc = torch.zeros(4 + 3 * k, dtype=torch.float64)  # loss, ce, worst, ties, group sums, counts, grad sums
     for i, mb in enumerate(micro):
         last = i == len(micro) - 1
         if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
@@ -130,12 +144,24 @@ def backward_step(net, micro, obj: Objective, lam: float, *, group_weights=None,
             with autocast():
                 token_loss = net(mb.input_ids, mb.position_ids, mb.targets)
             keep = mb.targets != IGNORE
-            parts = objective_parts(obj, token_loss.float(), mb.groups[keep], mb.segments[keep], lam, counts,
-                                    group_weights)
+            token_loss = token_loss.float()
+            groups = mb.groups[keep]
+            parts = objective_parts(obj, token_loss, groups, mb.segments[keep], lam, counts, group_weights)
+            acc[4 + 2 * k :] += token_weights(parts.loss, token_loss, groups, k)
             (parts.loss * grad_scale).backward()
         acc[:4] += torch.tensor([parts.loss.item(), float(parts.ce), float(parts.worst), parts.ties], dtype=torch.float64)
         acc[4 : 4 + k] += parts.group_sum.double().cpu()
-        acc[4 + k :] += parts.group_count.double().cpu()
+        acc[4 + k : 4 + 2 * k] += parts.group_count.double().cpu()
     acc = all_reduce(acc.to(device)).cpu()
     return StepStats(acc[0].item(), acc[1].item(), acc[2].item(), int(acc[3].item()), acc[4 : 4 + k],
-                     acc[4 + k :], counts)
+                     acc[4 + k : 4 + 2 * k], counts, acc[4 + 2 * k :])
+
+
+def token_weights(loss: torch.Tensor, token_loss: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """[K] sum over each group's tokens of d loss / d token CE: the weight the objective puts on each
+    token (O(tokens): autograd through the objective only, not the model)."""
+    if not token_loss.requires_grad or token_loss.numel() == 0:
+        return torch.zeros(k, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(loss, token_loss, retain_graph=True)
+    sup = groups >= 0
+    return torch.zeros(k, dtype=torch.float64).index_add_(0, groups[sup].long().cpu(), grad[sup].double().cpu())
