@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := out/demo
 
-.PHONY: install demo test bench bench-quality clean
+.PHONY: install demo test bench bench-quality compare-demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ bench: install
 # About 72 minutes on 2 CPU cores: sft vs sftgo (3 groupings + oracle) vs rho1, 3 seeds, eta and lambda sweeps, lr check.
 bench-quality: install
 	$(PY) experiments/bench_quality.py
+	$(MAKE) compare-demo
+
+# The comparison harness on the demo data: sft, sftgo, dft, rho1, weighted; 3 seeds, 2 learning rates (about 25 minutes).
+CMP := out/compare
+compare-demo: install
+	$(VENV)/bin/sftgo-prep build data/alpaca.jsonl data/chat.jsonl --out $(CMP)/train --quiet
+	$(PY) data/generate.py --out $(CMP)/heldout-src --records 80 --seed 1
+	$(VENV)/bin/sftgo-prep build $(CMP)/heldout-src/alpaca.jsonl $(CMP)/heldout-src/chat.jsonl --out $(CMP)/heldout --quiet
+	$(PY) experiments/compare.py --train $(CMP)/train --heldout $(CMP)/heldout --work $(CMP)/work \
+		--methods sft,sftgo,dft,rho1,weighted --seeds 0,1,2 --lrs 1e-4,3e-4 --steps 10 --batch-tokens 1024
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,74 @@
+"""experiments/compare.py and experiments/paired.py (issue 13.3): the paired bootstrap and its
+verdicts against known differences, and a small end-to-end comparison (real training runs of a
+tiny model) whose results are cached and whose report has the promised shape."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+
+import compare as harness  # noqa: E402
+from paired import bootstrap_ci, compare, paired_matrix, verdict  # noqa: E402
+
+
+def _results(shift: float, noise: float, seeds=5, items=200, seed=0):
+    rng = np.random.default_rng(seed)
+    base = {s: {f"i{i}": float(rng.random()) for i in range(items)} for s in range(seeds)}
+    other = {s: {k: v + shift + float(rng.normal(0, noise)) for k, v in base[s].items()} for s in range(seeds)}
+    return {"sft": base, "sftgo-tfidf": other}
+
+
+def test_paired_matrix_pairs_by_seed_and_item():
+    a = {0: {"x": 1.0, "y": 2.0}, 1: {"x": 3.0}}
+    b = {0: {"x": 0.5, "y": 1.0, "z": 9.0}, 1: {"x": 1.0, "y": 0.0}}
+    m = paired_matrix(a, b)
+    assert m.shape == (2, 1) and m.tolist() == [[0.5], [2.0]]  # only items every seed has
+
+
+@pytest.mark.parametrize("shift, expected", [(0.05, "better"), (-0.05, "worse"), (0.0, "equivalent")])
+def test_bootstrap_verdicts_on_known_differences(shift, expected):
+    table = compare(_results(shift, noise=0.01), margin=0.01)
+    row = table["sftgo-tfidf"]
+    lo, hi = row["diff_vs_sft"]["ci95"]
+    assert lo <= shift <= hi and row["verdict"] == expected
+    assert row["seeds"] == 5 and "diff_vs_sft" not in table["sft"]
+
+
+def test_inconclusive_when_noise_swamps_the_margin():
+    lo, hi = bootstrap_ci(paired_matrix(*[_results(0.0, noise=0.5, items=20)[k] for k in ("sftgo-tfidf", "sft")]))
+    assert verdict(lo, hi, 0.01) == "inconclusive"
+
+
+def test_method_names_and_order():
+    specs = harness.method_specs(["weighted", "sft", "sftgo", "dft"], "tfidf", [0.9, 0.5])
+    assert [s[0] for s in specs] == ["sft", "sftgo-tfidf", "sftgo-tfidf-lam0.5", "dft", "weighted"]
+
+
+@pytest.mark.slow
+def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_dir, tiny_model_dir):
+    argv = ["--train", str(shard_dir), "--heldout", str(eval_dir), "--work", str(tmp_path / "w"), "--model", tiny_model_dir,
+            "--methods", "sft,sftgo,weighted", "--seeds", "0,1", "--lrs", "1e-3,3e-3", "--steps", "2",
+            "--batch-tokens", "160"]
+    summary = harness.main(argv)
+    methods = summary["methods"]
+    assert set(methods) == {"sft", "sftgo-tfidf", "weighted"}
+    for name in ("sftgo-tfidf", "weighted"):
+        row = methods[name]
+        assert row["seeds"] == 2 and len(row["diff_vs_sft"]["ci95"]) == 2 and row["lr"] in (1e-3, 3e-3)
+        assert row["verdict"] in ("better", "worse", "equivalent", "inconclusive")
+    saved = json.loads((tmp_path / "w" / "compare.json").read_text())
+    assert saved["methods"] == json.loads(json.dumps(methods))
+    weighted = json.loads((tmp_path / "w" / "runs" / "weighted-s0-lr0.001" / "result.json").read_text())
+    sftgo_log = [json.loads(line) for line in (tmp_path / "w" / "runs" / "sftgo-tfidf-s0-lr0.001" / "metrics.jsonl").open()]
+    ratios = [r["group_weight"][1] / r["group_weight"][0] for r in sftgo_log if r["split"] == "train"]
+    assert weighted["group_weight"] == pytest.approx(np.mean(ratios))  # the control matches SFT-GO's average weight
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
+    assert len(stamps) == 12
+    harness.main(argv)  # everything cached: no run is trained again
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
