@@ -43,9 +43,18 @@ def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path, bat
     return {"per_rank_mb": [r[key] for r in ranks], "max_rank_mb": max(r[key] for r in ranks), "measure": key}
 
 
+def default_shards() -> str:
+    root = Path(__file__).resolve().parents[1]
+    out = root / "bench" / "_work" / "fsdp-shards"
+    if not (out / "manifest.json").exists():
+        subprocess.run([str(Path(sys.executable).parent / "sftgo-prep"), "build", str(root / "data" / "alpaca.jsonl"),
+                        str(root / "data" / "chat.jsonl"), "--out", str(out), "--quiet", "--overwrite"], check=True)
+    return str(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None, help="shard directory [default: built from data/*.jsonl into bench/_work]")
     ap.add_argument("--model", default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
@@ -54,6 +63,8 @@ def main() -> None:
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.data is None:
+        args.data = default_shards()
     runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):

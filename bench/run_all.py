@@ -6,6 +6,7 @@ bench/_work/logs/STAGE.log and the figures in bench/_work/results/STAGE.json):
   strategies  bench/bench_strategies.py  reference scoring vs the raw no-grad forward; semantic tokens/s
   train       bench/bench_train.py       sftgo vs sft step time; sftgo-train vs the HF Trainer tokens/s
   scale       bench/bench_scale.py       vs datasets.map(num_proc=2); 2 vs 1 workers; peak RSS at 1x / 10x
+  fsdp        bench/bench_fsdp.py        per-rank peak memory, 2-rank FSDP2 vs 2-rank DDP
   profile     py-spy (installed into bench/_work/tools from PyPI if missing) over one
               `sftgo-prep build --workers 1`, plus the build's own per-phase times at 1 and 2 workers
 Then writes bench/results.json and bench/RESULTS.md: one row per section 8 target (measured,
@@ -37,7 +38,7 @@ WORK = ROOT / "bench" / "_work"
 RESULTS = WORK / "results"
 LOGS = WORK / "logs"
 PY = ".venv/bin/python"  # how the reproduce commands are written (make install's venv)
-STAGES = ("prep", "strategies", "train", "scale", "profile")
+STAGES = ("prep", "strategies", "train", "scale", "fsdp", "profile")
 
 
 def sizes(quick: bool, repeats: int) -> dict:
@@ -47,6 +48,7 @@ def sizes(quick: bool, repeats: int) -> dict:
             "strategies": ["--records", "16", "--repeats", str(repeats), "--semantic-records", "8"],
             "train": ["--steps", "2", "--warmup", "1", "--repeats", str(repeats), "--paired-rounds", "3"],
             "scale": ["--records", "2000", "--repeats", str(repeats), "--train-steps", "2"],
+            "fsdp": ["--steps", "1", "--repeats", "1"],
             "profile_records": 2000,
         }
     return {
@@ -54,6 +56,7 @@ def sizes(quick: bool, repeats: int) -> dict:
         "strategies": ["--records", "48", "--repeats", str(repeats), "--semantic-records", "24"],
         "train": ["--batch-tokens", "512", "--steps", "3", "--warmup", "1", "--repeats", str(repeats), "--paired-rounds", "5"],
         "scale": ["--records", "10000", "--repeats", str(repeats), "--train-steps", "2"],
+        "fsdp": ["--steps", "3", "--repeats", str(repeats), "--batch-tokens", "256", "--grad-checkpointing"],
         "profile_records": 10000,
     }
 
@@ -284,6 +287,13 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
                     "measured": f"{s['tok_s']['build_w2_10x']:,.0f} tok/s", "baseline": f"{s['tok_s']['build_w1_10x']:,.0f} tok/s",
                     "ratio": s["w2_over_w1"], "op": ">=", "goal": 1.7, "command": cmd("bench_scale.py", "scale"),
                     "note": f"wall {s['wall_s_median']['build_w2_10x']:.1f} s vs {s['wall_s_median']['build_w1_10x']:.1f} s"})
+    if "fsdp" in res:
+        f = res["fsdp"]
+        out.append({"target": "FSDP2 with 2 ranks: per-rank peak memory vs DDP with 2 ranks (same model, data, steps)",
+                    "measured": f"{f['fsdp_peak_mb']:,.0f} MB", "baseline": f"{f['ddp_peak_mb']:,.0f} MB",
+                    "ratio": f["ratio"], "op": "<=", "goal": 0.6, "command": cmd("bench_fsdp.py", "fsdp"),
+                    "note": f"{f['measure']}, the larger rank, median of {len(f['runs']['ddp'])}; "
+                            f"--batch-tokens {f['batch_tokens']}{' with gradient checkpointing' if f['grad_checkpointing'] else ''}"})
     for r in out:
         r["met"] = r["ratio"] >= r["goal"] if r["op"] == ">=" else r["ratio"] <= r["goal"]
     return out
@@ -398,7 +408,8 @@ def main() -> None:
     partial = set(stages) != set(STAGES)
     if (args.report_only or partial) and prev.exists():
         timing = json.loads(prev.read_text())
-    scripts = {"prep": "bench_prep.py", "strategies": "bench_strategies.py", "train": "bench_train.py", "scale": "bench_scale.py"}
+    scripts = {"prep": "bench_prep.py", "strategies": "bench_strategies.py", "train": "bench_train.py", "scale": "bench_scale.py",
+               "fsdp": "bench_fsdp.py"}
     if not args.report_only:
         for st in stages:
             if st == "profile":
