@@ -96,17 +96,18 @@ def build_command():
 
 
 def _fail(exc: Exception) -> None:
-    from sftgo.core.shards import ShardError
     from sftgo.core.models import ModelNotFound
+    from sftgo.core.shards import LockedError, ShardError
+    from sftgo.core.text import safe_text
 
-    if isinstance(exc, (ConfigError, ShardError, ModelNotFound)):
+    if isinstance(exc, (ConfigError, ShardError, ModelNotFound, LockedError)):
         message = str(exc)
     elif isinstance(exc, KeyboardInterrupt):
         message = "Interrupted; the last checkpoint is intact (continue with --resume)."
     else:
         first = (str(exc).strip().splitlines() or [""])[0]
         message = f"Training failed with {type(exc).__name__}: {first} (rerun with --debug for the traceback)."
-    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Error: {safe_text(message)}", err=True)  # paths and names may come from the data
     sys.exit(1)
 
 

@@ -535,7 +535,9 @@ def run(cfg: TrainConfig) -> dict:
             for note in (notes + [launch_note(r)]) if r.main else ():
                 print(note, file=sys.stderr, flush=True)
             train(r)
-            return finish(r)
+            summary = finish(r)
+            barrier(r)  # leave together: a rank that tears down its process group early can abort the other's
+            return summary
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
