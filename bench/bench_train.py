@@ -1,10 +1,11 @@
 """Training benchmark: SFT-GO vs plain SFT step time in sftgo-train, and sftgo-train vs the
-Hugging Face `Trainer` tokens/s on the same model, data and batches.
+Hugging Face `Trainer` and TRL's `SFTTrainer` (padding-free) tokens/s on the same model, data and
+samples per step.
 
 Input: a shard directory (--data; by default `sftgo-prep build` is run on data/*.jsonl into
 bench/_work/train-shards), a model (--model, default the embedded SmolLM2-135M-Instruct).
 Output: a table on stdout and, with --json PATH, the raw step times and ratios.
-Cost: (warmup + steps) optimizer steps x 3 configurations x repeats, plus a model load and a
+Cost: (warmup + steps) optimizer steps x 4 configurations x repeats, plus a model load and a
 final checkpoint write per sftgo-train run (not timed).  About 5 minutes on 2 CPU cores with
 the defaults.
 
@@ -168,6 +169,54 @@ def run_hf(args, batches, work: Path) -> list[float]:
     return timer.times[args.warmup :]
 
 
+def run_trl(args, batches, work: Path) -> list[float]:
+    """TRL's SFTTrainer in its fastest documented setting that runs here: padding-free (each step's
+    samples flattened into one row, position ids restarting, no padding), fed the same samples per
+    step as the other configurations (completion-only loss through completion_mask).  The Liger
+    kernel needs a GPU (triton); on a CPU it is not used."""
+    import datasets
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sftgo.core.models import load_causal_lm, load_tokenizer
+
+    rows, per_step = [], []
+    for b in batches:  # the samples of each step, in order (labels are already shifted HF-style)
+        per_step.append(len(b["input_ids"]))
+        for ids, lab, mask in zip(b["input_ids"], b["labels"], b["attention_mask"]):
+            n = int(mask.sum())
+            rows.append({"input_ids": ids[:n].tolist(), "completion_mask": (lab[:n] != -100).int().tolist()})
+    ds = datasets.Dataset.from_list(rows)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    if len(set(per_step)) != 1:  # TRL takes a fixed number of samples per step: use the median, say so
+        print(f"trl: steps hold {min(per_step)}-{max(per_step)} samples; using {int(statistics.median(per_step))} per step",
+              flush=True)
+    model = load_causal_lm(args.model, dtype=torch.float32).train()
+    timer = Timer()
+    cfg = SFTConfig(output_dir=str(work / "trl"), max_steps=len(batches), per_device_train_batch_size=int(statistics.median(per_step)),
+                    learning_rate=1e-5, lr_scheduler_type="cosine", max_grad_norm=1.0, adam_beta2=0.95,
+                    logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, padding_free=True,
+                    max_length=None, completion_only_loss=True, dataloader_num_workers=0, shuffle_dataset=False,
+                    train_sampling_strategy="sequential",
+                    bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available())
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=load_tokenizer(args.model),
+                         callbacks=[timer])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.train()
+    shutil.rmtree(work / "trl", ignore_errors=True)
+    return timer.times[args.warmup :]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", help="shard directory (default: build one from data/*.jsonl)")
@@ -188,12 +237,13 @@ def main():
     batches = the_batches(args)
     tokens = statistics.mean(b["num_tokens"] for b in batches[args.warmup :])
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    per_run = {"sft": [], "sftgo": [], "hf_trainer": []}
+    per_run = {"sft": [], "sftgo": [], "hf_trainer": [], "trl_sft": []}
     raw = {k: [] for k in per_run}
     try:
         for r in range(args.repeats):
             for name in per_run:
-                times = run_hf(args, batches, work) if name == "hf_trainer" else run_ours(args, name, work)
+                runner = {"hf_trainer": run_hf, "trl_sft": run_trl}.get(name)
+                times = runner(args, batches, work) if runner else run_ours(args, name, work)
                 raw[name].append(times)
                 per_run[name].append(statistics.median(times))
                 print(f"repeat {r + 1}/{args.repeats} {name:<10} median step {per_run[name][-1]:.3f} s", flush=True)
@@ -214,6 +264,7 @@ def main():
         "repeats": args.repeats, "step_time_s": med, "tokens_per_s": tps, "per_run_median_s": per_run, "raw_s": raw,
         "sftgo_over_sft_step_time": med["sftgo"] / med["sft"], "target_sftgo_over_sft": 1.03,
         "ours_over_hf_tokens_per_s": tps["sft"] / tps["hf_trainer"], "target_ours_over_hf": 1.2,
+        "ours_over_trl_tokens_per_s": tps["sft"] / tps["trl_sft"],
         "paired_sftgo_over_sft": paired["median_ratio"], "paired_times_s": paired["times_s"],
         "fastest_step_s": fastest, "sftgo_over_sft_fastest": fastest["sftgo"] / fastest["sft"],
         "ours_over_hf_fastest": fastest["hf_trainer"] / fastest["sft"],
@@ -226,6 +277,7 @@ def main():
     print(f"sftgo / sft step time : {result['sftgo_over_sft_step_time']:.3f}  (target <= 1.03; "
           f"paired in one process: {result['paired_sftgo_over_sft']:.3f})")
     print(f"ours / HF tokens/s    : {result['ours_over_hf_tokens_per_s']:.3f}  (target >= 1.2; sft objective on both)")
+    print(f"ours / TRL tokens/s   : {result['ours_over_trl_tokens_per_s']:.3f}  (target >= 1.2; TRL SFTTrainer, padding-free)")
     print(f"fastest-step ratios   : sftgo/sft {result['sftgo_over_sft_fastest']:.3f}, ours/HF {result['ours_over_hf_fastest']:.3f}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (medians are unreliable if it exceeds the core count)")
     if args.json:
