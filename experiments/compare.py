@@ -156,7 +156,7 @@ def markdown(summary: dict) -> str:
         d = row.get("diff_vs_sft")
         diff = f"{d['mean']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "— | —"
         lines.append(f"| {name} | {row['lr']:g} | {row['seeds']} | {row['metric']:.4f} | {diff} | {row.get('verdict', 'baseline')} |")
-    lines.append(f"\nReproduce: `{summary['command']}`\n")
+    lines.append(f"\nReproduce: `python {summary['command']}`\n")
     return "\n".join(lines)
 
 

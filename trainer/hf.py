@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from transformers import Trainer
 
-from sftgo.core.shards import group_column, member_path, read_manifest, verify_shards
+from sftgo.core.shards import GROUP_PREFIX, group_column, member_path, read_manifest, verify_shards
 from sftgo.trainer.objectives import OBJECTIVES, SCHEDULES, lam_at
 from sftgo.trainer.step import Counts, Objective, objective_parts
 
@@ -136,8 +136,7 @@ class SFTGOTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         self._signature_columns = list(dict.fromkeys(self._signature_columns + ["loss_mask", "input_ids"] + [
-            c for c in (self.train_dataset.column_names if self.train_dataset is not None else [])
-            if c.startswith("group_")]))
+            c for c in (getattr(self.train_dataset, "column_names", None) or []) if c.startswith(GROUP_PREFIX)]))
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
