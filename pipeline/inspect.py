@@ -36,36 +36,6 @@ HTML_COLORS = {-1: "color:#8a8a8a", 0: "background:#dbeafe", 1: "background:#f59
 TOKEN_TEXT = "\n\t"  # the only non-printing characters a sample's token text keeps raw
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_manifest(path: Path, manifest: dict) -> dict:
-    """The manifest fields inspect reads, checked for type (a hand-edited manifest is untrusted)."""
-    shards, totals, tok = manifest.get("shards"), manifest.get("totals"), manifest.get("tokenizer")
-    strategies, rejected = manifest.get("strategies", {}), manifest.get("rejected", {})
-    params = manifest.get("params", {})
-    checks = {
-        "shards": isinstance(shards, list) and all(
-            isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("sha256"), str)
-            and _is_count(s.get("rows")) for s in shards),
-        "totals": isinstance(totals, dict) and all(
-            _is_count(totals.get(k)) for k in ("records_in", "records_written", "records_rejected", "tokens", "loss_tokens"))
-        and _is_count(totals.get("truncated", 0)),
-        "tokenizer": isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("fingerprint"), str),
-        "strategies": isinstance(strategies, dict) and all(
-            isinstance(v, dict) and _is_count(v.get("num_groups", 2)) and v.get("num_groups", 2) >= 2
-            for v in strategies.values()),
-        "rejected": isinstance(rejected, dict) and all(_is_count(n) for n in rejected.values()),
-        "params": isinstance(params, dict) and isinstance(params.get("strategies", []), list)
-        and all(isinstance(s, str) for s in params.get("strategies", [])),
-    }
-    for key, ok in checks.items():
-        if not ok:
-            raise ShardError(f"{path / MANIFEST} has a missing or malformed '{key}' entry: it was edited or damaged.")
-    return manifest
-
-
 def _group_style(table: dict, g: int, k: int):
     if k > 2 and g >= 0:  # K quantile groups: highest group brightest
         return table[1] if g == k - 1 else table[0]
@@ -195,7 +165,7 @@ def html_page(tok, rows: list[dict], shown: list[str], ks: dict, title: str) -> 
 def _verified(path: Path, strategy: str | None) -> tuple[dict, list[str], int]:
     """(manifest, strategies shown, rows): the manifest type-checked and every shard verified
     (checksum, schema of every strategy, row count) before a byte of it is shown."""
-    manifest = _check_manifest(path, read_manifest(path))
+    manifest = read_manifest(path)  # structure checked there (core.shards.check_manifest)
     have = strategy_order(manifest)
     shown = [s.strip() for s in strategy.split(",")] if strategy else have[:1]
     for s in shown:

@@ -147,3 +147,25 @@ def test_worker_failure_is_one_sentence_and_busy_dashboard_port_is_silent(built,
         assert manifest == json.loads((out / "manifest.json").read_text())
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("damage, key", [
+    (lambda m: m.pop("totals"), "totals"),
+    (lambda m: m.__setitem__("shards", {"path": "shard-00000.parquet"}), "shards"),
+    (lambda m: m["shards"][0].__setitem__("rows", "150"), "shards"),
+    (lambda m: m["tokenizer"].pop("fingerprint"), "tokenizer"),
+    (lambda m: m.__setitem__("strategies", ["tfidf"]), "strategies"),
+])
+def test_a_damaged_manifest_is_one_sentence_for_every_command(built, tmp_path, damage, key):
+    out = tmp_path / "shards"
+    shutil.copytree(built, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    damage(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    expected = f"has a missing or malformed '{key}' entry: it was edited or damaged."
+    for command in (["sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--quiet"],
+                    ["sftgo-prep", "inspect", out, "--no-color"],
+                    ["sftgo-train", "--data", out, "--out", tmp_path / "run", "--max-steps", "1", "--no-progress"]):
+        proc = cli(*command, check=False)
+        assert proc.returncode == 1, (command, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and expected in proc.stderr, (command, proc.stderr)

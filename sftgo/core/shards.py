@@ -85,6 +85,37 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ShardError(f"{path} has format version {found!r}; this sftgo reads version {FORMAT_VERSION}.")
+    return check_manifest(out_dir, manifest)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_manifest(path: Path, manifest: dict) -> dict:
+    """The manifest fields sftgo reads, checked for type: a hand-edited or damaged manifest is untrusted
+    input, refused in one sentence instead of failing later with a KeyError."""
+    shards, totals, tok = manifest.get("shards"), manifest.get("totals"), manifest.get("tokenizer")
+    strategies, rejected = manifest.get("strategies", {}), manifest.get("rejected", {})
+    params = manifest.get("params", {})
+    checks = {
+        "shards": isinstance(shards, list) and all(
+            isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("sha256"), str)
+            and _is_count(s.get("rows")) for s in shards),
+        "totals": isinstance(totals, dict) and all(
+            _is_count(totals.get(k)) for k in ("records_in", "records_written", "records_rejected", "tokens", "loss_tokens"))
+        and _is_count(totals.get("truncated", 0)),
+        "tokenizer": isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("fingerprint"), str),
+        "strategies": isinstance(strategies, dict) and all(
+            isinstance(v, dict) and _is_count(v.get("num_groups", 2)) and v.get("num_groups", 2) >= 2
+            for v in strategies.values()),
+        "rejected": isinstance(rejected, dict) and all(_is_count(n) for n in rejected.values()),
+        "params": isinstance(params, dict) and isinstance(params.get("strategies", []), list)
+        and all(isinstance(s, str) for s in params.get("strategies", [])),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ShardError(f"{path / MANIFEST} has a missing or malformed '{key}' entry: it was edited or damaged.")
     return manifest
 
 
