@@ -32,7 +32,7 @@ from sftgo.core.shards import (
 )
 from sftgo.grouping import registry
 from sftgo.pipeline import executor, readers
-from sftgo.pipeline.config import BuildConfig
+from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
 from sftgo.pipeline.prepare import prepare_partition, stage_path, warm_up
 
@@ -119,6 +119,8 @@ def run(cfg: BuildConfig) -> dict:
     tok_location = models.tokenizer_dir(cfg.tokenizer)  # converts a GGUF tokenizer once (cached)
     parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
     _warn_repeated_inputs(cfg)
+    for note in ignored_settings(cfg, cfg.strategies):
+        print(f"Note: {note}", file=sys.stderr)
     clock.lap("plan")
     with executor.client(cfg.workers, cfg.scheduler) as c:
         # Workers load the tokenizer while the driver does the same: start-up cost paid once, in

@@ -120,6 +120,32 @@ class BuildConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
+# settings that only one strategy reads: (field, the strategy that uses it)
+STRATEGY_SETTINGS = (
+    ("reference_model", "reference"), ("reference_mode", "reference"), ("base_model", "reference"),
+    ("score_batch_tokens", "reference"), ("compressor_model", "semantic"), ("semantic_encoder", "semantic"),
+    ("tfidf_unit", "tfidf"), ("tfidf_token_pattern", "tfidf"),
+)
+
+
+def ignored_settings(cfg: BuildConfig, strategies: list[str]) -> list[str]:
+    """One note per setting given (different from its default) that nothing in this run reads."""
+    defaults = BuildConfig()
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    notes = [f"{flag(name)} is ignored: it applies to the {used} strategy, which this run does not score."
+             for name, used in STRATEGY_SETTINGS if name in changed and used not in strategies]
+    if "base_model" in changed and "reference" in strategies and cfg.reference_mode != "excess":
+        notes.append("--base-model is ignored: it is read only with --reference-mode excess.")
+    if "semantic_encoder" in changed and "semantic" in strategies and cfg.compressor_model:
+        notes.append("--semantic-encoder is ignored: --compressor-model replaces the embedding-occlusion default.")
+    if "tfidf_token_pattern" in changed and "tfidf" in strategies and cfg.tfidf_unit == "token":
+        notes.append("--tfidf-token-pattern is ignored: with --tfidf-unit token the terms are token ids.")
+    if "eta" in changed and cfg.num_groups > 2:
+        notes.append(f"--eta is ignored: --num-groups {cfg.num_groups} makes equal quantiles (eta sets group 1 of two).")
+    return notes
+
+
 def check_strategies(names: list[str]) -> None:
     known = registry.names()
     unknown = [s for s in names if s not in known]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from sftgo.core.shards import (
 from sftgo.grouping import registry
 from sftgo.pipeline import executor
 from sftgo.pipeline.build import BuildError
-from sftgo.pipeline.config import BuildConfig, check_strategies
+from sftgo.pipeline.config import BuildConfig, check_strategies, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
 from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, write_stage
 
@@ -122,6 +123,8 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
         if clash and not overwrite:
             raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")
         cfg = scoring_config(manifest, options, directory, workers, scheduler, progress)
+        for note in ignored_settings(BuildConfig(**options), new):  # what was given here, for these strategies
+            print(f"Note: {note}", file=sys.stderr)
         cfg.strategies = have + [s for s in new if s not in have]
         key = {"new": new, "params": cfg.params(), "manifest_shards": manifest["shards"]}
         marker = scoring / "score.json"  # what an unfinished run was computing; anything else is stale

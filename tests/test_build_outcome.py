@@ -10,7 +10,19 @@ import socket
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli, write_jsonl
+def _shared():
+    """tests/conftest.py's helpers (cli, write_jsonl) by path: `from conftest import` would find whichever
+    conftest.py pytest put first on sys.path (tests/trainer has one too)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sftgo_tests_shared", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli, write_jsonl = _shared().cli, _shared().write_jsonl
 
 
 def _qa_csv(path, n=20):
@@ -169,3 +181,16 @@ def test_a_damaged_manifest_is_one_sentence_for_every_command(built, tmp_path, d
         proc = cli(*command, check=False)
         assert proc.returncode == 1, (command, proc.stderr)
         assert proc.stderr.count("\n") == 1 and expected in proc.stderr, (command, proc.stderr)
+
+
+def test_settings_nothing_reads_are_said_not_ignored(tmp_path):
+    proc = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "o", "--quiet", "--reference-model", "x",
+               "--tfidf-unit", "token", "--tfidf-token-pattern", "(?u)\\b\\w+\\b", "--num-groups", "3", "--eta", "0.2")
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("Note: ")]
+    assert notes == [
+        "Note: --reference-model is ignored: it applies to the reference strategy, which this run does not score.",
+        "Note: --tfidf-token-pattern is ignored: with --tfidf-unit token the terms are token ids.",
+        "Note: --eta is ignored: --num-groups 3 makes equal quantiles (eta sets group 1 of two).",
+    ]
+    quiet = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "p", "--quiet")
+    assert "Note:" not in quiet.stderr

@@ -165,6 +165,31 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+# settings read only under one objective
+OBJECTIVE_SETTINGS = (("lam", "sftgo"), ("lam_schedule", "sftgo"), ("lam_end", "sftgo"), ("reduce", "sftgo"),
+                      ("temperature", "sftgo"), ("dro_step", "sftgo"), ("group_weight", "weighted"))
+
+
+def ignored_settings(cfg: TrainConfig) -> list[str]:
+    """One note per setting given (different from its default) that this run does not read."""
+    defaults = TrainConfig()
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    notes = [f"{flag(name)} is ignored: only --objective {used} reads it, not {cfg.objective}."
+             for name, used in OBJECTIVE_SETTINGS if name in changed and cfg.objective != used]
+    rules = (
+        ("lam_end", cfg.objective == "sftgo" and cfg.lam_schedule == "constant", "the λ schedule is constant"),
+        ("temperature", cfg.objective == "sftgo" and cfg.dro_step > 0, "--dro-step replaces the max"),
+        ("reduce", cfg.objective == "sftgo" and cfg.dro_step > 0, "--dro-step replaces the max"),
+        ("lora_alpha", cfg.lora_r == 0, "there is no LoRA without --lora-r"),
+        ("eval_every", not cfg.eval_data, "there is no --eval-data"),
+        ("eval_batches", not cfg.eval_data, "there is no --eval-data"),
+        ("bucket_pool", cfg.pack, "--pack fills rows first-fit instead of bucketing"),
+        ("epochs", cfg.max_steps > 0, "--max-steps sets the length of training"),
+    )
+    notes += [f"{flag(name)} is ignored: {why}." for name, applies, why in rules if name in changed and applies]
+    return notes
+
 
 def read_config_file(path: str) -> dict:
     """Values from a JSON or TOML file (keys are TrainConfig field names; dashes allowed)."""

@@ -30,7 +30,7 @@ from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclus
 from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer import fsdp, resume
 from sftgo.trainer.batching import IGNORE, Batches
-from sftgo.trainer.config import ConfigError, TrainConfig
+from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.data import ShardStream
 from sftgo.trainer.metrics import (
     MetricsLog, check_trackers, plot_curves, read_jsonl, summary_table, tensorboard_enabled,
@@ -532,7 +532,7 @@ def run(cfg: TrainConfig) -> dict:
 
             hf_logging.disable_progress_bar()  # our own bar is the one to watch
             r, _, notes = set_up(cfg, rank, world, device)
-            for note in (notes + [launch_note(r)]) if r.main else ():
+            for note in (notes + [f"Note: {n}" for n in ignored_settings(cfg)] + [launch_note(r)]) if r.main else ():
                 print(note, file=sys.stderr, flush=True)
             train(r)
             summary = finish(r)

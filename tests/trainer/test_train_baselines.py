@@ -101,3 +101,12 @@ def test_baselines_train_through_sftgo_train(tmp_path, shard_dir, tiny_model_dir
             assert w1 / w0 == pytest.approx(2.5, rel=1e-6)
         else:  # DFT weighs each token by its probability: below plain SFT's 1 everywhere
             assert 0 < w0 < 1 and 0 < w1 < 1
+
+
+def test_settings_the_objective_does_not_read_are_said(tmp_path, shard_dir, tiny_model_dir, capsys):
+    run(TrainConfig(data=str(shard_dir), out=str(tmp_path / "r"), model=tiny_model_dir, max_steps=1, batch_tokens=160,
+                    progress=False, tensorboard=False, objective="sft", lam=0.5, group_weight=2.0, lora_alpha=8.0))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Note: ")]
+    assert notes == ["Note: --lam is ignored: only --objective sftgo reads it, not sft.",
+                     "Note: --group-weight is ignored: only --objective weighted reads it, not sft.",
+                     "Note: --lora-alpha is ignored: there is no LoRA without --lora-r."]
