@@ -82,6 +82,40 @@ def _smooth_max(values, valid, temperature):
     return temperature * (torch.logsumexp(scaled, dim=-1) - torch.log(n))
 
 
+def _worst_of_batch(loss, grp, num_groups, counts, valid, temperature, group_weights):
+    """reduce="batch": the max (or smooth max, or Group-DRO weighted sum) of the batch-level group means."""
+    g_sum = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, loss)
+    g_mean = g_sum / counts.clamp(min=1)
+    if group_weights is not None:
+        return (group_weights.to(loss.dtype) * g_mean).sum()
+    if temperature:
+        return _smooth_max(g_mean, valid, temperature)
+    return g_mean.masked_fill(~valid, float("-inf")).max()
+
+
+def _worst_per_sample(loss, grp, seg, num_groups, temperature, worst_denom):
+    """reduce="sample": per sample the max (or smooth max) over its non-empty groups' mean losses,
+    summed and divided by the samples of the whole step; also the count of exact ties."""
+    n_smp = int(seg.max()) + 1
+    flat = seg * num_groups + grp
+    s_sum = torch.zeros(n_smp * num_groups, dtype=loss.dtype, device=loss.device).index_add(0, flat, loss)
+    s_cnt = torch.bincount(flat, minlength=n_smp * num_groups).to(loss.dtype)
+    s_sum, s_cnt = s_sum.view(n_smp, num_groups), s_cnt.view(n_smp, num_groups)
+    valid = s_cnt > 0
+    s_mean = s_sum / s_cnt.clamp(min=1)
+    ties = 0
+    if temperature:
+        per_sample = _smooth_max(s_mean, valid, temperature)
+    else:
+        masked = s_mean.masked_fill(~valid, float("-inf"))
+        per_sample = masked.max(dim=-1).values  # plain max: gradient flows through the argmax group
+        if num_groups > 1:
+            top2 = masked.detach().topk(2, dim=-1).values
+            ties = int(((top2[:, 0] == top2[:, 1]) & torch.isfinite(top2[:, 1])).sum())
+    denom = loss.new_tensor(float(n_smp)) if worst_denom is None else torch.as_tensor(worst_denom, dtype=loss.dtype)
+    return per_sample.sum() / denom.clamp(min=1), ties
+
+
 def sftgo_loss(
     token_loss: torch.Tensor,
     groups: torch.Tensor,
@@ -128,33 +162,9 @@ def sftgo_loss(
         worst = zero
     elif group_weights is not None or reduce == "batch":
         counts = group_count if group_denom is None else torch.as_tensor(group_denom, dtype=loss.dtype)
-        g_sum = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, loss)
-        g_mean = g_sum / counts.clamp(min=1)
-        valid = group_count > 0
-        if group_weights is not None:
-            worst = (group_weights.to(loss.dtype) * g_mean).sum()
-        elif temperature:
-            worst = _smooth_max(g_mean, valid, temperature)
-        else:
-            worst = g_mean.masked_fill(~valid, float("-inf")).max()
+        worst = _worst_of_batch(loss, grp, num_groups, counts, group_count > 0, temperature, group_weights)
     else:
-        n_smp = int(seg.max()) + 1
-        flat = seg * num_groups + grp
-        s_sum = torch.zeros(n_smp * num_groups, dtype=loss.dtype, device=loss.device).index_add(0, flat, loss)
-        s_cnt = torch.bincount(flat, minlength=n_smp * num_groups).to(loss.dtype)
-        s_sum, s_cnt = s_sum.view(n_smp, num_groups), s_cnt.view(n_smp, num_groups)
-        valid = s_cnt > 0
-        s_mean = s_sum / s_cnt.clamp(min=1)
-        if temperature:
-            per_sample = _smooth_max(s_mean, valid, temperature)
-        else:
-            masked = s_mean.masked_fill(~valid, float("-inf"))
-            per_sample = masked.max(dim=-1).values  # plain max: gradient flows through the argmax group
-            if num_groups > 1:
-                top2 = masked.detach().topk(2, dim=-1).values
-                ties = int(((top2[:, 0] == top2[:, 1]) & torch.isfinite(top2[:, 1])).sum())
-        denom = loss.new_tensor(float(n_smp)) if worst_denom is None else torch.as_tensor(worst_denom, dtype=loss.dtype)
-        worst = per_sample.sum() / denom.clamp(min=1)
+        worst, ties = _worst_per_sample(loss, grp, seg, num_groups, temperature, worst_denom)
 
     if lam == 0:
         total = ce + zero  # exactly plain SFT, even when the worst term is undefined
