@@ -49,6 +49,17 @@ def test_method_names_and_order():
     assert [s[0] for s in specs] == ["sft", "sftgo-tfidf", "sftgo-tfidf-lam0.5", "dft", "weighted"]
 
 
+def test_answers_file_and_premise_rule(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"id": "x", "answer": "42"}\n\n{"id": 7, "meta": {"answer": "Toisto"}}\n')
+    assert harness.read_answers(str(path)) == {"x": "42", "7": "Toisto"}
+    runs = [{"name": "sft", "lr": 1e-3, "group_loss": {"tfidf": [[2.0, 2], [9.0, 3]]}},
+            {"name": "sft", "lr": 1e-3, "group_loss": {"tfidf": [[4.0, 2], [3.0, 3]]}},
+            {"name": "sft", "lr": 3e-3, "group_loss": {"tfidf": [[100.0, 1], [0.0, 1]]}}]
+    table = harness.premise(runs, {"sft": 1e-3})
+    assert table == {"tfidf": {"group_loss": [1.5, 2.0], "holds": True}}
+
+
 @pytest.mark.slow
 def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_dir, tiny_model_dir):
     argv = ["--train", str(shard_dir), "--heldout", str(eval_dir), "--work", str(tmp_path / "w"), "--model", tiny_model_dir,
@@ -63,6 +74,12 @@ def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_
         assert row["verdict"] in ("better", "worse", "equivalent", "inconclusive")
     saved = json.loads((tmp_path / "w" / "compare.json").read_text())
     assert saved["methods"] == json.loads(json.dumps(methods))
+    # the premise table: under sft, each grouping's held-out loss per group (its arithmetic checked below)
+    assert set(saved["premise"]) == {"tfidf"} and len(saved["premise"]["tfidf"]["group_loss"]) == 2
+    sft = [json.loads(p.read_text()) for p in (tmp_path / "w" / "runs").glob(f"sft-s*-lr{methods['sft']['lr']:g}/result.json")]
+    g1 = sum(r["group_loss"]["tfidf"][1][0] for r in sft) / sum(r["group_loss"]["tfidf"][1][1] for r in sft)
+    assert saved["premise"]["tfidf"]["group_loss"][1] == pytest.approx(g1)
+    assert "Premise" in (tmp_path / "w" / "compare.md").read_text()
     weighted = json.loads((tmp_path / "w" / "runs" / "weighted-s0-lr0.001" / "result.json").read_text())
     sftgo_log = [json.loads(line) for line in (tmp_path / "w" / "runs" / "sftgo-tfidf-s0-lr0.001" / "metrics.jsonl").open()]
     ratios = [r["group_weight"][1] / r["group_weight"][0] for r in sftgo_log if r["split"] == "train"]
