@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
 import compare as harness  # noqa: E402
-from paired import bootstrap_ci, compare, paired_matrix, verdict  # noqa: E402
+from paired import bootstrap_ci, compare, paired_diffs, verdict  # noqa: E402
 
 
 def _results(shift: float, noise: float, seeds=5, items=200, seed=0):
@@ -23,11 +23,11 @@ def _results(shift: float, noise: float, seeds=5, items=200, seed=0):
     return {"sft": base, "sftgo-tfidf": other}
 
 
-def test_paired_matrix_pairs_by_seed_and_item():
-    a = {0: {"x": 1.0, "y": 2.0}, 1: {"x": 3.0}}
-    b = {0: {"x": 0.5, "y": 1.0, "z": 9.0}, 1: {"x": 1.0, "y": 0.0}}
-    m = paired_matrix(a, b)
-    assert m.shape == (2, 1) and m.tolist() == [[0.5], [2.0]]  # only items every seed has
+def test_pairs_by_seed_and_item_within_each_seed():
+    a = {0: {"x": 1.0, "y": 2.0}, 1: {"u": 3.0}, 2: {"q": 1.0}}
+    b = {0: {"x": 0.5, "y": 1.0, "z": 9.0}, 1: {"u": 1.0, "v": 0.0}}
+    d = paired_diffs(a, b)  # seeds 0 and 1 (2 has no baseline); each seed its own items
+    assert [x.tolist() for x in d] == [[0.5, 1.0], [2.0]]
 
 
 @pytest.mark.parametrize("shift, expected", [(0.05, "better"), (-0.05, "worse"), (0.0, "equivalent")])
@@ -40,7 +40,7 @@ def test_bootstrap_verdicts_on_known_differences(shift, expected):
 
 
 def test_inconclusive_when_noise_swamps_the_margin():
-    lo, hi = bootstrap_ci(paired_matrix(*[_results(0.0, noise=0.5, items=20)[k] for k in ("sftgo-tfidf", "sft")]))
+    lo, hi = bootstrap_ci(paired_diffs(*[_results(0.0, noise=0.5, items=20)[k] for k in ("sftgo-tfidf", "sft")]))
     assert verdict(lo, hi, 0.01) == "inconclusive"
 
 
@@ -89,3 +89,12 @@ def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_
     assert len(stamps) == 12
     harness.main(argv)  # everything cached: no run is trained again
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
+
+
+def test_seeds_with_their_own_worlds_still_pair_within_each_seed():
+    rng = np.random.default_rng(1)
+    base = {s: {f"w{s}-i{i}": float(rng.random()) for i in range(100)} for s in range(5)}  # new items per seed
+    other = {s: {k: v + 0.05 for k, v in items.items()} for s, items in base.items()}
+    row = compare({"sft": base, "dft": other}, margin=0.01)["dft"]
+    assert row["diff_vs_sft"]["mean"] == pytest.approx(0.05) and row["diff_vs_sft"]["items"] == 500
+    assert row["verdict"] == "better"
