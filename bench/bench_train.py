@@ -132,15 +132,9 @@ def the_batches(args) -> list[dict]:
     return out
 
 
-def run_hf(args, batches, work: Path) -> list[float]:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from sftgo.core.models import load_causal_lm
-
-    class Batches(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            for b in batches:
-                yield {k: v for k, v in b.items() if k != "num_tokens"}
+def step_timer():
+    """A Trainer callback that records each optimizer step's wall time (HF Trainer and TRL alike)."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -152,9 +146,22 @@ def run_hf(args, batches, work: Path) -> list[float]:
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.t0)
 
+    return Timer()
+
+
+def run_hf(args, batches, work: Path) -> list[float]:
+    from transformers import Trainer, TrainingArguments
+
+    from sftgo.core.models import load_causal_lm
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for b in batches:
+                yield {k: v for k, v in b.items() if k != "num_tokens"}
+
     model = load_causal_lm(args.model, dtype=torch.float32).train()
     model.config.use_cache = False
-    timer = Timer()
+    timer = step_timer()
     targs = TrainingArguments(
         output_dir=str(work / "hf"), max_steps=len(batches), per_device_train_batch_size=1, learning_rate=1e-5,
         lr_scheduler_type="cosine", max_grad_norm=1.0, adam_beta2=0.95, logging_strategy="no", save_strategy="no",
@@ -175,7 +182,6 @@ def run_trl(args, batches, work: Path) -> list[float]:
     step as the other configurations (completion-only loss through completion_mask).  The Liger
     kernel needs a GPU (triton); on a CPU it is not used."""
     import datasets
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from sftgo.core.models import load_causal_lm, load_tokenizer
@@ -188,21 +194,11 @@ def run_trl(args, batches, work: Path) -> list[float]:
             rows.append({"input_ids": ids[:n].tolist(), "completion_mask": (lab[:n] != -100).int().tolist()})
     ds = datasets.Dataset.from_list(rows)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], None
-
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
-
     if len(set(per_step)) != 1:  # TRL takes a fixed number of samples per step: use the median, say so
         print(f"trl: steps hold {min(per_step)}-{max(per_step)} samples; using {int(statistics.median(per_step))} per step",
               flush=True)
     model = load_causal_lm(args.model, dtype=torch.float32).train()
-    timer = Timer()
+    timer = step_timer()
     cfg = SFTConfig(output_dir=str(work / "trl"), max_steps=len(batches), per_device_train_batch_size=int(statistics.median(per_step)),
                     learning_rate=1e-5, lr_scheduler_type="cosine", max_grad_norm=1.0, adam_beta2=0.95,
                     logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, padding_free=True,
