@@ -83,3 +83,9 @@ def fitted(strategy) -> bool:
 
 def artifact_files(strategy) -> tuple[str, ...]:
     return tuple(getattr(strategy, "artifacts", ()))
+
+
+def artifacts_of(strategies) -> list[str]:
+    """The artifact files of the named (known) strategies, sorted: what a build writes beside its shards."""
+    known = names()
+    return sorted({f for name in strategies if name in known for f in artifact_files(get(name))})

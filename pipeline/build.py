@@ -57,8 +57,7 @@ def _clear(out: Path) -> None:
     """Remove what a build writes (and nothing else)."""
     for p in out.glob("shard-*.parquet"):
         p.unlink()
-    artifacts = {f for name in registry.names() for f in registry.artifact_files(registry.get(name))}
-    for name in (MANIFEST, *sorted(artifacts)):
+    for name in (MANIFEST, *registry.artifacts_of(registry.names())):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / STAGING, ignore_errors=True)
 
@@ -205,9 +204,9 @@ def _check_outcome(cfg: BuildConfig, stats: list[dict], staging: Path, parts: li
     hits: Counter = Counter()
     for s in stats:
         rejected.update(s["rejected"])
-        hits.update(s.get("field_map_hits", {}))
+        hits.update(s["field_map_hits"])
     unused = [k for k in cfg.field_map if records_in and not hits.get(k)]
-    if unused and "field_map_hits" in (stats[0] if stats else {}):
+    if unused:
         k = unused[0]
         raise BuildError(f"--field-map {k}={safe_text(cfg.field_map[k])}: no record has a field "
                          f"{safe_text(cfg.field_map[k])!r}; check the field names of your data.")

@@ -26,17 +26,13 @@ from sftgo.core.shards import (
 from sftgo.grouping import registry
 from sftgo.grouping.assign import assign_by_thresholds, assign_groups, corpus_thresholds
 from sftgo.pipeline import executor
-from sftgo.pipeline.prepare import stage_path
+from sftgo.pipeline.prepare import stage_path, stats_suffix
 
 SHARD_COMPRESSION = "zstd"
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
-
-
-def stats_suffix(strategy: str) -> str:
-    return f"stats-{strategy}.parquet"
 
 
 # ---------------------------------------------------------------- fit (driver side orchestration)

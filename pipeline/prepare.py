@@ -148,6 +148,11 @@ def staged_table(cols: dict, staged: dict[str, pa.Array]) -> pa.Table:
     return pa.table(data)
 
 
+def stats_suffix(strategy: str) -> str:
+    """The staged file of a fitted strategy's per-partition statistics (read back by finalize.fit_strategy)."""
+    return f"stats-{strategy}.parquet"
+
+
 def stage_columns(strategies: list, cols: dict, cfg, tokenizer: str) -> dict[str, pa.Array]:
     """Pass 1 of every strategy on one partition held in memory."""
     staged: dict[str, pa.Array] = {}
@@ -162,7 +167,7 @@ def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], 
     for strategy in strategies:
         if registry.fitted(strategy):
             stats = strategy.partition_stats(table)
-            atomic_write(stage_path(staging, index, f"stats-{strategy.name}.parquet"), lambda p: pq.write_table(stats, p))
+            atomic_write(stage_path(staging, index, stats_suffix(strategy.name)), lambda p: pq.write_table(stats, p))
     lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
     atomic_write_text(stage_path(staging, index, "rejects.jsonl"), lines)
     atomic_write_text(stage_path(staging, index, "json"), json.dumps(counts, sort_keys=True))

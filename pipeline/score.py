@@ -6,7 +6,8 @@ Output: every shard rewritten with importance_<S> / group_<S> added (other colum
 are), the strategy's artifacts, and manifest.json updated.
 Flow: per shard on the cluster, decode the tokens back to text (re-encoding must give the same
 ids, else the shard is refused) and stage the strategy's columns (pass A), then the same fit +
-score + group + write as a build (pipeline/finalize.py), into DIR/.scoring (pass B).  Commit: the new manifest is written to .scoring first, then the shards and
+score + group + write as a build (pipeline/finalize.py), into DIR/.scoring (pass B).
+Commit: the new manifest is written to .scoring first, then the shards and
 artifacts are renamed into place and the manifest last, so a killed `score` resumes (or
 finishes its commit) when run again, and readers never see a half-written file.
 Cost: one read and one write of every shard plus the strategy's own scoring work.
@@ -87,10 +88,7 @@ def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: 
 def _commit(out: Path, scoring: Path) -> dict:
     """Move the rewritten shards and artifacts into place, then the manifest (last)."""
     manifest = json.loads((scoring / MANIFEST).read_text())
-    names = [s["path"] for s in manifest["shards"]]
-    names += sorted({f for name in manifest["strategies"] if name in registry.names()
-                     for f in registry.artifact_files(registry.get(name))})
-    for name in names:
+    for name in [s["path"] for s in manifest["shards"]] + registry.artifacts_of(manifest["strategies"]):
         if (scoring / name).exists():
             os.replace(member_path(scoring, name), member_path(out, name))
     write_manifest(out, manifest)

@@ -112,35 +112,33 @@ def load_state(path: Path, rank: int, optimizer, scheduler) -> dict:
     return read_state(path)
 
 
+def _replace_dir(out, name: str, model, tokenizer) -> Path:
+    """RUN_DIR/name <- save_pretrained(model, tokenizer), written aside and renamed into place (the
+    previous one, if any, is kept until the new one is complete)."""
+    final, tmp, old = Path(out) / name, Path(out) / f".tmp-{name}", Path(out) / f".old-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tokenizer, tmp)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def save_adapter(out, model, tokenizer) -> Path:
     """RUN_DIR/adapter: the peft adapter alone (adapter_config.json + adapter_model.safetensors),
     which PeftModel.from_pretrained(base, dir) loads; replaced atomically."""
-    final = Path(out) / "adapter"
-    tmp = Path(out) / ".tmp-adapter"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tokenizer, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    return final
+    return _replace_dir(out, "adapter", model, tokenizer)
 
 
 def save_final(out, model, tokenizer, dtype: torch.dtype | None = None, use_cache: bool | None = None) -> Path:
     """RUN_DIR/model: the final weights (LoRA merged into the base), replaced atomically, in
     `dtype` (the one the model was loaded in; training runs in fp32) and with the model's own
     `use_cache` (training turns it off).  Training is over: the model is cast in place."""
-    final = Path(out) / "model"
-    tmp = Path(out) / ".tmp-model"
-    shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "merge_and_unload"):  # peft: ship a plain model; training is over
         model = model.merge_and_unload()
     if dtype is not None:
         model = model.to(dtype)
     if use_cache is not None:
         model.config.use_cache = use_cache
-    save_pretrained(model, tokenizer, tmp)
-    old = Path(out) / ".old-model"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return _replace_dir(out, "model", model, tokenizer)

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from sftgo.core.shards import GROUP_PREFIX, group_column, member_path, read_manifest, verify_shards
+from sftgo.trainer.batching import IGNORE
 from sftgo.trainer.objectives import OBJECTIVES, SCHEDULES, lam_at
-from sftgo.trainer.step import Counts, Objective, objective_parts
+from sftgo.trainer.step import Counts, Objective, denominators, objective_parts
 
-IGNORE = -100
 EXTRA = ("sftgo_groups", "sftgo_segments")
 
 
@@ -101,12 +101,9 @@ def shifted(inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def count_batches(batches: list[dict], k: int) -> torch.Tensor:
     """[supervised tokens, supervised samples, tokens per group (K), real tokens] of micro-batches."""
     c = torch.zeros(k + 3, dtype=torch.float64)
-    for n, b in enumerate(batches):
+    for b in batches:
         _, grp, seg = shifted(b)
-        sup = grp >= 0
-        c[0] += int(sup.sum())
-        c[1] += torch.unique(seg[sup] + n * (1 << 32)).numel()
-        c[2 : 2 + k] += torch.bincount(grp[sup].flatten().cpu(), minlength=k)[:k].double()
+        c[: 2 + k] += denominators(grp, seg, k)
         c[2 + k] += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
     return c
 

@@ -88,15 +88,24 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def denominators(groups: torch.Tensor, segments: torch.Tensor, k: int) -> torch.Tensor:
+    """[supervised targets, supervised samples, targets per group (K)] of one micro-batch (group -1 =
+    not supervised; segments: the sample of each target).  Summed over micro-batches (and ranks),
+    these divide every micro-batch's loss: sftgo-train and the Hugging Face integration share them."""
+    sup = groups >= 0
+    g = groups[sup]
+    c = torch.zeros(k + 2, dtype=torch.float64)
+    c[0] = g.numel()
+    c[1] = torch.unique(segments[sup]).numel()
+    c[2:] = torch.bincount(g.flatten().cpu(), minlength=k)[:k].double()
+    return c
+
+
 def step_counts(micro, k: int, device) -> Counts:
     """The counts of the micro-batches of one optimizer step, summed over ranks."""
     c = torch.zeros(k + 6, dtype=torch.float64)
     for mb in micro:
-        sup = mb.groups >= 0
-        g = mb.groups[sup]
-        c[0] += g.numel()
-        c[1] += torch.unique(mb.segments[sup]).numel()
-        c[2 : 2 + k] += torch.bincount(g.cpu(), minlength=k)[:k].double()
+        c[: 2 + k] += denominators(mb.groups, mb.segments, k)
         c[2 + k :] += torch.tensor([mb.num_tokens, mb.truncated_samples, mb.truncated_loss_tokens, mb.skipped_samples],
                                    dtype=torch.float64)
     c = all_reduce(c.to(device)).cpu()
