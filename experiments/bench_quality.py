@@ -11,7 +11,7 @@ the same tokens and the same number of steps). Every run goes through the real `
 build` CLI (shards with all three strategies) and `trainer.loop.run` (the code behind
 `sftgo-train`), then experiments/quality_eval.py scores it on held-out questions phrased unlike the
 training ones: exact match of the fact, teacher-forced accuracy, and held-out loss per group.
-Output: experiments/QUALITY.md, experiments/quality.json, experiments/quality.png (experiments/quality_report.py).
+Output: experiments/facts/QUALITY.md, quality.json, quality.png (experiments/quality_report.py).
 Runs are cached in experiments/_work/quality/runs/NAME/result.json: an interrupted experiment
 continues where it stopped (--fresh starts over).
 Cost: about 2 minutes per run on 2 CPU cores (30 optimizer steps of 1024 tokens, then the
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     summary = json.loads((WORK / "summary.json").read_text())
     from quality_report import write_report
 
-    write_report(summary, ROOT / "experiments")
+    write_report(summary, ROOT / "experiments" / "facts")
 
 
 if __name__ == "__main__":

@@ -2,32 +2,41 @@
 before you pay for a big run.
 
     python experiments/compare.py --train SHARDS --heldout SHARDS --work DIR [--model NAME]
-        [--methods sft,sftgo,dft,rho1,weighted] [--groups tfidf] [--lams 0.9] [--seeds 0,1,2]
-        [--lrs 1e-4,3e-4,1e-3] [--steps 30] [--batch-tokens 1024] [--margin 0.01] [--answers FILE]
+        [--methods sft,sftgo,dft,rho1,weighted] [--groups tfidf[,reference,semantic]]
+        [--lams 0.9[,0.3,0.5,decay]] [--seeds 0,1,2] [--tune-seeds 0,1] [--lrs 1e-4,3e-4,1e-3]
+        [--steps 30] [--batch-tokens 1024] [--eval-every 0] [--precision auto] [--margin 0.01]
+        [--answers FILE]
 
 Input: shard directories of `sftgo-prep build` (train, and a held-out set built with the same
-tokenizer), a model, the methods, seeds and learning-rate grid.
+tokenizer), a model, the methods, seeds and learning-rate grid.  `{seed}` in --train, --heldout
+and --answers is replaced by the seed: each seed may bring its own data (a generated world).
 Output: DIR/runs/NAME/result.json per training run (cached: an interrupted comparison continues
 where it stopped; commit them to carry on elsewhere), DIR/compare.json
 ({"methods": {NAME: {"seeds", "metric", "diff_vs_sft": {"mean", "ci95"}, "verdict", "lr"}}}) and
 DIR/compare.md (the table, the premise check and the command).
 Method: every method is trained with each lr of the grid and each seed (the seed sets the data
 order), on the same token budget and with the same clipping; each method's lr is the one with the
-best mean *validation* metric (half of the held-out items, chosen by a hash of their id); the
-other half is the test set.  The primary metric, fixed in advance, is held-out token accuracy (the
+best mean *validation* metric (half of the held-out items, chosen by a hash of their id) over
+the --tune-seeds (default: all seeds; the other seeds then train only at the chosen lr); the
+other half is the test set.  With --eval-every N each run logs its held-out loss every N steps:
+the learning curves (DIR/curves.png, and "curve" in each result.json).  The primary metric, fixed in advance, is held-out token accuracy (the
 share of a response's tokens the model predicts, teacher-forced, per item), or with --answers (a
 JSONL of {id, answer}) answer exact: every token of the item's answer is the argmax.  The premise
 table gives, under sft, each grouping's held-out loss per group.  Differences against
 `sft` are paired by seed and item with a 95% bootstrap CI over seeds and items and a verdict
 against the equivalence margin (experiments/paired.py).  `weighted` gets the group-1 weight that
-the `sftgo` run of the same seed and lr applied on average (its logged group_weight).
-Method names: sft, dft, rho1, weighted, sftgo-<groups>[-lam<λ>].
-Cost: methods x seeds x lrs training runs of --steps steps (each a `sftgo-train` run in-process),
-plus one teacher-forced pass over the held-out set per run.
+the `sftgo` run (first grouping, λ 0.9) of the same seed and lr applied on average (its logged
+group_weight).  `rho1` trains on the `reference` grouping's important group when it is given,
+else on the first grouping's.  "decay" in --lams is λ decaying linearly from 0.9 to 0.
+Method names: sft, dft, rho1, weighted, sftgo-<grouping>[-lam<λ>|-decay].
+Cost: methods x (tune seeds x lrs + other seeds) training runs of --steps steps (each a
+`sftgo-train` run in-process), plus one teacher-forced pass over the held-out set per run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -54,7 +63,9 @@ from sftgo.trainer.model import causal_lm  # noqa: E402
 class Spec:
     name: str
     objective: str
+    groups: str
     lam: float = 0.9
+    schedule: str = "constant"
     seed: int = 0
     lr: float = 1e-4
 
@@ -63,15 +74,25 @@ class Spec:
         return f"{self.name}-s{self.seed}-lr{self.lr:g}"
 
 
-def method_specs(methods: list[str], groups: str, lams: list[float]) -> list[tuple[str, str, float]]:
-    """(name, objective, λ) per method; sftgo once per λ; weighted last (it needs sftgo's weights)."""
+def method_specs(methods: list[str], groups: list[str], lams: list[str]) -> list[Spec]:
+    """One Spec per method (seed and lr unset); sftgo once per grouping and λ ("decay": linear 0.9 -> 0);
+    weighted last (it needs the first grouping's λ-0.9 sftgo run)."""
     out = []
     for m in methods:
         if m == "sftgo":
-            out += [(f"sftgo-{groups}" + ("" if lam == 0.9 else f"-lam{lam:g}"), "sftgo", lam) for lam in lams]
+            for g in groups:
+                for lam in lams:
+                    if lam == "decay":
+                        out.append(Spec(f"sftgo-{g}-decay", "sftgo", g, 0.9, "linear"))
+                    else:
+                        out.append(Spec(f"sftgo-{g}" + ("" if float(lam) == 0.9 else f"-lam{float(lam):g}"), "sftgo", g, float(lam)))
+        elif m == "rho1":
+            out.append(Spec(m, m, "reference" if "reference" in groups else groups[0], 0.0))
         else:
-            out.append((m, m, 0.0))
-    return sorted(out, key=lambda t: t[1] == "weighted")
+            out.append(Spec(m, m, groups[0], 0.0))
+    if any(s.objective == "weighted" for s in out) and not any(s.name == f"sftgo-{groups[0]}" for s in out):
+        raise SystemExit(f"weighted is matched to sftgo-{groups[0]} (λ 0.9): add sftgo to --methods and 0.9 to --lams.")
+    return sorted(out, key=lambda t: t.objective == "weighted")
 
 
 def is_validation(item: str) -> bool:
@@ -79,11 +100,13 @@ def is_validation(item: str) -> bool:
 
 
 @torch.no_grad()
-def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = None) -> dict:
+def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = None, bf16: bool = False,
+                 batch: int = 16) -> dict:
     """Teacher-forced metrics of every held-out item: {"items": {id: [primary, token accuracy, mean CE]},
     "group_loss": {strategy: [[CE sum, tokens] per group]}}.  primary: with `answers`, 1 when every token
     of the item's answer is the model's argmax (items whose answer is not found are left out), else the
-    token accuracy."""
+    token accuracy.  With `answers`, group_loss also has "answer": group 1 = the answer's tokens.
+    Rows go through the model `batch` at a time, right-padded (causal: a row never sees its padding)."""
     import pyarrow.parquet as pq
     from quality_eval import answer_positions
 
@@ -91,39 +114,65 @@ def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = 
     lm, tokenizer = causal_lm(model), load_tokenizer(model_dir)
     manifest = verify_shards(heldout, read_manifest(heldout))
     strategies = list(manifest["strategies"])
-    items, sums = {}, {s: {} for s in strategies}
+    rows = []
     for shard in manifest["shards"]:
         columns = ["id", "input_ids", "loss_mask"] + [group_column(s) for s in strategies]
-        for row in pq.read_table(member_path(heldout, shard["path"]), columns=columns).to_pylist():
-            ids = torch.tensor(row["input_ids"])
+        rows += pq.read_table(member_path(heldout, shard["path"]), columns=columns).to_pylist()
+    items, sums = {}, {s: {} for s in strategies + (["answer"] if answers is not None else [])}
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        ids = torch.zeros(len(chunk), max(len(r["input_ids"]) for r in chunk), dtype=torch.long)
+        for k, r in enumerate(chunk):
+            ids[k, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        with cast:
+            hidden = lm.get_decoder()(input_ids=ids).last_hidden_state
+        for k, row in enumerate(chunk):
             pos = torch.nonzero(torch.tensor(row["loss_mask"])[1:] == 1).flatten() + 1  # supervised tokens
-            hidden = lm.get_decoder()(input_ids=ids[None]).last_hidden_state[0, pos - 1]
-            logits = lm.get_output_embeddings()(hidden).float()
-            ce = F.cross_entropy(logits, ids[pos], reduction="none")
-            right = logits.argmax(-1) == ids[pos]
-            primary = float(right.float().mean())
+            logits = lm.get_output_embeddings()(hidden[k, pos - 1].float()).float()
+            target = ids[k, pos]
+            ce = F.cross_entropy(logits, target, reduction="none")
+            right = logits.argmax(-1) == target
+            primary, groups = float(right.float().mean()), {s: row[group_column(s)] for s in strategies}
             if answers is not None:
                 where = answer_positions(row["input_ids"], row["loss_mask"], answers.get(row["id"], "\0"), tokenizer)
                 if not where:
                     continue
-                at = {int(p): k for k, p in enumerate(pos)}
+                at = {int(p): j for j, p in enumerate(pos)}
                 primary = float(all(bool(right[at[p]]) for p in where if p in at))
+                groups["answer"] = [1 if p in set(where) else 0 for p in range(len(row["input_ids"]))]
             items[row["id"]] = [primary, float(right.float().mean()), float(ce.mean())]
-            for s in strategies:
-                for g, c in zip(torch.tensor(row[group_column(s)])[pos].tolist(), ce.tolist()):
+            for s, g_row in groups.items():
+                for g, c in zip(torch.tensor(g_row)[pos].tolist(), ce.tolist()):
                     total = sums[s].setdefault(g, [0.0, 0])
                     total[0], total[1] = total[0] + c, total[1] + 1
     return {"items": items, "group_loss": {s: [sums[s].get(g, [0.0, 0]) for g in range(max(sums[s], default=-1) + 1)]
-                                           for s in strategies}}
+                                           for s in sums}}
 
 
-def matched_weight(work: Path, seed: int, lr: float, groups: str) -> float:
-    """The mean group-1 / group-0 token weight the sftgo run of this seed and lr applied."""
-    recs = [r for r in read_jsonl(work / "runs" / f"sftgo-{groups}-s{seed}-lr{lr:g}" / "metrics.jsonl")
+def matched_weight(work: Path, seed: int, lr: float, name: str) -> float:
+    """The mean group-1 / group-0 token weight the sftgo run `name` of this seed applied: at this lr, or, where
+    that run was not made (a seed past the tuning seeds), at the lr its own runs of this seed used."""
+    runs = sorted((work / "runs").glob(f"{name}-s{seed}-lr*/metrics.jsonl"))
+    same = work / "runs" / f"{name}-s{seed}-lr{lr:g}" / "metrics.jsonl"
+    recs = [r for r in read_jsonl(same if same.exists() else (runs or [same])[0])
             if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2 and r["group_weight"][0]]
     if not recs:
-        raise SystemExit(f"weighted needs the sftgo-{groups} run of seed {seed}, lr {lr:g} first (add sftgo to --methods).")
+        raise SystemExit(f"weighted needs the {name} run of seed {seed} first (add sftgo to --methods).")
     return float(np.mean([r["group_weight"][1] / r["group_weight"][0] for r in recs]))
+
+
+def fmt(template: str | None, seed: int) -> str | None:
+    return template.replace("{seed}", str(seed)) if template else template
+
+
+def run_stats(metrics: Path) -> dict:
+    """What a result keeps of a run's log: the held-out learning curve and the gradient norms' median."""
+    recs = read_jsonl(metrics)
+    train_recs = [r for r in recs if r.get("split") == "train"]
+    return {"curve": [[r.get("step", 0), r["ce"]] for r in recs if r.get("split") == "eval"],
+            "grad_norm_median": float(np.median([r["grad_norm"] for r in train_recs])) if train_recs else None,
+            "train_ce_last": train_recs[-1]["ce"] if train_recs else None}
 
 
 def one_run(args, spec: Spec) -> dict:
@@ -133,13 +182,19 @@ def one_run(args, spec: Spec) -> dict:
     if cached.exists():
         return json.loads(cached.read_text())
     shutil.rmtree(out, ignore_errors=True)  # an interrupted run is redone (runs are short)
-    extra = {"group_weight": matched_weight(Path(args.work), spec.seed, spec.lr, args.groups)} if spec.objective == "weighted" else {}
-    train(TrainConfig(data=args.train, out=str(out), model=args.model, objective=spec.objective, groups=args.groups,
-                      lam=spec.lam, lr=spec.lr, seed=spec.seed, max_steps=args.steps, batch_tokens=args.batch_tokens,
+    base = f"sftgo-{args.groups.split(',')[0]}"
+    extra = {"group_weight": matched_weight(Path(args.work), spec.seed, spec.lr, base)} if spec.objective == "weighted" else {}
+    heldout = fmt(args.heldout, spec.seed)
+    curves = {"eval_data": heldout, "eval_every": args.eval_every, "eval_batches": 4} if args.eval_every else {}
+    schedule = {"lam_schedule": spec.schedule, "lam_end": 0.0} if spec.schedule != "constant" else {}
+    train(TrainConfig(data=fmt(args.train, spec.seed), out=str(out), model=args.model, objective=spec.objective,
+                      groups=spec.groups, lr=spec.lr, seed=spec.seed, max_steps=args.steps, batch_tokens=args.batch_tokens,
                       clip_grad=args.clip_grad, warmup_steps=max(1, args.steps // 10), progress=False, tensorboard=False,
-                      **extra))
-    result = {"name": spec.name, "seed": spec.seed, "lr": spec.lr, **extra,
-              **item_metrics(str(out / "model"), args.heldout, read_answers(args.answers))}
+                      precision=args.precision, **({"lam": spec.lam} if spec.objective == "sftgo" else {}),
+                      **schedule, **curves, **extra))
+    result = {"name": spec.name, "seed": spec.seed, "lr": spec.lr, **extra, **run_stats(out / "metrics.jsonl"),
+              **item_metrics(str(out / "model"), heldout, read_answers(fmt(args.answers, spec.seed)),
+                             bf16=args.precision == "bf16")}
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "model", ignore_errors=True)  # the result is what is kept; weights are large
     cached.write_text(json.dumps(result) + "\n")
@@ -171,17 +226,17 @@ def premise(results: list[dict], lrs: dict[str, float], base: str = "sft") -> di
     return table
 
 
-def pick_lrs(results: list[dict]) -> dict[str, float]:
-    """Per method, the lr with the best mean validation token accuracy over seeds."""
+def pick_lrs(results: list[dict], seeds: set[int] | None = None) -> dict[str, float]:
+    """Per method, the lr with the best mean validation metric over the (tuning) seeds."""
     scores: dict[str, dict[float, list[float]]] = {}
     for r in results:
-        val = [v[0] for k, v in r["items"].items() if is_validation(k)] or [float("nan")]
-        scores.setdefault(r["name"], {}).setdefault(r["lr"], []).append(float(np.mean(val)))
+        if seeds is None or r["seed"] in seeds:
+            val = [v[0] for k, v in r["items"].items() if is_validation(k)] or [float("nan")]
+            scores.setdefault(r["name"], {}).setdefault(r["lr"], []).append(float(np.mean(val)))
     return {name: max(by_lr, key=lambda lr: np.mean(by_lr[lr])) for name, by_lr in scores.items()}
 
 
-def report(args, results: list[dict]) -> dict:
-    lrs = pick_lrs(results)
+def report(args, results: list[dict], lrs: dict[str, float]) -> dict:
     test = {}
     for r in results:
         if r["lr"] == lrs[r["name"]]:
@@ -194,7 +249,30 @@ def report(args, results: list[dict]) -> dict:
                "command": " ".join(sys.argv), "methods": table, "premise": premise(results, lrs)}
     Path(args.work, "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(args.work, "compare.md").write_text(markdown(summary))
+    if args.eval_every:
+        plot_curves(results, lrs, Path(args.work, "curves.png"))
     return summary
+
+
+def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
+    """Held-out loss against step, per method at its chosen lr, averaged over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in lrs:
+        curves = [dict(map(tuple, r["curve"])) for r in results if r["name"] == name and r["lr"] == lrs[name] and r.get("curve")]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            ax.plot(steps, [np.mean([c[s] for c in curves]) for s in steps], marker=".",
+                    lw=2.5 if name in ("sft", "sftgo-tfidf") else 1, label=f"{name} (lr {lrs[name]:g})")
+    ax.set(xlabel="optimizer step", ylabel="held-out CE (mean over seeds)", title="Learning curves at each method's chosen lr")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(summary: dict) -> str:
@@ -220,25 +298,38 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", required=True)
     ap.add_argument("--model", default=None)
     ap.add_argument("--methods", default="sft,sftgo,dft,rho1,weighted")
-    ap.add_argument("--groups", default="tfidf")
-    ap.add_argument("--lams", default="0.9")
+    ap.add_argument("--groups", default="tfidf", help="groupings, comma-separated; sftgo runs once per grouping and λ")
+    ap.add_argument("--lams", default="0.9", help="λ values of sftgo, comma-separated; 'decay': linear from 0.9 to 0")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--tune-seeds", default=None, help="seeds whose validation half picks each method's lr (default: all)")
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps: the learning curves")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--clip-grad", type=float, default=0.0, help="0: no clipping, so it binds no method harder than another")
     ap.add_argument("--margin", type=float, default=0.01)
     ap.add_argument("--answers", default=None,
                     help="JSONL of held-out {id, answer} (or records with meta.answer): the primary metric becomes answer exact")
     args = ap.parse_args(argv)
-    specs = method_specs(args.methods.split(","), args.groups, [float(x) for x in args.lams.split(",")])
+    specs = method_specs(args.methods.split(","), args.groups.split(","), args.lams.split(","))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    tune = [int(x) for x in args.tune_seeds.split(",")] if args.tune_seeds else seeds
     results = []
-    for name, objective, lam in specs:
-        for seed in map(int, args.seeds.split(",")):
+
+    def go(spec: Spec, seed: int, lr: float) -> None:
+        results.append(one_run(args, dataclasses.replace(spec, seed=seed, lr=lr)))
+        print(f"done {spec.name} seed {seed} lr {lr:g}", file=sys.stderr, flush=True)
+
+    for spec in specs:  # the lr grid on the tuning seeds
+        for seed in tune:
             for lr in map(float, args.lrs.split(",")):
-                results.append(one_run(args, Spec(name, objective, lam, seed, lr)))
-                print(f"done {name} seed {seed} lr {lr:g}", file=sys.stderr, flush=True)
-    summary = report(args, results)
+                go(spec, seed, lr)
+    lrs = pick_lrs(results, set(tune))
+    for spec in specs:  # the other seeds at each method's chosen lr
+        for seed in (s for s in seeds if s not in tune):
+            go(spec, seed, lrs[spec.name])
+    summary = report(args, results, lrs)
     print(markdown(summary))
     return summary
 

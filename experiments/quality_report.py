@@ -1,4 +1,4 @@
-"""The report of the quality experiment: experiments/QUALITY.md, experiments/quality.json, experiments/quality.png.
+"""The report of the first quality experiment (memorising fictional facts): experiments/facts/QUALITY.md, quality.json, quality.png.
 
 Input: the summary dict written by experiments/bench_quality.py (settings, base-model evaluation,
 one result per run, grouping overlap) and the hand-written experiments/quality_analysis.md.

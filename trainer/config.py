@@ -91,7 +91,7 @@ class TrainConfig:
     seed: int = 0
     """Seeds the data order and torch; the same seed gives the same run."""
     precision: str = "auto"
-    """auto (bf16 autocast on GPUs that support it, fp32 otherwise), bf16 or fp32."""
+    """auto (bf16 autocast on GPUs that support it, fp32 otherwise), bf16 (on a GPU, or a CPU with native bf16: AVX512-BF16 or AMX) or fp32."""
     ce_chunk: int = 1024
     """Tokens per chunk of the lm_head + cross-entropy (bounds the fp32 logits in memory)."""
     grad_checkpointing: bool = False

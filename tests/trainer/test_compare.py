@@ -45,8 +45,14 @@ def test_inconclusive_when_noise_swamps_the_margin():
 
 
 def test_method_names_and_order():
-    specs = harness.method_specs(["weighted", "sft", "sftgo", "dft"], "tfidf", [0.9, 0.5])
-    assert [s[0] for s in specs] == ["sft", "sftgo-tfidf", "sftgo-tfidf-lam0.5", "dft", "weighted"]
+    specs = harness.method_specs(["weighted", "sft", "sftgo", "dft", "rho1"], ["tfidf", "reference"], ["0.9", "0.5", "decay"])
+    assert [s.name for s in specs] == ["sft", "sftgo-tfidf", "sftgo-tfidf-lam0.5", "sftgo-tfidf-decay", "sftgo-reference",
+                                       "sftgo-reference-lam0.5", "sftgo-reference-decay", "dft", "rho1", "weighted"]
+    by = {s.name: s for s in specs}
+    assert (by["sftgo-tfidf-decay"].lam, by["sftgo-tfidf-decay"].schedule) == (0.9, "linear")
+    assert by["rho1"].groups == "reference" and by["weighted"].groups == "tfidf" and by["sftgo-reference"].groups == "reference"
+    with pytest.raises(SystemExit, match="weighted is matched to sftgo-tfidf"):
+        harness.method_specs(["sft", "weighted"], ["tfidf"], ["0.9"])
 
 
 def test_answers_file_and_premise_rule(tmp_path):
@@ -64,7 +70,7 @@ def test_answers_file_and_premise_rule(tmp_path):
 def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_dir, tiny_model_dir):
     argv = ["--train", str(shard_dir), "--heldout", str(eval_dir), "--work", str(tmp_path / "w"), "--model", tiny_model_dir,
             "--methods", "sft,sftgo,weighted", "--seeds", "0,1", "--lrs", "1e-3,3e-3", "--steps", "2",
-            "--batch-tokens", "160"]
+            "--batch-tokens", "160", "--eval-every", "1"]
     summary = harness.main(argv)
     methods = summary["methods"]
     assert set(methods) == {"sft", "sftgo-tfidf", "weighted"}
@@ -85,6 +91,7 @@ def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_
     ratios = [r["group_weight"][1] / r["group_weight"][0] for r in sftgo_log if r["split"] == "train"]
     assert weighted["group_weight"] == pytest.approx(np.mean(ratios))  # the control matches SFT-GO's average weight
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert [step for step, _ in weighted["curve"]] == [0, 1, 2] and (tmp_path / "w" / "curves.png").stat().st_size > 0
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
     assert len(stamps) == 12
     harness.main(argv)  # everything cached: no run is trained again
@@ -98,3 +105,28 @@ def test_seeds_with_their_own_worlds_still_pair_within_each_seed():
     row = compare({"sft": base, "dft": other}, margin=0.01)["dft"]
     assert row["diff_vs_sft"]["mean"] == pytest.approx(0.05) and row["diff_vs_sft"]["items"] == 500
     assert row["verdict"] == "better"
+
+
+@pytest.mark.slow
+def test_tuning_seeds_pick_the_lr_and_each_seed_reads_its_own_data(tmp_path, shard_dir, eval_dir, tiny_model_dir):
+    """--tune-seeds 0: the lr grid runs on seed 0 only, seed 1 trains at each method's chosen lr; {seed} in the
+    paths gives each seed its own train and held-out shards (a generated world per seed)."""
+    import shutil
+
+    for seed in (0, 1):
+        shutil.copytree(shard_dir, tmp_path / f"train-{seed}")
+        shutil.copytree(eval_dir, tmp_path / f"heldout-{seed}")
+    (tmp_path / "heldout-1" / "manifest.json").unlink()
+    argv = ["--train", str(tmp_path / "train-{seed}"), "--heldout", str(tmp_path / "heldout-{seed}"), "--work", str(tmp_path / "w"),
+            "--model", tiny_model_dir, "--methods", "sft,sftgo,weighted", "--seeds", "0,1", "--tune-seeds", "0",
+            "--lrs", "1e-3,3e-3", "--steps", "2", "--batch-tokens", "160"]
+    with pytest.raises(Exception, match="heldout-1"):  # seed 1 reads its own held-out set, here a broken one
+        harness.main(argv)
+    shutil.rmtree(tmp_path / "heldout-1")
+    shutil.copytree(eval_dir, tmp_path / "heldout-1")
+    summary = harness.main(argv)
+    runs = sorted(p.parent.name for p in (tmp_path / "w" / "runs").glob("*/result.json"))
+    chosen = {name: row["lr"] for name, row in summary["methods"].items()}
+    assert [r for r in runs if "-s0-" in r] == sorted(f"{m}-s0-lr{lr}" for m in chosen for lr in ("0.001", "0.003"))
+    assert [r for r in runs if "-s1-" in r] == sorted(f"{m}-s1-lr{lr:g}" for m, lr in chosen.items())
+    assert all(row["seeds"] == 2 for row in summary["methods"].values())

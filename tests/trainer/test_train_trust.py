@@ -182,6 +182,27 @@ def test_final_model_keeps_the_loaded_dtype_and_its_own_use_cache(tmp_path, shar
     assert any(not torch.equal(start[k], weights[k]) for k in start)
 
 
+def test_bf16_on_a_cpu_with_native_bf16_autocasts_and_keeps_fp32_weights(tmp_path, shard_dir, tiny_model_dir):
+    """--precision bf16 on CPU: bf16 autocast where the CPU has native bf16 (the first step's loss is fp32's
+    within bf16 rounding, the checkpoint stays fp32), one sentence where it has none."""
+    from sftgo.trainer.loop import bf16_native
+    from sftgo.trainer.metrics import read_jsonl
+
+    if not bf16_native(torch.device("cpu")):
+        with pytest.raises(ConfigError, match="needs a GPU or a CPU with native bf16"):
+            run(cfg(shard_dir, tmp_path / "bf16", tiny_model_dir, max_steps=1, precision="bf16"))
+        return
+    first = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        run(cfg(shard_dir, out, tiny_model_dir, max_steps=2, stop_after=1, precision=precision))
+        first[precision] = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("split") == "train"][0]["ce"]
+        ckpt = load_file(str(out / "checkpoints" / "step-0000001" / "model.safetensors"))
+        assert all(t.dtype == torch.float32 for t in ckpt.values())
+    assert first["bf16"] != first["fp32"]  # it did compute in bf16
+    assert abs(first["bf16"] - first["fp32"]) < 0.02 * first["fp32"]
+
+
 def test_a_model_directory_without_tokenizer_files_says_which_are_missing(tmp_path, tiny_model_dir):
     bare = tmp_path / "bare"
     bare.mkdir()
