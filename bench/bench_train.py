@@ -52,15 +52,15 @@ def default_shards() -> str:
     return str(out)
 
 
-def run_ours(args, objective: str, work: Path) -> list[float]:
+def run_ours(args, objective: str, work: Path, precision: str = "auto") -> list[float]:
     from sftgo.trainer.config import TrainConfig
     from sftgo.trainer.loop import run
 
-    out = work / f"ours-{objective}"
+    out = work / f"ours-{objective}-{precision}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(data=args.data, out=str(out), model=args.model, objective=objective, groups="tfidf",
                       max_steps=args.warmup + args.steps, batch_tokens=args.batch_tokens, lr=1e-5, progress=False,
-                      tensorboard=False)
+                      tensorboard=False, precision=precision)
     with contextlib.redirect_stdout(io.StringIO()):  # the run's own summary table
         run(cfg)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -233,13 +233,20 @@ def main():
     batches = the_batches(args)
     tokens = statistics.mean(b["num_tokens"] for b in batches[args.warmup :])
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    per_run = {"sft": [], "sftgo": [], "hf_trainer": [], "trl_sft": []}
+    from sftgo.trainer.loop import bf16_native
+
+    # sft_bf16: the same sft runs with --precision bf16 where the device computes bf16 natively (on CPU: AVX512-BF16/AMX)
+    cpu_bf16 = not torch.cuda.is_available() and bf16_native(torch.device("cpu"))
+    per_run = {"sft": [], "sftgo": [], "hf_trainer": [], "trl_sft": [], **({"sft_bf16": []} if cpu_bf16 else {})}
     raw = {k: [] for k in per_run}
     try:
         for r in range(args.repeats):
             for name in per_run:
                 runner = {"hf_trainer": run_hf, "trl_sft": run_trl}.get(name)
-                times = runner(args, batches, work) if runner else run_ours(args, name, work)
+                if runner:
+                    times = runner(args, batches, work)
+                else:
+                    times = run_ours(args, name.removesuffix("_bf16"), work, "bf16" if name.endswith("_bf16") else "auto")
                 raw[name].append(times)
                 per_run[name].append(statistics.median(times))
                 print(f"repeat {r + 1}/{args.repeats} {name:<10} median step {per_run[name][-1]:.3f} s", flush=True)
@@ -261,6 +268,7 @@ def main():
         "sftgo_over_sft_step_time": med["sftgo"] / med["sft"], "target_sftgo_over_sft": 1.03,
         "ours_over_hf_tokens_per_s": tps["sft"] / tps["hf_trainer"], "target_ours_over_hf": 1.2,
         "ours_over_trl_tokens_per_s": tps["sft"] / tps["trl_sft"],
+        "cpu_bf16_over_fp32_tokens_per_s": tps["sft_bf16"] / tps["sft"] if "sft_bf16" in tps else None,
         "paired_sftgo_over_sft": paired["median_ratio"], "paired_times_s": paired["times_s"],
         "fastest_step_s": fastest, "sftgo_over_sft_fastest": fastest["sftgo"] / fastest["sft"],
         "ours_over_hf_fastest": fastest["hf_trainer"] / fastest["sft"],
@@ -274,6 +282,8 @@ def main():
           f"paired in one process: {result['paired_sftgo_over_sft']:.3f})")
     print(f"ours / HF tokens/s    : {result['ours_over_hf_tokens_per_s']:.3f}  (target >= 1.2; sft objective on both)")
     print(f"ours / TRL tokens/s   : {result['ours_over_trl_tokens_per_s']:.3f}  (target >= 1.2; TRL SFTTrainer, padding-free)")
+    if result["cpu_bf16_over_fp32_tokens_per_s"]:
+        print(f"bf16 / fp32 tokens/s  : {result['cpu_bf16_over_fp32_tokens_per_s']:.3f}  (sftgo-train --precision bf16 on this CPU)")
     print(f"fastest-step ratios   : sftgo/sft {result['sftgo_over_sft_fastest']:.3f}, ours/HF {result['ours_over_hf_fastest']:.3f}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (medians are unreliable if it exceeds the core count)")
     if args.json:

@@ -39,3 +39,47 @@ def test_heldout_phrasings_and_world_are_new():
     assert not {h["meta"]["answer"] for h in held if h["meta"]["task"] != "arithmetic"} & words
     assert not {h["input"] for h in held if h["input"]} & {r["input"] for r in train}
     assert skills_data.make_split(3, 12) == skills_data.make_split(3, 12)
+
+
+def test_report_has_the_promised_shape_and_per_task_pairs(tmp_path):
+    """experiments/skills_report.py: quality.json is {"methods": {NAME: {"seeds", "metric", "diff_vs_sft":
+    {"mean", "ci95"}}}}, and each per-task difference is the mean over that task's test items (checked by hand)."""
+    import json
+
+    import skills_report
+    from compare import is_validation
+
+    work = tmp_path / "work"
+    items, tasks = {}, {}
+    for seed in range(2):
+        world = work / f"world-{seed}"
+        world.mkdir(parents=True)
+        records = skills_data.make_split(100 + seed, 16, heldout=True)
+        (world / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        items[seed] = [r["id"] for r in records]
+        tasks.update({r["id"]: r["meta"]["task"] for r in records})
+    value = {"sft": lambda i: 0.0, "dft": lambda i: 1.0 if tasks[i] == "arithmetic" else 0.0}
+    for name in value:
+        for seed in range(2):
+            run = work / "runs" / f"{name}-s{seed}-lr0.0001"
+            run.mkdir(parents=True)
+            result = {"name": name, "seed": seed, "lr": 1e-4, "curve": [[0, 2.0], [10, 1.0]],
+                      "items": {i: [value[name](i), 0.5, 1.0] for i in items[seed]}}
+            (run / "result.json").write_text(json.dumps(result))
+    summary = {"metric": "held-out answer exact (teacher-forced) (test half of the items)", "margin": 0.03, "command": "x",
+               "premise": {"answer": {"group_loss": [0.1, 0.9], "holds": True}},
+               "methods": {"sft": {"seeds": 2, "metric": 0.0, "lr": 1e-4},
+                           "dft": {"seeds": 2, "metric": 0.25, "lr": 1e-4, "verdict": "better",
+                                   "diff_vs_sft": {"mean": 0.25, "ci95": [0.1, 0.4]}}}}
+    (work / "compare.json").write_text(json.dumps(summary))
+    skills_report.main(["--work", str(work), "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["methods"]["dft"]["diff_vs_sft"] == {"mean": 0.25, "ci95": [0.1, 0.4]}
+    assert saved["methods"]["sft"] == {"seeds": 2, "metric": 0.0, "lr": 1e-4}
+    arithmetic = saved["per_task"]["arithmetic"]["dft"]
+    n_test = sum(1 for s in items for i in items[s] if tasks[i] == "arithmetic" and not is_validation(i))
+    assert arithmetic["diff_vs_sft"]["mean"] == 1.0 and n_test > 0
+    assert saved["per_task"]["extraction"]["dft"]["diff_vs_sft"]["mean"] == 0.0
+    md = (tmp_path / "QUALITY.md").read_text()
+    assert "| dft | 0.0001 | 2 | 0.250 | +0.250 | [+0.100, +0.400] | better |" in md
+    assert (tmp_path / "quality_curves.png").stat().st_size > 5000
