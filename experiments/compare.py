@@ -13,7 +13,9 @@ and --answers is replaced by the seed: each seed may bring its own data (a gener
 Output: DIR/runs/NAME/result.json per training run (cached: an interrupted comparison continues
 where it stopped; commit them to carry on elsewhere), DIR/compare.json
 ({"methods": {NAME: {"seeds", "metric", "diff_vs_sft": {"mean", "ci95"}, "verdict", "lr"}}}) and
-DIR/compare.md (the table, the premise check and the command).
+DIR/compare.md (the table, the premise check and the command); compare.json's "secondary" has the
+same paired table for token accuracy and for the item's mean response CE (lower is better, so
+"better" there means a lower CE), which are reported but never pick an lr.
 Method: every method is trained with each lr of the grid and each seed (the seed sets the data
 order), on the same token budget and with the same clipping; each method's lr is the one with the
 best mean *validation* metric (half of the held-out items, chosen by a hash of their id) over
@@ -236,17 +238,26 @@ def pick_lrs(results: list[dict], seeds: set[int] | None = None) -> dict[str, fl
     return {name: max(by_lr, key=lambda lr: np.mean(by_lr[lr])) for name, by_lr in scores.items()}
 
 
-def report(args, results: list[dict], lrs: dict[str, float]) -> dict:
+def test_items(results: list[dict], lrs: dict[str, float], which: int) -> dict:
+    """{method: {seed: {item: value}}} on the test half at each method's chosen lr; `which` indexes an item's
+    [primary, token accuracy, response CE]."""
     test = {}
     for r in results:
         if r["lr"] == lrs[r["name"]]:
-            test.setdefault(r["name"], {})[r["seed"]] = {k: v[0] for k, v in r["items"].items() if not is_validation(k)}
-    table = compare(test, base="sft", margin=args.margin)
+            test.setdefault(r["name"], {})[r["seed"]] = {k: v[which] for k, v in r["items"].items() if not is_validation(k)}
+    return test
+
+
+def report(args, results: list[dict], lrs: dict[str, float]) -> dict:
+    table = compare(test_items(results, lrs, 0), base="sft", margin=args.margin)
     for name in table:
         table[name]["lr"] = lrs[name]
     metric = "held-out answer exact (teacher-forced)" if args.answers else "held-out token accuracy"
+    # secondary metrics, on the same items and runs: reported, never used to pick an lr or a verdict headline
+    secondary = {"token_accuracy": compare(test_items(results, lrs, 1), base="sft", margin=args.margin),
+                 "response_ce": compare(test_items(results, lrs, 2), base="sft", margin=args.margin, higher_is_better=False)}
     summary = {"metric": f"{metric} (test half of the items)", "margin": args.margin,
-               "command": " ".join(sys.argv), "methods": table, "premise": premise(results, lrs)}
+               "command": " ".join(sys.argv), "methods": table, "secondary": secondary, "premise": premise(results, lrs)}
     Path(args.work, "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(args.work, "compare.md").write_text(markdown(summary))
     if args.eval_every:

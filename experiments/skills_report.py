@@ -32,18 +32,27 @@ def load(work: Path) -> tuple[dict, list[dict], dict[str, str]]:
             tasks[r["id"]] = r["meta"]["task"]
     return summary, results, tasks
 
-def per_task(summary: dict, results: list[dict], tasks: dict[str, str], margin: float) -> dict:
-    """The method table again, one per task (test items of that task only)."""
+def per_task(summary: dict, results: list[dict], tasks: dict[str, str], margin: float, which: int = 0,
+             higher_is_better: bool = True) -> dict:
+    """The method table again, one per task (test items of that task only); `which` indexes an item's
+    [answer exact, token accuracy, response CE]."""
     lrs = {name: row["lr"] for name, row in summary["methods"].items()}
     out = {}
     for task in sorted(set(tasks.values())):
         test = {}
         for r in results:
             if r["name"] in lrs and r["lr"] == lrs[r["name"]]:
-                test.setdefault(r["name"], {})[r["seed"]] = {k: v[0] for k, v in r["items"].items()
+                test.setdefault(r["name"], {})[r["seed"]] = {k: v[which] for k, v in r["items"].items()
                                                               if not is_validation(k) and tasks.get(k) == task}
-        out[task] = compare(test, base="sft", margin=margin)
+        out[task] = compare(test, base="sft", margin=margin, higher_is_better=higher_is_better)
     return out
+
+
+def _cells(table: dict, name: str, digits: int = 3) -> str:
+    row = table.get(name, {})
+    d = row.get("diff_vs_sft")
+    return f"{row.get('metric', float('nan')):.{digits}f}" + (f" ({d['mean']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}])" if d else "")
+
 
 def markdown(summary: dict, tasks_table: dict, runs: int, analysis: str) -> str:
     m = summary["methods"]
@@ -60,15 +69,25 @@ def markdown(summary: dict, tasks_table: dict, runs: int, analysis: str) -> str:
         d = row.get("diff_vs_sft")
         diff = f"{d['mean']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "— | —"
         L.append(f"| {name} | {row['lr']:g} | {row['seeds']} | {row['metric']:.3f} | {diff} | {row.get('verdict', 'baseline')} |")
-    L += ["", "## Per task (answer exact; diff vs sft with its 95% CI)", "",
-          "| method | " + " | ".join(tasks_table) + " |", "|---|" + "---|" * len(tasks_table)]
-    for name in m:
-        cells = []
-        for task, table in tasks_table.items():
-            row = table.get(name, {})
-            d = row.get("diff_vs_sft")
-            cells.append(f"{row.get('metric', float('nan')):.3f}" + (f" ({d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])" if d else ""))
-        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    for title, tables in (("answer exact", tasks_table["exact"]), ("response CE, lower is better (secondary)", tasks_table["ce"])):
+        L += ["", f"## Per task: {title}; mean (diff vs sft [95% CI])", "",
+              "| method | " + " | ".join(tables) + " |", "|---|" + "---|" * len(tables)]
+        L += [f"| {name} | " + " | ".join(_cells(t, name) for t in tables.values()) + " |" for name in m]
+    sec = summary.get("secondary", {})
+    if sec:
+        L += ["", "## Secondary metrics (same runs and items; reported, never used to choose)", "",
+              "Response CE: each test item's mean CE over its response tokens (lower is better; \"better\" = lower). "
+              "Token accuracy: the share of its response tokens that are the argmax.", "",
+              "| method | response CE | diff vs sft [95% CI] | verdict | token accuracy | diff vs sft [95% CI] | verdict |",
+              "|---|---|---|---|---|---|---|"]
+        for name in m:
+            cells = []
+            for key in ("response_ce", "token_accuracy"):
+                row = sec[key].get(name, {})
+                d = row.get("diff_vs_sft")
+                diff = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "—"
+                cells += [f"{row.get('metric', float('nan')):.3f}", diff, row.get("verdict", "baseline")]
+            L.append(f"| {name} | " + " | ".join(cells) + " |")
     L += ["", "## The premise: under sft, is the important group's held-out loss above the rest's?", "",
           "Mean held-out CE per group at sft's chosen lr over all seeds (\"answer\": group 1 is exactly the computed "
           "answer's tokens, the oracle grouping).", "",
@@ -87,7 +106,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     summary, results, tasks = load(work)
-    tasks_table = per_task(summary, results, tasks, summary["margin"])
+    tasks_table = {"exact": per_task(summary, results, tasks, summary["margin"]),
+                   "ce": per_task(summary, results, tasks, summary["margin"], which=2, higher_is_better=False)}
     lrs = {name: row["lr"] for name, row in summary["methods"].items()}
     plot_curves(results, lrs, out / "quality_curves.png")
     analysis_path = HERE / "skills_analysis.md"
@@ -97,7 +117,10 @@ def main(argv=None) -> None:
             "methods": {name: {k: row[k] for k in ("seeds", "metric", "diff_vs_sft", "verdict", "lr") if k in row}
                         for name, row in summary["methods"].items()},
             "per_task": {task: {n: {k: r[k] for k in ("metric", "diff_vs_sft") if k in r} for n, r in t.items()}
-                         for task, t in tasks_table.items()},
+                         for task, t in tasks_table["exact"].items()},
+            "per_task_response_ce": {task: {n: {k: r[k] for k in ("metric", "diff_vs_sft") if k in r} for n, r in t.items()}
+                                     for task, t in tasks_table["ce"].items()},
+            "secondary": summary.get("secondary", {}),
             "premise": summary["premise"], "runs": len(results)}
     (out / "quality.json").write_text(json.dumps(slim, indent=1) + "\n")
     print(f"wrote {out / 'QUALITY.md'}, quality.json, quality_curves.png")

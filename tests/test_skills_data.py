@@ -71,6 +71,10 @@ def test_report_has_the_promised_shape_and_per_task_pairs(tmp_path):
                "methods": {"sft": {"seeds": 2, "metric": 0.0, "lr": 1e-4},
                            "dft": {"seeds": 2, "metric": 0.25, "lr": 1e-4, "verdict": "better",
                                    "diff_vs_sft": {"mean": 0.25, "ci95": [0.1, 0.4]}}}}
+    summary["secondary"] = {"response_ce": {"sft": {"seeds": 2, "metric": 1.0},
+                                            "dft": {"seeds": 2, "metric": 0.5, "verdict": "better",
+                                                    "diff_vs_sft": {"mean": -0.5, "ci95": [-0.6, -0.4]}}},
+                            "token_accuracy": {"sft": {"seeds": 2, "metric": 0.5}, "dft": {"seeds": 2, "metric": 0.5}}}
     (work / "compare.json").write_text(json.dumps(summary))
     skills_report.main(["--work", str(work), "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "quality.json").read_text())
@@ -82,4 +86,6 @@ def test_report_has_the_promised_shape_and_per_task_pairs(tmp_path):
     assert saved["per_task"]["extraction"]["dft"]["diff_vs_sft"]["mean"] == 0.0
     md = (tmp_path / "QUALITY.md").read_text()
     assert "| dft | 0.0001 | 2 | 0.250 | +0.250 | [+0.100, +0.400] | better |" in md
+    assert "| dft | 0.500 | -0.500 [-0.600, -0.400] | better | 0.500 | — | baseline |" in md
+    assert saved["per_task_response_ce"]["summarization"]["dft"]["diff_vs_sft"]["mean"] == 0.0
     assert (tmp_path / "quality_curves.png").stat().st_size > 5000

@@ -86,6 +86,13 @@ def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_
     g1 = sum(r["group_loss"]["tfidf"][1][0] for r in sft) / sum(r["group_loss"]["tfidf"][1][1] for r in sft)
     assert saved["premise"]["tfidf"]["group_loss"][1] == pytest.approx(g1)
     assert "Premise" in (tmp_path / "w" / "compare.md").read_text()
+    ce = saved["secondary"]["response_ce"]["sftgo-tfidf"]  # the items' mean response CE, paired like the primary
+    runs = {r["name"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "w" / "runs").glob("*-s0-*/result.json"))
+            if r["lr"] == methods[r["name"]]["lr"]}
+    test = [k for k in runs["sft"]["items"] if not harness.is_validation(k)]
+    diff0 = np.mean([runs["sftgo-tfidf"]["items"][k][2] - runs["sft"]["items"][k][2] for k in test])
+    assert ce["seeds"] == 2 and ce["diff_vs_sft"]["items"] == 2 * len(test)
+    assert min(ce["diff_vs_sft"]["ci95"]) <= ce["diff_vs_sft"]["mean"] <= max(ce["diff_vs_sft"]["ci95"]) and np.isfinite(diff0)
     weighted = json.loads((tmp_path / "w" / "runs" / "weighted-s0-lr0.001" / "result.json").read_text())
     sftgo_log = [json.loads(line) for line in (tmp_path / "w" / "runs" / "sftgo-tfidf-s0-lr0.001" / "metrics.jsonl").open()]
     ratios = [r["group_weight"][1] / r["group_weight"][0] for r in sftgo_log if r["split"] == "train"]
