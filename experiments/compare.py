@@ -18,7 +18,8 @@ same paired table for token accuracy and for the item's mean response CE (lower 
 "better" there means a lower CE), which are reported but never pick an lr.
 Method: every method is trained with each lr of the grid and each seed (the seed sets the data
 order), on the same token budget and with the same clipping; each method's lr is the one with the
-best mean *validation* metric (half of the held-out items, chosen by a hash of their id) over
+best mean *validation* metric (half of the held-out items, chosen by a hash of their id; with
+--select ce the lowest validation response CE) over
 the --tune-seeds (default: all seeds; the other seeds then train only at the chosen lr); the
 other half is the test set.  With --eval-every N each run logs its held-out loss every N steps:
 the learning curves (DIR/curves.png, and "curve" in each result.json).  The primary metric, fixed in advance, is held-out token accuracy (the
@@ -228,13 +229,15 @@ def premise(results: list[dict], lrs: dict[str, float], base: str = "sft") -> di
     return table
 
 
-def pick_lrs(results: list[dict], seeds: set[int] | None = None) -> dict[str, float]:
-    """Per method, the lr with the best mean validation metric over the (tuning) seeds."""
+def pick_lrs(results: list[dict], seeds: set[int] | None = None, select: str = "primary") -> dict[str, float]:
+    """Per method, the lr with the best mean validation metric over the (tuning) seeds: the primary metric
+    (highest), or with select="ce" the response CE (lowest).  Ties go to the lr listed first."""
+    which, sign = (2, -1.0) if select == "ce" else (0, 1.0)
     scores: dict[str, dict[float, list[float]]] = {}
     for r in results:
         if seeds is None or r["seed"] in seeds:
-            val = [v[0] for k, v in r["items"].items() if is_validation(k)] or [float("nan")]
-            scores.setdefault(r["name"], {}).setdefault(r["lr"], []).append(float(np.mean(val)))
+            val = [v[which] for k, v in r["items"].items() if is_validation(k)] or [float("nan")]
+            scores.setdefault(r["name"], {}).setdefault(r["lr"], []).append(sign * float(np.mean(val)))
     return {name: max(by_lr, key=lambda lr: np.mean(by_lr[lr])) for name, by_lr in scores.items()}
 
 
@@ -256,7 +259,9 @@ def report(args, results: list[dict], lrs: dict[str, float]) -> dict:
     # secondary metrics, on the same items and runs: reported, never used to pick an lr or a verdict headline
     secondary = {"token_accuracy": compare(test_items(results, lrs, 1), base="sft", margin=args.margin),
                  "response_ce": compare(test_items(results, lrs, 2), base="sft", margin=args.margin, higher_is_better=False)}
-    summary = {"metric": f"{metric} (test half of the items)", "margin": args.margin,
+    summary = {"metric": f"{metric} (test half of the items)", "margin": args.margin, "lr_selected_by":
+               "validation response CE" if args.select == "ce" else f"validation {metric}",
+               "lr_by_primary": pick_lrs(results, set(args.tune_seeds_list), "primary"),
                "command": " ".join(sys.argv), "methods": table, "secondary": secondary, "premise": premise(results, lrs)}
     Path(args.work, "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(args.work, "compare.md").write_text(markdown(summary))
@@ -287,7 +292,8 @@ def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"# Method comparison\n\nPrimary metric: {summary['metric']}; equivalence margin ±{summary['margin']}.\n",
+    lines = [f"# Method comparison\n\nPrimary metric: {summary['metric']}; equivalence margin ±{summary['margin']}; "
+             f"each method's lr chosen by {summary.get('lr_selected_by', 'the validation primary metric')}.\n",
              "| method | lr | seeds | metric | diff vs sft | 95% CI | verdict |", "|---|---|---|---|---|---|---|"]
     for name, row in summary["methods"].items():
         d = row.get("diff_vs_sft")
@@ -314,6 +320,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--tune-seeds", default=None, help="seeds whose validation half picks each method's lr (default: all)")
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--select", default="primary", choices=["primary", "ce"],
+                    help="what picks each method's lr on the validation half: the primary metric, or the response CE")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps: the learning curves")
@@ -326,6 +334,7 @@ def main(argv=None) -> dict:
     specs = method_specs(args.methods.split(","), args.groups.split(","), args.lams.split(","))
     seeds = [int(x) for x in args.seeds.split(",")]
     tune = [int(x) for x in args.tune_seeds.split(",")] if args.tune_seeds else seeds
+    args.tune_seeds_list = tune
     results = []
 
     def go(spec: Spec, seed: int, lr: float) -> None:
@@ -336,7 +345,7 @@ def main(argv=None) -> dict:
         for seed in tune:
             for lr in map(float, args.lrs.split(",")):
                 go(spec, seed, lr)
-    lrs = pick_lrs(results, set(tune))
+    lrs = pick_lrs(results, set(tune), args.select)
     for spec in specs:  # the other seeds at each method's chosen lr
         for seed in (s for s in seeds if s not in tune):
             go(spec, seed, lrs[spec.name])

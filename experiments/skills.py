@@ -29,7 +29,7 @@ from skills_data import make_split  # noqa: E402
 STRATEGIES = "tfidf,reference,semantic"
 DEFAULTS = ["--methods", "sft,sftgo,dft,rho1,weighted", "--groups", STRATEGIES, "--lams", "0.9,0.3,0.5,decay",
             "--lrs", "1e-4,3e-4", "--steps", "40", "--batch-tokens", "512", "--eval-every", "10",
-            "--precision", "bf16", "--margin", "0.03"]
+            "--precision", "bf16", "--margin", "0.03", "--select", "ce"]
 
 
 def build(records: list[dict], jsonl: Path, out: Path) -> None:

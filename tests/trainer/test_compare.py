@@ -55,6 +55,16 @@ def test_method_names_and_order():
         harness.method_specs(["sft", "weighted"], ["tfidf"], ["0.9"])
 
 
+def test_lr_selection_by_primary_or_by_validation_ce():
+    val = [k for k in (f"i{n}" for n in range(40)) if harness.is_validation(k)][:2]
+    runs = [{"name": "sft", "seed": 0, "lr": 1e-4, "items": {val[0]: [0.0, 0.5, 0.3], val[1]: [1.0, 0.5, 0.3]}},
+            {"name": "sft", "seed": 0, "lr": 3e-4, "items": {val[0]: [1.0, 0.5, 0.9], val[1]: [1.0, 0.5, 0.9]}},
+            {"name": "sft", "seed": 1, "lr": 1e-4, "items": {val[0]: [1.0, 0.5, 9.0], val[1]: [1.0, 0.5, 9.0]}}]
+    assert harness.pick_lrs(runs, {0}) == {"sft": 3e-4}  # higher validation answer exact
+    assert harness.pick_lrs(runs, {0}, "ce") == {"sft": 1e-4}  # lower validation response CE
+    assert harness.pick_lrs(runs, {0, 1}, "ce") == {"sft": 3e-4}  # seed 1 now counts: mean CE 4.65 against 0.9
+
+
 def test_answers_file_and_premise_rule(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"id": "x", "answer": "42"}\n\n{"id": 7, "meta": {"answer": "Toisto"}}\n')
