@@ -3,6 +3,8 @@ Hugging Face `Trainer` and TRL's `SFTTrainer` (padding-free) on the same model, 
 
 Input: a shard directory (--data; default: bench_train's shards of data/*.jsonl), a model (--model,
 default the embedded SmolLM2-135M-Instruct), --batch-tokens (4096).
+Configurations: sftgo_train (length-bucketed padded rows, its default), sftgo_train_pack (--pack: rows
+filled first-fit, padding-free), hf_trainer (the same padded batches), trl_sft (padding-free).
 Output: a table on stdout and, with --json PATH, per configuration the peak RSS of its process
 (median of --repeats fresh processes, interleaved), the RSS after the model was loaded, and the
 difference: what the training steps added (activations, logits, gradients, optimizer state).
@@ -30,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = ("sftgo_train", "hf_trainer", "trl_sft")
+CONFIGS = ("sftgo_train", "sftgo_train_pack", "hf_trainer", "trl_sft")
 
 
 def rss_mb() -> float:
@@ -63,8 +65,8 @@ def one(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            if args.one == "sftgo_train":
-                bench_train.run_ours(args, "sft", work)
+            if args.one.startswith("sftgo_train"):
+                bench_train.run_ours(args, "sft", work, pack=args.one.endswith("_pack"))
             elif args.one == "hf_trainer":
                 bench_train.run_hf(args, batches, work)
             else:
@@ -105,7 +107,7 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{c} failed:\n{proc.stderr[-3000:]}")
             runs[c].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"repeat {r + 1}/{args.repeats} {c:<12} peak {runs[c][-1]['peak_mb']:,.0f} MB", flush=True)
+            print(f"repeat {r + 1}/{args.repeats} {c:<17} peak {runs[c][-1]['peak_mb']:,.0f} MB", flush=True)
     med = {c: {k: statistics.median(x[k] for x in runs[c]) for k in ("peak_mb", "after_load_mb", "tokens_per_step", "vocab")}
            for c in CONFIGS}
     for c in CONFIGS:
@@ -114,9 +116,9 @@ def main() -> None:
               "ours_over_hf_peak": med["sftgo_train"]["peak_mb"] / med["hf_trainer"]["peak_mb"],
               "ours_over_trl_peak": med["sftgo_train"]["peak_mb"] / med["trl_sft"]["peak_mb"],
               "full_logits_fp32_mb": med["sftgo_train"]["tokens_per_step"] * med["sftgo_train"]["vocab"] * 4 / 2**20}
-    print(f"\n{'config':<12} {'peak MB':>9} {'after load MB':>14} {'steps added MB':>15}")
+    print(f"\n{'config':<17} {'peak MB':>9} {'after load MB':>14} {'steps added MB':>15}")
     for c in CONFIGS:
-        print(f"{c:<12} {med[c]['peak_mb']:>9,.0f} {med[c]['after_load_mb']:>14,.0f} {med[c]['steps_added_mb']:>15,.0f}")
+        print(f"{c:<17} {med[c]['peak_mb']:>9,.0f} {med[c]['after_load_mb']:>14,.0f} {med[c]['steps_added_mb']:>15,.0f}")
     print(f"ours / HF peak  : {result['ours_over_hf_peak']:.3f}  (target <= 0.7)")
     print(f"ours / TRL peak : {result['ours_over_trl_peak']:.3f}  (target <= 0.7)")
     print(f"full logits of one step in fp32 would be {result['full_logits_fp32_mb']:,.0f} MB")

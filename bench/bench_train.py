@@ -52,7 +52,7 @@ def default_shards() -> str:
     return str(out)
 
 
-def run_ours(args, objective: str, work: Path, precision: str = "auto") -> list[float]:
+def run_ours(args, objective: str, work: Path, precision: str = "auto", pack: bool = False) -> list[float]:
     from sftgo.trainer.config import TrainConfig
     from sftgo.trainer.loop import run
 
@@ -60,7 +60,7 @@ def run_ours(args, objective: str, work: Path, precision: str = "auto") -> list[
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(data=args.data, out=str(out), model=args.model, objective=objective, groups="tfidf",
                       max_steps=args.warmup + args.steps, batch_tokens=args.batch_tokens, lr=1e-5, progress=False,
-                      tensorboard=False, precision=precision)
+                      tensorboard=False, precision=precision, pack=pack)
     with contextlib.redirect_stdout(io.StringIO()):  # the run's own summary table
         run(cfg)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -253,7 +253,9 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
                         "command": cmd("bench_memory.py", "memory"),
                         "note": f"what the steps added over the loaded model: ours {m['median']['sftgo_train']['steps_added_mb']:,.0f} MB, "
                                 f"theirs {m['median'][base]['steps_added_mb']:,.0f} MB; the full fp32 logits of one step would be "
-                                f"{m['full_logits_fp32_mb']:,.0f} MB"})
+                                f"{m['full_logits_fp32_mb']:,.0f} MB"
+                                + (f"; sftgo-train --pack (padding-free): {m['median']['sftgo_train_pack']['peak_mb']:,.0f} MB peak"
+                                   if "sftgo_train_pack" in m["median"] else "")})
     if "scale" in res:
         s = res["scale"]
         out.append({"target": "prep `tfidf` tokens/s vs `datasets.map(num_proc=2)` doing the same work",

@@ -63,7 +63,8 @@ def markdown(summary: dict, tasks_table: dict, runs: int, analysis: str) -> str:
          "## Set-up, fixed before any run", "", analysis.split("<!-- reading -->")[0].strip(), "",
          "## Methods", "",
          f"Primary metric: {summary['metric']}; differences against sft paired by seed and item, 95% bootstrap CI "
-         f"(seeds, then items within them); equivalence margin ±{summary['margin']} stated in advance.", "",
+         f"(seeds, then items within them); equivalence margin ±{summary['margin']} stated in advance. Each method's lr "
+         f"was chosen by {summary.get('lr_selected_by', 'its validation primary metric')} on the tuning seed.", "",
          "| method | lr | seeds | answer exact | diff vs sft | 95% CI | verdict |", "|---|---|---|---|---|---|---|"]
     for name, row in m.items():
         d = row.get("diff_vs_sft")
@@ -114,6 +115,7 @@ def main(argv=None) -> None:
     analysis = analysis_path.read_text() if analysis_path.exists() else ""
     (out / "QUALITY.md").write_text(markdown(summary, tasks_table, len(results), analysis))
     slim = {"metric": summary["metric"], "margin": summary["margin"], "command": summary["command"],
+            "lr_selected_by": summary.get("lr_selected_by"), "lr_by_primary": summary.get("lr_by_primary"),
             "methods": {name: {k: row[k] for k in ("seeds", "metric", "diff_vs_sft", "verdict", "lr") if k in row}
                         for name, row in summary["methods"].items()},
             "per_task": {task: {n: {k: r[k] for k in ("metric", "diff_vs_sft") if k in r} for n, r in t.items()}
