@@ -5,7 +5,7 @@ before you pay for a big run.
         [--methods sft,sftgo,dft,rho1,weighted] [--groups tfidf[,reference,semantic]]
         [--lams 0.9[,0.3,0.5,decay]] [--seeds 0,1,2] [--tune-seeds 0,1] [--lrs 1e-4,3e-4,1e-3]
         [--steps 30] [--batch-tokens 1024] [--eval-every 0] [--precision auto] [--margin 0.01]
-        [--answers FILE]
+        [--answers FILE] [--report-only]
 
 Input: shard directories of `sftgo-prep build` (train, and a held-out set built with the same
 tokenizer), a model, the methods, seeds and learning-rate grid.  `{seed}` in --train, --heldout
@@ -330,15 +330,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--margin", type=float, default=0.01)
     ap.add_argument("--answers", default=None,
                     help="JSONL of held-out {id, answer} (or records with meta.answer): the primary metric becomes answer exact")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the cached runs, leaving out (and naming) the seeds that are not complete")
     args = ap.parse_args(argv)
     specs = method_specs(args.methods.split(","), args.groups.split(","), args.lams.split(","))
     seeds = [int(x) for x in args.seeds.split(",")]
     tune = [int(x) for x in args.tune_seeds.split(",")] if args.tune_seeds else seeds
     args.tune_seeds_list = tune
-    results = []
+    results, missing = [], []
 
     def go(spec: Spec, seed: int, lr: float) -> None:
-        results.append(one_run(args, dataclasses.replace(spec, seed=seed, lr=lr)))
+        spec = dataclasses.replace(spec, seed=seed, lr=lr)
+        if args.report_only and not (Path(args.work) / "runs" / spec.key / "result.json").exists():
+            missing.append(spec.key)
+            return
+        results.append(one_run(args, spec))
         print(f"done {spec.name} seed {seed} lr {lr:g}", file=sys.stderr, flush=True)
 
     for spec in specs:  # the lr grid on the tuning seeds
@@ -348,7 +354,14 @@ def main(argv=None) -> dict:
     lrs = pick_lrs(results, set(tune), args.select)
     for spec in specs:  # the other seeds at each method's chosen lr
         for seed in (s for s in seeds if s not in tune):
-            go(spec, seed, lrs[spec.name])
+            if spec.name in lrs:
+                go(spec, seed, lrs[spec.name])
+            else:  # --report-only before the lr grid is complete
+                missing.append(f"{spec.name}-s{seed}-lr?")
+    if missing:  # --report-only: a seed is reported only where every method has its run
+        gaps = {int(k.rsplit("-s", 1)[1].split("-lr")[0]) for k in missing}
+        results = [r for r in results if r["seed"] not in gaps]
+        print(f"--report-only: {len(missing)} run(s) not trained yet; seeds {sorted(gaps)} left out of the report.", file=sys.stderr)
     summary = report(args, results, lrs)
     print(markdown(summary))
     return summary

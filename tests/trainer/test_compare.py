@@ -147,3 +147,8 @@ def test_tuning_seeds_pick_the_lr_and_each_seed_reads_its_own_data(tmp_path, sha
     assert [r for r in runs if "-s0-" in r] == sorted(f"{m}-s0-lr{lr}" for m in chosen for lr in ("0.001", "0.003"))
     assert [r for r in runs if "-s1-" in r] == sorted(f"{m}-s1-lr{lr:g}" for m, lr in chosen.items())
     assert all(row["seeds"] == 2 for row in summary["methods"].values())
+    (tmp_path / "w" / "runs" / f"weighted-s1-lr{chosen['weighted']:g}" / "result.json").unlink()
+    before = sorted(p.name for p in (tmp_path / "w" / "runs").iterdir())
+    partial = harness.main(argv + ["--report-only"])  # trains nothing; seed 1 is no longer complete
+    assert sorted(p.name for p in (tmp_path / "w" / "runs").iterdir()) == before
+    assert all(row["seeds"] == 1 for row in partial["methods"].values())
