@@ -352,8 +352,8 @@ def main(argv=None) -> dict:
             for lr in map(float, args.lrs.split(",")):
                 go(spec, seed, lr)
     lrs = pick_lrs(results, set(tune), args.select)
-    for spec in specs:  # the other seeds at each method's chosen lr
-        for seed in (s for s in seeds if s not in tune):
+    for seed in (s for s in seeds if s not in tune):  # the other seeds at each method's chosen lr, a seed at a time
+        for spec in specs:  # (an interrupted experiment has whole seeds to report)
             if spec.name in lrs:
                 go(spec, seed, lrs[spec.name])
             else:  # --report-only before the lr grid is complete
