@@ -270,22 +270,42 @@ def report(args, results: list[dict], lrs: dict[str, float]) -> dict:
     return summary
 
 
+def _style(name: str) -> dict:
+    """Colour by grouping (or baseline), line style by λ variant."""
+    colours = {"sft": "black", "dft": "tab:red", "rho1": "tab:purple", "weighted": "tab:brown"}
+    grouping = name.split("-")[1] if name.startswith("sftgo-") else None
+    colour = colours.get(name) or {"tfidf": "tab:blue", "reference": "tab:green", "semantic": "tab:orange"}.get(grouping, "tab:gray")
+    dash = "--" if name.endswith("-decay") else ":" if "-lam0.3" in name else "-." if "-lam0.5" in name else "-"
+    return {"color": colour, "linestyle": dash, "lw": 2.5 if name == "sft" else 1.3}
+
+
 def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
-    """Held-out loss against step, per method at its chosen lr, averaged over seeds."""
+    """Held-out loss against step, per method at its chosen lr, averaged over seeds: the whole run, and the
+    second half zoomed in (methods far above the rest are left out of the zoom's y range, not of the plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    tails = []
     for name in lrs:
         curves = [dict(map(tuple, r["curve"])) for r in results if r["name"] == name and r["lr"] == lrs[name] and r.get("curve")]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if steps:
-            ax.plot(steps, [np.mean([c[s] for c in curves]) for s in steps], marker=".",
-                    lw=2.5 if name in ("sft", "sftgo-tfidf") else 1, label=f"{name} (lr {lrs[name]:g})")
-    ax.set(xlabel="optimizer step", ylabel="held-out CE (mean over seeds)", title="Learning curves at each method's chosen lr")
-    ax.legend(fontsize=7, ncol=2)
+        if not steps:
+            continue
+        ys = [float(np.mean([c[s] for c in curves])) for s in steps]
+        for ax in axes:
+            ax.plot(steps, ys, marker=".", label=f"{name} (lr {lrs[name]:g})", **_style(name))
+        tails.append([y for s, y in zip(steps, ys) if s >= steps[-1] / 2])
+    if tails:
+        last = sorted(t[-1] for t in tails)
+        near = [t for t in tails if t[-1] <= last[len(last) // 2] * 1.5]  # within 1.5x of the median final loss
+        axes[1].set_xlim(max(s for s in steps) / 2 - 1, max(steps) + 1)
+        axes[1].set_ylim(min(min(t) for t in near) * 0.98, max(max(t) for t in near) * 1.02)
+    axes[0].set(xlabel="optimizer step", ylabel="held-out CE (mean over seeds)", title="Held-out loss at each method's chosen lr")
+    axes[1].set(xlabel="optimizer step", title="Second half, zoomed")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
