@@ -246,7 +246,7 @@ def test_items(results: list[dict], lrs: dict[str, float], which: int) -> dict:
     [primary, token accuracy, response CE]."""
     test = {}
     for r in results:
-        if r["lr"] == lrs[r["name"]]:
+        if r["lr"] == lrs.get(r["name"]):
             test.setdefault(r["name"], {})[r["seed"]] = {k: v[which] for k, v in r["items"].items() if not is_validation(k)}
     return test
 
@@ -262,7 +262,7 @@ def report(args, results: list[dict], lrs: dict[str, float]) -> dict:
     summary = {"metric": f"{metric} (test half of the items)", "margin": args.margin, "lr_selected_by":
                "validation response CE" if args.select == "ce" else f"validation {metric}",
                "lr_by_primary": pick_lrs(results, set(args.tune_seeds_list), "primary"),
-               "command": " ".join(sys.argv), "methods": table, "secondary": secondary, "premise": premise(results, lrs)}
+               "command": " ".join(sys.argv), "seeds": sorted({r["seed"] for r in results}), "methods": table, "secondary": secondary, "premise": premise(results, lrs)}
     Path(args.work, "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(args.work, "compare.md").write_text(markdown(summary))
     if args.eval_every:
@@ -288,7 +288,7 @@ def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
-    tails = []
+    tails, last_step = [], 0
     for name in lrs:
         curves = [dict(map(tuple, r["curve"])) for r in results if r["name"] == name and r["lr"] == lrs[name] and r.get("curve")]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
@@ -298,10 +298,11 @@ def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
         for ax in axes:
             ax.plot(steps, ys, marker=".", label=f"{name} (lr {lrs[name]:g})", **_style(name))
         tails.append([y for s, y in zip(steps, ys) if s >= steps[-1] / 2])
+        last_step = max(last_step, steps[-1])
     if tails:
         last = sorted(t[-1] for t in tails)
         near = [t for t in tails if t[-1] <= last[len(last) // 2] * 1.5]  # within 1.5x of the median final loss
-        axes[1].set_xlim(max(s for s in steps) / 2 - 1, max(steps) + 1)
+        axes[1].set_xlim(last_step / 2 - 1, last_step + 1)
         axes[1].set_ylim(min(min(t) for t in near) * 0.98, max(max(t) for t in near) * 1.02)
     axes[0].set(xlabel="optimizer step", ylabel="held-out CE (mean over seeds)", title="Held-out loss at each method's chosen lr")
     axes[1].set(xlabel="optimizer step", title="Second half, zoomed")

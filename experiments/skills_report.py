@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import is_validation, plot_curves  # noqa: E402
+from compare import plot_curves, test_items  # noqa: E402
 from paired import compare  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -36,16 +36,11 @@ def per_task(summary: dict, results: list[dict], tasks: dict[str, str], margin: 
              higher_is_better: bool = True) -> dict:
     """The method table again, one per task (test items of that task only); `which` indexes an item's
     [answer exact, token accuracy, response CE]."""
-    lrs = {name: row["lr"] for name, row in summary["methods"].items()}
-    out = {}
-    for task in sorted(set(tasks.values())):
-        test = {}
-        for r in results:
-            if r["name"] in lrs and r["lr"] == lrs[r["name"]]:
-                test.setdefault(r["name"], {})[r["seed"]] = {k: v[which] for k, v in r["items"].items()
-                                                              if not is_validation(k) and tasks.get(k) == task}
-        out[task] = compare(test, base="sft", margin=margin, higher_is_better=higher_is_better)
-    return out
+    test = test_items(results, {name: row["lr"] for name, row in summary["methods"].items()}, which)
+    return {task: compare({name: {seed: {k: v for k, v in items.items() if tasks.get(k) == task}
+                                  for seed, items in by_seed.items()} for name, by_seed in test.items()},
+                          base="sft", margin=margin, higher_is_better=higher_is_better)
+            for task in sorted(set(tasks.values()))}
 
 
 def _cells(table: dict, name: str, digits: int = 3) -> str:
@@ -108,6 +103,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     summary, results, tasks = load(work)
+    if "seeds" in summary:  # the seeds compare.py reported (--report-only leaves incomplete ones out)
+        results = [r for r in results if r["seed"] in summary["seeds"]]
     tasks_table = {"exact": per_task(summary, results, tasks, summary["margin"]),
                    "ce": per_task(summary, results, tasks, summary["margin"], which=2, higher_is_better=False)}
     lrs = {name: row["lr"] for name, row in summary["methods"].items()}
