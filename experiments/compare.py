@@ -358,6 +358,13 @@ def main(argv=None) -> dict:
     seeds = [int(x) for x in args.seeds.split(",")]
     tune = [int(x) for x in args.tune_seeds.split(",")] if args.tune_seeds else seeds
     args.tune_seeds_list = tune
+    for seed in seeds:  # every seed's data, before any training: one sentence, not a traceback mid-run
+        for flag, template in (("--train", args.train), ("--heldout", args.heldout)):
+            if not (Path(fmt(template, seed)) / "manifest.json").is_file():
+                raise SystemExit(f"Error: {flag} {fmt(template, seed)} (seed {seed}) holds no manifest.json: "
+                                 "build it with `sftgo-prep build` first.")
+        if args.answers and not Path(fmt(args.answers, seed)).is_file():
+            raise SystemExit(f"Error: --answers {fmt(args.answers, seed)} (seed {seed}) does not exist.")
     results, missing = [], []
 
     def go(spec: Spec, seed: int, lr: float) -> None:

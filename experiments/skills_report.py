@@ -23,6 +23,8 @@ from paired import compare  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 def load(work: Path) -> tuple[dict, list[dict], dict[str, str]]:
+    if not (work / "compare.json").is_file():
+        raise SystemExit(f"Error: {work} holds no compare.json: run experiments/skills.py (or compare.py) first.")
     summary = json.loads((work / "compare.json").read_text())
     results = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/result.json"))]
     tasks = {}

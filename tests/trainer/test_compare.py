@@ -137,7 +137,7 @@ def test_tuning_seeds_pick_the_lr_and_each_seed_reads_its_own_data(tmp_path, sha
     argv = ["--train", str(tmp_path / "train-{seed}"), "--heldout", str(tmp_path / "heldout-{seed}"), "--work", str(tmp_path / "w"),
             "--model", tiny_model_dir, "--methods", "sft,sftgo,weighted", "--seeds", "0,1", "--tune-seeds", "0",
             "--lrs", "1e-3,3e-3", "--steps", "2", "--batch-tokens", "160"]
-    with pytest.raises(Exception, match="heldout-1"):  # seed 1 reads its own held-out set, here a broken one
+    with pytest.raises(SystemExit, match="heldout-1 \\(seed 1\\) holds no manifest.json"):  # seed 1 reads its own held-out set, here a broken one
         harness.main(argv)
     shutil.rmtree(tmp_path / "heldout-1")
     shutil.copytree(eval_dir, tmp_path / "heldout-1")
