@@ -110,6 +110,13 @@ def find_terms(text: str, spans: list[tuple[int, int]], pattern: str = WORD_PATT
     and split by `pattern` on its own (its one capturing group, if any, is the term; empty matches are
     no terms).  Returns every term occurrence's start and end in `text` (the original characters
     its lower-cased form came from) and the terms, in order."""
+    lowered, starts, ends, back = _term_positions(text, spans, pattern)
+    terms = [lowered[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    return (*_original_positions(starts, ends, back), terms)
+
+
+def _term_positions(text: str, spans: list[tuple[int, int]], pattern: str):
+    """find_terms' matches: (the lower-cased text, term starts and ends in it, the map back to `text` or None)."""
     lowered, low_spans, back = _lower_spans(text, spans)
     run = _FAST_RUNS.get(pattern)
     if run:
@@ -121,10 +128,32 @@ def find_terms(text: str, spans: list[tuple[int, int]], pattern: str = WORD_PATT
         found = [(x, y) for x, y in found if y > x]
         starts = np.array([f[0] for f in found], dtype=np.int64)
         ends = np.array([f[1] for f in found], dtype=np.int64)
-    terms = [lowered[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    return lowered, starts, ends, back
+
+
+def _original_positions(starts: np.ndarray, ends: np.ndarray, back: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     if back is not None and len(starts):
-        starts, ends = back[starts], back[ends - 1] + 1
-    return starts, ends, terms
+        return back[starts], back[ends - 1] + 1
+    return starts, ends
+
+
+def _slices(text: str, starts: np.ndarray, ends: np.ndarray) -> pa.Array | None:
+    """text[a:b] for every (a, b) as one Arrow string array, cut from the UTF-8 bytes with NumPy (no Python
+    string per term); None when the text cannot be UTF-8 encoded (a lone surrogate)."""
+    try:
+        data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    except UnicodeEncodeError:
+        return None
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
+    at = np.zeros(len(codes) + 1, dtype=np.int64)
+    np.cumsum(width, out=at[1:])
+    b_start, b_end = at[starts], at[ends]
+    lengths = b_end - b_start
+    out = np.zeros(len(starts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    gather = np.arange(int(out[-1]), dtype=np.int64) - np.repeat(out[:-1] - b_start, lengths)
+    return pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(out), pa.py_buffer(data[gather].tobytes()))
 
 
 def token_word_index(word_starts: np.ndarray, word_ends: np.ndarray, tok_starts: np.ndarray, tok_ends: np.ndarray) -> np.ndarray:
@@ -206,12 +235,16 @@ def extract_batch(
         base = _offsets(np.fromiter((len(t) for t in texts), dtype=np.int64, count=n))
         joined = "".join(texts)
         spans = [(a + int(base[r]), b + int(base[r])) for r, sp in enumerate(content_spans) for a, b in sp]
-        starts, ends, words = find_terms(joined, spans, pattern)
-        vocab: dict[str, int] = {}
-        gid = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=len(words))
+        lowered, l_starts, l_ends, back = _term_positions(joined, spans, pattern)
+        starts, ends = _original_positions(l_starts, l_ends, back)
+        words = _slices(lowered, l_starts, l_ends)
+        if words is None:  # not UTF-8 encodable: one Python string per term
+            words = pa.array([lowered[a:b] for a, b in zip(l_starts.tolist(), l_ends.tolist())], pa.large_string())
+        coded = words.dictionary_encode()  # ids in order of first occurrence
+        gid = coded.indices.to_numpy().astype(np.int64)
         word_rec = np.searchsorted(base, starts, side="right") - 1
         u_term, counts, word_local, term_offsets = _group_terms(word_rec, gid, n)
-        flat_terms = pa.array(np.array(list(vocab), dtype=object)[u_term], pa.string()) if len(u_term) else pa.array([], pa.string())
+        flat_terms = coded.dictionary.take(pa.array(u_term, pa.int64())).cast(pa.string())
         if len(words):
             all_off = np.concatenate(offsets).astype(np.int64) + base[:-1][tok_rec][:, None]
             word = token_word_index(starts, ends, all_off[sup, 0], all_off[sup, 1])

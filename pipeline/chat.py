@@ -131,21 +131,46 @@ class ChatEncoder:
                 rendered.append(self.render(messages))
             except RecordError as err:
                 rendered.append(err)
+        good = [r for r in rendered if not isinstance(r, RecordError)]
         cap = self.max_chars
-        texts = [r[0][:cap] if cap else r[0] for r in rendered if not isinstance(r, RecordError)]
-        encodings = iter(self.backend.encode_batch(texts, add_special_tokens=False))
+        encodings = self.backend.encode_batch([t[:cap] if cap else t for t, _ in good], add_special_tokens=False) if good else []
+        arrays = iter(self._batch_arrays(good, encodings))
         out: list[Encoded | RecordError] = []
         for r in rendered:
-            out.append(r if isinstance(r, RecordError) else self._finish(r[0], r[1], next(encodings)))
+            out.append(r if isinstance(r, RecordError) else self._finish(r[0], r[1], *next(arrays)))
         return out
+
+    def _batch_arrays(self, good: list[tuple[str, list]], encodings) -> list[tuple]:
+        """Per record (ids, offsets, loss mask or None), converted and masked for the whole batch at
+        once (one NumPy pass instead of one per record); the mask of a sample longer than max_chars is left to
+        _finish, which may encode it again."""
+        n = len(encodings)
+        bounds = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, encodings), dtype=np.int64, count=n), out=bounds[1:])
+        total = int(bounds[-1])
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
+        offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int32,
+                              count=2 * total).reshape(-1, 2)
+        # every record's characters at its own base, so that one sorted search masks the whole batch
+        lengths = np.fromiter((len(t) for t, _ in good), dtype=np.int64, count=n)
+        base = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=base[1:])
+        cap = self.max_chars
+        short = lengths <= cap if cap else np.ones(n, dtype=bool)
+        ranges = [(a + int(base[i]), b + int(base[i])) for i, (text, spans) in enumerate(good) if short[i]
+                  for a, b in self._ranges(text, spans)]
+        glob = offsets.astype(np.int64) + np.repeat(base[:-1], np.diff(bounds))[:, None]
+        mask = _inside(glob, ranges)
+        cut = bounds[1:-1]
+        return [(i, o, m if ok else None) for i, o, m, ok in zip(np.split(ids, cut), np.split(offsets, cut), np.split(mask, cut), short)]
 
     def _arrays(self, enc) -> tuple[np.ndarray, np.ndarray]:
         ids = np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids))
         offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int32, count=2 * len(ids)).reshape(-1, 2)
         return ids, offsets
 
-    def _finish(self, text: str, spans: list[tuple[int, int]], enc) -> Encoded | RecordError:
-        ids, offsets = self._arrays(enc)
+    def _finish(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray, offsets: np.ndarray,
+                mask: np.ndarray | None) -> Encoded | RecordError:
         n, size = self.max_length, f"{len(ids)} tokens"
         if self.max_chars and len(text) > self.max_chars:  # only the start was encoded
             if len(ids) > n and offsets[n - 1, 1] <= self.max_chars // 2:
@@ -153,12 +178,12 @@ class ChatEncoder:
             else:  # the kept tokens would reach the cut: encode the whole text, as without the cap
                 ids, offsets = self._arrays(self.backend.encode(text, add_special_tokens=False))
                 size = f"{len(ids)} tokens"
+            mask = self._mask(text, offsets, spans)
         truncated = False
         if len(ids) > n:
             if self.overflow == "drop":
                 return RecordError("too_long", f"the sample has {size}, more than --max-length {n} tokens")
-            ids, offsets, truncated = ids[:n], offsets[:n], True
-        mask = self._mask(text, offsets, spans)
+            ids, offsets, mask, truncated = ids[:n], offsets[:n], mask[:n], True
         if not mask.any():
             return RecordError("no_loss_tokens", f"no response token falls within the first {n} tokens")
         if truncated:
@@ -166,17 +191,25 @@ class ChatEncoder:
             spans = [(a, min(b, end)) for a, b in spans if a < end]
         return Encoded(ids, mask, offsets, text, spans, truncated)
 
+    def _ranges(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The supervised character ranges: each assistant content plus the end-of-turn token right after it."""
+        eot = self.eot
+        ranges = [(a, b + len(eot) if eot and text.startswith(eot, b) else b) for a, b in spans]
+        return [(a, b) for a, b in ranges if b > a]
+
     def _mask(self, text: str, offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
         """1 for every token that contains a character of an assistant content or of the end-of-turn token
         right after it (a token straddling the template and the content included)."""
-        eot = self.eot
-        ranges = [(a, b + len(eot) if eot and text.startswith(eot, b) else b) for a, b in spans]
-        ranges = [(a, b) for a, b in ranges if b > a]
-        if not ranges or not len(offsets):
-            return np.zeros(len(offsets), dtype=np.int8)
-        starts = np.array([a for a, _ in ranges], dtype=np.int64)
-        ends = np.array([b for _, b in ranges], dtype=np.int64)
-        tok_start, tok_end = offsets[:, 0], offsets[:, 1]
-        idx = np.searchsorted(starts, tok_end, side="left") - 1  # the last range that starts before the token ends
-        inside = (idx >= 0) & (tok_start < ends[np.maximum(idx, 0)]) & (tok_end > tok_start)
-        return inside.astype(np.int8)
+        return _inside(offsets, self._ranges(text, spans))
+
+
+def _inside(offsets: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """int8 per token (character offsets [T, 2]): 1 where the token overlaps one of the sorted, disjoint ranges."""
+    if not ranges or not len(offsets):
+        return np.zeros(len(offsets), dtype=np.int8)
+    starts = np.array([a for a, _ in ranges], dtype=np.int64)
+    ends = np.array([b for _, b in ranges], dtype=np.int64)
+    tok_start, tok_end = offsets[:, 0], offsets[:, 1]
+    idx = np.searchsorted(starts, tok_end, side="left") - 1  # the last range that starts before the token ends
+    inside = (idx >= 0) & (tok_start < ends[np.maximum(idx, 0)]) & (tok_end > tok_start)
+    return inside.astype(np.int8)
