@@ -1,23 +1,24 @@
-"""Scale benchmark: prep against a `datasets.map(num_proc=2)` pipeline, 1 vs 2 Dask workers, and
-peak RSS of `sftgo-prep build` and `sftgo-train` at 1x and 10x data.
+"""Scale benchmark: prep against a `datasets.map(num_proc=2)` pipeline, 1 vs 2 Dask workers, the
+fixed start-up cost, and peak RSS of `sftgo-prep build` and `sftgo-train` at two data sizes.
 
-Everything is measured side by side in this one run, interleaved per repeat, on corpora from
-data/generate.py (half alpaca, half chat), each figure the median of --repeats runs:
-  a  `sftgo-prep build --strategy tfidf --workers 2` tokens/s against the same work done with
-     Hugging Face `datasets` (`python bench/bench_scale.py hf-pipeline ...`): load_dataset("json"),
-     map(num_proc=2) normalising (pipeline.formats.to_messages), rendering the chat template and
-     tokenizing with offsets (the same embedded tokenizer), the assistant loss mask from offsets,
-     scikit-learn TfidfVectorizer fitted over the responses (same token pattern), per-token TF-IDF of
-     the word, top-30% groups, ds.to_parquet.  Both are timed end to end as CLI subprocesses
-     (interpreter start-up included), target sftgo >= 2x.
+Everything is measured side by side in this one run on corpora from data/generate.py (half alpaca,
+half chat); each figure is the median of its runs:
+  a  `sftgo-prep build --strategy tfidf --workers 2` tokens/s on --records (200,000) against the same
+     work done with Hugging Face `datasets` (`python bench/bench_scale.py hf-pipeline ...`):
+     load_dataset("json"), map(num_proc=2) normalising (pipeline.formats.to_messages), rendering the chat
+     template and tokenizing with offsets (the same embedded tokenizer), the assistant loss mask from
+     offsets, scikit-learn TfidfVectorizer fitted over the responses (same token pattern), per-token
+     TF-IDF of the word, top-30% groups, ds.to_parquet.  Both are timed end to end as CLI subprocesses
+     (interpreter start-up included), target sftgo >= 3x.  --repeats runs, interleaved.
   b  `--workers 2` against `--workers 1` tokens/s on the same corpus, target >= 1.7x.
-  c  peak RSS, summed over the command's whole process tree (psutil, polled every 50 ms), of
-     `sftgo-prep build --workers 2` at --records (10x) vs --records/10 (1x), and of `sftgo-train`
-     (--train-steps steps, --train-batch-tokens) on the shards built at 1x and 10x; target <= 1.2x.
-Per repeat the order is: build 10x w2, datasets 10x, build 10x w1, build 1x w2 (the order of the
-first three rotates per repeat), then the training runs alternate 1x / 10x.
+  c  start-up: the wall time of a --startup-records (100) build, every cost that does not grow with data.
+  d  peak RSS, summed over the command's whole process tree (psutil, polled every 50 ms), of
+     `sftgo-prep build --workers 2` at the two --rss-records sizes (100,000 and 1,000,000), and of
+     `sftgo-train` (--train-steps steps, --train-batch-tokens) on those two builds' shards; target <= 1.2x.
+     --rss-repeats runs each (default 1: a 1,000,000-record build takes minutes).
+Per repeat the order of a's and b's three runs rotates; the start-up build follows them.
 
-Usage: python bench/bench_scale.py [--records 20000] [--repeats 3] [--json FILE]
+Usage: python bench/bench_scale.py [--records 200000] [--rss-records 100000,1000000] [--repeats 3] [--json FILE]
        python bench/bench_scale.py hf-pipeline --out DIR INPUT [INPUT ...]   (the baseline alone)
 """
 from __future__ import annotations
@@ -239,7 +240,11 @@ def main(argv=None) -> None:
         return
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--records", type=int, default=20000, help="records of the 10x corpus (1x is a tenth)")
+    p.add_argument("--records", type=int, default=200000, help="records of the throughput corpus (sftgo vs datasets.map, 2 vs 1 workers)")
+    p.add_argument("--rss-records", default="100000,1000000",
+                   help="SMALL,LARGE: the two corpora whose peak RSS is compared (build and training); 'same' reuses --records and a tenth of it")
+    p.add_argument("--rss-repeats", type=int, default=1, help="runs of each peak-RSS measurement (peak RSS varies little between runs)")
+    p.add_argument("--startup-records", type=int, default=100, help="records of the build whose wall time is the fixed start-up cost")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-steps", type=int, default=4)
     p.add_argument("--train-batch-tokens", type=int, default=512)
@@ -250,11 +255,17 @@ def main(argv=None) -> None:
     os.environ.setdefault("SFTGO_CACHE", str(Path.home() / ".cache" / "sftgo"))
 
     work = Path(args.work)
-    big, small = corpus(work, args.records), corpus(work, args.records // 10)
+    if args.rss_records == "same":
+        rss_small, rss_large = args.records // 10, args.records
+    else:
+        rss_small, rss_large = (int(x) for x in args.rss_records.split(","))
+    big, startup = corpus(work, args.records), corpus(work, args.startup_records)
+    small_c, large_c = corpus(work, rss_small), (big if rss_large == args.records else corpus(work, rss_large))
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=work))
     meter, load = TreeRSS(), LoadSampler()
     load.start()
-    runs = {k: [] for k in ("build_w2_10x", "hf_datasets_10x", "build_w1_10x", "build_w2_1x", "train_1x", "train_10x")}
+    runs = {k: [] for k in ("build_w2_10x", "hf_datasets_10x", "build_w1_10x", "build_startup", "build_rss_1x", "build_rss_10x",
+                            "train_1x", "train_10x")}
     med = statistics.median
 
     def hf_env():
@@ -268,25 +279,34 @@ def main(argv=None) -> None:
                                              env=hf_env()),
         "build_w1_10x": lambda: meter.run(build_cmd(big, tmp / "w1-10x", 1)),
     }
+
+    def note(r, name, res):
+        print(f"repeat {r + 1} {name:<16} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mb']:7.0f} MB"
+              f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+
     try:
         for r in range(args.repeats):
             order = list(jobs)[r % 3:] + list(jobs)[: r % 3]
-            for name in order + ["build_w2_1x"]:
+            for name in order + ["build_startup"]:
                 shutil.rmtree(tmp / "hf", ignore_errors=True)
-                res = jobs[name]() if name in jobs else meter.run(build_cmd(small, tmp / "w2-1x", 2))
+                res = jobs[name]() if name in jobs else meter.run(build_cmd(startup, tmp / "startup", 2))
                 runs[name].append(res)
-                print(f"repeat {r + 1}/{args.repeats} {name:<16} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mb']:7.0f} MB"
-                      f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+                note(r, name, res)
+        for r in range(args.rss_repeats):  # peak RSS at the two sizes, alternating
+            for name, inputs in (("build_rss_1x", small_c), ("build_rss_10x", large_c))[:: 1 if r % 2 == 0 else -1]:
+                res = meter.run(build_cmd(inputs, tmp / name, 2))
+                runs[name].append(res)
+                note(r, name, res)
         if not args.skip_train:
-            for r in range(args.repeats):
-                for name, data in (("train_1x", tmp / "w2-1x"), ("train_10x", tmp / "w2-10x"))[:: 1 if r % 2 == 0 else -1]:
+            for r in range(args.rss_repeats):
+                for name, data in (("train_1x", tmp / "build_rss_1x"), ("train_10x", tmp / "build_rss_10x"))[:: 1 if r % 2 == 0 else -1]:
                     out = tmp / f"run-{name}"
                     shutil.rmtree(out, ignore_errors=True)
                     res = meter.run(train_cmd(data, out, args.train_steps, args.train_batch_tokens))
                     runs[name].append(res)
-                    print(f"repeat {r + 1}/{args.repeats} {name:<16} {res['wall_s']:7.2f} s  peak RSS "
-                          f"{res['peak_rss_mb']:7.0f} MB  (load {os.getloadavg()[0]:.1f})", flush=True)
-        man = {k: json.loads((tmp / d / "manifest.json").read_text())["totals"] for k, d in (("10x", "w2-10x"), ("1x", "w2-1x"))}
+                    note(r, name, res)
+        man = {k: json.loads((tmp / d / "manifest.json").read_text())["totals"]
+               for k, d in (("10x", "w2-10x"), ("startup", "startup"), ("rss_1x", "build_rss_1x"), ("rss_10x", "build_rss_10x"))}
     finally:
         load.stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,24 +315,29 @@ def main(argv=None) -> None:
     wall = {k: med([x["wall_s"] for x in v]) for k, v in runs.items() if v}
     rss = {k: med([x["peak_rss_mb"] for x in v]) for k, v in runs.items() if v}
     result = {
-        "records_10x": args.records, "records_1x": args.records // 10, "tokens_10x": tokens, "tokens_1x": man["1x"]["tokens"],
-        "repeats": args.repeats, "cpus": os.cpu_count(), "runs": runs, "wall_s_median": wall, "peak_rss_mb_median": rss,
+        "records_10x": args.records, "tokens_10x": tokens, "startup_records": args.startup_records,
+        "rss_records": [rss_small, rss_large], "rss_tokens": [man["rss_1x"]["tokens"], man["rss_10x"]["tokens"]],
+        "repeats": args.repeats, "rss_repeats": args.rss_repeats, "cpus": os.cpu_count(), "runs": runs,
+        "wall_s_median": wall, "peak_rss_mb_median": rss,
         "tok_s": {k: tokens / wall[k] for k in ("build_w2_10x", "hf_datasets_10x", "build_w1_10x")},
-        "sftgo_over_datasets": wall["hf_datasets_10x"] / wall["build_w2_10x"], "target_sftgo_over_datasets": 2.0,
+        "sftgo_over_datasets": wall["hf_datasets_10x"] / wall["build_w2_10x"], "target_sftgo_over_datasets": 3.0,
         "w2_over_w1": wall["build_w1_10x"] / wall["build_w2_10x"], "target_w2_over_w1": 1.7,
-        "build_rss_10x_over_1x": rss["build_w2_10x"] / rss["build_w2_1x"], "target_rss": 1.2,
+        "startup_s": wall["build_startup"], "startup_share": wall["build_startup"] / wall["build_w2_10x"],
+        "build_rss_10x_over_1x": rss["build_rss_10x"] / rss["build_rss_1x"], "target_rss": 1.2,
         "train_steps": args.train_steps, "train_batch_tokens": args.train_batch_tokens,
         "load_average": load.summary(),
     }
     if not args.skip_train:
         result["train_rss_10x_over_1x"] = rss["train_10x"] / rss["train_1x"]
-    print(f"\n{tokens} tokens at 10x ({args.records} records); medians of {args.repeats}; load average "
+    print(f"\n{tokens} tokens ({args.records} records); medians of {args.repeats} (peak RSS: {args.rss_repeats}); load average "
           f"{result['load_average']['mean']:.1f} on {os.cpu_count()} CPUs")
     for k in wall:
         print(f"{k:<18} {wall[k]:8.2f} s  peak RSS {rss[k]:7.0f} MB")
-    print(f"sftgo / datasets.map tokens/s : {result['sftgo_over_datasets']:.2f} (target >= 2)")
+    print(f"sftgo / datasets.map tokens/s : {result['sftgo_over_datasets']:.2f} (target >= 3)")
+    print(f"start-up ({args.startup_records}-record build): {result['startup_s']:.1f} s, "
+          f"{100 * result['startup_share']:.0f}% of the {args.records}-record build")
     print(f"2 workers / 1 worker          : {result['w2_over_w1']:.2f} (target >= 1.7)")
-    print(f"build peak RSS 10x / 1x       : {result['build_rss_10x_over_1x']:.2f} (target <= 1.2)")
+    print(f"build peak RSS {rss_large} / {rss_small} records: {result['build_rss_10x_over_1x']:.2f} (target <= 1.2)")
     if "train_rss_10x_over_1x" in result:
         print(f"train peak RSS 10x / 1x       : {result['train_rss_10x_over_1x']:.2f} (target <= 1.2)")
     if args.json:

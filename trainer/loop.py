@@ -249,6 +249,9 @@ class Run:
     worst_prev: int | None = None
     switches: int = 0
     cut: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(CUT_KEYS, 0))  # run totals
+    setup_rss_mb: float | None = None  # the resident-set peak of set-up, when the training phase is measured apart
+    setup_cuda_mb: float = 0.0  # torch's peak GPU allocation during set-up
+    train_start_rss_mb: float | None = None  # the resident set when training starts
 
     @property
     def main(self) -> bool:
@@ -521,13 +524,46 @@ def save_model(r: Run) -> Path | None:
     return ckpt.save_final(cfg.out, model, r.tokenizer, dtype=dtype, use_cache=use_cache)
 
 
+def _vm_hwm_mb(field: str = "VmHWM") -> float | None:
+    """The kernel's resident-set high-water mark (or, with field="VmRSS", the current resident set) of this
+    process, from Linux /proc/self/status, in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def start_training_peak(r: Run) -> None:
+    """Keep set-up's resident-set peak, then restart the high-water mark (Linux: "5" into
+    /proc/self/clear_refs) so that the peak read at the end covers the training phase alone; on a GPU,
+    restart torch's peak statistics too.  Where the kernel refuses, only the whole-process peak is reported."""
+    if r.device.type == "cuda":
+        r.setup_cuda_mb = torch.cuda.max_memory_allocated(r.device) / 2**20
+        torch.cuda.reset_peak_memory_stats(r.device)
+    before = _vm_hwm_mb()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return
+    r.setup_rss_mb, r.train_start_rss_mb = before, _vm_hwm_mb("VmRSS")
+
+
 def peak_memory(r: Run) -> list[dict]:
-    """Each rank's peak memory: resident set (CPU) and, on a GPU, the most allocated by torch."""
+    """Each rank's peak memory: resident set (CPU) of the whole process (`rss_mb`) and of the training phase
+    after set-up (`train_rss_mb`: weights, gradients, optimizer state, activations; None where it could not be
+    measured apart; `train_start_rss_mb`: the resident set it started from) and, on a GPU, the most allocated by torch (`cuda_mb`, `train_cuda_mb`)."""
     import resource
 
-    mine = {"rank": r.rank, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    train = _vm_hwm_mb() if r.setup_rss_mb is not None else None
+    mine = {"rank": r.rank, "rss_mb": max(whole, r.setup_rss_mb or 0.0, train or 0.0), "train_rss_mb": train,
+            "train_start_rss_mb": r.train_start_rss_mb}
     if r.device.type == "cuda":
-        mine["cuda_mb"] = torch.cuda.max_memory_allocated(r.device) / 2**20
+        mine["train_cuda_mb"] = torch.cuda.max_memory_allocated(r.device) / 2**20
+        mine["cuda_mb"] = max(mine["train_cuda_mb"], r.setup_cuda_mb)
     if r.world == 1:
         return [mine]
     every: list = [None] * r.world
@@ -547,6 +583,7 @@ def run(cfg: TrainConfig) -> dict:
             r, _, notes = set_up(cfg, rank, world, device)
             for note in (notes + [f"Note: {n}" for n in ignored_settings(cfg)] + [launch_note(r)]) if r.main else ():
                 print(note, file=sys.stderr, flush=True)
+            start_training_peak(r)
             train(r)
             summary = finish(r)
             barrier(r)  # leave together: a rank that tears down its process group early can abort the other's

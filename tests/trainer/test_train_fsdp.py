@@ -72,7 +72,10 @@ def test_fsdp_follows_ddp_and_its_model_loads(tmp_path, base):
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-0000004"
     assert (ckpt / "sharded" / ".metadata").exists() and not (ckpt / "model.safetensors").exists()
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
-    assert [m["rank"] for m in summary["peak_memory_mb_per_rank"]] == [0, 1]
+    peaks = summary["peak_memory_mb_per_rank"]
+    assert [m["rank"] for m in peaks] == [0, 1]
+    # the training phase is measured apart from set-up (Linux clear_refs): a positive part of the whole
+    assert all(0 < m["train_rss_mb"] <= m["rss_mb"] for m in peaks)
 
 
 @pytest.mark.slow
