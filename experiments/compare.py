@@ -178,12 +178,40 @@ def run_stats(metrics: Path) -> dict:
             "train_ce_last": train_recs[-1]["ce"] if train_recs else None}
 
 
+def run_settings(args, seed: int) -> dict:
+    """What a cached run must share with the comparison that reads it (besides its name: method, seed, lr)."""
+    return {"train": fmt(args.train, seed), "heldout": fmt(args.heldout, seed), "answers": fmt(args.answers, seed),
+            "model": args.model, "steps": args.steps, "batch_tokens": args.batch_tokens, "clip_grad": args.clip_grad,
+            "precision": args.precision, "eval_every": args.eval_every}
+
+
+def machine() -> dict:
+    """Where a run was trained (reported, not compared: the same settings on another machine differ only in rounding)."""
+    import platform
+
+    from sftgo.trainer.loop import bf16_native
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {"cpu": cpu, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_bf16_native": bf16_native(torch.device("cpu")), "torch": torch.__version__}
+
+
 def one_run(args, spec: Spec) -> dict:
     """Train and evaluate one (method, seed, lr), or read its cached result."""
     out = Path(args.work) / "runs" / spec.key
     cached = out / "result.json"
+    settings = run_settings(args, spec.seed)
     if cached.exists():
-        return json.loads(cached.read_text())
+        result = json.loads(cached.read_text())
+        if result.get("settings", settings) != settings:  # a run cached by name must have been made the same way
+            made = result["settings"]
+            changed = sorted(k for k in settings if made.get(k) != settings[k])
+            then = ", ".join(f"{k}: {made.get(k)!r}" for k in changed)
+            now = ", ".join(f"{k}: {settings[k]!r}" for k in changed)
+            raise SystemExit(f"{cached} was made with other settings ({then}; this comparison asks {now}): "
+                             "use another --work directory, or delete that run to redo it.")
+        return result
     shutil.rmtree(out, ignore_errors=True)  # an interrupted run is redone (runs are short)
     base = f"sftgo-{args.groups.split(',')[0]}"
     extra = {"group_weight": matched_weight(Path(args.work), spec.seed, spec.lr, base)} if spec.objective == "weighted" else {}
@@ -195,7 +223,8 @@ def one_run(args, spec: Spec) -> dict:
                       clip_grad=args.clip_grad, warmup_steps=max(1, args.steps // 10), progress=False, tensorboard=False,
                       precision=args.precision, **({"lam": spec.lam} if spec.objective == "sftgo" else {}),
                       **schedule, **curves, **extra))
-    result = {"name": spec.name, "seed": spec.seed, "lr": spec.lr, **extra, **run_stats(out / "metrics.jsonl"),
+    result = {"name": spec.name, "seed": spec.seed, "lr": spec.lr, "settings": settings, "machine": machine(),
+              **extra, **run_stats(out / "metrics.jsonl"),
               **item_metrics(str(out / "model"), heldout, read_answers(fmt(args.answers, spec.seed)),
                              bf16=args.precision == "bf16")}
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -329,7 +358,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", required=True)
     ap.add_argument("--heldout", required=True)
@@ -353,12 +382,16 @@ def main(argv=None) -> dict:
                     help="JSONL of held-out {id, answer} (or records with meta.answer): the primary metric becomes answer exact")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report the cached runs, leaving out (and naming) the seeds that are not complete")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
     specs = method_specs(args.methods.split(","), args.groups.split(","), args.lams.split(","))
     seeds = [int(x) for x in args.seeds.split(",")]
     tune = [int(x) for x in args.tune_seeds.split(",")] if args.tune_seeds else seeds
     args.tune_seeds_list = tune
-    for seed in seeds:  # every seed's data, before any training: one sentence, not a traceback mid-run
+    for seed in [] if args.report_only else seeds:  # every seed's data, before any training: one sentence, not a traceback
         for flag, template in (("--train", args.train), ("--heldout", args.heldout)):
             if not (Path(fmt(template, seed)) / "manifest.json").is_file():
                 raise SystemExit(f"Error: {flag} {fmt(template, seed)} (seed {seed}) holds no manifest.json: "

@@ -62,12 +62,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--heldout-records", type=int, default=160)
     args, rest = ap.parse_known_args(argv)
     work = Path(args.work)
-    prepare(work, [int(s) for s in args.seeds.split(",")], args.train_records, args.heldout_records)
+    if "--report-only" not in rest:  # the report reads the cached results alone
+        prepare(work, [int(s) for s in args.seeds.split(",")], args.train_records, args.heldout_records)
     given = {a.split("=")[0] for a in rest if a.startswith("--")}
     defaults = [x for k, v in zip(DEFAULTS[::2], DEFAULTS[1::2]) if k not in given for x in (k, v)]
-    return compare.main(["--train", str(work / "world-{seed}" / "train"), "--heldout", str(work / "world-{seed}" / "heldout"),
-                         "--answers", str(work / "world-{seed}" / "heldout.jsonl"), "--work", str(work),
-                         "--seeds", args.seeds, "--tune-seeds", args.tune_seeds, *defaults, *rest])
+    return compare.main(compare_argv(work, args.seeds, args.tune_seeds, [*defaults, *rest]))
+
+
+def compare_argv(work: Path, seeds: str, tune_seeds: str, options: list[str]) -> list[str]:
+    return ["--train", str(work / "world-{seed}" / "train"), "--heldout", str(work / "world-{seed}" / "heldout"),
+            "--answers", str(work / "world-{seed}" / "heldout.jsonl"), "--work", str(work),
+            "--seeds", seeds, "--tune-seeds", tune_seeds, *options]
 
 
 if __name__ == "__main__":

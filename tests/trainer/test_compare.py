@@ -113,6 +113,12 @@ def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_
     assert len(stamps) == 12
     harness.main(argv)  # everything cached: no run is trained again
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
+    assert weighted["settings"]["steps"] == 2 and weighted["settings"]["precision"] == "auto" and "cpu" in weighted["machine"]
+    # a cached run made another way is never reused in silence: one sentence naming what differs, nothing trained
+    other = [*argv[: argv.index("--steps")], "--steps", "3", *argv[argv.index("--steps") + 2:], "--precision", "fp32"]
+    with pytest.raises(SystemExit, match=r"other settings \(precision: 'auto', steps: 2; this comparison asks precision: 'fp32', steps: 3\)"):
+        harness.main(other)
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
 
 
 def test_seeds_with_their_own_worlds_still_pair_within_each_seed():
