@@ -145,12 +145,7 @@ class ChatEncoder:
         once (one NumPy pass instead of one per record); the mask of a sample longer than max_chars is left to
         _finish, which may encode it again."""
         n = len(encodings)
-        bounds = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encodings), dtype=np.int64, count=n), out=bounds[1:])
-        total = int(bounds[-1])
-        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
-        offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int32,
-                              count=2 * total).reshape(-1, 2)
+        ids, offsets, bounds = _flat_arrays(encodings)
         # every record's characters at its own base, so that one sorted search masks the whole batch
         lengths = np.fromiter((len(t) for t, _ in good), dtype=np.int64, count=n)
         base = np.zeros(n + 1, dtype=np.int64)
@@ -164,11 +159,6 @@ class ChatEncoder:
         cut = bounds[1:-1]
         return [(i, o, m if ok else None) for i, o, m, ok in zip(np.split(ids, cut), np.split(offsets, cut), np.split(mask, cut), short)]
 
-    def _arrays(self, enc) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids))
-        offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int32, count=2 * len(ids)).reshape(-1, 2)
-        return ids, offsets
-
     def _finish(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray, offsets: np.ndarray,
                 mask: np.ndarray | None) -> Encoded | RecordError:
         n, size = self.max_length, f"{len(ids)} tokens"
@@ -176,7 +166,7 @@ class ChatEncoder:
             if len(ids) > n and offsets[n - 1, 1] <= self.max_chars // 2:
                 text, size = text[: self.max_chars], f"{len(text):,} characters"
             else:  # the kept tokens would reach the cut: encode the whole text, as without the cap
-                ids, offsets = self._arrays(self.backend.encode(text, add_special_tokens=False))
+                ids, offsets, _ = _flat_arrays([self.backend.encode(text, add_special_tokens=False)])
                 size = f"{len(ids)} tokens"
             mask = self._mask(text, offsets, spans)
         truncated = False
@@ -201,6 +191,19 @@ class ChatEncoder:
         """1 for every token that contains a character of an assistant content or of the end-of-turn token
         right after it (a token straddling the template and the content included)."""
         return _inside(offsets, self._ranges(text, spans))
+
+
+def _flat_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ids (int32 [T]) and character offsets (int32 [T, 2]) of several Rust encodings laid end to end,
+    and each encoding's bounds in them ([n + 1])."""
+    n = len(encodings)
+    bounds = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encodings), dtype=np.int64, count=n), out=bounds[1:])
+    total = int(bounds[-1])
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int32,
+                          count=2 * total).reshape(-1, 2)
+    return ids, offsets, bounds
 
 
 def _inside(offsets: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:

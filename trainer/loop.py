@@ -524,9 +524,9 @@ def save_model(r: Run) -> Path | None:
     return ckpt.save_final(cfg.out, model, r.tokenizer, dtype=dtype, use_cache=use_cache)
 
 
-def _vm_hwm_mb(field: str = "VmHWM") -> float | None:
-    """The kernel's resident-set high-water mark (or, with field="VmRSS", the current resident set) of this
-    process, from Linux /proc/self/status, in MB."""
+def _proc_status_mb(field: str = "VmHWM") -> float | None:
+    """A memory field of this process from Linux /proc/self/status, in MB: VmHWM, the resident-set high-water
+    mark, or VmRSS, the current resident set; None where there is no such file."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -543,12 +543,12 @@ def start_training_peak(r: Run) -> None:
     if r.device.type == "cuda":
         r.setup_cuda_mb = torch.cuda.max_memory_allocated(r.device) / 2**20
         torch.cuda.reset_peak_memory_stats(r.device)
-    before = _vm_hwm_mb()
+    before = _proc_status_mb()
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return
-    r.setup_rss_mb, r.train_start_rss_mb = before, _vm_hwm_mb("VmRSS")
+    r.setup_rss_mb, r.train_start_rss_mb = before, _proc_status_mb("VmRSS")
 
 
 def peak_memory(r: Run) -> list[dict]:
@@ -558,7 +558,7 @@ def peak_memory(r: Run) -> list[dict]:
     import resource
 
     whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    train = _vm_hwm_mb() if r.setup_rss_mb is not None else None
+    train = _proc_status_mb() if r.setup_rss_mb is not None else None
     mine = {"rank": r.rank, "rss_mb": max(whole, r.setup_rss_mb or 0.0, train or 0.0), "train_rss_mb": train,
             "train_start_rss_mb": r.train_start_rss_mb}
     if r.device.type == "cuda":
