@@ -258,7 +258,10 @@ def main(argv=None) -> None:
     if args.rss_records == "same":
         rss_small, rss_large = args.records // 10, args.records
     else:
-        rss_small, rss_large = (int(x) for x in args.rss_records.split(","))
+        try:
+            rss_small, rss_large = (int(x) for x in args.rss_records.split(","))
+        except ValueError:
+            p.error(f"--rss-records takes SMALL,LARGE record counts (e.g. 100000,1000000) or 'same', not {args.rss_records!r}")
     big, startup = corpus(work, args.records), corpus(work, args.startup_records)
     small_c, large_c = corpus(work, rss_small), (big if rss_large == args.records else corpus(work, rss_large))
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=work))

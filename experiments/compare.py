@@ -423,6 +423,9 @@ def main(argv=None) -> dict:
         gaps = {int(k.rsplit("-s", 1)[1].split("-lr")[0]) for k in missing}
         results = [r for r in results if r["seed"] not in gaps]
         print(f"--report-only: {len(missing)} run(s) not trained yet; seeds {sorted(gaps)} left out of the report.", file=sys.stderr)
+    if not results:  # --report-only with no seed complete: nothing to compare
+        raise SystemExit(f"Error: {args.work} holds no complete seed to report ({len(missing)} run(s) missing); "
+                         "train them first (without --report-only).")
     summary = report(args, results, lrs)
     print(markdown(summary))
     return summary
