@@ -4,7 +4,9 @@ Hugging Face `Trainer` and TRL's `SFTTrainer` (padding-free) on the same model, 
 Input: a shard directory (--data; default: bench_train's shards of data/*.jsonl), a model (--model,
 default the embedded SmolLM2-135M-Instruct), --batch-tokens (4096).
 Configurations: sftgo_train (length-bucketed padded rows, its default), sftgo_train_pack (--pack: rows
-filled first-fit, padding-free), hf_trainer (the same padded batches), trl_sft (padding-free).
+filled first-fit, padding-free), hf_trainer (the same padded batches), trl_sft (padding-free); all
+with gradient checkpointing (TRL's default; --no-grad-checkpointing turns it off in all four), so
+that the stored activations are alike and what differs is how the loss is computed.
 Output: a table on stdout and, with --json PATH, per configuration the peak RSS of its process
 (median of --repeats fresh processes, interleaved), the RSS after the model was loaded, and the
 difference: what the training steps added (activations, logits, gradients, optimizer state).
@@ -84,6 +86,9 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing in every configuration (TRL's default), so that what differs is the loss "
+                        "computation, not the stored activations [default: on]")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -102,7 +107,8 @@ def main() -> None:
     for r in range(args.repeats):
         for c in CONFIGS:  # interleaved: every configuration sees the machine in the same state
             cmd = [sys.executable, __file__, "--one", c, "--data", args.data, "--batch-tokens", str(args.batch_tokens),
-                   "--steps", str(args.steps)] + (["--model", args.model] if args.model else [])
+                   "--steps", str(args.steps), "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
+            cmd += ["--model", args.model] if args.model else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{c} failed:\n{proc.stderr[-3000:]}")
@@ -112,7 +118,7 @@ def main() -> None:
            for c in CONFIGS}
     for c in CONFIGS:
         med[c]["steps_added_mb"] = med[c]["peak_mb"] - med[c]["after_load_mb"]
-    result = {"batch_tokens": args.batch_tokens, "steps": args.steps, "repeats": args.repeats, "median": med, "runs": runs,
+    result = {"batch_tokens": args.batch_tokens, "steps": args.steps, "grad_checkpointing": args.grad_checkpointing, "repeats": args.repeats, "median": med, "runs": runs,
               "ours_over_hf_peak": med["sftgo_train"]["peak_mb"] / med["hf_trainer"]["peak_mb"],
               "ours_over_trl_peak": med["sftgo_train"]["peak_mb"] / med["trl_sft"]["peak_mb"],
               "full_logits_fp32_mb": med["sftgo_train"]["tokens_per_step"] * med["sftgo_train"]["vocab"] * 4 / 2**20}

@@ -60,7 +60,7 @@ def run_ours(args, objective: str, work: Path, precision: str = "auto", pack: bo
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(data=args.data, out=str(out), model=args.model, objective=objective, groups="tfidf",
                       max_steps=args.warmup + args.steps, batch_tokens=args.batch_tokens, lr=1e-5, progress=False,
-                      tensorboard=False, precision=precision, pack=pack)
+                      tensorboard=False, precision=precision, pack=pack, grad_checkpointing=args.grad_checkpointing)
     with contextlib.redirect_stdout(io.StringIO()):  # the run's own summary table
         run(cfg)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -167,6 +167,7 @@ def run_hf(args, batches, work: Path) -> list[float]:
         lr_scheduler_type="cosine", max_grad_norm=1.0, adam_beta2=0.95, logging_strategy="no", save_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=args.grad_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = Trainer(model=model, args=targs, train_dataset=Batches(), data_collator=lambda xs: xs[0],
                       callbacks=[timer])
@@ -204,6 +205,8 @@ def run_trl(args, batches, work: Path) -> list[float]:
                     logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, padding_free=True,
                     max_length=None, completion_only_loss=True, dataloader_num_workers=0, shuffle_dataset=False,
                     train_sampling_strategy="sequential",
+                    # TRL's own default is True; set explicitly so that all configurations match
+                    gradient_checkpointing=args.grad_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
                     bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available())
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=load_tokenizer(args.model),
                          callbacks=[timer])
@@ -221,6 +224,8 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="gradient checkpointing in every configuration (default: off in all, TRL included, whose own default is on)")
     p.add_argument("--paired-rounds", type=int, default=8, help="alternating sft/sftgo step pairs in one process")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -264,7 +269,7 @@ def main():
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "torch_threads": torch.get_num_threads(), "model": args.model or "embedded", "data": args.data,
         "batch_tokens": args.batch_tokens, "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup,
-        "repeats": args.repeats, "step_time_s": med, "tokens_per_s": tps, "per_run_median_s": per_run, "raw_s": raw,
+        "grad_checkpointing": args.grad_checkpointing, "repeats": args.repeats, "step_time_s": med, "tokens_per_s": tps, "per_run_median_s": per_run, "raw_s": raw,
         "sftgo_over_sft_step_time": med["sftgo"] / med["sft"], "target_sftgo_over_sft": 1.03,
         "ours_over_hf_tokens_per_s": tps["sft"] / tps["hf_trainer"], "target_ours_over_hf": 1.2,
         "ours_over_trl_tokens_per_s": tps["sft"] / tps["trl_sft"],

@@ -248,7 +248,8 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
                         "measured": f"{m['median']['sftgo_train']['peak_mb']:,.0f} MB", "baseline": f"{m['median'][base]['peak_mb']:,.0f} MB",
                         "ratio": m["median"]["sftgo_train"]["peak_mb"] / m["median"][base]["peak_mb"], "op": "<=", "goal": 0.7,
                         "command": cmd("bench_memory.py", "memory"),
-                        "note": f"what the steps added over the loaded model: ours {m['median']['sftgo_train']['steps_added_mb']:,.0f} MB, "
+                        "note": f"{'all with' if m.get('grad_checkpointing') else 'none with'} gradient checkpointing; "
+                                f"what the steps added over the loaded model: ours {m['median']['sftgo_train']['steps_added_mb']:,.0f} MB, "
                                 f"theirs {m['median'][base]['steps_added_mb']:,.0f} MB; the full fp32 logits of one step would be "
                                 f"{m['full_logits_fp32_mb']:,.0f} MB"
                                 + (f"; sftgo-train --pack (padding-free): {m['median']['sftgo_train_pack']['peak_mb']:,.0f} MB peak"
@@ -291,7 +292,9 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
             out.append({"target": "train: sftgo-train tokens/s vs TRL `SFTTrainer` (padding-free; same model and samples per step)",
                         "measured": f"{t['tokens_per_s']['sft']:,.0f} tok/s", "baseline": f"{t['tokens_per_s']['trl_sft']:,.0f} tok/s",
                         "ratio": t["ours_over_trl_tokens_per_s"], "op": ">=", "goal": 1.2, "command": cmd("bench_train.py", "train"),
-                        "note": "CE objective on both; the Liger kernel needs a GPU and is not used on a CPU"})
+                        "note": "CE objective on both; gradient checkpointing "
+                                + ("on in both" if t.get("grad_checkpointing") else "off in both (TRL's own default is on)")
+                                + "; the Liger kernel needs a GPU and is not used on a CPU"})
         if t.get("cpu_bf16_over_fp32_tokens_per_s"):
             out.append({"target": "train: `--precision bf16` (autocast, fp32 weights) vs fp32 tokens/s on this CPU (no target)",
                         "measured": f"{t['tokens_per_s']['sft_bf16']:,.0f} tok/s", "baseline": f"{t['tokens_per_s']['sft']:,.0f} tok/s",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
 from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclusive, group_column, read_manifest, verify_shards
 from sftgo.trainer import checkpoint as ckpt
-from sftgo.trainer import fsdp, resume
+from sftgo.trainer import fsdp, hostmem, resume
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.data import ShardStream
@@ -251,6 +251,7 @@ class Run:
     cut: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(CUT_KEYS, 0))  # run totals
     setup_rss_mb: float | None = None  # the resident-set peak of set-up, when the training phase is measured apart
     setup_cuda_mb: float = 0.0  # torch's peak GPU allocation during set-up
+    host_malloc: dict = dataclasses.field(default_factory=dict)  # trainer.hostmem.apply()'s account
     train_start_rss_mb: float | None = None  # the resident set when training starts
 
     @property
@@ -478,6 +479,7 @@ def finish(r: Run) -> dict:
         if model_dir is not None:
             summary["model_dir"] = str(model_dir)
     summary["peak_memory_mb_per_rank"] = peak_memory(r)
+    summary["host_malloc"] = r.host_malloc
     if not r.main:
         return summary
     r.log.close()
@@ -513,8 +515,11 @@ def save_model(r: Run) -> Path | None:
             return None
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_config(causal_lm(r.model).config)
-        model.load_state_dict(state)
+        with torch.device("meta"):  # no second copy of the weights: the gathered tensors become the model's
+            model = AutoModelForCausalLM.from_config(causal_lm(r.model).config)
+        model.load_state_dict(state, assign=True)
+        del state
+        model.tie_weights()
     elif r.main:
         model = causal_lm(r.model) if cfg.lora_r == 0 else r.model
         if cfg.save_adapter:  # the adapter alone, before save_final merges it into the base
@@ -574,6 +579,7 @@ def peak_memory(r: Run) -> list[dict]:
 def run(cfg: TrainConfig) -> dict:
     cfg.validate()
     rank, world, device = setup_distributed(cfg.fsdp)
+    host_malloc = hostmem.apply(cfg.fsdp and device.type == "cpu")  # before the model load
     try:
         with contextlib.ExitStack() as lock:
             on_rank0(lambda: lock_run_dir(lock, cfg.out))  # rank 0 holds RUN_DIR/.lock for the whole run
@@ -581,6 +587,7 @@ def run(cfg: TrainConfig) -> dict:
 
             hf_logging.disable_progress_bar()  # our own bar is the one to watch
             r, _, notes = set_up(cfg, rank, world, device)
+            r.host_malloc = host_malloc
             for note in (notes + [f"Note: {n}" for n in ignored_settings(cfg)] + [launch_note(r)]) if r.main else ():
                 print(note, file=sys.stderr, flush=True)
             start_training_peak(r)
