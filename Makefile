@@ -34,7 +34,7 @@ demo: install
 	@echo "Training: $(DEMO)/run   (metrics.jsonl, loss_curves.png, model/)"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench: install
 	$(PY) bench/run_all.py

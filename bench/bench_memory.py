@@ -6,7 +6,9 @@ default the embedded SmolLM2-135M-Instruct), --batch-tokens (4096).
 Configurations: sftgo_train (length-bucketed padded rows, its default), sftgo_train_pack (--pack: rows
 filled first-fit, padding-free), hf_trainer (the same padded batches), trl_sft (padding-free); all
 with gradient checkpointing (TRL's default; --no-grad-checkpointing turns it off in all four), so
-that the stored activations are alike and what differs is how the loss is computed.
+that the stored activations are alike and what differs is how the loss is computed; and all under
+the glibc setting sftgo-train applies to itself on a CPU (MALLOC_MMAP_THRESHOLD_, trainer/hostmem.py;
+--no-same-allocator: each as it runs by default), so that the allocator is alike too.
 Output: a table on stdout and, with --json PATH, per configuration the peak RSS of its process
 (median of --repeats fresh processes, interleaved), the RSS after the model was loaded, and the
 difference: what the training steps added (activations, logits, gradients, optimizer state).
@@ -89,6 +91,10 @@ def main() -> None:
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing in every configuration (TRL's default), so that what differs is the loss "
                         "computation, not the stored activations [default: on]")
+    p.add_argument("--same-allocator", action=argparse.BooleanOptionalAction, default=True,
+                   help="run every configuration under MALLOC_MMAP_THRESHOLD_ at the value sftgo-train sets for itself on a "
+                        "CPU (trainer/hostmem.py), so that the allocator is alike and what differs is the training code "
+                        "[default: on; off: each as it runs by default]")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -104,12 +110,18 @@ def main() -> None:
 
     args.data = args.data or bench_train.default_shards()
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    env = dict(os.environ)
+    if args.same_allocator and "MALLOC_MMAP_THRESHOLD_" not in env:
+        from sftgo.trainer.hostmem import ENV, THRESHOLD
+
+        env[ENV] = str(THRESHOLD)
+    allocator = {k: env[k] for k in ("MALLOC_MMAP_THRESHOLD_",) if k in env}
     for r in range(args.repeats):
         for c in CONFIGS:  # interleaved: every configuration sees the machine in the same state
             cmd = [sys.executable, __file__, "--one", c, "--data", args.data, "--batch-tokens", str(args.batch_tokens),
                    "--steps", str(args.steps), "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
             cmd += ["--model", args.model] if args.model else []
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"{c} failed:\n{proc.stderr[-3000:]}")
             runs[c].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -118,7 +130,8 @@ def main() -> None:
            for c in CONFIGS}
     for c in CONFIGS:
         med[c]["steps_added_mb"] = med[c]["peak_mb"] - med[c]["after_load_mb"]
-    result = {"batch_tokens": args.batch_tokens, "steps": args.steps, "grad_checkpointing": args.grad_checkpointing, "repeats": args.repeats, "median": med, "runs": runs,
+    result = {"batch_tokens": args.batch_tokens, "steps": args.steps, "grad_checkpointing": args.grad_checkpointing,
+              "allocator_env": allocator, "repeats": args.repeats, "median": med, "runs": runs,
               "ours_over_hf_peak": med["sftgo_train"]["peak_mb"] / med["hf_trainer"]["peak_mb"],
               "ours_over_trl_peak": med["sftgo_train"]["peak_mb"] / med["trl_sft"]["peak_mb"],
               "full_logits_fp32_mb": med["sftgo_train"]["tokens_per_step"] * med["sftgo_train"]["vocab"] * 4 / 2**20}

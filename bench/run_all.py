@@ -68,8 +68,9 @@ def sizes(quick: bool, repeats: int) -> dict:
 
 
 def machine(load: list[float]) -> dict:
-    model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                  if l.startswith("model name")), platform.processor() or platform.machine())
+    from sftgo.core.machine import cpu_model
+
+    model = cpu_model()
     mem = next((int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")), 0)
     load = load or [os.getloadavg()[0]]
 
@@ -249,7 +250,9 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
                         "ratio": m["median"]["sftgo_train"]["peak_mb"] / m["median"][base]["peak_mb"], "op": "<=", "goal": 0.7,
                         "command": cmd("bench_memory.py", "memory"),
                         "note": f"{'all with' if m.get('grad_checkpointing') else 'none with'} gradient checkpointing; "
-                                f"what the steps added over the loaded model: ours {m['median']['sftgo_train']['steps_added_mb']:,.0f} MB, "
+                                + (f"all under {', '.join(f'{k}={v}' for k, v in m['allocator_env'].items())} (sftgo-train's own "
+                                   "CPU setting, given to all); " if m.get("allocator_env") else "")
+                                + f"what the steps added over the loaded model: ours {m['median']['sftgo_train']['steps_added_mb']:,.0f} MB, "
                                 f"theirs {m['median'][base]['steps_added_mb']:,.0f} MB; the full fp32 logits of one step would be "
                                 f"{m['full_logits_fp32_mb']:,.0f} MB"
                                 + (f"; sftgo-train --pack (padding-free): {m['median']['sftgo_train_pack']['peak_mb']:,.0f} MB peak"

@@ -187,13 +187,10 @@ def run_settings(args, seed: int) -> dict:
 
 def machine() -> dict:
     """Where a run was trained (reported, not compared: the same settings on another machine differ only in rounding)."""
-    import platform
-
+    from sftgo.core.machine import cpu_model
     from sftgo.trainer.loop import bf16_native
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    return {"cpu": cpu_model(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_bf16_native": bf16_native(torch.device("cpu")), "torch": torch.__version__}
 
 

@@ -579,7 +579,7 @@ def peak_memory(r: Run) -> list[dict]:
 def run(cfg: TrainConfig) -> dict:
     cfg.validate()
     rank, world, device = setup_distributed(cfg.fsdp)
-    host_malloc = hostmem.apply(cfg.fsdp and device.type == "cpu")  # before the model load
+    host_malloc = hostmem.apply(device.type == "cpu")  # before the model load
     try:
         with contextlib.ExitStack() as lock:
             on_rank0(lambda: lock_run_dir(lock, cfg.out))  # rank 0 holds RUN_DIR/.lock for the whole run
