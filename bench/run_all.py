@@ -248,7 +248,9 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
             out.append({"target": f"memory: peak of one training process at {m['batch_tokens']:,}-token batches vs {label}",
                         "measured": f"{m['median']['sftgo_train']['peak_mb']:,.0f} MB", "baseline": f"{m['median'][base]['peak_mb']:,.0f} MB",
                         "ratio": m["median"]["sftgo_train"]["peak_mb"] / m["median"][base]["peak_mb"], "op": "<=", "goal": 0.7,
-                        "command": cmd("bench_memory.py", "memory"),
+                        "command": f"{PY} bench/bench_memory.py --batch-tokens {m['batch_tokens']} --steps {m['steps']} "
+                                   f"--repeats {m['repeats']}" + ("" if m.get("grad_checkpointing") else " --no-grad-checkpointing")
+                                   + ("" if m.get("allocator_env") else " --no-same-allocator"),  # as the result was made
                         "note": f"{'all with' if m.get('grad_checkpointing') else 'none with'} gradient checkpointing; "
                                 + (f"all under {', '.join(f'{k}={v}' for k, v in m['allocator_env'].items())} (sftgo-train's own "
                                    "CPU setting, given to all); " if m.get("allocator_env") else "")

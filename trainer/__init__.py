@@ -10,6 +10,8 @@ Read in this order:
     checkpoint.py  atomic checkpoints and the final model directory
     resume.py      what --resume may change (refused, allowed, applied)
     metrics.py     metrics.jsonl, TensorBoard, loss-curve PNG, summary table
+    fsdp.py        FSDP2 sharding, sharded checkpoints, the consolidated final weights
+    hostmem.py     on a CPU, glibc's mmap threshold fixed (freed activations go back to the kernel)
     loop.py        run(config): the training loop, top to bottom
     config.py      TrainConfig, the one typed configuration
     cli.py         the sftgo-train command

@@ -31,7 +31,9 @@ print(rss() - before)
 
 
 def retained_mb(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k != hostmem.ENV}
+    # glibc's defaults: any MALLOC_*_ variable (Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in the process that starts a
+    # LocalCluster, which earlier tests do) or malloc tunable turns its dynamic threshold off
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, check=True)
     return float(proc.stdout.strip())
 
