@@ -110,12 +110,12 @@ def main() -> None:
 
     args.data = args.data or bench_train.default_shards()
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
-    env = dict(os.environ)
-    if args.same_allocator and "MALLOC_MMAP_THRESHOLD_" not in env:
-        from sftgo.trainer.hostmem import ENV, THRESHOLD
+    from sftgo.trainer.hostmem import ENV, THRESHOLD
 
-        env[ENV] = str(THRESHOLD)
-    allocator = {k: env[k] for k in ("MALLOC_MMAP_THRESHOLD_",) if k in env}
+    env = dict(os.environ)
+    if args.same_allocator:
+        env.setdefault(ENV, str(THRESHOLD))  # a value set by the user wins, as in sftgo-train
+    allocator = {ENV: env[ENV]} if ENV in env else {}
     for r in range(args.repeats):
         for c in CONFIGS:  # interleaved: every configuration sees the machine in the same state
             cmd = [sys.executable, __file__, "--one", c, "--data", args.data, "--batch-tokens", str(args.batch_tokens),
