@@ -121,23 +121,23 @@ def run(cfg: BuildConfig) -> dict:
     for note in ignored_settings(cfg, cfg.strategies):
         print(f"Note: {note}", file=sys.stderr)
     clock.lap("plan")
-    with executor.client(cfg.workers, cfg.scheduler) as c:
-        # Workers load the tokenizer while the driver does the same: start-up cost paid once, in
-        # parallel, instead of inside the first tasks. They load it the light way (without torch);
-        # the driver says in the tasks whether that gives the same tokenizer (checked once per
-        # tokenizer, see models.load_build_tokenizer), else the tasks load it in full.
-        warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code,
-                                        not cfg.trust_remote_code)
-        tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-        clock.lap("cluster start")
-        with exclusive(out):
-            staging, complete = _start(cfg, out)
-            if complete:
-                _log(cfg, f"{out} already holds this build; nothing to do.")
-                return read_manifest(out)
+    with exclusive(out):  # a second build into `out`, or one already finished, needs no cluster
+        staging, complete = _start(cfg, out)
+        if complete:
+            _log(cfg, f"{out} already holds this build; nothing to do.")
+            return read_manifest(out)
+        with executor.client(cfg.workers, cfg.scheduler) as c:
+            # Workers load the tokenizer while the driver does the same: start-up cost paid once, in
+            # parallel, instead of inside the first tasks. They load it the light way (without torch);
+            # the driver says in the tasks whether that gives the same tokenizer (checked once per
+            # tokenizer, see models.load_build_tokenizer), else the tasks load it in full.
+            warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow,
+                                            cfg.trust_remote_code, not cfg.trust_remote_code)
+            tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+            clock.lap("cluster start")
             manifest = _build(c, cfg, strategies, parts, staging, tok, tok_location, light, clock)
             del warm
-    clock.lap("cluster stop")
+        clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
     return manifest
 

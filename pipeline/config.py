@@ -141,6 +141,8 @@ def ignored_settings(cfg: BuildConfig, strategies: list[str]) -> list[str]:
         notes.append("--semantic-encoder is ignored: --compressor-model replaces the embedding-occlusion default.")
     if "tfidf_token_pattern" in changed and "tfidf" in strategies and cfg.tfidf_unit == "token":
         notes.append("--tfidf-token-pattern is ignored: with --tfidf-unit token the terms are token ids.")
+    if "workers" in changed and cfg.scheduler:
+        notes.append(f"--workers is ignored: the cluster at --scheduler {cfg.scheduler} runs with its own workers.")
     if "eta" in changed and cfg.num_groups > 2:
         notes.append(f"--eta is ignored: --num-groups {cfg.num_groups} makes equal quantiles (eta sets group 1 of two).")
     return notes

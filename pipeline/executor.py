@@ -21,29 +21,25 @@ class TaskError(RuntimeError):
     """A task failed on a worker."""
 
 
-@contextlib.contextmanager
-def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
-    """A Dask client.  Dask's own logs and worker tracebacks are silenced: a failed task reaches
-    the user as one sentence (TaskError; the traceback only with --debug, as its __cause__)."""
+def _quiet() -> None:
+    """Dask's own logs and the busy-dashboard-port warning are not for our users."""
     import warnings
-
-    from dask import config as dask_config
-    from distributed import Client, LocalCluster
 
     for name in ("distributed", "distributed.worker", "distributed.nanny", "distributed.scheduler", "tornado"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # "Port 8787 is already in use": another cluster's dashboard; we serve none (random port below)
     warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
-    if scheduler:
-        try:
-            c = Client(scheduler, timeout="20s")
-        except OSError as exc:
-            raise TaskError(f"Cannot reach the Dask scheduler at {scheduler} ({exc}).") from None
-        try:
-            yield c
-        finally:
-            c.close()
-        return
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int) -> Iterator:
+    """A Dask LocalCluster of `workers` processes with one thread each, quiet, with no fixed
+    dashboard port; closed on exit.  What `client` starts when no scheduler is given (the test
+    suite also starts one and hands its address to many builds as --scheduler)."""
+    from dask import config as dask_config
+    from distributed import LocalCluster
+
+    _quiet()
     # Workers inherit these: one thread each for tokenizers / BLAS so workers do not oversubscribe cores.
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with dask_config.set({"distributed.admin.tick.limit": "1h"}):  # long GIL-holding tasks are expected
@@ -55,12 +51,35 @@ def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
             silence_logs=logging.CRITICAL,
             env=env,
         )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
+    """A Dask client.  Dask's own logs and worker tracebacks are silenced: a failed task reaches
+    the user as one sentence (TaskError; the traceback only with --debug, as its __cause__)."""
+    from distributed import Client
+
+    _quiet()
+    if scheduler:
+        try:
+            c = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise TaskError(f"Cannot reach the Dask scheduler at {scheduler} ({exc}).") from None
+        try:
+            yield c
+        finally:
+            c.close()
+        return
+    with local_cluster(workers) as cluster:
         c = Client(cluster)
         try:
             yield c
         finally:
             c.close()
-            cluster.close()
 
 
 def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = True) -> list:

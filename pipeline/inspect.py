@@ -210,7 +210,7 @@ def _report(path: Path, strategy: str | None, sample: int, html_path: str | None
     if color is None:
         color = sys.stdout.isatty()
     ks = {s: manifest["strategies"][s].get("num_groups", 2) for s in shown}
-    tok = models.load_tokenizer(manifest["tokenizer"]["name"])
+    tok, _ = models.load_build_tokenizer(manifest["tokenizer"]["name"])  # without torch where it encodes alike
     if models.tokenizer_fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
         raise ShardError(f"The tokenizer {manifest['tokenizer']['name']!r} available here differs from the one that built {path}.")
     columns = ["id", "input_ids"] + [c(s) for s in shown for c in (group_column, importance_column)]

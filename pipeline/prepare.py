@@ -40,14 +40,20 @@ def stage_path(staging: str, index: int, suffix: str) -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def get_encoder(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool, light: bool) -> ChatEncoder:
-    """One tokenizer + encoder per worker process, reused by every task on that worker.
-    light: load through the generic class (models.load_tokenizer_light), which the driver found
-    equal to AutoTokenizer's load for this tokenizer."""
+def worker_tokenizer(tokenizer: str, trust_remote_code: bool, light: bool):
+    """One tokenizer per worker process, reused by every task on that worker.
+    light: load through the generic class (models.load_tokenizer_light, no torch import), which the
+    driver found equal to AutoTokenizer's load for this tokenizer."""
     tok = models.load_tokenizer_light(tokenizer) if light else None
     if tok is None:  # not light, or the generic class could not read the files
         tok = models.load_tokenizer(tokenizer, trust_remote_code)
-    return ChatEncoder(tok, max_length, overflow)
+    return tok
+
+
+@functools.lru_cache(maxsize=2)
+def get_encoder(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool, light: bool) -> ChatEncoder:
+    """One encoder per worker process over `worker_tokenizer`."""
+    return ChatEncoder(worker_tokenizer(tokenizer, trust_remote_code, light), max_length, overflow)
 
 
 def warm_up(tokenizer: str, max_length: int, overflow: str, trust_remote_code: bool, light: bool) -> None:

@@ -26,15 +26,15 @@ import pyarrow.parquet as pq
 
 from sftgo.core import models
 from sftgo.core.shards import (
-    MANIFEST, ShardError, atomic_write_text, exclusive, member_path, read_manifest, strategy_order, verify_shards,
-    write_manifest,
+    MANIFEST, ShardError, atomic_write_text, check_tokenizer, exclusive, member_path, read_manifest, strategy_order,
+    verify_shards, write_manifest,
 )
 from sftgo.grouping import registry
 from sftgo.pipeline import executor
 from sftgo.pipeline.build import BuildError
 from sftgo.pipeline.config import BuildConfig, check_strategies, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
-from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, write_stage
+from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, worker_tokenizer, write_stage
 
 SCORING = ".scoring"
 
@@ -75,12 +75,12 @@ def reconstruct(table: pa.Table, tok, shard: str) -> dict:
     return {"id": table["id"].to_pylist(), "input_ids": ids, "loss_mask": masks, "text": texts, "offsets": offsets, "spans": spans}
 
 
-def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: str, scoring: str) -> dict:
+def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: str, scoring: str, light: bool) -> dict:
     done = stage_path(scoring, index, "json")
     if done.exists():
         return json.loads(done.read_text())
     table = pq.read_table(shard, columns=["id", "input_ids", "loss_mask"])
-    cols = reconstruct(table, models.load_tokenizer(tokenizer, cfg.trust_remote_code), shard)
+    cols = reconstruct(table, worker_tokenizer(tokenizer, cfg.trust_remote_code, light), shard)
     staged = staged_table(cols, stage_columns(new, cols, cfg, tokenizer))
     return write_stage(scoring, index, staged, [], {"index": index, "written": len(cols["id"])}, new)
 
@@ -121,30 +121,31 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
         if clash and not overwrite:
             raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")
         cfg = scoring_config(manifest, options, directory, workers, scheduler, progress)
-        for note in ignored_settings(BuildConfig(**options), new):  # what was given here, for these strategies
+        for note in ignored_settings(BuildConfig(**options, workers=workers, scheduler=scheduler), new):  # given here
             print(f"Note: {note}", file=sys.stderr)
         cfg.strategies = have + [s for s in new if s not in have]
         key = {"new": new, "params": cfg.params(), "manifest_shards": manifest["shards"]}
         marker = scoring / "score.json"  # what an unfinished run was computing; anything else is stale
         if scoring.exists() and (not marker.exists() or json.loads(marker.read_text()) != json.loads(json.dumps(key))):
             shutil.rmtree(scoring)
-        tok = models.load_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
-        verify_shards(out, manifest, tokenizer_fingerprint=models.tokenizer_fingerprint(tok))
+        verify_shards(out, manifest)  # paths, checksums, schemas: refused before a tokenizer or model loads
+        tok, light = models.load_build_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
+        check_tokenizer(out, manifest, models.tokenizer_fingerprint(tok))
         scoring.mkdir(exist_ok=True)
         atomic_write_text(marker, json.dumps(key, sort_keys=True))
-        updated = _score(cfg, manifest, [registry.get(s) for s in new], out, scoring)
+        updated = _score(cfg, manifest, [registry.get(s) for s in new], out, scoring, light)
         write_manifest(scoring, updated)
         return _commit(out, scoring)
 
 
-def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path) -> dict:
+def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path, light: bool) -> dict:
     """Pass A, fit, pass B on the cluster; the updated manifest (not yet written)."""
     tok_location = models.tokenizer_dir(manifest["tokenizer"]["name"])
     shards = manifest["shards"]
     indices = list(range(len(shards)))
     with executor.client(cfg.workers, cfg.scheduler) as c:
-        executor.map_tasks(c, stage_shard, [(i, str(member_path(out, s["path"])), cfg, new, tok_location, str(scoring))
-                                            for i, s in enumerate(shards)], "score", cfg.progress)
+        executor.map_tasks(c, stage_shard, [(i, str(member_path(out, s["path"])), cfg, new, tok_location, str(scoring),
+                                             light) for i, s in enumerate(shards)], "score", cfg.progress)
         artifacts, thresholds = fit_all(c, cfg, new, str(scoring), indices, manifest["totals"]["records_written"],
                                         str(scoring))
         entries = executor.map_tasks(

@@ -47,6 +47,19 @@ def tiny_lm(tmp_path_factory, tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def dask_scheduler():
+    """The address of one local Dask cluster for the session (2 worker processes, one thread each:
+    what `sftgo-prep build` starts for itself), which tests pass to builds as `--scheduler`, the path
+    of a user with a running cluster.  Each build so skips a cluster start and stop (seconds on 2
+    cores).  The tests whose subject is the local cluster (the default build, kill and resume,
+    worker failures, registered strategies) start their own."""
+    from sftgo.pipeline import executor
+
+    with executor.local_cluster(2) as cluster:
+        yield cluster.scheduler_address
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:

@@ -49,7 +49,7 @@ EXPECTED_REJECTS = {
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, dask_scheduler):
     tmp = tmp_path_factory.mktemp("build")
     bad = tmp / "bad.jsonl"
     bad.write_bytes(b"\n".join(BAD_LINES) + b"\n")
@@ -67,7 +67,7 @@ def built(tmp_path_factory):
         out=str(tmp / "out"),
         rows_per_shard=128,
         max_length=256,
-        workers=2,
+        scheduler=dask_scheduler,
         rejects=str(tmp / "rejects.jsonl"),
         progress=False,
     )
@@ -173,20 +173,21 @@ def test_corrupted_and_foreign_shards_are_named(built, tmp_path):
         verify_shards(copy, checksums=False)
 
 
-def small_cfg(tmp_path, **kw) -> BuildConfig:
-    return BuildConfig(inputs=[str(ROOT / "data/alpaca.jsonl")], out=str(tmp_path / "o"), workers=1, progress=False, **kw)
+def small_cfg(tmp_path, scheduler: str | None, **kw) -> BuildConfig:
+    return BuildConfig(inputs=[str(ROOT / "data/alpaca.jsonl")], out=str(tmp_path / "o"), scheduler=scheduler, progress=False,
+                       **kw)
 
 
-def test_rebuild_refusals_and_drop_policy(tmp_path):
-    cfg = small_cfg(tmp_path, max_length=64, overflow="drop", tfidf_unit="token")
+def test_rebuild_refusals_and_drop_policy(tmp_path, dask_scheduler):
+    cfg = small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", tfidf_unit="token")
     manifest = run(cfg)
     assert manifest["rejected"].get("too_long", 0) > 0
     assert manifest["totals"]["truncated"] == 0
     assert manifest["totals"]["records_in"] == 300 == manifest["totals"]["records_written"] + manifest["rejected"]["too_long"]
     assert run(cfg) == manifest  # same parameters: nothing to do
     with pytest.raises(BuildError, match="finished build with other parameters"):
-        run(small_cfg(tmp_path, max_length=64, overflow="drop", eta=0.5))
-    again = run(small_cfg(tmp_path, max_length=64, overflow="drop", eta=0.5, overwrite=True))
+        run(small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", eta=0.5))
+    again = run(small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", eta=0.5, overwrite=True))
     assert again["params"]["eta"] == 0.5
 
 
@@ -196,24 +197,25 @@ def test_second_build_refuses_while_first_runs(tmp_path):
     with open(out / ".lock", "a+") as fh:  # what a running build holds
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(LockedError, match="Another build .* is writing to"):
-            run(small_cfg(tmp_path))
+            run(small_cfg(tmp_path, None))  # refused before any cluster starts
     assert not (out / "manifest.json").exists()
 
 
-def test_k_groups(tmp_path):
-    manifest = run(small_cfg(tmp_path, num_groups=4))
+def test_k_groups(tmp_path, dask_scheduler):
+    manifest = run(small_cfg(tmp_path, dask_scheduler, num_groups=4))
     table = shard_table(Path(tmp_path / "o"), manifest)
     g = table["group_tfidf"].combine_chunks().flatten().to_numpy()
     frac = np.bincount(g[g >= 0]) / (g >= 0).sum()
     assert len(frac) == 4 and np.allclose(frac, 0.25, atol=0.03)
 
 
-def test_field_map_and_forced_format(tmp_path, write_jsonl):
+def test_field_map_and_forced_format(tmp_path, write_jsonl, dask_scheduler):
     src = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Who built tower {i}?", "answer": f"Idris Pellow built tower {i}."} for i in range(12)])
-    cfg = BuildConfig(inputs=[str(src)], out=str(tmp_path / "o"), workers=1, progress=False, format="alpaca",
+    cfg = BuildConfig(inputs=[str(src)], out=str(tmp_path / "o"), scheduler=dask_scheduler, progress=False, format="alpaca",
                       field_map={"instruction": "question", "output": "answer"})
     manifest = run(cfg)
     assert manifest["totals"]["records_written"] == 12 and manifest["params"]["field_map"] == {"instruction": "question", "output": "answer"}
     with pytest.raises(BuildError, match="Wrote 0 records: 12 of 12 record.s. were rejected as missing_field; name your "
                                          "fields with --field-map"):
-        run(BuildConfig(inputs=[str(src)], out=str(tmp_path / "p"), workers=1, progress=False, format="alpaca"))
+        run(BuildConfig(inputs=[str(src)], out=str(tmp_path / "p"), scheduler=dask_scheduler, progress=False,
+                        format="alpaca"))

@@ -30,9 +30,9 @@ def _qa_csv(path, n=20):
     return path
 
 
-def test_zero_records_fails_with_the_fix(tmp_path):
+def test_zero_records_fails_with_the_fix(tmp_path, dask_scheduler):
     src = _qa_csv(tmp_path / "qa.csv")
-    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--workers", "1", check=False)
+    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--scheduler", dask_scheduler, check=False)
     assert proc.returncode == 1
     err = proc.stderr.strip()
     assert err.count("\n") == 0, err
@@ -40,24 +40,24 @@ def test_zero_records_fails_with_the_fix(tmp_path):
     assert "--field-map instruction=question,output=answer" in err and "question, answer" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
     # the hinted fix works, with the same --out (nothing half-finished is left in the way)
-    cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--workers", "1",
+    cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--scheduler", dask_scheduler,
         "--field-map", "instruction=question,output=answer")
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["records_written"] == 20
 
 
-def test_field_map_naming_no_field_is_an_error(tmp_path):
+def test_field_map_naming_no_field_is_an_error(tmp_path, dask_scheduler):
     src = _qa_csv(tmp_path / "qa.csv")
-    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--workers", "1",
+    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--scheduler", dask_scheduler,
                "--field-map", "instruction=question,output=anwser", check=False)
     assert proc.returncode == 1
     assert "anwser" in proc.stderr and "no record has a field" in proc.stderr
 
 
-def test_rejections_dominating_warn_with_the_reason(tmp_path):
+def test_rejections_dominating_warn_with_the_reason(tmp_path, dask_scheduler):
     good = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(3)]
     bad = [{"question": f"q{i}", "answer": "a"} for i in range(7)]
     src = write_jsonl(tmp_path / "mix.jsonl", good + bad)
-    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--workers", "1")
+    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--scheduler", dask_scheduler)
     assert "Warning: most records were rejected: 7 of 10 record(s) were rejected as unknown_format" in proc.stderr
 
 
@@ -77,9 +77,10 @@ def test_config_values_keep_their_types(tmp_path, text, message):
     assert "Traceback" not in proc.stderr
 
 
-def test_yaml_and_toml_configs(tmp_path):
+def test_yaml_and_toml_configs(tmp_path, dask_scheduler):
     (tmp_path / "c.yaml").write_text("eta: 0.25\nstrategies: [tfidf]\nrows-per-shard: 200\ntrust_remote_code: false\n")
-    cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "y", "--config", tmp_path / "c.yaml", "--quiet")
+    cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "y", "--config", tmp_path / "c.yaml", "--quiet",
+        "--scheduler", dask_scheduler)
     params = json.loads((tmp_path / "y" / "manifest.json").read_text())["params"]
     assert params["eta"] == 0.25 and params["rows_per_shard"] == 200
     (tmp_path / "c.yaml").write_text("trust_remote_code: 'no'\n")
@@ -89,9 +90,10 @@ def test_yaml_and_toml_configs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, dask_scheduler):
     out = tmp_path_factory.mktemp("built") / "shards"
-    cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", out, "--quiet", "--rows-per-shard", "150")
+    cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", out, "--quiet", "--rows-per-shard", "150",
+        "--scheduler", dask_scheduler)
     return out
 
 
@@ -127,10 +129,10 @@ def test_kill_after_the_manifest_resumes_with_the_same_command(built, tmp_path):
     assert not (out / ".staging").exists()
 
 
-def test_duplicate_ids_and_repeated_inputs_are_counted(tmp_path):
+def test_duplicate_ids_and_repeated_inputs_are_counted(tmp_path, dask_scheduler):
     recs = [{"id": "same", "instruction": f"Say {i}.", "output": f"{i}"} for i in range(4)]
     src = write_jsonl(tmp_path / "a.jsonl", recs)
-    proc = cli("sftgo-prep", "build", src, src, "--out", tmp_path / "out", "--workers", "1")
+    proc = cli("sftgo-prep", "build", src, src, "--out", tmp_path / "out", "--scheduler", dask_scheduler)
     assert "is the same as" in proc.stderr and "read twice" in proc.stderr
     assert "repeat an id" in proc.stderr
     totals = json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]
@@ -183,14 +185,36 @@ def test_a_damaged_manifest_is_one_sentence_for_every_command(built, tmp_path, d
         assert proc.stderr.count("\n") == 1 and expected in proc.stderr, (command, proc.stderr)
 
 
-def test_settings_nothing_reads_are_said_not_ignored(tmp_path):
+def test_a_bad_manifest_is_refused_before_torch_or_a_tokenizer_loads(built, tmp_path):
+    """Both commands that read shards check the manifest and the shards first: a refusal costs no torch
+    import, no tokenizer and no model (seconds each on a small machine), and no Dask cluster."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    shutil.copytree(built, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = "../elsewhere.parquet"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for module, args in (("sftgo.pipeline.cli", ["score", str(out), "--strategy", "tfidf", "--overwrite", "--quiet"]),
+                         ("sftgo.trainer.cli", ["--data", str(out), "--out", str(tmp_path / "run"), "--no-progress"])):
+        code = (f"import sys\nfrom {module} import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n"
+                "    print('exit', e.code)\nprint(sorted(m for m in ('torch', 'transformers', 'distributed') if m in sys.modules))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert "refusing" in proc.stderr, (module, proc.stderr)
+        assert proc.stdout.splitlines() == ["exit 1", "[]"], (module, proc.stdout, proc.stderr)
+
+
+def test_settings_nothing_reads_are_said_not_ignored(tmp_path, dask_scheduler):
     proc = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "o", "--quiet", "--reference-model", "x",
-               "--tfidf-unit", "token", "--tfidf-token-pattern", "(?u)\\b\\w+\\b", "--num-groups", "3", "--eta", "0.2")
+               "--tfidf-unit", "token", "--tfidf-token-pattern", "(?u)\\b\\w+\\b", "--num-groups", "3", "--eta", "0.2",
+               "--scheduler", dask_scheduler, "--workers", "1")
     notes = [line for line in proc.stderr.splitlines() if line.startswith("Note: ")]
     assert notes == [
         "Note: --reference-model is ignored: it applies to the reference strategy, which this run does not score.",
         "Note: --tfidf-token-pattern is ignored: with --tfidf-unit token the terms are token ids.",
+        f"Note: --workers is ignored: the cluster at --scheduler {dask_scheduler} runs with its own workers.",
         "Note: --eta is ignored: --num-groups 3 makes equal quantiles (eta sets group 1 of two).",
     ]
-    quiet = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "p", "--quiet")
+    quiet = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "p", "--quiet", "--scheduler", dask_scheduler)
     assert "Note:" not in quiet.stderr

@@ -35,9 +35,10 @@ def test_build_then_inspect(cli, tmp_path):
     assert "\x1b[1;30;43m" in coloured
 
 
-def test_config_file_and_flag_override(cli, tmp_path):
+def test_config_file_and_flag_override(cli, tmp_path, dask_scheduler):
     cfg = tmp_path / "prep.json"
-    cfg.write_text(json.dumps({"inputs": [str(ROOT / "data/alpaca.jsonl")], "eta": 0.5, "max_length": 128, "workers": 1}))
+    cfg.write_text(json.dumps({"inputs": [str(ROOT / "data/alpaca.jsonl")], "eta": 0.5, "max_length": 128,
+                               "scheduler": dask_scheduler}))
     cli("sftgo-prep", "build", "--config", cfg, "--out", tmp_path / "a", "--quiet")
     params = json.loads((tmp_path / "a/manifest.json").read_text())["params"]
     assert params["eta"] == 0.5 and params["max_length"] == 128

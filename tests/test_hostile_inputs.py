@@ -209,14 +209,14 @@ def test_field_map_hits_count_records_having_each_mapped_field(tmp_path, encoder
     assert all(c["field_map_hits"] == {} for c in run_process(path, encoder)[2])  # no map, nothing to count
 
 
-def test_build_through_the_cli_survives_every_hostile_record(tmp_path, cli):
+def test_build_through_the_cli_survives_every_hostile_record(tmp_path, cli, dask_scheduler):
     """A real build (Dask cluster, subprocess): exit 0, every hostile record counted by reason."""
     root = Path(__file__).resolve().parents[1]
     hostile = hostile_file(tmp_path / "hostile.jsonl")
     array = tmp_path / "array.json"
     array.write_text("[" + ",".join([GOOD, '{"x": ' + DEEP + "}", '{"output": "\\ud800"}']) + "]")
     out, rejects_file = tmp_path / "out", tmp_path / "rejects.jsonl"
-    proc = cli("sftgo-prep", "build", root / "data/alpaca.jsonl", hostile, array, "--out", out, "--workers", "1",
+    proc = cli("sftgo-prep", "build", root / "data/alpaca.jsonl", hostile, array, "--out", out, "--scheduler", dask_scheduler,
                "--rows-per-shard", "5", "--rejects", rejects_file, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -27,13 +27,14 @@ OUR_COLOURS = re.compile(r"\x1b\[(?:2|36|1;30;43|0)m")  # the only escapes inspe
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(tmp_path_factory, dask_scheduler) -> Path:
     """12 real records (the first one full of terminal escapes) in 2 shards of 6."""
     tmp = tmp_path_factory.mktemp("inspect")
     records = [EVIL] + [{"instruction": f"Name river {i}.", "output": f"The Oriel {i} flows north."} for i in range(11)]
     src = tmp / "a.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    build(BuildConfig(inputs=[str(src)], out=str(tmp / "shards"), rows_per_shard=6, workers=1, progress=False))
+    build(BuildConfig(inputs=[str(src)], out=str(tmp / "shards"), rows_per_shard=6, scheduler=dask_scheduler,
+                progress=False))
     return tmp / "shards"
 
 

@@ -93,13 +93,13 @@ def test_register_refuses_builtin_names_and_non_strategies():
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 7])
-def test_corpus_thresholds_equal_numpy_quantile(tmp_path, partitions):
+def test_corpus_thresholds_equal_numpy_quantile(tmp_path, partitions, dask_scheduler):
     records = [json.loads(line) for line in open("data/alpaca.jsonl", encoding="utf-8")][:70]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "shards"
     rows = -(-len(records) // partitions)
-    _build([str(src), "--out", str(out), "--threshold", "corpus", "--quiet", "--workers", "2",
+    _build([str(src), "--out", str(out), "--threshold", "corpus", "--quiet", "--scheduler", dask_scheduler,
             "--rows-per-shard", str(rows), "--num-groups", "3"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) == partitions
@@ -117,10 +117,10 @@ def test_corpus_thresholds_equal_numpy_quantile(tmp_path, partitions):
         assert g == (sum(s >= t for t in expected) if m else -1)
 
 
-def test_corpus_threshold_two_groups_is_the_top_eta_quantile(tmp_path):
+def test_corpus_threshold_two_groups_is_the_top_eta_quantile(tmp_path, dask_scheduler):
     out = tmp_path / "shards"
     _build(["data/alpaca.jsonl", "--out", str(out), "--threshold", "corpus", "--eta", "0.25", "--quiet",
-            "--rows-per-shard", "150"])
+            "--scheduler", dask_scheduler, "--rows-per-shard", "150"])
     table = _rows(out)
     mask = table["loss_mask"].combine_chunks().flatten().to_numpy() == 1
     scores = table[importance_column("tfidf")].combine_chunks().flatten().to_numpy()[mask]

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_multi_strategy_build_score_and_compare(cli, tmp_path, tiny_lm, write_jsonl):
+def test_multi_strategy_build_score_and_compare(cli, tmp_path, tiny_lm, write_jsonl, dask_scheduler):
     lines = (ROOT / "data/alpaca.jsonl").read_text().splitlines()[:40]
     src = write_jsonl(tmp_path / "a.jsonl", [json.loads(x) for x in lines])
     out = tmp_path / "shards"
     cli("sftgo-prep", "build", src, "--out", out, "--strategy", "tfidf,reference", "--reference-model", tiny_lm(0),
-        "--rows-per-shard", "20", "--workers", "2", "--quiet")
+        "--rows-per-shard", "20", "--scheduler", dask_scheduler, "--quiet")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["params"]["strategies"] == ["tfidf", "reference"]
     assert manifest["strategies"]["reference"]["model"] == tiny_lm(0)
@@ -30,7 +30,8 @@ def test_multi_strategy_build_score_and_compare(cli, tmp_path, tiny_lm, write_js
 
     # Rho-1 excess loss added afterwards, without re-tokenizing
     proc = cli("sftgo-prep", "score", out, "--strategy", "reference", "--overwrite", "--reference-mode", "excess",
-               "--reference-model", tiny_lm(0), "--base-model", tiny_lm(1), "--eta", "0.2", "--quiet")
+               "--reference-model", tiny_lm(0), "--base-model", tiny_lm(1), "--eta", "0.2", "--quiet",
+               "--scheduler", dask_scheduler)
     assert "strategies now: tfidf, reference" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["strategies"]["reference"]["mode"] == "excess" and manifest["strategies"]["reference"]["eta"] == 0.2

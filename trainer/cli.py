@@ -4,7 +4,8 @@ Input: command-line flags; --config FILE (JSON, TOML by .toml, YAML by .yaml/.ym
 type-checked) whose values the flags given explicitly override.
 Output: exit code 0 on success; otherwise one sentence on stderr and exit code 1 (2 for
 usage errors), with the traceback only under --debug.
-Cost: argument parsing only; the work is in trainer.loop.
+Cost: argument parsing and the data's pre-flight check (trainer.preflight, without torch: a
+refusal takes well under a second); the work is in trainer.loop.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import sys
 import click
 
 from sftgo.core.config import field_default, field_docs
-from sftgo.trainer.objectives import OBJECTIVES
-from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, make_config, read_config_file
+from sftgo.trainer.config import FIELDS, OBJECTIVES, ConfigError, TrainConfig, make_config, read_config_file
 
 EXAMPLE = """\b
 Example:
@@ -76,6 +76,9 @@ def build_command():
                 if name in given:
                     given[name] = [s.strip() for s in given[name].split(",") if s.strip()]
             cfg = make_config(file_values, **given)
+            from sftgo.trainer.preflight import check_data
+
+            check_data(cfg, checksums=False)  # a bad manifest or shard is refused before torch loads
             from sftgo.trainer.loop import run
 
             run(cfg)

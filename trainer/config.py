@@ -12,7 +12,12 @@ import json
 from dataclasses import dataclass, field
 
 from sftgo.core.config import load_config_file
-from sftgo.trainer.objectives import OBJECTIVES, SCHEDULES
+
+
+# The names only (trainer.objectives holds the losses): reading them imports no torch, so that
+# `sftgo-train` refuses a bad setting in a fraction of a second.
+OBJECTIVES = ("sftgo", "sft", "rho1", "dft", "weighted")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ConfigError(ValueError):

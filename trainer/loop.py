@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
-from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclusive, group_column, read_manifest, verify_shards
+from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclusive, read_manifest
 from sftgo.trainer import checkpoint as ckpt
-from sftgo.trainer import fsdp, hostmem, resume
+from sftgo.trainer import fsdp, hostmem, preflight, resume
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.data import ShardStream
@@ -92,28 +92,6 @@ def lock_run_dir(stack: contextlib.ExitStack, out: str) -> None:
         stack.enter_context(exclusive(Path(out), what="training run"))
     except LockedError as exc:
         raise ConfigError(str(exc)) from None
-
-
-def check_data(cfg: TrainConfig, tokenizer) -> tuple[dict, str | None, int]:
-    """Pre-flight checks (one clear sentence each): manifest, tokenizer fingerprint, the
-    --groups column, every shard's checksum and schema; for train and eval data.
-    Returns (manifest, group column or None, number of groups)."""
-    manifest = read_manifest(cfg.data)
-    groups = cfg.groups
-    if cfg.objective in ("sft", "dft") and groups and groups not in manifest.get("strategies", {}):
-        groups = None  # plain SFT and DFT need no groups; with them they only log per-group loss
-    strategies = (groups,) if groups else ()
-    fp = tokenizer_fingerprint(tokenizer)
-    verify_shards(cfg.data, manifest, strategies=strategies, checksums=True, tokenizer_fingerprint=fp)
-    if cfg.eval_data:
-        verify_shards(cfg.eval_data, read_manifest(cfg.eval_data), strategies=strategies, checksums=True,
-                      tokenizer_fingerprint=fp)
-    if not manifest["shards"]:
-        raise ConfigError(f"{cfg.data} holds no shards (0 records written).")
-    k = int(manifest["strategies"][groups].get("num_groups", 2)) if groups else 1
-    if cfg.objective in ("rho1", "weighted") and k < 2:
-        raise ConfigError(f"--objective {cfg.objective} needs at least 2 groups; '{groups}' has {k}.")
-    return manifest, (group_column(groups) if groups else None), k
 
 
 def data_checksums(cfg: TrainConfig) -> tuple[list[str], list[str] | None]:
@@ -282,7 +260,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     autocast = autocast_for(cfg, device)
     resume_from, notes = on_rank0(lambda: prepare_run_dir(cfg))
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model, cfg.trust_remote_code)
-    manifest, group_col, k = check_data(cfg, tokenizer)
+    manifest, group_col, k = preflight.check_data(cfg, tokenizer_fingerprint(tokenizer))
     check_trackers(cfg.report_to)
     wanted_tb = True if "tensorboard" in cfg.report_to else cfg.tensorboard
     tb = tensorboard_enabled(wanted_tb, say=rank == 0)  # after the checks: a failed run needs no note

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("sftgo", "sft", "rho1", "dft", "weighted")
-SCHEDULES = ("constant", "linear", "cosine")
+from sftgo.trainer.config import OBJECTIVES, SCHEDULES  # noqa: F401 (the names, defined without torch)
 
 
 @dataclass

@@ -206,6 +206,15 @@ def exclusive(out: Path, what: str = "build"):
         fh.close()
 
 
+def check_tokenizer(out_dir: str | os.PathLike, manifest: dict, tokenizer_fingerprint: str) -> None:
+    """Refuse shards tokenized with another vocabulary than the one whose fingerprint is given."""
+    if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
+        raise ShardError(
+            f"The shards in {out_dir} were tokenized with {manifest['tokenizer']['name']!r}, whose vocabulary "
+            "differs from this model's tokenizer; rebuild them with --tokenizer set to this model."
+        )
+
+
 def verify_shards(
     out_dir: str | os.PathLike,
     manifest: dict | None = None,
@@ -218,11 +227,8 @@ def verify_shards(
     Returns the manifest."""
     out_dir = Path(out_dir)
     manifest = manifest or read_manifest(out_dir)
-    if tokenizer_fingerprint is not None and manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
-        raise ShardError(
-            f"The shards in {out_dir} were tokenized with {manifest['tokenizer']['name']!r}, whose vocabulary "
-            "differs from this model's tokenizer; rebuild them with --tokenizer set to this model."
-        )
+    if tokenizer_fingerprint is not None:
+        check_tokenizer(out_dir, manifest, tokenizer_fingerprint)
     for strategy in strategies:
         if strategy not in manifest.get("strategies", {}):
             have = ", ".join(sorted(manifest.get("strategies", {}))) or "none"

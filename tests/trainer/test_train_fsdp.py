@@ -46,16 +46,28 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
 
 
-@pytest.fixture
-def base(shard_dir, tiny_model_dir):
-    return dict(data=shard_dir, model=tiny_model_dir, max_steps=4, batch_tokens=160, lr=3e-3, grad_accum=2,
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer, fingerprint, tiny_model_dir, shardkit):
+    recs = shardkit.make_records(48, 500, seed=1)
+    data = shardkit.write_shards(tmp_path_factory.mktemp("fsdp") / "shards", recs, fingerprint=fingerprint,
+                                 vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    return dict(data=data, model=tiny_model_dir, max_steps=4, batch_tokens=160, lr=3e-3, grad_accum=2,
                 shuffle_buffer=8, bucket_pool=2, ce_chunk=64)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, base) -> Path:
+    """The 4-step runs the tests compare against, trained once for the module: root/ddp and root/fsdp."""
+    root = tmp_path_factory.mktemp("fsdp-runs")
+    _train(TORCHRUN, {**base, "out": root / "ddp"})
+    _train(TORCHRUN, {**base, "out": root / "fsdp", "fsdp": True})
+    return root
+
+
 @pytest.mark.slow
-def test_fsdp_follows_ddp_and_its_model_loads(tmp_path, base):
-    _train(TORCHRUN, {**base, "out": tmp_path / "ddp"})
-    proc = _train(TORCHRUN, {**base, "out": tmp_path / "fsdp", "fsdp": True})
+def test_fsdp_follows_ddp_and_its_model_loads(straight):
+    tmp_path = straight
     ddp, sharded = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
     assert len(ddp) == len(sharded) == 4
     assert sharded == pytest.approx(ddp, rel=1e-4, abs=1e-5)
@@ -83,24 +95,22 @@ def test_fsdp_follows_ddp_and_its_model_loads(tmp_path, base):
 
 
 @pytest.mark.slow
-def test_fsdp_stop_and_resume_gives_the_straight_runs_weights(tmp_path, base):
-    _train(TORCHRUN, {**base, "out": tmp_path / "straight", "fsdp": True})
+def test_fsdp_stop_and_resume_gives_the_straight_runs_weights(tmp_path, base, straight):
     _train(TORCHRUN, {**base, "out": tmp_path / "resumed", "fsdp": True, "stop_after": 2})
     assert len(_losses(tmp_path / "resumed")) == 2
     _train(TORCHRUN, {**base, "out": tmp_path / "resumed", "fsdp": True, "resume": True})
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
-    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    assert _losses(tmp_path / "resumed") == _losses(straight / "fsdp")
+    a = load_file(str(straight / "fsdp" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow
-def test_accelerate_launch_gives_two_ranks_on_disjoint_data(tmp_path, base):
+def test_accelerate_launch_gives_two_ranks_on_disjoint_data(tmp_path, base, straight):
     accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    proc = _train(accelerate, {**base, "out": tmp_path / "acc", "max_steps": 2})
+    proc = _train(accelerate, {**base, "out": tmp_path / "acc"})
     assert "2 processes" in proc.stderr
-    _train(TORCHRUN, {**base, "out": tmp_path / "tr", "max_steps": 2})
     # the same 2-rank run whichever launcher started it
-    assert _losses(tmp_path / "acc") == _losses(tmp_path / "tr")
+    assert _losses(tmp_path / "acc") == _losses(straight / "ddp")
