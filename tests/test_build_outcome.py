@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -188,9 +190,6 @@ def test_a_damaged_manifest_is_one_sentence_for_every_command(built, tmp_path, d
 def test_a_bad_manifest_is_refused_before_torch_or_a_tokenizer_loads(built, tmp_path):
     """Both commands that read shards check the manifest and the shards first: a refusal costs no torch
     import, no tokenizer and no model (seconds each on a small machine), and no Dask cluster."""
-    import subprocess
-    import sys
-
     out = tmp_path / "shards"
     shutil.copytree(built, out)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -30,7 +30,8 @@ from transformers import Trainer
 
 from sftgo.core.shards import GROUP_PREFIX, group_column, member_path, read_manifest, verify_shards
 from sftgo.trainer.batching import IGNORE
-from sftgo.trainer.objectives import OBJECTIVES, SCHEDULES, lam_at
+from sftgo.trainer.config import OBJECTIVES, SCHEDULES
+from sftgo.trainer.objectives import lam_at
 from sftgo.trainer.step import Counts, Objective, denominators, objective_parts
 
 EXTRA = ("sftgo_groups", "sftgo_segments")

@@ -102,12 +102,23 @@ def fingerprint(tokenizer):
     return tokenizer_fingerprint(tokenizer)
 
 
+def _train_shards(out_dir, tokenizer, fingerprint):
+    """The train shards (48 records, 3 shards) matching the tiny model's tokenizer, written to `out_dir`."""
+    recs = make_records(48, 500, seed=1)
+    return write_shards(out_dir, recs, fingerprint=fingerprint, vocab_size=len(tokenizer),
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 @pytest.fixture
 def shard_dir(tmp_path, tokenizer, fingerprint):
-    """A train shard directory (48 records, 3 shards) matching the tiny model's tokenizer."""
-    recs = make_records(48, 500, seed=1)
-    return write_shards(tmp_path / "shards", recs, fingerprint=fingerprint, vocab_size=len(tokenizer),
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    """A train shard directory of its own for the test (it may change it)."""
+    return _train_shards(tmp_path / "shards", tokenizer, fingerprint)
+
+
+@pytest.fixture(scope="session")
+def shared_shard_dir(tmp_path_factory, tokenizer, fingerprint):
+    """The same shards, written once for the session: for tests that only read them."""
+    return _train_shards(tmp_path_factory.mktemp("train") / "shards", tokenizer, fingerprint)
 
 
 @pytest.fixture

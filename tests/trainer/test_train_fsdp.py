@@ -47,12 +47,8 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tokenizer, fingerprint, tiny_model_dir, shardkit):
-    recs = shardkit.make_records(48, 500, seed=1)
-    data = shardkit.write_shards(tmp_path_factory.mktemp("fsdp") / "shards", recs, fingerprint=fingerprint,
-                                 vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-    return dict(data=data, model=tiny_model_dir, max_steps=4, batch_tokens=160, lr=3e-3, grad_accum=2,
+def base(shared_shard_dir, tiny_model_dir):
+    return dict(data=shared_shard_dir, model=tiny_model_dir, max_steps=4, batch_tokens=160, lr=3e-3, grad_accum=2,
                 shuffle_buffer=8, bucket_pool=2, ce_chunk=64)
 
 
@@ -67,30 +63,29 @@ def straight(tmp_path_factory, base) -> Path:
 
 @pytest.mark.slow
 def test_fsdp_follows_ddp_and_its_model_loads(straight):
-    tmp_path = straight
-    ddp, sharded = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    ddp, sharded = _losses(straight / "ddp"), _losses(straight / "fsdp")
     assert len(ddp) == len(sharded) == 4
     assert sharded == pytest.approx(ddp, rel=1e-4, abs=1e-5)
     assert sharded[-1] < sharded[0]
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")
-    a, b = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors")), \
-        load_file(str(tmp_path / "fsdp" / "model" / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(straight / "fsdp" / "model")
+    a, b = load_file(str(straight / "ddp" / "model" / "model.safetensors")), \
+        load_file(str(straight / "fsdp" / "model" / "model.safetensors"))
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
     assert model.config.use_cache is True
-    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-0000004"
+    ckpt = straight / "fsdp" / "checkpoints" / "step-0000004"
     assert (ckpt / "sharded" / ".metadata").exists() and not (ckpt / "model.safetensors").exists()
-    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    summary = json.loads((straight / "fsdp" / "summary.json").read_text())
     peaks = summary["peak_memory_mb_per_rank"]
     assert [m["rank"] for m in peaks] == [0, 1]
     # the training phase is measured apart from set-up (Linux clear_refs): a positive part of the whole
     assert all(0 < m["train_rss_mb"] <= m["rss_mb"] for m in peaks)
     # training on a CPU fixes glibc's mmap threshold (trainer.hostmem) on every rank, FSDP and DDP alike
     for run in ("fsdp", "ddp"):
-        said = json.loads((tmp_path / run / "summary.json").read_text())["host_malloc"]
+        said = json.loads((straight / run / "summary.json").read_text())["host_malloc"]
         assert said["mmap_threshold_bytes"] == int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 1 << 20))
 
 
