@@ -42,7 +42,24 @@ def local_cluster(workers: int) -> Iterator:
     _quiet()
     # Workers inherit these: one thread each for tokenizers / BLAS so workers do not oversubscribe cores.
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with dask_config.set({"distributed.admin.tick.limit": "1h"}):  # long GIL-holding tasks are expected
+    # Our tasks are long and hold the GIL.  Whatever else a worker runs takes the GIL from them, so this
+    # cluster, which runs nothing but them, keeps its own housekeeping rare: no statistical profiler (it
+    # samples the task thread every 10 ms, for a dashboard page), the event-loop tick every 1 s instead of
+    # 20 ms (it only measures loop latency), the system monitor every 5 s and the memory monitor every
+    # 1 s.  And no MALLOC_TRIM_THRESHOLD_ (Dask sets it to 64 KiB to hand freed memory back at once; that
+    # also fixes glibc's mmap threshold, and pass 1's large short-lived arrays then cost page faults).
+    # Together, two workers' pass 1 took about 25% less time (notes in bench/analysis.md).
+    environ = dict(dask_config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    settings = {
+        "distributed.admin.tick.limit": "1h",  # long GIL-holding tasks are expected
+        "distributed.admin.tick.interval": "1s",
+        "distributed.admin.system-monitor.interval": "5s",
+        "distributed.worker.memory.monitor-interval": "1s",
+        "distributed.worker.profile.enabled": False,
+        "distributed.nanny.pre-spawn-environ": environ,
+    }
+    with dask_config.set(settings):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -101,6 +118,23 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
         bar.close()
         for fut in futures:
             fut.release()
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for one task's bulk work, and back as it was after it.
+    Pass 1 allocates millions of short-lived, acyclic objects (token offset tuples, messages); each
+    collection of the older generations walks them all again.  What the task leaves in cycles is
+    collected at the next collection after it."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def on_every_worker(c, fn: Callable, *args) -> list:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from sftgo.core import models
 from sftgo.core.shards import atomic_write, atomic_write_text, list_column
 from sftgo.grouping import registry
-from sftgo.pipeline import formats, readers
+from sftgo.pipeline import executor, formats, readers
 from sftgo.pipeline.chat import ChatEncoder
 
 BATCH = 512  # conversations per tokenizer call: amortises the Rust call, bounds memory
@@ -186,8 +186,9 @@ def prepare_partition(part: readers.Partition, cfg, strategies: list, tokenizer:
     if done.exists():
         return json.loads(done.read_text())
     encoder = get_encoder(tokenizer, cfg.max_length, cfg.overflow, cfg.trust_remote_code, light)
-    cols, rejects, counts = process(part, cfg, encoder)
-    table = staged_table(cols, stage_columns(strategies, cols, cfg, tokenizer))
+    with executor.gc_paused():
+        cols, rejects, counts = process(part, cfg, encoder)
+        table = staged_table(cols, stage_columns(strategies, cols, cfg, tokenizer))
     counts["tokens"] = int(table["num_tokens"].to_numpy().sum())  # the lengths staged_table already counted
     counts["loss_tokens"] = int(table["num_loss_tokens"].to_numpy().sum())
     return write_stage(staging, part.index, table, rejects, counts, strategies)

@@ -80,8 +80,9 @@ def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: 
     if done.exists():
         return json.loads(done.read_text())
     table = pq.read_table(shard, columns=["id", "input_ids", "loss_mask"])
-    cols = reconstruct(table, worker_tokenizer(tokenizer, cfg.trust_remote_code, light), shard)
-    staged = staged_table(cols, stage_columns(new, cols, cfg, tokenizer))
+    with executor.gc_paused():
+        cols = reconstruct(table, worker_tokenizer(tokenizer, cfg.trust_remote_code, light), shard)
+        staged = staged_table(cols, stage_columns(new, cols, cfg, tokenizer))
     return write_stage(scoring, index, staged, [], {"index": index, "written": len(cols["id"])}, new)
 
 
