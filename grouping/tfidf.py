@@ -85,7 +85,13 @@ def _lower_spans(text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tup
     """`text` with each span (sorted, disjoint) lower-cased on its own, the spans' places in the result,
     and for every position of the result the position of the character of `text` it comes from
     (None when no character changed length, so that positions agree).  str.lower() maps one code point
-    to one except U+0130 (to two); the context rule of final sigma keeps the length."""
+    to one except U+0130 (to two); the context rule of final sigma keeps the length.
+    Outside the spans the result's characters are left unspecified (nothing reads them): a text with
+    no capital sigma, whose lower-casing depends on no context, is lower-cased whole in one call."""
+    if "\u03a3" not in text:
+        lowered = text.lower()
+        if len(lowered) == len(text):
+            return lowered, list(spans), None
     pieces, low_spans, grown, cursor, shift = [], [], [], 0, 0
     for a, b in spans:
         low = text[a:b].lower()

@@ -122,6 +122,27 @@ def test_turkish_dotted_capital_maps_back_to_the_original_characters():
     assert t2 == terms and [full[a:b] for a, b in zip(s2.tolist(), e2.tolist())] == ["Kİ", "RLİ", "stanbul", "da"]
 
 
+def test_lowering_the_whole_text_gives_each_span_what_lowering_it_alone_gives():
+    """Without a capital sigma (the one context rule of str.lower) the text is lower-cased in one call; in the
+    spans that equals lower-casing each span alone (as with a sigma elsewhere in the text), beside prompt
+    characters whose lower case is shorter in UTF-8 (the Kelvin and ohm signs), and scikit-learn agrees."""
+    answer, second = "Hello WORLD, \u212aelvin ÜBER 7\u2126 Ünïcode", "ÉCOLE Straße"
+    text = f"Q: \u212a\u2126 TEMP?\nA: {answer}\nQ: more\nA: {second}\n"
+    spans = [(text.index(answer), text.index(answer) + len(answer)), (text.index(second), text.index(second) + len(second))]
+    lowered, low_spans, back = tfidf._lower_spans(text, spans)
+    assert back is None and low_spans == spans and lowered[: spans[0][0]] != text[: spans[0][0]]  # lowered whole
+    slow_text = text + "\u03a3"  # a capital sigma outside the spans: each span is lowered alone
+    slow, _, _ = tfidf._lower_spans(slow_text, spans)
+    assert slow[: spans[0][0]] == text[: spans[0][0]]
+    assert all(lowered[a:b] == slow[a:b] == text[a:b].lower() for a, b in spans)
+    found = tfidf.find_terms(text, spans)
+    assert [x.tolist() if hasattr(x, "tolist") else x for x in found] == \
+        [x.tolist() if hasattr(x, "tolist") else x for x in tfidf.find_terms(slow_text, spans)]
+    assert found[2] == TfidfVectorizer().build_analyzer()(answer + "\n" + second)
+    _, starts, ends, _ = tfidf._term_positions(text, spans, tfidf.WORD_PATTERN)
+    assert tfidf._slices(lowered, starts, ends).to_pylist() == found[2]  # cut from UTF-8 bytes of the whole lowered text
+
+
 def test_token_unit_equals_sklearn_on_token_ids(tokenizer):
     encs, extracted, idf, scores = scores_by_pipeline(tokenizer, RESPONSES, "token", 2)
     docs = [[str(i) for i in e.input_ids[e.loss_mask == 1]] for e in encs]
