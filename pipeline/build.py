@@ -107,7 +107,9 @@ def _log(cfg: BuildConfig, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def run(cfg: BuildConfig) -> dict:
+def run(cfg: BuildConfig) -> tuple[dict, bool]:
+    """Build, resume or recognise the build of `cfg`: (its manifest, whether this call wrote it; False
+    when cfg.out already held this very build)."""
     cfg.validate()
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -125,12 +127,14 @@ def run(cfg: BuildConfig) -> dict:
         staging, complete = _start(cfg, out)
         if complete:
             _log(cfg, f"{out} already holds this build; nothing to do.")
-            return read_manifest(out)
+            return read_manifest(out), False
         with executor.client(cfg.workers, cfg.scheduler) as c:
             # Workers load the tokenizer while the driver does the same: start-up cost paid once, in
             # parallel, instead of inside the first tasks. They load it the light way (without torch);
             # the driver says in the tasks whether that gives the same tokenizer (checked once per
             # tokenizer, see models.load_build_tokenizer), else the tasks load it in full.
+            # (Loading the driver's in a thread while the cluster starts moved 1 s out of "cluster start"
+            # but not out of the build: 7.6 vs 7.0 s for 100 records, 8 runs.)
             warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow,
                                             cfg.trust_remote_code, not cfg.trust_remote_code)
             tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
@@ -139,7 +143,7 @@ def run(cfg: BuildConfig) -> dict:
             del warm
         clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
-    return manifest
+    return manifest, True
 
 
 def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, tok, tok_location: str, light: bool,

@@ -154,14 +154,14 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
     for key, value in flags.items():
         if key not in values or source.get(key, key) in given:
             values[key] = value
-    manifest = run(BuildConfig(**values))
-    t = manifest["totals"]
-    click.echo(
-        f"Wrote {t['records_written']} records ({t['tokens']} tokens, {t['loss_tokens']} supervised) "
-        f"in {len(manifest['shards'])} shard(s) to {safe_text(str(values['out']))}; rejected {t['records_rejected']}"
-        + (f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if t["records_rejected"] else "")
-        + "."
-    )
+    manifest, wrote = run(BuildConfig(**values))
+    t, where = manifest["totals"], safe_text(str(values["out"]))
+    what = (f"{t['records_written']} records ({t['tokens']} tokens, {t['loss_tokens']} supervised) "
+            f"in {len(manifest['shards'])} shard(s)")
+    rejected = f"rejected {t['records_rejected']}" + (
+        f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if t["records_rejected"] else "")
+    click.echo(f"Wrote {what} to {where}; {rejected}." if wrote else
+               f"Nothing written: {where} already holds this build, {what}; {rejected}.")
 
 
 @main.command(epilog=SCORE_EXAMPLE)

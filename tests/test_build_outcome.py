@@ -129,6 +129,9 @@ def test_kill_after_the_manifest_resumes_with_the_same_command(built, tmp_path):
     proc = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", out, "--rows-per-shard", "150")
     assert "already holds this build; nothing to do" in proc.stderr
     assert not (out / ".staging").exists()
+    # the summary line says nothing was written, also when --quiet leaves it the only line
+    for run in (proc, cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", out, "--rows-per-shard", "150", "--quiet")):
+        assert run.stdout.startswith(f"Nothing written: {out} already holds this build, ") and "Wrote" not in run.stdout
 
 
 def test_duplicate_ids_and_repeated_inputs_are_counted(tmp_path, dask_scheduler):
