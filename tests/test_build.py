@@ -71,7 +71,8 @@ def built(tmp_path_factory, dask_scheduler):
         rejects=str(tmp / "rejects.jsonl"),
         progress=False,
     )
-    manifest = run(cfg)
+    manifest, wrote = run(cfg)
+    assert wrote
     return cfg, manifest, Path(cfg.out)
 
 
@@ -180,14 +181,15 @@ def small_cfg(tmp_path, scheduler: str | None, **kw) -> BuildConfig:
 
 def test_rebuild_refusals_and_drop_policy(tmp_path, dask_scheduler):
     cfg = small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", tfidf_unit="token")
-    manifest = run(cfg)
+    manifest, _ = run(cfg)
     assert manifest["rejected"].get("too_long", 0) > 0
     assert manifest["totals"]["truncated"] == 0
     assert manifest["totals"]["records_in"] == 300 == manifest["totals"]["records_written"] + manifest["rejected"]["too_long"]
-    assert run(cfg) == manifest  # same parameters: nothing to do
+    assert run(cfg) == (manifest, False)  # same parameters: nothing to do, nothing written
     with pytest.raises(BuildError, match="finished build with other parameters"):
         run(small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", eta=0.5))
-    again = run(small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", eta=0.5, overwrite=True))
+    again, wrote = run(small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", eta=0.5, overwrite=True))
+    assert wrote
     assert again["params"]["eta"] == 0.5
 
 
@@ -202,7 +204,7 @@ def test_second_build_refuses_while_first_runs(tmp_path):
 
 
 def test_k_groups(tmp_path, dask_scheduler):
-    manifest = run(small_cfg(tmp_path, dask_scheduler, num_groups=4))
+    manifest, _ = run(small_cfg(tmp_path, dask_scheduler, num_groups=4))
     table = shard_table(Path(tmp_path / "o"), manifest)
     g = table["group_tfidf"].combine_chunks().flatten().to_numpy()
     frac = np.bincount(g[g >= 0]) / (g >= 0).sum()
@@ -213,7 +215,7 @@ def test_field_map_and_forced_format(tmp_path, write_jsonl, dask_scheduler):
     src = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Who built tower {i}?", "answer": f"Idris Pellow built tower {i}."} for i in range(12)])
     cfg = BuildConfig(inputs=[str(src)], out=str(tmp_path / "o"), scheduler=dask_scheduler, progress=False, format="alpaca",
                       field_map={"instruction": "question", "output": "answer"})
-    manifest = run(cfg)
+    manifest, _ = run(cfg)
     assert manifest["totals"]["records_written"] == 12 and manifest["params"]["field_map"] == {"instruction": "question", "output": "answer"}
     with pytest.raises(BuildError, match="Wrote 0 records: 12 of 12 record.s. were rejected as missing_field; name your "
                                          "fields with --field-map"):
