@@ -3,7 +3,9 @@
 Both are measured in this one run, on the same generated corpus and the same machine:
   ceiling  the embedded fast tokenizer batch-encoding the chat-rendered texts of the corpus
            in one process (rendering not timed): `tokenizer(texts)`, and the raw Rust
-           `backend_tokenizer.encode_batch(texts)` that sftgo itself calls
+           `backend_tokenizer.encode_batch(texts)` and `encode_batch_fast(texts)` (ids without
+           offsets, which sftgo calls for byte-level tokenizers); the ratio is against the faster
+           of the two raw calls
   build    the whole CLI command as a user runs it (local Dask cluster start-up, reading,
            normalising, rendering, tokenizing, TF-IDF, grouping, zstd Parquet, manifest)
 Each figure is the median of --repeats runs.
@@ -57,7 +59,7 @@ def ceiling(texts: list[str], repeats: int) -> dict:
 
     tok = models.load_tokenizer(None)
     tokens = sum(len(ids) for ids in tok(texts[:2000], add_special_tokens=False)["input_ids"])  # warm-up
-    runs_hf, runs_raw = [], []
+    runs_hf, runs_raw, runs_fast = [], [], []
     for _ in range(repeats):
         t = time.perf_counter()
         out = tok(texts, add_special_tokens=False)
@@ -65,13 +67,20 @@ def ceiling(texts: list[str], repeats: int) -> dict:
         t = time.perf_counter()
         tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         runs_raw.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        runs_fast.append(time.perf_counter() - t)
     tokens = sum(len(ids) for ids in out["input_ids"])
+    fastest = min(statistics.median(runs_raw), statistics.median(runs_fast))
     return {
         "tokens": tokens,
         "tokenizer_call_s": statistics.median(runs_hf),
         "encode_batch_s": statistics.median(runs_raw),
         "tokenizer_call_tok_s": tokens / statistics.median(runs_hf),
         "encode_batch_tok_s": tokens / statistics.median(runs_raw),
+        "encode_batch_fast_s": statistics.median(runs_fast),
+        "encode_batch_fast_tok_s": tokens / statistics.median(runs_fast),
+        "ceiling_tok_s": tokens / fastest,  # the faster raw call: what the build is held to
     }
 
 
@@ -111,16 +120,18 @@ def main() -> None:
         "ceiling": ceil,
         "build_tfidf": b,
         "ratio_vs_tokenizer_call": b["tok_s"] / ceil["tokenizer_call_tok_s"],
-        "ratio_vs_encode_batch": b["tok_s"] / ceil["encode_batch_tok_s"],
+        "ratio_vs_encode_batch": b["tok_s"] / ceil["ceiling_tok_s"],
     }
     print(f"corpus: {args.records} records, {b['tokens']} tokens; {os.cpu_count()} CPUs; medians of {args.repeats} runs")
     print(f"{'what':<52} {'tokens/s':>12} {'ratio':>8}")
     print(f"{'ceiling: tokenizer(texts), one process':<52} {ceil['tokenizer_call_tok_s']:>12,.0f} {1.0:>8.2f}")
     print(f"{'ceiling: backend encode_batch(texts), one process':<52} {ceil['encode_batch_tok_s']:>12,.0f} "
           f"{ceil['encode_batch_tok_s'] / ceil['tokenizer_call_tok_s']:>8.2f}")
+    print(f"{'ceiling: backend encode_batch_fast(texts), one process':<52} {ceil['encode_batch_fast_tok_s']:>12,.0f} "
+          f"{ceil['encode_batch_fast_tok_s'] / ceil['tokenizer_call_tok_s']:>8.2f}")
     print(f"{f'sftgo-prep build --strategy tfidf --workers {args.workers}':<52} {b['tok_s']:>12,.0f} "
           f"{result['ratio_vs_tokenizer_call']:>8.2f}")
-    print(f"build / encode_batch ceiling: {result['ratio_vs_encode_batch']:.2f} (target >= 0.6)")
+    print(f"build / ceiling (the faster raw encode): {result['ratio_vs_encode_batch']:.2f} (target >= 0.6)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -5,7 +5,7 @@ Usage: python bench/prep_parts.py INPUT.jsonl [--rows 5000] [--partition 1] [--r
 Input: a JSONL corpus (e.g. bench/_work/scale-chat-200000.jsonl, which `make bench` generates).
 Output: the median seconds of each part of pass 1 on one --rows-record partition, the way a worker
 runs it (one Rayon thread for the Rust tokenizer, as executor.py sets for workers): reading, normalising,
-rendering the chat template, the Rust encoder, turning its ids and offsets into arrays and the loss mask,
+rendering the chat template, the Rust encoder with the ids and offsets as arrays, the loss mask,
 TF-IDF terms, the staged table and its write; and `process`, the first five together as prepare.py runs
 them.  Tokens per second of the whole.
 Cost: a few seconds per repeat.
@@ -52,9 +52,8 @@ def main() -> None:
                                                           for i in items])
         rendered = timed("render (chat template)", lambda: [enc.render(c) for c in convs])
         batches = [rendered[i:i + prepare.BATCH] for i in range(0, len(rendered), prepare.BATCH)]
-        encodings = timed("Rust encoder (encode_batch)", lambda: [enc.backend.encode_batch([t for t, _ in b], add_special_tokens=False)
-                                                                  for b in batches])
-        arrays = timed("ids, offsets, loss mask (arrays)", lambda: [a for b, e in zip(batches, encodings) for a in enc._batch_arrays(b, e)])
+        encoded = timed("Rust encoder, ids, offsets (encode_texts)", lambda: [enc.encode_texts([t for t, _ in b]) for b in batches])
+        arrays = timed("split, loss mask (arrays)", lambda: [a for b, e in zip(batches, encoded) for a in enc._batch_arrays(b, e)])
         timed("finish (truncation, checks)", lambda: [enc._finish(t, s, *a) for (t, s), a in zip(rendered, arrays)])
         cols, rejects, counts = timed("process (all of the above)", lambda: prepare.process(part, cfg, enc))
         staged = timed("TF-IDF terms (stage_columns)", lambda: prepare.stage_columns(strategies, cols, cfg, None))
@@ -65,7 +64,7 @@ def main() -> None:
     whole = med["process (all of the above)"] + sum(med[k] for k in ("TF-IDF terms (stage_columns)", "staged table", "write staged files"))
     print(f"{args.input} partition {args.partition}: {len(cols['id'])} records, {tokens:,} tokens; medians of {args.repeats}")
     for k, v in med.items():
-        print(f"  {k:<36} {v:7.3f} s  {100 * v / whole:5.1f}%")
+        print(f"  {k:<42} {v:7.3f} s  {100 * v / whole:5.1f}%")
     print(f"  pass 1 of this partition: {whole:.3f} s, {tokens / whole:,.0f} tokens/s on one core")
 
 

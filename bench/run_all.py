@@ -238,8 +238,9 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
     cmd = lambda script, stage: f"{PY} bench/{script} {' '.join(args_sizes[stage])}"
     if "prep" in res:
         p = res["prep"]
+        ceiling = p["ceiling"].get("ceiling_tok_s", p["ceiling"]["encode_batch_tok_s"])  # the faster raw encode call
         out.append({"target": "prep `tfidf` tokens/s vs tokenizer-only ceiling (one-process batch encode)",
-                    "measured": f"{p['build_tfidf']['tok_s']:,.0f} tok/s", "baseline": f"{p['ceiling']['encode_batch_tok_s']:,.0f} tok/s",
+                    "measured": f"{p['build_tfidf']['tok_s']:,.0f} tok/s", "baseline": f"{ceiling:,.0f} tok/s",
                     "ratio": p["ratio_vs_encode_batch"], "op": ">=", "goal": 0.6, "command": cmd("bench_prep.py", "prep"),
                     "note": f"vs `tokenizer(texts)`: {p['ratio_vs_tokenizer_call']:.3f}; {p['build_tfidf']['tokens']:,} tokens"})
     if "memory" in res:

@@ -6,7 +6,8 @@ offsets, the rendered text and the character spans of the assistant turns), or a
 RecordError (too long, nothing supervised after truncation, template failure).
 Cost: one template render per conversation (assistant contents are swapped for
 sentinels so their positions are exact even when the same text occurs twice) and one
-batched Rust tokenizer call per batch; both linear in text length.  The tokenizer sees
+batched Rust tokenizer call per batch; both linear in text length.  For byte-level BPE tokenizers the
+token offsets are derived from the ids (fastencode.py), which saves a fifth of the encoding time.  The tokenizer sees
 at most max_chars characters of a sample (2 x max_length x the longest token + 4096):
 a sample longer than that has more than max_length tokens, so only its start is
 encoded -- the kept tokens are the ones a whole encoding gives (checked: they must end in
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from jinja2.runtime import new_context
 
+from sftgo.pipeline import fastencode
 from sftgo.pipeline.formats import RecordError
 
 _SENTINEL = "\ue000SFTGO{}\ue001"  # private-use code points: never produced by templates
@@ -58,6 +60,7 @@ class ChatEncoder:
         self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_truncation()
         self.backend.no_padding()
+        self._fast = fastencode.plan(self.backend)  # ids -> offsets for byte-level BPE (None: ask the encoder)
         self.max_length = max_length
         self.overflow = overflow
         # Render with the compiled template directly: apply_chat_template's per-call normalisation
@@ -140,19 +143,25 @@ class ChatEncoder:
                 rendered.append(err)
         good = [r for r in rendered if not isinstance(r, RecordError)]
         cap = self.max_chars
-        encodings = self.backend.encode_batch([t[:cap] if cap else t for t, _ in good], add_special_tokens=False) if good else []
-        arrays = iter(self._batch_arrays(good, encodings))
+        arrays = iter(self._batch_arrays(good, self.encode_texts([t[:cap] if cap else t for t, _ in good])))
         out: list[Encoded | RecordError] = []
         for r in rendered:
             out.append(r if isinstance(r, RecordError) else self._finish(r[0], r[1], *next(arrays)))
         return out
 
-    def _batch_arrays(self, good: list[tuple[str, list]], encodings) -> list[tuple]:
-        """Per record (ids, offsets, loss mask or None), converted and masked for the whole batch at
-        once (one NumPy pass instead of one per record); the mask of a sample longer than max_chars is left to
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ids (int32 [T]) and character offsets (int32 [T, 2]) of the texts laid end to end, and each
+        text's bounds in them ([n + 1]): from the ids alone where fastencode vouches for it, else from the
+        encoder's own offsets."""
+        fast = self._fast.encode(texts) if self._fast is not None and texts else None
+        return fast if fast is not None else _flat_arrays(self.backend.encode_batch(texts, add_special_tokens=False))
+
+    def _batch_arrays(self, good: list[tuple[str, list]], encoded: tuple) -> list[tuple]:
+        """Per record (ids, offsets, loss mask or None), split and masked for the whole batch at once
+        (one NumPy pass instead of one per record); the mask of a sample longer than max_chars is left to
         _finish, which may encode it again."""
-        n = len(encodings)
-        ids, offsets, bounds = _flat_arrays(encodings)
+        ids, offsets, bounds = encoded
+        n = len(bounds) - 1
         # every record's characters at its own base, so that one sorted search masks the whole batch
         lengths = np.fromiter((len(t) for t, _ in good), dtype=np.int64, count=n)
         base = np.zeros(n + 1, dtype=np.int64)
@@ -173,7 +182,7 @@ class ChatEncoder:
             if len(ids) > n and offsets[n - 1, 1] <= self.max_chars // 2:
                 text, size = text[: self.max_chars], f"{len(text):,} characters"
             else:  # the kept tokens would reach the cut: encode the whole text, as without the cap
-                ids, offsets, _ = _flat_arrays([self.backend.encode(text, add_special_tokens=False)])
+                ids, offsets, _ = self.encode_texts([text])
                 size = f"{len(ids)} tokens"
             mask = self._mask(text, offsets, spans)
         truncated = False
