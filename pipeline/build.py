@@ -90,16 +90,17 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
     return staging, False
 
 
-def tokenizer_info(name: str | None, tok) -> dict:
-    return {
-        "name": name or models.EMBEDDED,
-        "fingerprint": models.tokenizer_fingerprint(tok),
-        "chat_template_sha256": models.chat_template_sha256(tok),
-        "vocab_size": len(tok),
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
+def _tokenizer(cfg: BuildConfig, warm: list) -> tuple[dict, bool]:
+    """(the manifest's tokenizer entry, whether workers may load the tokenizer the light way).
+    Once an earlier build found the light load equal to AutoTokenizer's, the driver does not load the
+    tokenizer at all: the workers' warm-up reports the entry.  (The driver's own load took about 2 s
+    of the same 2 cores the workers were starting on.)"""
+    if warm and models.light_load_known(cfg.tokenizer, cfg.trust_remote_code):
+        facts = executor.first_result(warm, "loading the tokenizer")
+    else:
+        tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+        return {"name": cfg.tokenizer or models.EMBEDDED, **models.tokenizer_facts(tok)}, light
+    return {"name": cfg.tokenizer or models.EMBEDDED, **facts}, True
 
 
 def _log(cfg: BuildConfig, msg: str) -> None:
@@ -129,25 +130,24 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
             _log(cfg, f"{out} already holds this build; nothing to do.")
             return read_manifest(out), False
         with executor.client(cfg.workers, cfg.scheduler) as c:
-            # Workers load the tokenizer while the driver does the same: start-up cost paid once, in
-            # parallel, instead of inside the first tasks. They load it the light way (without torch);
-            # the driver says in the tasks whether that gives the same tokenizer (checked once per
-            # tokenizer, see models.load_build_tokenizer), else the tasks load it in full.
-            # (Loading the driver's in a thread while the cluster starts moved 1 s out of "cluster start"
-            # but not out of the build: 7.6 vs 7.0 s for 100 records, 8 runs.)
+            # Workers load the tokenizer before their first task: start-up cost paid once, in parallel.
+            # They load it the light way (without torch); whether that gives the same tokenizer is checked
+            # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it),
+            # else the tasks load it in full.  (Loading the driver's in a thread while the cluster starts
+            # moved 1 s out of "cluster start" but not out of the build: 7.6 vs 7.0 s for 100 records.)
             warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow,
                                             cfg.trust_remote_code, not cfg.trust_remote_code)
-            tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+            tok_info, light = _tokenizer(cfg, warm)
             clock.lap("cluster start")
-            manifest = _build(c, cfg, strategies, parts, staging, tok, tok_location, light, clock)
+            manifest = _build(c, cfg, strategies, parts, staging, tok_info, tok_location, light, clock)
             del warm
         clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
     return manifest, True
 
 
-def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, tok, tok_location: str, light: bool,
-           clock: "_Clock") -> dict:
+def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, tok_info: dict, tok_location: str,
+           light: bool, clock: "_Clock") -> dict:
     """Pass 1, fit, pass 2, manifest; the caller holds the lock."""
     out = Path(cfg.out)
     done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
@@ -175,7 +175,7 @@ def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, to
     )
     clock.lap("score+write")
     duplicates = executor.run_one(c, count_duplicate_ids, str(staging), indices)
-    manifest = _manifest(cfg, tok, stats, shards, strategies, artifacts, thresholds, duplicates)
+    manifest = _manifest(cfg, tok_info, stats, shards, strategies, artifacts, thresholds, duplicates)
     write_manifest(out, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     clock.lap("manifest")
@@ -295,7 +295,7 @@ def _write_rejects(path: str, staging: Path, parts) -> None:
     atomic_write(path, write)
 
 
-def _manifest(cfg: BuildConfig, tok, stats: list[dict], shards: list[dict], strategies: list, artifacts: dict,
+def _manifest(cfg: BuildConfig, tok_info: dict, stats: list[dict], shards: list[dict], strategies: list, artifacts: dict,
               thresholds: dict, duplicates: int) -> dict:
     rejected: Counter = Counter()
     inputs: dict[str, dict] = {}
@@ -324,7 +324,7 @@ def _manifest(cfg: BuildConfig, tok, stats: list[dict], shards: list[dict], stra
     return {
         "format_version": FORMAT_VERSION,
         "sftgo_version": VERSION,
-        "tokenizer": tokenizer_info(cfg.tokenizer, tok),
+        "tokenizer": tok_info,
         "params": cfg.params(),
         "strategies": {s.name: manifest_entry(s, cfg, artifacts, thresholds) for s in strategies},
         "inputs": list(inputs.values()),

@@ -221,3 +221,28 @@ def test_field_map_and_forced_format(tmp_path, write_jsonl, dask_scheduler):
                                          "fields with --field-map"):
         run(BuildConfig(inputs=[str(src)], out=str(tmp_path / "p"), scheduler=dask_scheduler, progress=False,
                         format="alpaca"))
+
+
+def test_a_known_tokenizer_is_not_loaded_in_the_driver(tokenizer, tmp_path, monkeypatch, dask_scheduler):
+    """Once the light load is known to equal AutoTokenizer's, the driver loads no tokenizer: a worker's
+    warm-up reports the manifest's tokenizer entry, and the build is the same, byte for byte."""
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    monkeypatch.setattr(models, "cache_root", lambda: tmp_path / "cache")
+
+    def build(out):
+        cfg = BuildConfig(inputs=[str(ROOT / "data" / "alpaca.jsonl")], out=str(tmp_path / out), tokenizer=str(tok_dir),
+                          scheduler=dask_scheduler, progress=False)
+        return run(cfg)[0]
+
+    assert not models.light_load_known(str(tok_dir))
+    first = build("first")  # the driver compares both loads and remembers the verdict
+    assert models.light_load_known(str(tok_dir)) and not models.light_load_known(str(tok_dir), trust_remote_code=True)
+    refuse = lambda *a, **k: pytest.fail("the driver loaded a tokenizer")  # noqa: E731
+    monkeypatch.setattr(models, "load_tokenizer", refuse)
+    monkeypatch.setattr(models, "load_tokenizer_light", refuse)
+    second = build("second")
+    assert second == first and second["tokenizer"]["name"] == str(tok_dir)
+    assert second["tokenizer"]["fingerprint"] == models.tokenizer_fingerprint(tokenizer)
+    for shard in first["shards"]:
+        assert (tmp_path / "first" / shard["path"]).read_bytes() == (tmp_path / "second" / shard["path"]).read_bytes()

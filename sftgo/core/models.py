@@ -201,6 +201,27 @@ def _light_marker(location: str) -> Path | None:
     return cache_root() / "light-tokenizer" / f"{digest.hexdigest()[:24]}.ok"
 
 
+def light_load_known(name: str | None, trust_remote_code: bool = False) -> bool:
+    """Whether an earlier `load_build_tokenizer` found the light load equal to AutoTokenizer's for these
+    exact files (its cache marker), so that a build need not load the tokenizer in the driver at all."""
+    if trust_remote_code:
+        return False
+    marker = _light_marker(tokenizer_dir(name))
+    return marker is not None and marker.exists()
+
+
+def tokenizer_facts(tok) -> dict:
+    """The manifest's tokenizer entry, less its name: what a shard's token ids mean."""
+    return {
+        "fingerprint": tokenizer_fingerprint(tok),
+        "chat_template_sha256": chat_template_sha256(tok),
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
 def load_build_tokenizer(name: str | None, trust_remote_code: bool = False) -> tuple[object, bool]:
     """(tokenizer, light_ok) for a build: light_ok says workers may use `load_tokenizer_light`.
 
