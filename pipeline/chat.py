@@ -167,13 +167,14 @@ class ChatEncoder:
         base = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=base[1:])
         cap = self.max_chars
-        short = lengths <= cap if cap else np.ones(n, dtype=bool)
-        ranges = [(a + int(base[i]), b + int(base[i])) for i, (text, spans) in enumerate(good) if short[i]
+        short = (lengths <= cap).tolist() if cap else [True] * n
+        at = base.tolist()
+        ranges = [(a + at[i], b + at[i]) for i, (text, spans) in enumerate(good) if short[i]
                   for a, b in self._ranges(text, spans)]
         glob = offsets.astype(np.int64) + np.repeat(base[:-1], np.diff(bounds))[:, None]
         mask = _inside(glob, ranges)
-        cut = bounds[1:-1]
-        return [(i, o, m if ok else None) for i, o, m, ok in zip(np.split(ids, cut), np.split(offsets, cut), np.split(mask, cut), short)]
+        cut = bounds.tolist()
+        return [(ids[a:b], offsets[a:b], mask[a:b] if ok else None) for a, b, ok in zip(cut, cut[1:], short)]
 
     def _finish(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray, offsets: np.ndarray,
                 mask: np.ndarray | None) -> Encoded | RecordError:
