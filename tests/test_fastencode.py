@@ -140,6 +140,8 @@ def test_tokenizers_whose_offsets_do_not_follow_from_ids_keep_the_encoders(token
 
     backend = variant(tokenizer, change)
     assert fastencode.plan(backend) is None
+    if setup not in ("trimmed offsets", "stripping added token"):
+        return  # the fallback below is one code path whatever the reason; two set-ups exercise it
     # and ChatEncoder still gives the encoder's own offsets with such a tokenizer
     tok = copy.deepcopy(tokenizer)
     tok.backend_tokenizer.__setstate__(backend.__getstate__())
