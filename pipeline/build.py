@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from sftgo import __version__ as VERSION
 from sftgo.core import models
@@ -34,7 +35,7 @@ from sftgo.grouping import registry
 from sftgo.pipeline import executor, readers
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
-from sftgo.pipeline.prepare import prepare_partition, stage_path, warm_up
+from sftgo.pipeline.prepare import prepare_partition, stage_path, tokenizer_facts, warm_up
 
 STAGING = ".staging"
 
@@ -90,17 +91,18 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
     return staging, False
 
 
-def _tokenizer(cfg: BuildConfig, warm: list) -> tuple[dict, bool]:
-    """(the manifest's tokenizer entry, whether workers may load the tokenizer the light way).
-    Once an earlier build found the light load equal to AutoTokenizer's, the driver does not load the
-    tokenizer at all: the workers' warm-up reports the entry.  (The driver's own load took about 2 s
-    of the same 2 cores the workers were starting on.)"""
-    if warm and models.light_load_known(cfg.tokenizer, cfg.trust_remote_code):
-        facts = executor.first_result(warm, "loading the tokenizer")
-    else:
-        tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
-        return {"name": cfg.tokenizer or models.EMBEDDED, **models.tokenizer_facts(tok)}, light
-    return {"name": cfg.tokenizer or models.EMBEDDED, **facts}, True
+def _tokenizer(c, cfg: BuildConfig, tok_location: str) -> tuple[Callable[[], dict], bool]:
+    """(a function giving the manifest's tokenizer entry, whether workers may load the tokenizer the light
+    way).  Once an earlier build found the light load equal to AutoTokenizer's, the driver loads no tokenizer:
+    one worker computes the entry while the other starts on the partitions, and the driver collects it for
+    the manifest.  (The driver's own load took about 2 s of the same 2 cores the workers were starting on.)"""
+    name = cfg.tokenizer or models.EMBEDDED
+    if c.scheduler_info()["workers"] and models.light_load_known(cfg.tokenizer, cfg.trust_remote_code):
+        fut = c.submit(tokenizer_facts, tok_location, False, True, pure=False)
+        return lambda: {"name": name, **executor.result(fut, "reading the tokenizer")}, True
+    tok, light = models.load_build_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    entry = {"name": name, **models.tokenizer_facts(tok)}
+    return lambda: entry, light
 
 
 def _log(cfg: BuildConfig, msg: str) -> None:
@@ -132,22 +134,22 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
         with executor.client(cfg.workers, cfg.scheduler) as c:
             # Workers load the tokenizer before their first task: start-up cost paid once, in parallel.
             # They load it the light way (without torch); whether that gives the same tokenizer is checked
-            # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it),
-            # else the tasks load it in full.  (Loading the driver's in a thread while the cluster starts
+            # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it; see
+            # _tokenizer), else the tasks load it in full.  (Loading the driver's in a thread while the cluster starts
             # moved 1 s out of "cluster start" but not out of the build: 7.6 vs 7.0 s for 100 records.)
             warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow,
                                             cfg.trust_remote_code, not cfg.trust_remote_code)
-            tok_info, light = _tokenizer(cfg, warm)
+            tok_entry, light = _tokenizer(c, cfg, tok_location)
             clock.lap("cluster start")
-            manifest = _build(c, cfg, strategies, parts, staging, tok_info, tok_location, light, clock)
+            manifest = _build(c, cfg, strategies, parts, staging, tok_entry, tok_location, light, clock)
             del warm
         clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
     return manifest, True
 
 
-def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, tok_info: dict, tok_location: str,
-           light: bool, clock: "_Clock") -> dict:
+def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, tok_entry: Callable[[], dict],
+           tok_location: str, light: bool, clock: "_Clock") -> dict:
     """Pass 1, fit, pass 2, manifest; the caller holds the lock."""
     out = Path(cfg.out)
     done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
@@ -175,7 +177,7 @@ def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, to
     )
     clock.lap("score+write")
     duplicates = executor.run_one(c, count_duplicate_ids, str(staging), indices)
-    manifest = _manifest(cfg, tok_info, stats, shards, strategies, artifacts, thresholds, duplicates)
+    manifest = _manifest(cfg, tok_entry(), stats, shards, strategies, artifacts, thresholds, duplicates)
     write_manifest(out, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     clock.lap("manifest")
@@ -295,8 +297,8 @@ def _write_rejects(path: str, staging: Path, parts) -> None:
     atomic_write(path, write)
 
 
-def _manifest(cfg: BuildConfig, tok_info: dict, stats: list[dict], shards: list[dict], strategies: list, artifacts: dict,
-              thresholds: dict, duplicates: int) -> dict:
+def _manifest(cfg: BuildConfig, tok_info: dict, stats: list[dict], shards: list[dict], strategies: list,
+              artifacts: dict, thresholds: dict, duplicates: int) -> dict:
     rejected: Counter = Counter()
     inputs: dict[str, dict] = {}
     for s in stats:

@@ -143,22 +143,14 @@ def on_every_worker(c, fn: Callable, *args) -> list:
     return [c.submit(fn, *args, pure=False, workers=[w], allow_other_workers=False) for w in c.scheduler_info()["workers"]]
 
 
-def first_result(futures: list, desc: str):
-    """The result of whichever of the futures finishes first (a failure raised as TaskError)."""
-    from distributed import wait
-
-    done, _ = wait(futures, return_when="FIRST_COMPLETED")
-    fut = next(iter(done))
-    if fut.status == "error":
-        exc = fut.exception()
+def result(fut, desc: str):
+    """The result of a future; its failure raised as TaskError, one sentence naming `desc`."""
+    try:
+        return fut.result()
+    except Exception as exc:
         raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
-    return fut.result()
 
 
 def run_one(c, fn: Callable, *args):
     """Run a single function on a worker (e.g. a reduction) and return its result."""
-    fut = c.submit(fn, *args, pure=False)
-    try:
-        return fut.result()
-    except Exception as exc:
-        raise TaskError(f"{getattr(fn, '__name__', 'task')} failed on a worker: {type(exc).__name__}: {exc}") from exc
+    return result(c.submit(fn, *args, pure=False), getattr(fn, "__name__", "task"))
