@@ -135,8 +135,8 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
             # Workers load the tokenizer before their first task: start-up cost paid once, in parallel.
             # They load it the light way (without torch); whether that gives the same tokenizer is checked
             # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it; see
-            # _tokenizer), else the tasks load it in full.  (Loading the driver's in a thread while the cluster starts
-            # moved 1 s out of "cluster start" but not out of the build: 7.6 vs 7.0 s for 100 records.)
+            # _tokenizer), else the tasks load it in full.  (Loading the driver's in a thread while the
+            # cluster starts moved 1 s out of "cluster start" but not out of the build: 7.6 vs 7.0 s.)
             warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow,
                                             cfg.trust_remote_code, not cfg.trust_remote_code)
             tok_entry, light = _tokenizer(c, cfg, tok_location)

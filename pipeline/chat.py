@@ -21,7 +21,6 @@ token (e.g. `<|im_end|>`), so the model learns to stop -- what TRL's assistant-o
 from __future__ import annotations
 
 import re
-from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,7 +153,7 @@ class ChatEncoder:
         text's bounds in them ([n + 1]): from the ids alone where fastencode vouches for it, else from the
         encoder's own offsets."""
         fast = self._fast.encode(texts) if self._fast is not None and texts else None
-        return fast if fast is not None else _flat_arrays(self.backend.encode_batch(texts, add_special_tokens=False))
+        return fast if fast is not None else fastencode.flat_arrays(self.backend.encode_batch(texts, add_special_tokens=False))
 
     def _batch_arrays(self, good: list[tuple[str, list]], encoded: tuple) -> list[tuple]:
         """Per record (ids, offsets, loss mask or None), split and masked for the whole batch at once
@@ -208,19 +207,6 @@ class ChatEncoder:
         """1 for every token that contains a character of an assistant content or of the end-of-turn token
         right after it (a token straddling the template and the content included)."""
         return _inside(offsets, self._ranges(text, spans))
-
-
-def _flat_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ids (int32 [T]) and character offsets (int32 [T, 2]) of several Rust encodings laid end to end,
-    and each encoding's bounds in them ([n + 1])."""
-    n = len(encodings)
-    bounds = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, encodings), dtype=np.int64, count=n), out=bounds[1:])
-    total = int(bounds[-1])
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
-    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int32,
-                          count=2 * total).reshape(-1, 2)
-    return ids, offsets, bounds
 
 
 def _inside(offsets: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:

@@ -83,15 +83,11 @@ class ByteOffsets:
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         if not self.active or (self.nfc and not all(unicodedata.is_normalized("NFC", t) for t in texts)):
             return None
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        n = len(encodings)
-        bounds = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, encodings), dtype=np.int64, count=n), out=bounds[1:])
-        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(bounds[-1]))
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.token_bytes)):
-            return None
-        size = self.token_bytes[ids]
-        if not size.all():  # an id outside the vocabulary (no byte length known)
+        ids, bounds = _ids(self.backend.encode_batch_fast(texts, add_special_tokens=False))
+        n = len(bounds) - 1
+        known = not len(ids) or (ids.min() >= 0 and ids.max() < len(self.token_bytes))
+        size = self.token_bytes[ids] if known else None
+        if size is None or not size.all():  # an id with no known byte length (outside the vocabulary)
             self.active = False
             return None
         ends = np.cumsum(size)  # byte positions in the texts laid end to end
@@ -99,7 +95,8 @@ class ByteOffsets:
         chars = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=n), out=chars[1:])
         joined = "".join(texts)
-        if joined.isascii():
+        ascii_ = joined.isascii()
+        if ascii_:
             byte_base = chars
         else:
             data = np.frombuffer(joined.encode("utf-8"), dtype=np.uint8)
@@ -110,13 +107,30 @@ class ByteOffsets:
         if not np.array_equal(covered, byte_base):  # some text's tokens are not exactly its bytes
             self.active = False  # something plan's checks did not foresee: the encoder's offsets from now on
             return None
-        if not joined.isascii():
+        if not ascii_:
             starts, ends = char_of[starts], char_of[ends - 1] + 1
         base = np.repeat(chars[:-1], np.diff(bounds))
         offsets = np.empty((len(ids), 2), dtype=np.int32)
         offsets[:, 0] = starts - base
         offsets[:, 1] = ends - base
         return ids, offsets, bounds
+
+
+def _ids(encodings) -> tuple[np.ndarray, np.ndarray]:
+    """The ids (int32 [T]) of several Rust encodings laid end to end, and each encoding's bounds in them ([n + 1])."""
+    n = len(encodings)
+    bounds = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encodings), dtype=np.int64, count=n), out=bounds[1:])
+    return np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(bounds[-1])), bounds
+
+
+def flat_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ids (int32 [T]) and the encoder's own character offsets (int32 [T, 2]) of several Rust encodings
+    laid end to end, and each encoding's bounds in them ([n + 1]): one Python tuple per token read."""
+    ids, bounds = _ids(encodings)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int32,
+                          count=2 * len(ids)).reshape(-1, 2)
+    return ids, offsets, bounds
 
 
 def _state(component) -> dict | None:
@@ -150,8 +164,7 @@ def plan(backend) -> ByteOffsets | None:
     fast = ByteOffsets(backend, token_bytes, normalizer is not None)
     probes = [unicodedata.normalize("NFC", p) for p in _PROBES] + ["".join(t.content + " x" for t in added.values())]
     got = fast.encode(probes)
-    want = backend.encode_batch(probes, add_special_tokens=False)
-    if got is None or got[0].tolist() != [i for e in want for i in e.ids] or \
-            got[1].tolist() != [list(o) for e in want for o in e.offsets]:
+    want = flat_arrays(backend.encode_batch(probes, add_special_tokens=False))
+    if got is None or not all(np.array_equal(a, b) for a, b in zip(got, want)):
         return None
     return fast

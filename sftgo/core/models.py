@@ -231,15 +231,15 @@ def load_build_tokenizer(name: str | None, trust_remote_code: bool = False) -> t
     """
     if trust_remote_code:
         return load_tokenizer(name, True), False
-    location = tokenizer_dir(name)
-    marker = _light_marker(location)
-    if marker is not None and marker.exists():
+    if light_load_known(name):
         light = load_tokenizer_light(name)
         if light is not None:
             return light, True
     tok = load_tokenizer(name)
     light = load_tokenizer_light(name)
     ok = light is not None and tokenizer_spec(light) == tokenizer_spec(tok)
+    location = tokenizer_dir(name)
+    marker = _light_marker(location)
     if ok and marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(f"{location}\n")
