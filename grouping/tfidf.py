@@ -150,11 +150,14 @@ def _slices(text: str, starts: np.ndarray, ends: np.ndarray) -> pa.Array | None:
         data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
     except UnicodeEncodeError:
         return None
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
-    at = np.zeros(len(codes) + 1, dtype=np.int64)
-    np.cumsum(width, out=at[1:])
-    b_start, b_end = at[starts], at[ends]
+    if len(data) == len(text):  # ASCII: byte positions are character positions
+        b_start, b_end = starts, ends
+    else:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        width = 1 + (codes >= 0x80).astype(np.int64) + (codes >= 0x800) + (codes >= 0x10000)
+        at = np.zeros(len(codes) + 1, dtype=np.int64)
+        np.cumsum(width, out=at[1:])
+        b_start, b_end = at[starts], at[ends]
     lengths = b_end - b_start
     out = np.zeros(len(starts) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])

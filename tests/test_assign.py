@@ -48,3 +48,25 @@ def test_counts_and_ties():
 def test_empty_and_unsupervised_rows():
     g = assign_groups(np.zeros(3, np.float32), np.zeros(3, np.int8), np.array([0, 0, 3]), 0.3)
     assert g.tolist() == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ties_of_signed_zeros_infinities_and_nans_break_by_position(dtype):
+    """Signed zeros tie, every NaN ties and ranks last, infinities order; ties go to the earlier token.
+    Oracle: Python's sort on (-score, position), NaNs mapped to the bottom."""
+    rng = np.random.default_rng(1)
+    pool = np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 2.0], dtype=dtype)
+    lengths = rng.integers(0, 60, size=40)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    scores = rng.choice(pool, size=offsets[-1])
+    mask = (rng.random(offsets[-1]) < 0.7).astype(np.int8)
+    for k in (2, 3):
+        groups = assign_groups(scores, mask, offsets, 0.3, k)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            sup = [i for i in range(a, b) if mask[i]]
+            order = sorted(sup, key=lambda i: (math.isnan(scores[i]), 0.0 if math.isnan(scores[i]) else -float(scores[i]), i))
+            want = np.full(b - a, -1)
+            for rank, i in enumerate(order):
+                n = len(order)
+                want[i - a] = (1 if rank < max(1, math.ceil(0.3 * n - 1e-9)) else 0) if k == 2 else k - 1 - (rank * k) // n
+            assert groups[a:b].tolist() == want.tolist()

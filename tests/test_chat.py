@@ -95,6 +95,30 @@ def test_trimming_template_is_detected(tokenizer):
     assert masked_spans(tok, enc.input_ids, enc.loss_mask) == ["The Norford River.<|im_end|>"]
 
 
+def test_the_render_keeps_the_sandbox(tokenizer):
+    """The render's memoised attribute check (per type and attribute) still refuses what transformers'
+    sandbox refuses, every time: a dict method that mutates, a dunder; and allows the safe ones."""
+    import jinja2
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m['content'].strip() + '<|im_end|>\\n' }}"
+        "{% if m['role'] == 'system' %}{{ m.update({'role': 'user'}) }}{% endif %}"
+        "{% if m['role'] == 'tool' %}{{ m['content'].__class__.__mro__ }}{% endif %}{% endfor %}"
+    )
+    enc = ChatEncoder(tok, max_length=512)
+    conv = [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Norford."}]
+    for _ in range(2):
+        assert enc.render(conv)[0] == tok.apply_chat_template(conv, tokenize=False)
+        for role in ("system", "tool"):  # the template misbehaves on these roles
+            hostile = [{"role": role, "content": "Be brief."}, *conv]
+            with pytest.raises(jinja2.exceptions.TemplateError):
+                tok.apply_chat_template(hostile, tokenize=False)
+            with pytest.raises(RecordError, match="is unsafe"):
+                enc.render(hostile)
+            assert hostile[0]["role"] == role
+
+
 def test_template_without_chat_template_is_refused(tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = None

@@ -141,6 +141,9 @@ def test_lowering_the_whole_text_gives_each_span_what_lowering_it_alone_gives():
     assert found[2] == TfidfVectorizer().build_analyzer()(answer + "\n" + second)
     _, starts, ends, _ = tfidf._term_positions(text, spans, tfidf.WORD_PATTERN)
     assert tfidf._slices(lowered, starts, ends).to_pylist() == found[2]  # cut from UTF-8 bytes of the whole lowered text
+    plain = "plain ascii: the words, cut where they lie."  # ASCII: byte positions are the character positions
+    _, starts, ends, _ = tfidf._term_positions(plain, [(0, len(plain))], tfidf.WORD_PATTERN)
+    assert tfidf._slices(plain, starts, ends).to_pylist() == TfidfVectorizer().build_analyzer()(plain)
 
 
 def test_token_unit_equals_sklearn_on_token_ids(tokenizer):
