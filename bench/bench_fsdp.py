@@ -1,9 +1,11 @@
 """Per-rank peak memory of 2-process FSDP2 against 2-process DDP, same model, data and steps.
 
-Usage: python bench/bench_fsdp.py --data SHARD_DIR [--model NAME] [--steps 3] [--repeats 3] [--batch-tokens 256]
-                                 [--grad-checkpointing] [--json FILE]
+Usage: python bench/bench_fsdp.py --data SHARD_DIR [--model NAME | --shape smollm2-360m] [--steps 3] [--repeats 3]
+                                 [--batch-tokens 256] [--grad-checkpointing] [--json FILE]
 
-Input: a shard directory and a model (default: the embedded SmolLM2-135M-Instruct).
+Input: a shard directory and a model (default: the embedded SmolLM2-135M-Instruct).  --shape NAME trains a
+randomly initialised model of a published architecture instead (written once into bench/_work/models; its
+memory is that of the trained model, which this offline host does not have), with the embedded tokenizer.
 Output: per repeat and mode, each rank's peak memory as sftgo-train records it in summary.json
 (`peak_memory_mb_per_rank`: resident set on CPU, torch's max allocated on a GPU) over the training
 phase (after set-up: the model is loaded whole on every rank before FSDP shards it) and over the
@@ -52,6 +54,39 @@ def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path, bat
             "train_start_max_rank_mb": max((r.get("train_start_rss_mb") or 0.0) for r in ranks)}
 
 
+# Published configurations (config.json on the Hugging Face hub), for --shape.  SmolLM2-360M: 362 M parameters,
+# 32 layers, the same tied 49,152 x 960 embedding family as the embedded 135 M model.
+SHAPES = {
+    "smollm2-360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
+                     "num_key_value_heads": 5, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0,
+                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
+}
+
+
+def shaped_model(shape: str) -> str:
+    """A directory with a randomly initialised Llama of SHAPES[shape] and the embedded tokenizer (made once)."""
+    root = Path(__file__).resolve().parents[1]
+    out = root / "bench" / "_work" / "models" / f"{shape}-random"
+    if not (out / "config.json").exists():
+        import shutil
+
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from sftgo.core import models
+
+        torch.manual_seed(0)
+        tok = models.load_tokenizer(None)
+        config = LlamaConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    return str(out)
+
+
 def default_shards() -> str:
     root = Path(__file__).resolve().parents[1]
     out = root / "bench" / "_work" / "fsdp-shards"
@@ -65,6 +100,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="shard directory [default: built from data/*.jsonl into bench/_work]")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="train a randomly initialised model of this published architecture instead of --model")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-tokens", type=int, default=256,
@@ -74,6 +111,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.data is None:
         args.data = default_shards()
+    if args.shape:
+        if args.model:
+            raise SystemExit("--shape and --model exclude each other.")
+        args.model = shaped_model(args.shape)
     runs: dict[str, list[dict]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -89,7 +130,7 @@ def main() -> None:
               "whole_process": {"ddp_peak_mb": whole["ddp"], "fsdp_peak_mb": whole["fsdp"], "ratio": whole["fsdp"] / whole["ddp"],
                                 "measure": runs["ddp"][0]["whole_measure"]},
               "measure": runs["ddp"][0]["measure"], "runs": runs, "steps": args.steps, "batch_tokens": args.batch_tokens,
-              "grad_checkpointing": args.grad_checkpointing, "model": args.model or "embedded"}
+              "grad_checkpointing": args.grad_checkpointing, "model": args.shape and f"{args.shape} (random init)" or args.model or "embedded"}
     print(f"median per-rank peak ({result['measure']}): DDP {med['ddp']:.0f} MB, FSDP {med['fsdp']:.0f} MB, ratio {result['ratio']:.2f}; "
           f"whole process: DDP {whole['ddp']:.0f} MB, FSDP {whole['fsdp']:.0f} MB, ratio {result['whole_process']['ratio']:.2f}")
     if args.json:

@@ -35,7 +35,7 @@ from sftgo.grouping import registry
 from sftgo.pipeline import executor, readers
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
-from sftgo.pipeline.prepare import prepare_partition, stage_path, tokenizer_facts, warm_up
+from sftgo.pipeline.prepare import STAGED, prepare_partition, read_staged, stage_path, tokenizer_facts, warm_up
 
 STAGING = ".staging"
 
@@ -66,7 +66,7 @@ def _clear(out: Path) -> None:
 def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
     """Decide between fresh start, resume and refusal. Returns (staging dir, already_complete)."""
     staging = out / STAGING
-    key = {"params": cfg.params(), "inputs": _input_identity(cfg)}
+    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED}
     for folder in (out, staging):  # temporaries of atomic writes cut short by a kill (we hold the lock)
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink()
@@ -79,7 +79,11 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
             return staging, True
         raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
     elif (staging / "build.json").exists():
-        if json.loads((staging / "build.json").read_text()) != json.loads(json.dumps(key)):
+        found = json.loads((staging / "build.json").read_text())
+        if found != json.loads(json.dumps(key)):
+            if isinstance(found, dict) and found.get("staged") != STAGED and {**found, "staged": STAGED} == json.loads(json.dumps(key)):
+                raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
+                                 "to start again.")
             raise BuildError(
                 f"{out} holds an unfinished build with other parameters or inputs; pass --overwrite to start again."
             )
@@ -261,9 +265,8 @@ def count_duplicate_ids(staging: str, indices: list[int]) -> int:
     """Worker task: records whose id another record already has (ids stay as given; this only counts)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    ids = [pq.read_table(stage_path(staging, i, "staged.parquet"), columns=["id"])["id"] for i in indices]
+    ids = [read_staged(staging, i, ["id"])["id"] for i in indices]
     if not ids:
         return 0
     column = pa.chunked_array([c for col in ids for c in col.chunks], pa.string())

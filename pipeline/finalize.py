@@ -2,7 +2,7 @@
 corpus artifacts, optionally corpus-wide thresholds, then score, group and write every shard.
 
 Input: a Dask client, the typed BuildConfig, the strategy objects (grouping/registry.py), the
-staging folder of pass 1 (part-NNNNN.staged.parquet and part-NNNNN.stats-<strategy>.parquet per
+staging folder of pass 1 (part-NNNNN.staged.arrow and part-NNNNN.stats-<strategy>.parquet per
 partition) and a writer task per shard.
 Output: the artifacts (e.g. idf.parquet) in `folder`, and `shard-NNNNN.parquet` files (zstd;
 columns of README "Shard schema") written atomically, with their manifest entries (path, rows,
@@ -26,7 +26,7 @@ from sftgo.core.shards import (
 from sftgo.grouping import registry
 from sftgo.grouping.assign import assign_by_thresholds, assign_groups, corpus_thresholds
 from sftgo.pipeline import executor
-from sftgo.pipeline.prepare import stage_path, stats_suffix
+from sftgo.pipeline.prepare import read_staged, stage_path, stats_suffix
 
 SHARD_COMPRESSION = "zstd"
 
@@ -58,7 +58,7 @@ def score_partition(index: int, strategies: list, staging: str, artifacts: dict,
     """Worker task (corpus thresholds only): the importance columns of one partition, staged."""
     path = stage_path(staging, index, "scores.parquet")
     if not path.exists():
-        staged = pq.read_table(stage_path(staging, index, "staged.parquet"))
+        staged = read_staged(staging, index)
         table = pa.table({importance_column(s.name): s.importance(staged, artifacts.get(s.name, {}), folder)
                           for s in strategies})
         atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="lz4"))
@@ -69,7 +69,7 @@ def fit_thresholds(strategies: list, staging: str, indices: list[int], eta: floa
     """Worker task: exact corpus quantiles of every supervised token's score, per strategy."""
     values: dict[str, list[np.ndarray]] = {s.name: [] for s in strategies}
     for i in indices:
-        mask = pq.read_table(stage_path(staging, i, "staged.parquet"), columns=["loss_mask"])["loss_mask"]
+        mask = read_staged(staging, i, ["loss_mask"])["loss_mask"]
         sup = mask.combine_chunks().flatten().to_numpy() == 1
         scores = pq.read_table(stage_path(staging, i, "scores.parquet"))
         for s in strategies:
@@ -138,7 +138,7 @@ def write_partition(index: int, cfg, strategies: list, staging: str, base_path: 
     base columns from the staged file, `score` from the existing shard at `base_path`)."""
     name = Path(target).name
     if not Path(target).exists():
-        staged = pq.read_table(stage_path(staging, index, "staged.parquet"))
+        staged = read_staged(staging, index)
         base = pq.read_table(base_path) if base_path else staged
         scores_path = stage_path(staging, index, "scores.parquet")
         scores = pq.read_table(scores_path) if thresholds and scores_path.exists() else None

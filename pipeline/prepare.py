@@ -3,10 +3,13 @@
 Input: a Partition, the build parameters, the tokenizer location and the staging folder.
 Output (files in the staging folder, each written atomically, the .json last so that
 its presence marks the partition done):
-  part-NNNNN.staged.parquet  id, input_ids, loss_mask, num_tokens, num_loss_tokens and
+  part-NNNNN.staged.arrow    id, input_ids, loss_mask, num_tokens, num_loss_tokens and
                              each strategy's staged columns (grouping/registry.py): for
                              tfidf the response's terms, their counts and each token's term
-                             index; for model strategies the importance itself
+                             index; for model strategies the importance itself.  Arrow IPC
+                             with LZ4 buffers (read_staged): internal to one build, and for a
+                             5,000-record partition about 0.02 s to write and 0.005 s to read
+                             against 0.12 s and 0.05 s as LZ4 Parquet (1.2 vs 2.2 MB on disk)
   part-NNNNN.stats-S.parquet what strategy S fits on the whole corpus needs of this partition
                              (tfidf: (term, df), for the corpus IDF)
   part-NNNNN.rejects.jsonl   every rejected record with reason, detail and its original text (raw)
@@ -35,8 +38,38 @@ from sftgo.pipeline.chat import ChatEncoder
 BATCH = 512  # conversations per tokenizer call: amortises the Rust call, bounds memory
 
 
+STAGED = "staged.arrow"  # the staged table's suffix; build.json records it (a staging of another format is not resumed)
+
+
 def stage_path(staging: str, index: int, suffix: str) -> Path:
     return Path(staging) / f"part-{index:05d}.{suffix}"
+
+
+def write_staged(path: Path, table: pa.Table) -> None:
+    """The staged table as one Arrow IPC record batch with LZ4-compressed buffers, atomically."""
+    def write(tmp):
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+            writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+
+    atomic_write(path, write)
+
+
+def read_staged(staging: str, index: int, columns: list[str] | None = None) -> pa.Table:
+    """Partition `index`'s staged table (or some of its columns), as write_staged wrote it, except that
+    a list column's item field is named "element", as Parquet names it: staged columns pass into the
+    shards (input_ids, loss_mask, a model strategy's importance), whose schema has always said so."""
+    with pa.OSFile(str(stage_path(staging, index, STAGED)), "rb") as source:
+        table = pa.ipc.open_file(source).read_all()
+    if columns is not None:
+        table = table.select(columns)
+    return table.cast(pa.schema([_element_named(f) for f in table.schema], metadata=table.schema.metadata))
+
+
+def _element_named(field: pa.Field) -> pa.Field:
+    if not pa.types.is_list(field.type):
+        return field
+    return field.with_type(pa.list_(field.type.value_field.with_name("element")))
 
 
 @functools.lru_cache(maxsize=2)
@@ -175,7 +208,7 @@ def stage_columns(strategies: list, cols: dict, cfg, tokenizer: str) -> dict[str
 
 def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], counts: dict, strategies: list) -> dict:
     """Write a partition's staged files (the .json last: it marks the partition done)."""
-    atomic_write(stage_path(staging, index, "staged.parquet"), lambda p: pq.write_table(table, p, compression="lz4"))
+    write_staged(stage_path(staging, index, STAGED), table)
     for strategy in strategies:
         if registry.fitted(strategy):
             stats = strategy.partition_stats(table)

@@ -193,6 +193,24 @@ def test_rebuild_refusals_and_drop_policy(tmp_path, dask_scheduler):
     assert again["params"]["eta"] == 0.5
 
 
+def test_an_unfinished_build_of_another_staging_format_is_not_resumed(tmp_path):
+    """A staging folder that an older sftgo left (its build.json without this version's staged format) is
+    refused with one sentence that says so, before any cluster starts; other keys keep their own sentence."""
+    from sftgo.pipeline import build
+
+    cfg = small_cfg(tmp_path, None)
+    staging = Path(cfg.out) / build.STAGING
+    staging.mkdir(parents=True)
+    key = {"params": cfg.params(), "inputs": build._input_identity(cfg)}  # what builds before the Arrow staging wrote
+    (staging / "build.json").write_text(json.dumps(key, sort_keys=True))
+    with pytest.raises(BuildError, match="staged by another version of sftgo; pass --overwrite"):
+        run(cfg)
+    key["params"]["eta"] = 0.9
+    (staging / "build.json").write_text(json.dumps(key, sort_keys=True))
+    with pytest.raises(BuildError, match="unfinished build with other parameters or inputs"):
+        run(cfg)
+
+
 def test_second_build_refuses_while_first_runs(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
