@@ -40,7 +40,7 @@ def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path, bat
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{'fsdp' if fsdp else 'ddp'} run failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"{'fsdp' if fsdp else 'ddp'} run failed:\n{proc.stderr[-6000:]}")
     summary = json.loads((out / "summary.json").read_text())
     ranks = summary["peak_memory_mb_per_rank"]
     # the training phase (after set-up: model load, sharding, optimizer creation), where FSDP's sharding acts;
