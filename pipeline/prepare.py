@@ -9,7 +9,7 @@ its presence marks the partition done):
                              index; for model strategies the importance itself.  Arrow IPC
                              with LZ4 buffers (read_staged): internal to one build, and for a
                              5,000-record partition about 0.02 s to write and 0.005 s to read
-                             against 0.12 s and 0.05 s as LZ4 Parquet (1.2 vs 2.2 MB on disk)
+                             against 0.12 s and 0.05 s as LZ4 Parquet (2.2 MB on disk against 1.2)
   part-NNNNN.stats-S.parquet what strategy S fits on the whole corpus needs of this partition
                              (tfidf: (term, df), for the corpus IDF)
   part-NNNNN.rejects.jsonl   every rejected record with reason, detail and its original text (raw)
