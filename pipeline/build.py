@@ -79,9 +79,9 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
             return staging, True
         raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
     elif (staging / "build.json").exists():
-        found = json.loads((staging / "build.json").read_text())
-        if found != json.loads(json.dumps(key)):
-            if isinstance(found, dict) and found.get("staged") != STAGED and {**found, "staged": STAGED} == json.loads(json.dumps(key)):
+        found, expected = json.loads((staging / "build.json").read_text()), json.loads(json.dumps(key))
+        if found != expected:
+            if isinstance(found, dict) and {**found, "staged": STAGED} == expected:  # only the staged format differs
                 raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
                                  "to start again.")
             raise BuildError(

@@ -45,14 +45,14 @@ def stage_path(staging: str, index: int, suffix: str) -> Path:
     return Path(staging) / f"part-{index:05d}.{suffix}"
 
 
-def write_staged(path: Path, table: pa.Table) -> None:
-    """The staged table as one Arrow IPC record batch with LZ4-compressed buffers, atomically."""
+def write_staged(staging: str, index: int, table: pa.Table) -> None:
+    """Partition `index`'s staged table as one Arrow IPC record batch with LZ4-compressed buffers, atomically."""
     def write(tmp):
         options = pa.ipc.IpcWriteOptions(compression="lz4")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
             writer.write_table(table, max_chunksize=max(table.num_rows, 1))
 
-    atomic_write(path, write)
+    atomic_write(stage_path(staging, index, STAGED), write)
 
 
 def read_staged(staging: str, index: int, columns: list[str] | None = None) -> pa.Table:
@@ -208,7 +208,7 @@ def stage_columns(strategies: list, cols: dict, cfg, tokenizer: str) -> dict[str
 
 def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], counts: dict, strategies: list) -> dict:
     """Write a partition's staged files (the .json last: it marks the partition done)."""
-    write_staged(stage_path(staging, index, STAGED), table)
+    write_staged(staging, index, table)
     for strategy in strategies:
         if registry.fitted(strategy):
             stats = strategy.partition_stats(table)
