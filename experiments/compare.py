@@ -109,11 +109,13 @@ def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = 
     "group_loss": {strategy: [[CE sum, tokens] per group]}}.  primary: with `answers`, 1 when every token
     of the item's answer is the model's argmax (items whose answer is not found are left out), else the
     token accuracy.  With `answers`, group_loss also has "answer": group 1 = the answer's tokens.
-    Rows go through the model `batch` at a time, right-padded (causal: a row never sees its padding)."""
+    Rows go through the model `batch` at a time, right-padded (causal: a row never sees its padding), on
+    the GPU where there is one (as the run trained), else on the CPU."""
     import pyarrow.parquet as pq
     from quality_eval import answer_positions
 
-    model = load_causal_lm(model_dir, dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
     lm, tokenizer = causal_lm(model), load_tokenizer(model_dir)
     manifest = verify_shards(heldout, read_manifest(heldout))
     strategies = list(manifest["strategies"])
@@ -122,17 +124,17 @@ def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = 
         columns = ["id", "input_ids", "loss_mask"] + [group_column(s) for s in strategies]
         rows += pq.read_table(member_path(heldout, shard["path"]), columns=columns).to_pylist()
     items, sums = {}, {s: {} for s in strategies + (["answer"] if answers is not None else [])}
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         ids = torch.zeros(len(chunk), max(len(r["input_ids"]) for r in chunk), dtype=torch.long)
         for k, r in enumerate(chunk):
             ids[k, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
         with cast:
-            hidden = lm.get_decoder()(input_ids=ids).last_hidden_state
+            hidden = lm.get_decoder()(input_ids=ids.to(device)).last_hidden_state
         for k, row in enumerate(chunk):
             pos = torch.nonzero(torch.tensor(row["loss_mask"])[1:] == 1).flatten() + 1  # supervised tokens
-            logits = lm.get_output_embeddings()(hidden[k, pos - 1].float()).float()
+            logits = lm.get_output_embeddings()(hidden[k, (pos - 1).to(device)].float()).float().cpu()
             target = ids[k, pos]
             ce = F.cross_entropy(logits, target, reduction="none")
             right = logits.argmax(-1) == target
@@ -156,13 +158,24 @@ def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = 
 def matched_weight(work: Path, seed: int, lr: float, name: str) -> float:
     """The mean group-1 / group-0 token weight the sftgo run `name` of this seed applied: at this lr, or, where
     that run was not made (a seed past the tuning seeds), at the lr its own runs of this seed used."""
-    runs = sorted((work / "runs").glob(f"{name}-s{seed}-lr*/metrics.jsonl"))
-    same = work / "runs" / f"{name}-s{seed}-lr{lr:g}" / "metrics.jsonl"
-    recs = [r for r in read_jsonl(same if same.exists() else (runs or [same])[0])
-            if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2 and r["group_weight"][0]]
-    if not recs:
-        raise SystemExit(f"weighted needs the {name} run of seed {seed} first (add sftgo to --methods).")
-    return float(np.mean([r["group_weight"][1] / r["group_weight"][0] for r in recs]))
+    runs = sorted((work / "runs").glob(f"{name}-s{seed}-lr*/result.json"))
+    same = work / "runs" / f"{name}-s{seed}-lr{lr:g}" / "result.json"
+    result = same if same.exists() else (runs or [same])[0]
+    kept = json.loads(result.read_text()).get("group_weight_ratio") if result.exists() else None
+    if kept is not None:
+        return kept
+    ratio = group_weight_ratio(result.parent / "metrics.jsonl")  # a result cached before it kept the ratio
+    if ratio is None:
+        raise SystemExit(f"weighted needs the {name} run of seed {seed} first (add sftgo to --methods), "
+                         f"with its training log {result.parent / 'metrics.jsonl'}.")
+    return ratio
+
+
+def group_weight_ratio(metrics: Path) -> float | None:
+    """The mean group-1 / group-0 token weight over a run's logged training steps (None: not an sftgo run)."""
+    recs = [r for r in read_jsonl(metrics) if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2
+            and r["group_weight"][0]] if metrics.exists() else []
+    return float(np.mean([r["group_weight"][1] / r["group_weight"][0] for r in recs])) if recs else None
 
 
 def fmt(template: str | None, seed: int) -> str | None:
@@ -174,6 +187,7 @@ def run_stats(metrics: Path) -> dict:
     recs = read_jsonl(metrics)
     train_recs = [r for r in recs if r.get("split") == "train"]
     return {"curve": [[r.get("step", 0), r["ce"]] for r in recs if r.get("split") == "eval"],
+            "group_weight_ratio": group_weight_ratio(metrics),
             "grad_norm_median": float(np.median([r["grad_norm"] for r in train_recs])) if train_recs else None,
             "train_ce_last": train_recs[-1]["ce"] if train_recs else None}
 

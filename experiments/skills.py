@@ -12,7 +12,8 @@ WORK/runs/NAME/result.json (cached and small: commit them), WORK/compare.json, c
 curves.png.  The primary metric, fixed before any run: held-out answer exact, teacher-forced
 (every token of the computed answer is the model's argmax), on the test half of the held-out items.
 Cost: per seed two `sftgo-prep build` runs with tfidf, reference and semantic (about 3 minutes on
-2 CPU cores, most of it the reference model), then compare.py's training runs.
+2 CPU cores, most of it the reference model), then compare.py's training runs, one at a time
+(experiments/skills_lanes.py trains the missing ones several at a time, e.g. on one GPU).
 """
 from __future__ import annotations
 
@@ -64,15 +65,16 @@ def main(argv=None) -> dict:
     work = Path(args.work)
     if "--report-only" not in rest:  # the report reads the cached results alone
         prepare(work, [int(s) for s in args.seeds.split(",")], args.train_records, args.heldout_records)
-    given = {a.split("=")[0] for a in rest if a.startswith("--")}
-    defaults = [x for k, v in zip(DEFAULTS[::2], DEFAULTS[1::2]) if k not in given for x in (k, v)]
-    return compare.main(compare_argv(work, args.seeds, args.tune_seeds, [*defaults, *rest]))
+    return compare.main(compare_argv(work, args.seeds, args.tune_seeds, rest))
 
 
 def compare_argv(work: Path, seeds: str, tune_seeds: str, options: list[str]) -> list[str]:
+    """compare.py's arguments for the experiment: its worlds, and DEFAULTS where `options` do not say otherwise."""
+    given = {a.split("=")[0] for a in options if a.startswith("--")}
+    defaults = [x for k, v in zip(DEFAULTS[::2], DEFAULTS[1::2]) if k not in given for x in (k, v)]
     return ["--train", str(work / "world-{seed}" / "train"), "--heldout", str(work / "world-{seed}" / "heldout"),
             "--answers", str(work / "world-{seed}" / "heldout.jsonl"), "--work", str(work),
-            "--seeds", seeds, "--tune-seeds", tune_seeds, *options]
+            "--seeds", seeds, "--tune-seeds", tune_seeds, *defaults, *options]
 
 
 if __name__ == "__main__":

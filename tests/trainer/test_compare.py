@@ -108,6 +108,12 @@ def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_
     ratios = [r["group_weight"][1] / r["group_weight"][0] for r in sftgo_log if r["split"] == "train"]
     assert weighted["group_weight"] == pytest.approx(np.mean(ratios))  # the control matches SFT-GO's average weight
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    # the sftgo result keeps that ratio: a weighted run needs no training log (logs are not committed)
+    sftgo_result = tmp_path / "w" / "runs" / "sftgo-tfidf-s0-lr0.001" / "result.json"
+    assert json.loads(sftgo_result.read_text())["group_weight_ratio"] == pytest.approx(np.mean(ratios))
+    (sftgo_result.parent / "metrics.jsonl").unlink()
+    assert harness.matched_weight(tmp_path / "w", 0, 1e-3, "sftgo-tfidf") == pytest.approx(np.mean(ratios))
+    assert json.loads((tmp_path / "w" / "runs" / "sft-s0-lr0.001" / "result.json").read_text())["group_weight_ratio"] is None
     assert [step for step, _ in weighted["curve"]] == [0, 1, 2] and (tmp_path / "w" / "curves.png").stat().st_size > 0
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
     assert len(stamps) == 12
