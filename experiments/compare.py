@@ -172,7 +172,7 @@ def matched_weight(work: Path, seed: int, lr: float, name: str) -> float:
 
 
 def group_weight_ratio(metrics: Path) -> float | None:
-    """The mean group-1 / group-0 token weight over a run's logged training steps (None: not an sftgo run)."""
+    """The mean group-1 / group-0 token weight over a run's logged training steps (1.0 for sft; None: none logged)."""
     recs = [r for r in read_jsonl(metrics) if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2
             and r["group_weight"][0]] if metrics.exists() else []
     return float(np.mean([r["group_weight"][1] / r["group_weight"][0] for r in recs])) if recs else None

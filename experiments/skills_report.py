@@ -45,26 +45,52 @@ def per_task(summary: dict, results: list[dict], tasks: dict[str, str], margin: 
             for task in sorted(set(tasks.values()))}
 
 
+def label(r: dict) -> str:
+    """The machine a run was trained on, in words: the GPU's name, else the CPU's kind."""
+    m = r.get("machine") or {}
+    return m.get("cuda") or ("CPU with native bf16" if m.get("cpu_bf16_native") else "CPU")
+
+
+def reruns(work: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work / "reruns" / "runs").glob("*/result.json"))]
+
+
+def machine_matched(work: Path, results: list[dict], lrs: dict[str, float], margin: float) -> dict:
+    """Sensitivity: each method against an sft run of the same seed trained on the same machine as the method's
+    own run (the cached sft run, or its rerun under WORK/reruns); a seed without one is left out of that method's
+    row.  {"answer_exact" | "response_ce": the paired method table}."""
+    base = {}
+    for r in [*results, *reruns(work)]:
+        if r["name"] == "sft" and r["lr"] == lrs.get("sft"):
+            base.setdefault((r["seed"], label(r)), r)
+    out = {}
+    for key, which, higher_is_better in (("answer_exact", 0, True), ("response_ce", 2, False)):
+        rows = {}
+        for name in (n for n in lrs if n != "sft"):
+            pairs = [(r, base[r["seed"], label(r)]) for r in results
+                     if r["name"] == name and r["lr"] == lrs[name] and (r["seed"], label(r)) in base]
+            test = test_items([r for pair in pairs for r in pair], {name: lrs[name], "sft": lrs["sft"]}, which)
+            rows[name] = compare(test, base="sft", margin=margin, higher_is_better=higher_is_better).get(name, {})
+        out[key] = rows
+    return out
+
+
 def machines(work: Path, results: list[dict]) -> dict:
     """Where the reported runs were trained ({seed: {machine: runs}}), and each run trained again on another
     machine (WORK/reruns, see skills_lanes.py) against its cached twin: the share of items whose answer exact is
     the same, the mean difference of answer exact (rerun minus cached) and the mean absolute difference of response CE."""
-    def label(r: dict) -> str:
-        m = r.get("machine") or {}
-        return m.get("cuda") or ("CPU with native bf16" if m.get("cpu_bf16_native") else "CPU")
-
     by_seed: dict[str, dict[str, int]] = {}
     for r in results:
         seed = by_seed.setdefault(str(r["seed"]), {})
         seed[label(r)] = seed.get(label(r), 0) + 1
     twins = []
-    for path in sorted((work / "reruns" / "runs").glob("*/result.json")):
-        again, cached = json.loads(path.read_text()), work / "runs" / path.parent.name / "result.json"
+    for again in reruns(work):
+        cached = work / "runs" / f"{again['name']}-s{again['seed']}-lr{again['lr']:g}" / "result.json"
         if not cached.exists():
             continue
         first = json.loads(cached.read_text())
         keys = sorted(set(first["items"]) & set(again["items"]))
-        twins.append({"run": path.parent.name, "cached_on": label(first), "rerun_on": label(again), "items": len(keys),
+        twins.append({"run": cached.parent.name, "cached_on": label(first), "rerun_on": label(again), "items": len(keys),
                       "same_answer_exact": sum(first["items"][k][0] == again["items"][k][0] for k in keys) / len(keys),
                       "answer_exact_diff": sum(again["items"][k][0] - first["items"][k][0] for k in keys) / len(keys),
                       "response_ce_abs_diff": sum(abs(again["items"][k][2] - first["items"][k][2]) for k in keys) / len(keys)})
@@ -89,6 +115,18 @@ def machines_markdown(where: dict) -> list[str]:
               "|---|---|---|---|---|---|---|"]
         L += [f"| {t['run']} | {t['cached_on']} | {t['rerun_on']} | {t['items']} | {t['same_answer_exact']:.3f} | "
               f"{t['answer_exact_diff']:+.3f} | {t['response_ce_abs_diff']:.3f} |" for t in where["reruns"]]
+    if where.get("matched"):
+        L += ["", "Sensitivity: each method against an sft run of the same seed from the same machine (the cached sft run, "
+              "or its rerun), so that no difference mixes machines; seeds with no such sft run are left out.", "",
+              "| method | seeds | answer exact diff vs sft [95% CI] | verdict | response CE diff vs sft [95% CI] | verdict |",
+              "|---|---|---|---|---|---|"]
+        exact, ce = where["matched"]["answer_exact"], where["matched"]["response_ce"]
+        for name, row in exact.items():
+            cells = []
+            for r in (row, ce.get(name, {})):
+                d = r.get("diff_vs_sft")
+                cells += [f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "—", r.get("verdict", "—")]
+            L.append(f"| {name} | {(row.get('diff_vs_sft') or {}).get('paired_seeds', 0)} | " + " | ".join(cells) + " |")
     return L
 
 
@@ -155,7 +193,7 @@ def main(argv=None) -> None:
     plot_curves(results, lrs, out / "quality_curves.png")
     analysis_path = HERE / "skills_analysis.md"
     analysis = analysis_path.read_text() if analysis_path.exists() else ""
-    where = machines(work, results)
+    where = {**machines(work, results), "matched": machine_matched(work, results, lrs, summary["margin"])}
     (out / "QUALITY.md").write_text(markdown(summary, tasks_table, len(results), analysis, where))
     slim = {"metric": summary["metric"], "margin": summary["margin"], "command": summary["command"],
             "lr_selected_by": summary.get("lr_selected_by"), "lr_by_primary": summary.get("lr_by_primary"),

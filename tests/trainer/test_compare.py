@@ -113,7 +113,8 @@ def test_end_to_end_comparison_is_cached_and_reported(tmp_path, shard_dir, eval_
     assert json.loads(sftgo_result.read_text())["group_weight_ratio"] == pytest.approx(np.mean(ratios))
     (sftgo_result.parent / "metrics.jsonl").unlink()
     assert harness.matched_weight(tmp_path / "w", 0, 1e-3, "sftgo-tfidf") == pytest.approx(np.mean(ratios))
-    assert json.loads((tmp_path / "w" / "runs" / "sft-s0-lr0.001" / "result.json").read_text())["group_weight_ratio"] is None
+    # plain sft weighs both groups alike
+    assert json.loads((tmp_path / "w" / "runs" / "sft-s0-lr0.001" / "result.json").read_text())["group_weight_ratio"] == 1.0
     assert [step for step, _ in weighted["curve"]] == [0, 1, 2] and (tmp_path / "w" / "curves.png").stat().st_size > 0
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").glob("*/result.json")}
     assert len(stamps) == 12
