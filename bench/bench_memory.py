@@ -64,8 +64,15 @@ def one(args) -> dict:
     args.warmup = 0
     batches = bench_train.the_batches(args)
     model = load_causal_lm(args.model, dtype=torch.float32)  # the memory of a loaded model, before any step
-    after_load, vocab = (torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb()), model.config.vocab_size
+    if torch.cuda.is_available():  # on a GPU, the weights' share is measured where they train
+        model.to("cuda")
+        after_load = torch.cuda.memory_allocated() / 2**20
+    else:
+        after_load = rss_mb()
+    vocab = model.config.vocab_size
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))
     try:
         with contextlib.redirect_stdout(io.StringIO()):

@@ -399,11 +399,45 @@ def markdown(report: dict) -> str:
             L += [f"| {v} | {k} |" for k, v in tspy["parts_pct"].items()]
         elif tspy:
             L += ["", f"training profile: {tspy}"]
+    L += gpu_markdown(GPU_DIR)
     L += ["", "## Stages", "", "| stage | command | minutes |", "|---|---|---|"]
     for k, v in report["stages"].items():
         L.append(f"| {k} | `{v['command']}` | {v['seconds'] / 60:.1f} |")
     L += ["", "Raw figures: `bench/results.json`; logs of the last run: `bench/_work/logs/`.", ""]
     return "\n".join(L)
+
+
+GPU_DIR = ROOT / "bench" / "gpu"  # the train and memory benches' JSON from a GPU machine (not run by make bench)
+H200_BF16_DENSE_TFLOPS = 989.4  # NVIDIA's H200 SXM figure (without sparsity), for MFU
+EMBEDDED_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct, the embedded model (for JSON that does not record its count)
+
+
+def gpu_markdown(folder: Path) -> list[str]:
+    """The GPU rows: bench_train's tokens/s and bench_memory's peak CUDA memory, from JSON files a GPU run left in
+    `folder` (train_*.json, memory_*.json).  MFU = 6 x parameters x tokens/s over the GPU's dense bf16 peak."""
+    trains = sorted(folder.glob("train_*.json"), key=lambda p: json.loads(p.read_text())["batch_tokens"])
+    mems = sorted(folder.glob("memory_*.json"))
+    if not trains and not mems:
+        return []
+    L = ["", "## GPU rows (bench_train and bench_memory, run by hand on a GPU machine; files in `bench/gpu/`)", "",
+         "| batch tokens | device | runs | tokens/step | sftgo-train sft | HF Trainer | TRL SFTTrainer | ours/HF (median) | ours/TRL (median) "
+         "| ours/HF (fastest step) | ours/TRL (fastest step) | MFU of sftgo-train (median; fastest) |", "|---" * 12 + "|"]
+    for path in trains:
+        r = json.loads(path.read_text())
+        tps, fast, tok = r["tokens_per_s"], r["fastest_step_s"], r["tokens_per_step"]
+        mfu = [6 * r.get("parameters", EMBEDDED_PARAMETERS) * t / (H200_BF16_DENSE_TFLOPS * 1e12) for t in (tps["sft"], tok / fast["sft"])]
+        L.append(f"| {r['batch_tokens']:,} | {r['device']} | {r['repeats']} | {tok:,.0f} | {tps['sft']:,.0f} | {tps['hf_trainer']:,.0f} | "
+                 f"{tps['trl_sft']:,.0f} | {tps['sft'] / tps['hf_trainer']:.3f} | {tps['sft'] / tps['trl_sft']:.3f} | "
+                 f"{fast['hf_trainer'] / fast['sft']:.3f} | {fast['trl_sft'] / fast['sft']:.3f} | "
+                 f"{100 * mfu[0]:.1f}%; {100 * mfu[1]:.1f}% |")
+    for path in mems:
+        m = json.loads(path.read_text())
+        med = m["median"]
+        L += ["", f"Peak CUDA memory at {m['batch_tokens']:,}-token batches (`{path.name}`, median of {m['repeats']}, "
+              f"{'with' if m['grad_checkpointing'] else 'without'} gradient checkpointing): "
+              + ", ".join(f"{c} {v['peak_mb']:,.0f} MB" for c, v in med.items())
+              + f"; ours/HF {m['ours_over_hf_peak']:.3f}, ours/TRL {m['ours_over_trl_peak']:.3f} (target <= 0.7 for both)."]
+    return L
 
 
 def analysis(res: dict, rows_: list[dict]) -> list[str]:
@@ -477,8 +511,11 @@ def main() -> None:
             samples = json.loads((RESULTS / "load.json").read_text()) + samples
         (RESULTS / "load.json").write_text(json.dumps(samples) + "\n")
     table = rows(res, sz)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    last = ROOT / "bench" / "results.json"  # --report-only rewrites the report; the run it reports finished earlier
+    finished = json.loads(last.read_text()).get("finished", now) if args.report_only and last.exists() else now
     report = {
-        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "repeats": args.repeats, "quick": args.quick,
+        "finished": finished, "reported": now, "repeats": args.repeats, "quick": args.quick,
         "wall_min": sum(v["seconds"] for v in timing.values()) / 60 if timing else (time.perf_counter() - t0) / 60,
         "machine": machine(samples), "stages": timing, "rows": table, "results": res,
     }
