@@ -42,6 +42,8 @@ def settings(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     ap.add_argument("--dry-run", action="store_true", help="print the lanes and train nothing")
     ap.add_argument("--lane", help=argparse.SUPPRESS)  # internal: a JSON list of runs for one lane process
     args, rest = ap.parse_known_args(argv)
+    if args.lanes < 1:
+        ap.error(f"--lanes must be at least 1, not {args.lanes}")
     return args, compare.parse(skills.compare_argv(Path(args.work), args.seeds, args.tune_seeds, rest))
 
 
