@@ -99,25 +99,50 @@ def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
             c.close()
 
 
+NO_WORKERS_S = 120.0  # how long tasks wait on a cluster that has no worker before the build says so and stops
+
+
 def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = True) -> list:
-    """Run fn(*a) for every a in args on the cluster; results in the order of args."""
-    from distributed import as_completed
+    """Run fn(*a) for every a in args on the cluster; results in the order of args.  A cluster left
+    without workers (all died, or none ever joined) is a TaskError after NO_WORKERS_S, not a wait forever."""
+    from distributed import wait
 
     if not args:
         return []
     futures = [c.submit(fn, *a, pure=False, key=f"{desc}-{i:05d}") for i, a in enumerate(args)]
     bar = tqdm(total=len(futures), desc=desc, unit="part", file=sys.stderr, disable=not progress, leave=True)
     try:
-        for fut in as_completed(futures):
-            if fut.status == "error":
-                exc = fut.exception()
-                raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
-            bar.update(1)
+        pending, empty_since = set(futures), None
+        while pending:
+            try:
+                done, pending = wait(pending, timeout=5, return_when="FIRST_COMPLETED")
+            except TimeoutError:  # nothing finished in 5 s: is anyone working?
+                empty_since = _no_workers_since(c, empty_since, desc, len(futures) - len(pending), len(futures))
+                continue
+            for fut in done:
+                if fut.status == "error":
+                    exc = fut.exception()
+                    raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
+                bar.update(1)
+            empty_since = None
         return c.gather(futures)
     finally:
         bar.close()
         for fut in futures:
             fut.release()
+
+
+def _no_workers_since(c, since: float | None, desc: str, done: int, total: int) -> float | None:
+    """When the cluster has had no worker since (None: it has workers); TaskError past NO_WORKERS_S."""
+    import time
+
+    if c.nthreads():  # {worker address: threads}, asked of the scheduler
+        return None
+    now = time.monotonic()
+    if since is not None and now - since > NO_WORKERS_S:
+        raise TaskError(f"{desc} stopped: the Dask cluster has had no worker for {NO_WORKERS_S:.0f} s ({done} of "
+                        f"{total} tasks done); its workers died or never started.")
+    return now if since is None else since
 
 
 @contextlib.contextmanager

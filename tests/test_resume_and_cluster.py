@@ -118,3 +118,20 @@ def test_score_adds_a_strategy_and_resumes_after_a_kill(corpus, reference, tmp_p
     assert files_of(out) == reference  # nothing visible changed yet
     subprocess.run(args, check=True, capture_output=True)
     assert files_of(out) == reference and not (out / ".scoring").exists()
+
+
+def test_a_cluster_without_workers_stops_the_build_with_a_sentence(monkeypatch):
+    """Tasks on a cluster whose workers all died (or never joined) are a TaskError after NO_WORKERS_S
+    (one sentence, exit 1 through the CLI), never a wait forever."""
+    from distributed import Client, LocalCluster
+
+    from sftgo.pipeline import executor
+
+    monkeypatch.setattr(executor, "NO_WORKERS_S", 1.0)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
+        with pytest.raises(executor.TaskError, match=r"^tokenize stopped: the Dask cluster has had no worker for 1 s "
+                                                     r"\(0 of 2 tasks done\); its workers died or never started\.$"):
+            executor.map_tasks(c, abs, [(-1,), (2,)], "tokenize", progress=False)
+        cluster.scale(1)  # once a worker joins, the same tasks run
+        c.wait_for_workers(1, timeout=60)
+        assert executor.map_tasks(c, abs, [(-1,), (2,)], "tokenize", progress=False) == [1, 2]
