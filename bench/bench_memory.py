@@ -12,9 +12,8 @@ the glibc setting sftgo-train applies to itself on a CPU (MALLOC_MMAP_THRESHOLD_
 Output: a table on stdout and, with --json PATH, per configuration the peak RSS of its process
 (median of --repeats fresh processes, interleaved), the RSS after the model was loaded, and the
 difference: what the training steps added (activations, logits, gradients, optimizer state).
-Cost: configurations x repeats processes, each a model load plus --steps optimizer steps, --jobs
-of them at once (each process's peak is its own, so running two side by side changes no figure, only
-the wall time); about 8 minutes on 2 CPU cores with the defaults (a 4,096-token fp32 step takes about 20 s).
+Cost: configurations x repeats processes, each a model load plus --steps optimizer steps; about
+8 minutes on 2 CPU cores with the defaults (a 4,096-token fp32 step takes about 20 s).
 
 Why: the Trainer computes the logits of every position, [tokens, vocab] = 4,096 x 49,152 floats
 (805 MB in fp32), then their softmax and its gradient.  sftgo-train's chunked CE computes the LM
@@ -34,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -104,14 +102,9 @@ def main() -> None:
                    help="run every configuration under MALLOC_MMAP_THRESHOLD_ at the value sftgo-train sets for itself on a "
                         "CPU (trainer/hostmem.py), so that the allocator is alike and what differs is the training code "
                         "[default: on; off: each as it runs by default]")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="measuring processes run at once (each process's peak is its own; on a shared CPU more jobs "
-                        "only slow each step) [default: 1]")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.jobs < 1:
-        p.error(f"--jobs must be at least 1, not {args.jobs}")
     os.environ.setdefault("SFTGO_CACHE", str(Path.home() / ".cache" / "sftgo"))
     sys.path.insert(0, str(HERE))
     if args.one:
@@ -130,23 +123,16 @@ def main() -> None:
     if args.same_allocator:
         env.setdefault(ENV, str(THRESHOLD))  # a value set by the user wins, as in sftgo-train
     allocator = {ENV: env[ENV]} if ENV in env else {}
-
-    def measure(job: tuple[int, str]) -> dict:
-        r, c = job
-        cmd = [sys.executable, __file__, "--one", c, "--data", args.data, "--batch-tokens", str(args.batch_tokens),
-               "--steps", str(args.steps), "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
-        cmd += ["--model", args.model] if args.model else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"{c} failed:\n{proc.stderr[-3000:]}")
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"repeat {r + 1}/{args.repeats} {c:<17} peak {out['peak_mb']:,.0f} MB", flush=True)
-        return out
-
-    jobs = [(r, c) for r in range(args.repeats) for c in CONFIGS]  # interleaved: each configuration in every round
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # a process's peak is its own, however many run beside it
-        for (_, c), out in zip(jobs, pool.map(measure, jobs)):
-            runs[c].append(out)
+    for r in range(args.repeats):
+        for c in CONFIGS:  # interleaved: every configuration sees the machine in the same state
+            cmd = [sys.executable, __file__, "--one", c, "--data", args.data, "--batch-tokens", str(args.batch_tokens),
+                   "--steps", str(args.steps), "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
+            cmd += ["--model", args.model] if args.model else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"{c} failed:\n{proc.stderr[-3000:]}")
+            runs[c].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"repeat {r + 1}/{args.repeats} {c:<17} peak {runs[c][-1]['peak_mb']:,.0f} MB", flush=True)
     med = {c: {k: statistics.median(x[k] for x in runs[c]) for k in ("peak_mb", "after_load_mb", "tokens_per_step", "vocab")}
            for c in CONFIGS}
     for c in CONFIGS:

@@ -62,7 +62,7 @@ def sizes(quick: bool, repeats: int) -> dict:
         "train": ["--batch-tokens", "512", "--steps", "3", "--warmup", "1", "--repeats", str(repeats), "--paired-rounds", "15"],
         "scale": ["--records", "200000", "--rss-records", "100000,1000000", "--repeats", str(repeats), "--train-steps", "2"],
         "fsdp": ["--steps", "3", "--repeats", str(repeats), "--batch-tokens", "256", "--grad-checkpointing"],
-        "memory": ["--batch-tokens", "4096", "--steps", "2", "--repeats", str(repeats), "--jobs", "2"],
+        "memory": ["--batch-tokens", "4096", "--steps", "2", "--repeats", str(repeats)],
         "profile_records": 10000,
     }
 
