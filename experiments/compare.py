@@ -164,17 +164,18 @@ def matched_weight(work: Path, seed: int, lr: float, name: str) -> float:
     kept = json.loads(result.read_text()).get("group_weight_ratio") if result.exists() else None
     if kept is not None:
         return kept
-    ratio = group_weight_ratio(result.parent / "metrics.jsonl")  # a result cached before it kept the ratio
+    log = result.parent / "metrics.jsonl"  # a result cached before it kept the ratio: its training log
+    ratio = group_weight_ratio(read_jsonl(log) if log.exists() else [])
     if ratio is None:
         raise SystemExit(f"weighted needs the {name} run of seed {seed} first (add sftgo to --methods), "
                          f"with its training log {result.parent / 'metrics.jsonl'}.")
     return ratio
 
 
-def group_weight_ratio(metrics: Path) -> float | None:
-    """The mean group-1 / group-0 token weight over a run's logged training steps (1.0 for sft; None: none logged)."""
-    recs = [r for r in read_jsonl(metrics) if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2
-            and r["group_weight"][0]] if metrics.exists() else []
+def group_weight_ratio(recs: list[dict]) -> float | None:
+    """The mean group-1 / group-0 token weight over the training steps of a run's log records (1.0 for sft;
+    None: none logged)."""
+    recs = [r for r in recs if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2 and r["group_weight"][0]]
     return float(np.mean([r["group_weight"][1] / r["group_weight"][0] for r in recs])) if recs else None
 
 
@@ -187,7 +188,7 @@ def run_stats(metrics: Path) -> dict:
     recs = read_jsonl(metrics)
     train_recs = [r for r in recs if r.get("split") == "train"]
     return {"curve": [[r.get("step", 0), r["ce"]] for r in recs if r.get("split") == "eval"],
-            "group_weight_ratio": group_weight_ratio(metrics),
+            "group_weight_ratio": group_weight_ratio(recs),
             "grad_norm_median": float(np.median([r["grad_norm"] for r in train_recs])) if train_recs else None,
             "train_ce_last": train_recs[-1]["ce"] if train_recs else None}
 

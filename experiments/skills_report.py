@@ -52,15 +52,16 @@ def label(r: dict) -> str:
 
 
 def reruns(work: Path) -> list[dict]:
+    """The results of runs trained again on another machine (WORK/reruns/runs/*/result.json)."""
     return [json.loads(p.read_text()) for p in sorted((work / "reruns" / "runs").glob("*/result.json"))]
 
 
-def machine_matched(work: Path, results: list[dict], lrs: dict[str, float], margin: float) -> dict:
+def machine_matched(results: list[dict], again: list[dict], lrs: dict[str, float], margin: float) -> dict:
     """Sensitivity: each method against an sft run of the same seed trained on the same machine as the method's
-    own run (the cached sft run, or its rerun under WORK/reruns); a seed without one is left out of that method's
-    row.  {"answer_exact" | "response_ce": the paired method table}."""
+    own run (the cached sft run, or its rerun in `again`, see reruns); a seed without one is left out of that
+    method's row.  {"answer_exact" | "response_ce": the paired method table}."""
     base = {}
-    for r in [*results, *reruns(work)]:
+    for r in [*results, *again]:
         if r["name"] == "sft" and r["lr"] == lrs.get("sft"):
             base.setdefault((r["seed"], label(r)), r)
     out = {}
@@ -75,25 +76,26 @@ def machine_matched(work: Path, results: list[dict], lrs: dict[str, float], marg
     return out
 
 
-def machines(work: Path, results: list[dict]) -> dict:
+def machines(work: Path, results: list[dict], again: list[dict]) -> dict:
     """Where the reported runs were trained ({seed: {machine: runs}}), and each run trained again on another
-    machine (WORK/reruns, see skills_lanes.py) against its cached twin: the share of items whose answer exact is
-    the same, the mean difference of answer exact (rerun minus cached) and the mean absolute difference of response CE."""
+    machine (`again`: WORK/reruns, see skills_lanes.py) against its cached twin: the share of items whose answer
+    exact is the same, the mean difference of answer exact (rerun minus cached) and the mean absolute difference
+    of response CE."""
     by_seed: dict[str, dict[str, int]] = {}
     for r in results:
         seed = by_seed.setdefault(str(r["seed"]), {})
         seed[label(r)] = seed.get(label(r), 0) + 1
     twins = []
-    for again in reruns(work):
-        cached = work / "runs" / f"{again['name']}-s{again['seed']}-lr{again['lr']:g}" / "result.json"
+    for rerun in again:
+        cached = work / "runs" / f"{rerun['name']}-s{rerun['seed']}-lr{rerun['lr']:g}" / "result.json"
         if not cached.exists():
             continue
         first = json.loads(cached.read_text())
-        keys = sorted(set(first["items"]) & set(again["items"]))
-        twins.append({"run": cached.parent.name, "cached_on": label(first), "rerun_on": label(again), "items": len(keys),
-                      "same_answer_exact": sum(first["items"][k][0] == again["items"][k][0] for k in keys) / len(keys),
-                      "answer_exact_diff": sum(again["items"][k][0] - first["items"][k][0] for k in keys) / len(keys),
-                      "response_ce_abs_diff": sum(abs(again["items"][k][2] - first["items"][k][2]) for k in keys) / len(keys)})
+        keys = sorted(set(first["items"]) & set(rerun["items"]))
+        twins.append({"run": cached.parent.name, "cached_on": label(first), "rerun_on": label(rerun), "items": len(keys),
+                      "same_answer_exact": sum(first["items"][k][0] == rerun["items"][k][0] for k in keys) / len(keys),
+                      "answer_exact_diff": sum(rerun["items"][k][0] - first["items"][k][0] for k in keys) / len(keys),
+                      "response_ce_abs_diff": sum(abs(rerun["items"][k][2] - first["items"][k][2]) for k in keys) / len(keys)})
     return {"by_seed": by_seed, "reruns": twins}
 
 
@@ -193,7 +195,8 @@ def main(argv=None) -> None:
     plot_curves(results, lrs, out / "quality_curves.png")
     analysis_path = HERE / "skills_analysis.md"
     analysis = analysis_path.read_text() if analysis_path.exists() else ""
-    where = {**machines(work, results), "matched": machine_matched(work, results, lrs, summary["margin"])}
+    again = reruns(work)
+    where = {**machines(work, results, again), "matched": machine_matched(results, again, lrs, summary["margin"])}
     (out / "QUALITY.md").write_text(markdown(summary, tasks_table, len(results), analysis, where))
     slim = {"metric": summary["metric"], "margin": summary["margin"], "command": summary["command"],
             "lr_selected_by": summary.get("lr_selected_by"), "lr_by_primary": summary.get("lr_by_primary"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from typing import Callable, Iterator
 
 from tqdm import tqdm
@@ -134,8 +135,6 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
 
 def _no_workers_since(c, since: float | None, desc: str, done: int, total: int) -> float | None:
     """When the cluster has had no worker since (None: it has workers); TaskError past NO_WORKERS_S."""
-    import time
-
     if c.nthreads():  # {worker address: threads}, asked of the scheduler
         return None
     now = time.monotonic()
