@@ -34,7 +34,9 @@ import skills  # noqa: E402
 
 
 def settings(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "example: python experiments/skills_lanes.py --lanes 10 --dry-run (the plan), then without --dry-run; "
+        "then python experiments/skills.py --report-only && python experiments/skills_report.py"))
     ap.add_argument("--work", default="experiments/skills")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--tune-seeds", default="0")
