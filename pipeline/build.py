@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,7 +30,8 @@ from sftgo import __version__ as VERSION
 from sftgo.core import models
 from sftgo.core.text import safe_text
 from sftgo.core.shards import (
-    FORMAT_VERSION, MANIFEST, atomic_write, atomic_write_text, exclusive, read_manifest, write_manifest,
+    FORMAT_VERSION, MANIFEST, ShardError, atomic_write, atomic_write_text, exclusive, read_manifest, verify_shards,
+    write_manifest,
 )
 from sftgo.grouping import registry
 from sftgo.pipeline import executor, readers
@@ -38,6 +40,9 @@ from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_p
 from sftgo.pipeline.prepare import STAGED, prepare_partition, read_staged, stage_path, tokenizer_facts, warm_up
 
 STAGING = ".staging"
+BUILT = ".build.json"  # the parameters and input files (sizes, mtimes) of the finished build
+SCORING = ".scoring"  # the staging folder of `sftgo-prep score` (pipeline/score.py)
+SHARD_FILE = re.compile(r"shard-\d{5,}\.parquet")
 
 
 class BuildError(RuntimeError):
@@ -50,17 +55,57 @@ def _input_identity(cfg: BuildConfig) -> list:
     for inp in cfg.inputs:
         p = Path(inp)
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
-        ident.append([inp, [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]])
+        ident.append([inp, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]])
     return ident
 
 
 def _clear(out: Path) -> None:
-    """Remove what a build writes (and nothing else)."""
+    """Remove what a build writes (and nothing else): shard-NNNNN.parquet, the artifacts, the manifest
+    (an sftgo one: _check_ours refused the folder otherwise), the record of the inputs and the staging
+    folders of build and score."""
     for p in out.glob("shard-*.parquet"):
-        p.unlink()
-    for name in (MANIFEST, *registry.artifacts_of(registry.names())):
+        if SHARD_FILE.fullmatch(p.name):
+            p.unlink()
+    for name in (MANIFEST, BUILT, *registry.artifacts_of(registry.names())):
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / STAGING, ignore_errors=True)
+    for folder in (STAGING, SCORING):
+        shutil.rmtree(out / folder, ignore_errors=True)
+
+
+def _check_ours(out: Path) -> None:
+    """Refuse an --out folder whose manifest.json sftgo did not write (its files are not ours to replace)."""
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and "sftgo_version" in manifest and "format_version" in manifest):
+        raise BuildError(f"--out {out} holds a {MANIFEST} that sftgo-prep did not write; choose another --out "
+                         "(sftgo-prep replaces only its own builds).")
+
+
+def _check_complete(out: Path, manifest: dict, key: dict) -> None:
+    """A finished build of the same parameters is current only if its inputs are unchanged (the record
+    BUILT that the build left) and its shards are whole."""
+    built = out / BUILT
+    if built.is_file():
+        try:
+            inputs = json.loads(built.read_text(encoding="utf-8")).get("inputs")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            inputs = None
+        if inputs != json.loads(json.dumps(key["inputs"])):
+            raise BuildError(f"{out} holds a finished build with these parameters, but its inputs changed since "
+                             "(or its record of them is damaged); pass --overwrite to rebuild it.")
+    else:
+        print(f"Note: {out} was built by an older sftgo, which kept no record of its input files; whether they "
+              "changed since is not checked.", file=sys.stderr)
+    try:
+        verify_shards(out, manifest, tuple(manifest.get("strategies", {})))
+    except ShardError as exc:
+        raise BuildError(f"{out} holds a finished build with these parameters that is not whole: "
+                         f"{str(exc).rstrip('.')}; pass --overwrite to rebuild it.") from None
 
 
 def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
@@ -70,16 +115,23 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
     for folder in (out, staging):  # temporaries of atomic writes cut short by a kill (we hold the lock)
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink()
+    _check_ours(out)
     if cfg.overwrite:
         _clear(out)
     elif (out / MANIFEST).exists():
         manifest = read_manifest(out)
-        if manifest.get("params") == cfg.params():
-            shutil.rmtree(staging, ignore_errors=True)  # a kill between the manifest and the clean-up
-            return staging, True
-        raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
+        if manifest.get("params") != cfg.params():
+            raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
+        _check_complete(out, manifest, key)
+        shutil.rmtree(staging, ignore_errors=True)  # a kill between the manifest and the clean-up
+        return staging, True
     elif (staging / "build.json").exists():
-        found, expected = json.loads((staging / "build.json").read_text()), json.loads(json.dumps(key))
+        try:
+            found = json.loads((staging / "build.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise BuildError(f"{out} holds an unfinished build whose record ({STAGING}/build.json) is damaged; pass "
+                             "--overwrite to start again.") from None
+        expected = json.loads(json.dumps(key))
         if found != expected:
             if isinstance(found, dict) and {**found, "staged": STAGED} == expected:  # only the staged format differs
                 raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
@@ -88,7 +140,7 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
                 f"{out} holds an unfinished build with other parameters or inputs; pass --overwrite to start again."
             )
         return staging, False
-    elif any(out.glob("shard-*.parquet")):
+    elif any(SHARD_FILE.fullmatch(p.name) for p in out.glob("shard-*.parquet")):
         raise BuildError(f"{out} holds shards but no manifest or staging; pass --overwrite to replace them.")
     staging.mkdir(parents=True, exist_ok=True)
     atomic_write_text(staging / "build.json", json.dumps(key, sort_keys=True))
@@ -121,18 +173,27 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory.")
+    if cfg.rejects:
+        _check_rejects_path(cfg.rejects, cfg.inputs, out)
     clock = _Clock()
     strategies = cfg.strategy_objects()
-    # Fail on unreadable inputs or tokenizers before starting a cluster or touching the output.
+    # Fail on unreadable inputs, tokenizers or models before starting a cluster or touching the output.
     tok_location = models.tokenizer_dir(cfg.tokenizer)  # converts a GGUF tokenizer once (cached)
+    _check_models(cfg)
     parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
     _warn_repeated_inputs(cfg)
     for note in ignored_settings(cfg, cfg.strategies):
         print(f"Note: {note}", file=sys.stderr)
+    if cfg.split != BuildConfig.split and not any(p.kind == "arrow" for p in parts):
+        print(f"Note: --split {cfg.split} is ignored: it picks the split of hf: datasets and saved datasets folders, "
+              "and no input is one.", file=sys.stderr)
     clock.lap("plan")
     with exclusive(out):  # a second build into `out`, or one already finished, needs no cluster
         staging, complete = _start(cfg, out)
         if complete:
+            if cfg.rejects:
+                raise BuildError(f"--rejects {cfg.rejects}: {out} already holds this build, and a finished build keeps "
+                                 "no rejected records; pass --overwrite to rebuild it and write them.")
             _log(cfg, f"{out} already holds this build; nothing to do.")
             return read_manifest(out), False
         with executor.client(cfg.workers, cfg.scheduler) as c:
@@ -182,6 +243,7 @@ def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, to
     clock.lap("score+write")
     duplicates = executor.run_one(c, count_duplicate_ids, str(staging), indices)
     manifest = _manifest(cfg, tok_entry(), stats, shards, strategies, artifacts, thresholds, duplicates)
+    shutil.copyfile(staging / "build.json", out / BUILT)  # what it was built from: a rerun checks its inputs
     write_manifest(out, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     clock.lap("manifest")
@@ -192,6 +254,22 @@ def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, to
         _log(cfg, f"Warning: {duplicates} record(s) repeat an id already used by another record "
                   "(counted in the manifest as totals.duplicate_ids).")
     return manifest
+
+
+def _check_models(cfg: BuildConfig) -> None:
+    """The models the chosen strategies load name something that exists (a worker would find out only
+    after the cluster started, in a longer message)."""
+    used = {"reference_model": "reference" in cfg.strategies,
+            "base_model": "reference" in cfg.strategies and cfg.reference_mode == "excess",
+            "compressor_model": "semantic" in cfg.strategies and bool(cfg.compressor_model),
+            "semantic_encoder": "semantic" in cfg.strategies and bool(cfg.semantic_encoder)}
+    for setting, wanted in used.items():
+        name = getattr(cfg, setting)
+        if wanted and name:
+            try:
+                models.resolve(name)
+            except models.ModelNotFound as exc:
+                raise BuildError(f"--{setting.replace('_', '-')}: {exc}") from None
 
 
 def _warn_repeated_inputs(cfg: BuildConfig) -> None:
@@ -287,6 +365,21 @@ class _Clock:
     def __str__(self) -> str:
         total = sum(t for _, t in self.laps)
         return ", ".join(f"{n} {t:.1f}s" for n, t in self.laps) + f" (total {total:.1f}s)"
+
+
+def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:
+    """--rejects may not replace an input, land in an input folder (the next build would read it) or
+    replace a file the build owns."""
+    target = Path(rejects).resolve()
+    for inp in inputs:
+        source = Path(inp)
+        if source.exists() and (target == source.resolve() or source.resolve() in target.parents):
+            raise BuildError(f"--rejects {rejects} would overwrite the input {inp} or land in it; write it elsewhere.")
+    home = out.resolve()
+    owned = target.parent == home and (target.name in (MANIFEST, BUILT, ".lock", *registry.artifacts_of(registry.names()))
+                                       or SHARD_FILE.fullmatch(target.name))
+    if owned or any(home / folder in target.parents for folder in (STAGING, SCORING)):
+        raise BuildError(f"--rejects {rejects} names a file that the build in {out} writes; give another name.")
 
 
 def _write_rejects(path: str, staging: Path, parts) -> None:

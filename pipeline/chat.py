@@ -1,11 +1,13 @@
 """Render conversations with the tokenizer's chat template, tokenize, mark assistant tokens.
 
-Input: conversations (lists of {"role", "content"}) and a fast tokenizer with a chat template.
+Input: conversations (lists of {"role", "content"}; an assistant turn with "train": False is context,
+rendered but not supervised) and a fast tokenizer with a chat template.
 Output: per conversation an Encoded (input_ids int32, loss_mask int8, token character
 offsets, the rendered text and the character spans of the assistant turns), or a
 RecordError (too long, nothing supervised after truncation, template failure).
 Cost: one template render per conversation (assistant contents are swapped for
-sentinels so their positions are exact even when the same text occurs twice) and one
+sentinels so their positions are exact even when the same text occurs twice; a sentinel's start is
+one that no text of the conversation holds, so data cannot imitate one) and one
 batched Rust tokenizer call per batch; both linear in text length.  For byte-level BPE tokenizers the
 token offsets are derived from the ids (fastencode.py), which saves a fifth of the encoding time.  The tokenizer sees
 at most max_chars characters of a sample (2 x max_length x the longest token + 4096):
@@ -29,7 +31,10 @@ from jinja2.runtime import new_context
 from sftgo.pipeline import fastencode
 from sftgo.pipeline.formats import RecordError
 
-_SENTINEL = "\ue000SFTGO{}\ue001"  # private-use code points: never produced by templates
+# An assistant content is swapped for a sentinel, _MARK + its number + _END (private-use code points:
+# never produced by templates).  A text that holds the sentinel's start gets another one (_sentinel_start).
+_MARK, _END = "\ue000SFTGO", "\ue001"
+_MARK_TRIES = 64  # other sentinel starts tried before a text full of them is rejected
 _PROBE = "sftgoprobe"
 
 
@@ -122,26 +127,32 @@ class ChatEncoder:
         return trims, eot
 
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """Rendered text and the (start, end) of every assistant content in it."""
+        """Rendered text and the (start, end) of every supervised assistant content in it (an assistant
+        turn with "train": False is rendered as it is, as context).  The sentinels that stand for the
+        contents start with a string no text of the conversation holds, and the rendered template must
+        hold each exactly once: a text cannot move a response."""
         contents, swapped = [], []
         control = self._control
+        start = _sentinel_start(messages)
         for m in messages:
             if control is not None and control.search(m["content"]):
                 raise RecordError(
                     "control_token_in_text", f"a {m['role']} turn contains the control token {control.search(m['content']).group()!r}"
                 )
-            if m["role"] == "assistant":
-                swapped.append({"role": "assistant", "content": _SENTINEL.format(len(contents))})
+            if m["role"] == "assistant" and m.get("train", True):
+                swapped.append({"role": "assistant", "content": f"{start}{len(contents)}{_END}"})
                 contents.append(m["content"].strip() if self.trims else m["content"])
             else:
-                swapped.append(m)
+                swapped.append(m if "train" not in m else {"role": m["role"], "content": m["content"]})
         try:
             template = self._render(swapped)
         except Exception as exc:  # jinja raises for conversations a template refuses (e.g. role order)
             raise RecordError("template_error", f"the chat template refused this conversation ({exc})") from None
+        if template.count(start) != len(contents):
+            raise RecordError("template_error", "the chat template dropped or repeated an assistant turn")
         pieces, spans, pos, cursor = [], [], 0, 0
         for i, content in enumerate(contents):
-            mark = _SENTINEL.format(i)
+            mark = f"{start}{i}{_END}"
             at = template.find(mark, cursor)
             if at < 0:
                 raise RecordError("template_error", "the chat template dropped or reordered an assistant turn")
@@ -228,6 +239,19 @@ class ChatEncoder:
         """1 for every token that contains a character of an assistant content or of the end-of-turn token
         right after it (a token straddling the template and the content included)."""
         return _inside(offsets, self._ranges(text, spans))
+
+
+def _sentinel_start(messages: list[dict]) -> str:
+    """The start of this conversation's sentinels: _MARK, or when a text holds _MARK's first character,
+    the first of _MARK, _MARK~1~, _MARK~2~, ... that no text holds (a RecordError after _MARK_TRIES)."""
+    texts = [m["content"] for m in messages]
+    if not any(_MARK[0] in t for t in texts):
+        return _MARK
+    for n in range(_MARK_TRIES):
+        start = f"{_MARK}~{n}~" if n else _MARK
+        if not any(start in t for t in texts):
+            return start
+    raise RecordError("sentinel_in_text", f"the texts hold sftgo's internal marker {_MARK!r} in {_MARK_TRIES} variants")
 
 
 def _inside(offsets: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:

@@ -60,6 +60,9 @@ def _user_errors(fn):
             click.echo(f"Error: {safe_text(str(exc))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
+            from sftgo.pipeline.executor import abandon_clusters
+
+            abandon_clusters()
             click.echo("Interrupted; run the same command again to resume.", err=True)
             sys.exit(130)
 
@@ -160,6 +163,8 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
             f"in {len(manifest['shards'])} shard(s)")
     rejected = f"rejected {t['records_rejected']}" + (
         f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if t["records_rejected"] else "")
+    if t.get("truncated"):
+        rejected += f"; truncated {t['truncated']} to --max-length {manifest['params']['max_length']}"
     click.echo(f"Wrote {what} to {where}; {rejected}." if wrote else
                f"Nothing written: {where} already holds this build, {what}; {rejected}.")
 

@@ -10,11 +10,13 @@ Cost: none.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from sftgo.core.config import check_fields
 from sftgo.grouping import registry
 from sftgo.grouping.tfidf import WORD_PATTERN, find_terms
+from sftgo.pipeline.formats import CANONICAL_FIELDS
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion")
 THRESHOLDS = ("sample", "corpus")
@@ -88,8 +90,12 @@ class BuildConfig:
             raise ValueError(f"--eta must be between 0 and 1 (exclusive), got {self.eta}.")
         if self.threshold not in THRESHOLDS:
             raise ValueError(f"--threshold must be sample or corpus, got {self.threshold!r}.")
-        if self.num_groups < 2:
-            raise ValueError(f"--num-groups must be at least 2, got {self.num_groups}.")
+        if not 2 <= self.num_groups <= MAX_GROUPS:
+            raise ValueError(f"--num-groups must be between 2 and {MAX_GROUPS} (group ids are stored as int8), "
+                             f"got {self.num_groups}.")
+        check_field_map(self.field_map)
+        for name in MODEL_SETTINGS:  # recorded in the manifest, read again by inspect/score/train from anywhere
+            setattr(self, name, absolute_if_local(getattr(self, name)))
         if self.max_length < 8:
             raise ValueError(f"--max-length must be at least 8 tokens, got {self.max_length}.")
         if self.overflow not in ("truncate", "drop"):
@@ -118,6 +124,29 @@ class BuildConfig:
         """Everything that determines the output bytes (recorded in the manifest)."""
         skip = {"out", "workers", "scheduler", "rejects", "overwrite", "progress"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+MAX_GROUPS = 127  # the shards' group columns are int8, with -1 for unsupervised tokens
+
+
+MODEL_SETTINGS = ("tokenizer", "reference_model", "base_model", "compressor_model", "semantic_encoder")
+
+
+def absolute_if_local(name: str | None) -> str | None:
+    """A model or tokenizer given as an existing local path, made absolute; other names as given."""
+    if not name:
+        return name
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def check_field_map(field_map: dict[str, str]) -> None:
+    """The checks --field-map gets, for a field map from a config file or a Python caller too."""
+    for canonical, name in field_map.items():
+        if canonical not in CANONICAL_FIELDS:
+            raise ValueError(f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}.")
+        if not name.strip():
+            raise ValueError(f"Field map gives field '{canonical}' an empty name.")
 
 
 # settings that only one strategy reads: (field, the strategy that uses it)

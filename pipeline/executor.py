@@ -32,6 +32,18 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
 
 
+def abandon_clusters() -> None:
+    """After an interrupt: close the local clusters this process started, quietly.  (distributed's own
+    close at exit fails, with a traceback, on a cluster interrupted while it was starting.)"""
+    spec = sys.modules.get("distributed.deploy.spec")
+    if spec is None:  # no cluster was ever started
+        return
+    for cluster in list(spec.SpecCluster._instances):
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=10)
+        spec.SpecCluster._instances.discard(cluster)
+
+
 @contextlib.contextmanager
 def local_cluster(workers: int) -> Iterator:
     """A Dask LocalCluster of `workers` processes with one thread each, quiet, with no fixed

@@ -2,7 +2,8 @@
 
 Input: one record (a dict parsed from JSON, JSONL, Parquet, CSV or `datasets`) in one of
 FORMATS, plus an optional field map {canonical name: name used in the user's data}.
-Output: [{"role": "system"|"user"|"assistant", "content": str}, ...], or a RecordError
+Output: [{"role": "system"|"user"|"assistant", "content": str}, ...] (an assistant turn that is
+context, not a response to learn, also carries "train": False), or a RecordError
 whose `reason` (a short snake_case key) the manifest counts and whose `detail` is one
 sentence naming the field at fault.
 `mapped_fields()` says which fields of a field map a record has (a build counts them to
@@ -19,11 +20,14 @@ prompt+completion):
 - sharegpt: "conversations" [{from, value}]; from human/user -> user,
   gpt/assistant/bot/model/chatgpt -> assistant, system -> system.
 - prompt_completion: prompt and completion, each a string (user / assistant) or a list
-  of messages (TRL's conversational prompt-completion).
+  of messages (TRL's conversational prompt-completion).  As in TRL, only the completion is
+  learned: assistant turns inside the prompt are context ("train": False).
 
-Rules for every format: at least one assistant turn, no empty assistant turn, a system
-turn only first. Trailing user turns after the last assistant turn are kept (they are
-not supervised: loss masks cover assistant turns only).
+Rules for every format: at least one assistant turn to learn, no empty assistant turn, a
+system turn only first, no tool calls (a turn with a non-empty `tool_calls` or
+`function_call` is unsupported_content, whatever its role and content: dropping the calls
+would train on a different conversation). Trailing user turns after the last assistant
+turn are kept (they are not supervised: loss masks cover assistant turns only).
 """
 from __future__ import annotations
 
@@ -198,18 +202,26 @@ def _turns(record, fm, key, alt_key, role_key, content_key, roles, where=None) -
         role = roles.get(raw_role) or roles.get(raw_role.strip().lower())
         if role is None:
             raise RecordError("unknown_role", f"Turn {name}[{i}] has role '{raw_role[:40]}', which is not supported.")
+        if "tool_calls" in turn or "function_call" in turn:
+            _no_tool_calls(turn, f"{name}[{i}]")
         content = turn.get(content_name)
         if type(content) is not str:
-            content = _content_parts(content, f"{name}[{i}].{content_name}", turn)
+            content = _content_parts(content, f"{name}[{i}].{content_name}")
         msgs.append({"role": role, "content": content})
     return msgs
 
 
-def _content_parts(content, field: str, turn: dict) -> str:
+def _no_tool_calls(turn: dict, where: str) -> None:
+    """RecordError (unsupported_content) when the turn holds tool calls: a non-empty tool_calls or
+    function_call, next to a content or not (null or an empty list is no call)."""
+    for key in ("tool_calls", "function_call"):
+        if turn.get(key):
+            raise RecordError("unsupported_content", f"Turn {where} holds '{key}'; tool calls are not supported.")
+
+
+def _content_parts(content, field: str) -> str:
     """OpenAI-style content: a list of parts, of which only text parts are supported."""
     if content is None:
-        if turn.get("tool_calls") or turn.get("function_call"):
-            raise RecordError("unsupported_content", f"Field '{field}' is empty and the turn holds tool calls, which are not supported.")
         raise _missing(field)
     if isinstance(content, str):
         return str(content)
@@ -232,8 +244,10 @@ def _content_parts(content, field: str, turn: dict) -> str:
     return "".join(texts)
 
 
-def _prompt_completion(record: dict, fm: dict[str, str]) -> list[dict[str, str]]:
-    msgs: list[dict[str, str]] = []
+def _prompt_completion(record: dict, fm: dict[str, str]) -> list[dict]:
+    """The prompt's turns then the completion's; an assistant turn of a list prompt is context
+    ("train": False): only the completion is learned, as TRL's prompt-completion loss does."""
+    msgs: list[dict] = []
     for canonical, role in (("prompt", "user"), ("completion", "assistant")):
         name = _name(fm, canonical)
         value = record.get(name)
@@ -242,20 +256,25 @@ def _prompt_completion(record: dict, fm: dict[str, str]) -> list[dict[str, str]]
         elif value is None:
             raise _missing(name)
         elif _is_list(value):
-            msgs.extend(_turns(record, fm, "", "", "role", "content", _MESSAGE_ROLES, where=(name, value)))
+            turns = _turns(record, fm, "", "", "role", "content", _MESSAGE_ROLES, where=(name, value))
+            if canonical == "prompt":
+                for m in turns:
+                    if m["role"] == "assistant":
+                        m["train"] = False
+            msgs.extend(turns)
         else:
             raise _wrong_type(name, "a string or a list of messages", value)
     return msgs
 
 
-def _validate(msgs: list[dict[str, str]]) -> None:
+def _validate(msgs: list[dict]) -> None:
     has_assistant = False
     for i, m in enumerate(msgs):
         role = m["role"]
         if role == "assistant":
             if not m["content"].strip():
                 raise RecordError("empty_response", f"Assistant turn {i} is empty.")
-            has_assistant = True
+            has_assistant = has_assistant or m.get("train", True)
         elif role == "system" and i:
             raise RecordError("misplaced_system", f"Turn {i} is a system turn; a system turn is allowed only first.")
     if not has_assistant:

@@ -219,11 +219,28 @@ def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], 
     return counts
 
 
+_COUNT_KEYS = ("records_in", "written", "truncated", "blank_lines", "tokens", "loss_tokens")
+
+
+def _staged_counts(path, part: readers.Partition) -> dict | None:
+    """The counts a finished pass 1 of `part` staged, or None when the file is not such a record."""
+    try:
+        counts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    whole = (isinstance(counts, dict) and counts.get("index") == part.index and counts.get("source") == part.source
+             and all(type(counts.get(k)) is int and counts[k] >= 0 for k in _COUNT_KEYS)
+             and all(isinstance(counts.get(k), dict) for k in ("rejected", "field_map_hits")))
+    return counts if whole else None
+
+
 def prepare_partition(part: readers.Partition, cfg, strategies: list, tokenizer: str, staging: str,
                       light: bool = False) -> dict:
     done = stage_path(staging, part.index, "json")
     if done.exists():
-        return json.loads(done.read_text())
+        counts = _staged_counts(done, part)
+        if counts is not None:
+            return counts  # else damaged (not written by a finished task): the partition is prepared again
     encoder = get_encoder(tokenizer, cfg.max_length, cfg.overflow, cfg.trust_remote_code, light)
     with executor.gc_paused():
         cols, rejects, counts = process(part, cfg, encoder)

@@ -1,26 +1,31 @@
 """Split inputs into partitions and read one partition's raw records.
 
-Input: paths of JSONL, JSON (array), Parquet, CSV files, folders of them, `datasets`
-save_to_disk folders, or hub dataset names (`hf:NAME`, loaded through `datasets`).
+Input: paths of JSONL, JSON (array), Parquet, CSV files (extensions in any case), folders of them
+(subfolders included: every file is read, in the sorted order of its path, or the folder is refused
+or refused naming compressed files; other files and names starting with "." are skipped, with a note), `datasets`
+save_to_disk folders, or hub dataset names (`hf:NAME`, loaded through `datasets`; a path that does not
+exist is an error, never a hub request).
 Output: `plan()` returns Partition descriptors (deterministic: they depend on the
 inputs and `rows_per_shard` only); `read()` yields one Item per record of a partition:
 the parsed record, or a rejection (reason, detail) for a record that cannot be read --
 bad UTF-8 or Unicode (unpaired surrogates, in values and in field names), malformed
-JSON, NaN/Infinity or over-long numbers, nesting deeper than MAX_DEPTH, CSV rows whose
-field count disagrees with the header, Parquet rows that do not convert -- never an
-exception for one record.  A fault in one record never costs the others.  Each Item
-keeps the record's original text when there is one (the JSONL line, a JSON array
+JSON, NaN/Infinity or over-long numbers, a JSON object with a field name twice, nesting
+deeper than MAX_DEPTH, CSV rows whose field count disagrees with the header, Parquet rows
+that do not convert -- never an exception for one record.  A fault in one record never
+costs the others.  Each Item keeps the record's original text when there is one (the JSONL line, a JSON array
 element that could not be parsed); `raw_text()` renders the others as JSON, with
 surrogates escaped so the text is always valid UTF-8.  Blank lines of JSONL and CSV
 are not records: they are skipped and counted in Partition.blank_lines.  A UTF-8 BOM
 is ignored (start of any JSONL line, start of JSON and CSV files).  A whole file that
-cannot be read is an InputError with one sentence.
+cannot be read is an InputError with one sentence (also a CSV, Parquet or Arrow file with a column
+name twice, nested struct fields included: reading would keep only one of them).
 Cost: planning scans JSONL files once for line offsets (disk speed) and opens the
 metadata of the others; a hub dataset is downloaded (or read from the datasets cache)
 once by the driver.  Reading a partition touches only its bytes/rows, except JSON
 arrays and CSV files, which are parsed whole (cached per worker process).  The
-per-record check is two C-speed scans of a JSONL line; records from other formats are
-walked once (a few microseconds each).
+per-record check is two C-speed scans of a JSONL line plus a size check per JSON object
+(duplicate names; about 10 us a chat record); records from other formats are walked once (a
+few microseconds each).
 """
 from __future__ import annotations
 
@@ -90,32 +95,107 @@ def _no_constant(name: str):
     raise _BadNumber(f"{name} is not a JSON number")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list) -> dict:
+    """A JSON object's dict; _DuplicateKey when a name occurs twice (json would keep the last silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(key)
+    return obj
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, object_pairs_hook=_object)
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".zip", ".lz4", ".7z", ".tar", ".tgz")
+_NAMES_SHOWN = 3  # entries of a folder named in a message (skipped or unreadable ones)
 
 
 def _expand(inp: str, split: str) -> list[tuple[str, str, str]]:
-    """One user input -> [(source, path, kind)]."""
+    """One user input -> [(source, path, kind)].  Only `hf:NAME` reaches the hub: any other input is a
+    local path, and one that does not exist is an InputError at once."""
     if inp.startswith("hf:"):
         return [(inp, f, "arrow") for f in _hub_files(inp[3:], split)]
     path = Path(inp)
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        if _is_datasets_dir(path):
             return [(inp, f, "arrow") for f in _arrow_dir_files(str(path), split)]
-        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
-        if not files:
-            raise InputError(f"Folder {inp} holds no .jsonl, .json, .parquet or .csv files.")
-        return [(inp, str(f), _kind(f)) for f in files]
+        return _folder_files(inp, path, split)
     if path.is_file():
-        if path.suffix not in DATA_SUFFIXES:
-            raise InputError(f"Input {inp} has an unsupported extension; use .jsonl, .json, .parquet or .csv.")
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise InputError(f"Input {inp} has an unsupported extension; use .jsonl, .ndjson, .json, .parquet or .csv "
+                             "(decompress compressed files first).")
         return [(inp, str(path), _kind(path))]
-    if inp.count("/") == 1 and not inp.startswith((".", "/")) and not Path(inp).suffix:
-        return [(inp, f, "arrow") for f in _hub_files(inp, split)]
     raise InputError(f"Input {inp} does not exist (for a hub dataset write hf:NAME).")
 
 
+def _is_datasets_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _folder_files(inp: str, path: Path, split: str) -> list[tuple[str, str, str]]:
+    """[(inp, path, kind)] of every data file in the folder tree of `path` (a `datasets` folder inside it
+    read as one), depth first in sorted name order (a flat folder: sorted file names).  A compressed file is
+    an InputError naming it; other files of no data format and entries whose name starts with "." are
+    skipped, with a note naming them."""
+    found: list[tuple[Path, str]] = []
+    unknown: list[Path] = []
+    hidden: list[Path] = []
+    _walk(path, found, unknown, hidden, set())
+    compressed = [p for p in unknown if p.suffix.lower() in COMPRESSED]
+    if compressed:  # data the user meant to give, in a form sftgo cannot read: not skippable
+        raise InputError(f"Folder {inp} holds {len(compressed)} compressed file(s) ({_listed(compressed, path)}), which "
+                         "sftgo does not read: decompress them (.jsonl, .ndjson, .json, .parquet or .csv).")
+    if not found:
+        why = f" (it skips {_listed(hidden + unknown, path)})" if hidden or unknown else ""
+        raise InputError(f"Folder {inp} holds no .jsonl, .json, .parquet or .csv files{why}.")
+    if hidden:
+        print(f"Note: folder {escape_surrogates(inp)}: skipped {_listed(hidden, path)} (names starting with '.' are not read).",
+              file=sys.stderr)
+    if unknown:  # a README, a licence, a script beside the data
+        print(f"Note: folder {escape_surrogates(inp)}: skipped {len(unknown)} file(s) of no data format "
+              f"({_listed(unknown, path)}); sftgo reads .jsonl, .ndjson, .json, .parquet and .csv.", file=sys.stderr)
+    out = []
+    for f, kind in found:
+        if kind == "datasets":
+            out += [(inp, a, "arrow") for a in _arrow_dir_files(str(f), split)]
+        else:
+            out.append((inp, str(f), _kind(f)))
+    return out
+
+
+def _listed(paths: list[Path], root: Path) -> str:
+    """'a, sub/b, c and 2 more': the first _NAMES_SHOWN paths, relative to root."""
+    shown = ", ".join(escape_surrogates(str(p.relative_to(root))) for p in paths[:_NAMES_SHOWN])
+    return shown + (f" and {len(paths) - _NAMES_SHOWN} more" if len(paths) > _NAMES_SHOWN else "")
+
+
+def _walk(folder: Path, found: list, unknown: list, hidden: list, seen: set) -> None:
+    """Sort the entries of `folder`, recursively, into found [(path, kind or "datasets")], unknown and hidden.
+    A folder reached twice (a symbolic link back up the tree) is walked once."""
+    real = folder.resolve()
+    if real in seen:
+        return
+    seen.add(real)
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if p.name.startswith("."):
+            hidden.append(p)
+        elif p.is_dir():
+            if _is_datasets_dir(p):
+                found.append((p, "datasets"))
+            else:
+                _walk(p, found, unknown, hidden, seen)
+        elif p.suffix.lower() in DATA_SUFFIXES and p.is_file():
+            found.append((p, "file"))
+        else:
+            unknown.append(p)
+
+
 def _kind(path: Path) -> str:
-    kind = DATA_SUFFIXES[path.suffix]
+    kind = DATA_SUFFIXES[path.suffix.lower()]
     if kind == "json":  # a .json file may hold one array or one object per line
         with open(path, "rb") as fh:
             head = fh.read(4096).removeprefix(_BOM).lstrip()
@@ -177,9 +257,13 @@ def _jsonl_offsets(path: str, rows_per_shard: int) -> list[tuple[int, int, int, 
 def _row_ranges(path: str, kind: str, rows_per_shard: int) -> list[tuple[int, int, int, int]]:
     """[(start_row, stop_row, first_row, blank_lines)] of a file read by rows."""
     if kind == "parquet":
-        n, rows = _parquet_file(path).metadata.num_rows, None
+        pf = _parquet_file(path)
+        _check_columns(path, "Parquet", pf.schema_arrow)
+        n, rows = pf.metadata.num_rows, None
     elif kind == "arrow":
-        n, rows = _arrow_table(path).num_rows, None
+        table = _arrow_table(path)
+        _check_columns(path, "Arrow", table.schema)
+        n, rows = table.num_rows, None
     else:
         rows = _whole_file(path, kind)
         n = len(rows)
@@ -189,6 +273,32 @@ def _row_ranges(path: str, kind: str, rows_per_shard: int) -> list[tuple[int, in
         blank = 0 if rows is None else sum(r is _BLANK for r in rows[s:stop])
         ranges.append((s, stop, s, blank))
     return ranges
+
+
+def _check_columns(path: str, kind: str, schema) -> None:
+    """InputError when two columns, or two fields of a struct (inside lists too), share a name: reading
+    keeps one of them (or none), as a CSV header with a column twice would."""
+    twice = _twice_named(list(schema), "")
+    if twice:
+        raise InputError(f"{path} has the {kind} column {twice!r} twice.")
+
+
+def _twice_named(fields: list, prefix: str) -> str | None:
+    """The dotted name of the first field whose name a sibling has, among `fields` and their nested struct fields."""
+    import pyarrow as pa
+
+    twice = sorted(n for n, c in Counter(f.name for f in fields).items() if c > 1)
+    if twice:
+        return prefix + twice[0]
+    for f in fields:
+        t = f.type
+        while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            t = t.value_type
+        if pa.types.is_struct(t):
+            inner = _twice_named([t.field(i) for i in range(t.num_fields)], f"{prefix}{f.name}.")
+            if inner:
+                return inner
+    return None
 
 
 def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[Partition]:
@@ -277,6 +387,9 @@ def _value_fault(exc: BaseException) -> tuple[str, str]:
     """(reason, detail) of a JSON value that is valid syntax but cannot become a record."""
     if isinstance(exc, RecursionError):
         return "too_deep", f"The record is nested more than {MAX_DEPTH} levels deep."
+    if isinstance(exc, _DuplicateKey):
+        key = escape_surrogates(str(exc.args[0])[:40])
+        return "duplicate_key", f"The record has the field name '{key}' twice in one object."
     if isinstance(exc, _BadNumber):
         return "invalid_number", f"The record holds {str(exc).split()[0]}, which is not a JSON number."
     if "digits" in str(exc):  # Python refuses to read integers past sys.get_int_max_str_digits()

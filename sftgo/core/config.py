@@ -34,9 +34,9 @@ def _parse(path: str) -> dict:
         elif kind == "YAML":
             import yaml
 
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_unique_key_yaml_loader())
         else:
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_unique_keys)
     except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"Config file {path} is not valid {kind} ({str(exc).splitlines()[0]}).") from None
     except Exception as exc:  # yaml.YAMLError and friends
@@ -44,6 +44,31 @@ def _parse(path: str) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path} must hold a table/object of settings.")
     return values
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all distinct (json keeps the last of a repeated key, silently)."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"setting {key!r} is given twice")
+        seen[key] = value
+    return seen
+
+
+def _unique_key_yaml_loader():
+    """yaml's SafeLoader, refusing a mapping that repeats a key (safe_load keeps the last, silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=True) for k, _ in node.value]
+            repeated = [k for i, k in enumerate(keys) if k in keys[:i]]
+            if repeated:
+                raise ValueError(f"setting {repeated[0]!r} is given twice")
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def _type_name(tp) -> str:
@@ -120,7 +145,12 @@ def field_types(cls) -> dict[str, object]:
 def load_config_file(path: str, cls, skip: tuple[str, ...] = ()) -> dict:
     """Values of config file `path` for dataclass `cls`, type-checked field by field.
     `skip`: fields a file may not set (refused as unknown)."""
-    values = {str(k).replace("-", "_"): v for k, v in _parse(path).items()}
+    values: dict = {}
+    for key, value in _parse(path).items():
+        name = str(key).replace("-", "_")
+        if name in values:
+            raise ValueError(f"Config file {path} gives setting '{name}' twice (as '{name}' and '{name.replace('_', '-')}').")
+        values[name] = value
     types_ = {k: v for k, v in field_types(cls).items() if k not in skip}
     unknown = sorted(set(values) - set(types_))
     if unknown:

@@ -1,0 +1,153 @@
+"""`sftgo-prep build` against what a hostile or careless user gives it: a build that is no longer
+current, output paths that would destroy inputs or other files, settings that would be lost or
+overflow, damaged staging.  Real CLI subprocesses on the session's Dask cluster."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sftgo.core.config import load_config_file
+from sftgo.pipeline.config import BuildConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join((ROOT / "data/alpaca.jsonl").read_text().splitlines(keepends=True)[:20]))
+    return src
+
+
+def build(cli, src, out, *extra, scheduler=None, check=False):
+    args = ["sftgo-prep", "build", *([src] if not isinstance(src, list) else src), "--out", out, "--quiet", *extra]
+    if scheduler:
+        args += ["--scheduler", scheduler]
+    return cli(*args, check=check)
+
+
+def refused(proc, *words):
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+    return proc
+
+
+def test_a_finished_build_is_current_only_with_the_same_inputs_and_whole_shards(cli, tmp_path, small, dask_scheduler):
+    out = tmp_path / "out"
+    assert build(cli, small, out, scheduler=dask_scheduler).returncode == 0
+    assert (out / ".build.json").is_file()
+    again = build(cli, small, out, scheduler=dask_scheduler)
+    assert again.returncode == 0 and "Nothing written" in again.stdout
+    # the same file with other content (and the same size: the mtime tells)
+    text = small.read_text()
+    small.write_text(text.replace("a", "b", 1))
+    os.utime(small, ns=(small.stat().st_atime_ns, small.stat().st_mtime_ns + 1_000_000))
+    refused(build(cli, small, out, scheduler=dask_scheduler), "inputs changed since", "--overwrite")
+    assert build(cli, small, out, "--overwrite", scheduler=dask_scheduler).returncode == 0
+    (out / "shard-00000.parquet").unlink()
+    refused(build(cli, small, out, scheduler=dask_scheduler), "is not whole", "missing", "--overwrite")
+    # --rejects cannot be written from a finished build: said, not skipped
+    assert build(cli, small, out, "--overwrite", scheduler=dask_scheduler).returncode == 0
+    proc = refused(build(cli, small, out, "--rejects", tmp_path / "rej.jsonl", scheduler=dask_scheduler), "--rejects")
+    assert "keeps no rejected records" in proc.stderr and not (tmp_path / "rej.jsonl").exists()
+
+
+def test_rejects_may_not_replace_an_input_or_a_build_file(cli, tmp_path, small):
+    before = small.read_bytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(small, folder / "b.jsonl")
+    cases = [(small, "would overwrite the input"), (folder / "rej.jsonl", "would overwrite the input"),
+             (tmp_path / "o" / "manifest.json", "that the build in"), (tmp_path / "o" / "shard-00000.parquet", "that the build in"),
+             (tmp_path / "o" / ".staging" / "x.jsonl", "that the build in")]
+    for path, words in cases:
+        refused(build(cli, [small, folder], tmp_path / "o", "--rejects", path), words)
+    assert small.read_bytes() == before and not (tmp_path / "o").exists()
+
+
+def test_overwrite_replaces_only_an_sftgo_build(cli, tmp_path, small, dask_scheduler):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "manifest.json").write_text('{"my": "project manifest"}')
+    (user / "shard-2023-sales.parquet").write_text("keep")
+    for extra in ([], ["--overwrite"]):
+        refused(build(cli, small, user, *extra, scheduler=dask_scheduler), "sftgo-prep did not write")
+    assert (user / "manifest.json").read_text() == '{"my": "project manifest"}'
+    assert (user / "shard-2023-sales.parquet").read_text() == "keep"
+    # a pending `score` commit of an earlier build is gone after --overwrite (it would bring that build back)
+    out = tmp_path / "out"
+    assert build(cli, small, out, scheduler=dask_scheduler).returncode == 0
+    (out / ".scoring").mkdir()
+    shutil.copy(out / "manifest.json", out / ".scoring" / "manifest.json")
+    assert build(cli, small, out, "--overwrite", scheduler=dask_scheduler).returncode == 0
+    assert not (out / ".scoring").exists()
+
+
+def test_settings_that_would_be_lost_or_overflow_are_refused(tmp_path, small):
+    with pytest.raises(ValueError, match="between 2 and 127"):
+        BuildConfig(inputs=[str(small)], out="o", num_groups=300).validate()
+    BuildConfig(inputs=[str(small)], out="o", num_groups=127).validate()
+    with pytest.raises(ValueError, match="unknown field 'id'"):
+        BuildConfig(inputs=[str(small)], out="o", field_map={"instruction": "question", "id": "uid"}).validate()
+    cases = {"d1.json": '{"max-length": 100, "max_length": 4000}', "d2.json": '{"max_length": 100, "max_length": 4000}',
+             "d3.yaml": "max_length: 100\nmax_length: 4000\n", "d4.toml": "max_length = 100\nmax-length = 4000\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="twice"):
+            load_config_file(str(tmp_path / name), BuildConfig)
+    (tmp_path / "ok.yaml").write_text("max_length: 100\nworkers: 1\n")
+    assert load_config_file(str(tmp_path / "ok.yaml"), BuildConfig) == {"max_length": 100, "workers": 1}
+
+
+def test_local_model_paths_are_recorded_absolute(tmp_path, small, monkeypatch):
+    (tmp_path / "mytok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = BuildConfig(inputs=[str(small)], out="o", tokenizer="mytok", reference_model="owner/hub-model").validate()
+    assert cfg.tokenizer == str(tmp_path / "mytok") and cfg.params()["tokenizer"] == str(tmp_path / "mytok")
+    assert cfg.reference_model == "owner/hub-model"  # not a local path: as given
+
+
+def test_missing_models_and_ignored_split_are_said_before_any_work(cli, tmp_path, small):
+    out = tmp_path / "o"
+    refused(build(cli, small, out, "--strategy", "reference", "--reference-model", str(tmp_path / "none")), "--reference-model")
+    refused(build(cli, small, out, "--strategy", "semantic", "--compressor-model", str(tmp_path / "none")), "--compressor-model")
+    assert not out.exists()  # nothing staged: the corrected command starts clean
+
+
+def test_split_on_local_files_and_truncation_are_said(cli, tmp_path, small, dask_scheduler):
+    proc = build(cli, small, tmp_path / "o", "--split", "validation", "--max-length", "60", scheduler=dask_scheduler)
+    assert proc.returncode == 0
+    assert "--split validation is ignored" in proc.stderr
+    truncated = json.loads((tmp_path / "o" / "manifest.json").read_text())["totals"]["truncated"]
+    assert truncated > 0 and f"truncated {truncated} to --max-length 60" in proc.stdout
+
+
+def test_damaged_staging_is_redone_or_refused_in_one_sentence(cli, tmp_path, small, dask_scheduler):
+    ref = tmp_path / "ref"
+    assert build(cli, small, ref, scheduler=dask_scheduler).returncode == 0
+    # a staged partition whose record is damaged is prepared again; the result is the same build
+    out = tmp_path / "out"
+    assert build(cli, small, out, "--rows-per-shard", "5", scheduler=dask_scheduler).returncode == 0
+    ref5 = {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")}
+    shutil.rmtree(out)
+    from sftgo.pipeline.build import _input_identity
+    from sftgo.pipeline.prepare import STAGED
+
+    cfg = BuildConfig(inputs=[str(small)], out=str(out), rows_per_shard=5).validate()
+    (out / ".staging").mkdir(parents=True)
+    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED}
+    (out / ".staging" / "build.json").write_text(json.dumps(key, sort_keys=True))
+    (out / ".staging" / "part-00000.json").write_text("{}")
+    assert build(cli, small, out, "--rows-per-shard", "5", scheduler=dask_scheduler).returncode == 0
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == ref5
+    # a damaged record of the build itself: one sentence
+    bad = tmp_path / "bad"
+    (bad / ".staging").mkdir(parents=True)
+    (bad / ".staging" / "build.json").write_text("garbage")
+    refused(build(cli, small, bad, scheduler=dask_scheduler), "is damaged", "--overwrite")
