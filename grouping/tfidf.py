@@ -339,8 +339,14 @@ class TfidfStrategy:
         """Write idf.parquet into `folder`; its manifest entry."""
         from sftgo.core.shards import atomic_write, file_sha256
 
+        table = fit_idf(stats, documents)
+        if not table.num_rows:  # scikit-learn's "empty vocabulary": every token would score 0, one group
+            raise ValueError(f"The TF-IDF vocabulary is empty: the token pattern (--tfidf-token-pattern) finds no "
+                             f"term in any of the {documents} responses; give a pattern that matches their words "
+                             "(the default needs words of 2 or more characters; e.g. --tfidf-token-pattern "
+                             "'(?u)\\b\\w+\\b'), or --tfidf-unit token.")
         path = Path(folder) / IDF_FILE
-        atomic_write(path, lambda tmp: save_idf(fit_idf(stats, documents), tmp))
+        atomic_write(path, lambda tmp: save_idf(table, tmp))
         return {"idf": {"path": IDF_FILE, "sha256": file_sha256(path), "documents": documents}}
 
     def importance(self, staged: pa.Table, artifacts: dict, folder: str) -> pa.ListArray:

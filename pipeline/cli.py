@@ -112,6 +112,7 @@ def _strategy_options(fn):
     return fn
 
 
+CONFIG_HELP = "JSON, TOML or YAML file of settings (field names, dashes or underscores); flags override it."
 STRATEGY_FIELDS = ("eta", "threshold", "reference_model", "reference_mode", "base_model", "score_batch_tokens",
                    "compressor_model", "semantic_encoder", "tfidf_unit", "tfidf_token_pattern")
 
@@ -128,8 +129,7 @@ def _strategy_list(text: str) -> list[str]:
 @main.command(epilog=BUILD_EXAMPLE)
 @click.argument("inputs", nargs=-1)
 @field("out", metavar="DIR")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="JSON, TOML or YAML file of settings (field names, dashes or underscores); flags override it.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--strategy", default=",".join(field_default(BuildConfig, "strategies")), show_default=True,
               help="Importance strategies, comma-separated (built in: tfidf, reference, semantic).")
 @field("num_groups")
@@ -169,22 +169,36 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
                f"Nothing written: {where} already holds this build, {what}; {rejected}.")
 
 
+# what a `score` config file may set (the build's other settings are fixed by the build)
+SCORE_SETTINGS = (*STRATEGY_FIELDS, "strategies", "workers", "scheduler", "overwrite", "trust_remote_code", "progress")
+
+
 @main.command(epilog=SCORE_EXAMPLE)
 @click.argument("directory", type=click.Path())
-@click.option("--strategy", required=True, help="Strategies to add, comma-separated (built in: tfidf, reference, semantic).")
+@click.option("--strategy", default=None, help="Strategies to add, comma-separated (built in: tfidf, reference, semantic).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @_strategy_options
 @click.pass_context
 @_user_errors
-def score(ctx, directory, strategy, quiet, workers, scheduler, overwrite, **opts):
+def score(ctx, directory, strategy, config_file, quiet, **opts):
     """Add a strategy's importance and group columns to an existing build (no re-tokenizing)."""
     from sftgo.pipeline.score import run
 
-    given = _explicit(ctx)
+    skip = tuple(name for name in field_docs(BuildConfig) if name not in SCORE_SETTINGS)
+    from_file = load_config_file(config_file, BuildConfig, skip=skip) if config_file else {}
+    values, given = dict(from_file), _explicit(ctx)
+    flags = {**opts, "progress": not quiet, **({"strategies": _strategy_list(strategy)} if strategy is not None else {})}
+    source = {"strategies": "strategy", "progress": "quiet"}
+    for key, value in flags.items():
+        if key not in values or source.get(key, key) in given:
+            values[key] = value
+    new = values.get("strategies")
+    if not new:
+        raise ValueError("Give the strategies to add with --strategy (or `strategies` in --config).")
     # the build's own settings stay unless given here (eta and threshold apply to the new strategies)
-    options = {k: opts[k] for k in STRATEGY_FIELDS if k in given}
-    options["trust_remote_code"] = opts["trust_remote_code"]
-    new = _strategy_list(strategy)
-    manifest = run(directory, new, options, workers, scheduler, overwrite, not quiet)
+    options = {k: values[k] for k in STRATEGY_FIELDS if k in given or k in from_file}
+    options["trust_remote_code"] = values["trust_remote_code"]
+    manifest = run(directory, new, options, values["workers"], values["scheduler"], values["overwrite"], values["progress"])
     click.echo(f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {safe_text(directory)}; "
                f"strategies now: {', '.join(manifest['params']['strategies'])}.")
 
@@ -193,15 +207,23 @@ def score(ctx, directory, strategy, quiet, workers, scheduler, overwrite, **opts
 @click.argument("directory", type=click.Path())
 @click.option("--strategy", default=None, help="Strategies to show, comma-separated for side by side [default: the first one].")
 @click.option("--sample", type=int, default=0, show_default=True, help="Row number of the sample shown in colour.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None, help="Also write an HTML page highlighting many samples.")
+@click.option("--html", "html", type=click.Path(dir_okay=False), default=None, help="Also write an HTML page highlighting many samples.")
 @click.option("--samples", type=int, default=50, show_default=True, help="How many samples the HTML page shows.")
 @click.option("--color/--no-color", default=None, help="Colour the terminal output [default: when it is a terminal].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.pass_context
 @_user_errors
-def inspect(directory, strategy, sample, html_path, samples, color):
+def inspect(ctx, directory, config_file, **opts):
     """Summarise a shard directory and show a sample's tokens coloured by group."""
+    from sftgo.core.config import check_fields
     from sftgo.pipeline import inspect as inspect_mod
 
-    click.echo(inspect_mod.run(directory, strategy, sample, html_path, samples, color), color=color)
+    values = load_config_file(config_file, inspect_mod.InspectConfig) if config_file else {}
+    given = _explicit(ctx)
+    values.update({k: v for k, v in opts.items() if k in given or k not in values})
+    cfg = inspect_mod.InspectConfig(**values)
+    check_fields(cfg)
+    click.echo(inspect_mod.run(directory, cfg.strategy, cfg.sample, cfg.html, cfg.samples, cfg.color), color=cfg.color)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,10 @@ import pyarrow.parquet as pq
 from sftgo.core.text import safe_text as printable
 from sftgo.core import models
 from sftgo.core.shards import (
-    MANIFEST, ShardError, group_column, importance_column, read_manifest, strategy_order, verify_shards,
+    LOCK, MANIFEST, ShardError, atomic_write_text, group_column, importance_column, read_manifest, strategy_order,
+    verify_build,
 )
+from sftgo.grouping import registry
 
 ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}
 RESET = "\x1b[0m"
@@ -163,20 +166,43 @@ def html_page(tok, rows: list[dict], shown: list[str], ks: dict, title: str) -> 
 
 
 def _verified(path: Path, strategy: str | None) -> tuple[dict, list[str], int]:
-    """(manifest, strategies shown, rows): the manifest type-checked and every shard verified
-    (checksum, schema of every strategy, row count) before a byte of it is shown."""
-    manifest = read_manifest(path)  # structure checked there (core.shards.check_manifest)
+    """(manifest, strategies shown, rows): the manifest type-checked and checked against every shard
+    (core.shards.verify_build: counts, checksums, schema of every strategy, row counts) before a byte
+    of it is shown."""
+    manifest = read_manifest(path)
     have = strategy_order(manifest)
     shown = [s.strip() for s in strategy.split(",")] if strategy else have[:1]
     for s in shown:
         if s not in have:
             raise ShardError(f"{path} has no '{s}' groups (it has: {', '.join(have) or 'none'}).")
-    verify_shards(path, manifest, strategies=tuple(have))
-    rows = sum(shard["rows"] for shard in manifest["shards"])
-    if rows != manifest["totals"]["records_written"]:
-        raise ShardError(f"{path / MANIFEST} counts {manifest['totals']['records_written']} records written "
-                         f"but its shards hold {rows} rows: it was edited or damaged.")
-    return manifest, shown, rows
+    verify_build(path, manifest)
+    return manifest, shown, manifest["totals"]["records_written"]
+
+
+def _build_owns(path: Path, manifest: dict, target: Path) -> str | None:
+    """The name of what of the build in `path` the file `target` is (resolved through symlinks), or
+    None: the folder itself, the manifest, the lock, shards, artifacts, the work folders and
+    temporaries (hidden names)."""
+    home, target = path.resolve(), target.resolve()
+    if target == home:
+        return "the build directory"
+    if home not in target.parents:
+        return None
+    name = target.relative_to(home).parts[0]
+    artifacts = set(registry.artifacts_of(registry.names())) | {
+        a["path"] for e in manifest["strategies"].values() for a in e.values() if isinstance(a, dict) and "path" in a}
+    owned = {MANIFEST, LOCK} | {s["path"] for s in manifest["shards"]} | artifacts
+    if name in owned or name.startswith(".") or (name.startswith("shard-") and name.endswith(".parquet")):
+        return name
+    return None
+
+
+def _check_html(path: Path, manifest: dict, html_path: str | None) -> None:
+    """Refuse an --html path that is (or leads through symlinks to) a file or folder of the build."""
+    owned = _build_owns(path, manifest, Path(html_path)) if html_path else None
+    if owned:
+        raise ShardError(f"--html {html_path} points at {owned}, which the build in {path} owns; write the page "
+                         "elsewhere.")
 
 
 def _check_request(sample: int, samples: int, rows: int) -> None:
@@ -186,6 +212,22 @@ def _check_request(sample: int, samples: int, rows: int) -> None:
         raise ShardError(f"--sample {sample} is out of range: the build has no records.")
     if rows and not 0 <= sample < rows:
         raise ShardError(f"--sample {sample} is out of range: the build has {rows} records (0 to {rows - 1}).")
+
+
+@dataclass
+class InspectConfig:
+    """The settings of `sftgo-prep inspect` (what its --config file may set)."""
+
+    strategy: str | None = None
+    """Strategies to show, comma-separated for side by side; None = the first one."""
+    sample: int = 0
+    """Row number of the sample shown in colour."""
+    html: str | None = None
+    """Also write an HTML page highlighting many samples, to this file."""
+    samples: int = 50
+    """How many samples the HTML page shows."""
+    color: bool | None = None
+    """Colour the terminal output; None = when it is a terminal."""
 
 
 def run(directory: str, strategy: str | None = None, sample: int = 0, html_path: str | None = None,
@@ -202,6 +244,7 @@ def _report(path: Path, strategy: str | None, sample: int, html_path: str | None
             color: bool | None) -> str:
     manifest, shown, rows = _verified(path, strategy)
     _check_request(sample, samples, rows)
+    _check_html(path, manifest, html_path)
     lines = summary(path, manifest, shown)
     if not shown:
         return "\n".join(lines)
@@ -223,7 +266,6 @@ def _report(path: Path, strategy: str | None, sample: int, html_path: str | None
     if html_path:
         page_rows = _load_rows(path, manifest, columns, 0, samples)
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(html_path).write_text(html_page(tok, page_rows, shown, ks, f"sftgo shards: {path} ({', '.join(shown)})"),
-                                   encoding="utf-8")
+        atomic_write_text(html_path, html_page(tok, page_rows, shown, ks, f"sftgo shards: {path} ({', '.join(shown)})"))
         lines.append(f"\nWrote {printable(html_path)} ({len(page_rows)} samples).")
     return "\n".join(lines)

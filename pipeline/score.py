@@ -9,7 +9,12 @@ ids, else the shard is refused) and stage the strategy's columns (pass A), then 
 score + group + write as a build (pipeline/finalize.py), into DIR/.scoring (pass B).
 Commit: the new manifest is written to .scoring first, then the shards and
 artifacts are renamed into place and the manifest last, so a killed `score` resumes (or
-finishes its commit) when run again, and readers never see a half-written file.
+finishes its commit) when run again, and readers never see a half-written file.  A pending
+commit is finished only when it is this request's (.scoring/score.json), for this build, and
+complete and intact (its manifest checked like the build's, its records and settings the build's,
+every file it lists matching its checksum); anything else there is discarded with a note.
+Trust: the build is read like every reader reads one (core.shards.verify_build), and its params
+must hold every BuildConfig setting, each valid, before anything is computed from them.
 Cost: one read and one write of every shard plus the strategy's own scoring work.
 """
 from __future__ import annotations
@@ -26,9 +31,10 @@ import pyarrow.parquet as pq
 
 from sftgo.core import models
 from sftgo.core.shards import (
-    MANIFEST, ShardError, atomic_write_text, check_tokenizer, exclusive, member_path, read_manifest, strategy_order,
-    verify_shards, write_manifest,
+    MANIFEST, ShardError, atomic_write_text, check_tokenizer, exclusive, expected_columns, file_sha256, member_path,
+    read_manifest, strategy_order, verify_build, verify_shard, write_manifest,
 )
+from sftgo.core.text import safe_text
 from sftgo.grouping import registry
 from sftgo.pipeline import executor
 from sftgo.pipeline.build import BuildError
@@ -37,6 +43,7 @@ from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
 from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, worker_tokenizer, write_stage
 
 SCORING = ".scoring"
+MARKER = "score.json"  # in SCORING: the key of the request it holds the work of
 
 
 def _rows(col: pa.ChunkedArray, dtype) -> list[np.ndarray]:
@@ -86,10 +93,10 @@ def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: 
     return write_stage(scoring, index, staged, [], {"index": index, "written": len(cols["id"])}, new)
 
 
-def _commit(out: Path, scoring: Path) -> dict:
-    """Move the rewritten shards and artifacts into place, then the manifest (last)."""
-    manifest = json.loads((scoring / MANIFEST).read_text())
-    for name in [s["path"] for s in manifest["shards"]] + registry.artifacts_of(manifest["strategies"]):
+def _commit(out: Path, scoring: Path, manifest: dict, new: list[str]) -> dict:
+    """Move the rewritten shards and the artifacts of the strategies `new` of the checked pending
+    `manifest` into place, then the manifest (last)."""
+    for name in [s["path"] for s in manifest["shards"]] + registry.artifacts_of(new):
         if (scoring / name).exists():
             os.replace(member_path(scoring, name), member_path(out, name))
     write_manifest(out, manifest)
@@ -97,14 +104,62 @@ def _commit(out: Path, scoring: Path) -> dict:
     return manifest
 
 
-def scoring_config(manifest: dict, options: dict, directory: str, workers: int, scheduler: str | None,
+def build_params(out: Path, manifest: dict) -> dict:
+    """The build's own settings (manifest params): every BuildConfig setting present, nothing else,
+    and each valid as if given on the command line; else one sentence naming the manifest."""
+    params, known = manifest["params"], BuildConfig().params()
+    odd = [f"no 'params.{k}'" for k in known if k not in params] + [f"an unknown 'params.{k}'" for k in params
+                                                                     if k not in known]
+    if odd:
+        raise ShardError(f"{out / MANIFEST} has {odd[0]} entry: it was edited or damaged.")
+    try:
+        BuildConfig(**params, out=str(out)).validate()
+    except ValueError as exc:
+        raise ShardError(f"{out / MANIFEST} has params sftgo would refuse ({str(exc).rstrip('.')}): it was edited "
+                         "or damaged.") from None
+    return params
+
+
+def scoring_config(out: Path, manifest: dict, options: dict, workers: int, scheduler: str | None,
                    progress: bool) -> BuildConfig:
     """The build's own settings, with the options given for the new strategies (typed, validated)."""
-    fields = set(BuildConfig.__dataclass_fields__)
-    values = {k: v for k, v in manifest["params"].items() if k in fields}
+    values = dict(build_params(out, manifest))
     values.update(options)
-    values.update(out=directory, workers=workers, scheduler=scheduler, progress=progress)
+    values.update(out=str(out), workers=workers, scheduler=scheduler, progress=progress)
     return BuildConfig(**values).validate()
+
+
+def request(out: Path, manifest: dict, new: list[str], options: dict, workers: int = 1, scheduler: str | None = None,
+            progress: bool = False) -> tuple[BuildConfig, dict]:
+    """(config, key) of adding `new` with `options` to the build whose manifest is `manifest`; the key
+    (written to .scoring/score.json) names this request for this build: a .scoring with another is stale."""
+    cfg = scoring_config(out, manifest, options, workers, scheduler, progress)
+    have = strategy_order(manifest)
+    cfg.strategies = have + [s for s in new if s not in have]
+    key = {"new": new, "params": cfg.params(), "manifest_shards": manifest["shards"]}
+    return cfg, json.loads(json.dumps(key))
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or unreadable (a work file of ours, cut short or damaged)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _check_work_folder(out: Path, scoring: Path) -> None:
+    """DIR/.scoring, where it exists, is a folder of ours: not a symlink (nothing is read or moved from
+    elsewhere) nor a file."""
+    if scoring.is_symlink() or (scoring.exists() and not scoring.is_dir()):
+        raise ShardError(f"{scoring} is a symlink or a file, not the work folder `sftgo-prep score` keeps in {out}; "
+                         "remove it and run again.")
+
+
+def _clash(out: Path, manifest: dict, new: list[str], overwrite: bool) -> None:
+    clash = [s for s in new if s in strategy_order(manifest)]
+    if clash and not overwrite:
+        raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")
 
 
 def run(directory: str, new: list[str], options: dict, workers: int = 2, scheduler: str | None = None,
@@ -114,29 +169,140 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
     out = Path(directory)
     with exclusive(out):
         scoring = out / SCORING
-        if (scoring / MANIFEST).exists():  # a previous run was killed while committing
-            return _commit(out, scoring)
+        _check_work_folder(out, scoring)
         manifest = read_manifest(out)
-        have = strategy_order(manifest)
-        clash = [s for s in new if s in have]
-        if clash and not overwrite:
-            raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")
-        cfg = scoring_config(manifest, options, directory, workers, scheduler, progress)
+        if (scoring / MANIFEST).exists():  # a previous run was killed while committing, or a stale folder
+            done = _resume_commit(out, scoring, manifest, new, options, overwrite)
+            if done is not None:
+                return done
+        _clash(out, manifest, new, overwrite)
+        cfg, key = request(out, manifest, new, options, workers, scheduler, progress)
         for note in ignored_settings(BuildConfig(**options, workers=workers, scheduler=scheduler), new):  # given here
             print(f"Note: {note}", file=sys.stderr)
-        cfg.strategies = have + [s for s in new if s not in have]
-        key = {"new": new, "params": cfg.params(), "manifest_shards": manifest["shards"]}
-        marker = scoring / "score.json"  # what an unfinished run was computing; anything else is stale
-        if scoring.exists() and (not marker.exists() or json.loads(marker.read_text()) != json.loads(json.dumps(key))):
+        marker = scoring / MARKER  # what an unfinished run was computing; anything else is stale
+        if scoring.exists() and _read_json(marker) != key:
             shutil.rmtree(scoring)
-        verify_shards(out, manifest)  # paths, checksums, schemas: refused before a tokenizer or model loads
+        verify_build(out, manifest)  # counts, paths, checksums, schemas: refused before a tokenizer or model loads
         tok, light = models.load_build_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
         check_tokenizer(out, manifest, models.tokenizer_fingerprint(tok))
         scoring.mkdir(exist_ok=True)
         atomic_write_text(marker, json.dumps(key, sort_keys=True))
         updated = _score(cfg, manifest, [registry.get(s) for s in new], out, scoring, light)
         write_manifest(scoring, updated)
-        return _commit(out, scoring)
+        return _commit(out, scoring, updated, new)
+
+
+# ---------------------------------------------------------------- a commit left by a killed run
+def _resume_commit(out: Path, scoring: Path, manifest: dict, new: list[str], options: dict,
+                   overwrite: bool) -> dict | None:
+    """Finish the commit a killed `score` left in .scoring if it is this request's, for this build
+    (`manifest`), complete and intact: the committed manifest.  Anything else is discarded with a note
+    (None: score as usual), or refused in one sentence where discarding would lose a half-done commit."""
+    marker = _read_json(scoring / MARKER)
+    try:
+        staged = read_manifest(scoring)
+    except ShardError as exc:
+        return _discard(scoring, f"its manifest is damaged ({str(exc).rstrip('.')})")
+    if staged == manifest:
+        return _finished(out, scoring, manifest, new, options, marker)
+    cfg, key = request(out, manifest, new, options)
+    if marker != key:
+        return _not_this_request(out, scoring, manifest, staged, marker)
+    problem = _pending_problem(out, scoring, manifest, staged, cfg, new)
+    if problem:
+        return _discard(scoring, problem)
+    _clash(out, manifest, new, overwrite)
+    return _commit(out, scoring, staged, new)
+
+
+def _discard(scoring: Path, why: str) -> None:
+    shutil.rmtree(scoring)
+    print(f"Note: discarded {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: {why}.", file=sys.stderr)
+    return None
+
+
+def _finished(out: Path, scoring: Path, manifest: dict, new: list[str], options: dict, marker) -> dict | None:
+    """The manifest in .scoring is already the build's: only the clean-up was left.  The manifest when
+    that run was this request (its groups are in place), else None (score as usual)."""
+    _, key = request(out, manifest, new, options)  # the params an earlier run of this request recorded
+    shutil.rmtree(scoring)
+    if isinstance(marker, dict) and marker.get("new") == new and marker.get("params") == key["params"]:
+        return verify_build(out, manifest)
+    print(f"Note: removed {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: what it held is "
+          "already in place.", file=sys.stderr)
+    return None
+
+
+def _not_this_request(out: Path, scoring: Path, manifest: dict, staged: dict, marker) -> None:
+    """A pending commit of another request (or build, or none we know): discarded, unless it is this
+    build's and already half moved into place (discarding it would leave the build half rewritten)."""
+    names = marker.get("new") if isinstance(marker, dict) else None
+    ours = isinstance(names, list) and all(isinstance(n, str) for n in names) \
+        and marker.get("manifest_shards") == manifest["shards"]
+    if ours and any(not (scoring / s["path"]).exists() for s in staged["shards"]):
+        raise ShardError(f"{out} is half-way through committing an earlier `sftgo-prep score --strategy "
+                         f"{','.join(names)}` with other settings; run that command again to finish it first.")
+    return _discard(scoring, "it holds the commit of another request or of another build")
+
+
+def _pending_problem(out: Path, scoring: Path, manifest: dict, staged: dict, cfg: BuildConfig,
+                     new: list[str]) -> str | None:
+    """Why the pending manifest `staged` is not the complete, intact result of this request on this
+    build, or None: the same records and settings, the new strategies' entries, every file it lists."""
+    added = {s: staged["strategies"].get(s) for s in new}
+    if not all(isinstance(e, dict) and e for e in added.values()):
+        return "it lacks an entry of the strategies it adds"
+    same = json.loads(json.dumps(updated_manifest(manifest, cfg, added, staged["shards"])))
+    shape = lambda m: [(s["path"], s["rows"], s["tokens"], s["loss_tokens"]) for s in m["shards"]]  # noqa: E731
+    if staged != same or shape(staged) != shape(manifest):
+        return "it does not describe this build's records and settings"
+    for s in new:
+        if not _entry_matches(added[s], registry.get(s), cfg):
+            return f"its '{s}' entry has other settings than this request"
+    return _files_problem(out, scoring, staged, cfg, new)
+
+
+def _entry_matches(entry: dict, strategy, cfg: BuildConfig) -> bool:
+    """A new strategy's manifest entry holds this request's settings and exactly its artifact files."""
+    want = json.loads(json.dumps({"eta": cfg.eta, "num_groups": cfg.num_groups, "threshold": cfg.threshold,
+                                  **strategy.params(cfg)}))
+    files = [a.get("path") for a in entry.values() if isinstance(a, dict) and "path" in a]
+    return all(entry.get(k) == v for k, v in want.items()) and sorted(files) == sorted(registry.artifact_files(strategy))
+
+
+def _files_problem(out: Path, scoring: Path, staged: dict, cfg: BuildConfig, new: list[str]) -> str | None:
+    """Every shard and new artifact the pending manifest lists, in .scoring or (already moved) in the
+    build, matches its entry: checksum, and for shards the columns of every strategy and the rows."""
+    columns = expected_columns(cfg.strategies)
+    try:
+        for entry in staged["shards"]:
+            verify_shard(_pending_file(out, scoring, entry["path"]), entry, columns)
+        for s in new:
+            for artifact in staged["strategies"][s].values():
+                if isinstance(artifact, dict) and "path" in artifact:
+                    path = _pending_file(out, scoring, artifact["path"])
+                    if not path.is_file() or file_sha256(path) != artifact.get("sha256"):
+                        raise ShardError(f"{path} is missing or does not match its checksum")
+    except ShardError as exc:
+        return f"a file it lists is missing or damaged ({str(exc).rstrip('.')})"
+    return None
+
+
+def _pending_file(out: Path, scoring: Path, name: str) -> Path:
+    """Where pending file `name` is: still in .scoring, or already moved into the build."""
+    path = member_path(scoring, name)
+    return path if path.exists() else member_path(out, name)
+
+
+def updated_manifest(manifest: dict, cfg: BuildConfig, added: dict, entries: list) -> dict:
+    """The manifest after scoring: `added` strategy entries and the rewritten shards' `entries`; the
+    build's own grouping settings stay (each strategy's entry has its own)."""
+    params = cfg.params()
+    for key in ("eta", "threshold", "num_groups"):
+        params[key] = manifest["params"].get(key, params[key])
+    old = manifest["strategies"]
+    return {**manifest, "params": params, "shards": entries,
+            "strategies": {s: added.get(s) or old[s] for s in cfg.strategies}}
 
 
 def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path, light: bool) -> dict:
@@ -155,10 +321,5 @@ def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path
               str(scoring), thresholds) for i, s in enumerate(shards)],
             "write", cfg.progress,
         )
-    params = cfg.params()
-    for key in ("eta", "threshold", "num_groups"):  # the build's own; each strategy's entry has its own
-        params[key] = manifest["params"].get(key, params[key])
-    old = manifest["strategies"]
     added = {s.name: manifest_entry(s, cfg, artifacts, thresholds) for s in new}
-    return {**manifest, "params": params, "shards": entries,
-            "strategies": {s: added.get(s) or old[s] for s in cfg.strategies}}
+    return updated_manifest(manifest, cfg, added, entries)

@@ -56,7 +56,7 @@ def test_field_map_naming_no_field_is_an_error(tmp_path, dask_scheduler):
 
 
 def test_rejections_dominating_warn_with_the_reason(tmp_path, dask_scheduler):
-    good = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(3)]
+    good = [{"instruction": f"Say {i}.", "output": f"It is {i}."} for i in range(3)]
     bad = [{"question": f"q{i}", "answer": "a"} for i in range(7)]
     src = write_jsonl(tmp_path / "mix.jsonl", good + bad)
     proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--scheduler", dask_scheduler)
@@ -135,7 +135,7 @@ def test_kill_after_the_manifest_resumes_with_the_same_command(built, tmp_path):
 
 
 def test_duplicate_ids_and_repeated_inputs_are_counted(tmp_path, dask_scheduler):
-    recs = [{"id": "same", "instruction": f"Say {i}.", "output": f"{i}"} for i in range(4)]
+    recs = [{"id": "same", "instruction": f"Say {i}.", "output": f"It is {i}."} for i in range(4)]
     src = write_jsonl(tmp_path / "a.jsonl", recs)
     proc = cli("sftgo-prep", "build", src, src, "--out", tmp_path / "out", "--scheduler", dask_scheduler)
     assert "is the same as" in proc.stderr and "read twice" in proc.stderr

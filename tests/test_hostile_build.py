@@ -151,3 +151,24 @@ def test_damaged_staging_is_redone_or_refused_in_one_sentence(cli, tmp_path, sma
     (bad / ".staging").mkdir(parents=True)
     (bad / ".staging" / "build.json").write_text("garbage")
     refused(build(cli, small, bad, scheduler=dask_scheduler), "is damaged", "--overwrite")
+
+
+def test_score_and_inspect_take_a_config_file_that_flags_override(cli, tmp_path, small, dask_scheduler):
+    out = tmp_path / "o"
+    assert build(cli, small, out, scheduler=dask_scheduler).returncode == 0
+    (tmp_path / "score.json").write_text(json.dumps({"strategies": ["tfidf"], "eta": 0.4, "overwrite": True,
+                                                     "scheduler": dask_scheduler}))
+    cli("sftgo-prep", "score", out, "--config", tmp_path / "score.json", "--quiet")
+    assert json.loads((out / "manifest.json").read_text())["strategies"]["tfidf"]["eta"] == 0.4
+    cli("sftgo-prep", "score", out, "--config", tmp_path / "score.json", "--eta", "0.2", "--quiet")
+    assert json.loads((out / "manifest.json").read_text())["strategies"]["tfidf"]["eta"] == 0.2
+    (tmp_path / "bad.json").write_text(json.dumps({"max_length": 100}))  # a build setting: not score's to change
+    refused(cli("sftgo-prep", "score", out, "--config", tmp_path / "bad.json", "--strategy", "tfidf", check=False),
+            "unknown setting(s): max_length")
+    refused(cli("sftgo-prep", "score", out, check=False), "Give the strategies")
+    (tmp_path / "inspect.json").write_text(json.dumps({"sample": 3, "color": False}))
+    text = cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json").stdout
+    assert "Sample 3 " in text and "\x1b[" not in text
+    assert "Sample 1 " in cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json", "--sample", "1").stdout
+    (tmp_path / "inspect.json").write_text(json.dumps({"sample": "3"}))
+    refused(cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json", check=False), "must be int")

@@ -4,15 +4,21 @@ verification, and the directory lock that builds and training runs hold.
 Input: an output directory of `sftgo-prep build` (or a training run directory, for the lock).
 Output: the parsed manifest (a dict, see README "Shard schema"), or a ShardError whose
 one-sentence message names the shard or option at fault.
+Trust: a manifest is untrusted input.  read_manifest checks the types of what sftgo reads (a
+bool is no int) and the totals against the shard list; verify_build (every reader of a whole
+build: score, inspect) then holds every shard to its entry.  The lock is never opened through a
+symlink.
 Cost: reading the manifest is instant; verify_shards with checksums reads every shard
 once (sha256 at disk speed), without it only the Parquet footers.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,26 +88,36 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardError(f"{path} is not valid JSON ({exc}).") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+    found = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if type(found) is not int or found != FORMAT_VERSION:  # an int: not true, not 1.0
         raise ShardError(f"{path} has format version {found!r}; this sftgo reads version {FORMAT_VERSION}.")
     return check_manifest(out_dir, manifest)
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return type(value) is int and value >= 0  # a bool is no count
+
+
+def _is_shard(entry) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str) \
+        and all(_is_count(entry.get(k)) for k in ("rows", "tokens", "loss_tokens"))
+
+
+def _listed_strategies(params: dict, strategies) -> bool:
+    """params.strategies, where given, names each strategy of the manifest once, and no other."""
+    listed = params.get("strategies", list(strategies) if isinstance(strategies, dict) else [])
+    return isinstance(listed, list) and all(isinstance(s, str) for s in listed) and len(set(listed)) == len(listed) \
+        and isinstance(strategies, dict) and set(listed) == set(strategies)
 
 
 def check_manifest(path: Path, manifest: dict) -> dict:
-    """The manifest fields sftgo reads, checked for type: a hand-edited or damaged manifest is untrusted
-    input, refused in one sentence instead of failing later with a KeyError."""
+    """The manifest fields sftgo reads, checked for type, and its counts against its shard list: a
+    hand-edited or damaged manifest is untrusted input, refused in one sentence instead of failing
+    later with a KeyError or being believed (every reader of a build comes through here)."""
     shards, totals, tok = manifest.get("shards"), manifest.get("totals"), manifest.get("tokenizer")
-    strategies, rejected = manifest.get("strategies", {}), manifest.get("rejected", {})
-    params = manifest.get("params", {})
+    strategies, rejected, params = manifest.get("strategies"), manifest.get("rejected"), manifest.get("params")
     checks = {
-        "shards": isinstance(shards, list) and all(
-            isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("sha256"), str)
-            and _is_count(s.get("rows")) for s in shards),
+        "shards": isinstance(shards, list) and all(_is_shard(s) for s in shards),
         "totals": isinstance(totals, dict) and all(
             _is_count(totals.get(k)) for k in ("records_in", "records_written", "records_rejected", "tokens", "loss_tokens"))
         and _is_count(totals.get("truncated", 0)),
@@ -110,12 +126,27 @@ def check_manifest(path: Path, manifest: dict) -> dict:
             isinstance(v, dict) and _is_count(v.get("num_groups", 2)) and v.get("num_groups", 2) >= 2
             for v in strategies.values()),
         "rejected": isinstance(rejected, dict) and all(_is_count(n) for n in rejected.values()),
-        "params": isinstance(params, dict) and isinstance(params.get("strategies", []), list)
-        and all(isinstance(s, str) for s in params.get("strategies", [])),
+        "params": isinstance(params, dict) and _listed_strategies(params, strategies),
     }
     for key, ok in checks.items():
         if not ok:
             raise ShardError(f"{path / MANIFEST} has a missing or malformed '{key}' entry: it was edited or damaged.")
+    return _check_counts(path, manifest)
+
+
+def _check_counts(path: Path, manifest: dict) -> dict:
+    """totals.records_written, tokens and loss_tokens are the sums over the shard list (verify_shards
+    then holds every shard to its entry): a count nothing backs is refused, not believed."""
+    totals = manifest["totals"]
+    rows = sum(s["rows"] for s in manifest["shards"])
+    if rows != totals["records_written"]:
+        raise ShardError(f"{path / MANIFEST} counts {totals['records_written']} records written "
+                         f"but its shards hold {rows} rows: it was edited or damaged.")
+    for key in ("tokens", "loss_tokens"):
+        listed = sum(s[key] for s in manifest["shards"])
+        if listed != totals[key]:
+            raise ShardError(f"{path / MANIFEST} counts {totals[key]} {key.replace('_', ' ')} in total but its "
+                             f"shards hold {listed}: it was edited or damaged.")
     return manifest
 
 
@@ -176,7 +207,25 @@ def list_column(arrays: list, type_: pa.DataType) -> pa.ListArray:
 
 
 class LockedError(RuntimeError):
-    """Another process holds the directory."""
+    """The directory's lock cannot be taken: another process holds it, or its .lock is no plain file."""
+
+
+def _open_lock(out: Path):
+    """out/.lock opened for reading and writing (created if absent), never through a symlink: the lock is
+    truncated and written, so a link (or a hard link) to a file elsewhere would damage that file."""
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        what = "a symlink" if exc.errno == errno.ELOOP else f"not a file sftgo can lock ({exc.strerror})"
+        raise LockedError(f"{path} is {what}; remove it and run again (sftgo keeps its lock there).") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise LockedError(f"{path} is {what}; remove it and run again (sftgo keeps its lock there).")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return os.fdopen(fd, "r+")
 
 
 @contextmanager
@@ -185,7 +234,7 @@ def exclusive(out: Path, what: str = "build"):
     A second build (or training run) into the same directory is refused with one sentence."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / LOCK, "a+")
+    fh = _open_lock(out)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -233,9 +282,7 @@ def verify_shards(
         if strategy not in manifest.get("strategies", {}):
             have = ", ".join(sorted(manifest.get("strategies", {}))) or "none"
             raise ShardError(f"{out_dir} has no '{strategy}' groups (it has: {have}); add them with `sftgo-prep score`.")
-    expected = dict(BASE_COLUMNS)
-    for strategy in strategies:
-        expected.update(strategy_columns(strategy))
+    expected = expected_columns(strategies)
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise ShardError(f"{out_dir / MANIFEST} has no list of shards.")
@@ -244,23 +291,44 @@ def verify_shards(
             if isinstance(artifact, dict) and "path" in artifact:
                 member_path(out_dir, artifact["path"])
     for shard in shards:
-        path = member_path(out_dir, shard.get("path") if isinstance(shard, dict) else shard)
-        if not path.is_file():
-            raise ShardError(f"Shard {path} listed in the manifest is missing.")
-        if checksums and file_sha256(path) != shard["sha256"]:
-            raise ShardError(f"Shard {path} does not match its checksum in the manifest: it is corrupted or was replaced.")
-        try:
-            meta = pq.ParquetFile(path)
-        except Exception as exc:  # pyarrow raises several types for garbage files
-            raise ShardError(f"Shard {path} is not a readable Parquet file ({exc}).") from None
-        schema = meta.schema_arrow
-        for column, type_name in expected.items():
-            if column not in schema.names:
-                raise ShardError(f"Shard {path} has no column '{column}': it is not an sftgo shard of this build.")
-            if str(schema.field(column).type) != type_name:
-                raise ShardError(
-                    f"Shard {path} column '{column}' has type {schema.field(column).type}, expected {type_name}."
-                )
-        if meta.metadata.num_rows != shard["rows"]:
-            raise ShardError(f"Shard {path} has {meta.metadata.num_rows} rows, the manifest says {shard['rows']}.")
+        verify_shard(member_path(out_dir, shard.get("path") if isinstance(shard, dict) else shard), shard, expected,
+                     checksums)
     return manifest
+
+
+def verify_shard(path: Path, shard: dict, expected: dict[str, str], checksums: bool = True) -> None:
+    """One shard file against its manifest entry: present, its sha256 (with `checksums`), a readable
+    Parquet file with the `expected` columns (name -> type) and the entry's row count."""
+    if not path.is_file():
+        raise ShardError(f"Shard {path} listed in the manifest is missing.")
+    if checksums and file_sha256(path) != shard["sha256"]:
+        raise ShardError(f"Shard {path} does not match its checksum in the manifest: it is corrupted or was replaced.")
+    try:
+        meta = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for garbage files
+        raise ShardError(f"Shard {path} is not a readable Parquet file ({exc}).") from None
+    schema = meta.schema_arrow
+    for column, type_name in expected.items():
+        if column not in schema.names:
+            raise ShardError(f"Shard {path} has no column '{column}': it is not an sftgo shard of this build.")
+        if str(schema.field(column).type) != type_name:
+            raise ShardError(
+                f"Shard {path} column '{column}' has type {schema.field(column).type}, expected {type_name}."
+            )
+    if meta.metadata.num_rows != shard["rows"]:
+        raise ShardError(f"Shard {path} has {meta.metadata.num_rows} rows, the manifest says {shard['rows']}.")
+
+
+def expected_columns(strategies) -> dict[str, str]:
+    """Column name -> Arrow type name of a shard holding the groups of `strategies`."""
+    expected = dict(BASE_COLUMNS)
+    for strategy in strategies:
+        expected.update(strategy_columns(strategy))
+    return expected
+
+
+def verify_build(out_dir: str | os.PathLike, manifest: dict | None = None, checksums: bool = True) -> dict:
+    """What every reader of a whole build checks: its manifest (read_manifest: typed, counts consistent
+    with its shard list) and every shard against its entry, with the columns of every strategy listed."""
+    manifest = manifest if manifest is not None else read_manifest(out_dir)
+    return verify_shards(out_dir, manifest, strategies=tuple(manifest["strategies"]), checksums=checksums)
