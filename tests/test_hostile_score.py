@@ -274,3 +274,24 @@ def test_fit_refuses_an_empty_vocabulary(tmp_path):
     with pytest.raises(ValueError, match="vocabulary is empty.*any of the 2 responses"):
         STRATEGY.fit([empty], 2, str(tmp_path))
     assert not (tmp_path / "idf.parquet").exists()
+
+
+def test_a_shard_listed_twice_or_counts_that_do_not_add_up_are_refused(tmp_path):
+    """(train review, defect 9) a manifest listing a shard twice would train every sample twice per epoch."""
+    from sftgo.core.shards import ShardError, check_manifest
+
+    base = {"format_version": 1, "tokenizer": {"name": "t", "fingerprint": "f"}, "params": {}, "strategies": {},
+            "rejected": {"too_long": 1},
+            "shards": [{"path": "shard-00000.parquet", "sha256": "x", "rows": 2, "tokens": 10, "loss_tokens": 5}],
+            "totals": {"records_in": 3, "records_written": 2, "records_rejected": 1, "tokens": 10, "loss_tokens": 5}}
+    assert check_manifest(tmp_path, json.loads(json.dumps(base)))
+    twice = json.loads(json.dumps(base))
+    twice["shards"] *= 2
+    twice["totals"].update(records_in=5, records_written=4, tokens=20, loss_tokens=10)
+    with pytest.raises(ShardError, match="twice"):
+        check_manifest(tmp_path, twice)
+    for change in ({"records_in": 4}, {"records_rejected": 2}):
+        bad = json.loads(json.dumps(base))
+        bad["totals"].update(change)
+        with pytest.raises(ShardError, match="do not add up"):
+            check_manifest(tmp_path, bad)

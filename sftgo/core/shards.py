@@ -135,9 +135,18 @@ def check_manifest(path: Path, manifest: dict) -> dict:
 
 
 def _check_counts(path: Path, manifest: dict) -> dict:
-    """totals.records_written, tokens and loss_tokens are the sums over the shard list (verify_shards
+    """Each shard listed once; records read = written + rejected (= the rejections by reason);
+    totals.records_written, tokens and loss_tokens are the sums over the shard list (verify_shards
     then holds every shard to its entry): a count nothing backs is refused, not believed."""
     totals = manifest["totals"]
+    paths = [s["path"] for s in manifest["shards"]]
+    if len(set(paths)) != len(paths):
+        twice = next(p for i, p in enumerate(paths) if p in paths[:i])
+        raise ShardError(f"{path / MANIFEST} lists the shard {twice!r} twice: it was edited or damaged.")
+    if totals["records_in"] != totals["records_written"] + totals["records_rejected"] \
+            or sum(manifest["rejected"].values()) != totals["records_rejected"]:
+        raise ShardError(f"{path / MANIFEST} has records read, written and rejected that do not add up: "
+                         "it was edited or damaged.")
     rows = sum(s["rows"] for s in manifest["shards"])
     if rows != totals["records_written"]:
         raise ShardError(f"{path / MANIFEST} counts {totals['records_written']} records written "
