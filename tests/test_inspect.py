@@ -82,7 +82,9 @@ def test_printable_escapes_every_non_printing_character():
 
 def test_escapes_in_the_data_are_shown_escaped(cli, copy):
     def plant(manifest):  # data-derived text from the manifest as well: a rejection reason and a value
-        manifest["rejected"] = {"odd\x1b]0;reason\x07": 1}
+        manifest["rejected"] = {"odd\x1b]0;reason\x07": sum(manifest["rejected"].values()) + 1}
+        manifest["totals"]["records_rejected"] += 1  # the counts still add up: only the text is hostile
+        manifest["totals"]["records_in"] += 1
         manifest["strategies"]["tfidf"]["eta"] = "\x1b[2J\u202e"
 
     edit_manifest(copy, plant)
