@@ -87,7 +87,7 @@ def paired_objectives(args, rounds: int) -> dict:
     batches = make_batches(c, args.data, read_manifest(args.data), group_column("tfidf"), pad, 0, 1, shuffle=True,
                            cycle=True)
     model = load_for_training(args.model)
-    net = TokenLossModel(model, c.ce_chunk)
+    net = TokenLossModel(model, c.ce_chunk, lookup_into_grad=True)  # as sftgo-train in one process
     opt = make_optimizer(model, c, torch.device("cpu"))
     it = iter(batches)
     for r in range(rounds + 1):

@@ -14,15 +14,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from transformers import TrainingArguments
 
-from sftgo.core.models import load_causal_lm, load_tokenizer
+from sftgo.core.models import ModelNotFound, load_causal_lm, load_tokenizer
+from sftgo.core.shards import ShardError
+from sftgo.core.text import safe_text
+from sftgo.trainer.config import ConfigError
 from sftgo.trainer.hf import SFTGOCollator, SFTGOTrainer, load_shards
 
 
 def main() -> None:
+    """Bad data, a missing model or a bad setting: one sentence on stderr and exit code 1."""
+    try:
+        train()
+    except (ShardError, ConfigError, ModelNotFound) as exc:
+        print(f"Error: {safe_text(str(exc))}", file=sys.stderr)
+        sys.exit(1)
+
+
+def train() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="shard directory written by sftgo-prep build")
     ap.add_argument("--out", required=True, help="run directory")
@@ -36,9 +49,9 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     args = ap.parse_args()
 
+    dataset = load_shards(args.data, groups=args.groups)  # first: bad data is refused before a model loads
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(args.model).train()
-    dataset = load_shards(args.data, groups=args.groups)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     training_args = TrainingArguments(
         output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,

@@ -165,8 +165,10 @@ def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool) -> Batch:
         n_tokens += at
         if packed_rows and at < width:  # the padding tail is a sequence of its own
             pos[r, at:] = np.arange(width - at)
+    if (mask & (grp < 0)).any():  # never dropped silently (trainer.data.check_tokens refuses such shards)
+        raise ValueError("A trained token (loss_mask 1) has no group (-1); every trained token needs a group id.")
     # position p predicts token p+1; it is supervised iff token p+1 is, within the same sample
-    sup = mask[:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (grp[:, 1:] >= 0)
+    sup = mask[:, 1:] & (seg[:, 1:] == seg[:, :-1])
     targets = np.full((B, width), IGNORE, dtype=np.int64)
     targets[:, :-1] = np.where(sup, ids[:, 1:], IGNORE)
     groups = np.full((B, width), -1, dtype=np.int64)

@@ -7,10 +7,15 @@ Output: RUN_DIR/checkpoints/step-NNNNNNN/ holding
     trainer_state.pt   optimizer + scheduler tensors (torch.save of our own tensors only,
         loaded back with weights_only=True; nothing user-supplied is ever unpickled);
     trainer_state.json step, data position, objective state (Group-DRO weights, worst-group
-        bookkeeping), the shards' sha256 lists (checked by --resume), truncation counts;
+        bookkeeping), the run's id and the settings that shaped it, the shards' sha256 lists
+        and the manifest's --groups entry (all checked by --resume), truncation counts;
     rng-rank{R}.pt     torch (and CUDA) RNG state of each rank;
-and RUN_DIR/checkpoints/latest naming the newest one.  Checkpoints stay fp32 (exact resume);
-RUN_DIR/model is saved in the dtype the model was loaded in, with its own `use_cache`.
+and RUN_DIR/checkpoints/latest naming the newest one (a plain step-NNNNNNN name: --resume
+refuses anything else, so no checkpoint is ever read from outside the run directory).
+Reading one back is reading untrusted input: every entry of trainer_state.json is checked for
+type and range, the tensors load with weights_only (anything else is refused in our own
+sentence), and a schedule or AdamW settings that differ from the run's are refused, not applied.
+Checkpoints stay fp32 (exact resume); RUN_DIR/model is saved in the dtype the model was loaded in, with its own `use_cache`.
 Atomicity: everything is written into a hidden temporary directory that is renamed into
 place only when complete; `latest` is replaced atomically afterwards.  A crash at any point
 leaves the previous checkpoint intact and `latest` pointing at a complete directory.
@@ -19,7 +24,9 @@ Cost: one write of the weights plus twice their size for AdamW moments.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +36,8 @@ from sftgo.core.shards import atomic_write_text
 from sftgo.trainer.config import ConfigError
 
 LATEST = "latest"
+STEP_DIR = re.compile(r"step-(\d{7,})")  # what `latest` may name: a checkpoint directory beside it
+CUT_KEYS = ("truncated_samples", "truncated_loss_tokens", "skipped_samples")
 
 
 def checkpoints_dir(out: str | os.PathLike) -> Path:
@@ -36,11 +45,27 @@ def checkpoints_dir(out: str | os.PathLike) -> Path:
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    pointer = checkpoints_dir(out) / LATEST
-    if not pointer.is_file():
+    """The checkpoint `latest` names, or None when there is no `latest`.  It must name a plain step-NNNNNNN
+    directory inside RUN_DIR/checkpoints (no path, no symlink): a checkpoint is never read from elsewhere."""
+    folder = checkpoints_dir(out)
+    pointer = folder / LATEST
+    if not pointer.exists() and not pointer.is_symlink():
         return None
-    path = checkpoints_dir(out) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    damaged = "it was edited or damaged; point it at one of the step-* directories there (a name, no path)"
+    if pointer.is_symlink() or not pointer.is_file():
+        raise ConfigError(f"{pointer} is not a plain file: {damaged}.")
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"{pointer} is not readable text: {damaged}.") from None
+    if not STEP_DIR.fullmatch(name):
+        raise ConfigError(f"{pointer} names {name[:80]!r}, which is not a checkpoint directory step-NNNNNNN inside "
+                          f"{folder}: {damaged}.")
+    path = folder / name
+    if path.is_symlink() or not path.is_dir():
+        what = "a symlink" if path.is_symlink() else "missing"
+        raise ConfigError(f"{pointer} names {name}, which is {what} in {folder}: {damaged}.")
+    return path
 
 
 def save_pretrained(model, tokenizer, path: Path) -> None:
@@ -90,38 +115,186 @@ def commit(out, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
+def state_error(path: Path, key: str, value, want: str) -> ConfigError:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ConfigError(f"{path / 'trainer_state.json'} has '{key}' = {shown}, not {want}: the checkpoint was edited "
+                       "or damaged; resume from an intact one or start a new --out.")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_state(path: Path) -> dict:
-    """The JSON state of checkpoint `path` (step, data position, shard checksums, ...)."""
-    return json.loads((path / "trainer_state.json").read_text())
+    """The JSON state of checkpoint `path` (step, data position, shard checksums, ...), every entry checked
+    for its type and range (one sentence naming the entry): a checkpoint is untrusted input.  The checks
+    that need the run (the number of steps and groups) are trainer.loop.restore's."""
+    file = path / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} has no trainer_state.json: the checkpoint is incomplete.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}): the checkpoint was edited or "
+                          "damaged.") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{file} is not a JSON object: the checkpoint was edited or damaged.")
+    for key in ("run_id", "settings", "data_sha256"):
+        if key not in state:
+            raise ConfigError(f"{file} records no '{key}' (the checkpoint was written by an older sftgo-train), so "
+                              "--resume cannot check that it belongs to this run; start a new --out.")
+    match = STEP_DIR.fullmatch(path.name)
+    step = state.get("step")
+    checks = {
+        "step": (_count(step) and (match is None or step == int(match.group(1))),
+                 f"the step of {path.name}" if match else "a step count"),
+        "data_position": (isinstance(state.get("data_position"), list) and len(state["data_position"]) == 2
+                          and all(_count(v) for v in state["data_position"]), "[epoch, micro-batches taken]"),
+        "worst_group": (state.get("worst_group") is None or _count(state.get("worst_group")), "a group id or null"),
+        "worst_switches": (_count(state.get("worst_switches")), "a count"),
+        "world_size": (_count(state.get("world_size")) and state.get("world_size") >= 1, "a number of processes"),
+        "data_sha256": (isinstance(state.get("data_sha256"), list)
+                        and all(isinstance(v, str) for v in state["data_sha256"]), "a list of sha256 sums"),
+        "eval_data_sha256": (state.get("eval_data_sha256") is None or (
+            isinstance(state["eval_data_sha256"], list) and all(isinstance(v, str) for v in state["eval_data_sha256"])),
+            "a list of sha256 sums or null"),
+        "dro": (state.get("dro") is None or (
+            isinstance(state["dro"], dict) and isinstance(state["dro"].get("weights"), list)
+            and all(_finite(w) and w >= 0 for w in state["dro"]["weights"]) and _finite(state["dro"].get("step_size"))),
+            "Group-DRO weights (finite, not negative) and a step size, or null"),
+        "run_id": (isinstance(state.get("run_id"), str), "a run id string"),
+        "settings": (isinstance(state.get("settings"), dict), "the run's settings"),
+        **{key: (_count(state.get(key, 0)), "a count") for key in CUT_KEYS},
+    }
+    for key, (ok, want) in checks.items():
+        if not ok:
+            raise state_error(path, key, state.get(key), want)
+    return state
 
 
-def load_state(path: Path, rank: int, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and this rank's RNG; return the JSON state."""
+def _load(file: Path):
+    """torch.load of our own tensors only (weights_only): anything else is refused in one sentence."""
+    if not file.is_file():
+        raise ConfigError(f"{file.parent} has no {file.name}: the checkpoint is incomplete.")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError and friends, whose message suggests unpickling it anyway
+        raise ConfigError(f"{file} cannot be loaded as plain tensors ({type(exc).__name__}): it holds something else, "
+                          "so it was not written by sftgo-train or is damaged; refusing to unpickle it.") from None
+
+
+# the AdamW settings a checkpoint must share with the run (its lr follows the schedule and is set from it)
+OPTIMIZER_KEYS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "initial_lr", "decoupled_weight_decay")
+
+
+def optimizer_settings(optimizer) -> list[dict]:
+    """The hyperparameters of each param group (everything but the parameters), before a checkpoint loads."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b and type(a) is type(b) if isinstance(a, bool) or isinstance(b, bool) else a == b
+
+
+def restore_optimizer_settings(path: Path, optimizer, fresh: list[dict]) -> None:
+    """Refuse a checkpoint whose AdamW settings differ from the run's (another run's, or edited: a
+    `maximize` would turn training into gradient ascent), then put the run's own settings back."""
+    if len(optimizer.param_groups) != len(fresh):
+        raise ConfigError(f"{path / 'trainer_state.pt'} holds {len(optimizer.param_groups)} optimizer parameter groups, "
+                          f"not {len(fresh)}: the checkpoint belongs to another run or was edited.")
+    for group, mine in zip(optimizer.param_groups, fresh):
+        for key in OPTIMIZER_KEYS:
+            if key in mine and not _same(group.get(key), mine[key]):
+                raise ConfigError(f"{path / 'trainer_state.pt'} holds the optimizer setting {key}={group.get(key)!r} where "
+                                  f"this run has {mine[key]!r}: the checkpoint belongs to another run or was edited.")
+        group.update(mine)
+
+
+def _scheduler_ok(loaded, fresh: dict) -> bool:
+    """The scheduler state has exactly the entries, types and lengths of the run's own (LambdaLR copies
+    every entry into itself)."""
+    if not isinstance(loaded, dict) or set(loaded) != set(fresh):
+        return False
+    for key, want in fresh.items():
+        got = loaded[key]
+        if type(got) is not type(want):
+            return False
+        if isinstance(want, list):
+            if len(got) != len(want):
+                return False
+            for g, w in zip(got, want):
+                if isinstance(w, dict):
+                    if not isinstance(g, dict) or set(g) != set(w) or not all(_finite(v) for v in g.values()):
+                        return False
+                elif not _finite(g):
+                    return False
+    return True
+
+
+def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], sharded: bool = False) -> dict:
+    """Restore optimizer, scheduler and this rank's RNG; return the JSON state.  `fresh`: the optimizer's
+    settings before anything was loaded (optimizer_settings); `sharded`: an --fsdp run, whose optimizer
+    state trainer/fsdp.py loaded already."""
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():  # without it the run would not continue exactly: refuse, don't guess
         raise ConfigError(f"{path} has no {rng_file.name}, so process {rank} cannot continue exactly; "
                           "the checkpoint is incomplete or from another number of processes.")
-    tensors = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    if "optimizer" in tensors:  # else an --fsdp checkpoint: trainer/fsdp.py loaded it already
-        optimizer.load_state_dict(tensors["optimizer"])
+    state = read_state(path)
+    tensors = _load(path / "trainer_state.pt")
+    file = path / "trainer_state.pt"
+    if not isinstance(tensors, dict) or not _scheduler_ok(tensors.get("scheduler"), scheduler.state_dict()):
+        raise ConfigError(f"{file} holds no learning-rate schedule of this run's form: the checkpoint belongs to "
+                          "another run or was edited.")
+    if "optimizer" in tensors and not sharded:
+        try:
+            optimizer.load_state_dict(tensors["optimizer"])
+        except Exception as exc:
+            raise ConfigError(f"{file} holds an optimizer state that does not fit this model "
+                              f"({(str(exc).splitlines() or [type(exc).__name__])[0]}): the checkpoint belongs to "
+                              "another run or was edited.") from None
+    elif not sharded:
+        raise ConfigError(f"{file} holds no optimizer state (an --fsdp checkpoint keeps it sharded): the checkpoint is "
+                          "from a run with other settings or was edited.")
+    restore_optimizer_settings(path, optimizer, fresh)
     scheduler.load_state_dict(tensors["scheduler"])
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return read_state(path)
+    rng = _load(rng_file)
+    try:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    except Exception:
+        raise ConfigError(f"{rng_file} holds no random-number-generator state torch accepts: the checkpoint was "
+                          "edited or damaged.") from None
+    return state
+
+
+def _clear(path: Path) -> None:
+    """Remove `path` whatever it is; a symlink goes, never what it points at."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _replace_dir(out, name: str, model, tokenizer) -> Path:
     """RUN_DIR/name <- save_pretrained(model, tokenizer), written aside and renamed into place (the
-    previous one, if any, is kept until the new one is complete)."""
+    previous one, if any, is kept until the new one is complete).  RUN_DIR is a run directory
+    (trainer.preflight.check_run_dir): what is replaced is the run's own output."""
     final, tmp, old = Path(out) / name, Path(out) / f".tmp-{name}", Path(out) / f".old-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _clear(tmp)  # never save through a symlink into somewhere else
     save_pretrained(model, tokenizer, tmp)
-    if final.exists():
+    _clear(old)
+    if final.exists() or final.is_symlink():
         os.rename(final, old)
     os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _clear(old)
     return final
 
 

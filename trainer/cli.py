@@ -4,8 +4,9 @@ Input: command-line flags; --config FILE (JSON, TOML by .toml, YAML by .yaml/.ym
 type-checked) whose values the flags given explicitly override.
 Output: exit code 0 on success; otherwise one sentence on stderr and exit code 1 (2 for
 usage errors), with the traceback only under --debug.
-Cost: argument parsing and the data's pre-flight check (trainer.preflight, without torch: a
-refusal takes well under a second); the work is in trainer.loop.
+Cost: argument parsing, every setting's range (TrainConfig.validate) and the pre-flight checks of the
+run directory and the data (trainer.preflight, without torch: a refusal takes well under a second);
+the work is in trainer.loop.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 import click
 
 from sftgo.core.config import field_default, field_docs
-from sftgo.trainer.config import FIELDS, OBJECTIVES, ConfigError, TrainConfig, make_config, read_config_file
+from sftgo.trainer.config import CHOICES as SETTING_CHOICES
+from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, make_config, read_config_file
 
 EXAMPLE = """\b
 Example:
@@ -57,12 +59,7 @@ OPTIONS = [
     "report_to", "save_adapter",
 ]
 METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
-CHOICES = {
-    "objective": click.Choice(list(OBJECTIVES)),
-    "lam_schedule": click.Choice(["constant", "linear", "cosine"]),
-    "reduce": click.Choice(["sample", "batch"]),
-    "precision": click.Choice(["auto", "bf16", "fp32"]),
-}
+CHOICES = {name: click.Choice(list(values)) for name, values in SETTING_CHOICES.items()}
 
 
 def build_command():
@@ -76,9 +73,10 @@ def build_command():
                 if name in given:
                     given[name] = [s.strip() for s in given[name].split(",") if s.strip()]
             cfg = make_config(file_values, **given)
-            from sftgo.trainer.preflight import check_data
+            from sftgo.trainer.preflight import check_data, check_run_dir
 
-            check_data(cfg, checksums=False)  # a bad manifest or shard is refused before torch loads
+            check_run_dir(cfg)  # an --out that is not ours to write into is refused before torch loads,
+            check_data(cfg, checksums=False)  # and so is a bad manifest or shard
             from sftgo.trainer.loop import run
 
             run(cfg)

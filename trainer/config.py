@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from sftgo.core.config import load_config_file
@@ -24,13 +26,106 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+REDUCES = ("sample", "batch")
+PRECISIONS = ("auto", "bf16", "fp32")
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # --report-to name -> package
+CHOICES = {"objective": OBJECTIVES, "lam_schedule": SCHEDULES, "reduce": REDUCES, "precision": PRECISIONS}
+
+# The valid range of every number of TrainConfig (and of the Hugging Face integration's num_groups):
+# (int or float, low, high, low end excluded, why).  A test checks that every numeric field is here;
+# NaN and infinities are never valid.
+RANGES = {
+    "lam": ("float", 0.0, 1.0, False, ""),
+    "lam_end": ("float", 0.0, 1.0, False, ""),
+    "group_weight": ("float", 0.0, math.inf, True, ""),
+    "temperature": ("float", 0.0, math.inf, False, " (0 keeps the plain max)"),
+    "dro_step": ("float", 0.0, math.inf, False, " (0 turns Group-DRO off)"),
+    "batch_tokens": ("int", 1, math.inf, False, ""),
+    "max_length": ("int", 2, math.inf, False, " (a sample needs two tokens to have a target)"),
+    "grad_accum": ("int", 1, math.inf, False, ""),
+    "shuffle_buffer": ("int", 0, math.inf, False, " (0 keeps the shard order)"),
+    "readahead": ("int", 0, math.inf, False, ""),
+    "bucket_pool": ("int", 1, math.inf, False, ""),
+    "max_steps": ("int", 0, math.inf, False, " (0: --epochs sets the length)"),
+    "epochs": ("float", 0.0, math.inf, True, ""),
+    "stop_after": ("int", 0, math.inf, False, " (0 = off)"),
+    "lr": ("float", 0.0, math.inf, True, ""),
+    "min_lr_ratio": ("float", 0.0, 1.0, False, " (the cosine schedule ends at --lr times it)"),
+    "warmup_steps": ("int", 0, math.inf, False, ""),
+    "weight_decay": ("float", 0.0, math.inf, False, ""),
+    "clip_grad": ("float", 0.0, math.inf, False, " (0 = off)"),
+    "seed": ("int", 0, 2**63 - 1, False, ""),
+    "ce_chunk": ("int", 1, math.inf, False, ""),
+    "lora_r": ("int", 0, math.inf, False, " (0 = no LoRA)"),
+    "lora_alpha": ("float", 0.0, math.inf, True, ""),
+    "eval_every": ("int", 0, math.inf, False, " (0: only at the start and the end)"),
+    "eval_batches": ("int", 0, math.inf, False, " (0 = the whole eval set)"),
+    "save_every": ("int", 0, math.inf, False, " (0: only at the end)"),
+    "keep_checkpoints": ("int", 1, math.inf, False, ""),
+    "log_every": ("int", 1, math.inf, False, ""),
+    "num_groups": ("int", 2, math.inf, False, " (the losses need two groups)"),
+}
+
+
+def cli_flag(name: str) -> str:
+    """How sftgo-train names a setting: its command-line flag."""
+    return "--" + name.replace("_", "-")
+
+
+def _bound(x) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _shown(value) -> str:
+    return repr(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+
+
+def check_number(name: str, value, flag=cli_flag):
+    """`value` as the int or float setting `name` wants, or a one-sentence ConfigError naming flag(name)."""
+    kind, low, high, low_open, why = RANGES[name]
+    if kind == "int":
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ConfigError(f"{flag(name)} must be an integer, not {value!r}.")
+        value = int(value)
+    else:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ConfigError(f"{flag(name)} must be a number, not {value!r}.")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag(name)} must be a finite number, not {value}.")
+    if value < low or (low_open and value == low) or value > high:
+        if high != math.inf:
+            where = f"lie in [{_bound(low)}, {_bound(high)}]"
+        elif low_open:
+            where = "be positive" if low == 0 else f"be greater than {_bound(low)}"
+        else:
+            where = "be 0 or more" if low == 0 else f"be at least {_bound(low)}"
+        raise ConfigError(f"{flag(name)} must {where}{why}, not {_shown(value)}.")
+    return value
+
+
+def check_choice(name: str, value, flag=cli_flag) -> str:
+    if value not in CHOICES[name]:
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(CHOICES[name])}, not {value!r}.")
+    return value
+
+
+def check_betas(betas, flag=cli_flag) -> tuple[float, float]:
+    """AdamW's two betas, each a finite number in [0, 1)."""
+    ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+        isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1 for b in betas)
+    if not ok:
+        raise ConfigError(f"{flag('betas')} must be two finite numbers in [0, 1), not {betas!r}.")
+    return tuple(float(b) for b in betas)
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on, and where to put it
     data: str = ""
     """Shard directory written by `sftgo-prep build` (manifest.json + shard-*.parquet)."""
     out: str = ""
-    """Run directory: metrics.jsonl, loss_curves.png, checkpoints/, model/ (final weights)."""
+    """Run directory: metrics.jsonl, loss_curves.png, checkpoints/, model/ (final weights). It must be new, empty or an sftgo-train run (sftgo-run.json), and neither inside nor around --data, --eval-data or a local --model."""
     model: str | None = None
     """Model to fine-tune: None/"embedded" (SmolLM2-135M-Instruct), a local HF dir, a .gguf or a hub id."""
     eval_data: str | None = None
@@ -40,7 +135,7 @@ class TrainConfig:
     objective: str = "sftgo"
     """sftgo (worst-group), sft (plain token-mean CE), rho1 (CE over the important group only), dft (each token's CE times its detached probability, arXiv 2508.05629) or weighted (CE with weight --group-weight on the important group)."""
     groups: str | None = "tfidf"
-    """Strategy whose `group_<name>` column defines the groups (not needed by `sft`)."""
+    """Strategy whose `group_<name>` column defines the groups; sft and dft only log per-group loss with it (a name the shards lack is refused, except this default, which is then a note)."""
     lam: float = 0.9
     """λ, the weight of the worst-group term (0 = plain SFT; the paper uses 0.9)."""
     group_weight: float = 1.0
@@ -132,36 +227,48 @@ class TrainConfig:
     tensorboard: bool | None = None
     """Also log to TensorBoard (out/tb); default: when the tensorboard package is installed (a note says when not)."""
 
-    def validate(self) -> "TrainConfig":
-        if self.save_adapter and self.lora_r == 0:
-            raise ConfigError("--save-adapter needs --lora-r: without LoRA there is no adapter to save.")
-        if self.fsdp and self.lora_r > 0:
-            raise ConfigError("--fsdp with --lora-r is not supported: LoRA adapters are small, train them with DDP (the default).")
+    def validate(self, flag=None) -> "TrainConfig":
+        """Every setting checked for its type and range, and the settings against each other, before
+        anything is loaded; numbers are normalised (an int where a float is wanted becomes a float).
+        `flag(name)`: how a message names a setting (default: the command-line flag, --name-with-dashes)."""
+        flag = flag or cli_flag
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in RANGES:
+                setattr(self, f.name, check_number(f.name, value, flag))
+            elif f.name in CHOICES:
+                check_choice(f.name, value, flag)
+            elif f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{flag(f.name)} must be true or false, not {value!r}.")
+            elif f.type == "bool | None" and value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{flag(f.name)} must be true, false or unset, not {value!r}.")
+            elif f.type == "str | None" and value is not None and not isinstance(value, str):
+                raise ConfigError(f"{flag(f.name)} must be a string, not {value!r}.")
+        self.betas = check_betas(self.betas, flag)
+        for name in ("data", "out"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{flag(name)} must be a path, not {getattr(self, name)!r}.")
         if not self.data:
-            raise ConfigError("--data is required: the shard directory written by `sftgo-prep build`.")
+            raise ConfigError(f"{flag('data')} is required: the shard directory written by `sftgo-prep build`.")
         if not self.out:
-            raise ConfigError("--out is required: the run directory for metrics and checkpoints.")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}.")
-        if self.group_weight <= 0:
-            raise ConfigError(f"--group-weight must be positive, got {self.group_weight}.")
+            raise ConfigError(f"{flag('out')} is required: the run directory for metrics and checkpoints.")
+        if not isinstance(self.report_to, (list, tuple)) or not all(isinstance(t, str) for t in self.report_to):
+            raise ConfigError(f"{flag('report_to')} must be a list of tracker names, not {self.report_to!r}.")
+        self.report_to = list(self.report_to)
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError(f"{flag('report_to')} {name!r} is not a tracker sftgo knows; choose from "
+                                  f"{', '.join(TRACKERS)}.")
+        if "tensorboard" in self.report_to and self.tensorboard is False:
+            raise ConfigError(f"{flag('report_to')} tensorboard contradicts {flag('no_tensorboard')}; give one of them.")
+        if self.save_adapter and self.lora_r == 0:
+            raise ConfigError(f"{flag('save_adapter')} needs {flag('lora_r')}: without LoRA there is no adapter to save.")
+        if self.fsdp and self.lora_r > 0:
+            raise ConfigError(f"{flag('fsdp')} with {flag('lora_r')} is not supported: LoRA adapters are small, train them "
+                              "with DDP (the default).")
         if self.objective not in ("sft", "dft") and not self.groups:
-            raise ConfigError(f"--objective {self.objective} needs --groups (a strategy of the shards, e.g. tfidf).")
-        if self.lam_schedule not in SCHEDULES:
-            raise ConfigError(f"--lam-schedule must be one of {', '.join(SCHEDULES)}, not {self.lam_schedule!r}.")
-        if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.lam_end <= 1.0:
-            raise ConfigError("--lam and --lam-end must lie in [0, 1].")
-        if self.reduce not in ("sample", "batch"):
-            raise ConfigError(f"--reduce must be 'sample' or 'batch', not {self.reduce!r}.")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"--precision must be auto, bf16 or fp32, not {self.precision!r}.")
-        for name in ("batch_tokens", "max_length", "grad_accum", "ce_chunk", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1.")
-        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
-            raise ConfigError("Give a positive --max-steps or --epochs.")
-        if self.temperature < 0 or self.dro_step < 0:
-            raise ConfigError("--temperature and --dro-step must not be negative.")
+            raise ConfigError(f"{flag('objective')} {self.objective} needs {flag('groups')} (a strategy of the shards, "
+                              "e.g. tfidf).")
         return self
 
     def to_json(self) -> str:
@@ -170,27 +277,34 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-# settings read only under one objective
+# every setting that only one objective reads (the losses' parameters); the others are read by all
 OBJECTIVE_SETTINGS = (("lam", "sftgo"), ("lam_schedule", "sftgo"), ("lam_end", "sftgo"), ("reduce", "sftgo"),
                       ("temperature", "sftgo"), ("dro_step", "sftgo"), ("group_weight", "weighted"))
 
 
-def ignored_settings(cfg: TrainConfig) -> list[str]:
+def ignored_settings(cfg: TrainConfig, flag=cli_flag) -> list[str]:
     """One note per setting given (different from its default) that this run does not read."""
     defaults = TrainConfig()
     changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    notes = [f"{flag(name)} is ignored: only --objective {used} reads it, not {cfg.objective}."
+    notes = [f"{flag(name)} is ignored: only {flag('objective')} {used} reads it, not {cfg.objective}."
              for name, used in OBJECTIVE_SETTINGS if name in changed and cfg.objective != used]
+    sftgo = cfg.objective == "sftgo"
+    plain = sftgo and cfg.lam == 0 and (cfg.lam_schedule == "constant" or cfg.lam_end == 0)  # λ = 0 throughout
     rules = (
-        ("lam_end", cfg.objective == "sftgo" and cfg.lam_schedule == "constant", "the λ schedule is constant"),
-        ("temperature", cfg.objective == "sftgo" and cfg.dro_step > 0, "--dro-step replaces the max"),
-        ("reduce", cfg.objective == "sftgo" and cfg.dro_step > 0, "--dro-step replaces the max"),
-        ("lora_alpha", cfg.lora_r == 0, "there is no LoRA without --lora-r"),
-        ("eval_every", not cfg.eval_data, "there is no --eval-data"),
-        ("eval_batches", not cfg.eval_data, "there is no --eval-data"),
-        ("bucket_pool", cfg.pack, "--pack fills rows first-fit instead of bucketing"),
-        ("epochs", cfg.max_steps > 0, "--max-steps sets the length of training"),
+        ("lam_end", sftgo and cfg.lam_schedule == "constant", "the λ schedule is constant"),
+        ("lam_schedule", sftgo and cfg.lam_schedule != "constant" and cfg.lam == cfg.lam_end,
+         f"λ starts and ends at {cfg.lam}"),
+        ("reduce", plain, "λ is 0 throughout, which is plain SFT"),
+        ("temperature", plain, "λ is 0 throughout, which is plain SFT"),
+        ("dro_step", plain, "λ is 0 throughout, which is plain SFT"),
+        ("temperature", sftgo and not plain and cfg.dro_step > 0, f"{flag('dro_step')} replaces the max"),
+        ("reduce", sftgo and not plain and cfg.dro_step > 0, f"{flag('dro_step')} replaces the max"),
+        ("lora_alpha", cfg.lora_r == 0, f"there is no LoRA without {flag('lora_r')}"),
+        ("eval_every", not cfg.eval_data, f"there is no {flag('eval_data')}"),
+        ("eval_batches", not cfg.eval_data, f"there is no {flag('eval_data')}"),
+        ("bucket_pool", cfg.pack, f"{flag('pack')} fills rows first-fit instead of bucketing"),
+        ("epochs", cfg.max_steps > 0, f"{flag('max_steps')} sets the length of training"),
+        ("stop_after", 0 < cfg.max_steps <= cfg.stop_after, f"the run ends at {flag('max_steps')} {cfg.max_steps} first"),
     )
     notes += [f"{flag(name)} is ignored: {why}." for name, applies, why in rules if name in changed and applies]
     return notes

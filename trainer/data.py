@@ -27,7 +27,33 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from sftgo.core.shards import ShardError, column_strategy
+
 READ_ROWS = 512  # rows per Parquet record batch
+
+
+def check_tokens(mask: np.ndarray, groups: np.ndarray | None, k: int | None, where: str, column: str = "groups") -> None:
+    """Refuse token columns that contradict the shard contract, vectorised over any number of rows: loss_mask
+    holds 0 (not trained) or 1 (trained); the group is -1 exactly where loss_mask is 0 and in 0..K-1 where
+    it is 1.  `where` names the rows (a shard, a sample) in the one-sentence ShardError."""
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+        raise ShardError(f"{where} has loss_mask value {mask[bad][0]}; only 0 (not trained) and 1 (trained) are "
+                         "valid: the shard was damaged or not written by sftgo-prep.")
+    if groups is None:
+        return
+    trained = mask == 1
+    if (groups[~trained] != -1).any():
+        value = groups[~trained][groups[~trained] != -1][0]
+        raise ShardError(f"{where} gives group {value} in '{column}' to a token that loss_mask does not train "
+                         "(it must be -1 there): the shard contradicts its own loss_mask.")
+    ids = groups[trained]
+    wrong = (ids < 0) | (ids >= k) if k is not None else ids < 0
+    if wrong.any():
+        allowed = f"0..{k - 1}" if k is not None else "0 or more"
+        raise ShardError(f"{where} has a trained token with group {ids[wrong][0]} in '{column}', not one of {allowed} "
+                         "as the manifest declares: its tokens would be dropped or trained as a group that does "
+                         "not exist.")
 
 
 def _rng(*key) -> random.Random:
@@ -107,6 +133,8 @@ class ShardStream:
         self.dir = Path(data_dir)
         self.shards = [s["path"] for s in manifest["shards"]]
         self.group_column = group_column
+        strategy = manifest.get("strategies", {}).get(column_strategy(group_column)) if group_column else None
+        self.num_groups = int(strategy.get("num_groups", 2)) if isinstance(strategy, dict) else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.shuffle_buffer, self.readahead = shuffle, shuffle_buffer, readahead
 
@@ -118,37 +146,56 @@ class ShardStream:
 
     def _record_batches(self, epoch: int, columns: list[str]):
         for path in self.shard_order(epoch):
-            yield from pq.ParquetFile(self.dir / path).iter_batches(batch_size=READ_ROWS, columns=columns)
+            for rb in pq.ParquetFile(self.dir / path).iter_batches(batch_size=READ_ROWS, columns=columns):
+                yield path, rb
+
+    def _columns(self, path: str, rb, names) -> dict:
+        """{name: (offsets, values)} of list columns of record batch `rb`, checked against the shard contract
+        (in the reader thread: a contradiction reaches the loop as the ShardError naming the shard)."""
+        where = f"Shard {self.dir / path}"
+        cols = {}
+        for name in names:
+            arr = rb.column(name)
+            if arr.null_count or arr.values.null_count:
+                raise ShardError(f"{where} has missing values in column '{name}': the shard was damaged or not written "
+                                 "by sftgo-prep.")
+            off = arr.offsets.to_numpy()
+            cols[name] = (off, arr.values.to_numpy(zero_copy_only=False))
+        lengths = {name: np.diff(off) for name, (off, _) in cols.items()}
+        first = next(iter(lengths.values()))
+        for name, n in lengths.items():
+            if not np.array_equal(n, first):
+                row = int(np.flatnonzero(n != first)[0])
+                raise ShardError(f"{where}: in row {row} of a record batch, {', '.join(lengths)} differ in length; "
+                                 "every token needs its loss_mask (and group).")
+        flat = {name: vals[off[0] : off[-1]] for name, (off, vals) in cols.items()}
+        group = self.group_column if self.group_column in flat else None
+        check_tokens(flat["loss_mask"], flat[group] if group else None, self.num_groups, where, column=group or "groups")
+        return cols
 
     def _rows(self, epoch: int, lengths_only: bool):
         columns = ["loss_mask"] if lengths_only else ["id", "input_ids", "loss_mask"]
         if not lengths_only and self.group_column:
             columns.append(self.group_column)
         index = 0  # global row index in this epoch's order
-        for rb in prefetch(self._record_batches(epoch, columns), self.readahead):
+        for path, rb in prefetch(self._record_batches(epoch, columns), self.readahead):
             n = rb.num_rows
             mine = [i for i in range(n) if (index + i) % self.world_size == self.rank]
             index += n
             if lengths_only:
-                arr = rb.column("loss_mask")
-                off, vals = arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
+                off, vals = self._columns(path, rb, ["loss_mask"])["loss_mask"]
                 for i in mine:
                     yield {"length": int(off[i + 1] - off[i]), "loss_mask": vals[off[i] : off[i + 1]]}
                 continue
             ids = rb.column("id").to_pylist()
-            cols = {}
-            for name in ("input_ids", "loss_mask") + ((self.group_column,) if self.group_column else ()):
-                arr = rb.column(name)
-                cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False))
+            cols = self._columns(path, rb, ["input_ids", "loss_mask"] + ([self.group_column] if self.group_column else []))
             for i in mine:
                 sample = {"id": ids[i]}
                 for name, (off, vals) in cols.items():
                     sample[name] = vals[off[i] : off[i + 1]]
                 mask = sample["loss_mask"]
-                if self.group_column:
-                    groups = sample.pop(self.group_column)
-                    # a token is grouped only where it is supervised
-                    sample["groups"] = np.where(mask == 1, groups, -1).astype(np.int8)
+                if self.group_column:  # checked: -1 exactly where the mask is 0
+                    sample["groups"] = sample.pop(self.group_column).astype(np.int8)
                 else:  # plain SFT: one group, 0, on every supervised token
                     sample["groups"] = np.where(mask == 1, 0, -1).astype(np.int8)
                 sample["length"] = len(mask)

@@ -2,12 +2,14 @@
 groups aligned with the labels, and `SFTGOTrainer`, a `transformers.Trainer` with the objectives of
 `sftgo-train` (the same `trainer.step.objective_parts`, the same accumulated-batch denominators).
 
-Input: a shard directory of `sftgo-prep build` (checked: manifest paths, checksums, schema), a
-causal LM, and the usual `TrainingArguments`.
-Output: `load_shards` -> datasets.Dataset with id, input_ids, loss_mask, group_<s>;
-`SFTGOCollator` -> dict of input_ids, attention_mask (or position_ids when packing), labels
-(unshifted, HF convention: the model predicts labels[t + 1] at position t), sftgo_groups (the
-group of each label, -1 where the label is -100) and sftgo_segments (the sample of each label);
+Input: a shard directory of `sftgo-prep build` (checked: manifest paths, checksums, schema, group ids
+against the declared number of groups), a causal LM, and the usual `TrainingArguments`.
+Output: `load_shards` -> datasets.Dataset with id, input_ids, loss_mask, group_<s>, whose
+info.description records the shards' groups (SFTGOTrainer takes K from there and checks it);
+`SFTGOCollator` -> (every row checked: loss_mask 0/1, a group exactly on trained tokens) dict of
+input_ids, attention_mask (or position_ids when packing), labels (unshifted, HF convention: the
+model predicts labels[t + 1] at position t), sftgo_groups (the group of each label, -1 where the
+label is -100) and sftgo_segments (the sample of each label);
 `SFTGOTrainer` -> the usual Trainer with loss = the chosen objective.
 Cost: the model's forward (full logits, as the Trainer's own loss) plus O(tokens) bookkeeping; the
 denominators of one optimizer step are counted once per step over its micro-batches and, under
@@ -22,19 +24,25 @@ processes (what Trainer itself does with `average_tokens_across_devices`).
 """
 from __future__ import annotations
 
+import json
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from transformers import Trainer
 
-from sftgo.core.shards import GROUP_PREFIX, group_column, member_path, read_manifest, verify_shards
+from sftgo.core.shards import GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, verify_shards
 from sftgo.trainer.batching import IGNORE
-from sftgo.trainer.config import OBJECTIVES, SCHEDULES
+from sftgo.trainer.config import OBJECTIVE_SETTINGS, ConfigError, TrainConfig, check_number, ignored_settings
+from sftgo.trainer.data import check_tokens
 from sftgo.trainer.objectives import lam_at
+from sftgo.trainer.preflight import GROUP_OBJECTIVES, empty_group_message, group_id_range, num_groups as declared_groups
 from sftgo.trainer.step import Counts, Objective, denominators, objective_parts
 
 EXTRA = ("sftgo_groups", "sftgo_segments")
+SHARDS_INFO = "sftgo-shards: "  # load_shards' line in the dataset's info.description (kept by select, map, ...)
 
 
 def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = True):
@@ -47,8 +55,35 @@ def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = Tru
         verify_shards(directory, manifest, strategies=(groups,) if groups else (), checksums=True)
     files = [str(member_path(directory, s["path"])) for s in manifest["shards"]]
     columns = ["id", "input_ids", "loss_mask"] + ([group_column(groups)] if groups else [])
+    info = None
+    if groups:  # SFTGOTrainer takes the number of groups from here (and checks what it is given against it)
+        info = {"data": str(directory), "groups": groups, "num_groups": declared_groups(manifest, groups),
+                "top_group": group_id_range(directory, manifest, groups)}
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    return ds.select_columns(columns)
+    ds = ds.select_columns(columns)
+    if info is not None:
+        ds.info.description = SHARDS_INFO + json.dumps(info)
+    return ds
+
+
+def shards_info(dataset) -> dict | None:
+    """What load_shards recorded about the shards a dataset came from ({data, groups, num_groups, top_group}),
+    or None for a dataset from elsewhere.  A concatenation of shards with different groups is refused."""
+    text = getattr(getattr(dataset, "info", None), "description", None) or ""
+    found = []
+    for line in text.splitlines():
+        if line.startswith(SHARDS_INFO):
+            try:
+                found.append(json.loads(line[len(SHARDS_INFO):]))
+            except ValueError:
+                continue
+    if not found:
+        return None
+    if len({(f.get("groups"), f.get("num_groups")) for f in found}) > 1:
+        raise ConfigError("The dataset joins shards with different groups (" + "; ".join(
+            f"{f.get('data')}: {f.get('num_groups')} '{f.get('groups')}' groups" for f in found) + "); train on one kind.")
+    tops = [f.get("top_group") for f in found]
+    return {**found[0], "top_group": None if None in tops else max(tops)}
 
 
 class SFTGOCollator:
@@ -60,13 +95,18 @@ class SFTGOCollator:
 
     def _row(self, f: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids = np.asarray(f["input_ids"], dtype=np.int64)
-        mask = np.asarray(f["loss_mask"], dtype=np.int64) == 1
-        grp = np.asarray(f[self.column], dtype=np.int64) if self.column else np.zeros(len(ids), np.int64)
+        loss_mask = np.asarray(f["loss_mask"], dtype=np.int64)
+        grp = np.asarray(f[self.column], dtype=np.int64) if self.column else None
+        where = f"Sample {f.get('id', '(no id)')!r}"
+        if len(loss_mask) != len(ids) or (grp is not None and len(grp) != len(ids)):
+            raise ShardError(f"{where} has columns of different lengths; every token needs its loss_mask (and group).")
+        check_tokens(loss_mask, grp, None, where, column=self.column or "groups")  # the number of groups: the trainer's
+        mask = loss_mask == 1
         if self.max_length and len(ids) > self.max_length:
             raise ValueError(f"A sample has {len(ids)} tokens, more than max_length {self.max_length}; "
                              "rebuild the shards with --max-length instead of cutting samples here.")
-        grp = np.where(mask & (grp >= 0), grp, -1)
-        return ids, np.where(grp >= 0, ids, IGNORE), grp
+        grp = np.where(mask, 0 if grp is None else grp, -1)
+        return ids, np.where(mask, ids, IGNORE), grp
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = [self._row(f) for f in features]
@@ -113,23 +153,53 @@ class SFTGOTrainer(Trainer):
     """transformers.Trainer whose loss is sftgo-train's objective (sft, sftgo, rho1, ...).
 
     Extra arguments: objective ("sftgo"), lam (0.9), lam_schedule ("constant"), lam_end (0.0),
-    reduce ("sample"), temperature (0.0), num_groups (2).  Use with SFTGOCollator and load_shards;
-    the dataset's group column is kept (the Trainer would otherwise drop columns the model's
-    forward does not take)."""
+    reduce ("sample"), temperature (0.0), group_weight (1.0), num_groups (default: the manifest's, when
+    the dataset came from load_shards, else 2; given, it must match the manifest's).  They are checked
+    as sftgo-train checks its flags (ConfigError, a ValueError, naming the argument), and a setting the
+    objective does not read is warned about.  Use with SFTGOCollator and load_shards; the dataset's
+    group column is kept (the Trainer would otherwise drop columns the model's forward does not take)."""
 
     def __init__(self, *args, objective: str = "sftgo", lam: float = 0.9, lam_schedule: str = "constant",
-                 lam_end: float = 0.0, reduce: str = "sample", temperature: float = 0.0, num_groups: int = 2,
+                 lam_end: float = 0.0, reduce: str = "sample", temperature: float = 0.0, num_groups: int | None = None,
                  group_weight: float = 1.0, **kwargs):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}.")
-        if lam_schedule not in SCHEDULES:
-            raise ValueError(f"lam_schedule must be one of {', '.join(SCHEDULES)}, not {lam_schedule!r}.")
+        k = self.sftgo_settings(objective, lam, lam_schedule, lam_end, reduce, temperature, num_groups, group_weight,
+                                [kwargs.get("train_dataset", args[3] if len(args) > 3 else None),
+                                 kwargs.get("eval_dataset", args[4] if len(args) > 4 else None)])
         super().__init__(*args, **kwargs)
-        self.sftgo = Objective(objective, max(2, num_groups), reduce, temperature, group_weight)
+        self.sftgo = Objective(objective, k, reduce, temperature, group_weight)
         self.lam, self.lam_schedule, self.lam_end = lam, lam_schedule, lam_end
         self.loss_is_scaled_for_ga = True  # divided by the whole step's counts already
         self._step_counts: Counts | None = None
         self._diag = torch.zeros(2 * self.sftgo.num_groups, dtype=torch.float64)  # group loss sums, token counts
+
+    @staticmethod
+    def sftgo_settings(objective, lam, lam_schedule, lam_end, reduce, temperature, num_groups, group_weight,
+                       datasets) -> int:
+        """The checks of sftgo-train (TrainConfig.validate, the same code), messages naming the arguments;
+        a warning for each setting the objective does not read; returns K: num_groups, checked against the
+        manifest of the shards the datasets came from (load_shards), or taken from it when not given."""
+        infos = [i for i in (shards_info(d) for d in datasets if d is not None) if i is not None]
+        groups = infos[0]["groups"] if infos else TrainConfig().groups
+        cfg = TrainConfig(data="-", out="-", objective=objective, groups=groups, lam=lam, lam_schedule=lam_schedule,
+                          lam_end=lam_end, reduce=reduce, temperature=temperature, group_weight=group_weight)
+        cfg.validate(flag=str)
+        if num_groups is not None:
+            num_groups = check_number("num_groups", num_groups, str)
+        for info in infos:
+            if num_groups is not None and num_groups != info["num_groups"]:
+                raise ConfigError(f"num_groups={num_groups}, but the shards of {info['data']} declare "
+                                  f"{info['num_groups']} groups for '{info['groups']}'; leave num_groups out to take it "
+                                  "from them.")
+            num_groups = info["num_groups"]
+            top = info.get("top_group")
+            if objective in GROUP_OBJECTIVES and top is not None and top < num_groups - 1:
+                raise ConfigError(empty_group_message(objective, info["groups"], info["data"], num_groups, top)
+                                  .replace("--objective ", "objective="))
+        names = {name for name, _ in OBJECTIVE_SETTINGS}
+        for note in ignored_settings(cfg, flag=str):
+            if note.split(" ", 1)[0] in names:
+                warnings.warn(f"SFTGOTrainer: {note}", stacklevel=3)
+        return num_groups if num_groups is not None else 2
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -144,6 +214,11 @@ class SFTGOTrainer(Trainer):
 
     def _counts(self, batches: list[dict], device) -> Counts:
         k = self.sftgo.num_groups
+        for b in batches:  # a group the objective does not know would be dropped from the denominators
+            g = b["sftgo_groups"]
+            if g.numel() and int(g.max()) >= k:
+                raise ShardError(f"A batch has group id {int(g.max())}, but num_groups is {k} (ids 0..{k - 1}); pass "
+                                 "the num_groups of the shards (load_shards records it).")
         c = count_batches(batches, k).to(device)
         if self.accelerator.num_processes > 1:
             c = self.accelerator.reduce(c, reduction="sum")

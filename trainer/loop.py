@@ -3,7 +3,9 @@
 Input: a validated TrainConfig (and, under torchrun, the usual RANK/WORLD_SIZE env).
 Output: RUN_DIR with metrics.jsonl, loss_curves.png, checkpoints/, model/ and summary.json;
 returns a summary dict (rank 0 prints a table).  RUN_DIR is locked (RUN_DIR/.lock, held by
-rank 0 for the whole run): a second training into it is refused.
+rank 0 for the whole run): a second training into it is refused.  It must be new, empty or a run
+of ours (RUN_DIR/sftgo-run.json holds the run's id, which its checkpoints record; trainer.preflight),
+so nothing else is ever overwritten.  A run whose steps trained on no token fails (exit 1).
 Cost: the model's forward/backward per micro-batch (trainer.step); everything else is small:
 two all-reduces of a few numbers per step under DDP, a dry pass over the sample lengths and
 masks when --epochs sets the length of training.
@@ -39,7 +41,7 @@ from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, sa
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
 from sftgo.trainer.step import Objective, all_reduce, backward_step
 
-CUT_KEYS = ("truncated_samples", "truncated_loss_tokens", "skipped_samples")
+CUT_KEYS = ckpt.CUT_KEYS
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -94,29 +96,32 @@ def lock_run_dir(stack: contextlib.ExitStack, out: str) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def data_checksums(cfg: TrainConfig) -> tuple[list[str], list[str] | None]:
-    """The sha256 lists of the train and eval shards, as their manifests record them."""
-    return (resume.shard_checksums(read_manifest(cfg.data)),
-            resume.shard_checksums(read_manifest(cfg.eval_data) if cfg.eval_data else None))
+def data_identity(cfg: TrainConfig) -> dict:
+    """What a checkpoint records of the data (trainer.resume.data_identity): checksums, --groups entries."""
+    return resume.data_identity(cfg, read_manifest(cfg.data), read_manifest(cfg.eval_data) if cfg.eval_data else None)
 
 
-def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str]]:
-    """Rank 0: refuse to clobber a run; on --resume find the checkpoint and check that it
-    continues the same run (trainer.resume).  Returns (checkpoint or None, notes to log)."""
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
+    """Rank 0, holding the run directory's lock: refuse to clobber anything but a run of ours; on
+    --resume find the checkpoint and check that it continues this run (trainer.resume).  Returns
+    (checkpoint or None, notes to log, the run's id)."""
     out = Path(cfg.out)
+    preflight.check_run_dir(cfg)
     latest = ckpt.latest_checkpoint(out)
     if cfg.resume:
         if latest is None:
             raise ConfigError(f"--resume was given but {out} has no checkpoint to resume from.")
-        saved = json.loads((out / "config.json").read_text())
-        notes = resume.check(cfg, saved, ckpt.read_state(latest), *data_checksums(cfg))
+        saved = preflight.read_run_config(out)
+        run_id = preflight.run_id(out)
+        notes = resume.check(cfg, saved, ckpt.read_state(latest), data_identity(cfg), run_id, latest)
         atomic_write_text(out / "config.json", cfg.to_json())  # what the run continues with
-        return latest, notes
+        return latest, notes, run_id
     if latest is not None or (out / "metrics.jsonl").exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
+    run_id = preflight.write_run_marker(out)
     atomic_write_text(out / "config.json", cfg.to_json())
-    return None, []
+    return None, [], run_id
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -220,13 +225,15 @@ class Run:
     batches: Batches
     total_steps: int
     pad_id: int
-    data_sha: list
-    eval_sha: list | None
+    data_id: dict  # what checkpoints record of the data (trainer.resume.data_identity)
+    run_id: str | None = None  # the run directory's id (rank 0), recorded in checkpoints
     log: MetricsLog | None = None
     step: int = 0
     worst_prev: int | None = None
     switches: int = 0
     cut: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(CUT_KEYS, 0))  # run totals
+    trained_tokens: float = 0.0  # tokens the objective trained on in this process's steps (all ranks)
+    steps_run: int = 0  # optimizer steps of this invocation (a resume starts at 0)
     setup_rss_mb: float | None = None  # the resident-set peak of set-up, when the training phase is measured apart
     setup_cuda_mb: float = 0.0  # torch's peak GPU allocation during set-up
     host_malloc: dict = dataclasses.field(default_factory=dict)  # trainer.hostmem.apply()'s account
@@ -258,15 +265,16 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     decides about the run directory; the others must not race it (e.g. see its fresh
     metrics.jsonl and think the run already existed)."""
     autocast = autocast_for(cfg, device)
-    resume_from, notes = on_rank0(lambda: prepare_run_dir(cfg))
+    resume_from, notes, run_id = on_rank0(lambda: prepare_run_dir(cfg))
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model, cfg.trust_remote_code)
     manifest, group_col, k = preflight.check_data(cfg, tokenizer_fingerprint(tokenizer))
+    notes = notes + preflight.data_notes(cfg, manifest)
     check_trackers(cfg.report_to)
     wanted_tb = True if "tensorboard" in cfg.report_to else cfg.tensorboard
     tb = tensorboard_enabled(wanted_tb, say=rank == 0)  # after the checks: a failed run needs no note
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = load_model(cfg, resume_from, device)
-    net = TokenLossModel(model, cfg.ce_chunk)
+    net = TokenLossModel(model, cfg.ce_chunk, lookup_into_grad=world == 1 or cfg.fsdp)  # not under DDP: see the class
     train_net = net
     if cfg.fsdp:  # before the optimizer: fully_shard replaces the parameters with sharded ones
         train_net = fsdp.shard(net, model, bf16=use_bf16(cfg, device))
@@ -281,7 +289,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     dro = GroupDRO(k_loss, cfg.dro_step) if cfg.objective == "sftgo" and cfg.dro_step > 0 else None
     r = Run(cfg, rank, world, device, autocast, tokenizer, manifest, group_col, k,
             Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature, cfg.group_weight), model, net, train_net, optimizer,
-            scheduler, dro, batches, total, pad_id, *data_checksums(cfg))
+            scheduler, dro, batches, total, pad_id, data_identity(cfg), run_id)
     if resume_from is not None:
         restore(r, resume_from)
     if r.main:
@@ -291,25 +299,55 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
 
 
 def restore(r: Run, path: Path) -> None:
-    """Continue from checkpoint `path`: optimizer, schedule, RNG, data position, objective state."""
-    if r.cfg.fsdp:
+    """Continue from checkpoint `path`: optimizer, schedule, RNG, data position, objective state.  Every
+    value read is checked against this run (the checkpoint is untrusted input), and the learning rate
+    is always this run's --lr on this run's schedule, never the checkpoint's."""
+    cfg = r.cfg
+    fresh = ckpt.optimizer_settings(r.optimizer)
+    if cfg.fsdp:
         fsdp.load(path, r.train_net, r.optimizer)  # weights and optimizer state, each rank its shards
-    state = ckpt.load_state(path, r.rank, r.optimizer, r.scheduler)
-    if state.get("world_size", 1) != r.world:  # each rank's share of the data depends on the world size
-        raise ConfigError(f"{path} was written by {state.get('world_size', 1)} process(es); resume it with the same number, not {r.world}.")
-    r.step = state["step"]
-    r.batches.position = tuple(state["data_position"])
+    state = ckpt.load_state(path, r.rank, r.optimizer, r.scheduler, fresh, sharded=cfg.fsdp)
+    if state["world_size"] != r.world:  # each rank's share of the data depends on the world size
+        raise ConfigError(f"{path} was written by {state['world_size']} process(es); resume it with the same number, "
+                          f"not {r.world}.")
+    step, (epoch, taken) = state["step"], state["data_position"]
+    if step > r.total_steps:
+        raise ckpt.state_error(path, "step", step, f"a step of this run's {r.total_steps}")
+    consumed = step * cfg.grad_accum  # micro-batches the run has taken
+    if (taken != consumed if epoch == 0 else max(epoch, taken) > consumed):
+        raise ckpt.state_error(path, "data_position", state["data_position"],
+                               f"a position after {consumed} micro-batches ({step} steps of {cfg.grad_accum})")
+    if state["worst_group"] is not None and state["worst_group"] >= max(r.k, 1):
+        raise ckpt.state_error(path, "worst_group", state["worst_group"], f"one of this run's {max(r.k, 1)} groups")
+    dro = state["dro"]
+    if r.dro is None and dro is not None:
+        raise ckpt.state_error(path, "dro", dro, "null (this run has no --dro-step)")
+    if r.dro is not None:
+        n = r.dro.weights.numel()
+        if (dro is None or len(dro["weights"]) != n or abs(sum(dro["weights"]) - 1) > 1e-6
+                or dro["step_size"] != cfg.dro_step):
+            raise ckpt.state_error(path, "dro", dro, f"{n} Group-DRO weights summing to 1 with step size {cfg.dro_step}")
+    sched = r.scheduler
+    if any(not math.isclose(base, cfg.lr, rel_tol=1e-9) for base in sched.base_lrs):
+        raise ConfigError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule from lr {sched.base_lrs[0]!r}, not "
+                          f"this run's --lr {cfg.lr!r}: the checkpoint belongs to another run or was edited.")
+    for fn in sched.lr_lambdas:
+        if sched.last_epoch != step or fn.warmup != cfg.warmup_steps or not math.isclose(fn.min_ratio, cfg.min_lr_ratio):
+            raise ConfigError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule at step {sched.last_epoch} with "
+                              f"{fn.warmup} warm-up steps and --min-lr-ratio {fn.min_ratio!r}, not this run's step {step}, "
+                              f"{cfg.warmup_steps} and {cfg.min_lr_ratio!r}: the checkpoint belongs to another run or "
+                              "was edited.")
+        fn.total = r.total_steps  # the checkpoint holds the old length; a raised --max-steps recomputes it
+    lrs = [cfg.lr * fn(step) for fn in sched.lr_lambdas]
+    for group, lr in zip(r.optimizer.param_groups, lrs):
+        group["lr"], group["initial_lr"] = lr, cfg.lr
+    sched.base_lrs, sched._last_lr = [cfg.lr] * len(lrs), lrs
+    r.step = step
+    r.batches.position = (epoch, taken)
     r.worst_prev, r.switches = state["worst_group"], state["worst_switches"]
     r.cut = {key: state.get(key, 0) for key in CUT_KEYS}
     if r.dro is not None:
-        r.dro.load_state_dict(state["dro"])
-    for fn in r.scheduler.lr_lambdas:  # the checkpoint holds the old length; a raised --max-steps recomputes it
-        if fn.total != r.total_steps:
-            fn.total = r.total_steps
-            lrs = [base * fn(r.scheduler.last_epoch) for base in r.scheduler.base_lrs]
-            for group, lr in zip(r.optimizer.param_groups, lrs):
-                group["lr"] = lr
-            r.scheduler._last_lr = lrs
+        r.dro.load_state_dict(dro)
 
 
 # ---------------------------------------------------------------- evaluation and checkpoints
@@ -363,7 +401,7 @@ def save(r: Run, step: int) -> None:
     if r.main:
         state = {"step": step, "data_position": list(r.batches.position), "worst_group": r.worst_prev,
                  "worst_switches": r.switches, "dro": r.dro.state_dict() if r.dro else None, "world_size": r.world,
-                 "data_sha256": r.data_sha, "eval_data_sha256": r.eval_sha, **r.cut}
+                 "run_id": r.run_id, "settings": resume.settings_of(r.cfg), **r.data_id, **r.cut}
         ckpt.write_main(tmp, None if r.cfg.fsdp else r.model, r.tokenizer, None if r.cfg.fsdp else r.optimizer,
                         r.scheduler, state)
     barrier(r)
@@ -406,7 +444,11 @@ def one_step(r: Run, it) -> dict:
     r.worst_prev = worst_group if worst_group is not None else r.worst_prev
     for key in CUT_KEYS:
         r.cut[key] += getattr(stats.counts, key)
+    k_loss = r.objective.num_groups  # rho1 trains on the important group only; the others on every supervised token
+    c = stats.counts
+    r.trained_tokens += float(c.group_tokens[k_loss - 1]) if r.cfg.objective == "rho1" else c.loss_tokens
     r.step += 1
+    r.steps_run += 1
     dt = time.perf_counter() - t0
     rec = {"step": r.step, "split": "train", "loss": stats.loss, "ce": stats.ce, "worst": stats.worst,
            "group_loss": group_loss.tolist(), "group_weight": stats.group_weight[: max(r.k, 1)].tolist(),
@@ -445,6 +487,12 @@ def train(r: Run) -> None:
     if bar is not None:
         bar.close()
     it.close()  # stop the background Parquet reader now, not during interpreter shutdown
+    if r.steps_run and not r.trained_tokens:  # e.g. rho1 whose important tokens were all cut: nothing was learned
+        what = (f"token of group {r.objective.num_groups - 1} of '{cfg.groups}'" if cfg.objective == "rho1"
+                else "supervised token")
+        raise ConfigError(f"Training ran {r.steps_run} step(s) but no token was trained on (no {what} reached a "
+                          f"micro-batch; {r.cut['truncated_loss_tokens']} supervised tokens were cut at --max-length "
+                          f"{cfg.max_length}), so the run learned nothing and no model is saved.")
 
 
 def finish(r: Run) -> dict:
@@ -453,6 +501,9 @@ def finish(r: Run) -> dict:
     summary = {"step": r.step, "total_steps": r.total_steps, "finished": r.step >= r.total_steps, **r.cut}
     if r.step >= r.total_steps:
         run_eval(r, r.step)
+        # the last checkpoint holds the optimizer state; the export needs the room (under --fsdp rank 0
+        # gathers the full weights), so its moments (2 x the weights, sharded or not) go first
+        r.optimizer.state.clear()
         model_dir = save_model(r)
         if model_dir is not None:
             summary["model_dir"] = str(model_dir)
@@ -560,6 +611,7 @@ def run(cfg: TrainConfig) -> dict:
     host_malloc = hostmem.apply(device.type == "cpu")  # before the model load
     try:
         with contextlib.ExitStack() as lock:
+            on_rank0(lambda: preflight.check_run_dir(cfg))  # before the lock creates RUN_DIR/.lock
             on_rank0(lambda: lock_run_dir(lock, cfg.out))  # rank 0 holds RUN_DIR/.lock for the whole run
             from transformers.utils import logging as hf_logging
 

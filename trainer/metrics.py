@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from sftgo.trainer.config import ConfigError
+from sftgo.trainer.config import TRACKERS, ConfigError  # TRACKERS: --report-to name -> package
 
 
 def _clean(value):
@@ -47,9 +47,6 @@ def tensorboard_enabled(wanted: bool | None, say: bool = True) -> bool:
               "loss_curves.png are); pip install tensorboard, or pass --no-tensorboard to silence this note.",
               file=sys.stderr, flush=True)
     return have and wanted is not False
-
-
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> package
 
 
 def check_trackers(names: list[str]) -> None:
@@ -210,12 +207,18 @@ def summary_table(records: list[dict]) -> str:
         if not rs:
             continue
         first, last = rs[0], rs[-1]
-        k = len(last.get("group_loss", []))
+        k = max(len(first.get("group_loss") or []), len(last.get("group_loss") or []))  # they may differ
         rows = [("loss", "loss"), ("ce", "ce"), ("worst", "worst")] + [(f"group {g}", g) for g in range(k)]
         lines.append(f"{split:<10} {'step ' + str(first['step']):>12} {'step ' + str(last['step']):>12}")
+
+        def value(rec, key):
+            if isinstance(key, int):
+                groups = rec.get("group_loss") or []
+                return groups[key] if key < len(groups) else None
+            return rec.get(key)
+
         for label, key in rows:
-            a = first["group_loss"][key] if isinstance(key, int) else first.get(key)
-            b = last["group_loss"][key] if isinstance(key, int) else last.get(key)
+            a, b = value(first, key), value(last, key)
             fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"  {label:<8} {fmt(a):>12} {fmt(b):>12}")
         if split == "train":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sftgo.core.models import load_causal_lm, model_dir
@@ -72,16 +73,72 @@ def load_for_training(name: str | None, *, lora_r: int = 0, lora_alpha: float = 
     return model.train()
 
 
-class TokenLossModel(nn.Module):
-    """forward(input_ids, position_ids, targets) -> CE [N] of the N supervised targets."""
+class _LookupIntoGrad(torch.autograd.Function):
+    """weight[ids] (nn.Embedding's forward), whose weight gradient is added into weight.grad in place.
 
-    def __init__(self, model: nn.Module, ce_chunk: int = 1024):
+    A tied embedding (SmolLM2, Llama-3.2 1B/3B, Qwen2.5 small) has two autograd consumers, the lookup and
+    the LM head.  autograd holds the head's dense [V, H] gradient in a buffer until the lookup's dense
+    [V, H] gradient arrives at the very end of the backward, and sums them: two or three full copies at
+    once.  Here the weight is not an autograd input: `anchor`, a scalar that requires grad, makes this
+    backward run, and it adds the rows of the ids it saw into weight.grad, so the head's gradient is
+    accumulated as soon as it exists and the lookup adds only its touched rows.  The arithmetic is the one
+    of embedding_dense_backward and the accumulation after it (per distinct id, the rows summed in order of
+    occurrence, then added).  Only for a process whose gradients nothing else watches as they accumulate:
+    one process, or FSDP2 (which reduces after the backward); not DDP, whose reducer would send the head's
+    part alone."""
+
+    @staticmethod
+    def forward(ctx, anchor, ids, box):
+        weight, padding_idx = box
+        ctx.box = box
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, weight.detach(), padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        weight, padding_idx = ctx.box
+        flat, g = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
+        if padding_idx is not None:  # nn.Embedding gives its padding row no gradient
+            keep = flat != padding_idx
+            flat, g = flat[keep], g[keep]
+        distinct, inverse = torch.unique(flat, return_inverse=True)
+        rows = g.new_zeros(distinct.numel(), g.shape[1]).index_add_(0, inverse, g)
+        with torch.no_grad():
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.index_add_(0, distinct, rows.to(weight.grad.dtype))
+        return None, None, None
+
+
+def plain_lookup(embed: nn.Module) -> bool:
+    """A plain nn.Embedding (no max_norm, frequency scaling or sparse gradient) of a trained weight."""
+    return (type(embed) is nn.Embedding and embed.max_norm is None and not embed.scale_grad_by_freq
+            and not embed.sparse and embed.weight.requires_grad)
+
+
+class TokenLossModel(nn.Module):
+    """forward(input_ids, position_ids, targets) -> CE [N] of the N supervised targets.
+
+    lookup_into_grad: the input embedding's gradient is added into weight.grad in place
+    (_LookupIntoGrad: no full-size gradient copies for a tied embedding); only where no DDP
+    reducer watches the gradients (one process, FSDP2)."""
+
+    def __init__(self, model: nn.Module, ce_chunk: int = 1024, lookup_into_grad: bool = False):
         super().__init__()
         self.model = model
         self.ce_chunk = ce_chunk
+        self.lookup_into_grad = lookup_into_grad
 
     def forward(self, input_ids, position_ids, targets):
         lm = causal_lm(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        embed = lm.get_input_embeddings()
+        if self.lookup_into_grad and torch.is_grad_enabled() and plain_lookup(embed):
+            anchor = torch.zeros((), device=input_ids.device, requires_grad=True)
+            embeds = _LookupIntoGrad.apply(anchor, input_ids, (embed.weight, embed.padding_idx))
+            inputs = {"inputs_embeds": embeds}
+        else:
+            inputs = {"input_ids": input_ids}
+        hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
         keep = targets != IGNORE
         return token_cross_entropy(hidden[keep], lm.get_output_embeddings(), targets[keep], self.ce_chunk)

@@ -1,32 +1,237 @@
-"""The training data's pre-flight check, without torch: `sftgo-train` runs it before importing
-torch and loading a model, so that a bad manifest or shard is refused in a fraction of a second.
+"""The pre-flight checks of a training run, without torch: `sftgo-train` runs them before importing
+torch and loading a model, so that a bad run directory, manifest or shard is refused in a fraction of
+a second.
 
 Input: a TrainConfig; optionally the model tokenizer's fingerprint and whether to hash the shards.
-Output: (manifest, group column or None, number of groups), or a ShardError / ConfigError whose
-message is one sentence.
-Cost: reads the manifests and every shard's Parquet footer; with checksums, hashes every shard.
+Output: `check_run_dir` -> nothing, or a ConfigError; `check_data` -> (manifest, group column or None,
+number of groups), or a ShardError / ConfigError; `data_notes` -> notes to print.  Every message is
+one sentence.
+Cost: reads the manifests and every shard's Parquet footer (the group column's min/max statistics
+come from there); with checksums, hashes every shard.
+
+The run directory (--out) is recognised by RUN_MARKER, a small JSON file holding the run's id that
+sftgo-train writes when a run starts (or, for runs of older versions, by a config.json that is an
+sftgo-train configuration).  sftgo-train writes only into a directory that does not exist, is empty,
+or is such a run; and never into, or around, its own inputs (--data, --eval-data, a local --model).
 """
 from __future__ import annotations
 
-from sftgo.core.shards import group_column, read_manifest, verify_shards
-from sftgo.trainer.config import ConfigError, TrainConfig
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from sftgo.core.shards import (
+    LOCK, ShardError, atomic_write_text, group_column, member_path, read_manifest, verify_shards,
+)
+from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, cli_flag
+
+RUN_MARKER = "sftgo-run.json"
+GROUP_OBJECTIVES = ("rho1", "weighted")  # they train on the important group, K - 1
+
+
+# ---------------------------------------------------------------- the run directory
+def _real(path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def run_id(out) -> str | None:
+    """The id in RUN_DIR/RUN_MARKER, or None (no marker, or not one we wrote)."""
+    path = Path(out) / RUN_MARKER
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    rid = value.get("run_id") if isinstance(value, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
+def is_run_dir(out) -> bool:
+    """Whether `out` is an sftgo-train run directory: it holds our marker, or (older runs) a config.json
+    that is an sftgo-train configuration."""
+    out = Path(out)
+    if run_id(out) is not None:
+        return True
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"data", "out", "objective"} <= set(saved) <= set(FIELDS)
+
+
+def write_run_marker(out) -> str:
+    """Start a run in `out`: a fresh run id in RUN_MARKER (checkpoints record it; --resume compares)."""
+    rid = uuid.uuid4().hex
+    atomic_write_text(Path(out) / RUN_MARKER, json.dumps({"run_id": rid}) + "\n")
+    return rid
+
+
+def read_run_config(out) -> dict:
+    """The run's config.json (the settings it was started or last resumed with), or one sentence."""
+    path = Path(out) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{out} has checkpoints but no config.json, so --resume cannot check its settings; "
+                          "it was edited or damaged.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); it was edited or damaged.") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not an sftgo-train configuration; it was edited or damaged.")
+    return saved
+
+
+def _local_model(model: str | None) -> str | None:
+    """The local path of --model, when it is one (a hub id or the embedded model is not ours to guard)."""
+    if not model or model == "embedded":
+        return None
+    return model if os.path.exists(model) else None
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse an --out that is a file, that is or holds or lies inside an input (--data, --eval-data, a
+    local --model), or that exists with files in it without being an sftgo-train run directory."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is not a directory; choose a new or empty directory for the run.")
+    where = _real(out)
+    for name, value in (("data", cfg.data), ("eval_data", cfg.eval_data), ("model", _local_model(cfg.model))):
+        if not value:
+            continue
+        other = _real(value)
+        if where == other or where.is_relative_to(other):
+            how = "is the same directory as" if where == other else "lies inside"
+            raise ConfigError(f"--out {out} {how} {cli_flag(name)} {value}: the run's checkpoints, model and logs "
+                              f"would be written among its files; choose an --out outside it.")
+        if other.is_relative_to(where):
+            raise ConfigError(f"{cli_flag(name)} {value} lies inside --out {out}: the run writes its checkpoints, model "
+                              f"and logs there and could overwrite it; move it out or choose another --out.")
+    if out.is_dir() and not is_run_dir(out) and any(p.name != LOCK for p in out.iterdir()):
+        raise ConfigError(f"--out {out} holds files but is not an sftgo-train run directory (it has no {RUN_MARKER}), "
+                          "so nothing in it is overwritten; choose a new or empty --out.")
+
+
+# ---------------------------------------------------------------- the data
+def _groups(cfg: TrainConfig, manifest: dict) -> str | None:
+    """The strategy whose groups the run reads: --groups, or None for sft/dft on data without the default."""
+    have = manifest.get("strategies", {})
+    if not cfg.groups or cfg.groups in have or cfg.objective not in ("sft", "dft"):
+        return cfg.groups or None  # an objective that needs groups gets verify_shards' refusal
+    if cfg.groups == TrainConfig().groups:
+        return None  # the default, which this data does not have: plain SFT/DFT without per-group loss (a note)
+    raise ConfigError(f"--groups {cfg.groups!r} is not a strategy of {cfg.data} (it has: "
+                      f"{', '.join(sorted(have)) or 'none'}); plain SFT and DFT need no groups: name one of these "
+                      "to log per-group loss, or leave --groups out.")
+
+
+def num_groups(manifest: dict, groups: str | None) -> int:
+    return int(manifest["strategies"][groups].get("num_groups", 2)) if groups else 1
+
+
+def _min_max(row_group, column: str) -> tuple[int, int] | None:
+    """(min, max) of a list column's values in one Parquet row group, from the footer; None without statistics."""
+    for j in range(row_group.num_columns):
+        chunk = row_group.column(j)
+        if chunk.path_in_schema == f"{column}.list.element":
+            stats = chunk.statistics
+            return (int(stats.min), int(stats.max)) if stats is not None and stats.has_min_max else None
+    return None
+
+
+def group_id_range(directory, manifest: dict, groups: str | None) -> int | None:
+    """The largest group id in the shards, from their Parquet footers' statistics (no data is read); a
+    shard whose loss_mask leaves 0..1 or whose ids leave -1..K-1, or that trains tokens (loss_mask 1)
+    without any group, is refused naming it.  None without `groups`, or when a shard has no statistics
+    (the reader checks every batch anyway)."""
+    column = group_column(groups) if groups else None
+    k = num_groups(manifest, groups)
+    top: int | None = -1 if groups else None
+    for shard in manifest["shards"]:
+        path = member_path(directory, shard["path"])
+        meta = pq.ParquetFile(path).metadata
+        for i in range(meta.num_row_groups):
+            rg = meta.row_group(i)
+            mask = _min_max(rg, "loss_mask")
+            if mask is not None and (mask[0] < 0 or mask[1] > 1):
+                raise ShardError(f"Shard {path} has loss_mask value {mask[1] if mask[1] > 1 else mask[0]}; only 0 (not "
+                                 "trained) and 1 (trained) are valid: the shard was damaged or not written by sftgo-prep.")
+            if column is None:
+                continue
+            ids = _min_max(rg, column)
+            if ids is None:
+                if rg.num_rows:
+                    top = None
+                continue
+            low, high = ids
+            if low < -1 or high >= k:
+                bad = high if high >= k else low
+                raise ShardError(f"Shard {path} has group id {bad} in column '{column}', but the manifest declares "
+                                 f"{k} groups (ids 0..{k - 1}, -1 for untrained tokens): the shard or the manifest "
+                                 "was changed.")
+            if high < 0 and mask is not None and mask[1] >= 1:
+                raise ShardError(f"Shard {path} trains tokens (loss_mask 1) but gives none of them a group in column "
+                                 f"'{column}' (every id is -1): the shard contradicts its own loss_mask.")
+            if top is not None:
+                top = max(top, high)
+    return top
+
+
+def empty_group_message(objective: str, groups: str, data, k: int, top: int) -> str:
+    return (f"--objective {objective} trains on group {k - 1} of '{groups}' (the important group), but no token of "
+            f"{data} is in it: the manifest declares {k} groups and the shards use ids up to {top}; fix the "
+            "manifest's num_groups or rebuild the shards.")
 
 
 def check_data(cfg: TrainConfig, fingerprint: str | None = None, checksums: bool = True) -> tuple[dict, str | None, int]:
-    """Manifest, the --groups column, every shard's schema, row count and (with `checksums`) sha256,
-    and with `fingerprint` the tokenizer; for train and eval data."""
+    """Manifest, the --groups column, every shard's schema, row count, group ids (footer statistics) and
+    (with `checksums`) sha256, and with `fingerprint` the tokenizer; for train and eval data."""
     manifest = read_manifest(cfg.data)
-    groups = cfg.groups
-    if cfg.objective in ("sft", "dft") and groups and groups not in manifest.get("strategies", {}):
-        groups = None  # plain SFT and DFT need no groups; with them they only log per-group loss
+    groups = _groups(cfg, manifest)
     strategies = (groups,) if groups else ()
     verify_shards(cfg.data, manifest, strategies=strategies, checksums=checksums, tokenizer_fingerprint=fingerprint)
-    if cfg.eval_data:
-        verify_shards(cfg.eval_data, read_manifest(cfg.eval_data), strategies=strategies, checksums=checksums,
+    eval_manifest = read_manifest(cfg.eval_data) if cfg.eval_data else None
+    if eval_manifest is not None:
+        verify_shards(cfg.eval_data, eval_manifest, strategies=strategies, checksums=checksums,
                       tokenizer_fingerprint=fingerprint)
     if not manifest["shards"]:
         raise ConfigError(f"{cfg.data} holds no shards (0 records written).")
-    k = int(manifest["strategies"][groups].get("num_groups", 2)) if groups else 1
-    if cfg.objective in ("rho1", "weighted") and k < 2:
+    k = num_groups(manifest, groups)
+    if cfg.objective in GROUP_OBJECTIVES and k < 2:
         raise ConfigError(f"--objective {cfg.objective} needs at least 2 groups; '{groups}' has {k}.")
+    top = group_id_range(cfg.data, manifest, groups)
+    if groups:
+        if cfg.objective in GROUP_OBJECTIVES and top is not None and top < k - 1:
+            raise ConfigError(empty_group_message(cfg.objective, groups, cfg.data, k, top))
+        if eval_manifest is not None:
+            k_eval = num_groups(eval_manifest, groups)
+            if k_eval != k:
+                raise ConfigError(f"--eval-data {cfg.eval_data} declares {k_eval} '{groups}' groups and --data {k}: "
+                                  "their per-group losses would not compare; use shards built with the same groups.")
+    if eval_manifest is not None:
+        group_id_range(cfg.eval_data, eval_manifest, groups)
     return manifest, (group_column(groups) if groups else None), k
+
+
+def data_notes(cfg: TrainConfig, manifest: dict) -> list[str]:
+    """Notes on what the data leaves out of this run (after check_data accepted it)."""
+    groups = _groups(cfg, manifest)
+    have = ", ".join(sorted(manifest.get("strategies", {}))) or "none"
+    if cfg.groups and not groups:
+        return [f"Note: {cfg.data} has no '{cfg.groups}' groups (it has: {have}), so --objective {cfg.objective} "
+                "logs no per-group loss; pass --groups with one of those to log it."]
+    if not groups:
+        return []
+    k = num_groups(manifest, groups)
+    top = group_id_range(cfg.data, manifest, groups)
+    if top is None or top >= k - 1:
+        return []
+    empty = list(range(top + 1, k))
+    which = f"group {empty[0]} of '{groups}' is" if len(empty) == 1 else \
+        f"groups {', '.join(map(str, empty[:-1]))} and {empty[-1]} of '{groups}' are"
+    return [f"Note: {which} empty in {cfg.data} (the manifest declares {k} groups, the shards use ids up to {top}), "
+            f"so no loss is logged for {'it' if len(empty) == 1 else 'them'}"
+            + (" and the worst group is taken over the others." if cfg.objective == "sftgo" else ".")]

@@ -1,10 +1,17 @@
 """`--resume`: what may differ between a run and its continuation, and what may not.
 
 Input: the TrainConfig given now, the run's config.json (the settings it was started or last
-resumed with), the checkpoint's trainer_state.json, and the sha256 lists of the shards now.
+resumed with), the checkpoint's trainer_state.json (checked by trainer.checkpoint.read_state), the
+run directory's id, and what identifies the data now (`data_identity`: the shards' sha256 lists and
+the manifests' entry for the --groups strategy).
 Output: nothing when the resume continues the same run, else a ConfigError naming the first
 setting that differs; notes (one sentence each) for changes that are applied.
 Cost: instant (checksums come from the manifests; trainer.loop verifies the files against them).
+
+A checkpoint belongs to one run: it records the run's id (RUN_DIR/sftgo-run.json) and the
+settings that shaped it (SHAPES_RUN), so one copied in from another run, or one whose
+settings were edited, is refused instead of overriding the run's own (AdamW's lr and the
+schedule live in its state).
 
 Every TrainConfig field is in exactly one class (a test checks this, so a new field forces a
 decision):
@@ -84,12 +91,59 @@ def check_settings(cfg: TrainConfig, saved: dict, step: int) -> list[str]:
             f"so from step {step} on they follow the longer schedule (the lr rises to its value at step {step} of it)."]
 
 
-def check(cfg: TrainConfig, saved: dict, state: dict, data_sha: list[str], eval_sha: list[str] | None) -> list[str]:
-    """All resume checks, settings first; returns the notes to log."""
-    notes = check_settings(cfg, saved, int(state["step"]))
-    if "data_sha256" not in state:
-        raise ConfigError("The checkpoint records no shard checksums (written by an older sftgo-train), so --resume "
-                          "cannot check its data; start a new --out.")
-    check_data("data", data_sha, state["data_sha256"], cfg.data)
-    check_data("eval_data", eval_sha, state.get("eval_data_sha256"), cfg.eval_data)
+def settings_of(cfg: TrainConfig) -> dict:
+    """The settings a checkpoint records: those that shape the run."""
+    now = _plain(dataclasses.asdict(cfg))
+    return {key: now[key] for key in SHAPES_RUN}
+
+
+def data_identity(cfg: TrainConfig, manifest: dict, eval_manifest: dict | None) -> dict:
+    """What a checkpoint records of its data: the shards' sha256 lists and the manifests' --groups entries."""
+    def entry(m):
+        return None if m is None or not cfg.groups else _plain(m.get("strategies", {}).get(cfg.groups))
+
+    return {"data_sha256": shard_checksums(manifest), "eval_data_sha256": shard_checksums(eval_manifest),
+            "data_strategy": entry(manifest), "eval_data_strategy": entry(eval_manifest)}
+
+
+def check_run(cfg: TrainConfig, state: dict, run_id: str | None, path) -> None:
+    """Refuse a checkpoint of another run (its id) or written with other settings than the run's."""
+    if run_id is None:
+        raise ConfigError(f"{cfg.out} has no run id (it was started by an older sftgo-train), so --resume cannot check "
+                          f"that {path} belongs to it; start a new --out.")
+    if state["run_id"] != run_id:
+        raise ConfigError(f"The checkpoint {path} belongs to another run (run id {state['run_id'][:12]}, this run "
+                          f"directory's is {run_id[:12]}): it was copied in from elsewhere; resume that run in its own "
+                          "directory, or start a new --out.")
+    now = settings_of(cfg)
+    for key in SHAPES_RUN:
+        if state["settings"].get(key) != now[key]:
+            raise ConfigError(f"The checkpoint {path} was written with {_flag(key)} {state['settings'].get(key)!r}, not "
+                              f"this run's {now[key]!r}: it belongs to another run or was edited; resume from one of "
+                              "this run's checkpoints or start a new --out.")
+
+
+def check_strategy(name: str, cfg: TrainConfig, now, before) -> None:
+    if now == before:
+        return
+    directory = getattr(cfg, name)
+    keys = sorted(k for k in set(now or {}) | set(before or {}) if (now or {}).get(k) != (before or {}).get(k))
+    raise ConfigError(f"--resume refused: the '{cfg.groups}' entry of {directory}/manifest.json differs from the one "
+                      f"this run was trained with ({', '.join(keys) or 'present before, absent now'}), though its shards "
+                      f"match; resume with the same {_flag(name)} or start a new --out.")
+
+
+def check(cfg: TrainConfig, saved: dict, state: dict, data: dict, run_id: str | None, path) -> list[str]:
+    """All resume checks, settings first; returns the notes to log.  `data`: data_identity now."""
+    step = state["step"]
+    notes = check_settings(cfg, saved, step)
+    check_run(cfg, state, run_id, path)
+    if cfg.stop_after and cfg.stop_after <= step:
+        raise ConfigError(f"--stop-after {cfg.stop_after} is not past the checkpoint's step {step}; nothing would be "
+                          "trained (raise it, or leave it out to train to the end).")
+    check_data("data", data["data_sha256"], state["data_sha256"], cfg.data)
+    check_data("eval_data", data["eval_data_sha256"], state.get("eval_data_sha256"), cfg.eval_data)
+    check_strategy("data", cfg, data["data_strategy"], state.get("data_strategy"))
+    if cfg.eval_data:
+        check_strategy("eval_data", cfg, data["eval_data_strategy"], state.get("eval_data_strategy"))
     return notes
