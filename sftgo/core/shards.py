@@ -143,10 +143,6 @@ def _check_counts(path: Path, manifest: dict) -> dict:
     if len(set(paths)) != len(paths):
         twice = next(p for i, p in enumerate(paths) if p in paths[:i])
         raise ShardError(f"{path / MANIFEST} lists the shard {twice!r} twice: it was edited or damaged.")
-    if totals["records_in"] != totals["records_written"] + totals["records_rejected"] \
-            or sum(manifest["rejected"].values()) != totals["records_rejected"]:
-        raise ShardError(f"{path / MANIFEST} has records read, written and rejected that do not add up: "
-                         "it was edited or damaged.")
     rows = sum(s["rows"] for s in manifest["shards"])
     if rows != totals["records_written"]:
         raise ShardError(f"{path / MANIFEST} counts {totals['records_written']} records written "
@@ -156,6 +152,10 @@ def _check_counts(path: Path, manifest: dict) -> dict:
         if listed != totals[key]:
             raise ShardError(f"{path / MANIFEST} counts {totals[key]} {key.replace('_', ' ')} in total but its "
                              f"shards hold {listed}: it was edited or damaged.")
+    if totals["records_in"] != totals["records_written"] + totals["records_rejected"] \
+            or sum(manifest["rejected"].values()) != totals["records_rejected"]:
+        raise ShardError(f"{path / MANIFEST} has records read, written and rejected that do not add up: "
+                         "it was edited or damaged.")
     return manifest
 
 
