@@ -150,6 +150,8 @@ def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, l
     and field_map_hits {canonical: records that have the mapped field; 0 = no record has it}."""
     field_map = cfg.field_map or None
     base = os.path.basename(part.source.rstrip("/")) or part.source
+    if part.kind != "arrow" and os.path.abspath(part.path) != os.path.abspath(part.source):
+        base = f"{base}/{os.path.relpath(part.path, part.source)}"  # a file of a folder: rows restart per file
     out = _Accepted(part.source)
     hits = Counter(dict.fromkeys(field_map or (), 0))
     pending: list[tuple[str, readers.Item, list[dict]]] = []  # (id, item, conversation) waiting to be encoded

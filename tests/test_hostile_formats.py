@@ -144,7 +144,7 @@ def test_folder_reads_subfolders_and_upper_case_extensions(tmp_path, capfd):
     parts = readers.plan([str(d)], 10)
     records = [item.record for p in parts for item in readers.read(p)]
     assert records == [rec(i) for i in range(6)]  # depth first, sorted names
-    assert {p.source for p in parts} == {str(d)}  # ids stay indir:ROW as before
+    assert {p.source for p in parts} == {str(d)}
     err = capfd.readouterr().err
     assert ".cache" in err and "skipped 1 file(s) of no data format (README.md)" in err
 
@@ -201,3 +201,14 @@ def test_missing_local_path_is_one_sentence_without_the_network(tmp_path):
              "except readers.InputError as e:\n    print(e)\nprint('datasets' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.splitlines() == ["Input owner/name does not exist (for a hub dataset write hf:NAME).", "False"]
+
+
+def test_records_without_ids_in_the_files_of_a_folder_get_distinct_ids(tmp_path, cli, dask_scheduler):
+    d = tmp_path / "indir"
+    write(d / "a.jsonl", [rec(0), rec(1)])
+    write(d / "sub" / "b.jsonl", [rec(2)])
+    out = tmp_path / "out"
+    cli("sftgo-prep", "build", d, "--out", out, "--scheduler", dask_scheduler, "--quiet")
+    ids = [i for s in sorted(out.glob("shard-*.parquet")) for i in pq.read_table(s, columns=["id"])["id"].to_pylist()]
+    assert ids == ["indir/a.jsonl:0", "indir/a.jsonl:1", "indir/sub/b.jsonl:0"]
+    assert json.loads((out / "manifest.json").read_text())["totals"]["duplicate_ids"] == 0
