@@ -148,9 +148,10 @@ def make_optimizer(model, cfg: TrainConfig, device) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW exists on CPU and CUDA (torch >= 2.4) and is what HF Trainer uses by default;
-    # FSDP's sharded (DTensor) parameters take the foreach implementation
-    fused = device.type in ("cpu", "cuda") and not cfg.fsdp
+    # fused AdamW exists on CPU and CUDA (torch >= 2.4) and is what HF Trainer uses by default.  It also
+    # takes FSDP2's sharded (DTensor) parameters, and unlike foreach it makes no parameter-sized
+    # temporaries (foreach's sqrt of the second moments is one more copy of this rank's shard)
+    fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused, foreach=None if fused else True)
 
 

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +87,32 @@ def _gguf_cache_dir(ref: ModelRef, kind: str) -> Path:
     return cache_root() / f"{gguf.stem}-{key}" / kind
 
 
-def _atomic_save(target: Path, save) -> Path:
-    """Run save(tmpdir) and rename the directory into place (safe under concurrency)."""
+def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> Path:
+    """Run save(tmpdir) and rename the directory into place (safe under concurrency).
+
+    `required`: groups of file names of which each must have one present; a conversion that wrote
+    none of a group is an error, and a cached directory that lacks one (an older sftgo, or a copy cut
+    short by hand) is converted again, with a note, instead of being trusted because it is marked
+    complete."""
     if (target / ".complete").exists():
-        return target
+        missing = _missing(target, required)
+        if not missing:
+            return target
+        print(f"Note: the converted copy in {target} lacks {', '.join(missing)}; converting it again.",
+              file=sys.stderr, flush=True)
+        aside = Path(tempfile.mkdtemp(prefix=f".broken-{target.name}-", dir=target.parent))
+        try:
+            os.rename(target, aside / target.name)
+        except FileNotFoundError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         save(tmp)
+        missing = _missing(tmp, required)
+        if missing:
+            raise RuntimeError(f"Converting into {target} wrote no {', '.join(missing)}.")
         (tmp / ".complete").write_text("ok\n")
         try:
             os.rename(tmp, target)
@@ -103,6 +122,14 @@ def _atomic_save(target: Path, save) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _missing(folder: Path, required: tuple[tuple[str, ...], ...]) -> list[str]:
+    return [" or ".join(group) for group in required if not any((folder / name).is_file() for name in group)]
+
+
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer_config.json",))
+MODEL_FILES = (("config.json",), ("model.safetensors", "model.safetensors.index.json")) + TOKENIZER_FILES
 
 
 def tokenizer_dir(name: str | None) -> str:
@@ -116,7 +143,7 @@ def tokenizer_dir(name: str | None) -> str:
 
         AutoTokenizer.from_pretrained(ref.location, gguf_file=ref.gguf_file).save_pretrained(tmp)
 
-    return str(_atomic_save(_gguf_cache_dir(ref, "tokenizer"), save))
+    return str(_atomic_save(_gguf_cache_dir(ref, "tokenizer"), save, TOKENIZER_FILES))
 
 
 def model_dir(name: str | None) -> str:
@@ -135,10 +162,13 @@ def model_dir(name: str | None) -> str:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        # A cache of this process, not a checkpoint of a distributed run: under torchrun, save_pretrained
+        # writes only on rank 0 once the process group exists, and a rank that writes nothing must not win
+        model.should_save_on_this_rank = lambda is_main_process: True
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tokenizer_dir(name)).save_pretrained(tmp)
 
-    return str(_atomic_save(_gguf_cache_dir(ref, "model"), save))
+    return str(_atomic_save(_gguf_cache_dir(ref, "model"), save, MODEL_FILES))
 
 
 @functools.lru_cache(maxsize=4)

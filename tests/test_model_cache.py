@@ -1,0 +1,64 @@
+"""The converted-model cache (sftgo.core.models.model_dir / tokenizer_dir).
+
+A GGUF model is converted once into $SFTGO_CACHE.  Under torchrun every rank may convert at once, inside
+an initialised process group, where transformers' save_pretrained writes weights on rank 0 only: a rank
+that wrote no weights must not be able to leave a copy marked complete.  And a cached copy that lacks its
+files is converted again with a note, not trusted for its marker.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+CONVERT_ON_RANK_1 = """
+import torch.distributed as dist
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:  # rank 0 waits: the conversion is rank 1's alone
+    from sftgo.core.models import model_dir
+    print("DIR", model_dir(None), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_rank_other_than_0_converts_the_weights(tmp_path):
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERT_ON_RANK_1)
+    env = dict(os.environ, SFTGO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folder = Path(next(line for line in proc.stdout.splitlines() if line.startswith("DIR ")).split(" ", 1)[1])
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+    # the oracle: transformers' own GGUF loader, reading the embedded file directly
+    from transformers import AutoModelForCausalLM
+
+    from sftgo.core.models import resolve
+
+    ref = resolve(None)
+    direct = AutoModelForCausalLM.from_pretrained(ref.location, gguf_file=ref.gguf_file, dtype=torch.float32).state_dict()
+    cached = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    assert set(cached) == set(direct)
+    for key in direct:
+        assert torch.equal(cached[key], direct[key]), key
+
+
+def test_a_cached_copy_without_its_files_is_converted_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SFTGO_CACHE", str(tmp_path))
+    from sftgo.core.models import tokenizer_dir
+
+    first = Path(tokenizer_dir(None))
+    good = (first / "tokenizer.json").read_bytes()
+    (first / "tokenizer.json").unlink()  # marked complete, but cut short
+    assert (first / ".complete").exists()
+    again = Path(tokenizer_dir(None))
+    assert again == first and (again / "tokenizer.json").read_bytes() == good
+    err = capsys.readouterr().err
+    assert f"Note: the converted copy in {first} lacks tokenizer.json; converting it again." in err
+    assert [p.name for p in first.parent.iterdir()] == ["tokenizer"]  # nothing left beside it
+    assert tokenizer_dir(None) == str(first) and "Note" not in capsys.readouterr().err  # whole again: no note
