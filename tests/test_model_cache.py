@@ -62,3 +62,57 @@ def test_a_cached_copy_without_its_files_is_converted_again(tmp_path, monkeypatc
     assert f"Note: the converted copy in {first} lacks tokenizer.json; converting it again." in err
     assert [p.name for p in first.parent.iterdir()] == ["tokenizer"]  # nothing left beside it
     assert tokenizer_dir(None) == str(first) and "Note" not in capsys.readouterr().err  # whole again: no note
+
+
+def test_the_folders_of_killed_conversions_are_removed(tmp_path, monkeypatch):
+    import fcntl
+    import time
+
+    monkeypatch.setenv("SFTGO_CACHE", str(tmp_path))
+    from sftgo.core.models import _gguf_cache_dir, resolve, tokenizer_dir
+
+    parent = _gguf_cache_dir(resolve(None), "tokenizer").parent
+    parent.mkdir(parents=True)
+    old = time.time() - 3600
+    folders = {name: parent / name for name in (".tokenizer-dead", ".broken-tokenizer-dead", ".tokenizer-busy",
+                                                ".tokenizer-young", ".model-other")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text("half")
+        if name != ".tokenizer-young":
+            os.utime(folder, (old, old))
+    busy = os.open(folders[".tokenizer-busy"], os.O_RDONLY)  # a conversion still writing it
+    fcntl.flock(busy, fcntl.LOCK_EX)
+    try:
+        tokenizer_dir(None)
+    finally:
+        os.close(busy)
+    left = sorted(p.name for p in parent.iterdir())
+    # killed ones go; one in use, one too young to be locked yet, and another kind's are left alone
+    assert left == [".model-other", ".tokenizer-busy", ".tokenizer-young", "tokenizer"]
+
+
+def test_a_cache_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SFTGO_CACHE", str(blocker / "cache"))
+    import pytest
+
+    from sftgo.core.models import CacheError, tokenizer_dir
+
+    with pytest.raises(CacheError) as caught:
+        tokenizer_dir(None)
+    assert str(caught.value).startswith(f"Cannot write the converted-model cache in {blocker / 'cache'}/")
+    assert str(caught.value).endswith("; set SFTGO_CACHE to a writable folder.")
+
+
+def test_a_build_from_a_local_tokenizer_needs_no_writable_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTGO_CACHE", str(tmp_path / "writable"))
+    from sftgo.core.models import load_build_tokenizer, tokenizer_dir
+
+    local = tokenizer_dir(None)  # a plain Hugging Face tokenizer folder
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SFTGO_CACHE", str(blocker / "cache"))  # the light-load memo cannot be written: no matter
+    tok, light_ok = load_build_tokenizer(local)
+    assert light_ok and tok("hello world")["input_ids"]

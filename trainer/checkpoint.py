@@ -283,6 +283,28 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def sweep(out) -> list[str]:
+    """Rank 0, holding RUN_DIR/.lock, when a run starts: what an interrupted save left behind.  Half-written
+    checkpoints (checkpoints/.tmp-step-*) and exports (.tmp-model, .tmp-adapter) are removed; an
+    export interrupted between its two renames, whose finished folder then exists only as .old-NAME, is
+    put back.  Returns a note per thing done."""
+    out = Path(out)
+    notes = []
+    for tmp in sorted(checkpoints_dir(out).glob(".tmp-step-*")) + [out / ".tmp-model", out / ".tmp-adapter"]:
+        if tmp.exists() or tmp.is_symlink():
+            _clear(tmp)
+            notes.append(f"removed {tmp}, a save that was interrupted")
+    for name in ("model", "adapter"):
+        final, old = out / name, out / f".old-{name}"
+        if old.is_dir() and not old.is_symlink() and not (final.exists() or final.is_symlink()):
+            os.rename(old, final)
+            notes.append(f"put back {final}: its replacement was interrupted")
+        elif old.exists() or old.is_symlink():
+            _clear(old)
+            notes.append(f"removed {old}, the previous {name} of a replacement that was interrupted")
+    return notes
+
+
 def _replace_dir(out, name: str, model, tokenizer) -> Path:
     """RUN_DIR/name <- save_pretrained(model, tokenizer), written aside and renamed into place (the
     previous one, if any, is kept until the new one is complete).  RUN_DIR is a run directory

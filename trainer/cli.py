@@ -66,6 +66,7 @@ def build_command():
     def command(**kwargs):
         debug = kwargs.pop("debug")
         config_file = kwargs.pop("config")
+        cfg = None
         try:
             file_values = read_config_file(config_file) if config_file else {}
             given = {k: v for k, v in kwargs.items() if v is not None}
@@ -83,7 +84,7 @@ def build_command():
         except (Exception, KeyboardInterrupt) as exc:  # one sentence unless --debug
             if debug:
                 raise
-            _fail(exc)
+            _fail(exc, cfg)
 
     for name in reversed(OPTIONS):
         command = opt(name, **({"type": CHOICES[name]} if name in CHOICES else {}))(command)
@@ -96,15 +97,29 @@ def build_command():
     )(command)
 
 
-def _fail(exc: Exception) -> None:
-    from sftgo.core.models import ModelNotFound
+def _interrupted(cfg) -> str:
+    """What an interrupted run can do next: continue from its last checkpoint, or start again."""
+    from sftgo.trainer import checkpoint as ckpt
+
+    try:
+        latest = ckpt.latest_checkpoint(cfg.out) if cfg is not None else None
+    except Exception:  # a damaged pointer: --resume will say what is wrong with it
+        latest = None
+    if latest is not None:
+        return f"Interrupted; the last checkpoint ({latest.name}) is intact: continue with --resume."
+    return ("Interrupted before the run saved a checkpoint (see --save-every), so there is nothing to continue: "
+            "run the same command again to start over.")
+
+
+def _fail(exc: Exception, cfg=None) -> None:
+    from sftgo.core.models import CacheError, ModelNotFound
     from sftgo.core.shards import LockedError, ShardError
     from sftgo.core.text import safe_text
 
-    if isinstance(exc, (ConfigError, ShardError, ModelNotFound, LockedError)):
+    if isinstance(exc, (ConfigError, ShardError, ModelNotFound, LockedError, CacheError)):
         message = str(exc)
     elif isinstance(exc, KeyboardInterrupt):
-        message = "Interrupted; the last checkpoint is intact (continue with --resume)."
+        message = _interrupted(cfg)
     else:
         first = (str(exc).strip().splitlines() or [""])[0]
         message = f"Training failed with {type(exc).__name__}: {first} (rerun with --debug for the traceback)."

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -103,25 +104,35 @@ def data_identity(cfg: TrainConfig) -> dict:
 
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
     """Rank 0, holding the run directory's lock: refuse to clobber anything but a run of ours; on
-    --resume find the checkpoint and check that it continues this run (trainer.resume).  Returns
-    (checkpoint or None, notes to log, the run's id)."""
+    --resume find the checkpoint and check that it continues this run (trainer.resume).  What an
+    interrupted save left is cleaned up first (checkpoint.sweep).  A run of ours that stopped before
+    its first checkpoint (no checkpoint, no model, no summary) has nothing to continue: it is started
+    again, with a note, whether or not --resume was given.  Returns (checkpoint or None, notes to log,
+    the run's id).  On --resume, config.json is rewritten by set_up once the checkpoint is restored."""
     out = Path(cfg.out)
     preflight.check_run_dir(cfg)
+    notes = [f"Note: {n}." for n in ckpt.sweep(out)] if out.is_dir() else []
     latest = ckpt.latest_checkpoint(out)
-    if cfg.resume:
-        if latest is None:
-            raise ConfigError(f"--resume was given but {out} has no checkpoint to resume from.")
+    began = (out / "metrics.jsonl").exists()
+    unfinished = latest is None and began and not any((out / n).exists() for n in ("model", "summary.json"))
+    if cfg.resume and latest is not None:
         saved = preflight.read_run_config(out)
         run_id = preflight.run_id(out)
-        notes = resume.check(cfg, saved, ckpt.read_state(latest), data_identity(cfg), run_id, latest)
-        atomic_write_text(out / "config.json", cfg.to_json())  # what the run continues with
+        notes += resume.check(cfg, saved, ckpt.read_state(latest), data_identity(cfg), run_id, latest)
         return latest, notes, run_id
-    if latest is not None or (out / "metrics.jsonl").exists():
+    if unfinished:
+        notes.append(f"Note: {out} holds a run that stopped before its first checkpoint, so there is nothing to "
+                     "continue: it starts again from step 0 (its metrics and TensorBoard logs are replaced).")
+        if (out / "tb").is_dir() and not (out / "tb").is_symlink():
+            shutil.rmtree(out / "tb")
+    elif cfg.resume:
+        raise ConfigError(f"--resume was given but {out} has no checkpoint to resume from.")
+    elif latest is not None or began:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
     run_id = preflight.write_run_marker(out)
     atomic_write_text(out / "config.json", cfg.to_json())
-    return None, [], run_id
+    return None, notes, run_id
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -292,7 +303,8 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
             Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature, cfg.group_weight), model, net, train_net, optimizer,
             scheduler, dro, batches, total, pad_id, data_identity(cfg), run_id)
     if resume_from is not None:
-        restore(r, resume_from)
+        restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
+        on_rank0(lambda: atomic_write_text(Path(cfg.out) / "config.json", cfg.to_json()))  # resume changes nothing)
     if r.main:
         r.log = MetricsLog(cfg.out, r.step if resume_from else None, tb,
                            tuple(t for t in cfg.report_to if t != "tensorboard"), dataclasses.asdict(cfg))

@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from sftgo.core.shards import atomic_write_text
 from sftgo.trainer.config import TRACKERS, ConfigError  # TRACKERS: --report-to name -> package
 
 
@@ -123,6 +124,30 @@ class _MLflow:
 _TRACKER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
 
 
+def _resumed_records(path: Path) -> list[dict]:
+    """metrics.jsonl of the run being resumed.  Its last line may have been cut by the kill (or a full
+    disk) that stopped the run: that record is dropped with a note (it is past the checkpoint, which is
+    written after it).  Any other line that is not one of our records is an error."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()] \
+        if path.is_file() else []
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            records.append(record)
+        elif i == len(lines):
+            print(f"Note: the last line of {path} is not a whole record (the run was cut off while writing it); "
+                  "it is dropped.", file=sys.stderr, flush=True)
+        else:
+            raise ConfigError(f"{path} line {i} is not a metrics record of sftgo-train: the file was edited or "
+                              "damaged; repair or remove that line to resume.")
+    return records
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl; on resume drops records past the resumed step
     (written after the checkpoint by the run that died), so the file has each step once."""
@@ -132,9 +157,9 @@ class MetricsLog:
         self.path = Path(out) / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
-        else:
-            kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        else:  # replaced whole: a kill in the middle never loses the history
+            kept = [r for r in _resumed_records(self.path) if r["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.fh = open(self.path, "a", encoding="utf-8")
         names = list(dict.fromkeys(([*report_to] + (["tensorboard"] if tensorboard else []))))
         self.trackers = [_TRACKER_CLASSES[n](Path(out), config or {}) for n in names]

@@ -15,6 +15,7 @@ AutoTokenizer imports torch.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -23,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +89,18 @@ def _gguf_cache_dir(ref: ModelRef, kind: str) -> Path:
     return cache_root() / f"{gguf.stem}-{key}" / kind
 
 
+class CacheError(OSError):
+    """The converted-model cache cannot be written; one sentence that names it and SFTGO_CACHE."""
+
+
 def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> Path:
     """Run save(tmpdir) and rename the directory into place (safe under concurrency).
 
     `required`: groups of file names of which each must have one present; a conversion that wrote
     none of a group is an error, and a cached directory that lacks one (an older sftgo, or a copy cut
     short by hand) is converted again, with a note, instead of being trusted because it is marked
-    complete."""
+    complete.  The temporary folder is locked (flock) while it is written, so that folders left by a
+    killed conversion are recognised and removed by the next one."""
     if (target / ".complete").exists():
         missing = _missing(target, required)
         if not missing:
@@ -106,10 +113,21 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
         except FileNotFoundError:  # another process moved it first
             pass
         shutil.rmtree(aside, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        save(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_abandoned(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise CacheError(f"Cannot write the converted-model cache in {target.parent} ({exc.strerror or exc}); "
+                         "set SFTGO_CACHE to a writable folder.") from None
+    held = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            save(tmp)
+        except OSError as exc:
+            raise CacheError(f"Cannot write the converted-model cache in {target.parent} ({exc.strerror or exc}); "
+                             "set SFTGO_CACHE to a writable folder with room for the model.") from None
         missing = _missing(tmp, required)
         if missing:
             raise RuntimeError(f"Converting into {target} wrote no {', '.join(missing)}.")
@@ -121,7 +139,36 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(held)
     return target
+
+
+ABANDONED_AFTER_S = 60  # a temporary folder younger than this may not be locked yet by its writer
+
+
+def _sweep_abandoned(target: Path) -> None:
+    """Remove the temporary folders of conversions into `target` that were killed (SIGKILL, out of memory):
+    no process holds their lock.  Each can be the size of the model."""
+    now = time.time()
+    for folder in target.parent.glob(f".*{target.name}-*"):
+        if not (folder.name.startswith((f".{target.name}-", f".broken-{target.name}-")) and folder.is_dir()
+                and not folder.is_symlink()):
+            continue
+        try:
+            if now - folder.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:  # gone meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a conversion is writing it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _missing(folder: Path, required: tuple[tuple[str, ...], ...]) -> list[str]:
@@ -270,9 +317,14 @@ def load_build_tokenizer(name: str | None, trust_remote_code: bool = False) -> t
     ok = light is not None and tokenizer_spec(light) == tokenizer_spec(tok)
     location = tokenizer_dir(name)
     marker = _light_marker(location)
-    if ok and marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{location}\n")
+    if ok and marker is not None:  # a memo only: a cache that cannot be written costs the next build time
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+            tmp.write_text(f"{location}\n")
+            os.replace(tmp, marker)
+        except OSError:
+            pass
     return tok, ok
 
 
