@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftgo.core.shards import LockedError, ShardError, exclusive, read_manifest
+from sftgo.core.shards import LockedError, ShardError, exclusive, read_manifest, shared
 from sftgo.pipeline import score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,21 @@ def plant_pending(builds, out: Path) -> Path:
     _, key = score.request(builds["a"], read_manifest(builds["a"]), ["tfidf"], {"eta": float(ETA), "trust_remote_code": False})
     (scoring / score.MARKER).write_text(json.dumps(key, sort_keys=True))
     return scoring
+
+
+# ---------------------------------------------------------------- readers hold the folder
+
+def test_score_and_build_are_refused_while_a_run_reads_the_shards(cli, builds, tmp_path):
+    out = copy_of(builds, "a", tmp_path)
+    before = files_of(out)
+    busy = f"Error: {out} is being read by another sftgo process (a training run); wait for it to finish or choose another --out."
+    with shared(out):  # what sftgo-train holds on --data and --eval-data for its whole run
+        assert one_sentence(rescore(cli, builds, out)) == busy
+        rebuilt = cli("sftgo-prep", "build", ROOT / "data" / "alpaca.jsonl", "--out", out, "--overwrite", "--quiet",
+                      "--scheduler", builds["scheduler"], check=False)
+        assert one_sentence(rebuilt) == busy
+    assert files_of(out) == before
+    assert rescore(cli, builds, out).returncode == 0  # once the run is over
 
 
 # ---------------------------------------------------------------- defect 6: pending commits

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
-from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclusive, read_manifest
+from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclusive, read_manifest, shared
 from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer import fsdp, hostmem, preflight, resume
 from sftgo.trainer.batching import IGNORE, Batches
@@ -626,6 +626,8 @@ def run(cfg: TrainConfig) -> dict:
         with contextlib.ExitStack() as lock:
             on_rank0(lambda: preflight.check_run_dir(cfg))  # before the lock creates RUN_DIR/.lock
             on_rank0(lambda: lock_run_dir(lock, cfg.out))  # rank 0 holds RUN_DIR/.lock for the whole run
+            for folder in dict.fromkeys(f for f in (cfg.data, cfg.eval_data) if f):  # and every rank a shared lock
+                lock.enter_context(shared(Path(folder)))  # on the shards it reads: no build or score rewrites them
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # our own bar is the one to watch

@@ -240,13 +240,21 @@ def _open_lock(out: Path):
 @contextmanager
 def exclusive(out: Path, what: str = "build"):
     """Hold an exclusive lock on out/.lock for the whole job (released if the process dies).
-    A second build (or training run) into the same directory is refused with one sentence."""
+    A second build (or training run) into the same directory is refused with one sentence, and so is a
+    build or score while a training run reads the directory's shards (`shared`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fh = _open_lock(out)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        try:  # a shared lock is granted only when readers, not a writer, hold it
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fh.close()
+            raise LockedError(f"{out} is being read by another sftgo process (a training run); wait for it to finish "
+                              "or choose another --out.") from None
+        except BlockingIOError:
+            pass
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
@@ -260,6 +268,35 @@ def exclusive(out: Path, what: str = "build"):
     finally:
         fh.seek(0)
         fh.truncate()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+@contextmanager
+def shared(folder: Path, what: str = "training run"):
+    """Hold a shared lock on folder/.lock while reading its shards (released if the process dies).  While
+    any reader holds it, a build or score into the folder (`exclusive`) is refused, so the shards cannot
+    change under a run that reads them; and a reader is refused while a writer is at work.  A folder where
+    no lock can be made (read-only) cannot be rewritten either: it is read without one."""
+    folder = Path(folder)
+    try:
+        fh = _open_lock(folder)
+    except LockedError:
+        if (folder / LOCK).exists() or (folder / LOCK).is_symlink() or os.access(folder, os.W_OK):
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise LockedError(f"{folder} is being written by another sftgo process (pid {holder}); wait for it to finish "
+                          f"before the {what} reads it.") from None
+    try:
+        yield
+    finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
 

@@ -111,3 +111,12 @@ def test_a_refused_resume_leaves_the_recorded_settings(tmp_path, shared_shard_di
     refused = train(shared_shard_dir, tiny_model_dir, out, "--resume", steps=5)
     assert len(errors(refused)) == 1 and "'worst_group' = 99" in errors(refused)[0]
     assert (out / "config.json").read_bytes() == config  # still the run's own --max-steps 2
+
+
+def test_a_run_is_refused_while_its_shards_are_being_written(tmp_path, shard_dir, tiny_model_dir):
+    from sftgo.core.shards import exclusive
+
+    with exclusive(Path(shard_dir), what="build"):  # a build or score at work in the shard folder
+        proc = train(shard_dir, tiny_model_dir, tmp_path / "run")
+    assert errors(proc) == [f"Error: {shard_dir} is being written by another sftgo process (pid {os.getpid()}); wait "
+                            "for it to finish before the training run reads it."]
