@@ -52,7 +52,9 @@ def default_shards() -> str:
     return str(out)
 
 
-def run_ours(args, objective: str, work: Path, precision: str = "auto", pack: bool = False) -> list[float]:
+def run_ours(args, objective: str, work: Path, precision: str = "auto", pack: bool = False,
+             records: list | None = None) -> list[float]:
+    """sftgo-train's own loop; each step's time after the warm-up (and, into `records`, every metrics record)."""
     from sftgo.trainer.config import TrainConfig
     from sftgo.trainer.loop import run
 
@@ -64,6 +66,8 @@ def run_ours(args, objective: str, work: Path, precision: str = "auto", pack: bo
     with contextlib.redirect_stdout(io.StringIO()):  # the run's own summary table
         run(cfg)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    if records is not None:
+        records += recs
     times = [r["step_time_s"] for r in recs if r["split"] == "train"][args.warmup :]
     shutil.rmtree(out, ignore_errors=True)
     return times
@@ -149,7 +153,7 @@ def step_timer():
     return Timer()
 
 
-def run_hf(args, batches, work: Path) -> list[float]:
+def run_hf(args, batches, work: Path, callbacks=()) -> list[float]:
     from transformers import Trainer, TrainingArguments
 
     from sftgo.core.models import load_causal_lm
@@ -170,14 +174,14 @@ def run_hf(args, batches, work: Path) -> list[float]:
         gradient_checkpointing=args.grad_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = Trainer(model=model, args=targs, train_dataset=Batches(), data_collator=lambda xs: xs[0],
-                      callbacks=[timer])
+                      callbacks=[timer, *callbacks])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     shutil.rmtree(work / "hf", ignore_errors=True)
     return timer.times[args.warmup :]
 
 
-def run_trl(args, batches, work: Path) -> list[float]:
+def run_trl(args, batches, work: Path, callbacks=()) -> list[float]:
     """TRL's SFTTrainer in its fastest documented setting that runs here: padding-free (each step's
     samples flattened into one row, position ids restarting, no padding), fed the same samples per
     step as the other configurations (completion-only loss through completion_mask).  The Liger
@@ -209,7 +213,7 @@ def run_trl(args, batches, work: Path) -> list[float]:
                     gradient_checkpointing=args.grad_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
                     bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available())
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=load_tokenizer(args.model),
-                         callbacks=[timer])
+                         callbacks=[timer, *callbacks])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     shutil.rmtree(work / "trl", ignore_errors=True)

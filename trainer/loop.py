@@ -250,6 +250,8 @@ class Run:
     setup_cuda_mb: float = 0.0  # torch's peak GPU allocation during set-up
     host_malloc: dict = dataclasses.field(default_factory=dict)  # trainer.hostmem.apply()'s account
     train_start_rss_mb: float | None = None  # the resident set when training starts
+    train_rss_mb: float = 0.0  # the training phase's resident-set peak so far (peaks are restarted every step)
+    train_cuda_mb: float = 0.0  # the same of torch's GPU allocation
 
     @property
     def main(self) -> bool:
@@ -436,6 +438,7 @@ def barrier(r: Run) -> None:
 # ---------------------------------------------------------------- one optimizer step
 def one_step(r: Run, it) -> dict:
     """Train one optimizer step on the next grad_accum micro-batches; return its metrics record."""
+    step_peak(r, restart=True)  # the peak of what came before this step (an eval, a save) is the run's, not the step's
     t0 = time.perf_counter()
     micro = [next(it).to(r.device) for _ in range(r.cfg.grad_accum)]
     lam = r.lam(r.step)
@@ -463,12 +466,13 @@ def one_step(r: Run, it) -> dict:
     r.step += 1
     r.steps_run += 1
     dt = time.perf_counter() - t0
+    peaks = step_peak(r, restart=False)
     rec = {"step": r.step, "split": "train", "loss": stats.loss, "ce": stats.ce, "worst": stats.worst,
            "group_loss": group_loss.tolist(), "group_weight": stats.group_weight[: max(r.k, 1)].tolist(),
            "worst_group": worst_group, "worst_switches": r.switches,
            "ties": stats.ties, "lam": lam, "lr": lr, "grad_norm": float(grad_norm), "tokens": stats.counts.tokens,
            "loss_tokens": int(stats.counts.loss_tokens), "tokens_per_s": stats.counts.tokens / dt,
-           "step_time_s": dt, "epoch": r.batches.position[0], **r.cut}
+           "step_time_s": dt, "epoch": r.batches.position[0], **r.cut, **peaks}
     if r.dro is not None:
         rec["dro_weights"] = r.dro.weights.tolist()
     return rec
@@ -585,17 +589,44 @@ def _proc_status_mb(field: str = "VmHWM") -> float | None:
 
 def start_training_peak(r: Run) -> None:
     """Keep set-up's resident-set peak, then restart the high-water mark (Linux: "5" into
-    /proc/self/clear_refs) so that the peak read at the end covers the training phase alone; on a GPU,
+    /proc/self/clear_refs) so that the peaks read later cover the training phase alone; on a GPU,
     restart torch's peak statistics too.  Where the kernel refuses, only the whole-process peak is reported."""
     if r.device.type == "cuda":
         r.setup_cuda_mb = torch.cuda.max_memory_allocated(r.device) / 2**20
         torch.cuda.reset_peak_memory_stats(r.device)
     before = _proc_status_mb()
+    if _restart_rss_peak():
+        r.setup_rss_mb, r.train_start_rss_mb = before, _proc_status_mb("VmRSS")
+
+
+def _restart_rss_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        return
-    r.setup_rss_mb, r.train_start_rss_mb = before, _proc_status_mb("VmRSS")
+        return False
+    return True
+
+
+def step_peak(r: Run, restart: bool) -> dict:
+    """This process's memory peak since it was last restarted, folded into the training phase's peak, and then
+    restarted when `restart`: called before a step (what came between two steps, an eval or a save, stays out
+    of the step's figure but not out of the run's) and after it.  The metrics of the step: `peak_rss_mb`, the
+    resident set's high-water mark (where the kernel lets it be restarted), and on a GPU `peak_cuda_mb`,
+    torch's most allocated.  Cost: a read of /proc/self/status and a write to /proc/self/clear_refs."""
+    out = {}
+    if r.setup_rss_mb is not None:
+        hwm = _proc_status_mb()
+        if hwm is not None:
+            r.train_rss_mb = max(r.train_rss_mb, hwm)
+            out["peak_rss_mb"] = hwm
+        if restart:
+            _restart_rss_peak()
+    if r.device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(r.device) / 2**20
+        r.train_cuda_mb = max(r.train_cuda_mb, out["peak_cuda_mb"])
+        if restart:
+            torch.cuda.reset_peak_memory_stats(r.device)
+    return out
 
 
 def peak_memory(r: Run) -> list[dict]:
@@ -604,12 +635,13 @@ def peak_memory(r: Run) -> list[dict]:
     measured apart; `train_start_rss_mb`: the resident set it started from) and, on a GPU, the most allocated by torch (`cuda_mb`, `train_cuda_mb`)."""
     import resource
 
+    step_peak(r, restart=False)  # what came after the last step (the final eval and export)
     whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    train = _proc_status_mb() if r.setup_rss_mb is not None else None
+    train = r.train_rss_mb if r.setup_rss_mb is not None else None
     mine = {"rank": r.rank, "rss_mb": max(whole, r.setup_rss_mb or 0.0, train or 0.0), "train_rss_mb": train,
             "train_start_rss_mb": r.train_start_rss_mb}
     if r.device.type == "cuda":
-        mine["train_cuda_mb"] = torch.cuda.max_memory_allocated(r.device) / 2**20
+        mine["train_cuda_mb"] = r.train_cuda_mb
         mine["cuda_mb"] = max(mine["train_cuda_mb"], r.setup_cuda_mb)
     if r.world == 1:
         return [mine]

@@ -33,8 +33,12 @@ def test_cli_end_to_end_artifacts_and_resume(tmp_path, shard_dir, eval_dir, tiny
     train = [r for r in recs if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "ce", "worst", "group_loss", "worst_group", "worst_switches", "lam", "lr", "tokens_per_s",
-                "grad_norm"):
+                "grad_norm", "peak_rss_mb"):
         assert key in train[-1], key
+    # each step's resident-set peak is the step's own (restarted before it), and the run's peak holds them all
+    summary = json.loads((out / "summary.json").read_text())
+    run_peak = summary["peak_memory_mb_per_rank"][0]["train_rss_mb"]
+    assert all(0 < r["peak_rss_mb"] <= run_peak for r in train[3:])
     assert [r["step"] for r in recs if r["split"] == "eval"] == [0, 3, 6]
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
