@@ -9,14 +9,14 @@ with gradient checkpointing (TRL's default; --no-grad-checkpointing turns it off
 that the stored activations are alike and what differs is how the loss is computed; and all under
 the glibc setting sftgo-train applies to itself on a CPU (MALLOC_MMAP_THRESHOLD_, trainer/hostmem.py;
 --no-same-allocator: each as it runs by default), so that the allocator is alike too.
-Output: a table on stdout and, with --json PATH, per configuration the peak RSS of a training step
-(each step's own high-water mark, restarted before it: sftgo-train's `peak_rss_mb` metric, and for the
-other two a Trainer callback doing the same), median of --steps steps after --warmup steps (the
-optimizer's state is made in the first step, so only later steps show the steady state), in each of
---repeats fresh processes; the whole process's peak; the RSS after the model was loaded, and the
+Output: a table on stdout and, with --json PATH, per configuration the peak RSS of its process over
+its steps (median of --repeats fresh processes, interleaved), each step's own peak beside it (its
+high-water mark, restarted before it: sftgo-train's `peak_rss_mb` metric, and for the other two a
+Trainer callback doing the same; the steps hold different samples, TRL's other ones than ours, since
+it takes a fixed number of samples per step), the RSS after the model was loaded, and the
 difference: what the training steps added (activations, logits, gradients, optimizer state).
-Cost: configurations x repeats processes, each a model load plus --warmup + --steps optimizer steps;
-about 8 minutes on 2 CPU cores with the defaults (a 4,096-token fp32 step takes about 35 s).
+Cost: configurations x repeats processes, each a model load plus --steps optimizer steps; about
+12 minutes on 2 CPU cores with the defaults (a 4,096-token fp32 step takes about 35 s).
 
 Why: the Trainer computes the logits of every position, [tokens, vocab] = 4,096 x 49,152 floats
 (805 MB in fp32), then their softmax and its gradient.  sftgo-train's chunked CE computes the LM
@@ -97,7 +97,8 @@ def one(args) -> dict:
 
     from sftgo.core.models import load_causal_lm
 
-    batches = bench_train.the_batches(args)  # warmup + steps batches
+    args.warmup = 0
+    batches = bench_train.the_batches(args)
     model = load_causal_lm(args.model, dtype=torch.float32)  # the memory of a loaded model, before any step
     if torch.cuda.is_available():  # on a GPU, the weights' share is measured where they train
         model.to("cuda")
@@ -124,13 +125,13 @@ def one(args) -> dict:
                 bench_train.run_trl(args, batches, work, callbacks=[meter])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if len(meter.peaks) != args.warmup + args.steps:
-        raise SystemExit(f"{args.one}: {len(meter.peaks)} step peaks, expected {args.warmup + args.steps}")
+    if len(meter.peaks) != args.steps:
+        raise SystemExit(f"{args.one}: {len(meter.peaks)} step peaks, expected {args.steps}")
     tokens = statistics.mean(int(b["num_tokens"]) for b in batches)
     process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if not torch.cuda.is_available() else None
-    return {"step_peaks_mb": meter.peaks[args.warmup:], "warmup_peaks_mb": meter.peaks[:args.warmup],
-            "process_peak_mb": max([before, process or 0.0, *meter.peaks]), "after_load_mb": after_load,
-            "tokens_per_step": tokens, "vocab": vocab}
+    return {"peak_mb": max([before, process or 0.0, *meter.peaks]), "step_peaks_mb": meter.peaks,
+            "after_load_mb": after_load, "tokens_per_step": tokens, "step_tokens": [int(b["num_tokens"]) for b in batches],
+            "vocab": vocab}
 
 
 def main() -> None:
@@ -138,9 +139,9 @@ def main() -> None:
     p.add_argument("--data", help="shard directory (default: bench_train's)")
     p.add_argument("--model", default=None)
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=3, help="measured steps per process (each step's own peak)")
-    p.add_argument("--warmup", type=int, default=1, help="steps before them (the first makes the optimizer's state)")
-    p.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per process (the first makes the optimizer's "
+                   "state, so the second is the first to hold it beside the activations)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration")
     p.add_argument("--pack", action="store_true", help="also sftgo-train --pack (padding-free; information, no row)")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing in every configuration (TRL's default), so that what differs is the loss "
@@ -174,34 +175,30 @@ def main() -> None:
     for r in range(args.repeats):
         for c in configs:  # interleaved: every configuration sees the machine in the same state
             cmd = [sys.executable, __file__, "--one", c, "--data", args.data, "--batch-tokens", str(args.batch_tokens),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
+                   "--steps", str(args.steps), "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
             cmd += ["--model", args.model] if args.model else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"{c} failed:\n{proc.stderr[-3000:]}")
             runs[c].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"process {r + 1}/{args.repeats} {c:<17} step peaks "
-                  + ", ".join(f"{x:,.0f}" for x in runs[c][-1]["step_peaks_mb"])
-                  + f" MB (after {args.warmup} warm-up step(s): " + ", ".join(f"{x:,.0f}" for x in runs[c][-1]["warmup_peaks_mb"])
-                  + f" MB); process peak {runs[c][-1]['process_peak_mb']:,.0f} MB", flush=True)
+            print(f"repeat {r + 1}/{args.repeats} {c:<17} peak {runs[c][-1]['peak_mb']:,.0f} MB (steps: "
+                  + ", ".join(f"{x:,.0f}" for x in runs[c][-1]["step_peaks_mb"]) + " MB)", flush=True)
     med = {}
     for c in configs:
-        steps = [x for run in runs[c] for x in run["step_peaks_mb"]]
-        med[c] = {"peak_mb": statistics.median(steps), "samples": len(steps),
-                  **{k: statistics.median(x[k] for x in runs[c]) for k in ("process_peak_mb", "after_load_mb", "tokens_per_step", "vocab")}}
+        med[c] = {k: statistics.median(x[k] for x in runs[c]) for k in ("peak_mb", "after_load_mb", "tokens_per_step", "vocab")}
+        med[c]["step_peaks_mb"] = [statistics.median(x["step_peaks_mb"][i] for x in runs[c]) for i in range(args.steps)]
         med[c]["steps_added_mb"] = med[c]["peak_mb"] - med[c]["after_load_mb"]
-    result = {"batch_tokens": args.batch_tokens, "steps": args.steps, "warmup": args.warmup, "measure": "step peak",
+    result = {"batch_tokens": args.batch_tokens, "steps": args.steps, "step_tokens": runs["sftgo_train"][0]["step_tokens"],
               "grad_checkpointing": args.grad_checkpointing, "allocator_env": allocator, "repeats": args.repeats,
               "median": med, "runs": runs,
               "ours_over_hf_peak": med["sftgo_train"]["peak_mb"] / med["hf_trainer"]["peak_mb"],
               "ours_over_trl_peak": med["sftgo_train"]["peak_mb"] / med["trl_sft"]["peak_mb"],
               "full_logits_fp32_mb": med["sftgo_train"]["tokens_per_step"] * med["sftgo_train"]["vocab"] * 4 / 2**20}
-    print(f"\n{'config':<17} {'step peak MB':>13} {'process MB':>11} {'after load MB':>14} {'steps added MB':>15}")
+    print(f"\n{'config':<17} {'peak MB':>9} {'each step MB':>16} {'after load MB':>14} {'steps added MB':>15}")
     for c in configs:
-        print(f"{c:<17} {med[c]['peak_mb']:>13,.0f} {med[c]['process_peak_mb']:>11,.0f} {med[c]['after_load_mb']:>14,.0f} "
-              f"{med[c]['steps_added_mb']:>15,.0f}")
-    print(f"ours / HF peak  : {result['ours_over_hf_peak']:.3f}  (target <= 0.7; median of {med['sftgo_train']['samples']} steps)")
+        each = ", ".join(f"{x:,.0f}" for x in med[c]["step_peaks_mb"])
+        print(f"{c:<17} {med[c]['peak_mb']:>9,.0f} {each:>16} {med[c]['after_load_mb']:>14,.0f} {med[c]['steps_added_mb']:>15,.0f}")
+    print(f"ours / HF peak  : {result['ours_over_hf_peak']:.3f}  (target <= 0.7; medians of {args.repeats} processes)")
     print(f"ours / TRL peak : {result['ours_over_trl_peak']:.3f}  (target <= 0.7)")
     print(f"full logits of one step in fp32 would be {result['full_logits_fp32_mb']:,.0f} MB")
     if args.json:

@@ -53,7 +53,7 @@ def sizes(quick: bool, repeats: int) -> dict:
             "scale": ["--records", "2000", "--rss-records", "same", "--startup-records", "20", "--repeats", str(repeats),
                       "--train-steps", "2"],
             "fsdp": ["--steps", "1", "--repeats", "1"],
-            "memory": ["--batch-tokens", "512", "--steps", "1", "--warmup", "1"],
+            "memory": ["--batch-tokens", "512", "--steps", "2", "--repeats", str(repeats)],
             "profile_records": 2000,
         }
     return {
@@ -62,7 +62,7 @@ def sizes(quick: bool, repeats: int) -> dict:
         "train": ["--batch-tokens", "512", "--steps", "3", "--warmup", "1", "--repeats", str(repeats), "--paired-rounds", "15"],
         "scale": ["--records", "200000", "--rss-records", "100000,1000000", "--repeats", str(repeats), "--train-steps", "2"],
         "fsdp": ["--steps", "3", "--repeats", str(repeats), "--batch-tokens", "256", "--grad-checkpointing"],
-        "memory": ["--batch-tokens", "4096", "--steps", str(repeats), "--warmup", "1"],  # each step's own peak
+        "memory": ["--batch-tokens", "4096", "--steps", "2", "--repeats", str(repeats)],
         "profile_records": 10000,
     }
 
@@ -251,11 +251,12 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
                         "measured": f"{m['median']['sftgo_train']['peak_mb']:,.0f} MB", "baseline": f"{m['median'][base]['peak_mb']:,.0f} MB",
                         "ratio": m["median"]["sftgo_train"]["peak_mb"] / m["median"][base]["peak_mb"], "op": "<=", "goal": 0.7,
                         "command": f"{PY} bench/bench_memory.py --batch-tokens {m['batch_tokens']} --steps {m['steps']} "
-                                   f"--warmup {m.get('warmup', 0)} --repeats {m['repeats']}" + ("" if m.get("grad_checkpointing") else " --no-grad-checkpointing")
+                                   f"--repeats {m['repeats']}" + ("" if m.get("grad_checkpointing") else " --no-grad-checkpointing")
                                    + ("" if m.get("allocator_env") else " --no-same-allocator"),  # as the result was made
-                        "note": (f"each a step's own peak (restarted before it), median of {m['steps']} steps after {m['warmup']} "
-                                 f"warm-up step(s) in each of {m['repeats']} process(es); " if m.get("measure") == "step peak"
-                                 else "the process's peak; ")
+                        "note": (f"each step's own peak, medians (ours; theirs): "
+                                 + "; ".join(f"step {i + 1} {a:,.0f}; {b:,.0f} MB" for i, (a, b) in
+                                             enumerate(zip(m['median']['sftgo_train']['step_peaks_mb'], m['median'][base]['step_peaks_mb'])))
+                                 + "; " if "step_peaks_mb" in m["median"]["sftgo_train"] else "")
                                 + f"{'all with' if m.get('grad_checkpointing') else 'none with'} gradient checkpointing; "
                                 + (f"all under {', '.join(f'{k}={v}' for k, v in m['allocator_env'].items())} (sftgo-train's own "
                                    "CPU setting, given to all); " if m.get("allocator_env") else "")
