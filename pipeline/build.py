@@ -10,7 +10,10 @@ group, write shards; the same code `sftgo-prep score` runs) -> manifest (driver)
 Reliability: an exclusive lock on out/.lock refuses a second concurrent build; every
 file is written atomically; a build run again after being killed reuses every staged
 partition and finished shard, so only unfinished work is redone and the result is
-byte-identical to an uninterrupted build.
+byte-identical to an uninterrupted build.  The tasks write only into a work folder of their
+own build start (.staging/WORK, WORK a random name recorded in .staging/build.json), and the
+driver moves the finished shards and artifacts into out/: a task of a killed build that an
+external cluster still runs cannot write into a later build (its folder is gone, so it fails).
 Cost: two reads of the data on the driver for planning JSONL (line offsets); the
 rest runs on the workers, linear in tokens.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -43,6 +47,7 @@ STAGING = ".staging"
 BUILT = ".build.json"  # the parameters and input files (sizes, mtimes) of the finished build
 SCORING = ".scoring"  # the staging folder of `sftgo-prep score` (pipeline/score.py)
 SHARD_FILE = re.compile(r"shard-\d{5,}\.parquet")
+WORK_NAME = re.compile(r"[0-9a-f]{16}")  # .staging/WORK: the tasks' folder of one build start
 
 
 class BuildError(RuntimeError):
@@ -70,6 +75,14 @@ def _clear(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for folder in (STAGING, SCORING):
         shutil.rmtree(out / folder, ignore_errors=True)
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, a symlink (not what it points to) or a folder, if there is one."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def _check_ours(out: Path) -> None:
@@ -108,13 +121,16 @@ def _check_complete(out: Path, manifest: dict, key: dict) -> None:
                          f"{str(exc).rstrip('.')}; pass --overwrite to rebuild it.") from None
 
 
-def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
-    """Decide between fresh start, resume and refusal. Returns (staging dir, already_complete)."""
+def _start(cfg: BuildConfig, out: Path) -> tuple[Path, Path, bool]:
+    """Decide between fresh start, resume and refusal. Returns (staging dir, the tasks' work folder in it,
+    already_complete)."""
     staging = out / STAGING
     key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED}
-    for folder in (out, staging):  # temporaries of atomic writes cut short by a kill (we hold the lock)
-        for tmp in folder.glob(".*.tmp"):
-            tmp.unlink()
+    if not cfg.overwrite and (staging.is_symlink() or staging.is_file()):
+        raise BuildError(f"{staging} is a symlink or a file, not the staging folder sftgo-prep keeps in {out}; remove "
+                         "it or pass --overwrite.")
+    for tmp in out.glob(".*.tmp"):  # temporaries of atomic writes cut short by a kill (we hold the lock)
+        tmp.unlink()
     _check_ours(out)
     if cfg.overwrite:
         _clear(out)
@@ -124,27 +140,48 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, bool]:
             raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
         _check_complete(out, manifest, key)
         shutil.rmtree(staging, ignore_errors=True)  # a kill between the manifest and the clean-up
-        return staging, True
+        return staging, staging, True
     elif (staging / "build.json").exists():
-        try:
-            found = json.loads((staging / "build.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            raise BuildError(f"{out} holds an unfinished build whose record ({STAGING}/build.json) is damaged; pass "
-                             "--overwrite to start again.") from None
-        expected = json.loads(json.dumps(key))
-        if found != expected:
-            if isinstance(found, dict) and {**found, "staged": STAGED} == expected:  # only the staged format differs
-                raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
-                                 "to start again.")
-            raise BuildError(
-                f"{out} holds an unfinished build with other parameters or inputs; pass --overwrite to start again."
-            )
-        return staging, False
+        return staging, _resumed_work(out, staging, key), False
     elif any(SHARD_FILE.fullmatch(p.name) for p in out.glob("shard-*.parquet")):
         raise BuildError(f"{out} holds shards but no manifest or staging; pass --overwrite to replace them.")
-    staging.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(staging / "build.json", json.dumps(key, sort_keys=True))
-    return staging, False
+    remove_entry(staging)  # what a build killed before it recorded itself left
+    staging.mkdir(parents=True)
+    work = staging / secrets.token_hex(8)  # this start's own: no task of an earlier build writes into it
+    work.mkdir()
+    atomic_write_text(staging / "build.json", json.dumps({**key, "work": work.name}, sort_keys=True))
+    return staging, work, False
+
+
+def _resumed_work(out: Path, staging: Path, key: dict) -> Path:
+    """The work folder of the unfinished build in `staging` when it is this one (same parameters, inputs and
+    staged format), else one sentence; what else is in `staging` (a folder of an earlier start that a late
+    task of a killed build wrote into again) is removed."""
+    try:
+        found = json.loads((staging / "build.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        found = None
+    if not isinstance(found, dict):
+        raise BuildError(f"{out} holds an unfinished build whose record ({STAGING}/build.json) is damaged; pass "
+                         "--overwrite to start again.")
+    expected = json.loads(json.dumps(key))
+    rest = {k: v for k, v in found.items() if k != "work"}
+    work = found.get("work")
+    if rest != expected:
+        if {**rest, "staged": STAGED} == expected:  # only the staged format differs
+            raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
+                             "to start again.")
+        raise BuildError(f"{out} holds an unfinished build with other parameters or inputs; pass --overwrite to start again.")
+    if not (isinstance(work, str) and WORK_NAME.fullmatch(work)):
+        raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
+                         "to start again.")
+    for p in staging.iterdir():
+        if p.name not in ("build.json", work):
+            remove_entry(p)
+    if (staging / work).is_symlink() or (staging / work).is_file():
+        remove_entry(staging / work)
+    (staging / work).mkdir(exist_ok=True)
+    return staging / work
 
 
 def _tokenizer(c, cfg: BuildConfig, tok_location: str) -> tuple[Callable[[], dict], bool]:
@@ -189,7 +226,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
               "and no input is one.", file=sys.stderr)
     clock.lap("plan")
     with exclusive(out):  # a second build into `out`, or one already finished, needs no cluster
-        staging, complete = _start(cfg, out)
+        staging, work, complete = _start(cfg, out)
         if complete:
             if cfg.rejects:
                 raise BuildError(f"--rejects {cfg.rejects}: {out} already holds this build, and a finished build keeps "
@@ -206,44 +243,50 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
                                             cfg.trust_remote_code, not cfg.trust_remote_code)
             tok_entry, light = _tokenizer(c, cfg, tok_location)
             clock.lap("cluster start")
-            manifest = _build(c, cfg, strategies, parts, staging, tok_entry, tok_location, light, clock)
+            manifest = _build(c, cfg, strategies, parts, staging, work, tok_entry, tok_location, light, clock)
             del warm
         clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
     return manifest, True
 
 
-def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, tok_entry: Callable[[], dict],
+def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, work: Path, tok_entry: Callable[[], dict],
            tok_location: str, light: bool, clock: "_Clock") -> dict:
-    """Pass 1, fit, pass 2, manifest; the caller holds the lock."""
+    """Pass 1, fit, pass 2 (the tasks write into `work`), then the shards and artifacts moved into out/ and
+    the manifest; the caller holds the lock."""
     out = Path(cfg.out)
-    done = sum(stage_path(str(staging), p.index, "json").exists() for p in parts)
+    done = sum(stage_path(str(work), p.index, "json").exists() for p in parts)
     resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
     _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
-    stats = executor.map_tasks(c, prepare_partition, [(p, cfg, strategies, tok_location, str(staging), light) for p in parts],
+    stats = executor.map_tasks(c, prepare_partition, [(p, cfg, strategies, tok_location, str(work), light) for p in parts],
                                "tokenize", cfg.progress)
     clock.lap("tokenize")
     if cfg.rejects:
-        _write_rejects(cfg.rejects, staging, parts)
+        _write_rejects(cfg.rejects, work, parts)
     try:
-        _check_outcome(cfg, stats, staging, parts)
+        _check_outcome(cfg, stats, work, parts)
     except BuildError:
         _clear(out)  # nothing worth resuming: the same command fails the same way
         raise
     indices = [p.index for p in parts]
     n_docs = sum(s["written"] for s in stats)
-    artifacts, thresholds = fit_all(c, cfg, strategies, str(staging), indices, n_docs, str(out))
+    artifacts, thresholds = fit_all(c, cfg, strategies, str(work), indices, n_docs, str(work))
     clock.lap("fit")
     shards = executor.map_tasks(
         c, write_partition,
-        [(p.index, cfg, strategies, str(staging), None, str(out / shard_name(p.index)), artifacts, str(out), thresholds)
+        [(p.index, cfg, strategies, str(work), None, str(work / shard_name(p.index)), artifacts, str(work), thresholds)
          for p in parts],
         "score+write", cfg.progress,
     )
     clock.lap("score+write")
-    duplicates = executor.run_one(c, count_duplicate_ids, str(staging), indices)
+    duplicates = executor.run_one(c, count_duplicate_ids, str(work), indices)
     manifest = _manifest(cfg, tok_entry(), stats, shards, strategies, artifacts, thresholds, duplicates)
-    shutil.copyfile(staging / "build.json", out / BUILT)  # what it was built from: a rerun checks its inputs
+    for name in [s["path"] for s in shards] + registry.artifacts_of([s.name for s in strategies]):
+        if (work / name).exists():  # (a shard already moved by a start killed while moving is written again)
+            os.replace(work / name, out / name)
+    record = json.loads((staging / "build.json").read_text(encoding="utf-8"))
+    record.pop("work", None)  # (a name of this start alone: the record of a build is the same every time)
+    atomic_write_text(out / BUILT, json.dumps(record, sort_keys=True))  # what it was built from: a rerun checks its inputs
     write_manifest(out, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     clock.lap("manifest")

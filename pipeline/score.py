@@ -6,7 +6,10 @@ Output: every shard rewritten with importance_<S> / group_<S> added (other colum
 are), the strategy's artifacts, and manifest.json updated.
 Flow: per shard on the cluster, decode the tokens back to text (re-encoding must give the same
 ids, else the shard is refused) and stage the strategy's columns (pass A), then the same fit +
-score + group + write as a build (pipeline/finalize.py), into DIR/.scoring (pass B).
+score + group + write as a build (pipeline/finalize.py), into DIR/.scoring (pass B).  The tasks
+write only into a work folder of this request's start (.scoring/WORK, named in .scoring/score.json),
+from which the driver moves the shards and artifacts into .scoring: a task of a killed `score` that an
+external cluster still runs cannot write into a later one.
 Commit: the new manifest is written to .scoring first, then the shards and
 artifacts are renamed into place and the manifest last, so a killed `score` resumes (or
 finishes its commit) when run again, and readers never see a half-written file.  A pending
@@ -21,8 +24,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import secrets
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +41,7 @@ from sftgo.core.shards import (
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
 from sftgo.pipeline import executor
-from sftgo.pipeline.build import BuildError
+from sftgo.pipeline.build import WORK_NAME, BuildError, remove_entry
 from sftgo.pipeline.config import BuildConfig, check_strategies, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
 from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, worker_tokenizer, write_stage
@@ -140,6 +144,25 @@ def request(out: Path, manifest: dict, new: list[str], options: dict, workers: i
     return cfg, json.loads(json.dumps(key))
 
 
+def _request_of(marker):
+    """The request a .scoring marker names (the name of its work folder aside)."""
+    return {k: v for k, v in marker.items() if k != "work"} if isinstance(marker, dict) else marker
+
+
+def _work_folder(scoring: Path, marker) -> Path:
+    """The tasks' folder in .scoring: the one the marker of this same request names (resumed), else a new one;
+    everything else in .scoring goes (a folder of an earlier start that a late task wrote into again, files
+    moved out of the work folder by a run killed before its pending manifest was written)."""
+    name = marker.get("work") if isinstance(marker, dict) else None
+    if not (isinstance(name, str) and WORK_NAME.fullmatch(name)):
+        name = secrets.token_hex(8)
+    for p in scoring.iterdir():
+        if p.name != MARKER and not (p.name == name and p.is_dir() and not p.is_symlink()):
+            remove_entry(p)
+    (scoring / name).mkdir(exist_ok=True)
+    return scoring / name
+
+
 def _read_json(path: Path):
     """The JSON in `path`, or None when it is missing or unreadable (a work file of ours, cut short or damaged)."""
     try:
@@ -180,14 +203,15 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
         for note in ignored_settings(BuildConfig(**options, workers=workers, scheduler=scheduler), new):  # given here
             print(f"Note: {note}", file=sys.stderr)
         marker = scoring / MARKER  # what an unfinished run was computing; anything else is stale
-        if scoring.exists() and _read_json(marker) != key:
+        if scoring.exists() and _request_of(_read_json(marker)) != key:
             shutil.rmtree(scoring)
         verify_build(out, manifest)  # counts, paths, checksums, schemas: refused before a tokenizer or model loads
         tok, light = models.load_build_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
         check_tokenizer(out, manifest, models.tokenizer_fingerprint(tok))
         scoring.mkdir(exist_ok=True)
-        atomic_write_text(marker, json.dumps(key, sort_keys=True))
-        updated = _score(cfg, manifest, [registry.get(s) for s in new], out, scoring, light)
+        work = _work_folder(scoring, _read_json(marker))
+        atomic_write_text(marker, json.dumps({**key, "work": work.name}, sort_keys=True))
+        updated = _score(cfg, manifest, [registry.get(s) for s in new], out, scoring, work, light)
         write_manifest(scoring, updated)
         return _commit(out, scoring, updated, new)
 
@@ -206,7 +230,7 @@ def _resume_commit(out: Path, scoring: Path, manifest: dict, new: list[str], opt
     if staged == manifest:
         return _finished(out, scoring, manifest, new, options, marker)
     cfg, key = request(out, manifest, new, options)
-    if marker != key:
+    if _request_of(marker) != key:
         return _not_this_request(out, scoring, manifest, staged, marker)
     problem = _pending_problem(out, scoring, manifest, staged, cfg, new)
     if problem:
@@ -305,21 +329,25 @@ def updated_manifest(manifest: dict, cfg: BuildConfig, added: dict, entries: lis
             "strategies": {s: added.get(s) or old[s] for s in cfg.strategies}}
 
 
-def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path, light: bool) -> dict:
-    """Pass A, fit, pass B on the cluster; the updated manifest (not yet written)."""
+def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path, work: Path, light: bool) -> dict:
+    """Pass A, fit, pass B on the cluster, the tasks writing into `work`; the rewritten shards and the new
+    artifacts moved into `scoring`; the updated manifest (not yet written)."""
     tok_location = models.tokenizer_dir(manifest["tokenizer"]["name"])
     shards = manifest["shards"]
     indices = list(range(len(shards)))
     with executor.client(cfg.workers, cfg.scheduler) as c:
-        executor.map_tasks(c, stage_shard, [(i, str(member_path(out, s["path"])), cfg, new, tok_location, str(scoring),
+        executor.map_tasks(c, stage_shard, [(i, str(member_path(out, s["path"])), cfg, new, tok_location, str(work),
                                              light) for i, s in enumerate(shards)], "score", cfg.progress)
-        artifacts, thresholds = fit_all(c, cfg, new, str(scoring), indices, manifest["totals"]["records_written"],
-                                        str(scoring))
+        artifacts, thresholds = fit_all(c, cfg, new, str(work), indices, manifest["totals"]["records_written"],
+                                        str(work))
         entries = executor.map_tasks(
             c, write_partition,
-            [(i, cfg, new, str(scoring), str(member_path(out, s["path"])), str(scoring / s["path"]), artifacts,
-              str(scoring), thresholds) for i, s in enumerate(shards)],
+            [(i, cfg, new, str(work), str(member_path(out, s["path"])), str(member_path(work, s["path"])), artifacts,
+              str(work), thresholds) for i, s in enumerate(shards)],
             "write", cfg.progress,
         )
+    for name in [s["path"] for s in shards] + registry.artifacts_of(new):
+        if member_path(work, name).exists():
+            os.replace(member_path(work, name), member_path(scoring, name))
     added = {s.name: manifest_entry(s, cfg, artifacts, thresholds) for s in new}
     return updated_manifest(manifest, cfg, added, entries)

@@ -140,10 +140,10 @@ def test_damaged_staging_is_redone_or_refused_in_one_sentence(cli, tmp_path, sma
     from sftgo.pipeline.prepare import STAGED
 
     cfg = BuildConfig(inputs=[str(small)], out=str(out), rows_per_shard=5).validate()
-    (out / ".staging").mkdir(parents=True)
-    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED}
+    (out / ".staging" / "0123456789abcdef").mkdir(parents=True)
+    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED, "work": "0123456789abcdef"}
     (out / ".staging" / "build.json").write_text(json.dumps(key, sort_keys=True))
-    (out / ".staging" / "part-00000.json").write_text("{}")
+    (out / ".staging" / "0123456789abcdef" / "part-00000.json").write_text("{}")
     assert build(cli, small, out, "--rows-per-shard", "5", scheduler=dask_scheduler).returncode == 0
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == ref5
     # a damaged record of the build itself: one sentence

@@ -41,24 +41,25 @@ def reference(corpus, tmp_path_factory):
     return files_of(out)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120.0, besides: Path | None = None) -> None:
+    """Until a file matching `pattern` appears in `folder` (one outside the folder `besides`)."""
     deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"build ended before {path.name} appeared"
-        assert time.time() < deadline, f"{path} did not appear"
+    while not any(besides is None or besides not in p.parents for p in folder.glob(pattern)):
+        assert proc.poll() is None, f"build ended before {pattern} appeared"
+        assert time.time() < deadline, f"{folder / pattern} did not appear"
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("kill_after", [".staging/part-00004.json", "shard-00003.parquet"], ids=["tokenize", "write"])
+@pytest.mark.parametrize("kill_after", [".staging/*/part-00004.json", ".staging/*/shard-00003.parquet"], ids=["tokenize", "write"])
 def test_killed_build_resumes_to_identical_output(corpus, reference, tmp_path, kill_after):
     out = tmp_path / "out"
     proc = subprocess.Popen(build_args(corpus, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(out / kill_after, proc)
+    wait_for(out, kill_after, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Dask worker processes, mid-build
     proc.wait()
     assert not (out / "manifest.json").exists()
     assert (out / ".staging").exists()
-    staged_before = len(list((out / ".staging").glob("part-*.json")))
+    staged_before = len(list((out / ".staging").glob("*/part-*.json")))
     assert 0 < staged_before
     again = subprocess.run(build_args(corpus, out), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
@@ -112,7 +113,7 @@ def test_score_adds_a_strategy_and_resumes_after_a_kill(corpus, reference, tmp_p
     assert refused.returncode == 1 and "already has 'tfidf' groups; pass --overwrite" in refused.stderr
     args = [str(BIN / "sftgo-prep"), "score", str(out), "--strategy", "tfidf", "--overwrite", "--workers", "1"]
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(out / ".scoring/part-00005.json", proc)
+    wait_for(out, ".scoring/*/part-00005.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert files_of(out) == reference  # nothing visible changed yet
@@ -135,3 +136,75 @@ def test_a_cluster_without_workers_stops_the_build_with_a_sentence(monkeypatch):
         cluster.scale(1)  # once a worker joins, the same tasks run
         c.wait_for_workers(1, timeout=60)
         assert executor.map_tasks(c, abs, [(-1,), (2,)], "tokenize", progress=False) == [1, 2]
+
+
+def _kill_when(args: list[str], folder: Path, pattern: str, besides: Path | None = None) -> None:
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(folder, pattern, proc, besides=besides)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_late_task_of_a_killed_build_cannot_write_into_the_next_one(corpus, reference, tmp_path):
+    """On an external cluster (--scheduler) the tasks of a killed build keep running.  Build A (another
+    --max-length) is killed mid-way, then build B (--overwrite) in turn; A's late tasks then finish -- run
+    here with the very arguments A's driver gave them, as a worker would -- before B is run again.  They fail
+    (A's work folder is gone) instead of leaving A's partitions or shards for B to reuse, and B resumes to
+    the bytes of an uninterrupted build."""
+    from sftgo.core import models
+    from sftgo.pipeline import readers
+    from sftgo.pipeline.config import BuildConfig
+    from sftgo.pipeline.finalize import shard_name, write_partition
+    from sftgo.pipeline.prepare import prepare_partition
+
+    out = tmp_path / "out"
+    _kill_when(build_args(corpus, out) + ["--max-length", "64"], out, ".staging/*/part-00002.json")
+    a_work = out / ".staging" / json.loads((out / ".staging" / "build.json").read_text())["work"]
+    b_args = build_args(corpus, out) + ["--overwrite"]
+    _kill_when(b_args, out, ".staging/*/part-00002.json", besides=a_work)
+    assert not a_work.exists()
+    cfg_a = BuildConfig(inputs=corpus, out=str(out), rows_per_shard=200, workers=1, max_length=64).validate()
+    strategies, last = cfg_a.strategy_objects(), readers.plan(corpus, 200)[-1]
+    with pytest.raises(OSError):  # pass 1 of A's last partition
+        prepare_partition(last, cfg_a, strategies, models.tokenizer_dir(None), str(a_work))
+    with pytest.raises(OSError):  # pass 2 of A's (had it got that far)
+        write_partition(last.index, cfg_a, strategies, str(a_work), None, str(a_work / shard_name(last.index)), {},
+                        str(a_work), {})
+    assert not a_work.exists() and not list(out.rglob(f"*{last.index:05d}*"))
+    again = subprocess.run(build_args(corpus, out), capture_output=True, text=True)  # B again, as a user resumes it
+    assert again.returncode == 0, again.stderr
+    assert "resuming:" in again.stderr
+    assert files_of(out) == reference
+
+
+def test_a_late_task_of_a_killed_score_cannot_write_into_the_next_one(corpus, reference, tmp_path):
+    """The same for `sftgo-prep score`: a late pass-A task of a killed request (--eta 0.2) fails once another
+    request (--eta 0.4) has started, which then gives what it gives uninterrupted."""
+    from sftgo.core import models
+    from sftgo.grouping import registry
+    from sftgo.pipeline.config import BuildConfig
+    from sftgo.pipeline.score import stage_shard
+
+    def fresh(name):
+        d = tmp_path / name
+        d.mkdir()
+        for file, data in reference.items():
+            (d / file).write_bytes(data)
+        return d
+
+    clean = fresh("clean")
+    score = [str(BIN / "sftgo-prep"), "score", "--strategy", "tfidf", "--overwrite", "--workers", "1"]
+    subprocess.run(score[:2] + [str(clean)] + score[2:] + ["--eta", "0.4"], check=True, capture_output=True)
+    out = fresh("out")
+    _kill_when(score[:2] + [str(out)] + score[2:] + ["--eta", "0.2"], out, ".scoring/*/part-00002.json")
+    a_work = out / ".scoring" / json.loads((out / ".scoring" / "score.json").read_text())["work"]
+    b_args = score[:2] + [str(out)] + score[2:] + ["--eta", "0.4"]
+    _kill_when(b_args, out, ".scoring/*/part-00002.json", besides=a_work)
+    assert not a_work.exists()
+    cfg_a = BuildConfig(inputs=corpus, out=str(out), rows_per_shard=200, eta=0.2).validate()
+    with pytest.raises(OSError):
+        stage_shard(39, str(out / "shard-00039.parquet"), cfg_a, [registry.get("tfidf")], models.tokenizer_dir(None),
+                    str(a_work), False)
+    assert not a_work.exists()
+    subprocess.run(b_args, check=True, capture_output=True)
+    assert files_of(out) == files_of(clean)
