@@ -72,10 +72,12 @@ def scalars(record: dict) -> dict[str, float]:
 
 
 class _TensorBoard:
-    def __init__(self, out: Path, config: dict):
+    def __init__(self, out: Path, config: dict, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tb"))
+        # on resume, what the run that died wrote past its checkpoint is purged (TensorBoard hides it), as in
+        # metrics.jsonl: each step shows once
+        self.writer = SummaryWriter(str(out / "tb"), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, values: dict, step: int) -> None:
         for key, value in values.items():
@@ -86,7 +88,7 @@ class _TensorBoard:
 
 
 class _WandB:
-    def __init__(self, out: Path, config: dict):
+    def __init__(self, out: Path, config: dict, resume_step: int | None):
         import os
 
         import wandb
@@ -102,7 +104,7 @@ class _WandB:
 
 
 class _MLflow:
-    def __init__(self, out: Path, config: dict):
+    def __init__(self, out: Path, config: dict, resume_step: int | None):
         import os
 
         import mlflow
@@ -162,7 +164,7 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.fh = open(self.path, "a", encoding="utf-8")
         names = list(dict.fromkeys(([*report_to] + (["tensorboard"] if tensorboard else []))))
-        self.trackers = [_TRACKER_CLASSES[n](Path(out), config or {}) for n in names]
+        self.trackers = [_TRACKER_CLASSES[n](Path(out), config or {}, resume_step) for n in names]
 
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(_clean(record)) + "\n")
