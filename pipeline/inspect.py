@@ -29,7 +29,7 @@ from sftgo.core.text import safe_text as printable
 from sftgo.core import models
 from sftgo.core.shards import (
     LOCK, MANIFEST, ShardError, atomic_write_text, group_column, importance_column, read_manifest, strategy_order,
-    verify_build,
+    shared, verify_build,
 )
 from sftgo.grouping import registry
 
@@ -235,7 +235,8 @@ def run(directory: str, strategy: str | None = None, sample: int = 0, html_path:
     """Text report; `strategy` names one or more (comma-separated) strategies to show side by side.
     Errors are a ShardError of one sentence, its data-derived text escaped like the report."""
     try:
-        return _report(Path(directory), strategy, sample, html_path, samples, color)
+        with shared(Path(directory), "report"):  # no build or score rewrites the shards while they are read
+            return _report(Path(directory), strategy, sample, html_path, samples, color)
     except ShardError as exc:  # messages quote paths and names from the manifest and the command line
         raise ShardError(printable(exc)) from exc
 

@@ -86,7 +86,7 @@ def plant_pending(builds, out: Path) -> Path:
 def test_score_and_build_are_refused_while_a_run_reads_the_shards(cli, builds, tmp_path):
     out = copy_of(builds, "a", tmp_path)
     before = files_of(out)
-    busy = f"Error: {out} is being read by another sftgo process (a training run); wait for it to finish or choose another --out."
+    busy = f"Error: {out} is being read by another sftgo process (a training run, a report or load_shards); wait for it to finish or choose another --out."
     with shared(out):  # what sftgo-train holds on --data and --eval-data for its whole run
         assert one_sentence(rescore(cli, builds, out)) == busy
         rebuilt = cli("sftgo-prep", "build", ROOT / "data" / "alpaca.jsonl", "--out", out, "--overwrite", "--quiet",
@@ -94,6 +94,56 @@ def test_score_and_build_are_refused_while_a_run_reads_the_shards(cli, builds, t
         assert one_sentence(rebuilt) == busy
     assert files_of(out) == before
     assert rescore(cli, builds, out).returncode == 0  # once the run is over
+
+
+def test_inspect_and_load_shards_wait_for_a_writer_and_hold_off_writers(cli, builds, tmp_path, monkeypatch):
+    """Every reader of a build holds the shared lock: `inspect` and `load_shards` are refused while a build
+    or score writes the folder, and a build is refused while they read it."""
+    from sftgo.trainer.hf import load_shards
+
+    out = copy_of(builds, "a", tmp_path)
+    written = f"is being written by another sftgo process (pid {os.getpid()})"
+    with exclusive(out):  # what a build or score holds
+        assert written in one_sentence(cli("sftgo-prep", "inspect", out, check=False))
+        with pytest.raises(LockedError, match=r"being written by another sftgo process"):
+            load_shards(str(out))
+    import sftgo.pipeline.inspect as inspect_mod
+
+    seen = []
+    real = inspect_mod._report
+
+    def report_and_try_a_build(path, *args):  # while inspect reads: a build into the folder is refused
+        with pytest.raises(LockedError, match=r"being read by another sftgo process"):
+            with exclusive(path):
+                pass
+        seen.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(inspect_mod, "_report", report_and_try_a_build)
+    inspect_mod.run(str(out))
+    assert seen == [out]
+    assert len(load_shards(str(out))) == read_manifest(out)["totals"]["records_written"]
+
+
+def test_a_lock_file_this_user_cannot_write_is_still_locked_for_reading(builds, tmp_path):
+    """A build made by another user (its .lock not writable here) is read under a shared lock taken
+    read-only, so a writer is still held off; root stands in for that user with an immutable .lock."""
+    import subprocess
+
+    out = copy_of(builds, "a", tmp_path)
+    lock = out / ".lock"
+    lock.touch()
+    if subprocess.run(["chattr", "+i", str(lock)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        with pytest.raises(OSError):
+            os.open(lock, os.O_RDWR)  # what the reader could not open before
+        with shared(out):
+            with pytest.raises(LockedError):
+                with exclusive(out):
+                    pass
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)], check=True)
 
 
 # ---------------------------------------------------------------- defect 6: pending commits

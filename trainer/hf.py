@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ import torch.nn.functional as F
 
 from transformers import Trainer
 
-from sftgo.core.shards import GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, verify_shards
+from sftgo.core.shards import (
+    GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, shared, verify_shards,
+)
 from sftgo.trainer.batching import IGNORE
 from sftgo.trainer.config import OBJECTIVE_SETTINGS, ConfigError, TrainConfig, check_number, ignored_settings
 from sftgo.trainer.data import check_tokens
@@ -50,16 +53,17 @@ def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = Tru
     `groups`, group_<groups>), in manifest order; checked like sftgo-train checks them."""
     import datasets
 
-    manifest = read_manifest(directory)
-    if verify:
-        verify_shards(directory, manifest, strategies=(groups,) if groups else (), checksums=True)
-    files = [str(member_path(directory, s["path"])) for s in manifest["shards"]]
-    columns = ["id", "input_ids", "loss_mask"] + ([group_column(groups)] if groups else [])
-    info = None
-    if groups:  # SFTGOTrainer takes the number of groups from here (and checks what it is given against it)
-        info = {"data": str(directory), "groups": groups, "num_groups": declared_groups(manifest, groups),
-                "top_group": group_id_range(directory, manifest, groups)}
-    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    with shared(Path(directory), "load_shards"):  # no build or score rewrites them while they are read and copied
+        manifest = read_manifest(directory)
+        if verify:
+            verify_shards(directory, manifest, strategies=(groups,) if groups else (), checksums=True)
+        files = [str(member_path(directory, s["path"])) for s in manifest["shards"]]
+        columns = ["id", "input_ids", "loss_mask"] + ([group_column(groups)] if groups else [])
+        info = None
+        if groups:  # SFTGOTrainer takes the number of groups from here (and checks what it is given against it)
+            info = {"data": str(directory), "groups": groups, "num_groups": declared_groups(manifest, groups),
+                    "top_group": group_id_range(directory, manifest, groups)}
+        ds = datasets.load_dataset("parquet", data_files=files, split="train")  # copied into the datasets cache
     ds = ds.select_columns(columns)
     if info is not None:
         ds.info.description = SHARDS_INFO + json.dumps(info)

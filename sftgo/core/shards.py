@@ -237,6 +237,19 @@ def _open_lock(out: Path):
     return os.fdopen(fd, "r+")
 
 
+def _read_only_lock(folder: Path):
+    """folder/.lock opened read-only (a shared lock needs no more), when it is a plain file; else None."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "r")
+
+
 def _holder(fh) -> str:
     """The pid the writer holding the lock wrote into it (closes the lock file)."""
     fh.seek(0)
@@ -259,8 +272,8 @@ def exclusive(out: Path, what: str = "build"):
         try:  # a shared lock is granted only when readers, not a writer, hold it
             fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             fh.close()
-            raise LockedError(f"{out} is being read by another sftgo process (a training run); wait for it to finish "
-                              "or choose another --out.") from None
+            raise LockedError(f"{out} is being read by another sftgo process (a training run, a report or "
+                              "load_shards); wait for it to finish or choose another --out.") from None
         except BlockingIOError:
             pass
         raise LockedError(f"Another {what} (pid {_holder(fh)}) is writing to {out}; wait for it or choose another --out.") from None
@@ -287,10 +300,12 @@ def shared(folder: Path, what: str = "training run"):
     try:
         fh = _open_lock(folder)
     except LockedError:
-        if (folder / LOCK).exists() or (folder / LOCK).is_symlink() or os.access(folder, os.W_OK):
-            raise
-        yield
-        return
+        fh = _read_only_lock(folder)  # a lock this user may not write (another's build): reading it is enough
+        if fh is None:
+            if (folder / LOCK).exists() or (folder / LOCK).is_symlink() or os.access(folder, os.W_OK):
+                raise
+            yield
+            return
     try:
         fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
