@@ -41,6 +41,7 @@ from sftgo.trainer.metrics import (
 from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, saved_form
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
 from sftgo.trainer.step import Objective, all_reduce, backward_step
+from sftgo.trainer.stopping import graceful_interrupt
 
 CUT_KEYS = ckpt.CUT_KEYS
 
@@ -490,20 +491,25 @@ def train(r: Run) -> None:
 
         bar = tqdm(total=r.total_steps, initial=r.step, desc=cfg.objective, unit="step", dynamic_ncols=True)
     it = iter(r.batches)
-    while r.step < stop:
-        rec = one_step(r, it)
-        if r.main and (r.step % cfg.log_every == 0 or r.step == stop):
-            r.log.write(rec)
+    try:
+        with graceful_interrupt(r.world) as interrupt:  # Ctrl-C stops between steps, never inside one
+            while r.step < stop:
+                rec = one_step(r, it)
+                if r.main and (r.step % cfg.log_every == 0 or r.step == stop):
+                    r.log.write(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", worst_g=rec["worst_group"],
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                if cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
+                    run_eval(r, r.step)
+                if (cfg.save_every and r.step % cfg.save_every == 0) or r.step == stop:
+                    save(r, r.step)
+                interrupt.check()
+    finally:  # on an interrupt or error too: a reader thread left inside pyarrow at exit aborts the process
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", worst_g=rec["worst_group"], tok_s=f"{rec['tokens_per_s']:.0f}")
-        if cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
-            run_eval(r, r.step)
-        if (cfg.save_every and r.step % cfg.save_every == 0) or r.step == stop:
-            save(r, r.step)
-    if bar is not None:
-        bar.close()
-    it.close()  # stop the background Parquet reader now, not during interpreter shutdown
+            bar.close()
+        it.close()
     if r.steps_run and not r.trained_tokens:  # e.g. rho1 whose important tokens were all cut: nothing was learned
         what = (f"token of group {r.objective.num_groups - 1} of '{cfg.groups}'" if cfg.objective == "rho1"
                 else "supervised token")
@@ -664,6 +670,8 @@ def run(cfg: TrainConfig) -> dict:
 
             hf_logging.disable_progress_bar()  # our own bar is the one to watch
             r, _, notes = set_up(cfg, rank, world, device)
+            if r.log is not None:
+                lock.callback(r.log.close)  # an interrupted or failed run's records and trackers are flushed too
             r.host_malloc = host_malloc
             for note in (notes + [f"Note: {n}" for n in ignored_settings(cfg)] + [launch_note(r)]) if r.main else ():
                 print(note, file=sys.stderr, flush=True)

@@ -174,8 +174,10 @@ class MetricsLog:
             tracker.log(values, record["step"])
 
     def close(self) -> None:
+        """Flushes and closes the file and every tracker; closing again does nothing."""
         self.fh.close()
-        for tracker in self.trackers:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
             tracker.close()
 
 

@@ -44,6 +44,9 @@ def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path, sh
     assert said == ["Error: Interrupted before the run saved a checkpoint (see --save-every), so there is nothing to "
                     "continue: run the same command again to start over."], stderr[-2000:]
     assert not (out / "checkpoints" / "latest").exists()
+    # the interrupt waited for the step to end: said so, and the step's record is whole
+    assert "Note: interrupt received; stopping after the current step (press Ctrl-C again to stop now)." in stderr
+    assert all(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines())
 
     again = train(shared_shard_dir, tiny_model_dir, out, "--resume")  # --resume or not: there is nothing to resume
     assert again.returncode == 0, again.stderr[-2000:]
