@@ -1,7 +1,7 @@
 """SFT-GO through the Hugging Face `Trainer`: sftgo shards in, a fine-tuned model out (CPU is fine).
 
     python examples/hf_trainer.py --data out/demo/shards --out runs/hf --max-steps 10 \\
-        [--model NAME] [--objective sftgo|sft|rho1] [--groups tfidf] [--lam 0.9] [--grad-accum 2]
+        [--model NAME] [--objective sftgo|sft|rho1|dft|weighted] [--groups tfidf] [--lam 0.9] [--grad-accum 2]
 
 Input: a shard directory of `sftgo-prep build` and a causal LM (default: the embedded SmolLM2).
 Output: RUN_DIR with the Trainer's checkpoints, `trainer_log.jsonl` (loss and per-group loss per
@@ -23,6 +23,7 @@ from sftgo.core.models import ModelNotFound, load_causal_lm, load_tokenizer
 from sftgo.core.shards import ShardError
 from sftgo.core.text import safe_text
 from sftgo.trainer.config import ConfigError
+from sftgo.trainer import registry
 from sftgo.trainer.hf import SFTGOCollator, SFTGOTrainer, load_shards
 
 
@@ -41,7 +42,10 @@ def train() -> None:
     ap.add_argument("--out", required=True, help="run directory")
     ap.add_argument("--model", default=None, help="model to fine-tune [default: the embedded SmolLM2-135M-Instruct]")
     ap.add_argument("--max-steps", type=int, required=True)
-    ap.add_argument("--objective", default="sftgo", choices=["sftgo", "sft", "rho1"])
+    ap.add_argument("--objective", default="sftgo", choices=registry.names(),
+                    help="training objective (installed plug-ins too) [default: sftgo]")
+    ap.add_argument("--group-weight", type=float, default=1.0,
+                    help="--objective weighted: the weight on the important group [default: 1.0]")
     ap.add_argument("--groups", default="tfidf", help="strategy whose group_<name> column defines the groups")
     ap.add_argument("--lam", type=float, default=0.9)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -60,7 +64,8 @@ def train() -> None:
     )
     trainer = SFTGOTrainer(model=model, args=training_args, train_dataset=dataset,
                            data_collator=SFTGOCollator(pad, groups=args.groups),
-                           objective=args.objective, lam=args.lam)
+                           objective=args.objective, lam=args.lam,
+                           group_weight=args.group_weight)
     trainer.train()
     out = Path(args.out)
     trainer.save_model(str(out / "model"))

@@ -56,6 +56,7 @@ from paired import compare  # noqa: E402
 
 from sftgo.core.models import load_causal_lm, load_tokenizer  # noqa: E402
 from sftgo.core.shards import group_column, member_path, read_manifest, verify_shards  # noqa: E402
+from sftgo.trainer import registry  # noqa: E402
 from sftgo.trainer.config import TrainConfig  # noqa: E402
 from sftgo.trainer.loop import run as train  # noqa: E402
 from sftgo.trainer.metrics import read_jsonl  # noqa: E402
@@ -233,7 +234,7 @@ def one_run(args, spec: Spec) -> dict:
     train(TrainConfig(data=fmt(args.train, spec.seed), out=str(out), model=args.model, objective=spec.objective,
                       groups=spec.groups, lr=spec.lr, seed=spec.seed, max_steps=args.steps, batch_tokens=args.batch_tokens,
                       clip_grad=args.clip_grad, warmup_steps=max(1, args.steps // 10), progress=False, tensorboard=False,
-                      precision=args.precision, **({"lam": spec.lam} if spec.objective == "sftgo" else {}),
+                      precision=args.precision, **({"lam": spec.lam} if "lam" in registry.get(spec.objective).settings else {}),
                       **schedule, **curves, **extra))
     result = {"name": spec.name, "seed": spec.seed, "lr": spec.lr, "settings": settings, "machine": machine(),
               **extra, **run_stats(out / "metrics.jsonl"),

@@ -2,10 +2,12 @@
 
 Input: a strategy name (as given to `--strategy`).
 Output: the strategy object, whose methods `sftgo-prep build` and `sftgo-prep score` call (one
-orchestration for both, pipeline/grouped.py).  The built-ins (tfidf, reference, semantic) are one
-file each and are imported lazily (a tfidf build never imports torch); others register with
-`register(obj)` before the build starts (in the driver process; the object is shipped to the
-Dask workers with each task, so it must be picklable and its module importable there).
+orchestration for both: pipeline/prepare.py and pipeline/finalize.py).  The built-ins (tfidf,
+reference, semantic) are one file each and are imported lazily (a tfidf build never imports torch).
+Others come from an installed package's entry point in the group `sftgo.strategies` (then they work
+from `sftgo-prep build --strategy NAME` and on every Dask worker that has the package), or register
+with `register(obj)` in the driver process before the build starts.  The object is shipped to the Dask
+workers with each task, so it must be picklable and its module importable there.
 Cost: none.
 
 The protocol, per strategy:
@@ -22,17 +24,17 @@ optional, for strategies fitted on the whole corpus:
 """
 from __future__ import annotations
 
-import importlib
 from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
+
+from sftgo.core.plugins import PluginShapeError, Registry
 
 _BUILTIN = {
     "tfidf": "sftgo.grouping.tfidf:STRATEGY",
     "reference": "sftgo.grouping.reference:STRATEGY",
     "semantic": "sftgo.grouping.semantic:STRATEGY",
 }
-_REGISTERED: dict[str, "Strategy"] = {}
 
 
 @runtime_checkable
@@ -46,34 +48,13 @@ class Strategy(Protocol):
     def importance(self, staged: pa.Table, artifacts: dict, folder: str) -> pa.ListArray: ...
 
 
-def register(strategy) -> "Strategy":
-    """Make `strategy` available by its name (a built-in name cannot be taken)."""
-    if not isinstance(strategy, Strategy):
-        raise TypeError(f"{strategy!r} does not implement the strategy protocol (name, params, stage, importance).")
-    name = strategy.name
-    if not name or not name.replace("_", "").isalnum() or not name.isascii() or name in _BUILTIN:
-        raise ValueError(f"Cannot register a strategy named {name!r}: use a new name of ASCII letters, digits and _.")
+def _fit_pair(strategy, where: str) -> None:
     if hasattr(strategy, "fit") != hasattr(strategy, "partition_stats"):
-        raise TypeError(f"Strategy {name!r} must define both partition_stats and fit, or neither.")
-    _REGISTERED[name] = strategy
-    return strategy
+        raise PluginShapeError(f"{where} must define both partition_stats and fit, or neither.")
 
 
-def unregister(name: str) -> None:
-    _REGISTERED.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_BUILTIN) + tuple(_REGISTERED)
-
-
-def get(name: str) -> "Strategy":
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    if name not in _BUILTIN:
-        raise ValueError(f"Unknown strategy {name!r}; choose from {', '.join(names())}.")
-    module, attr = _BUILTIN[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+REGISTRY = Registry("strategy", "sftgo.strategies", _BUILTIN, Strategy, "name, params, stage, importance", _fit_pair)
+names, get, register, unregister = REGISTRY.names, REGISTRY.get, REGISTRY.register, REGISTRY.unregister
 
 
 def fitted(strategy) -> bool:

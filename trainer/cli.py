@@ -16,7 +16,7 @@ import click
 
 from sftgo.core.config import field_default, field_docs
 from sftgo.trainer.config import CHOICES as SETTING_CHOICES
-from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, make_config, read_config_file
+from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, choices, make_config, read_config_file
 
 EXAMPLE = """\b
 Example:
@@ -59,7 +59,7 @@ OPTIONS = [
     "report_to", "save_adapter",
 ]
 METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
-CHOICES = {name: click.Choice(list(values)) for name, values in SETTING_CHOICES.items()}
+CHOICES = {name: click.Choice(list(choices(name))) for name in SETTING_CHOICES}  # objectives: plug-ins too
 
 
 def build_command():

@@ -14,11 +14,10 @@ import numbers
 from dataclasses import dataclass, field
 
 from sftgo.core.config import load_config_file
+from sftgo.trainer import registry
 
-
-# The names only (trainer.objectives holds the losses): reading them imports no torch, so that
-# `sftgo-train` refuses a bad setting in a fraction of a second.
-OBJECTIVES = ("sftgo", "sft", "rho1", "dft", "weighted")
+# Importing this module (and trainer/registry.py) imports no torch, so that `sftgo-train` refuses a bad
+# setting in a fraction of a second.
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -29,7 +28,7 @@ class ConfigError(ValueError):
 REDUCES = ("sample", "batch")
 PRECISIONS = ("auto", "bf16", "fp32")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # --report-to name -> package
-CHOICES = {"objective": OBJECTIVES, "lam_schedule": SCHEDULES, "reduce": REDUCES, "precision": PRECISIONS}
+CHOICES = {"objective": registry.names, "lam_schedule": SCHEDULES, "reduce": REDUCES, "precision": PRECISIONS}
 
 # The valid range of every number of TrainConfig (and of the Hugging Face integration's num_groups):
 # (int or float, low, high, low end excluded, why).  A test checks that every numeric field is here;
@@ -104,9 +103,15 @@ def check_number(name: str, value, flag=cli_flag):
     return value
 
 
+def choices(name: str) -> tuple[str, ...]:
+    """The values setting `name` takes (the objectives: those registered, built-in or installed)."""
+    values = CHOICES[name]
+    return values() if callable(values) else values
+
+
 def check_choice(name: str, value, flag=cli_flag) -> str:
-    if value not in CHOICES[name]:
-        raise ConfigError(f"{flag(name)} must be one of {', '.join(CHOICES[name])}, not {value!r}.")
+    if not isinstance(value, str) or value not in choices(name):
+        raise ConfigError(f"{flag(name)} must be one of {', '.join(choices(name))}, not {value!r}.")
     return value
 
 
@@ -133,7 +138,7 @@ class TrainConfig:
 
     # --- objective
     objective: str = "sftgo"
-    """sftgo (worst-group), sft (plain token-mean CE), rho1 (CE over the important group only), dft (each token's CE times its detached probability, arXiv 2508.05629) or weighted (CE with weight --group-weight on the important group)."""
+    """sftgo (worst-group), sft (plain token-mean CE), rho1 (CE over the important group only), dft (each token's CE times its detached probability, arXiv 2508.05629), weighted (CE with weight --group-weight on the important group), or an installed plug-in's objective (entry point group sftgo.objectives)."""
     groups: str | None = "tfidf"
     """Strategy whose `group_<name>` column defines the groups; sft and dft only log per-group loss with it (a name the shards lack is refused, except this default, which is then a note)."""
     lam: float = 0.9
@@ -266,7 +271,7 @@ class TrainConfig:
         if self.fsdp and self.lora_r > 0:
             raise ConfigError(f"{flag('fsdp')} with {flag('lora_r')} is not supported: LoRA adapters are small, train them "
                               "with DDP (the default).")
-        if self.objective not in ("sft", "dft") and not self.groups:
+        if registry.get(self.objective).groups != "optional" and not self.groups:
             raise ConfigError(f"{flag('objective')} {self.objective} needs {flag('groups')} (a strategy of the shards, "
                               "e.g. tfidf).")
         return self
@@ -277,18 +282,14 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-# every setting that only one objective reads (the losses' parameters); the others are read by all
-OBJECTIVE_SETTINGS = (("lam", "sftgo"), ("lam_schedule", "sftgo"), ("lam_end", "sftgo"), ("reduce", "sftgo"),
-                      ("temperature", "sftgo"), ("dro_step", "sftgo"), ("group_weight", "weighted"))
-
-
 def ignored_settings(cfg: TrainConfig, flag=cli_flag) -> list[str]:
     """One note per setting given (different from its default) that this run does not read."""
     defaults = TrainConfig()
     changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
-    notes = [f"{flag(name)} is ignored: only {flag('objective')} {used} reads it, not {cfg.objective}."
-             for name, used in OBJECTIVE_SETTINGS if name in changed and cfg.objective != used]
-    sftgo = cfg.objective == "sftgo"
+    reads = registry.get(cfg.objective).settings
+    notes = [f"{flag(name)} is ignored: only {flag('objective')} {' or '.join(registry.readers(name))} reads it, "
+             f"not {cfg.objective}." for name in registry.OBJECTIVE_FIELDS if name in changed and name not in reads]
+    sftgo = "lam" in reads  # the rules below are about the worst-group term's settings
     plain = sftgo and cfg.lam == 0 and (cfg.lam_schedule == "constant" or cfg.lam_end == 0)  # λ = 0 throughout
     rules = (
         ("lam_end", sftgo and cfg.lam_schedule == "constant", "the λ schedule is constant"),

@@ -38,10 +38,11 @@ from sftgo.core.shards import (
     GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, shared, verify_shards,
 )
 from sftgo.trainer.batching import IGNORE
-from sftgo.trainer.config import OBJECTIVE_SETTINGS, ConfigError, TrainConfig, check_number, ignored_settings
+from sftgo.trainer import registry
+from sftgo.trainer.config import ConfigError, TrainConfig, check_number, ignored_settings
 from sftgo.trainer.data import check_tokens
 from sftgo.trainer.objectives import lam_at
-from sftgo.trainer.preflight import GROUP_OBJECTIVES, empty_group_message, group_id_range, num_groups as declared_groups
+from sftgo.trainer.preflight import empty_group_message, group_id_range, num_groups as declared_groups
 from sftgo.trainer.step import Counts, Objective, denominators, objective_parts
 
 EXTRA = ("sftgo_groups", "sftgo_segments")
@@ -154,7 +155,7 @@ def count_batches(batches: list[dict], k: int) -> torch.Tensor:
 
 
 class SFTGOTrainer(Trainer):
-    """transformers.Trainer whose loss is sftgo-train's objective (sft, sftgo, rho1, ...).
+    """transformers.Trainer whose loss is sftgo-train's objective (sftgo, sft, rho1, dft, weighted or a plug-in).
 
     Extra arguments: objective ("sftgo"), lam (0.9), lam_schedule ("constant"), lam_end (0.0),
     reduce ("sample"), temperature (0.0), group_weight (1.0), num_groups (default: the manifest's, when
@@ -196,10 +197,10 @@ class SFTGOTrainer(Trainer):
                                   "from them.")
             num_groups = info["num_groups"]
             top = info.get("top_group")
-            if objective in GROUP_OBJECTIVES and top is not None and top < num_groups - 1:
+            if registry.get(objective).groups == "important" and top is not None and top < num_groups - 1:
                 raise ConfigError(empty_group_message(objective, info["groups"], info["data"], num_groups, top)
                                   .replace("--objective ", "objective="))
-        names = {name for name, _ in OBJECTIVE_SETTINGS}
+        names = set(registry.OBJECTIVE_FIELDS)
         for note in ignored_settings(cfg, flag=str):
             if note.split(" ", 1)[0] in names:
                 warnings.warn(f"SFTGOTrainer: {note}", stacklevel=3)

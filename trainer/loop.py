@@ -301,10 +301,10 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LRLambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
     k_loss = max(k, 2)
-    dro = GroupDRO(k_loss, cfg.dro_step) if cfg.objective == "sftgo" and cfg.dro_step > 0 else None
-    r = Run(cfg, rank, world, device, autocast, tokenizer, manifest, group_col, k,
-            Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature, cfg.group_weight), model, net, train_net, optimizer,
-            scheduler, dro, batches, total, pad_id, data_identity(cfg), run_id)
+    objective = Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature, cfg.group_weight)
+    dro = GroupDRO(k_loss, cfg.dro_step) if "dro_step" in objective.impl.settings and cfg.dro_step > 0 else None
+    r = Run(cfg, rank, world, device, autocast, tokenizer, manifest, group_col, k, objective, model, net, train_net,
+            optimizer, scheduler, dro, batches, total, pad_id, data_identity(cfg), run_id)
     if resume_from is not None:
         restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
         on_rank0(lambda: atomic_write_text(Path(cfg.out) / "config.json", cfg.to_json()))  # resume changes nothing)
@@ -368,7 +368,7 @@ def restore(r: Run, path: Path) -> None:
 
 # ---------------------------------------------------------------- evaluation and checkpoints
 @torch.no_grad()
-def evaluate(cfg, net, batches, k, lam, device, autocast) -> dict:
+def evaluate(cfg, net, batches, k, lam, device, autocast, objective) -> dict:
     """Loss, CE, worst and per-group loss of the eval set (all ranks' shares combined)."""
     net.eval()
     acc = torch.zeros(6 + 2 * k, dtype=torch.float64)  # ce, worst, samples, 3 cut counts, group sums, counts
@@ -393,9 +393,7 @@ def evaluate(cfg, net, batches, k, lam, device, autocast) -> dict:
     ce = float(acc[0]) / max(n_tok, 1)
     worst = float(acc[1]) / max(float(acc[2]), 1)
     group_loss = (acc[6 : 6 + k] / acc[6 + k :]).tolist()
-    loss = (1 - lam) * ce + lam * worst if cfg.objective == "sftgo" else ce  # sft, dft, weighted: the held-out CE
-    if cfg.objective == "rho1":
-        loss = group_loss[k - 1]
+    loss = objective.impl.eval_loss(ce, worst, group_loss, lam)
     return {"split": "eval", "loss": loss, "ce": ce, "worst": worst, "group_loss": group_loss, "loss_tokens": int(n_tok),
             **{key: int(v) for key, v in zip(CUT_KEYS, acc[3:6].tolist())}}
 
@@ -405,7 +403,7 @@ def run_eval(r: Run, step: int) -> None:
         return
     batches = make_batches(r.cfg, r.cfg.eval_data, read_manifest(r.cfg.eval_data), r.group_col, r.pad_id, r.rank,
                            r.world, shuffle=False, cycle=False)
-    rec = evaluate(r.cfg, r.net, batches, r.k, r.lam(step), r.device, r.autocast)
+    rec = evaluate(r.cfg, r.net, batches, r.k, r.lam(step), r.device, r.autocast, r.objective)
     if r.main:
         r.log.write({"step": step, **rec})
 
@@ -461,9 +459,7 @@ def one_step(r: Run, it) -> dict:
     r.worst_prev = worst_group if worst_group is not None else r.worst_prev
     for key in CUT_KEYS:
         r.cut[key] += getattr(stats.counts, key)
-    k_loss = r.objective.num_groups  # rho1 trains on the important group only; the others on every supervised token
-    c = stats.counts
-    r.trained_tokens += float(c.group_tokens[k_loss - 1]) if r.cfg.objective == "rho1" else c.loss_tokens
+    r.trained_tokens += float(r.objective.impl.trained_tokens(stats.counts))
     r.step += 1
     r.steps_run += 1
     dt = time.perf_counter() - t0
@@ -511,11 +507,10 @@ def train(r: Run) -> None:
             bar.close()
         it.close()
     if r.steps_run and not r.trained_tokens:  # e.g. rho1 whose important tokens were all cut: nothing was learned
-        what = (f"token of group {r.objective.num_groups - 1} of '{cfg.groups}'" if cfg.objective == "rho1"
-                else "supervised token")
-        raise ConfigError(f"Training ran {r.steps_run} step(s) but no token was trained on (no {what} reached a "
-                          f"micro-batch; {r.cut['truncated_loss_tokens']} supervised tokens were cut at --max-length "
-                          f"{cfg.max_length}), so the run learned nothing and no model is saved.")
+        raise ConfigError(f"Training ran {r.steps_run} step(s) but --objective {cfg.objective} trained on no token "
+                          f"(none of the tokens it trains on reached a micro-batch; {r.cut['truncated_loss_tokens']} "
+                          f"supervised tokens were cut at --max-length {cfg.max_length}), so the run learned nothing "
+                          "and no model is saved.")
 
 
 def finish(r: Run) -> dict:

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 from sftgo.core.shards import (
     LOCK, ShardError, atomic_write_text, group_column, member_path, read_manifest, verify_shards,
 )
+from sftgo.trainer import registry
 from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, cli_flag
 
 RUN_MARKER = "sftgo-run.json"
-GROUP_OBJECTIVES = ("rho1", "weighted")  # they train on the important group, K - 1
 
 
 # ---------------------------------------------------------------- the run directory
@@ -117,9 +117,10 @@ def check_run_dir(cfg: TrainConfig) -> None:
 
 # ---------------------------------------------------------------- the data
 def _groups(cfg: TrainConfig, manifest: dict) -> str | None:
-    """The strategy whose groups the run reads: --groups, or None for sft/dft on data without the default."""
+    """The strategy whose groups the run reads: --groups, or None for an objective that needs no groups (sft,
+    dft) on data without the default."""
     have = manifest.get("strategies", {})
-    if not cfg.groups or cfg.groups in have or cfg.objective not in ("sft", "dft"):
+    if not cfg.groups or cfg.groups in have or registry.get(cfg.objective).groups != "optional":
         return cfg.groups or None  # an objective that needs groups gets verify_shards' refusal
     if cfg.groups == TrainConfig().groups:
         return None  # the default, which this data does not have: plain SFT/DFT without per-group loss (a note)
@@ -200,11 +201,12 @@ def check_data(cfg: TrainConfig, fingerprint: str | None = None, checksums: bool
     if not manifest["shards"]:
         raise ConfigError(f"{cfg.data} holds no shards (0 records written).")
     k = num_groups(manifest, groups)
-    if cfg.objective in GROUP_OBJECTIVES and k < 2:
+    important = registry.get(cfg.objective).groups == "important"  # it trains on the important group, K - 1
+    if important and k < 2:
         raise ConfigError(f"--objective {cfg.objective} needs at least 2 groups; '{groups}' has {k}.")
     top = group_id_range(cfg.data, manifest, groups)
     if groups:
-        if cfg.objective in GROUP_OBJECTIVES and top is not None and top < k - 1:
+        if important and top is not None and top < k - 1:
             raise ConfigError(empty_group_message(cfg.objective, groups, cfg.data, k, top))
         if eval_manifest is not None:
             k_eval = num_groups(eval_manifest, groups)
@@ -233,5 +235,4 @@ def data_notes(cfg: TrainConfig, manifest: dict) -> list[str]:
     which = f"group {empty[0]} of '{groups}' is" if len(empty) == 1 else \
         f"groups {', '.join(map(str, empty[:-1]))} and {empty[-1]} of '{groups}' are"
     return [f"Note: {which} empty in {cfg.data} (the manifest declares {k} groups, the shards use ids up to {top}), "
-            f"so no loss is logged for {'it' if len(empty) == 1 else 'them'}"
-            + (" and the worst group is taken over the others." if cfg.objective == "sftgo" else ".")]
+            f"so no loss is logged for {'it' if len(empty) == 1 else 'them'} and the objective sees only the others."]

@@ -23,16 +23,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sftgo.trainer import registry
 from sftgo.trainer.batching import IGNORE
-from sftgo.trainer.objectives import LossParts, dft_loss, rho1_loss, sftgo_loss, weighted_loss
+from sftgo.trainer.objectives import LossParts
+from sftgo.trainer.registry import LossInput
 
 
 @dataclass(frozen=True)
 class Objective:
-    """What to optimise (DESIGN.md section 1); λ is passed per step, as it may follow a schedule."""
+    """The run's objective and its settings; λ is passed per step, as it may follow a schedule."""
 
     name: str = "sftgo"
-    """sftgo, sft, rho1, dft or weighted."""
+    """A registered objective (trainer/registry.py): sftgo, sft, rho1, dft, weighted or a plug-in."""
     num_groups: int = 2
     """K, at least 2 (a single group just leaves group 1 empty)."""
     reduce: str = "sample"
@@ -41,6 +43,11 @@ class Objective:
     """> 0: smooth max at this temperature instead of the max (sftgo)."""
     weight: float = 1.0
     """The fixed weight on the important group (weighted)."""
+
+    @property
+    def impl(self):
+        """The objective itself (its losses, what it reads and trains)."""
+        return registry.get(self.name)
 
 
 @dataclass
@@ -116,21 +123,9 @@ def step_counts(micro, k: int, device) -> Counts:
 def objective_parts(obj: Objective, token_loss, groups, segments, lam: float, counts: Counts,
                     group_weights: torch.Tensor | None = None) -> LossParts:
     """LossParts of one micro-batch (flat [N] losses, groups and sample ids of its supervised
-    targets), divided by the whole step's denominators; `group_weights`: online Group-DRO."""
-    k, n_tok, n_smp, n_grp = obj.num_groups, counts.loss_tokens, counts.samples, counts.group_tokens
-    if obj.name == "sftgo":
-        return sftgo_loss(token_loss, groups, lam, obj.reduce, num_groups=k, segments=segments, ce_denom=n_tok,
-                          worst_denom=n_smp, group_denom=n_grp, temperature=obj.temperature or None,
-                          group_weights=group_weights)
-    if obj.name == "rho1":
-        return rho1_loss(token_loss, groups, num_groups=k, segments=segments, important_denom=n_grp[k - 1],
-                         ce_denom=n_tok)
-    if obj.name == "dft":
-        return dft_loss(token_loss, groups, num_groups=k, segments=segments, ce_denom=n_tok)
-    if obj.name == "weighted":
-        return weighted_loss(token_loss, groups, obj.weight, num_groups=k, segments=segments, ce_denom=n_tok,
-                             important_denom=n_grp[k - 1])
-    return sftgo_loss(token_loss, groups, 0.0, num_groups=k, segments=segments, ce_denom=n_tok)
+    targets), divided by the whole step's denominators; `group_weights`: online Group-DRO.
+    The objective named `obj.name` computes it (trainer/registry.py)."""
+    return obj.impl.train_loss(LossInput(token_loss, groups, segments, counts, lam, obj, group_weights))
 
 
 def backward_step(net, micro, obj: Objective, lam: float, *, group_weights=None, autocast=contextlib.nullcontext,

@@ -1,0 +1,112 @@
+"""The built-in training objectives, one class each (the protocol: trainer/registry.py).
+
+Input: a `LossInput` per micro-batch (train), the eval set's CE / worst term / per-group loss (eval),
+a step's counts (trained tokens).
+Output: `LossParts` (trainer/objectives.py), a held-out loss, a token count.
+Cost: the losses are O(tokens) scatter-adds (trainer/objectives.py); importing this module imports
+no torch (the losses are imported when first called).
+
+    sftgo     (1 - λ) · CE + λ · worst-group loss (per sample, or over the batch; smooth max; Group-DRO)
+    sft       token-mean CE over every supervised token
+    rho1      token-mean CE over the important group only (Rho-1's selective language modelling)
+    dft       each token's CE times its own detached probability (Dynamic Fine-Tuning)
+    weighted  CE with a fixed weight on the important group (the control for SFT-GO's max)
+"""
+from __future__ import annotations
+
+
+def _losses():
+    from sftgo.trainer import objectives
+
+    return objectives
+
+
+def _common(x) -> dict:
+    return {"num_groups": x.settings.num_groups, "segments": x.segments, "ce_denom": x.counts.loss_tokens}
+
+
+class SftGo:
+    name = "sftgo"
+    summary = "SFT-GO: (1 - λ) · CE + λ · the worst group's loss"
+    groups = "required"
+    settings = ("lam", "lam_schedule", "lam_end", "reduce", "temperature", "dro_step")
+
+    def train_loss(self, x):
+        s, c = x.settings, x.counts
+        return _losses().sftgo_loss(x.token_loss, x.groups, x.lam, s.reduce, **_common(x), worst_denom=c.samples,
+                                    group_denom=c.group_tokens, temperature=s.temperature or None,
+                                    group_weights=x.group_weights)
+
+    def eval_loss(self, ce, worst, group_loss, lam):
+        return (1 - lam) * ce + lam * worst
+
+    def trained_tokens(self, counts):
+        return counts.loss_tokens
+
+
+class Sft:
+    name = "sft"
+    summary = "plain token-mean cross-entropy over the supervised tokens"
+    groups = "optional"  # a group column only adds per-group metrics
+    settings = ()
+
+    def train_loss(self, x):
+        return _losses().sftgo_loss(x.token_loss, x.groups, 0.0, **_common(x))
+
+    def eval_loss(self, ce, worst, group_loss, lam):
+        return ce
+
+    def trained_tokens(self, counts):
+        return counts.loss_tokens
+
+
+class Dft:
+    name = "dft"
+    summary = "Dynamic Fine-Tuning: each token's CE times its own detached probability"
+    groups = "optional"
+    settings = ()
+
+    def train_loss(self, x):
+        return _losses().dft_loss(x.token_loss, x.groups, **_common(x))
+
+    def eval_loss(self, ce, worst, group_loss, lam):
+        return ce  # the held-out CE: comparable across objectives
+
+    def trained_tokens(self, counts):
+        return counts.loss_tokens
+
+
+class Rho1:
+    name = "rho1"
+    summary = "Rho-1: token-mean CE over the important group only"
+    groups = "important"
+    settings = ()
+
+    def train_loss(self, x):
+        return _losses().rho1_loss(x.token_loss, x.groups, **_common(x), important_denom=x.counts.group_tokens[-1])
+
+    def eval_loss(self, ce, worst, group_loss, lam):
+        return group_loss[-1]
+
+    def trained_tokens(self, counts):
+        return float(counts.group_tokens[-1])
+
+
+class Weighted:
+    name = "weighted"
+    summary = "CE with weight --group-weight on the important group and 1 on the others"
+    groups = "important"
+    settings = ("group_weight",)
+
+    def train_loss(self, x):
+        return _losses().weighted_loss(x.token_loss, x.groups, x.settings.weight, **_common(x),
+                                       important_denom=x.counts.group_tokens[-1])
+
+    def eval_loss(self, ce, worst, group_loss, lam):
+        return ce
+
+    def trained_tokens(self, counts):
+        return counts.loss_tokens
+
+
+SFTGO, SFT, RHO1, DFT, WEIGHTED = SftGo(), Sft(), Rho1(), Dft(), Weighted()
