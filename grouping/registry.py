@@ -2,7 +2,7 @@
 
 Input: a strategy name (as given to `--strategy`).
 Output: the strategy object, whose methods `sftgo-prep build` and `sftgo-prep score` call (one
-orchestration for both, pipeline/grouped.py).  The built-ins (tfidf, reference, semantic) are one
+orchestration for both, pipeline/finalize.py).  The built-ins (tfidf, reference, semantic) are one
 file each and are imported lazily (a tfidf build never imports torch); others register with
 `register(obj)` before the build starts (in the driver process; the object is shipped to the
 Dask workers with each task, so it must be picklable and its module importable there).
