@@ -10,7 +10,7 @@ Output: per repeat and mode, each rank's peak memory as sftgo-train records it i
 (`peak_memory_mb_per_rank`: resident set on CPU, torch's max allocated on a GPU) over the training
 phase (after set-up: the model is loaded whole on every rank before FSDP shards it) and over the
 whole process, the medians, and the ratio FSDP / DDP of the larger rank's training-phase peak
-(DESIGN.md 8: at most 0.6; the whole-process ratio beside it); runs alternate
+(target: at most 0.6, set in bench/run_all.py; the whole-process ratio beside it); runs alternate
 DDP, FSDP so that both see the same machine load.
 Cost: 2 x repeats torchrun runs of `steps` optimizer steps each (about 30 s each for SmolLM2 on
 2 CPU cores).

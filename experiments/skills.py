@@ -1,4 +1,4 @@
-"""The fair SFT-GO experiment (issue 13, DESIGN.md 10): skill tasks whose important tokens are
+"""The fair SFT-GO experiment (set-up: experiments/skills_analysis.md): skill tasks whose important tokens are
 computed from the input, a generated world per seed, every method at its own lr, paired statistics.
 
     python experiments/skills.py [--work experiments/skills] [--seeds 0,1,2,3,4] [--tune-seeds 0]

@@ -1,4 +1,4 @@
-"""Skill tasks for the fair SFT-GO experiment (issue 13, DESIGN.md 10): the important tokens of
+"""Skill tasks for the fair SFT-GO experiment (set-up: experiments/skills_analysis.md): the important tokens of
 each answer are computed from the input, so the paper's premise can hold and be measured.
 
 Input: a seed (it sets the generated world: names, places, numbers) and sizes.

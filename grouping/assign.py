@@ -49,8 +49,8 @@ def _row_then_descending(row: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Stable order by row, then value descending; ties keep their input order.
 
     float32 values: one stable argsort of a uint64 key, the row in the high 32 bits and the negated
-    value's order-preserving bit pattern in the low 32 (about 6x faster than np.lexsort of the two
-    keys).  Zeros of either sign tie and every NaN ties, last, as in np.lexsort.  Other dtypes: np.lexsort."""
+    value's order-preserving bit pattern in the low 32 (one sort of one key, faster than np.lexsort's
+    sort per key).  Zeros of either sign tie and every NaN ties, last, as in np.lexsort.  Other dtypes: np.lexsort."""
     if values.dtype != np.float32 or (len(row) and row[-1] >= 2**32):
         return np.lexsort((-values.astype(np.float64), row))
     neg = -values + np.float32(0.0)  # -0.0 + 0.0 == +0.0: both zeros get one bit pattern

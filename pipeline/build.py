@@ -188,7 +188,7 @@ def _tokenizer(c, cfg: BuildConfig, tok_location: str) -> tuple[Callable[[], dic
     """(a function giving the manifest's tokenizer entry, whether workers may load the tokenizer the light
     way).  Once an earlier build found the light load equal to AutoTokenizer's, the driver loads no tokenizer:
     one worker computes the entry while the other starts on the partitions, and the driver collects it for
-    the manifest.  (The driver's own load took about 2 s of the same 2 cores the workers were starting on.)"""
+    the manifest.  (The driver's own load would take CPU time from the workers while they start.)"""
     name = cfg.tokenizer or models.EMBEDDED
     if c.scheduler_info()["workers"] and models.light_load_known(cfg.tokenizer, cfg.trust_remote_code):
         fut = c.submit(tokenizer_facts, tok_location, False, True, pure=False)
@@ -237,8 +237,8 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
             # Workers load the tokenizer before their first task: start-up cost paid once, in parallel.
             # They load it the light way (without torch); whether that gives the same tokenizer is checked
             # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it; see
-            # _tokenizer), else the tasks load it in full.  (Loading the driver's in a thread while the
-            # cluster starts moved 1 s out of "cluster start" but not out of the build: 7.6 vs 7.0 s.)
+            # _tokenizer), else the tasks load it in full.  (The driver does not load its own in a thread
+            # while the cluster starts: that shortens "cluster start" but not the build.)
             warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow,
                                             cfg.trust_remote_code, not cfg.trust_remote_code)
             tok_entry, light = _tokenizer(c, cfg, tok_location)

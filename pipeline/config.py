@@ -102,7 +102,7 @@ class BuildConfig:
             raise ValueError(f"--overflow must be truncate or drop, got {self.overflow!r}.")
         if self.tfidf_unit not in ("word", "token"):
             raise ValueError(f"--tfidf-unit must be word or token, got {self.tfidf_unit!r}.")
-        find_terms("", [], self.tfidf_token_pattern)  # a bad regex is one sentence now, not a worker failure
+        find_terms("", [], self.tfidf_token_pattern)  # a bad regex is refused here in one sentence, not as a worker failure
         if self.reference_mode not in ("loss", "excess"):
             raise ValueError(f"--reference-mode must be loss or excess, got {self.reference_mode!r}.")
         if self.reference_mode == "excess" and not self.base_model:

@@ -5,9 +5,9 @@ Output: `ByteOffsets.encode(texts)` -> (ids int32 [T], character offsets int32 [
 in them [n + 1]): exactly what `encode_batch(texts, add_special_tokens=False)` gives as `.ids` and
 `.offsets`; or None for a batch it cannot vouch for (the caller then encodes the usual way).
 
-Why: reading `.offsets` of every encoding builds one Python tuple per token.  With the Rust encoder's own
-offset tracking, that was a fifth of pass 1's encoding time (2.0 s -> 1.6 s per 5,000 chat records, one
-core, bench/analysis.md).  For a byte-level BPE tokenizer the offsets follow from the ids alone: the
+Why: reading `.offsets` of every encoding builds one Python tuple per token; with the Rust encoder's own
+offset tracking, that is a sizeable share of pass 1's encoding time (figures in bench/analysis.md).  For
+a byte-level BPE tokenizer the offsets follow from the ids alone: the
 tokens of a text are its UTF-8 bytes cut into consecutive pieces, and a token's length in bytes is a
 property of its id.  So `encode_batch_fast` (ids only), a table of byte lengths, a cumulative sum, and
 bytes -> characters (a token that ends inside a character reaches to that character's end, as the
@@ -25,7 +25,7 @@ When (`plan`, once per tokenizer; anything else gets None and the usual path):
   emoji, whitespace runs).
 Every batch is checked as well: each text's tokens must add up to exactly its bytes, else None, and the
 encoder's own offsets from then on.
-Cost: plan reads the vocabulary once (0.06 s for 49,152 tokens); encode is NumPy over the batch.
+Cost: plan reads the vocabulary once (O(vocabulary size)); encode is NumPy over the batch.
 """
 from __future__ import annotations
 

@@ -24,8 +24,7 @@ metadata of the others; a hub dataset is downloaded (or read from the datasets c
 once by the driver.  Reading a partition touches only its bytes/rows, except JSON
 arrays and CSV files, which are parsed whole (cached per worker process).  The
 per-record check is two C-speed scans of a JSONL line plus a size check per JSON object
-(duplicate names; about 10 us a chat record); records from other formats are walked once (a
-few microseconds each).
+(duplicate names), linear in the record's size; records from other formats are walked once.
 """
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ def build_command():
                            help="JSON, TOML or YAML file of settings (field names as in --help, dashes or underscores); flags override it.")(command)
     command = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(command)
     return click.command(
-        help="Fine-tune a causal LM on sftgo shards with the SFT-GO objective (or plain SFT / Rho-1).\n\n" + EXAMPLE,
+        help="Fine-tune a causal LM on sftgo shards with the SFT-GO objective (worst-group) or a baseline: "
+             "sft, rho1, dft or weighted (--objective).\n\n" + EXAMPLE,
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     )(command)
 

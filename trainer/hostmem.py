@@ -8,13 +8,11 @@ Why: glibc raises its mmap threshold each time a large mmapped block is freed (u
 After the first training step, blocks of 1-32 MB (activations, FSDP's all-gathered layers, the
 loss chunks) come from the heap instead, and the heap keeps what is freed: the resident set grows
 above what the live tensors hold, step after step.  A fixed threshold turns the dynamic raise
-off: blocks above it are mmapped and go back to the kernel when freed.  Measured on SmolLM2-135M,
-peak resident set with glibc's default vs the threshold fixed at 1 MiB:
-- FSDP2, 2 CPU ranks, 256-token batches: 2,832 vs 1,926 MB per rank in training (DDP: 3,216 vs 3,212);
-- one process, 4,096-token batches with gradient checkpointing, 2 steps: 4,957 vs 2,978 MB (the
-  checkpointed layer outputs outlive the temporaries between them, and the heap cannot shrink);
-- one process, 2,048-token batches without checkpointing (every activation is live anyway):
-  5,047 vs 5,046 MB, and 87.4 vs 85.8 tokens/s (3 interleaved runs each: within the noise).
+off: blocks above it are mmapped and go back to the kernel when freed.  It lowers the peak resident
+set most where freed blocks sit below live ones: FSDP2's gathered layers, and gradient checkpointing,
+whose saved layer outputs outlive the temporaries between them (the heap cannot shrink past a live
+block).  Without checkpointing every activation is live anyway, and the fixed threshold changes
+neither the peak nor the speed (figures: bench/analysis.md, "Figures moved out of code comments").
 So it is applied wherever training runs on a CPU; on a GPU the host allocator holds little.
 Cost: one mmap/munmap and fresh zeroed pages per block above the threshold.
 """

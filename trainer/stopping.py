@@ -4,7 +4,7 @@ Input: the training loop wraps itself in `graceful_interrupt()` and calls `check
 (optimizer step, log, eval, save). Output: the first SIGINT only asks for a stop (one line on stderr says so);
 `check()` then raises KeyboardInterrupt at the step boundary, so the interrupt never lands inside a library's
 lock (TensorBoard's writer, a queue, a Parquet read) where it can hang or abort the process. A second SIGINT
-stops at once (the old behaviour). Cost: one flag read per step.
+stops at once (Python's default: KeyboardInterrupt wherever the program is). Cost: one flag read per step.
 
 Installed only where it is safe and wanted: in the main thread (Python delivers signals there), in a run of one
 process (under torchrun every rank must stop at the same step, and torchrun itself answers Ctrl-C by

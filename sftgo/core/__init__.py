@@ -3,4 +3,7 @@
   shards.py   the shard contract: column names, schema, manifest read/write/verify, checksums,
               atomic writes, the directory lock
   models.py   model and tokenizer resolution (embedded GGUF, local dirs, hub ids)
+  config.py   JSON/TOML/YAML config files, checked against the dataclass field types
+  text.py     data-derived text made safe for a terminal
+  machine.py  the CPU's model name, for bench and experiment reports
 """

@@ -21,7 +21,7 @@ def _batch(seed=0, B=5, T=12, K=2, empty_rows=(), single_group_rows=()):
 
 
 def oracle(loss, groups, lam, K, reduce="sample"):
-    """DESIGN.md section 1 written as plain loops."""
+    """The definitions of docs/method.md ("Objectives") written as plain loops."""
     sup = [(b, t) for b in range(groups.shape[0]) for t in range(groups.shape[1]) if groups[b, t] >= 0]
     ce = sum(loss[b, t] for b, t in sup) / len(sup)
     if reduce == "sample":
