@@ -200,7 +200,7 @@ class TrainConfig:
     ce_chunk: int = 1024
     """Tokens per chunk of the lm_head + cross-entropy (bounds the fp32 logits in memory)."""
     grad_checkpointing: bool = False
-    """Recompute activations in backward (less memory, about 30% slower)."""
+    """Recompute activations in backward (less memory; each layer's forward runs again in backward)."""
     fsdp: bool = False
     """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2, per decoder layer) instead of DDP: for models that do not fit one device."""
     lora_r: int = 0

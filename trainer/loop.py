@@ -195,8 +195,8 @@ def bf16_native(device) -> bool:
 
 
 def use_bf16(cfg: TrainConfig, device) -> bool:
-    """auto: bf16 on GPUs that support it; bf16: also on a CPU with native bf16 (about 1.6 x fp32's step
-    speed on AVX512-BF16); fp32: never.  Weights, gradients and optimizer state stay fp32 either way."""
+    """auto: bf16 on GPUs that support it; bf16: also on a CPU with native bf16 (faster than fp32 there,
+    see bf16_native); fp32: never.  Weights, gradients and optimizer state stay fp32 either way."""
     if cfg.precision == "fp32":
         return False
     if cfg.precision == "bf16":

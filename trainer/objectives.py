@@ -1,4 +1,4 @@
-"""Training objectives: SFT, SFT-GO (worst-group) and Rho-1, plus the chunked token loss.
+"""Training objectives: SFT-GO (worst-group) and the baselines SFT, Rho-1, DFT and weighted, plus the chunked token loss.
 
 Input: per-token cross-entropy (from `token_cross_entropy`, or any float tensor) and a
 group id per token (-1 = not supervised), optionally a sample id per token (packing).
@@ -8,7 +8,7 @@ cross-entropy runs the lm_head on supervised tokens only, and costs one extra lm
 matmul in backward for the tokens beyond its last chunk (it recomputes their logits
 instead of keeping them).
 
-Definitions (DESIGN.md section 1):
+Definitions (docs/method.md, "Objectives"):
     L_GO  = (1 - lam) * L_CE + lam * L_worst
     L_CE  = sum of supervised token losses / N_tok
     L_g(x)= mean loss of the tokens of sample x in group g
@@ -129,7 +129,7 @@ def sftgo_loss(
     temperature: float | None = None,
     group_weights: torch.Tensor | None = None,
 ) -> LossParts:
-    """L_GO = (1 - lam) * L_CE + lam * L_worst (DESIGN.md section 1).
+    """L_GO = (1 - lam) * L_CE + lam * L_worst (docs/method.md).
 
     token_loss: float [B, T] (or [N]) per-token cross-entropy.
     groups: int [B, T] group id per token, -1 where not supervised.
@@ -271,9 +271,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
     reuses that chunk's softmax and recomputes the logits of the others, turning them into the
     softmax in place and adding into one V x H weight gradient.  So one chunk of `chunk` x V fp32
     logits exists at a time (instead of N x V; the log-sum-exp's temporaries are 128 x V), and a batch
-    whose supervised tokens fit in one chunk pays no recomputation at all.  At 4,096 supervised tokens
-    of a 49,152-word vocabulary the forward and backward add 326 MB at their peak (108 MB of it the
-    weight gradient), where two chunks at once and a second gradient buffer added 814 MB."""
+    whose supervised tokens fit in one chunk pays no recomputation at all.  Peak memory: one chunk of
+    logits plus one V x H fp32 weight gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
