@@ -52,21 +52,21 @@ def peak_mb() -> float:
     """The peak since the last restart (restart_peak): torch's most allocated on a GPU, else VmHWM."""
     import torch
 
-    from sftgo.trainer.loop import _proc_status_mb
+    from sftgo.trainer.memory import proc_status_mb
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return _proc_status_mb()
+    return proc_status_mb()
 
 
 def restart_peak() -> None:
     import torch
 
-    from sftgo.trainer.loop import _restart_rss_peak
+    from sftgo.trainer.memory import restart_rss_peak
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    elif not _restart_rss_peak():
+    elif not restart_rss_peak():
         raise SystemExit("This bench needs /proc/self/clear_refs (Linux) to measure each step's peak.")
 
 

@@ -79,7 +79,8 @@ def paired_objectives(args, rounds: int) -> dict:
     from sftgo.core.models import load_tokenizer
     from sftgo.core.shards import group_column, read_manifest
     from sftgo.trainer.config import TrainConfig
-    from sftgo.trainer.loop import make_batches, make_optimizer
+    from sftgo.trainer.loop import make_batches
+    from sftgo.trainer.optim import make_optimizer
     from sftgo.trainer.model import TokenLossModel, load_for_training
     from sftgo.trainer.step import Objective, backward_step
 
@@ -242,7 +243,7 @@ def main():
     batches = the_batches(args)
     tokens = statistics.mean(b["num_tokens"] for b in batches[args.warmup :])
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    from sftgo.trainer.loop import bf16_native
+    from sftgo.trainer.distributed import bf16_native
 
     # sft_bf16: the same sft runs with --precision bf16 where the device computes bf16 natively (on CPU: AVX512-BF16/AMX)
     cpu_bf16 = not torch.cuda.is_available() and bf16_native(torch.device("cpu"))

@@ -204,7 +204,7 @@ def run_settings(args, seed: int) -> dict:
 def machine() -> dict:
     """Where a run was trained (reported, not compared: the same settings on another machine differ only in rounding)."""
     from sftgo.core.machine import cpu_model
-    from sftgo.trainer.loop import bf16_native
+    from sftgo.trainer.distributed import bf16_native
 
     return {"cpu": cpu_model(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cpu_bf16_native": bf16_native(torch.device("cpu")), "torch": torch.__version__}

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -29,17 +28,20 @@ import torch
 import torch.distributed as dist
 
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
-from sftgo.core.shards import LockedError, ShardError, atomic_write_text, exclusive, read_manifest, shared
+from sftgo.core.shards import LockedError, atomic_write_text, exclusive, read_manifest, shared
 from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer import fsdp, hostmem, preflight, resume
+from sftgo.trainer.distributed import autocast_for, barrier, on_rank0, setup_distributed, use_bf16
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.data import ShardStream
+from sftgo.trainer.memory import MemoryMeter
 from sftgo.trainer.metrics import (
     MetricsLog, check_trackers, plot_curves, read_jsonl, summary_table, tensorboard_enabled,
 )
 from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, saved_form
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
+from sftgo.trainer.optim import LRLambda, make_optimizer
 from sftgo.trainer.step import Objective, all_reduce, backward_step
 from sftgo.trainer.stopping import graceful_interrupt
 
@@ -47,49 +49,6 @@ CUT_KEYS = ckpt.CUT_KEYS
 
 
 # ---------------------------------------------------------------- set-up helpers
-def setup_distributed(fsdp: bool = False):
-    """(rank, world_size, device); initialises the process group under torchrun (or accelerate
-    launch, which sets the same variables).  --fsdp on one process gets a process group of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if (world > 1 or fsdp) and not dist.is_initialized():
-        if world == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return rank, world, device
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def on_rank0(fn):
-    """Run fn on rank 0 only and give every rank its result, or raise its error everywhere."""
-    if not dist.is_initialized():
-        return fn()
-    box = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = fn()
-        except (ConfigError, ShardError) as exc:
-            box[1] = str(exc)
-    dist.broadcast_object_list(box, src=0)  # our own small values (a path or a message), never user data
-    if box[1] is not None:
-        raise ConfigError(box[1])
-    return box[0]
-
-
 def lock_run_dir(stack: contextlib.ExitStack, out: str) -> None:
     """Hold RUN_DIR/.lock until `stack` closes; a second training into `out` is refused."""
     try:
@@ -136,37 +95,6 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
     return None, notes, run_id
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to min_ratio at the last step."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-class _LRLambda:
-    """A picklable-free callable (LambdaLR saves callables' __dict__, not functions)."""
-
-    def __init__(self, warmup, total, min_ratio):
-        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
-
-    def __call__(self, step):
-        return lr_factor(step, self.warmup, self.total, self.min_ratio)
-
-
-def make_optimizer(model, cfg: TrainConfig, device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norms
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW exists on CPU and CUDA (torch >= 2.4) and is what HF Trainer uses by default.  It also
-    # takes FSDP2's sharded (DTensor) parameters, and unlike foreach it makes no parameter-sized
-    # temporaries (foreach's sqrt of the second moments is one more copy of this rank's shard)
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused, foreach=None if fused else True)
-
-
 def make_batches(cfg: TrainConfig, data_dir: str, manifest: dict, group_col: str | None, pad_id: int, rank: int,
                  world: int, *, shuffle: bool, cycle: bool) -> Batches:
     stream = ShardStream(data_dir, manifest, group_col, seed=cfg.seed, rank=rank, world_size=world,
@@ -184,34 +112,6 @@ def count_steps(cfg: TrainConfig, batches: Batches, device) -> int:
     if per_rank // cfg.grad_accum == 0:
         raise ConfigError(f"{cfg.data} is too small for one optimizer step of {cfg.grad_accum} micro-batches per process.")
     return max(1, round(cfg.epochs * (per_rank // cfg.grad_accum)))
-
-
-def bf16_native(device) -> bool:
-    """Whether `device` computes in bf16 natively: a GPU that supports it, or a CPU with AVX512-BF16 or AMX
-    (oneDNN's bf16 kernels; elsewhere CPU bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def use_bf16(cfg: TrainConfig, device) -> bool:
-    """auto: bf16 on GPUs that support it; bf16: also on a CPU with native bf16 (faster than fp32 there,
-    see bf16_native); fp32: never.  Weights, gradients and optimizer state stay fp32 either way."""
-    if cfg.precision == "fp32":
-        return False
-    if cfg.precision == "bf16":
-        if not bf16_native(device):
-            raise ConfigError(f"--precision bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16 or AMX); this {device.type} "
-                              "has none: use auto or fp32.")
-        return True
-    return device.type == "cuda" and bf16_native(device)
-
-
-def autocast_for(cfg: TrainConfig, device):
-    """bf16 autocast with DDP / one process; under --fsdp the MixedPrecisionPolicy casts instead."""
-    if use_bf16(cfg, device) and not cfg.fsdp:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 # ---------------------------------------------------------------- the run's state
@@ -247,12 +147,8 @@ class Run:
     cut: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(CUT_KEYS, 0))  # run totals
     trained_tokens: float = 0.0  # tokens the objective trained on in this process's steps (all ranks)
     steps_run: int = 0  # optimizer steps of this invocation (a resume starts at 0)
-    setup_rss_mb: float | None = None  # the resident-set peak of set-up, when the training phase is measured apart
-    setup_cuda_mb: float = 0.0  # torch's peak GPU allocation during set-up
+    memory: MemoryMeter | None = None  # this process's memory peaks (trainer/memory.py)
     host_malloc: dict = dataclasses.field(default_factory=dict)  # trainer.hostmem.apply()'s account
-    train_start_rss_mb: float | None = None  # the resident set when training starts
-    train_rss_mb: float = 0.0  # the training phase's resident-set peak so far (peaks are restarted every step)
-    train_cuda_mb: float = 0.0  # the same of torch's GPU allocation
 
     @property
     def main(self) -> bool:
@@ -299,12 +195,12 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     batches = make_batches(cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True)
     total = count_steps(cfg, batches, device)
     optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LRLambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRLambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
     k_loss = max(k, 2)
     objective = Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature, cfg.group_weight)
     dro = GroupDRO(k_loss, cfg.dro_step) if "dro_step" in objective.impl.settings and cfg.dro_step > 0 else None
     r = Run(cfg, rank, world, device, autocast, tokenizer, manifest, group_col, k, objective, model, net, train_net,
-            optimizer, scheduler, dro, batches, total, pad_id, data_identity(cfg), run_id)
+            optimizer, scheduler, dro, batches, total, pad_id, data_identity(cfg), run_id, memory=MemoryMeter(device))
     if resume_from is not None:
         restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
         on_rank0(lambda: atomic_write_text(Path(cfg.out) / "config.json", cfg.to_json()))  # resume changes nothing)
@@ -418,26 +314,21 @@ def save(r: Run, step: int) -> None:
                  "run_id": r.run_id, "settings": resume.settings_of(r.cfg), **r.data_id, **r.cut}
         ckpt.write_main(tmp, None if r.cfg.fsdp else r.model, r.tokenizer, None if r.cfg.fsdp else r.optimizer,
                         r.scheduler, state)
-    barrier(r)
+    barrier()
     if r.cfg.fsdp:  # every rank writes its shards of weights and optimizer state (collective)
         fsdp.save(tmp, r.train_net, r.optimizer)
-        barrier(r)
+        barrier()
     ckpt.write_rng(tmp, r.rank)
-    barrier(r)
+    barrier()
     if r.main:
         ckpt.commit(out, tmp, step, r.cfg.keep_checkpoints)
-    barrier(r)
-
-
-def barrier(r: Run) -> None:
-    if r.world > 1:
-        dist.barrier()
+    barrier()
 
 
 # ---------------------------------------------------------------- one optimizer step
 def one_step(r: Run, it) -> dict:
     """Train one optimizer step on the next grad_accum micro-batches; return its metrics record."""
-    step_peak(r, restart=True)  # the peak of what came before this step (an eval, a save) is the run's, not the step's
+    r.memory.step_peak(restart=True)  # the peak of what came before this step (an eval, a save) is the run's, not the step's
     t0 = time.perf_counter()
     micro = [next(it).to(r.device) for _ in range(r.cfg.grad_accum)]
     lam = r.lam(r.step)
@@ -463,7 +354,7 @@ def one_step(r: Run, it) -> dict:
     r.step += 1
     r.steps_run += 1
     dt = time.perf_counter() - t0
-    peaks = step_peak(r, restart=False)
+    peaks = r.memory.step_peak(restart=False)
     rec = {"step": r.step, "split": "train", "loss": stats.loss, "ce": stats.ce, "worst": stats.worst,
            "group_loss": group_loss.tolist(), "group_weight": stats.group_weight[: max(r.k, 1)].tolist(),
            "worst_group": worst_group, "worst_switches": r.switches,
@@ -525,7 +416,7 @@ def finish(r: Run) -> dict:
         model_dir = save_model(r)
         if model_dir is not None:
             summary["model_dir"] = str(model_dir)
-    summary["peak_memory_mb_per_rank"] = peak_memory(r)
+    summary["peak_memory_mb_per_rank"] = r.memory.per_rank(r.rank, r.world)
     summary["host_malloc"] = r.host_malloc
     if not r.main:
         return summary
@@ -576,81 +467,6 @@ def save_model(r: Run) -> Path | None:
     return ckpt.save_final(cfg.out, model, r.tokenizer, dtype=dtype, use_cache=use_cache)
 
 
-def _proc_status_mb(field: str = "VmHWM") -> float | None:
-    """A memory field of this process from Linux /proc/self/status, in MB: VmHWM, the resident-set high-water
-    mark, or VmRSS, the current resident set; None where there is no such file."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def start_training_peak(r: Run) -> None:
-    """Keep set-up's resident-set peak, then restart the high-water mark (Linux: "5" into
-    /proc/self/clear_refs) so that the peaks read later cover the training phase alone; on a GPU,
-    restart torch's peak statistics too.  Where the kernel refuses, only the whole-process peak is reported."""
-    if r.device.type == "cuda":
-        r.setup_cuda_mb = torch.cuda.max_memory_allocated(r.device) / 2**20
-        torch.cuda.reset_peak_memory_stats(r.device)
-    before = _proc_status_mb()
-    if _restart_rss_peak():
-        r.setup_rss_mb, r.train_start_rss_mb = before, _proc_status_mb("VmRSS")
-
-
-def _restart_rss_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def step_peak(r: Run, restart: bool) -> dict:
-    """This process's memory peak since it was last restarted, folded into the training phase's peak, and then
-    restarted when `restart`: called before a step (what came between two steps, an eval or a save, stays out
-    of the step's figure but not out of the run's) and after it.  The metrics of the step: `peak_rss_mb`, the
-    resident set's high-water mark (where the kernel lets it be restarted), and on a GPU `peak_cuda_mb`,
-    torch's most allocated.  Cost: a read of /proc/self/status and a write to /proc/self/clear_refs."""
-    out = {}
-    if r.setup_rss_mb is not None:
-        hwm = _proc_status_mb()
-        if hwm is not None:
-            r.train_rss_mb = max(r.train_rss_mb, hwm)
-            out["peak_rss_mb"] = hwm
-        if restart:
-            _restart_rss_peak()
-    if r.device.type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(r.device) / 2**20
-        r.train_cuda_mb = max(r.train_cuda_mb, out["peak_cuda_mb"])
-        if restart:
-            torch.cuda.reset_peak_memory_stats(r.device)
-    return out
-
-
-def peak_memory(r: Run) -> list[dict]:
-    """Each rank's peak memory: resident set (CPU) of the whole process (`rss_mb`) and of the training phase
-    after set-up (`train_rss_mb`: weights, gradients, optimizer state, activations; None where it could not be
-    measured apart; `train_start_rss_mb`: the resident set it started from) and, on a GPU, the most allocated by torch (`cuda_mb`, `train_cuda_mb`)."""
-    import resource
-
-    step_peak(r, restart=False)  # what came after the last step (the final eval and export)
-    whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    train = r.train_rss_mb if r.setup_rss_mb is not None else None
-    mine = {"rank": r.rank, "rss_mb": max(whole, r.setup_rss_mb or 0.0, train or 0.0), "train_rss_mb": train,
-            "train_start_rss_mb": r.train_start_rss_mb}
-    if r.device.type == "cuda":
-        mine["train_cuda_mb"] = r.train_cuda_mb
-        mine["cuda_mb"] = max(mine["train_cuda_mb"], r.setup_cuda_mb)
-    if r.world == 1:
-        return [mine]
-    every: list = [None] * r.world
-    dist.all_gather_object(every, mine)  # our own small dicts of numbers
-    return every
-
-
 def run(cfg: TrainConfig) -> dict:
     cfg.validate()
     rank, world, device = setup_distributed(cfg.fsdp)
@@ -670,10 +486,10 @@ def run(cfg: TrainConfig) -> dict:
             r.host_malloc = host_malloc
             for note in (notes + [f"Note: {n}" for n in ignored_settings(cfg)] + [launch_note(r)]) if r.main else ():
                 print(note, file=sys.stderr, flush=True)
-            start_training_peak(r)
+            r.memory.start_training()
             train(r)
             summary = finish(r)
-            barrier(r)  # leave together: a rank that tears down its process group early can abort the other's
+            barrier()  # leave together: a rank that tears down its process group early can abort the other's
             return summary
     finally:
         if dist.is_initialized():

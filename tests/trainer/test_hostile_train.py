@@ -290,7 +290,7 @@ def test_a_checkpoint_whose_schedule_or_optimizer_was_changed_is_refused(run_a, 
 
 
 def test_resume_follows_the_configured_lr(run_a, shared_shard_dir, tiny_model_dir):
-    from sftgo.trainer.loop import lr_factor
+    from sftgo.trainer.optim import lr_factor
 
     resume_a(run_a, shared_shard_dir, tiny_model_dir)
     recs = train_records(run_a)

@@ -1,31 +1,29 @@
-"""Per-step memory peaks (trainer.loop.step_peak): the kernel's high-water mark is restarted before each
+"""Per-step memory peaks (trainer.memory.MemoryMeter.step_peak): the kernel's high-water mark is restarted before each
 step, so a step's figure leaves out what came before it, while the run's peak keeps everything."""
-import types
-
 import numpy as np
 import pytest
 import torch
 
-from sftgo.trainer.loop import _proc_status_mb, _restart_rss_peak, step_peak
+from sftgo.trainer.memory import MemoryMeter, proc_status_mb, restart_rss_peak
 
-pytestmark = pytest.mark.skipif(not _restart_rss_peak(), reason="the kernel does not let /proc/self/clear_refs restart the peak")
+pytestmark = pytest.mark.skipif(not restart_rss_peak(), reason="the kernel does not let /proc/self/clear_refs restart the peak")
 
 
 def test_a_step_peak_leaves_out_what_came_before_it_and_the_run_peak_keeps_it():
-    r = types.SimpleNamespace(setup_rss_mb=1.0, train_rss_mb=0.0, train_cuda_mb=0.0, device=torch.device("cpu"))
-    step_peak(r, restart=True)
+    r = MemoryMeter(torch.device("cpu"), setup_rss_mb=1.0)
+    r.step_peak(restart=True)
     big = np.ones(400 * 2**20 // 8)  # 400 MB touched: an eval or a save between two steps
-    high = _proc_status_mb("VmRSS")
+    high = proc_status_mb("VmRSS")
     del big
-    before = step_peak(r, restart=True)  # the start of the next step
+    before = r.step_peak(restart=True)  # the start of the next step
     assert before["peak_rss_mb"] >= high - 5  # (the kernel's counters lag by a few pages)
     small = np.ones(10 * 2**20 // 8)  # the step itself
     del small
-    step = step_peak(r, restart=False)["peak_rss_mb"]
+    step = r.step_peak(restart=False)["peak_rss_mb"]
     assert step < high - 300  # the 400 MB before the step are not the step's
     assert r.train_rss_mb >= high - 5  # but they are the run's
 
 
 def test_no_figure_where_the_peak_cannot_be_measured_apart():
-    r = types.SimpleNamespace(setup_rss_mb=None, train_rss_mb=0.0, train_cuda_mb=0.0, device=torch.device("cpu"))
-    assert step_peak(r, restart=True) == {}
+    r = MemoryMeter(torch.device("cpu"), setup_rss_mb=None)
+    assert r.step_peak(restart=True) == {}

@@ -108,7 +108,7 @@ def test_resume_applies_more_steps_and_says_what_happens_to_the_schedule(stopped
     assert "--max-steps raised from 4 to 6" in err and "recomputed for 6 steps" in err
     recs = train_records(stopped_run)
     assert [r["step"] for r in recs] == list(range(1, 7))
-    from sftgo.trainer.loop import lr_factor
+    from sftgo.trainer.optim import lr_factor
 
     assert recs[2]["lr"] == pytest.approx(3e-3 * lr_factor(2, 0, 6, 0.1))  # step 3 on the 6-step schedule
     assert json.loads((stopped_run / "config.json").read_text())["max_steps"] == 6
@@ -185,7 +185,7 @@ def test_final_model_keeps_the_loaded_dtype_and_its_own_use_cache(tmp_path, shar
 def test_bf16_on_a_cpu_with_native_bf16_autocasts_and_keeps_fp32_weights(tmp_path, shard_dir, tiny_model_dir):
     """--precision bf16 on CPU: bf16 autocast where the CPU has native bf16 (the first step's loss is fp32's
     within bf16 rounding, the checkpoint stays fp32), one sentence where it has none."""
-    from sftgo.trainer.loop import bf16_native
+    from sftgo.trainer.distributed import bf16_native
     from sftgo.trainer.metrics import read_jsonl
 
     if not bf16_native(torch.device("cpu")):

@@ -1,0 +1,96 @@
+"""Rank set-up and numeric precision: which process this is, on which device, in which dtype.
+
+Input: the environment torchrun or `accelerate launch` sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+a TrainConfig's --fsdp and --precision.
+Output: (rank, world size, device) with the process group initialised when there are several ranks (gloo on
+CPU, NCCL on GPU); `on_rank0` to run a decision on rank 0 and give every rank its result or its error;
+`barrier`; whether to compute in bf16 and the autocast context for it.
+Cost: one process-group initialisation; a broadcast of a small object per `on_rank0`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from sftgo.core.shards import ShardError
+from sftgo.trainer.config import ConfigError, TrainConfig
+
+
+def setup_distributed(fsdp: bool = False):
+    """(rank, world_size, device); initialises the process group under torchrun (or accelerate
+    launch, which sets the same variables).  --fsdp on one process gets a process group of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if (world > 1 or fsdp) and not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_rank0(fn):
+    """Run fn on rank 0 only and give every rank its result, or raise its error everywhere."""
+    if not dist.is_initialized():
+        return fn()
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except (ConfigError, ShardError) as exc:
+            box[1] = str(exc)
+    dist.broadcast_object_list(box, src=0)  # our own small values (a path or a message), never user data
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return box[0]
+
+
+def bf16_native(device) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU that supports it, or a CPU with AVX512-BF16 or AMX
+    (oneDNN's bf16 kernels; elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def use_bf16(cfg: TrainConfig, device) -> bool:
+    """auto: bf16 on GPUs that support it; bf16: also on a CPU with native bf16 (faster than fp32 there,
+    see bf16_native); fp32: never.  Weights, gradients and optimizer state stay fp32 either way."""
+    if cfg.precision == "fp32":
+        return False
+    if cfg.precision == "bf16":
+        if not bf16_native(device):
+            raise ConfigError(f"--precision bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16 or AMX); this {device.type} "
+                              "has none: use auto or fp32.")
+        return True
+    return device.type == "cuda" and bf16_native(device)
+
+
+def autocast_for(cfg: TrainConfig, device):
+    """bf16 autocast with DDP / one process; under --fsdp the MixedPrecisionPolicy casts instead."""
+    if use_bf16(cfg, device) and not cfg.fsdp:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for on one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
