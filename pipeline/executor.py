@@ -17,8 +17,10 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from sftgo.core.errors import SftgoError
 
-class TaskError(RuntimeError):
+
+class TaskError(SftgoError, RuntimeError):
     """A task failed on a worker."""
 
 

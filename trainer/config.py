@@ -14,16 +14,13 @@ import numbers
 from dataclasses import dataclass, field
 
 from sftgo.core.config import load_config_file
+from sftgo.core.errors import ConfigError  # the one both CLIs raise; importable from here as before
 
 
 # The names only (trainer.objectives holds the losses): reading them imports no torch, so that
 # `sftgo-train` refuses a bad setting in a fraction of a second.
 OBJECTIVES = ("sftgo", "sft", "rho1", "dft", "weighted")
 SCHEDULES = ("constant", "linear", "cosine")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
 
 
 REDUCES = ("sample", "batch")

