@@ -19,10 +19,9 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from sftgo.core.models import ModelNotFound, load_causal_lm, load_tokenizer
-from sftgo.core.shards import ShardError
+from sftgo.core.errors import SftgoError
+from sftgo.core.models import load_causal_lm, load_tokenizer
 from sftgo.core.text import safe_text
-from sftgo.trainer.config import ConfigError
 from sftgo.trainer import registry
 from sftgo.trainer.hf import SFTGOCollator, SFTGOTrainer, load_shards
 
@@ -31,7 +30,7 @@ def main() -> None:
     """Bad data, a missing model or a bad setting: one sentence on stderr and exit code 1."""
     try:
         train()
-    except (ShardError, ConfigError, ModelNotFound) as exc:
+    except SftgoError as exc:
         print(f"Error: {safe_text(str(exc))}", file=sys.stderr)
         sys.exit(1)
 

@@ -124,7 +124,7 @@ def oracle_shards(train_records: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sftgo.core.shards import file_sha256
+    from sftgo.core.fileio import file_sha256
     from sftgo.core.models import load_tokenizer
 
     src, dst = WORK / "shards", WORK / "shards-oracle"

@@ -337,7 +337,7 @@ class TfidfStrategy:
 
     def fit(self, stats: list[pa.Table], documents: int, folder: str) -> dict:
         """Write idf.parquet into `folder`; its manifest entry."""
-        from sftgo.core.shards import atomic_write, file_sha256
+        from sftgo.core.fileio import atomic_write, file_sha256
 
         table = fit_idf(stats, documents)
         if not table.num_rows:  # scikit-learn's "empty vocabulary": every token would score 0, one group

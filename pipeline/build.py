@@ -33,10 +33,10 @@ from typing import Callable
 from sftgo import __version__ as VERSION
 from sftgo.core import models
 from sftgo.core.text import safe_text
-from sftgo.core.shards import (
-    FORMAT_VERSION, MANIFEST, ShardError, atomic_write, atomic_write_text, exclusive, read_manifest, verify_shards,
-    write_manifest,
-)
+from sftgo.core.errors import SftgoError
+from sftgo.core.fileio import atomic_write, atomic_write_text, remove
+from sftgo.core.locks import exclusive
+from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, verify_shards, write_manifest
 from sftgo.grouping import registry
 from sftgo.pipeline import executor, readers
 from sftgo.pipeline.config import BuildConfig, ignored_settings
@@ -50,7 +50,7 @@ SHARD_FILE = re.compile(r"shard-\d{5,}\.parquet")
 WORK_NAME = re.compile(r"[0-9a-f]{16}")  # .staging/WORK: the tasks' folder of one build start
 
 
-class BuildError(RuntimeError):
+class BuildError(SftgoError, RuntimeError):
     """A build cannot start or finish; the message is one sentence for the user."""
 
 
@@ -75,14 +75,6 @@ def _clear(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for folder in (STAGING, SCORING):
         shutil.rmtree(out / folder, ignore_errors=True)
-
-
-def remove_entry(path: Path) -> None:
-    """Remove a file, a symlink (not what it points to) or a folder, if there is one."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
 
 
 def _check_ours(out: Path) -> None:
@@ -145,7 +137,7 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, Path, bool]:
         return staging, _resumed_work(out, staging, key), False
     elif any(SHARD_FILE.fullmatch(p.name) for p in out.glob("shard-*.parquet")):
         raise BuildError(f"{out} holds shards but no manifest or staging; pass --overwrite to replace them.")
-    remove_entry(staging)  # what a build killed before it recorded itself left
+    remove(staging)  # what a build killed before it recorded itself left
     staging.mkdir(parents=True)
     work = staging / secrets.token_hex(8)  # this start's own: no task of an earlier build writes into it
     work.mkdir()
@@ -177,9 +169,9 @@ def _resumed_work(out: Path, staging: Path, key: dict) -> Path:
                          "to start again.")
     for p in staging.iterdir():
         if p.name not in ("build.json", work):
-            remove_entry(p)
+            remove(p)
     if (staging / work).is_symlink() or (staging / work).is_file():
-        remove_entry(staging / work)
+        remove(staging / work)
     (staging / work).mkdir(exist_ok=True)
     return staging / work
 

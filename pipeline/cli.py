@@ -11,6 +11,7 @@ import sys
 import click
 
 from sftgo.core.config import field_default, field_docs, load_config_file
+from sftgo.core.errors import SftgoError, unexpected
 from sftgo.core.text import safe_text
 from sftgo.pipeline.config import FORMATS, THRESHOLDS, BuildConfig
 
@@ -42,19 +43,18 @@ Example:
 
 
 def _user_errors(fn):
-    """Turn expected failures into one clear sentence (and a traceback only with --debug)."""
+    """Turn failures into one clear sentence (and a traceback only with --debug): the message as it is for
+    every SftgoError (a task that failed on a Dask worker arrives as one, TaskError), a plain ValueError (an
+    option that grouping or the chat template refuses) and an OSError (a file that cannot be read or
+    written); anything else is unexpected and named by its type."""
 
     @functools.wraps(fn)
     def wrapper(*args, debug=False, **kwargs):
-        from sftgo.pipeline.build import BuildError
-        from sftgo.pipeline.executor import TaskError
-        from sftgo.core.shards import LockedError, ShardError
-        from sftgo.core.models import ModelNotFound
-        from sftgo.pipeline.readers import InputError
-
         try:
             return fn(*args, **kwargs)
-        except (ValueError, BuildError, TaskError, ShardError, ModelNotFound, InputError, OSError, LockedError) as exc:
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
+        except (SftgoError, ValueError, OSError) as exc:
             if debug:
                 raise
             click.echo(f"Error: {safe_text(str(exc))}", err=True)
@@ -65,6 +65,11 @@ def _user_errors(fn):
             abandon_clusters()
             click.echo("Interrupted; run the same command again to resume.", err=True)
             sys.exit(130)
+        except Exception as exc:  # not foreseen (a bug): still one sentence, the traceback with --debug
+            if debug:
+                raise
+            click.echo(f"Error: {safe_text(unexpected(exc, 'sftgo-prep'))}", err=True)
+            sys.exit(1)
 
     return click.option("--debug", is_flag=True, help="Show full tracebacks.")(wrapper)
 

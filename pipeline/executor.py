@@ -17,8 +17,10 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
+from sftgo.core.errors import SftgoError
 
-class TaskError(RuntimeError):
+
+class TaskError(SftgoError, RuntimeError):
     """A task failed on a worker."""
 
 
@@ -61,7 +63,7 @@ def local_cluster(workers: int) -> Iterator:
     # 20 ms (it only measures loop latency), the system monitor every 5 s and the memory monitor every
     # 1 s.  And no MALLOC_TRIM_THRESHOLD_ (Dask sets it to 64 KiB to hand freed memory back at once; that
     # also fixes glibc's mmap threshold, and pass 1's large short-lived arrays then cost page faults).
-    # Together, two workers' pass 1 took about 25% less time (notes in bench/analysis.md).
+    # Together this shortens pass 1 markedly (figures in bench/analysis.md).
     environ = dict(dask_config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     settings = {

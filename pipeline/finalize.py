@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftgo.core.shards import (
-    atomic_write, column_strategy, file_sha256, group_column, importance_column,
-)
+from sftgo.core.fileio import atomic_write, file_sha256
+from sftgo.core.shards import column_strategy, group_column, importance_column
 from sftgo.grouping import registry
 from sftgo.grouping.assign import assign_by_thresholds, assign_groups, corpus_thresholds
 from sftgo.pipeline import executor

@@ -27,10 +27,9 @@ import pyarrow.parquet as pq
 
 from sftgo.core.text import safe_text as printable
 from sftgo.core import models
-from sftgo.core.shards import (
-    LOCK, MANIFEST, ShardError, atomic_write_text, group_column, importance_column, read_manifest, strategy_order,
-    shared, verify_build,
-)
+from sftgo.core.fileio import atomic_write_text
+from sftgo.core.locks import LOCK, shared
+from sftgo.core.shards import MANIFEST, ShardError, group_column, importance_column, read_manifest, strategy_order, verify_build
 from sftgo.grouping import registry
 
 ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}

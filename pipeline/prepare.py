@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftgo.core import models
-from sftgo.core.shards import atomic_write, atomic_write_text, list_column
+from sftgo.core.fileio import atomic_write, atomic_write_text
+from sftgo.core.shards import list_column
 from sftgo.grouping import registry
 from sftgo.pipeline import executor, formats, readers
 from sftgo.pipeline.chat import ChatEncoder

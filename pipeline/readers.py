@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from sftgo.core.errors import SftgoError
+
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_DEPTH = 100  # containers inside containers; real records nest < 10 deep (tool schemas ~20)
 _BOM = codecs.BOM_UTF8
@@ -49,7 +51,7 @@ _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)  # strings and b
 _SCALAR = re.compile(r"[^,\]\s]*")
 
 
-class InputError(ValueError):
+class InputError(SftgoError, ValueError):
     """An input cannot be read at all (one sentence naming it)."""
 
 

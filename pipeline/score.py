@@ -34,14 +34,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftgo.core import models
+from sftgo.core.fileio import atomic_write_text, file_sha256, remove
+from sftgo.core.locks import exclusive
 from sftgo.core.shards import (
-    MANIFEST, ShardError, atomic_write_text, check_tokenizer, exclusive, expected_columns, file_sha256, member_path,
-    read_manifest, strategy_order, verify_build, verify_shard, write_manifest,
+    MANIFEST, ShardError, check_tokenizer, expected_columns, member_path, read_manifest, strategy_order, verify_build,
+    verify_shard, write_manifest,
 )
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
 from sftgo.pipeline import executor
-from sftgo.pipeline.build import WORK_NAME, BuildError, remove_entry
+from sftgo.pipeline.build import WORK_NAME, BuildError
 from sftgo.pipeline.config import BuildConfig, check_strategies, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
 from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, worker_tokenizer, write_stage
@@ -158,7 +160,7 @@ def _work_folder(scoring: Path, marker) -> Path:
         name = secrets.token_hex(8)
     for p in scoring.iterdir():
         if p.name != MARKER and not (p.name == name and p.is_dir() and not p.is_symlink()):
-            remove_entry(p)
+            remove(p)
     (scoring / name).mkdir(exist_ok=True)
     return scoring / name
 
@@ -204,7 +206,7 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
             print(f"Note: {note}", file=sys.stderr)
         marker = scoring / MARKER  # what an unfinished run was computing; anything else is stale
         if scoring.exists() and _request_of(_read_json(marker)) != key:
-            shutil.rmtree(scoring)
+            remove(scoring)
         verify_build(out, manifest)  # counts, paths, checksums, schemas: refused before a tokenizer or model loads
         tok, light = models.load_build_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
         check_tokenizer(out, manifest, models.tokenizer_fingerprint(tok))
@@ -240,7 +242,7 @@ def _resume_commit(out: Path, scoring: Path, manifest: dict, new: list[str], opt
 
 
 def _discard(scoring: Path, why: str) -> None:
-    shutil.rmtree(scoring)
+    remove(scoring)
     print(f"Note: discarded {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: {why}.", file=sys.stderr)
     return None
 
@@ -249,7 +251,7 @@ def _finished(out: Path, scoring: Path, manifest: dict, new: list[str], options:
     """The manifest in .scoring is already the build's: only the clean-up was left.  The manifest when
     that run was this request (its groups are in place), else None (score as usual)."""
     _, key = request(out, manifest, new, options)  # the params an earlier run of this request recorded
-    shutil.rmtree(scoring)
+    remove(scoring)
     if isinstance(marker, dict) and marker.get("new") == new and marker.get("params") == key["params"]:
         return verify_build(out, manifest)
     print(f"Note: removed {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: what it held is "

@@ -18,7 +18,9 @@ from sftgo.grouping.assign import assign_groups
 from sftgo.core import models
 from sftgo.pipeline.build import BuildError, run
 from sftgo.pipeline.config import BuildConfig
-from sftgo.core.shards import LockedError, ShardError, file_sha256, read_manifest, verify_shards
+from sftgo.core.fileio import file_sha256
+from sftgo.core.locks import LockedError
+from sftgo.core.shards import ShardError, read_manifest, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_LINES = [

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftgo.core.shards import LockedError, ShardError, exclusive, read_manifest, shared
+from sftgo.core.locks import LockedError, exclusive, shared
+from sftgo.core.shards import ShardError, read_manifest
 from sftgo.pipeline import score
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftgo.core.shards import file_sha256
+from sftgo.core.fileio import file_sha256
 from sftgo.pipeline.build import run as build
 from sftgo.pipeline.config import BuildConfig
 from sftgo.pipeline.inspect import printable

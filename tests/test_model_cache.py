@@ -125,7 +125,7 @@ def test_a_converted_copy_has_ordinary_folder_permissions(tmp_path, monkeypatch)
 
     monkeypatch.setenv("SFTGO_CACHE", str(tmp_path))
     from sftgo.core.models import tokenizer_dir
-    from sftgo.core.shards import _UMASK
+    from sftgo.core.fileio import UMASK
 
     folder = Path(tokenizer_dir(None))
-    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~_UMASK != 0o700
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~UMASK != 0o700

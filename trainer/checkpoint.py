@@ -32,12 +32,17 @@ from pathlib import Path
 
 import torch
 
-from sftgo.core.shards import atomic_write_text
-from sftgo.trainer.config import ConfigError
+from sftgo.core.fileio import atomic_write_text, remove
+from sftgo.core.errors import ConfigError
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step-(\d{7,})")  # what `latest` may name: a checkpoint directory beside it
 CUT_KEYS = ("truncated_samples", "truncated_loss_tokens", "skipped_samples")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is damaged, incomplete, edited or another run's; one sentence naming the file.  It is a
+    ConfigError (what these errors were before it existed), so `except ConfigError` still catches it."""
 
 
 def checkpoints_dir(out: str | os.PathLike) -> Path:
@@ -53,18 +58,18 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
         return None
     damaged = "it was edited or damaged; point it at one of the step-* directories there (a name, no path)"
     if pointer.is_symlink() or not pointer.is_file():
-        raise ConfigError(f"{pointer} is not a plain file: {damaged}.")
+        raise CheckpointError(f"{pointer} is not a plain file: {damaged}.")
     try:
         name = pointer.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
-        raise ConfigError(f"{pointer} is not readable text: {damaged}.") from None
+        raise CheckpointError(f"{pointer} is not readable text: {damaged}.") from None
     if not STEP_DIR.fullmatch(name):
-        raise ConfigError(f"{pointer} names {name[:80]!r}, which is not a checkpoint directory step-NNNNNNN inside "
+        raise CheckpointError(f"{pointer} names {name[:80]!r}, which is not a checkpoint directory step-NNNNNNN inside "
                           f"{folder}: {damaged}.")
     path = folder / name
     if path.is_symlink() or not path.is_dir():
         what = "a symlink" if path.is_symlink() else "missing"
-        raise ConfigError(f"{pointer} names {name}, which is {what} in {folder}: {damaged}.")
+        raise CheckpointError(f"{pointer} names {name}, which is {what} in {folder}: {damaged}.")
     return path
 
 
@@ -115,10 +120,10 @@ def commit(out, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
-def state_error(path: Path, key: str, value, want: str) -> ConfigError:
+def state_error(path: Path, key: str, value, want: str) -> CheckpointError:
     shown = json.dumps(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return ConfigError(f"{path / 'trainer_state.json'} has '{key}' = {shown}, not {want}: the checkpoint was edited "
+    return CheckpointError(f"{path / 'trainer_state.json'} has '{key}' = {shown}, not {want}: the checkpoint was edited "
                        "or damaged; resume from an intact one or start a new --out.")
 
 
@@ -138,15 +143,15 @@ def read_state(path: Path) -> dict:
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path} has no trainer_state.json: the checkpoint is incomplete.") from None
+        raise CheckpointError(f"{path} has no trainer_state.json: the checkpoint is incomplete.") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}): the checkpoint was edited or "
+        raise CheckpointError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}): the checkpoint was edited or "
                           "damaged.") from None
     if not isinstance(state, dict):
-        raise ConfigError(f"{file} is not a JSON object: the checkpoint was edited or damaged.")
+        raise CheckpointError(f"{file} is not a JSON object: the checkpoint was edited or damaged.")
     for key in ("run_id", "settings", "data_sha256"):
         if key not in state:
-            raise ConfigError(f"{file} records no '{key}' (the checkpoint was written by an older sftgo-train), so "
+            raise CheckpointError(f"{file} records no '{key}' (the checkpoint was written by an older sftgo-train), so "
                               "--resume cannot check that it belongs to this run; start a new --out.")
     match = STEP_DIR.fullmatch(path.name)
     step = state.get("step")
@@ -180,11 +185,11 @@ def read_state(path: Path) -> dict:
 def _load(file: Path):
     """torch.load of our own tensors only (weights_only): anything else is refused in one sentence."""
     if not file.is_file():
-        raise ConfigError(f"{file.parent} has no {file.name}: the checkpoint is incomplete.")
+        raise CheckpointError(f"{file.parent} has no {file.name}: the checkpoint is incomplete.")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and friends, whose message suggests unpickling it anyway
-        raise ConfigError(f"{file} cannot be loaded as plain tensors ({type(exc).__name__}): it holds something else, "
+        raise CheckpointError(f"{file} cannot be loaded as plain tensors ({type(exc).__name__}): it holds something else, "
                           "so it was not written by sftgo-train or is damaged; refusing to unpickle it.") from None
 
 
@@ -207,12 +212,12 @@ def restore_optimizer_settings(path: Path, optimizer, fresh: list[dict]) -> None
     """Refuse a checkpoint whose AdamW settings differ from the run's (another run's, or edited: a
     `maximize` would turn training into gradient ascent), then put the run's own settings back."""
     if len(optimizer.param_groups) != len(fresh):
-        raise ConfigError(f"{path / 'trainer_state.pt'} holds {len(optimizer.param_groups)} optimizer parameter groups, "
+        raise CheckpointError(f"{path / 'trainer_state.pt'} holds {len(optimizer.param_groups)} optimizer parameter groups, "
                           f"not {len(fresh)}: the checkpoint belongs to another run or was edited.")
     for group, mine in zip(optimizer.param_groups, fresh):
         for key in OPTIMIZER_KEYS:
             if key in mine and not _same(group.get(key), mine[key]):
-                raise ConfigError(f"{path / 'trainer_state.pt'} holds the optimizer setting {key}={group.get(key)!r} where "
+                raise CheckpointError(f"{path / 'trainer_state.pt'} holds the optimizer setting {key}={group.get(key)!r} where "
                                   f"this run has {mine[key]!r}: the checkpoint belongs to another run or was edited.")
         group.update(mine)
 
@@ -244,23 +249,23 @@ def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], s
     state trainer/fsdp.py loaded already."""
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():  # without it the run would not continue exactly: refuse, don't guess
-        raise ConfigError(f"{path} has no {rng_file.name}, so process {rank} cannot continue exactly; "
+        raise CheckpointError(f"{path} has no {rng_file.name}, so process {rank} cannot continue exactly; "
                           "the checkpoint is incomplete or from another number of processes.")
     state = read_state(path)
     tensors = _load(path / "trainer_state.pt")
     file = path / "trainer_state.pt"
     if not isinstance(tensors, dict) or not _scheduler_ok(tensors.get("scheduler"), scheduler.state_dict()):
-        raise ConfigError(f"{file} holds no learning-rate schedule of this run's form: the checkpoint belongs to "
+        raise CheckpointError(f"{file} holds no learning-rate schedule of this run's form: the checkpoint belongs to "
                           "another run or was edited.")
     if "optimizer" in tensors and not sharded:
         try:
             optimizer.load_state_dict(tensors["optimizer"])
         except Exception as exc:
-            raise ConfigError(f"{file} holds an optimizer state that does not fit this model "
+            raise CheckpointError(f"{file} holds an optimizer state that does not fit this model "
                               f"({(str(exc).splitlines() or [type(exc).__name__])[0]}): the checkpoint belongs to "
                               "another run or was edited.") from None
     elif not sharded:
-        raise ConfigError(f"{file} holds no optimizer state (an --fsdp checkpoint keeps it sharded): the checkpoint is "
+        raise CheckpointError(f"{file} holds no optimizer state (an --fsdp checkpoint keeps it sharded): the checkpoint is "
                           "from a run with other settings or was edited.")
     restore_optimizer_settings(path, optimizer, fresh)
     scheduler.load_state_dict(tensors["scheduler"])
@@ -270,17 +275,9 @@ def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], s
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     except Exception:
-        raise ConfigError(f"{rng_file} holds no random-number-generator state torch accepts: the checkpoint was "
+        raise CheckpointError(f"{rng_file} holds no random-number-generator state torch accepts: the checkpoint was "
                           "edited or damaged.") from None
     return state
-
-
-def _clear(path: Path) -> None:
-    """Remove `path` whatever it is; a symlink goes, never what it points at."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
 
 
 def sweep(out) -> list[str]:
@@ -292,7 +289,7 @@ def sweep(out) -> list[str]:
     notes = []
     for tmp in sorted(checkpoints_dir(out).glob(".tmp-step-*")) + [out / ".tmp-model", out / ".tmp-adapter"]:
         if tmp.exists() or tmp.is_symlink():
-            _clear(tmp)
+            remove(tmp)
             notes.append(f"removed {tmp}, a save that was interrupted")
     for name in ("model", "adapter"):
         final, old = out / name, out / f".old-{name}"
@@ -300,7 +297,7 @@ def sweep(out) -> list[str]:
             os.rename(old, final)
             notes.append(f"put back {final}: its replacement was interrupted")
         elif old.exists() or old.is_symlink():
-            _clear(old)
+            remove(old)
             notes.append(f"removed {old}, the previous {name} of a replacement that was interrupted")
     return notes
 
@@ -310,13 +307,13 @@ def _replace_dir(out, name: str, model, tokenizer) -> Path:
     previous one, if any, is kept until the new one is complete).  RUN_DIR is a run directory
     (trainer.preflight.check_run_dir): what is replaced is the run's own output."""
     final, tmp, old = Path(out) / name, Path(out) / f".tmp-{name}", Path(out) / f".old-{name}"
-    _clear(tmp)  # never save through a symlink into somewhere else
+    remove(tmp)  # never save through a symlink into somewhere else
     save_pretrained(model, tokenizer, tmp)
-    _clear(old)
+    remove(old)
     if final.exists() or final.is_symlink():
         os.rename(final, old)
     os.rename(tmp, final)
-    _clear(old)
+    remove(old)
     return final
 
 

@@ -15,8 +15,9 @@ import sys
 import click
 
 from sftgo.core.config import field_default, field_docs
+from sftgo.core.errors import SftgoError, unexpected
 from sftgo.trainer.config import CHOICES as SETTING_CHOICES
-from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, choices, make_config, read_config_file
+from sftgo.trainer.config import FIELDS, TrainConfig, choices, make_config, read_config_file
 
 EXAMPLE = """\b
 Example:
@@ -113,17 +114,14 @@ def _interrupted(cfg) -> str:
 
 
 def _fail(exc: Exception, cfg=None) -> None:
-    from sftgo.core.models import CacheError, ModelNotFound
-    from sftgo.core.shards import LockedError, ShardError
     from sftgo.core.text import safe_text
 
-    if isinstance(exc, (ConfigError, ShardError, ModelNotFound, LockedError, CacheError)):
+    if isinstance(exc, SftgoError):  # meant for the user: its message as it is
         message = str(exc)
     elif isinstance(exc, KeyboardInterrupt):
         message = _interrupted(cfg)
     else:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        message = f"Training failed with {type(exc).__name__}: {first} (rerun with --debug for the traceback)."
+        message = unexpected(exc, "Training")
     click.echo(f"Error: {safe_text(message)}", err=True)  # paths and names may come from the data
     sys.exit(1)
 

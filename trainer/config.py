@@ -14,15 +14,12 @@ import numbers
 from dataclasses import dataclass, field
 
 from sftgo.core.config import load_config_file
+from sftgo.core.errors import ConfigError  # the one both CLIs raise; importable from here as before
 from sftgo.trainer import registry
 
 # Importing this module (and trainer/registry.py) imports no torch, so that `sftgo-train` refuses a bad
 # setting in a fraction of a second.
 SCHEDULES = ("constant", "linear", "cosine")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
 
 
 REDUCES = ("sample", "batch")

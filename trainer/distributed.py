@@ -15,8 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from sftgo.core.shards import ShardError
-from sftgo.trainer.config import ConfigError, TrainConfig
+from sftgo.core.errors import ConfigError, SftgoError
+from sftgo.trainer.config import TrainConfig
 
 
 def setup_distributed(fsdp: bool = False):
@@ -50,16 +50,27 @@ def on_rank0(fn):
     """Run fn on rank 0 only and give every rank its result, or raise its error everywhere."""
     if not dist.is_initialized():
         return fn()
-    box = [None, None]
+    box = [None, None, None]
     if dist.get_rank() == 0:
         try:
             box[0] = fn()
-        except (ConfigError, ShardError) as exc:
-            box[1] = str(exc)
-    dist.broadcast_object_list(box, src=0)  # our own small values (a path or a message), never user data
-    if box[1] is not None:
-        raise ConfigError(box[1])
+        except SftgoError as exc:
+            box[1:] = [str(exc), type(exc).__name__]
+    dist.broadcast_object_list(box, src=0)  # our own small values (a path, a message, a class name), never user data
+    if box[1] is not None:  # the same class on every rank where it is one of ours, else a ConfigError
+        kind = next((c for c in _error_classes() if c.__name__ == box[2]), ConfigError)
+        raise kind(box[1])
     return box[0]
+
+
+def _error_classes() -> list[type]:
+    """Every SftgoError subclass defined so far (the ones rank 0 can raise are imported on every rank)."""
+    found, todo = [], [SftgoError]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
 
 
 def bf16_native(device) -> bool:

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 from transformers import Trainer
 
-from sftgo.core.shards import (
-    GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, shared, verify_shards,
-)
+from sftgo.core.locks import shared
+from sftgo.core.shards import GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, verify_shards
 from sftgo.trainer.batching import IGNORE
 from sftgo.trainer import registry
 from sftgo.trainer.config import ConfigError, TrainConfig, check_number, ignored_settings

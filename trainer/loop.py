@@ -28,7 +28,9 @@ import torch
 import torch.distributed as dist
 
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
-from sftgo.core.shards import LockedError, atomic_write_text, exclusive, read_manifest, shared
+from sftgo.core.fileio import atomic_write_text
+from sftgo.core.locks import LockedError, exclusive, shared
+from sftgo.core.shards import read_manifest
 from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer import fsdp, hostmem, preflight, resume
 from sftgo.trainer.distributed import autocast_for, barrier, on_rank0, setup_distributed, use_bf16

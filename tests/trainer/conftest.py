@@ -12,7 +12,8 @@ import pytest
 
 os.environ.setdefault("SFTGO_CACHE", "/tmp/sftgo-cache")
 
-from sftgo.core.shards import file_sha256, write_manifest  # noqa: E402
+from sftgo.core.fileio import file_sha256  # noqa: E402
+from sftgo.core.shards import write_manifest  # noqa: E402
 
 
 def write_shards(out_dir, records, *, rows_per_shard=16, strategies=("tfidf",), num_groups=2,

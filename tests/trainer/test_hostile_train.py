@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from sftgo.core.shards import ShardError, file_sha256, read_manifest, write_manifest
+from sftgo.core.fileio import file_sha256
+from sftgo.core.shards import ShardError, read_manifest, write_manifest
 from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.loop import run
 

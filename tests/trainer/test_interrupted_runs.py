@@ -117,7 +117,7 @@ def test_a_refused_resume_leaves_the_recorded_settings(tmp_path, shared_shard_di
 
 
 def test_a_run_is_refused_while_its_shards_are_being_written(tmp_path, shard_dir, tiny_model_dir):
-    from sftgo.core.shards import exclusive
+    from sftgo.core.locks import exclusive
 
     with exclusive(Path(shard_dir), what="build"):  # a build or score at work in the shard folder
         proc = train(shard_dir, tiny_model_dir, tmp_path / "run")
