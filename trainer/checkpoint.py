@@ -6,9 +6,9 @@ Output: RUN_DIR/checkpoints/step-NNNNNNN/ holding
         so `AutoModelForCausalLM.from_pretrained(dir)` loads the checkpoint as a model;
     trainer_state.pt   optimizer + scheduler tensors (torch.save of our own tensors only,
         loaded back with weights_only=True; nothing user-supplied is ever unpickled);
-    trainer_state.json step, data position, objective state (Group-DRO weights, worst-group
-        bookkeeping), the run's id and the settings that shaped it, the shards' sha256 lists
-        and the manifest's --groups entry (all checked by --resume), truncation counts;
+    trainer_state.json the loop's state (trainer.resume.CheckpointState: step, data position,
+        objective state, the run's id and settings, the shards' sha256 lists, truncation counts),
+        read and checked in trainer/resume.py alone;
     rng-rank{R}.pt     torch (and CUDA) RNG state of each rank;
 and RUN_DIR/checkpoints/latest naming the newest one (a plain step-NNNNNNN name: --resume
 refuses anything else, so no checkpoint is ever read from outside the run directory).
@@ -37,7 +37,6 @@ from sftgo.core.errors import ConfigError
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step-(\d{7,})")  # what `latest` may name: a checkpoint directory beside it
-CUT_KEYS = ("truncated_samples", "truncated_loss_tokens", "skipped_samples")
 
 
 class CheckpointError(ConfigError):
@@ -87,8 +86,8 @@ def begin(out, step: int) -> Path:
 
 
 def write_main(tmp: Path, model, tokenizer, optimizer, scheduler, state: dict) -> None:
-    """Rank 0: weights, tokenizer, optimizer/scheduler tensors and the JSON state.  model and
-    optimizer None: an --fsdp checkpoint, whose ranks write them sharded (trainer/fsdp.py)."""
+    """Rank 0: weights, tokenizer, optimizer/scheduler tensors and the JSON state (trainer.resume.CheckpointState,
+    as a dict).  model and optimizer None: an --fsdp checkpoint, whose ranks write them sharded (trainer/fsdp.py)."""
     if model is not None:
         save_pretrained(model, tokenizer, tmp)
     else:
@@ -120,66 +119,9 @@ def commit(out, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
-def state_error(path: Path, key: str, value, want: str) -> CheckpointError:
-    shown = json.dumps(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return CheckpointError(f"{path / 'trainer_state.json'} has '{key}' = {shown}, not {want}: the checkpoint was edited "
-                       "or damaged; resume from an intact one or start a new --out.")
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _finite(value) -> bool:
+def is_finite(value) -> bool:
+    """A JSON number (not a boolean) that is finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_state(path: Path) -> dict:
-    """The JSON state of checkpoint `path` (step, data position, shard checksums, ...), every entry checked
-    for its type and range (one sentence naming the entry): a checkpoint is untrusted input.  The checks
-    that need the run (the number of steps and groups) are trainer.loop.restore's."""
-    file = path / "trainer_state.json"
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no trainer_state.json: the checkpoint is incomplete.") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}): the checkpoint was edited or "
-                          "damaged.") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file} is not a JSON object: the checkpoint was edited or damaged.")
-    for key in ("run_id", "settings", "data_sha256"):
-        if key not in state:
-            raise CheckpointError(f"{file} records no '{key}' (the checkpoint was written by an older sftgo-train), so "
-                              "--resume cannot check that it belongs to this run; start a new --out.")
-    match = STEP_DIR.fullmatch(path.name)
-    step = state.get("step")
-    checks = {
-        "step": (_count(step) and (match is None or step == int(match.group(1))),
-                 f"the step of {path.name}" if match else "a step count"),
-        "data_position": (isinstance(state.get("data_position"), list) and len(state["data_position"]) == 2
-                          and all(_count(v) for v in state["data_position"]), "[epoch, micro-batches taken]"),
-        "worst_group": (state.get("worst_group") is None or _count(state.get("worst_group")), "a group id or null"),
-        "worst_switches": (_count(state.get("worst_switches")), "a count"),
-        "world_size": (_count(state.get("world_size")) and state.get("world_size") >= 1, "a number of processes"),
-        "data_sha256": (isinstance(state.get("data_sha256"), list)
-                        and all(isinstance(v, str) for v in state["data_sha256"]), "a list of sha256 sums"),
-        "eval_data_sha256": (state.get("eval_data_sha256") is None or (
-            isinstance(state["eval_data_sha256"], list) and all(isinstance(v, str) for v in state["eval_data_sha256"])),
-            "a list of sha256 sums or null"),
-        "dro": (state.get("dro") is None or (
-            isinstance(state["dro"], dict) and isinstance(state["dro"].get("weights"), list)
-            and all(_finite(w) and w >= 0 for w in state["dro"]["weights"]) and _finite(state["dro"].get("step_size"))),
-            "Group-DRO weights (finite, not negative) and a step size, or null"),
-        "run_id": (isinstance(state.get("run_id"), str), "a run id string"),
-        "settings": (isinstance(state.get("settings"), dict), "the run's settings"),
-        **{key: (_count(state.get(key, 0)), "a count") for key in CUT_KEYS},
-    }
-    for key, (ok, want) in checks.items():
-        if not ok:
-            raise state_error(path, key, state.get(key), want)
-    return state
 
 
 def _load(file: Path):
@@ -236,22 +178,21 @@ def _scheduler_ok(loaded, fresh: dict) -> bool:
                 return False
             for g, w in zip(got, want):
                 if isinstance(w, dict):
-                    if not isinstance(g, dict) or set(g) != set(w) or not all(_finite(v) for v in g.values()):
+                    if not isinstance(g, dict) or set(g) != set(w) or not all(is_finite(v) for v in g.values()):
                         return False
-                elif not _finite(g):
+                elif not is_finite(g):
                     return False
     return True
 
 
-def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], sharded: bool = False) -> dict:
-    """Restore optimizer, scheduler and this rank's RNG; return the JSON state.  `fresh`: the optimizer's
-    settings before anything was loaded (optimizer_settings); `sharded`: an --fsdp run, whose optimizer
-    state trainer/fsdp.py loaded already."""
+def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], sharded: bool = False) -> None:
+    """Restore optimizer, scheduler and this rank's RNG from their files.  `fresh`: the optimizer's settings
+    before anything was loaded (optimizer_settings); `sharded`: an --fsdp run, whose optimizer state
+    trainer/fsdp.py loaded already.  The JSON state is trainer.resume.CheckpointState's to read and check."""
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():  # without it the run would not continue exactly: refuse, don't guess
         raise CheckpointError(f"{path} has no {rng_file.name}, so process {rank} cannot continue exactly; "
                           "the checkpoint is incomplete or from another number of processes.")
-    state = read_state(path)
     tensors = _load(path / "trainer_state.pt")
     file = path / "trainer_state.pt"
     if not isinstance(tensors, dict) or not _scheduler_ok(tensors.get("scheduler"), scheduler.state_dict()):
@@ -277,7 +218,6 @@ def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], s
     except Exception:
         raise CheckpointError(f"{rng_file} holds no random-number-generator state torch accepts: the checkpoint was "
                           "edited or damaged.") from None
-    return state
 
 
 def sweep(out) -> list[str]:

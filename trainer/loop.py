@@ -47,7 +47,7 @@ from sftgo.trainer.optim import LRLambda, make_optimizer
 from sftgo.trainer.step import Objective, all_reduce, backward_step
 from sftgo.trainer.stopping import graceful_interrupt
 
-CUT_KEYS = ckpt.CUT_KEYS
+CUT_KEYS = resume.CUT_KEYS
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -80,7 +80,7 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
     if cfg.resume and latest is not None:
         saved = preflight.read_run_config(out)
         run_id = preflight.run_id(out)
-        notes += resume.check(cfg, saved, ckpt.read_state(latest), data_identity(cfg), run_id, latest)
+        notes += resume.check(cfg, saved, resume.CheckpointState.read(latest), data_identity(cfg), run_id, latest)
         return latest, notes, run_id
     if unfinished:
         notes.append(f"Note: {out} holds a run that stopped before its first checkpoint, so there is nothing to "
@@ -220,37 +220,13 @@ def restore(r: Run, path: Path) -> None:
     fresh = ckpt.optimizer_settings(r.optimizer)
     if cfg.fsdp:
         fsdp.load(path, r.train_net, r.optimizer)  # weights and optimizer state, each rank its shards
-    state = ckpt.load_state(path, r.rank, r.optimizer, r.scheduler, fresh, sharded=cfg.fsdp)
-    if state["world_size"] != r.world:  # each rank's share of the data depends on the world size
-        raise ConfigError(f"{path} was written by {state['world_size']} process(es); resume it with the same number, "
-                          f"not {r.world}.")
-    step, (epoch, taken) = state["step"], state["data_position"]
-    if step > r.total_steps:
-        raise ckpt.state_error(path, "step", step, f"a step of this run's {r.total_steps}")
-    consumed = step * cfg.grad_accum  # micro-batches the run has taken
-    if (taken != consumed if epoch == 0 else max(epoch, taken) > consumed):
-        raise ckpt.state_error(path, "data_position", state["data_position"],
-                               f"a position after {consumed} micro-batches ({step} steps of {cfg.grad_accum})")
-    if state["worst_group"] is not None and state["worst_group"] >= max(r.k, 1):
-        raise ckpt.state_error(path, "worst_group", state["worst_group"], f"one of this run's {max(r.k, 1)} groups")
-    dro = state["dro"]
-    if r.dro is None and dro is not None:
-        raise ckpt.state_error(path, "dro", dro, "null (this run has no --dro-step)")
-    if r.dro is not None:
-        n = r.dro.weights.numel()
-        if (dro is None or len(dro["weights"]) != n or abs(sum(dro["weights"]) - 1) > 1e-6
-                or dro["step_size"] != cfg.dro_step):
-            raise ckpt.state_error(path, "dro", dro, f"{n} Group-DRO weights summing to 1 with step size {cfg.dro_step}")
+    state = resume.CheckpointState.read(path)
+    ckpt.load_state(path, r.rank, r.optimizer, r.scheduler, fresh, sharded=cfg.fsdp)
+    state.fits(path, world=r.world, total_steps=r.total_steps, grad_accum=cfg.grad_accum, groups=r.k, dro=r.dro)
+    step, (epoch, taken) = state.step, state.data_position
     sched = r.scheduler
-    if any(not math.isclose(base, cfg.lr, rel_tol=1e-9) for base in sched.base_lrs):
-        raise ConfigError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule from lr {sched.base_lrs[0]!r}, not "
-                          f"this run's --lr {cfg.lr!r}: the checkpoint belongs to another run or was edited.")
+    resume.check_schedule(path, sched, cfg, step)
     for fn in sched.lr_lambdas:
-        if sched.last_epoch != step or fn.warmup != cfg.warmup_steps or not math.isclose(fn.min_ratio, cfg.min_lr_ratio):
-            raise ConfigError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule at step {sched.last_epoch} with "
-                              f"{fn.warmup} warm-up steps and --min-lr-ratio {fn.min_ratio!r}, not this run's step {step}, "
-                              f"{cfg.warmup_steps} and {cfg.min_lr_ratio!r}: the checkpoint belongs to another run or "
-                              "was edited.")
         fn.total = r.total_steps  # the checkpoint holds the old length; a raised --max-steps recomputes it
     lrs = [cfg.lr * fn(step) for fn in sched.lr_lambdas]
     for group, lr in zip(r.optimizer.param_groups, lrs):
@@ -258,10 +234,10 @@ def restore(r: Run, path: Path) -> None:
     sched.base_lrs, sched._last_lr = [cfg.lr] * len(lrs), lrs
     r.step = step
     r.batches.position = (epoch, taken)
-    r.worst_prev, r.switches = state["worst_group"], state["worst_switches"]
-    r.cut = {key: state.get(key, 0) for key in CUT_KEYS}
+    r.worst_prev, r.switches = state.worst_group, state.worst_switches
+    r.cut = state.cut
     if r.dro is not None:
-        r.dro.load_state_dict(dro)
+        r.dro.load_state_dict(state.dro)
 
 
 # ---------------------------------------------------------------- evaluation and checkpoints
@@ -311,11 +287,11 @@ def save(r: Run, step: int) -> None:
     out = r.cfg.out
     tmp = ckpt.begin(out, step) if r.main else Path(out) / "checkpoints" / f".tmp-step-{step:07d}"
     if r.main:
-        state = {"step": step, "data_position": list(r.batches.position), "worst_group": r.worst_prev,
-                 "worst_switches": r.switches, "dro": r.dro.state_dict() if r.dro else None, "world_size": r.world,
-                 "run_id": r.run_id, "settings": resume.settings_of(r.cfg), **r.data_id, **r.cut}
+        state = resume.CheckpointState(step, list(r.batches.position), r.worst_prev, r.switches,
+                                       r.dro.state_dict() if r.dro else None, r.world, r.run_id,
+                                       resume.settings_of(r.cfg), **r.data_id, **r.cut)
         ckpt.write_main(tmp, None if r.cfg.fsdp else r.model, r.tokenizer, None if r.cfg.fsdp else r.optimizer,
-                        r.scheduler, state)
+                        r.scheduler, state.to_json())
     barrier()
     if r.cfg.fsdp:  # every rank writes its shards of weights and optimizer state (collective)
         fsdp.save(tmp, r.train_net, r.optimizer)

@@ -1,11 +1,15 @@
-"""`--resume`: what may differ between a run and its continuation, and what may not.
+"""A checkpoint's state and `--resume`: what a checkpoint records, and what may differ between a run and its
+continuation.
 
 Input: the TrainConfig given now, the run's config.json (the settings it was started or last
-resumed with), the checkpoint's trainer_state.json (checked by trainer.checkpoint.read_state), the
-run directory's id, and what identifies the data now (`data_identity`: the shards' sha256 lists and
-the manifests' entry for the --groups strategy).
-Output: nothing when the resume continues the same run, else a ConfigError naming the first
-setting that differs; notes (one sentence each) for changes that are applied.
+resumed with), the checkpoint's trainer_state.json, the run directory's id, and what identifies the
+data now (`data_identity`: the shards' sha256 lists and the manifests' entry for the --groups strategy).
+Output: `CheckpointState`, the one record of the loop's state a checkpoint holds: written by the loop's
+save, read and validated here alone (`CheckpointState.read`: every entry's type and range;
+`fits`: against the run that resumes it; `check_schedule`: the learning-rate schedule's state).  `check`:
+nothing when the resume continues the same run, else a ConfigError naming the first setting that differs;
+notes (one sentence each) for changes that are applied.  A damaged or foreign checkpoint is a
+CheckpointError naming the file and the entry.
 Cost: instant (checksums come from the manifests; trainer.loop verifies the files against them).
 
 A checkpoint belongs to one run: it records the run's id (RUN_DIR/sftgo-run.json) and the
@@ -27,8 +31,160 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from pathlib import Path
 
+from sftgo.trainer.checkpoint import STEP_DIR, CheckpointError, is_finite
 from sftgo.trainer.config import ConfigError, TrainConfig
+
+CUT_KEYS = ("truncated_samples", "truncated_loss_tokens", "skipped_samples")
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _sums(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def state_error(path: Path, key: str, value, want: str) -> CheckpointError:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return CheckpointError(f"{path / 'trainer_state.json'} has '{key}' = {shown}, not {want}: the checkpoint was "
+                           "edited or damaged; resume from an intact one or start a new --out.")
+
+
+@dataclasses.dataclass
+class CheckpointState:
+    """The loop's state in a checkpoint (trainer_state.json); weights, optimizer and RNG are in their own files."""
+
+    step: int
+    """Optimizer steps done."""
+    data_position: list
+    """[epoch, micro-batches taken]: where the data stream continues."""
+    worst_group: int | None
+    """The last step's worst group (for counting switches)."""
+    worst_switches: int
+    """How often the worst group changed so far."""
+    dro: dict | None
+    """Online Group-DRO's weights and step size, or None without --dro-step."""
+    world_size: int
+    """Processes that trained (each rank's share of the data depends on it)."""
+    run_id: str
+    """The run directory's id: a checkpoint belongs to one run."""
+    settings: dict
+    """The settings that shaped the run (SHAPES_RUN)."""
+    data_sha256: list
+    """The training shards' checksums, in manifest order."""
+    eval_data_sha256: list | None = None
+    """The same of --eval-data."""
+    data_strategy: dict | None = None
+    """The manifest's entry for the --groups strategy."""
+    eval_data_strategy: dict | None = None
+    """The same of --eval-data."""
+    truncated_samples: int = 0
+    """Run totals of what --max-length cut and what was skipped (CUT_KEYS)."""
+    truncated_loss_tokens: int = 0
+    skipped_samples: int = 0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def cut(self) -> dict:
+        return {key: getattr(self, key) for key in CUT_KEYS}
+
+    @classmethod
+    def read(cls, path: Path) -> "CheckpointState":
+        """Checkpoint `path`'s state, every entry checked for its type and range (one sentence naming the entry):
+        a checkpoint is untrusted input.  The checks that need the run are `fits`'."""
+        file = path / "trainer_state.json"
+        try:
+            state = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} has no trainer_state.json: the checkpoint is incomplete.") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}): the checkpoint was edited "
+                                  "or damaged.") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file} is not a JSON object: the checkpoint was edited or damaged.")
+        for key in ("run_id", "settings", "data_sha256"):
+            if key not in state:
+                raise CheckpointError(f"{file} records no '{key}' (the checkpoint was written by an older "
+                                      "sftgo-train), so --resume cannot check that it belongs to this run; start a "
+                                      "new --out.")
+        for key, (ok, want) in _entry_checks(path, state).items():
+            if not ok:
+                raise state_error(path, key, state.get(key), want)
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+    def fits(self, path: Path, *, world: int, total_steps: int, grad_accum: int, groups: int, dro) -> None:
+        """Refuse a state that cannot continue this run: other world size, a step past its end, a data position
+        other than its steps took, a group it does not have, Group-DRO weights of another shape."""
+        if self.world_size != world:  # each rank's share of the data depends on the world size
+            raise ConfigError(f"{path} was written by {self.world_size} process(es); resume it with the same number, "
+                              f"not {world}.")
+        step, (epoch, taken) = self.step, self.data_position
+        if step > total_steps:
+            raise state_error(path, "step", step, f"a step of this run's {total_steps}")
+        consumed = step * grad_accum  # micro-batches the run has taken
+        if taken != consumed if epoch == 0 else max(epoch, taken) > consumed:
+            raise state_error(path, "data_position", self.data_position,
+                              f"a position after {consumed} micro-batches ({step} steps of {grad_accum})")
+        if self.worst_group is not None and self.worst_group >= max(groups, 1):
+            raise state_error(path, "worst_group", self.worst_group, f"one of this run's {max(groups, 1)} groups")
+        if dro is None and self.dro is not None:
+            raise state_error(path, "dro", self.dro, "null (this run has no --dro-step)")
+        if dro is not None:
+            n, mine = dro.weights.numel(), self.dro
+            if (mine is None or len(mine["weights"]) != n or abs(sum(mine["weights"]) - 1) > 1e-6
+                    or mine["step_size"] != dro.step_size):
+                raise state_error(path, "dro", mine, f"{n} Group-DRO weights summing to 1 with step size {dro.step_size}")
+
+
+def _entry_checks(path: Path, state: dict) -> dict:
+    """Each entry of trainer_state.json: (whether it is valid, what it should be)."""
+    match = STEP_DIR.fullmatch(path.name)
+    step, dro = state.get("step"), state.get("dro")
+    return {
+        "step": (_count(step) and (match is None or step == int(match.group(1))),
+                 f"the step of {path.name}" if match else "a step count"),
+        "data_position": (isinstance(state.get("data_position"), list) and len(state["data_position"]) == 2
+                          and all(_count(v) for v in state["data_position"]), "[epoch, micro-batches taken]"),
+        "worst_group": (state.get("worst_group") is None or _count(state.get("worst_group")), "a group id or null"),
+        "worst_switches": (_count(state.get("worst_switches")), "a count"),
+        "world_size": (_count(state.get("world_size")) and state.get("world_size") >= 1, "a number of processes"),
+        "data_sha256": (_sums(state.get("data_sha256")), "a list of sha256 sums"),
+        "eval_data_sha256": (state.get("eval_data_sha256") is None or _sums(state["eval_data_sha256"]),
+                             "a list of sha256 sums or null"),
+        "data_strategy": (state.get("data_strategy") is None or isinstance(state["data_strategy"], dict),
+                          "a manifest entry or null"),
+        "eval_data_strategy": (state.get("eval_data_strategy") is None or isinstance(state["eval_data_strategy"], dict),
+                               "a manifest entry or null"),
+        "dro": (dro is None or (isinstance(dro, dict) and isinstance(dro.get("weights"), list)
+                                and all(is_finite(w) and w >= 0 for w in dro["weights"])
+                                and is_finite(dro.get("step_size"))),
+                "Group-DRO weights (finite, not negative) and a step size, or null"),
+        "run_id": (isinstance(state.get("run_id"), str), "a run id string"),
+        "settings": (isinstance(state.get("settings"), dict), "the run's settings"),
+        **{key: (_count(state.get(key, 0)), "a count") for key in CUT_KEYS},
+    }
+
+
+def check_schedule(path: Path, scheduler, cfg: TrainConfig, step: int) -> None:
+    """Refuse a learning-rate schedule state from another run or edited (its base lr, step, warm-up, floor)."""
+    if any(not math.isclose(base, cfg.lr, rel_tol=1e-9) for base in scheduler.base_lrs):
+        raise CheckpointError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule from lr "
+                              f"{scheduler.base_lrs[0]!r}, not this run's --lr {cfg.lr!r}: the checkpoint belongs to "
+                              "another run or was edited.")
+    for fn in scheduler.lr_lambdas:
+        if scheduler.last_epoch != step or fn.warmup != cfg.warmup_steps or not math.isclose(fn.min_ratio,
+                                                                                             cfg.min_lr_ratio):
+            raise CheckpointError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule at step "
+                                  f"{scheduler.last_epoch} with {fn.warmup} warm-up steps and --min-lr-ratio "
+                                  f"{fn.min_ratio!r}, not this run's step {step}, {cfg.warmup_steps} and "
+                                  f"{cfg.min_lr_ratio!r}: the checkpoint belongs to another run or was edited.")
 
 SHAPES_RUN = (
     "model", "objective", "groups", "group_weight", "lam", "lam_schedule", "lam_end", "reduce", "temperature", "dro_step",
@@ -106,19 +262,19 @@ def data_identity(cfg: TrainConfig, manifest: dict, eval_manifest: dict | None) 
             "data_strategy": entry(manifest), "eval_data_strategy": entry(eval_manifest)}
 
 
-def check_run(cfg: TrainConfig, state: dict, run_id: str | None, path) -> None:
+def check_run(cfg: TrainConfig, state: CheckpointState, run_id: str | None, path) -> None:
     """Refuse a checkpoint of another run (its id) or written with other settings than the run's."""
     if run_id is None:
         raise ConfigError(f"{cfg.out} has no run id (it was started by an older sftgo-train), so --resume cannot check "
                           f"that {path} belongs to it; start a new --out.")
-    if state["run_id"] != run_id:
-        raise ConfigError(f"The checkpoint {path} belongs to another run (run id {state['run_id'][:12]}, this run "
+    if state.run_id != run_id:
+        raise ConfigError(f"The checkpoint {path} belongs to another run (run id {state.run_id[:12]}, this run "
                           f"directory's is {run_id[:12]}): it was copied in from elsewhere; resume that run in its own "
                           "directory, or start a new --out.")
     now = settings_of(cfg)
     for key in SHAPES_RUN:
-        if state["settings"].get(key) != now[key]:
-            raise ConfigError(f"The checkpoint {path} was written with {_flag(key)} {state['settings'].get(key)!r}, not "
+        if state.settings.get(key) != now[key]:
+            raise ConfigError(f"The checkpoint {path} was written with {_flag(key)} {state.settings.get(key)!r}, not "
                               f"this run's {now[key]!r}: it belongs to another run or was edited; resume from one of "
                               "this run's checkpoints or start a new --out.")
 
@@ -133,17 +289,17 @@ def check_strategy(name: str, cfg: TrainConfig, now, before) -> None:
                       f"match; resume with the same {_flag(name)} or start a new --out.")
 
 
-def check(cfg: TrainConfig, saved: dict, state: dict, data: dict, run_id: str | None, path) -> list[str]:
+def check(cfg: TrainConfig, saved: dict, state: CheckpointState, data: dict, run_id: str | None, path) -> list[str]:
     """All resume checks, settings first; returns the notes to log.  `data`: data_identity now."""
-    step = state["step"]
+    step = state.step
     notes = check_settings(cfg, saved, step)
     check_run(cfg, state, run_id, path)
     if cfg.stop_after and cfg.stop_after <= step:
         raise ConfigError(f"--stop-after {cfg.stop_after} is not past the checkpoint's step {step}; nothing would be "
                           "trained (raise it, or leave it out to train to the end).")
-    check_data("data", data["data_sha256"], state["data_sha256"], cfg.data)
-    check_data("eval_data", data["eval_data_sha256"], state.get("eval_data_sha256"), cfg.eval_data)
-    check_strategy("data", cfg, data["data_strategy"], state.get("data_strategy"))
+    check_data("data", data["data_sha256"], state.data_sha256, cfg.data)
+    check_data("eval_data", data["eval_data_sha256"], state.eval_data_sha256, cfg.eval_data)
+    check_strategy("data", cfg, data["data_strategy"], state.data_strategy)
     if cfg.eval_data:
-        check_strategy("eval_data", cfg, data["eval_data_strategy"], state.get("eval_data_strategy"))
+        check_strategy("eval_data", cfg, data["eval_data_strategy"], state.eval_data_strategy)
     return notes
