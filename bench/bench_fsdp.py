@@ -15,6 +15,7 @@ DDP, FSDP so that both see the same machine load.
 Cost: 2 x repeats torchrun runs of `steps` optimizer steps each (about 30 s each for SmolLM2 on
 2 CPU cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,33 @@ import tempfile
 from pathlib import Path
 
 
-def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path, batch_tokens: int, checkpointing: bool) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sftgo.trainer.cli",
-           "--data", data, "--out", str(out), "--max-steps", str(steps), "--batch-tokens", str(batch_tokens), "--lr", "1e-5",
-           "--no-progress", "--no-tensorboard", "--save-every", "0"]
+def one_run(
+    data: str, model: str | None, steps: int, fsdp: bool, out: Path, batch_tokens: int, checkpointing: bool
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sftgo.trainer.cli",
+        "--data",
+        data,
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-tokens",
+        str(batch_tokens),
+        "--lr",
+        "1e-5",
+        "--no-progress",
+        "--no-tensorboard",
+        "--save-every",
+        "0",
+    ]
     if model:
         cmd += ["--model", model]
     if fsdp:
@@ -49,17 +73,31 @@ def one_run(data: str, model: str | None, steps: int, fsdp: bool, out: Path, bat
     key, whole = ("train_cuda_mb", "cuda_mb") if gpu else ("train_rss_mb", "rss_mb")
     if ranks[0].get(key) is None:
         key = whole
-    return {"per_rank_mb": [r[key] for r in ranks], "max_rank_mb": max(r[key] for r in ranks), "measure": key,
-            "whole_process_max_rank_mb": max(r[whole] for r in ranks), "whole_measure": whole,
-            "train_start_max_rank_mb": max((r.get("train_start_rss_mb") or 0.0) for r in ranks)}
+    return {
+        "per_rank_mb": [r[key] for r in ranks],
+        "max_rank_mb": max(r[key] for r in ranks),
+        "measure": key,
+        "whole_process_max_rank_mb": max(r[whole] for r in ranks),
+        "whole_measure": whole,
+        "train_start_max_rank_mb": max((r.get("train_start_rss_mb") or 0.0) for r in ranks),
+    }
 
 
 # Published configurations (config.json on the Hugging Face hub), for --shape.  SmolLM2-360M: 362 M parameters,
 # 32 layers, the same tied 49,152 x 960 embedding family as the embedded 135 M model.
 SHAPES = {
-    "smollm2-360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 15,
-                     "num_key_value_heads": 5, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0,
-                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
+    "smollm2-360m": {
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+    },
 }
 
 
@@ -77,8 +115,9 @@ def shaped_model(shape: str) -> str:
 
         torch.manual_seed(0)
         tok = models.load_tokenizer(None)
-        config = LlamaConfig(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+        config = LlamaConfig(
+            **SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         LlamaForCausalLM(config).save_pretrained(tmp)
@@ -91,8 +130,19 @@ def default_shards() -> str:
     root = Path(__file__).resolve().parents[1]
     out = root / "bench" / "_work" / "fsdp-shards"
     if not (out / "manifest.json").exists():
-        subprocess.run([str(Path(sys.executable).parent / "sftgo-prep"), "build", str(root / "data" / "alpaca.jsonl"),
-                        str(root / "data" / "chat.jsonl"), "--out", str(out), "--quiet", "--overwrite"], check=True)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "sftgo-prep"),
+                "build",
+                str(root / "data" / "alpaca.jsonl"),
+                str(root / "data" / "chat.jsonl"),
+                "--out",
+                str(out),
+                "--quiet",
+                "--overwrite",
+            ],
+            check=True,
+        )
     return str(out)
 
 
@@ -100,12 +150,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="shard directory [default: built from data/*.jsonl into bench/_work]")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                    help="train a randomly initialised model of this published architecture instead of --model")
+    ap.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="train a randomly initialised model of this published architecture instead of --model",
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-tokens", type=int, default=256,
-                    help="tokens per micro-batch: small, so that weights, gradients and Adam state dominate memory")
+    ap.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=256,
+        help="tokens per micro-batch: small, so that weights, gradients and Adam state dominate memory",
+    )
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -119,20 +177,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for mode in ("ddp", "fsdp"):
-                rec = one_run(args.data, args.model, args.steps, mode == "fsdp", Path(tmp) / f"{mode}-{i}",
-                              args.batch_tokens, args.grad_checkpointing)
+                rec = one_run(
+                    args.data,
+                    args.model,
+                    args.steps,
+                    mode == "fsdp",
+                    Path(tmp) / f"{mode}-{i}",
+                    args.batch_tokens,
+                    args.grad_checkpointing,
+                )
                 runs[mode].append(rec)
-                print(f"{mode} repeat {i}: per-rank peak {', '.join(f'{m:.0f}' for m in rec['per_rank_mb'])} MB "
-                      f"({rec['measure']}; the training phase started at {rec['train_start_max_rank_mb']:.0f} MB)", flush=True)
+                print(
+                    f"{mode} repeat {i}: per-rank peak {', '.join(f'{m:.0f}' for m in rec['per_rank_mb'])} MB "
+                    f"({rec['measure']}; the training phase started at {rec['train_start_max_rank_mb']:.0f} MB)",
+                    flush=True,
+                )
     med = {m: statistics.median(r["max_rank_mb"] for r in rs) for m, rs in runs.items()}
     whole = {m: statistics.median(r["whole_process_max_rank_mb"] for r in rs) for m, rs in runs.items()}
-    result = {"ddp_peak_mb": med["ddp"], "fsdp_peak_mb": med["fsdp"], "ratio": med["fsdp"] / med["ddp"],
-              "whole_process": {"ddp_peak_mb": whole["ddp"], "fsdp_peak_mb": whole["fsdp"], "ratio": whole["fsdp"] / whole["ddp"],
-                                "measure": runs["ddp"][0]["whole_measure"]},
-              "measure": runs["ddp"][0]["measure"], "runs": runs, "steps": args.steps, "batch_tokens": args.batch_tokens,
-              "grad_checkpointing": args.grad_checkpointing, "model": args.shape and f"{args.shape} (random init)" or args.model or "embedded"}
-    print(f"median per-rank peak ({result['measure']}): DDP {med['ddp']:.0f} MB, FSDP {med['fsdp']:.0f} MB, ratio {result['ratio']:.2f}; "
-          f"whole process: DDP {whole['ddp']:.0f} MB, FSDP {whole['fsdp']:.0f} MB, ratio {result['whole_process']['ratio']:.2f}")
+    result = {
+        "ddp_peak_mb": med["ddp"],
+        "fsdp_peak_mb": med["fsdp"],
+        "ratio": med["fsdp"] / med["ddp"],
+        "whole_process": {
+            "ddp_peak_mb": whole["ddp"],
+            "fsdp_peak_mb": whole["fsdp"],
+            "ratio": whole["fsdp"] / whole["ddp"],
+            "measure": runs["ddp"][0]["whole_measure"],
+        },
+        "measure": runs["ddp"][0]["measure"],
+        "runs": runs,
+        "steps": args.steps,
+        "batch_tokens": args.batch_tokens,
+        "grad_checkpointing": args.grad_checkpointing,
+        "model": args.shape and f"{args.shape} (random init)" or args.model or "embedded",
+    }
+    print(
+        f"median per-rank peak ({result['measure']}): DDP {med['ddp']:.0f} MB, FSDP {med['fsdp']:.0f} MB, ratio "
+        f"{result['ratio']:.2f}; "
+        f"whole process: DDP {whole['ddp']:.0f} MB, FSDP {whole['fsdp']:.0f} MB, ratio "
+        f"{result['whole_process']['ratio']:.2f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -23,6 +23,7 @@ Why: the Trainer computes the logits of every position, [tokens, vocab] = 4,096 
 head only at supervised positions, --ce-chunk rows at a time, and never holds the full logits; the
 "steps added" column shows it.  On a GPU the same comparison runs on peak CUDA memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -129,9 +130,14 @@ def one(args) -> dict:
         raise SystemExit(f"{args.one}: {len(meter.peaks)} step peaks, expected {args.steps}")
     tokens = statistics.mean(int(b["num_tokens"]) for b in batches)
     process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if not torch.cuda.is_available() else None
-    return {"peak_mb": max([before, process or 0.0, *meter.peaks]), "step_peaks_mb": meter.peaks,
-            "after_load_mb": after_load, "tokens_per_step": tokens, "step_tokens": [int(b["num_tokens"]) for b in batches],
-            "vocab": vocab}
+    return {
+        "peak_mb": max([before, process or 0.0, *meter.peaks]),
+        "step_peaks_mb": meter.peaks,
+        "after_load_mb": after_load,
+        "tokens_per_step": tokens,
+        "step_tokens": [int(b["num_tokens"]) for b in batches],
+        "vocab": vocab,
+    }
 
 
 def main() -> None:
@@ -139,17 +145,30 @@ def main() -> None:
     p.add_argument("--data", help="shard directory (default: bench_train's)")
     p.add_argument("--model", default=None)
     p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per process (the first makes the optimizer's "
-                   "state, so the second is the first to hold it beside the activations)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="optimizer steps per process (the first makes the optimizer's "
+        "state, so the second is the first to hold it beside the activations)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration")
     p.add_argument("--pack", action="store_true", help="also sftgo-train --pack (padding-free; information, no row)")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="gradient checkpointing in every configuration (TRL's default), so that what differs is the loss "
-                        "computation, not the stored activations [default: on]")
-    p.add_argument("--same-allocator", action=argparse.BooleanOptionalAction, default=True,
-                   help="run every configuration under MALLOC_MMAP_THRESHOLD_ at the value sftgo-train sets for itself on a "
-                        "CPU (trainer/hostmem.py), so that the allocator is alike and what differs is the training code "
-                        "[default: on; off: each as it runs by default]")
+    p.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gradient checkpointing in every configuration (TRL's default), so that what differs is the loss "
+        "computation, not the stored activations [default: on]",
+    )
+    p.add_argument(
+        "--same-allocator",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run every configuration under MALLOC_MMAP_THRESHOLD_ at the value sftgo-train sets for itself on a "
+        "CPU (trainer/hostmem.py), so that the allocator is alike and what differs is the training code "
+        "[default: on; off: each as it runs by default]",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -174,30 +193,58 @@ def main() -> None:
     allocator = {ENV: env[ENV]} if ENV in env else {}
     for r in range(args.repeats):
         for c in configs:  # interleaved: every configuration sees the machine in the same state
-            cmd = [sys.executable, __file__, "--one", c, "--data", args.data, "--batch-tokens", str(args.batch_tokens),
-                   "--steps", str(args.steps), "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing"]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                c,
+                "--data",
+                args.data,
+                "--batch-tokens",
+                str(args.batch_tokens),
+                "--steps",
+                str(args.steps),
+                "--grad-checkpointing" if args.grad_checkpointing else "--no-grad-checkpointing",
+            ]
             cmd += ["--model", args.model] if args.model else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"{c} failed:\n{proc.stderr[-3000:]}")
             runs[c].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"repeat {r + 1}/{args.repeats} {c:<17} peak {runs[c][-1]['peak_mb']:,.0f} MB (steps: "
-                  + ", ".join(f"{x:,.0f}" for x in runs[c][-1]["step_peaks_mb"]) + " MB)", flush=True)
+            print(
+                f"repeat {r + 1}/{args.repeats} {c:<17} peak {runs[c][-1]['peak_mb']:,.0f} MB (steps: "
+                + ", ".join(f"{x:,.0f}" for x in runs[c][-1]["step_peaks_mb"])
+                + " MB)",
+                flush=True,
+            )
     med = {}
     for c in configs:
-        med[c] = {k: statistics.median(x[k] for x in runs[c]) for k in ("peak_mb", "after_load_mb", "tokens_per_step", "vocab")}
+        med[c] = {
+            k: statistics.median(x[k] for x in runs[c])
+            for k in ("peak_mb", "after_load_mb", "tokens_per_step", "vocab")
+        }
         med[c]["step_peaks_mb"] = [statistics.median(x["step_peaks_mb"][i] for x in runs[c]) for i in range(args.steps)]
         med[c]["steps_added_mb"] = med[c]["peak_mb"] - med[c]["after_load_mb"]
-    result = {"batch_tokens": args.batch_tokens, "steps": args.steps, "step_tokens": runs["sftgo_train"][0]["step_tokens"],
-              "grad_checkpointing": args.grad_checkpointing, "allocator_env": allocator, "repeats": args.repeats,
-              "median": med, "runs": runs,
-              "ours_over_hf_peak": med["sftgo_train"]["peak_mb"] / med["hf_trainer"]["peak_mb"],
-              "ours_over_trl_peak": med["sftgo_train"]["peak_mb"] / med["trl_sft"]["peak_mb"],
-              "full_logits_fp32_mb": med["sftgo_train"]["tokens_per_step"] * med["sftgo_train"]["vocab"] * 4 / 2**20}
+    result = {
+        "batch_tokens": args.batch_tokens,
+        "steps": args.steps,
+        "step_tokens": runs["sftgo_train"][0]["step_tokens"],
+        "grad_checkpointing": args.grad_checkpointing,
+        "allocator_env": allocator,
+        "repeats": args.repeats,
+        "median": med,
+        "runs": runs,
+        "ours_over_hf_peak": med["sftgo_train"]["peak_mb"] / med["hf_trainer"]["peak_mb"],
+        "ours_over_trl_peak": med["sftgo_train"]["peak_mb"] / med["trl_sft"]["peak_mb"],
+        "full_logits_fp32_mb": med["sftgo_train"]["tokens_per_step"] * med["sftgo_train"]["vocab"] * 4 / 2**20,
+    }
     print(f"\n{'config':<17} {'peak MB':>9} {'each step MB':>16} {'after load MB':>14} {'steps added MB':>15}")
     for c in configs:
         each = ", ".join(f"{x:,.0f}" for x in med[c]["step_peaks_mb"])
-        print(f"{c:<17} {med[c]['peak_mb']:>9,.0f} {each:>16} {med[c]['after_load_mb']:>14,.0f} {med[c]['steps_added_mb']:>15,.0f}")
+        print(
+            f"{c:<17} {med[c]['peak_mb']:>9,.0f} {each:>16} {med[c]['after_load_mb']:>14,.0f} "
+            f"{med[c]['steps_added_mb']:>15,.0f}"
+        )
     print(f"ours / HF peak  : {result['ours_over_hf_peak']:.3f}  (target <= 0.7; medians of {args.repeats} processes)")
     print(f"ours / TRL peak : {result['ours_over_trl_peak']:.3f}  (target <= 0.7)")
     print(f"full logits of one step in fp32 would be {result['full_logits_fp32_mb']:,.0f} MB")

@@ -13,6 +13,7 @@ Each figure is the median of --repeats runs.
 
 Usage: python bench/bench_prep.py [--records 40000] [--repeats 3] [--workers 2] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,7 @@ def ceiling(texts: list[str], repeats: int) -> dict:
         runs_raw.append(time.perf_counter() - t)
         t = time.perf_counter()
         for at in range(0, len(texts), FAST_BATCH):
-            tok.backend_tokenizer.encode_batch_fast(texts[at:at + FAST_BATCH], add_special_tokens=False)
+            tok.backend_tokenizer.encode_batch_fast(texts[at : at + FAST_BATCH], add_special_tokens=False)
         runs_fast.append(time.perf_counter() - t)
     tokens = sum(len(ids) for ids in out["input_ids"])
     fastest = min(statistics.median(runs_raw), statistics.median(runs_fast))
@@ -95,12 +96,31 @@ def build(inputs: list[str], out: Path, workers: int, repeats: int) -> dict:
     for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
         t = time.perf_counter()
-        subprocess.run([str(exe), "build", *inputs, "--out", str(out), "--strategy", "tfidf", "--workers", str(workers),
-                        "--quiet"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                str(exe),
+                "build",
+                *inputs,
+                "--out",
+                str(out),
+                "--strategy",
+                "tfidf",
+                "--workers",
+                str(workers),
+                "--quiet",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         runs.append(time.perf_counter() - t)
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = manifest["totals"]["tokens"]
-    return {"tokens": tokens, "wall_s": statistics.median(runs), "runs_s": runs, "tok_s": tokens / statistics.median(runs)}
+    return {
+        "tokens": tokens,
+        "wall_s": statistics.median(runs),
+        "runs_s": runs,
+        "tok_s": tokens / statistics.median(runs),
+    }
 
 
 def main() -> None:
@@ -127,15 +147,23 @@ def main() -> None:
         "ratio_vs_tokenizer_call": b["tok_s"] / ceil["tokenizer_call_tok_s"],
         "ratio_vs_encode_batch": b["tok_s"] / ceil["ceiling_tok_s"],
     }
-    print(f"corpus: {args.records} records, {b['tokens']} tokens; {os.cpu_count()} CPUs; medians of {args.repeats} runs")
+    print(
+        f"corpus: {args.records} records, {b['tokens']} tokens; {os.cpu_count()} CPUs; medians of {args.repeats} runs"
+    )
     print(f"{'what':<52} {'tokens/s':>12} {'ratio':>8}")
     print(f"{'ceiling: tokenizer(texts), one process':<52} {ceil['tokenizer_call_tok_s']:>12,.0f} {1.0:>8.2f}")
-    print(f"{'ceiling: backend encode_batch(texts), one process':<52} {ceil['encode_batch_tok_s']:>12,.0f} "
-          f"{ceil['encode_batch_tok_s'] / ceil['tokenizer_call_tok_s']:>8.2f}")
-    print(f"{'ceiling: encode_batch_fast, 4,096-text batches':<52} {ceil['encode_batch_fast_tok_s']:>12,.0f} "
-          f"{ceil['encode_batch_fast_tok_s'] / ceil['tokenizer_call_tok_s']:>8.2f}")
-    print(f"{f'sftgo-prep build --strategy tfidf --workers {args.workers}':<52} {b['tok_s']:>12,.0f} "
-          f"{result['ratio_vs_tokenizer_call']:>8.2f}")
+    print(
+        f"{'ceiling: backend encode_batch(texts), one process':<52} {ceil['encode_batch_tok_s']:>12,.0f} "
+        f"{ceil['encode_batch_tok_s'] / ceil['tokenizer_call_tok_s']:>8.2f}"
+    )
+    print(
+        f"{'ceiling: encode_batch_fast, 4,096-text batches':<52} {ceil['encode_batch_fast_tok_s']:>12,.0f} "
+        f"{ceil['encode_batch_fast_tok_s'] / ceil['tokenizer_call_tok_s']:>8.2f}"
+    )
+    print(
+        f"{f'sftgo-prep build --strategy tfidf --workers {args.workers}':<52} {b['tok_s']:>12,.0f} "
+        f"{result['ratio_vs_tokenizer_call']:>8.2f}"
+    )
     print(f"build / ceiling (the faster raw encode): {result['ratio_vs_encode_batch']:.2f} (target >= 0.6)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -21,6 +21,7 @@ Per repeat the order of a's and b's three runs rotates; the start-up build follo
 Usage: python bench/bench_scale.py [--records 200000] [--rss-records 100000,1000000] [--repeats 3] [--json FILE]
        python bench/bench_scale.py hf-pipeline --out DIR INPUT [INPUT ...]   (the baseline alone)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT / "data"))
 sys.path.insert(0, str(ROOT))
 
 from sftgo.grouping.tfidf import WORD_PATTERN as WORD  # noqa: E402  (scikit-learn's default)
+
 ETA = 0.3
 
 # --------------------------------------------------------------------------------------------
@@ -105,11 +107,14 @@ def hf_score(batch: dict, vocab: dict, idf) -> dict:
 
     rx = re.compile(WORD)
     imp_col, grp_col, ntok, nloss = [], [], [], []
-    for text, ids, mask, offs in zip(batch["text"], batch["input_ids"], batch["loss_mask"], batch["offsets"]):
+    for text, _ids, mask, offs in zip(batch["text"], batch["input_ids"], batch["loss_mask"], batch["offsets"]):
         mask = np.asarray(mask, dtype=np.int8)
         offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
-        found = [(m.start(), m.end(), m.group().lower())  # positions are absolute with finditer(text, pos, endpos)
-                 for cs, ce, _ in _assistant_spans(text) for m in rx.finditer(text, cs, ce)]
+        found = [
+            (m.start(), m.end(), m.group().lower())  # positions are absolute with finditer(text, pos, endpos)
+            for cs, ce, _ in _assistant_spans(text)
+            for m in rx.finditer(text, cs, ce)
+        ]
         counts: dict[str, int] = {}
         for _, _, w in found:
             counts[w] = counts.get(w, 0) + 1
@@ -144,8 +149,14 @@ def hf_pipeline(inputs: list[str], out: str, num_proc: int = 2) -> dict:
     ds = datasets.concatenate_datasets(parts)
     vec = TfidfVectorizer(token_pattern=WORD).fit(ds["response"])
     vocab, idf = vec.vocabulary_, vec.idf_.tolist()
-    ds = ds.map(hf_score, batched=True, batch_size=500, num_proc=num_proc, fn_kwargs={"vocab": vocab, "idf": idf},
-                remove_columns=["text", "offsets", "response"])
+    ds = ds.map(
+        hf_score,
+        batched=True,
+        batch_size=500,
+        num_proc=num_proc,
+        fn_kwargs={"vocab": vocab, "idf": idf},
+        remove_columns=["text", "offsets", "response"],
+    )
     Path(out).mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(Path(out) / "data.parquet"))
     return {"records": len(ds), "tokens": int(sum(ds["num_tokens"])), "loss_tokens": int(sum(ds["num_loss_tokens"]))}
@@ -219,13 +230,38 @@ def bin_(name: str) -> str:
 
 
 def build_cmd(inputs, out, workers) -> list[str]:
-    return [bin_("sftgo-prep"), "build", *inputs, "--out", str(out), "--strategy", "tfidf", "--workers", str(workers),
-            "--overwrite", "--quiet"]
+    return [
+        bin_("sftgo-prep"),
+        "build",
+        *inputs,
+        "--out",
+        str(out),
+        "--strategy",
+        "tfidf",
+        "--workers",
+        str(workers),
+        "--overwrite",
+        "--quiet",
+    ]
 
 
 def train_cmd(data, out, steps, batch_tokens) -> list[str]:
-    return [bin_("sftgo-train"), "--data", str(data), "--out", str(out), "--objective", "sftgo", "--groups", "tfidf",
-            "--max-steps", str(steps), "--batch-tokens", str(batch_tokens), "--no-progress"]
+    return [
+        bin_("sftgo-train"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--objective",
+        "sftgo",
+        "--groups",
+        "tfidf",
+        "--max-steps",
+        str(steps),
+        "--batch-tokens",
+        str(batch_tokens),
+        "--no-progress",
+    ]
 
 
 def main(argv=None) -> None:
@@ -240,11 +276,30 @@ def main(argv=None) -> None:
         return
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--records", type=int, default=200000, help="records of the throughput corpus (sftgo vs datasets.map, 2 vs 1 workers)")
-    p.add_argument("--rss-records", default="100000,1000000",
-                   help="SMALL,LARGE: the two corpora whose peak RSS is compared (build and training); 'same' reuses --records and a tenth of it")
-    p.add_argument("--rss-repeats", type=int, default=1, help="runs of each peak-RSS measurement (peak RSS varies little between runs)")
-    p.add_argument("--startup-records", type=int, default=100, help="records of the build whose wall time is the fixed start-up cost")
+    p.add_argument(
+        "--records",
+        type=int,
+        default=200000,
+        help="records of the throughput corpus (sftgo vs datasets.map, 2 vs 1 workers)",
+    )
+    p.add_argument(
+        "--rss-records",
+        default="100000,1000000",
+        help="SMALL,LARGE: the two corpora whose peak RSS is compared (build and training); 'same' reuses "
+        "--records and a tenth of it",
+    )
+    p.add_argument(
+        "--rss-repeats",
+        type=int,
+        default=1,
+        help="runs of each peak-RSS measurement (peak RSS varies little between runs)",
+    )
+    p.add_argument(
+        "--startup-records",
+        type=int,
+        default=100,
+        help="records of the build whose wall time is the fixed start-up cost",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-steps", type=int, default=4)
     p.add_argument("--train-batch-tokens", type=int, default=512)
@@ -261,14 +316,28 @@ def main(argv=None) -> None:
         try:
             rss_small, rss_large = (int(x) for x in args.rss_records.split(","))
         except ValueError:
-            p.error(f"--rss-records takes SMALL,LARGE record counts (e.g. 100000,1000000) or 'same', not {args.rss_records!r}")
+            p.error(
+                "--rss-records takes SMALL,LARGE record counts (e.g. 100000,1000000) or 'same', not "
+                f"{args.rss_records!r}"
+            )
     big, startup = corpus(work, args.records), corpus(work, args.startup_records)
     small_c, large_c = corpus(work, rss_small), (big if rss_large == args.records else corpus(work, rss_large))
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=work))
     meter, load = TreeRSS(), LoadSampler()
     load.start()
-    runs = {k: [] for k in ("build_w2_10x", "hf_datasets_10x", "build_w1_10x", "build_startup", "build_rss_1x", "build_rss_10x",
-                            "train_1x", "train_10x")}
+    runs = {
+        k: []
+        for k in (
+            "build_w2_10x",
+            "hf_datasets_10x",
+            "build_w1_10x",
+            "build_startup",
+            "build_rss_1x",
+            "build_rss_10x",
+            "train_1x",
+            "train_10x",
+        )
+    }
     med = statistics.median
 
     def hf_env():
@@ -278,18 +347,22 @@ def main(argv=None) -> None:
 
     jobs = {
         "build_w2_10x": lambda: meter.run(build_cmd(big, tmp / "w2-10x", 2)),
-        "hf_datasets_10x": lambda: meter.run([sys.executable, __file__, "hf-pipeline", *big, "--out", str(tmp / "hf")],
-                                             env=hf_env()),
+        "hf_datasets_10x": lambda: meter.run(
+            [sys.executable, __file__, "hf-pipeline", *big, "--out", str(tmp / "hf")], env=hf_env()
+        ),
         "build_w1_10x": lambda: meter.run(build_cmd(big, tmp / "w1-10x", 1)),
     }
 
     def note(r, name, res):
-        print(f"repeat {r + 1} {name:<16} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mb']:7.0f} MB"
-              f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+        print(
+            f"repeat {r + 1} {name:<16} {res['wall_s']:7.2f} s  peak RSS {res['peak_rss_mb']:7.0f} MB"
+            f"  (load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
 
     try:
         for r in range(args.repeats):
-            order = list(jobs)[r % 3:] + list(jobs)[: r % 3]
+            order = list(jobs)[r % 3 :] + list(jobs)[: r % 3]
             for name in order + ["build_startup"]:
                 shutil.rmtree(tmp / "hf", ignore_errors=True)
                 res = jobs[name]() if name in jobs else meter.run(build_cmd(startup, tmp / "startup", 2))
@@ -302,14 +375,23 @@ def main(argv=None) -> None:
                 note(r, name, res)
         if not args.skip_train:
             for r in range(args.rss_repeats):
-                for name, data in (("train_1x", tmp / "build_rss_1x"), ("train_10x", tmp / "build_rss_10x"))[:: 1 if r % 2 == 0 else -1]:
+                for name, data in (("train_1x", tmp / "build_rss_1x"), ("train_10x", tmp / "build_rss_10x"))[
+                    :: 1 if r % 2 == 0 else -1
+                ]:
                     out = tmp / f"run-{name}"
                     shutil.rmtree(out, ignore_errors=True)
                     res = meter.run(train_cmd(data, out, args.train_steps, args.train_batch_tokens))
                     runs[name].append(res)
                     note(r, name, res)
-        man = {k: json.loads((tmp / d / "manifest.json").read_text())["totals"]
-               for k, d in (("10x", "w2-10x"), ("startup", "startup"), ("rss_1x", "build_rss_1x"), ("rss_10x", "build_rss_10x"))}
+        man = {
+            k: json.loads((tmp / d / "manifest.json").read_text())["totals"]
+            for k, d in (
+                ("10x", "w2-10x"),
+                ("startup", "startup"),
+                ("rss_1x", "build_rss_1x"),
+                ("rss_10x", "build_rss_10x"),
+            )
+        }
     finally:
         load.stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,27 +400,44 @@ def main(argv=None) -> None:
     wall = {k: med([x["wall_s"] for x in v]) for k, v in runs.items() if v}
     rss = {k: med([x["peak_rss_mb"] for x in v]) for k, v in runs.items() if v}
     result = {
-        "records_10x": args.records, "tokens_10x": tokens, "startup_records": args.startup_records,
-        "rss_records": [rss_small, rss_large], "rss_tokens": [man["rss_1x"]["tokens"], man["rss_10x"]["tokens"]],
-        "repeats": args.repeats, "rss_repeats": args.rss_repeats, "cpus": os.cpu_count(), "runs": runs,
-        "wall_s_median": wall, "peak_rss_mb_median": rss,
+        "records_10x": args.records,
+        "tokens_10x": tokens,
+        "startup_records": args.startup_records,
+        "rss_records": [rss_small, rss_large],
+        "rss_tokens": [man["rss_1x"]["tokens"], man["rss_10x"]["tokens"]],
+        "repeats": args.repeats,
+        "rss_repeats": args.rss_repeats,
+        "cpus": os.cpu_count(),
+        "runs": runs,
+        "wall_s_median": wall,
+        "peak_rss_mb_median": rss,
         "tok_s": {k: tokens / wall[k] for k in ("build_w2_10x", "hf_datasets_10x", "build_w1_10x")},
-        "sftgo_over_datasets": wall["hf_datasets_10x"] / wall["build_w2_10x"], "target_sftgo_over_datasets": 3.0,
-        "w2_over_w1": wall["build_w1_10x"] / wall["build_w2_10x"], "target_w2_over_w1": 1.7,
-        "startup_s": wall["build_startup"], "startup_share": wall["build_startup"] / wall["build_w2_10x"],
-        "build_rss_10x_over_1x": rss["build_rss_10x"] / rss["build_rss_1x"], "target_rss": 1.2,
-        "train_steps": args.train_steps, "train_batch_tokens": args.train_batch_tokens,
+        "sftgo_over_datasets": wall["hf_datasets_10x"] / wall["build_w2_10x"],
+        "target_sftgo_over_datasets": 3.0,
+        "w2_over_w1": wall["build_w1_10x"] / wall["build_w2_10x"],
+        "target_w2_over_w1": 1.7,
+        "startup_s": wall["build_startup"],
+        "startup_share": wall["build_startup"] / wall["build_w2_10x"],
+        "build_rss_10x_over_1x": rss["build_rss_10x"] / rss["build_rss_1x"],
+        "target_rss": 1.2,
+        "train_steps": args.train_steps,
+        "train_batch_tokens": args.train_batch_tokens,
         "load_average": load.summary(),
     }
     if not args.skip_train:
         result["train_rss_10x_over_1x"] = rss["train_10x"] / rss["train_1x"]
-    print(f"\n{tokens} tokens ({args.records} records); medians of {args.repeats} (peak RSS: {args.rss_repeats}); load average "
-          f"{result['load_average']['mean']:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"\n{tokens} tokens ({args.records} records); medians of {args.repeats} (peak RSS: {args.rss_repeats}); "
+        "load average "
+        f"{result['load_average']['mean']:.1f} on {os.cpu_count()} CPUs"
+    )
     for k in wall:
         print(f"{k:<18} {wall[k]:8.2f} s  peak RSS {rss[k]:7.0f} MB")
     print(f"sftgo / datasets.map tokens/s : {result['sftgo_over_datasets']:.2f} (target >= 3)")
-    print(f"start-up ({args.startup_records}-record build): {result['startup_s']:.1f} s, "
-          f"{100 * result['startup_share']:.0f}% of the {args.records}-record build")
+    print(
+        f"start-up ({args.startup_records}-record build): {result['startup_s']:.1f} s, "
+        f"{100 * result['startup_share']:.0f}% of the {args.records}-record build"
+    )
     print(f"2 workers / 1 worker          : {result['w2_over_w1']:.2f} (target >= 1.7)")
     print(f"build peak RSS {rss_large} / {rss_small} records: {result['build_rss_10x_over_1x']:.2f} (target <= 1.2)")
     if "train_rss_10x_over_1x" in result:

@@ -14,6 +14,7 @@ tokens/s counts real (unpadded) pipeline tokens of all samples; supervised token
 Usage: python bench/bench_strategies.py [--records 300] [--max-length 256] [--repeats 3]
                                         [--batch-tokens 8192] [--device auto] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,19 +33,21 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from generate import generate  # noqa: E402
+
+from sftgo.core.models import load_tokenizer  # noqa: E402
 from sftgo.grouping.reference import ReferenceConfig, ReferenceScorer, buckets  # noqa: E402
 from sftgo.grouping.semantic import SemanticConfig, SemanticScorer  # noqa: E402
 from sftgo.pipeline.chat import ChatEncoder  # noqa: E402
 from sftgo.pipeline.formats import RecordError, to_messages  # noqa: E402
-from sftgo.core.models import load_tokenizer  # noqa: E402
 
 
 def samples(records: int, max_length: int, tokenizer):
     recs = generate(records - records // 2, 7, "alpaca") + generate(records // 2, 7, "chat")
     convs = [to_messages({k: v for k, v in r.items() if k != "meta"}, "auto") for r in recs]
-    return [e for e in ChatEncoder(tokenizer, max_length=max_length).encode_batch(convs) if not isinstance(e, RecordError)]
+    return [
+        e for e in ChatEncoder(tokenizer, max_length=max_length).encode_batch(convs) if not isinstance(e, RecordError)
+    ]
 
 
 def raw_forward(model, encs, batch_tokens: int, device) -> None:
@@ -58,7 +61,7 @@ def raw_forward(model, encs, batch_tokens: int, device) -> None:
             ids[r, :n] = torch.from_numpy(encs[i].input_ids.astype(np.int64))
             attn[r, :n] = 1
         with torch.inference_mode():
-            model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            _ = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -85,7 +88,12 @@ def main(argv=None) -> None:
     encs = samples(args.records, args.max_length, tok)
     n_tok = sum(len(e.input_ids) for e in encs)
     n_sup = sum(int(e.loss_mask.sum()) for e in encs)
-    ids, masks, texts, offs = ([e.input_ids for e in encs], [e.loss_mask for e in encs], [e.text for e in encs], [e.offsets for e in encs])
+    ids, masks, texts, offs = (
+        [e.input_ids for e in encs],
+        [e.loss_mask for e in encs],
+        [e.text for e in encs],
+        [e.offsets for e in encs],
+    )
 
     scorer = ReferenceScorer(ReferenceConfig(batch_tokens=args.batch_tokens, device=args.device), tok)
     model, device = scorer.reference.model, scorer.device
@@ -96,13 +104,18 @@ def main(argv=None) -> None:
     for _ in range(args.repeats):
         raw_t.append(timed(lambda: raw_forward(model, encs, args.batch_tokens, device)))
         ref_t.append(timed(lambda: (scorer.score(ids, masks, texts, offs), sync())))
-    del scorer, model
+    scorer = model = None  # freed before the semantic rows
 
     sem_encs = encs[: args.semantic_records] if args.semantic_records else encs
     s_tok = sum(len(e.input_ids) for e in sem_encs)
     s_sup = sum(int(e.loss_mask.sum()) for e in sem_encs)
     sem = SemanticScorer(SemanticConfig(device=args.device))
-    sargs = ([e.text for e in sem_encs], [e.content_spans for e in sem_encs], [e.offsets for e in sem_encs], [e.loss_mask for e in sem_encs])
+    sargs = (
+        [e.text for e in sem_encs],
+        [e.content_spans for e in sem_encs],
+        [e.offsets for e in sem_encs],
+        [e.loss_mask for e in sem_encs],
+    )
     sem.score(*(a[:4] for a in sargs))  # warm-up
     sem_t = [timed(lambda: sem.score(*sargs)) for _ in range(args.repeats)]
 
@@ -113,17 +126,36 @@ def main(argv=None) -> None:
         ("semantic score (occlusion)", s_tok, s_sup, med(sem_t)),
     ]
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        },
         "params": vars(args),
-        "samples": len(encs), "tokens": n_tok, "supervised_tokens": n_sup,
-        "results": {name: {"samples": len(sem_encs) if "semantic" in name else len(encs), "tokens": t, "supervised_tokens": s,
-                           "seconds_median": sec, "seconds_all": ts, "tokens_per_s": t / sec, "supervised_tokens_per_s": s / sec}
-                    for (name, t, s, sec), ts in zip(rows, (raw_t, ref_t, sem_t))},
+        "samples": len(encs),
+        "tokens": n_tok,
+        "supervised_tokens": n_sup,
+        "results": {
+            name: {
+                "samples": len(sem_encs) if "semantic" in name else len(encs),
+                "tokens": t,
+                "supervised_tokens": s,
+                "seconds_median": sec,
+                "seconds_all": ts,
+                "tokens_per_s": t / sec,
+                "supervised_tokens_per_s": s / sec,
+            }
+            for (name, t, s, sec), ts in zip(rows, (raw_t, ref_t, sem_t))
+        },
         "reference_vs_raw": med(raw_t) / med(ref_t),
     }
-    print(f"{len(encs)} samples, {n_tok} tokens ({n_sup} supervised), device {device}, torch threads {torch.get_num_threads()}, "
-          f"median of {args.repeats}")
+    print(
+        f"{len(encs)} samples, {n_tok} tokens ({n_sup} supervised), device {device}, torch threads "
+        f"{torch.get_num_threads()}, "
+        f"median of {args.repeats}"
+    )
     print(f"{'':30s} {'samples':>8s} {'tokens':>8s} {'seconds':>9s} {'tokens/s':>10s} {'sup tok/s':>10s}")
     for name, t, s, sec in rows:
         n = len(sem_encs) if "semantic" in name else len(encs)

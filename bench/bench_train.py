@@ -21,6 +21,7 @@ unsupervised tokens and an attention mask, with the same AdamW (fused), lr sched
 clipping and fp32/bf16 choice.  sftgo-train's step time includes reading and collating the
 batch; the HF figure does not (its timer starts after the batch is fetched).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,25 +48,51 @@ def default_shards() -> str:
     out = ROOT / "bench" / "_work" / "train-shards"
     if not (out / "manifest.json").is_file():
         exe = Path(sys.executable).parent / "sftgo-prep"
-        subprocess.run([str(exe), "build", str(ROOT / "data" / "alpaca.jsonl"), str(ROOT / "data" / "chat.jsonl"),
-                        "--out", str(out), "--strategy", "tfidf", "--workers", "2"], check=True)
+        subprocess.run(
+            [
+                str(exe),
+                "build",
+                str(ROOT / "data" / "alpaca.jsonl"),
+                str(ROOT / "data" / "chat.jsonl"),
+                "--out",
+                str(out),
+                "--strategy",
+                "tfidf",
+                "--workers",
+                "2",
+            ],
+            check=True,
+        )
     return str(out)
 
 
-def run_ours(args, objective: str, work: Path, precision: str = "auto", pack: bool = False,
-             records: list | None = None) -> list[float]:
+def run_ours(
+    args, objective: str, work: Path, precision: str = "auto", pack: bool = False, records: list | None = None
+) -> list[float]:
     """sftgo-train's own loop; each step's time after the warm-up (and, into `records`, every metrics record)."""
     from sftgo.trainer.config import TrainConfig
     from sftgo.trainer.loop import run
 
     out = work / f"ours-{objective}-{precision}"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = TrainConfig(data=args.data, out=str(out), model=args.model, objective=objective, groups="tfidf",
-                      max_steps=args.warmup + args.steps, batch_tokens=args.batch_tokens, lr=1e-5, progress=False,
-                      tensorboard=False, precision=precision, pack=pack, grad_checkpointing=args.grad_checkpointing)
+    cfg = TrainConfig(
+        data=args.data,
+        out=str(out),
+        model=args.model,
+        objective=objective,
+        groups="tfidf",
+        max_steps=args.warmup + args.steps,
+        batch_tokens=args.batch_tokens,
+        lr=1e-5,
+        progress=False,
+        tensorboard=False,
+        precision=precision,
+        pack=pack,
+        grad_checkpointing=args.grad_checkpointing,
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # the run's own summary table
         run(cfg)
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if records is not None:
         records += recs
     times = [r["step_time_s"] for r in recs if r["split"] == "train"][args.warmup :]
@@ -80,8 +107,8 @@ def paired_objectives(args, rounds: int) -> dict:
     from sftgo.core.shards import group_column, read_manifest
     from sftgo.trainer.config import TrainConfig
     from sftgo.trainer.loop import make_batches
-    from sftgo.trainer.optim import make_optimizer
     from sftgo.trainer.model import TokenLossModel, load_for_training
+    from sftgo.trainer.optim import make_optimizer
     from sftgo.trainer.step import Objective, backward_step
 
     tok = load_tokenizer(args.model)
@@ -89,15 +116,16 @@ def paired_objectives(args, rounds: int) -> dict:
     times = {"sft": [], "sftgo": []}
     c = TrainConfig(data=args.data, out="-", batch_tokens=args.batch_tokens)
     objectives = {o: Objective(o, 2, c.reduce, c.temperature) for o in times}
-    batches = make_batches(c, args.data, read_manifest(args.data), group_column("tfidf"), pad, 0, 1, shuffle=True,
-                           cycle=True)
+    batches = make_batches(
+        c, args.data, read_manifest(args.data), group_column("tfidf"), pad, 0, 1, shuffle=True, cycle=True
+    )
     model = load_for_training(args.model)
     net = TokenLossModel(model, c.ce_chunk, lookup_into_grad=True)  # as sftgo-train in one process
     opt = make_optimizer(model, c, torch.device("cpu"))
     it = iter(batches)
     for r in range(rounds + 1):
         mb = next(it)
-        for o in (("sft", "sftgo") if r % 2 else ("sftgo", "sft")):
+        for o in ("sft", "sftgo") if r % 2 else ("sftgo", "sft"):
             t0 = time.perf_counter()
             backward_step(net, [mb], objectives[o], c.lam)
             torch.nn.utils.clip_grad_norm_(model.parameters(), c.clip_grad)
@@ -120,8 +148,9 @@ def the_batches(args) -> list[dict]:
     c = TrainConfig(data=args.data, out="-", batch_tokens=args.batch_tokens)
     tok = load_tokenizer(args.model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = make_batches(c, args.data, read_manifest(args.data), group_column("tfidf"), pad, 0, 1, shuffle=True,
-                           cycle=True)
+    batches = make_batches(
+        c, args.data, read_manifest(args.data), group_column("tfidf"), pad, 0, 1, shuffle=True, cycle=True
+    )
     out = []
     for rows in batches.row_lists(0):
         b = collate(rows, pad, False)
@@ -168,14 +197,27 @@ def run_hf(args, batches, work: Path, callbacks=()) -> list[float]:
     model.config.use_cache = False
     timer = step_timer()
     targs = TrainingArguments(
-        output_dir=str(work / "hf"), max_steps=len(batches), per_device_train_batch_size=1, learning_rate=1e-5,
-        lr_scheduler_type="cosine", max_grad_norm=1.0, adam_beta2=0.95, logging_strategy="no", save_strategy="no",
-        report_to=[], disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=args.grad_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        output_dir=str(work / "hf"),
+        max_steps=len(batches),
+        per_device_train_batch_size=1,
+        learning_rate=1e-5,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        adam_beta2=0.95,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=args.grad_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=Batches(), data_collator=lambda xs: xs[0],
-                      callbacks=[timer, *callbacks])
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=Batches(), data_collator=lambda xs: xs[0], callbacks=[timer, *callbacks]
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     shutil.rmtree(work / "hf", ignore_errors=True)
@@ -201,20 +243,44 @@ def run_trl(args, batches, work: Path, callbacks=()) -> list[float]:
     ds = datasets.Dataset.from_list(rows)
 
     if len(set(per_step)) != 1:  # TRL takes a fixed number of samples per step: use the median, say so
-        print(f"trl: steps hold {min(per_step)}-{max(per_step)} samples; using {int(statistics.median(per_step))} per step",
-              flush=True)
+        print(
+            f"trl: steps hold {min(per_step)}-{max(per_step)} samples; using {int(statistics.median(per_step))} "
+            "per step",
+            flush=True,
+        )
     model = load_causal_lm(args.model, dtype=torch.float32).train()
     timer = step_timer()
-    cfg = SFTConfig(output_dir=str(work / "trl"), max_steps=len(batches), per_device_train_batch_size=int(statistics.median(per_step)),
-                    learning_rate=1e-5, lr_scheduler_type="cosine", max_grad_norm=1.0, adam_beta2=0.95,
-                    logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, padding_free=True,
-                    max_length=None, completion_only_loss=True, dataloader_num_workers=0, shuffle_dataset=False,
-                    train_sampling_strategy="sequential",
-                    # TRL's own default is True; set explicitly so that all configurations match
-                    gradient_checkpointing=args.grad_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
-                    bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available())
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=load_tokenizer(args.model),
-                         callbacks=[timer, *callbacks])
+    cfg = SFTConfig(
+        output_dir=str(work / "trl"),
+        max_steps=len(batches),
+        per_device_train_batch_size=int(statistics.median(per_step)),
+        learning_rate=1e-5,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        adam_beta2=0.95,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        padding_free=True,
+        max_length=None,
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        shuffle_dataset=False,
+        train_sampling_strategy="sequential",
+        # TRL's own default is True; set explicitly so that all configurations match
+        gradient_checkpointing=args.grad_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=load_tokenizer(args.model),
+        callbacks=[timer, *callbacks],
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.train()
     shutil.rmtree(work / "trl", ignore_errors=True)
@@ -229,8 +295,12 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="gradient checkpointing in every configuration (default: off in all, TRL included, whose own default is on)")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="gradient checkpointing in every configuration (default: off in all, TRL included, whose own "
+        "default is on)",
+    )
     p.add_argument("--paired-rounds", type=int, default=8, help="alternating sft/sftgo step pairs in one process")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -245,7 +315,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     from sftgo.trainer.distributed import bf16_native
 
-    # sft_bf16: the same sft runs with --precision bf16 where the device computes bf16 natively (on CPU: AVX512-BF16/AMX)
+    # sft_bf16: the same sft runs with --precision bf16 where the device computes bf16 natively
+    # (on CPU: AVX512-BF16/AMX)
     cpu_bf16 = not torch.cuda.is_available() and bf16_native(torch.device("cpu"))
     per_run = {"sft": [], "sftgo": [], "hf_trainer": [], "trl_sft": [], **({"sft_bf16": []} if cpu_bf16 else {})}
     raw = {k: [] for k in per_run}
@@ -256,7 +327,9 @@ def main():
                 if runner:
                     times = runner(args, batches, work)
                 else:
-                    times = run_ours(args, name.removesuffix("_bf16"), work, "bf16" if name.endswith("_bf16") else "auto")
+                    times = run_ours(
+                        args, name.removesuffix("_bf16"), work, "bf16" if name.endswith("_bf16") else "auto"
+                    )
                 raw[name].append(times)
                 per_run[name].append(statistics.median(times))
                 print(f"repeat {r + 1}/{args.repeats} {name:<10} median step {per_run[name][-1]:.3f} s", flush=True)
@@ -264,23 +337,41 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     paired = paired_objectives(args, args.paired_rounds)
-    print(f"paired sftgo/sft (same process, alternating, {args.paired_rounds} rounds): {paired['median_ratio']:.3f}",
-          flush=True)
+    print(
+        f"paired sftgo/sft (same process, alternating, {args.paired_rounds} rounds): {paired['median_ratio']:.3f}",
+        flush=True,
+    )
     med = {k: statistics.median(v) for k, v in per_run.items()}
     tps = {k: tokens / v for k, v in med.items()}
     # the fastest step of each configuration: robust when other processes share the CPU
     fastest = {k: min(t for times in raw[k] for t in times) for k in raw}
     result = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
-        "torch_threads": torch.get_num_threads(), "model": args.model or "embedded", "data": args.data,
-        "batch_tokens": args.batch_tokens, "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup,
-        "grad_checkpointing": args.grad_checkpointing, "repeats": args.repeats, "step_time_s": med, "tokens_per_s": tps, "per_run_median_s": per_run, "raw_s": raw,
-        "sftgo_over_sft_step_time": med["sftgo"] / med["sft"], "target_sftgo_over_sft": 1.03,
-        "ours_over_hf_tokens_per_s": tps["sft"] / tps["hf_trainer"], "target_ours_over_hf": 1.2,
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+        "torch_threads": torch.get_num_threads(),
+        "model": args.model or "embedded",
+        "data": args.data,
+        "batch_tokens": args.batch_tokens,
+        "tokens_per_step": tokens,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "grad_checkpointing": args.grad_checkpointing,
+        "repeats": args.repeats,
+        "step_time_s": med,
+        "tokens_per_s": tps,
+        "per_run_median_s": per_run,
+        "raw_s": raw,
+        "sftgo_over_sft_step_time": med["sftgo"] / med["sft"],
+        "target_sftgo_over_sft": 1.03,
+        "ours_over_hf_tokens_per_s": tps["sft"] / tps["hf_trainer"],
+        "target_ours_over_hf": 1.2,
         "ours_over_trl_tokens_per_s": tps["sft"] / tps["trl_sft"],
         "cpu_bf16_over_fp32_tokens_per_s": tps["sft_bf16"] / tps["sft"] if "sft_bf16" in tps else None,
-        "paired_sftgo_over_sft": paired["median_ratio"], "paired_times_s": paired["times_s"],
-        "fastest_step_s": fastest, "sftgo_over_sft_fastest": fastest["sftgo"] / fastest["sft"],
+        "paired_sftgo_over_sft": paired["median_ratio"],
+        "paired_times_s": paired["times_s"],
+        "fastest_step_s": fastest,
+        "sftgo_over_sft_fastest": fastest["sftgo"] / fastest["sft"],
         "ours_over_hf_fastest": fastest["hf_trainer"] / fastest["sft"],
         "load_average_at_end": os.getloadavg(),
     }
@@ -288,14 +379,26 @@ def main():
     print(f"{'config':<12} {'step s (median)':>16} {'tokens/s':>9} {'fastest step s':>15}")
     for k in per_run:
         print(f"{k:<12} {med[k]:>16.3f} {tps[k]:>9.0f} {fastest[k]:>15.3f}")
-    print(f"sftgo / sft step time : {result['sftgo_over_sft_step_time']:.3f}  (target <= 1.03; "
-          f"paired in one process: {result['paired_sftgo_over_sft']:.3f})")
+    print(
+        f"sftgo / sft step time : {result['sftgo_over_sft_step_time']:.3f}  (target <= 1.03; "
+        f"paired in one process: {result['paired_sftgo_over_sft']:.3f})"
+    )
     print(f"ours / HF tokens/s    : {result['ours_over_hf_tokens_per_s']:.3f}  (target >= 1.2; sft objective on both)")
-    print(f"ours / TRL tokens/s   : {result['ours_over_trl_tokens_per_s']:.3f}  (target >= 1.2; TRL SFTTrainer, padding-free)")
+    print(
+        f"ours / TRL tokens/s   : {result['ours_over_trl_tokens_per_s']:.3f}  (target >= 1.2; TRL SFTTrainer, "
+        "padding-free)"
+    )
     if result["cpu_bf16_over_fp32_tokens_per_s"]:
-        print(f"bf16 / fp32 tokens/s  : {result['cpu_bf16_over_fp32_tokens_per_s']:.3f}  (sftgo-train --precision bf16 on this CPU)")
-    print(f"fastest-step ratios   : sftgo/sft {result['sftgo_over_sft_fastest']:.3f}, ours/HF {result['ours_over_hf_fastest']:.3f}; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (medians are unreliable if it exceeds the core count)")
+        print(
+            f"bf16 / fp32 tokens/s  : {result['cpu_bf16_over_fp32_tokens_per_s']:.3f}  (sftgo-train --precision "
+            "bf16 on this CPU)"
+        )
+    print(
+        f"fastest-step ratios   : sftgo/sft {result['sftgo_over_sft_fastest']:.3f}, ours/HF "
+        f"{result['ours_over_hf_fastest']:.3f}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (medians are unreliable if it exceeds "
+        "the core count)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

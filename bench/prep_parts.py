@@ -10,12 +10,12 @@ TF-IDF terms, the staged table and its write; and `process`, the first five toge
 them.  Tokens per second of the whole.
 Cost: a few seconds per repeat.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -48,21 +48,34 @@ def main() -> None:
 
     for _ in range(args.repeats):
         items = timed("read (JSONL lines -> records)", lambda: list(readers.read(part)))
-        convs = timed("normalise (to_messages)", lambda: [formats.to_messages(i.record, formats.detect_format(i.record, None))
-                                                          for i in items])
+        convs = timed(
+            "normalise (to_messages)",
+            lambda: [formats.to_messages(i.record, formats.detect_format(i.record, None)) for i in items],
+        )
         rendered = timed("render (chat template)", lambda: [enc.render(c) for c in convs])
-        batches = [rendered[i:i + prepare.BATCH] for i in range(0, len(rendered), prepare.BATCH)]
-        encoded = timed("Rust encoder, ids, offsets (encode_texts)", lambda: [enc.encode_texts([t for t, _ in b]) for b in batches])
-        arrays = timed("split, loss mask (arrays)", lambda: [a for b, e in zip(batches, encoded) for a in enc._batch_arrays(b, e)])
+        batches = [rendered[i : i + prepare.BATCH] for i in range(0, len(rendered), prepare.BATCH)]
+        encoded = timed(
+            "Rust encoder, ids, offsets (encode_texts)", lambda: [enc.encode_texts([t for t, _ in b]) for b in batches]
+        )
+        arrays = timed(
+            "split, loss mask (arrays)", lambda: [a for b, e in zip(batches, encoded) for a in enc._batch_arrays(b, e)]
+        )
         timed("finish (truncation, checks)", lambda: [enc._finish(t, s, *a) for (t, s), a in zip(rendered, arrays)])
         cols, rejects, counts = timed("process (all of the above)", lambda: prepare.process(part, cfg, enc))
         staged = timed("TF-IDF terms (stage_columns)", lambda: prepare.stage_columns(strategies, cols, cfg, None))
         table = timed("staged table", lambda: prepare.staged_table(cols, staged))
-        timed("write staged files", lambda: prepare.write_stage(tempfile.mkdtemp(), 0, table, rejects, counts, strategies))
+        timed(
+            "write staged files", lambda: prepare.write_stage(tempfile.mkdtemp(), 0, table, rejects, counts, strategies)
+        )
     tokens = int(table["num_tokens"].to_numpy().sum())
     med = {k: statistics.median(v) for k, v in times.items()}
-    whole = med["process (all of the above)"] + sum(med[k] for k in ("TF-IDF terms (stage_columns)", "staged table", "write staged files"))
-    print(f"{args.input} partition {args.partition}: {len(cols['id'])} records, {tokens:,} tokens; medians of {args.repeats}")
+    whole = med["process (all of the above)"] + sum(
+        med[k] for k in ("TF-IDF terms (stage_columns)", "staged table", "write staged files")
+    )
+    print(
+        f"{args.input} partition {args.partition}: {len(cols['id'])} records, {tokens:,} tokens; medians of "
+        f"{args.repeats}"
+    )
     for k, v in med.items():
         print(f"  {k:<42} {v:7.3f} s  {100 * v / whole:5.1f}%")
     print(f"  pass 1 of this partition: {whole:.3f} s, {tokens / whole:,.0f} tokens/s on one core")

@@ -17,6 +17,7 @@ with the record count (about one entity per four records).
 From Python (benchmarks): `from data.generate import generate, write_jsonl`, or load
 this file with importlib.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,78 +30,308 @@ KINDS = ("alpaca", "chat")
 # ---------------------------------------------------------------------------------
 # Vocabulary. Names are composed from syllables, so they are fictional by construction.
 # ---------------------------------------------------------------------------------
-FIRST_A = ["Id", "Per", "Mar", "Thes", "Ol", "Ben", "Ca", "Ro", "Si", "Al", "Ev", "Dor",
-           "Lu", "Ni", "Ta", "Wen", "Fa", "Gre", "Ha", "Jo", "Mei", "Ra", "Ys", "Ko"]
+FIRST_A = [
+    "Id",
+    "Per",
+    "Mar",
+    "Thes",
+    "Ol",
+    "Ben",
+    "Ca",
+    "Ro",
+    "Si",
+    "Al",
+    "Ev",
+    "Dor",
+    "Lu",
+    "Ni",
+    "Ta",
+    "Wen",
+    "Fa",
+    "Gre",
+    "Ha",
+    "Jo",
+    "Mei",
+    "Ra",
+    "Ys",
+    "Ko",
+]
 FIRST_B = ["ris", "a", "en", "ton", "ie", "wyn", "o", "ia", "an", "el", "ard", "ina", "ek", "isa"]
-LAST_A = ["Pel", "Mar", "Thorn", "Ash", "Quil", "Brenn", "Cald", "Dun", "Fen", "Hal", "Kes",
-          "Lor", "Mor", "Orr", "Rav", "Tam", "Vel", "Wick", "Sar", "Gant", "Ober", "Lind"]
-LAST_B = ["low", "dene", "ford", "wick", "sby", "more", "ton", "ridge", "ell", "ane", "ish",
-          "ock", "vard", "hurst"]
-PLACE_A = ["Quel", "Var", "Ost", "Bel", "Cor", "Dra", "Elm", "Fal", "Gal", "Hesk", "Ith", "Jor",
-           "Kal", "Lun", "Mir", "Nor", "Pra", "Ryn", "Sol", "Tav", "Ul", "Wes", "Yar", "Zem"]
-PLACE_B = ["mora", "heim", "avia", "ford", "port", "dell", "wyn", "ara", "ost", "grad", "mere",
-           "ton", "ia", "vale"]
-WORDS = ["Varnish", "Copper", "Lantern", "Harbour", "Saffron", "Iron", "Willow", "Granite",
-         "Amber", "Cobalt", "Meridian", "Thistle", "Juniper", "Falcon", "Silver", "Oriel",
-         "Beacon", "Tidewater", "Marrow", "Ember", "Quarry", "Lattice", "Crescent", "Bramble"]
-BUILDING_TYPES = ["Tower", "Bridge", "Library", "Observatory", "Hall", "Lighthouse",
-                  "Conservatory", "Aqueduct", "Theatre", "Clocktower"]
-DEVICE_A = ["thermal", "harmonic", "pneumatic", "optical", "magnetic", "tidal", "acoustic",
-            "rotary", "spectral", "ballast", "gyroscopic", "capillary"]
-DEVICE_B = ["loom", "regulator", "sextant", "valve", "resonator", "press", "compass",
-            "lamp", "pump", "telegraph", "balance", "kiln"]
-COMPOUND_A = ["Vor", "Thal", "Kry", "Osm", "Pel", "Zir", "Mol", "Quen", "Bra", "Lis", "Ner",
-              "Cas", "Dro", "Fel", "Hyd", "Ister"]
+LAST_A = [
+    "Pel",
+    "Mar",
+    "Thorn",
+    "Ash",
+    "Quil",
+    "Brenn",
+    "Cald",
+    "Dun",
+    "Fen",
+    "Hal",
+    "Kes",
+    "Lor",
+    "Mor",
+    "Orr",
+    "Rav",
+    "Tam",
+    "Vel",
+    "Wick",
+    "Sar",
+    "Gant",
+    "Ober",
+    "Lind",
+]
+LAST_B = ["low", "dene", "ford", "wick", "sby", "more", "ton", "ridge", "ell", "ane", "ish", "ock", "vard", "hurst"]
+PLACE_A = [
+    "Quel",
+    "Var",
+    "Ost",
+    "Bel",
+    "Cor",
+    "Dra",
+    "Elm",
+    "Fal",
+    "Gal",
+    "Hesk",
+    "Ith",
+    "Jor",
+    "Kal",
+    "Lun",
+    "Mir",
+    "Nor",
+    "Pra",
+    "Ryn",
+    "Sol",
+    "Tav",
+    "Ul",
+    "Wes",
+    "Yar",
+    "Zem",
+]
+PLACE_B = ["mora", "heim", "avia", "ford", "port", "dell", "wyn", "ara", "ost", "grad", "mere", "ton", "ia", "vale"]
+WORDS = [
+    "Varnish",
+    "Copper",
+    "Lantern",
+    "Harbour",
+    "Saffron",
+    "Iron",
+    "Willow",
+    "Granite",
+    "Amber",
+    "Cobalt",
+    "Meridian",
+    "Thistle",
+    "Juniper",
+    "Falcon",
+    "Silver",
+    "Oriel",
+    "Beacon",
+    "Tidewater",
+    "Marrow",
+    "Ember",
+    "Quarry",
+    "Lattice",
+    "Crescent",
+    "Bramble",
+]
+BUILDING_TYPES = [
+    "Tower",
+    "Bridge",
+    "Library",
+    "Observatory",
+    "Hall",
+    "Lighthouse",
+    "Conservatory",
+    "Aqueduct",
+    "Theatre",
+    "Clocktower",
+]
+DEVICE_A = [
+    "thermal",
+    "harmonic",
+    "pneumatic",
+    "optical",
+    "magnetic",
+    "tidal",
+    "acoustic",
+    "rotary",
+    "spectral",
+    "ballast",
+    "gyroscopic",
+    "capillary",
+]
+DEVICE_B = [
+    "loom",
+    "regulator",
+    "sextant",
+    "valve",
+    "resonator",
+    "press",
+    "compass",
+    "lamp",
+    "pump",
+    "telegraph",
+    "balance",
+    "kiln",
+]
+COMPOUND_A = [
+    "Vor",
+    "Thal",
+    "Kry",
+    "Osm",
+    "Pel",
+    "Zir",
+    "Mol",
+    "Quen",
+    "Bra",
+    "Lis",
+    "Ner",
+    "Cas",
+    "Dro",
+    "Fel",
+    "Hyd",
+    "Ister",
+]
 COMPOUND_B = ["an", "o", "ex", "ar", "il", "em", "un"]
 COMPOUND_C = ["ium", "ite", "ene", "ol", "ane", "ate"]
-COLOURS = ["pale green", "deep violet", "amber", "silvery grey", "rust red", "cobalt blue",
-           "milky white", "jet black", "pale yellow"]
-COMPANY_B = ["Works", "Instruments", "Laboratories", "Foundry", "Optics", "Mills",
-             "Engineering", "Textiles"]
-PRODUCTS = ["precision clocks", "glass lenses", "river barges", "signal lamps",
-            "weather instruments", "printing presses", "steel cable", "dyes", "ceramic tiles",
-            "bicycles", "telescopes", "water filters"]
-ANIMAL_A = ["crested", "spotted", "lesser", "river", "ash", "dusky", "golden", "banded",
-            "long-tailed", "horned"]
-ANIMAL_B = ["marrowfinch", "quillhare", "fenmoth", "tarnowl", "brackvole", "cindertoad",
-            "saltheron", "reedlynx", "mossgoat", "duneskink"]
-DIETS = ["seeds", "insects", "river fish", "mosses", "berries", "small rodents", "reeds",
-         "lichen"]
-HABITATS = ["marshes", "pine forests", "chalk hills", "salt flats", "river valleys",
-            "high meadows", "coastal cliffs"]
-TERM_A = ["quorum", "phase-drift", "ledger", "spindle", "cascade", "shadow", "tessellated",
-          "backpressure", "half-open", "lattice", "ripple", "staggered"]
-TERM_B = ["buffer", "index", "protocol", "scheduler", "transform", "checksum", "cache",
-          "handshake", "queue", "encoding", "filter", "allocator"]
-FIELDS = ["distributed databases", "signal processing", "compiler design", "network routing",
-          "storage engines", "numerical simulation", "cryptography", "operating systems"]
-PURPOSES = ["keep replicas consistent after a network split", "reduce the latency of small writes",
-            "detect corrupted blocks before they are read", "spread load evenly across workers",
-            "recover quickly after a crash", "avoid recomputing expensive intermediate results",
-            "bound the memory used by long-running jobs", "order events that arrive out of sequence"]
+COLOURS = [
+    "pale green",
+    "deep violet",
+    "amber",
+    "silvery grey",
+    "rust red",
+    "cobalt blue",
+    "milky white",
+    "jet black",
+    "pale yellow",
+]
+COMPANY_B = ["Works", "Instruments", "Laboratories", "Foundry", "Optics", "Mills", "Engineering", "Textiles"]
+PRODUCTS = [
+    "precision clocks",
+    "glass lenses",
+    "river barges",
+    "signal lamps",
+    "weather instruments",
+    "printing presses",
+    "steel cable",
+    "dyes",
+    "ceramic tiles",
+    "bicycles",
+    "telescopes",
+    "water filters",
+]
+ANIMAL_A = ["crested", "spotted", "lesser", "river", "ash", "dusky", "golden", "banded", "long-tailed", "horned"]
+ANIMAL_B = [
+    "marrowfinch",
+    "quillhare",
+    "fenmoth",
+    "tarnowl",
+    "brackvole",
+    "cindertoad",
+    "saltheron",
+    "reedlynx",
+    "mossgoat",
+    "duneskink",
+]
+DIETS = ["seeds", "insects", "river fish", "mosses", "berries", "small rodents", "reeds", "lichen"]
+HABITATS = ["marshes", "pine forests", "chalk hills", "salt flats", "river valleys", "high meadows", "coastal cliffs"]
+TERM_A = [
+    "quorum",
+    "phase-drift",
+    "ledger",
+    "spindle",
+    "cascade",
+    "shadow",
+    "tessellated",
+    "backpressure",
+    "half-open",
+    "lattice",
+    "ripple",
+    "staggered",
+]
+TERM_B = [
+    "buffer",
+    "index",
+    "protocol",
+    "scheduler",
+    "transform",
+    "checksum",
+    "cache",
+    "handshake",
+    "queue",
+    "encoding",
+    "filter",
+    "allocator",
+]
+FIELDS = [
+    "distributed databases",
+    "signal processing",
+    "compiler design",
+    "network routing",
+    "storage engines",
+    "numerical simulation",
+    "cryptography",
+    "operating systems",
+]
+PURPOSES = [
+    "keep replicas consistent after a network split",
+    "reduce the latency of small writes",
+    "detect corrupted blocks before they are read",
+    "spread load evenly across workers",
+    "recover quickly after a crash",
+    "avoid recomputing expensive intermediate results",
+    "bound the memory used by long-running jobs",
+    "order events that arrive out of sequence",
+]
 FRUITS = ["apples", "pears", "plums", "quinces", "apricots", "figs", "lemons"]
-ITEMS = ["notebooks", "lanterns", "tickets", "bolts of cloth", "jars of honey", "maps",
-         "pencils", "candles"]
+ITEMS = ["notebooks", "lanterns", "tickets", "bolts of cloth", "jars of honey", "maps", "pencils", "candles"]
 CURRENCY = ["crowns", "marks", "florins", "shillings"]
 
-OPENERS = ["Sure! ", "Of course. ", "Certainly! ", "Great question! ", "Happy to help. ",
-           "Absolutely. ", "", "", "", ""]
-HERE_IS = ["Sure! Here is {x}:", "Of course! Here is {x}:", "Certainly. Here is {x}:",
-           "Here is {x}:", "Happy to help! Below is {x}:"]
-CLOSERS = [" I hope this helps.", " Let me know if you have other questions.",
-           " I hope this helps! Let me know if you have any other questions.",
-           " Feel free to ask if you would like more detail.", " Is there anything else you would like to know?",
-           "", "", ""]
-SYSTEMS = ["You are a helpful assistant.", "You are a helpful, concise assistant.",
-           "You are a knowledgeable guide to the history and geography of the Northern Reaches.",
-           "You are Atlas, an assistant for the {place} city archive. Answer accurately and briefly.",
-           "You are a patient tutor. Explain your reasoning step by step.",
-           "You are an expert technical writer. Prefer clear, plain language."]
+OPENERS = [
+    "Sure! ",
+    "Of course. ",
+    "Certainly! ",
+    "Great question! ",
+    "Happy to help. ",
+    "Absolutely. ",
+    "",
+    "",
+    "",
+    "",
+]
+HERE_IS = [
+    "Sure! Here is {x}:",
+    "Of course! Here is {x}:",
+    "Certainly. Here is {x}:",
+    "Here is {x}:",
+    "Happy to help! Below is {x}:",
+]
+CLOSERS = [
+    " I hope this helps.",
+    " Let me know if you have other questions.",
+    " I hope this helps! Let me know if you have any other questions.",
+    " Feel free to ask if you would like more detail.",
+    " Is there anything else you would like to know?",
+    "",
+    "",
+    "",
+]
+SYSTEMS = [
+    "You are a helpful assistant.",
+    "You are a helpful, concise assistant.",
+    "You are a knowledgeable guide to the history and geography of the Northern Reaches.",
+    "You are Atlas, an assistant for the {place} city archive. Answer accurately and briefly.",
+    "You are a patient tutor. Explain your reasoning step by step.",
+    "You are an expert technical writer. Prefer clear, plain language.",
+]
 THANKS = ["Thanks, that helps!", "Great, thank you.", "Perfect, thanks!", "Thank you!"]
-WELCOME = ["You're welcome! Let me know if you have other questions.",
-           "Glad I could help. Let me know if there is anything else you need.",
-           "You're welcome! Happy to help with anything else.",
-           "Anytime! Feel free to ask if something else comes up."]
+WELCOME = [
+    "You're welcome! Let me know if you have other questions.",
+    "Glad I could help. Let me know if there is anything else you need.",
+    "You're welcome! Happy to help with anything else.",
+    "Anytime! Feel free to ask if something else comes up.",
+]
 GENERIC_SENTENCES = [
     "In practice, it is most useful when the workload is large and changes often.",
     "Many engineers first meet it while debugging a system that behaves well in tests but poorly in production.",
@@ -136,26 +367,56 @@ def _make_entity(kind: str, rng) -> dict:
     c = rng.choice
     if kind == "building":
         city = _place(rng)
-        return {"kind": kind, "name": f"the {c(WORDS)} {c(BUILDING_TYPES)} in {city}", "city": city,
-                "year": str(_ordinal_year(rng, 1780, 1950)), "architect": _person(rng),
-                "height": f"{rng.randint(12, 180)} metres"}
+        return {
+            "kind": kind,
+            "name": f"the {c(WORDS)} {c(BUILDING_TYPES)} in {city}",
+            "city": city,
+            "year": str(_ordinal_year(rng, 1780, 1950)),
+            "architect": _person(rng),
+            "height": f"{rng.randint(12, 180)} metres",
+        }
     if kind == "inventor":
-        return {"kind": kind, "name": _person(rng), "invention": f"the {c(DEVICE_A)} {c(DEVICE_B)}",
-                "year": str(_ordinal_year(rng)), "city": _place(rng)}
+        return {
+            "kind": kind,
+            "name": _person(rng),
+            "invention": f"the {c(DEVICE_A)} {c(DEVICE_B)}",
+            "year": str(_ordinal_year(rng)),
+            "city": _place(rng),
+        }
     if kind == "river":
-        return {"kind": kind, "name": f"the {_place(rng)} River", "length": f"{rng.randint(40, 2900)} kilometres",
-                "mouth": f"the {_place(rng)} Sea" if rng.random() < 0.5 else f"Lake {_place(rng)}",
-                "source": f"the {c(['northern', 'eastern', 'western', 'southern'])} slopes of Mount {_place(rng)}"}
+        return {
+            "kind": kind,
+            "name": f"the {_place(rng)} River",
+            "length": f"{rng.randint(40, 2900)} kilometres",
+            "mouth": f"the {_place(rng)} Sea" if rng.random() < 0.5 else f"Lake {_place(rng)}",
+            "source": f"the {c(['northern', 'eastern', 'western', 'southern'])} slopes of Mount {_place(rng)}",
+        }
     if kind == "compound":
-        return {"kind": kind, "name": c(COMPOUND_A) + c(COMPOUND_B) + c(COMPOUND_C),
-                "melting_point": f"{rng.randint(-80, 2400)} degrees Celsius", "discoverer": _person(rng),
-                "colour": c(COLOURS), "year": str(_ordinal_year(rng, 1760, 1990))}
+        return {
+            "kind": kind,
+            "name": c(COMPOUND_A) + c(COMPOUND_B) + c(COMPOUND_C),
+            "melting_point": f"{rng.randint(-80, 2400)} degrees Celsius",
+            "discoverer": _person(rng),
+            "colour": c(COLOURS),
+            "year": str(_ordinal_year(rng, 1760, 1990)),
+        }
     if kind == "company":
-        return {"kind": kind, "name": f"{c(WORDS)} {c(COMPANY_B)}", "founder": _person(rng),
-                "year": str(_ordinal_year(rng, 1800, 1990)), "city": _place(rng), "product": c(PRODUCTS)}
+        return {
+            "kind": kind,
+            "name": f"{c(WORDS)} {c(COMPANY_B)}",
+            "founder": _person(rng),
+            "year": str(_ordinal_year(rng, 1800, 1990)),
+            "city": _place(rng),
+            "product": c(PRODUCTS),
+        }
     if kind == "species":
-        return {"kind": kind, "name": f"the {c(ANIMAL_A)} {c(ANIMAL_B)}", "habitat": f"the {c(HABITATS)} of {_place(rng)}",
-                "weight": f"{rng.randint(1, 400) / 10:g} kilograms", "diet": c(DIETS)}
+        return {
+            "kind": kind,
+            "name": f"the {c(ANIMAL_A)} {c(ANIMAL_B)}",
+            "habitat": f"the {c(HABITATS)} of {_place(rng)}",
+            "weight": f"{rng.randint(1, 400) / 10:g} kilograms",
+            "diet": c(DIETS),
+        }
     if kind == "city":
         k = rng.randint(3, 7)
         districts = []
@@ -163,11 +424,22 @@ def _make_entity(kind: str, rng) -> dict:
             d = f"{c(WORDS)} {c(['Quarter', 'Row', 'Heights', 'Market', 'Docks', 'Gate', 'Green'])}"
             if d not in districts:
                 districts.append(d)
-        return {"kind": kind, "name": _place(rng), "population": f"{rng.randint(2, 900) * 1000 + rng.randint(0, 999):,}",
-                "founded": str(rng.randint(900, 1700)), "districts": districts}
+        return {
+            "kind": kind,
+            "name": _place(rng),
+            "population": f"{rng.randint(2, 900) * 1000 + rng.randint(0, 999):,}",
+            "founded": str(rng.randint(900, 1700)),
+            "districts": districts,
+        }
     # technical term
-    return {"kind": "term", "name": f"{c(TERM_A)} {c(TERM_B)}", "field": c(FIELDS), "purpose": c(PURPOSES),
-            "coined_by": _person(rng), "year": str(rng.randint(1962, 2019))}
+    return {
+        "kind": "term",
+        "name": f"{c(TERM_A)} {c(TERM_B)}",
+        "field": c(FIELDS),
+        "purpose": c(PURPOSES),
+        "coined_by": _person(rng),
+        "year": str(rng.randint(1962, 2019)),
+    }
 
 
 ENTITY_KINDS = ("building", "inventor", "river", "compound", "company", "species", "city", "term")
@@ -176,64 +448,99 @@ ENTITY_KINDS = ("building", "inventor", "river", "compound", "company", "species
 # name (capitalised where it starts a sentence by _cap), {v} the attribute's value.
 FACTS = {
     "building": {
-        "year": (["When was {n} completed?", "In what year was {n} finished?", "What year was {n} built?"],
-                 ["{N} was completed in {v}.", "Construction of {n} finished in {v}."]),
-        "architect": (["Who designed {n}?", "Who was the architect of {n}?"],
-                      ["{N} was designed by the architect {v}.", "The architect of {n} was {v}."]),
-        "height": (["How tall is {n}?", "What is the height of {n}?"],
-                   ["{N} is {v} tall.", "{N} rises {v} above the street."]),
+        "year": (
+            ["When was {n} completed?", "In what year was {n} finished?", "What year was {n} built?"],
+            ["{N} was completed in {v}.", "Construction of {n} finished in {v}."],
+        ),
+        "architect": (
+            ["Who designed {n}?", "Who was the architect of {n}?"],
+            ["{N} was designed by the architect {v}.", "The architect of {n} was {v}."],
+        ),
+        "height": (
+            ["How tall is {n}?", "What is the height of {n}?"],
+            ["{N} is {v} tall.", "{N} rises {v} above the street."],
+        ),
     },
     "inventor": {
-        "invention": (["What did {n} invent?", "What is {n} best known for inventing?"],
-                      ["{N} invented {v}.", "{N} is best known as the inventor of {v}."]),
-        "year": (["In what year did {n} present their most famous invention?"],
-                 ["{N} presented {invention} in {v}.", "{N} first showed {invention} in {v}."]),
-        "city": (["Where did {n} work?", "In which city did {n} build their workshop?"],
-                 ["{N} worked in {v}.", "{N} kept a workshop in {v} for most of their career."]),
+        "invention": (
+            ["What did {n} invent?", "What is {n} best known for inventing?"],
+            ["{N} invented {v}.", "{N} is best known as the inventor of {v}."],
+        ),
+        "year": (
+            ["In what year did {n} present their most famous invention?"],
+            ["{N} presented {invention} in {v}.", "{N} first showed {invention} in {v}."],
+        ),
+        "city": (
+            ["Where did {n} work?", "In which city did {n} build their workshop?"],
+            ["{N} worked in {v}.", "{N} kept a workshop in {v} for most of their career."],
+        ),
     },
     "river": {
-        "length": (["How long is {n}?", "What is the length of {n}?"],
-                   ["{N} is {v} long.", "{N} runs for {v}."]),
-        "mouth": (["Where does {n} end?", "Into what body of water does {n} flow?"],
-                  ["{N} flows into {v}.", "{N} empties into {v}."]),
-        "source": (["Where does {n} begin?", "What is the source of {n}?"],
-                   ["{N} rises on {v}.", "The source of {n} lies on {v}."]),
+        "length": (["How long is {n}?", "What is the length of {n}?"], ["{N} is {v} long.", "{N} runs for {v}."]),
+        "mouth": (
+            ["Where does {n} end?", "Into what body of water does {n} flow?"],
+            ["{N} flows into {v}.", "{N} empties into {v}."],
+        ),
+        "source": (
+            ["Where does {n} begin?", "What is the source of {n}?"],
+            ["{N} rises on {v}.", "The source of {n} lies on {v}."],
+        ),
     },
     "compound": {
-        "melting_point": (["What is the melting point of {n}?", "At what temperature does {n} melt?"],
-                          ["{N} melts at {v}.", "The melting point of {n} is {v}."]),
-        "discoverer": (["Who discovered {n}?", "Who first isolated {n}?"],
-                       ["{N} was first isolated by {v}.", "{v} discovered {n}."]),
-        "colour": (["What colour is {n}?", "What does {n} look like?"],
-                   ["Pure {n} is {v}.", "{N} forms {v} crystals."]),
+        "melting_point": (
+            ["What is the melting point of {n}?", "At what temperature does {n} melt?"],
+            ["{N} melts at {v}.", "The melting point of {n} is {v}."],
+        ),
+        "discoverer": (
+            ["Who discovered {n}?", "Who first isolated {n}?"],
+            ["{N} was first isolated by {v}.", "{v} discovered {n}."],
+        ),
+        "colour": (
+            ["What colour is {n}?", "What does {n} look like?"],
+            ["Pure {n} is {v}.", "{N} forms {v} crystals."],
+        ),
     },
     "company": {
-        "founder": (["Who founded {n}?", "Who started {n}?"],
-                    ["{N} was founded by {v}.", "{v} started {n}."]),
-        "year": (["When was {n} founded?", "In what year was {n} established?"],
-                 ["{N} was founded in {v}.", "{N} opened its doors in {v}."]),
-        "product": (["What does {n} make?", "What is {n} known for producing?"],
-                    ["{N} makes {v}.", "{N} is known for its {v}."]),
+        "founder": (["Who founded {n}?", "Who started {n}?"], ["{N} was founded by {v}.", "{v} started {n}."]),
+        "year": (
+            ["When was {n} founded?", "In what year was {n} established?"],
+            ["{N} was founded in {v}.", "{N} opened its doors in {v}."],
+        ),
+        "product": (
+            ["What does {n} make?", "What is {n} known for producing?"],
+            ["{N} makes {v}.", "{N} is known for its {v}."],
+        ),
     },
     "species": {
-        "habitat": (["Where does {n} live?", "What is the habitat of {n}?"],
-                    ["{N} lives in {v}.", "{N} is found mainly in {v}."]),
-        "weight": (["How much does {n} weigh?", "What does an adult {x} weigh?"],
-                   ["An adult {x} weighs about {v}.", "{N} weighs around {v}."]),
-        "diet": (["What does {n} eat?", "What is the diet of {n}?"],
-                 ["{N} feeds mostly on {v}.", "The diet of {n} consists mainly of {v}."]),
+        "habitat": (
+            ["Where does {n} live?", "What is the habitat of {n}?"],
+            ["{N} lives in {v}.", "{N} is found mainly in {v}."],
+        ),
+        "weight": (
+            ["How much does {n} weigh?", "What does an adult {x} weigh?"],
+            ["An adult {x} weighs about {v}.", "{N} weighs around {v}."],
+        ),
+        "diet": (
+            ["What does {n} eat?", "What is the diet of {n}?"],
+            ["{N} feeds mostly on {v}.", "The diet of {n} consists mainly of {v}."],
+        ),
     },
     "city": {
-        "population": (["What is the population of {n}?", "How many people live in {n}?"],
-                       ["{N} has a population of {v}.", "About {v} people live in {n}."]),
-        "founded": (["When was {n} founded?", "In what year was {n} founded?"],
-                    ["{N} was founded in {v}.", "The city of {n} dates back to {v}."]),
+        "population": (
+            ["What is the population of {n}?", "How many people live in {n}?"],
+            ["{N} has a population of {v}.", "About {v} people live in {n}."],
+        ),
+        "founded": (
+            ["When was {n} founded?", "In what year was {n} founded?"],
+            ["{N} was founded in {v}.", "The city of {n} dates back to {v}."],
+        ),
     },
     "term": {
-        "coined_by": (["Who coined the term {n}?", "Who introduced the {n}?"],
-                      ["The term was coined by {v}.", "The {n} was introduced by {v}."]),
-        "field": (["In what field is the {n} used?"],
-                  ["The {n} is used in {v}.", "The {n} comes from {v}."]),
+        "coined_by": (
+            ["Who coined the term {n}?", "Who introduced the {n}?"],
+            ["The term was coined by {v}.", "The {n} was introduced by {v}."],
+        ),
+        "field": (["In what field is the {n} used?"], ["The {n} is used in {v}.", "The {n} comes from {v}."]),
     },
 }
 
@@ -313,36 +620,60 @@ def task_fact_qa(rng, world: World):
 
 def task_explain(rng, world: World):
     ent = rng.choice(world.by_kind["term"])
-    n, N = ent["name"], _cap(ent["name"])
-    q = rng.choice([f"Explain what a {n} is.", f"What is a {n}, and why would I use one?",
-                    f"Can you give me a short explanation of the {n}?",
-                    f"I keep hearing about the {n} in {ent['field']}. What is it?"])
-    parts = [rng.choice(OPENERS) + f"A {n} is a technique from {ent['field']} used to {ent['purpose']}.",
-             f"The term was coined by {ent['coined_by']} in {ent['year']}."]
+    n = ent["name"]
+    q = rng.choice(
+        [
+            f"Explain what a {n} is.",
+            f"What is a {n}, and why would I use one?",
+            f"Can you give me a short explanation of the {n}?",
+            f"I keep hearing about the {n} in {ent['field']}. What is it?",
+        ]
+    )
+    parts = [
+        rng.choice(OPENERS) + f"A {n} is a technique from {ent['field']} used to {ent['purpose']}.",
+        f"The term was coined by {ent['coined_by']} in {ent['year']}.",
+    ]
     depth = rng.random()
     generic = rng.sample(GENERIC_SENTENCES, len(GENERIC_SENTENCES))  # drawn without repeats below
     if depth > 0.3:
         a, b = rng.randint(2, 9), rng.randint(10, 64)
-        parts.append(f"The core idea is to split the work into {a} stages and to keep a small "
-                     f"window of {b} pending items, so that no single stage can fall far behind.")
+        parts.append(
+            f"The core idea is to split the work into {a} stages and to keep a small "
+            f"window of {b} pending items, so that no single stage can fall far behind."
+        )
         parts.append(generic[0])
     if depth > 0.6:
         other = rng.choice(world.by_kind["term"])
-        parts.append(f"\n\nHow it compares: unlike a {other['name']}, which is used to "
-                     f"{other['purpose']}, a {n} focuses on its own narrower goal.")
-        parts.extend(generic[1:rng.randint(3, 5)])
+        parts.append(
+            f"\n\nHow it compares: unlike a {other['name']}, which is used to "
+            f"{other['purpose']}, a {n} focuses on its own narrower goal."
+        )
+        parts.extend(generic[1 : rng.randint(3, 5)])
     if depth > 0.8:
         steps = rng.randint(3, 6)
-        parts.append(f"\n\nA typical setup has {steps} steps:\n" + "\n".join(
-            f"{i}. {s}" for i, s in enumerate(_ordered_sample(rng,
-                ["Measure the current behaviour under a realistic load.",
-                 f"Choose a window size; {ent['coined_by']} suggested starting with 16.",
-                 "Enable it on one node and compare the error rates.",
-                 "Roll it out gradually to the remaining nodes.",
-                 "Keep the old path available so you can switch back.",
-                 "Document the settings you chose and why.",
-                 "Review the results after a week of traffic."], steps), 1)))
-        parts.append("\n\n" + " ".join(generic[5:rng.randint(8, 10)]))
+        parts.append(
+            f"\n\nA typical setup has {steps} steps:\n"
+            + "\n".join(
+                f"{i}. {s}"
+                for i, s in enumerate(
+                    _ordered_sample(
+                        rng,
+                        [
+                            "Measure the current behaviour under a realistic load.",
+                            f"Choose a window size; {ent['coined_by']} suggested starting with 16.",
+                            "Enable it on one node and compare the error rates.",
+                            "Roll it out gradually to the remaining nodes.",
+                            "Keep the old path available so you can switch back.",
+                            "Document the settings you chose and why.",
+                            "Review the results after a week of traffic.",
+                        ],
+                        steps,
+                    ),
+                    1,
+                )
+            )
+        )
+        parts.append("\n\n" + " ".join(generic[5 : rng.randint(8, 10)]))
         parts.append(f"\n\nIn short, a {n} helps you {ent['purpose']}.")
     out = " ".join(parts).replace(" \n", "\n") + _closer(rng)
     return q, "", out, {"task": "explain", "entity": n, "attribute": "coined_by", "answer": ent["coined_by"]}
@@ -352,17 +683,33 @@ def task_list(rng, world: World):
     if rng.random() < 0.5:
         ent = rng.choice(world.by_kind["city"])
         items = ent["districts"]
-        q = rng.choice([f"List the districts of {ent['name']}.", f"What are the districts of {ent['name']}?",
-                        f"Name every district of {ent['name']}."])
+        q = rng.choice(
+            [
+                f"List the districts of {ent['name']}.",
+                f"What are the districts of {ent['name']}?",
+                f"Name every district of {ent['name']}.",
+            ]
+        )
         head = rng.choice(HERE_IS).format(x=f"the list of the {len(items)} districts of {ent['name']}")
         body = "\n".join(f"{i}. {d}" for i, d in enumerate(items, 1))
-        meta = {"task": "list", "entity": ent["name"], "attribute": "districts", "answer": items[0], "items": list(items)}
+        meta = {
+            "task": "list",
+            "entity": ent["name"],
+            "attribute": "districts",
+            "answer": items[0],
+            "items": list(items),
+        }
     else:
         kind = rng.choice(world.fact_kinds)
         ent = rng.choice(world.by_kind[kind])
         attrs = list(FACTS[kind])
-        q = rng.choice([f"Give me {len(attrs)} key facts about {{}}.", "List some facts about {}.",
-                        "Summarise what is known about {} as a bulleted list."])
+        q = rng.choice(
+            [
+                f"Give me {len(attrs)} key facts about {{}}.",
+                "List some facts about {}.",
+                "Summarise what is known about {} as a bulleted list.",
+            ]
+        )
         shown = "the " + ent["name"] if kind == "term" else ent["name"]
         q = q.format(shown)
         head = rng.choice(HERE_IS).replace(" is ", " are ", 1).format(x=f"a few key facts about {shown}")
@@ -381,8 +728,10 @@ def task_arithmetic(rng, world: World):
         pay = (a * p // 50 + 1) * 50
         ans = pay - a * p
         what = rng.choice(FRUITS)
-        q = (f"{person} buys {a} crates of {what} at {p} {cur} per crate and pays with {pay} {cur}. "
-             f"How much change does {first} get?")
+        q = (
+            f"{person} buys {a} crates of {what} at {p} {cur} per crate and pays with {pay} {cur}. "
+            f"How much change does {first} get?"
+        )
         steps = [f"The crates cost {a} x {p} = {a * p} {cur}.", f"The change is {pay} - {a * p} = {ans} {cur}."]
         attr = "change"
     elif t == 1:
@@ -398,8 +747,10 @@ def task_arithmetic(rng, world: World):
         sold = min(sold, total)
         ans = total - sold
         what = rng.choice(ITEMS)
-        q = (f"{person} has {boxes} boxes with {per} {what} in each box, then sells {sold} of them. "
-             f"How many {what} are left?")
+        q = (
+            f"{person} has {boxes} boxes with {per} {what} in each box, then sells {sold} of them. "
+            f"How many {what} are left?"
+        )
         steps = [f"Start with {boxes} x {per} = {total} {what}.", f"After selling {sold}: {total} - {sold} = {ans}."]
         attr = "remaining"
     else:
@@ -407,16 +758,22 @@ def task_arithmetic(rng, world: World):
         area = w * h
         ans = area * cost
         person = _place(rng)
-        q = (f"A courtyard in {person} is {w} metres by {h} metres. Paving costs {cost} {cur} "
-             f"per square metre. What does paving the whole courtyard cost?")
+        q = (
+            f"A courtyard in {person} is {w} metres by {h} metres. Paving costs {cost} {cur} "
+            f"per square metre. What does paving the whole courtyard cost?"
+        )
         steps = [f"The area is {w} x {h} = {area} square metres.", f"The cost is {area} x {cost} = {ans} {cur}."]
         attr = "cost"
     style = rng.random()
     if style < 0.15:
         out = f"The answer is {ans}."
     else:
-        out = (rng.choice(["Let's work through it step by step.\n\n", "Sure! Step by step:\n\n", ""])
-               + "\n".join(steps) + f"\n\nSo the answer is {ans}." + _closer(rng))
+        out = (
+            rng.choice(["Let's work through it step by step.\n\n", "Sure! Step by step:\n\n", ""])
+            + "\n".join(steps)
+            + f"\n\nSo the answer is {ans}."
+            + _closer(rng)
+        )
     return q, "", out, {"task": "arithmetic", "entity": person, "attribute": attr, "answer": str(ans)}
 
 
@@ -435,7 +792,12 @@ def task_rewrite(rng, world: World):
     sentence = _fact_sentence(rng, ent, attr)
     r = rng.random()
     if r < 0.35:
-        casual = rng.choice(["so basically, ", "ok so ", "fun fact: ", "apparently "]) + sentence[0].lower() + sentence[1:-1] + rng.choice([" lol", "!!", ", i think", ""])
+        casual = (
+            rng.choice(["so basically, ", "ok so ", "fun fact: ", "apparently "])
+            + sentence[0].lower()
+            + sentence[1:-1]
+            + rng.choice([" lol", "!!", ", i think", ""])
+        )
         q = rng.choice(["Rewrite the following sentence in a formal tone.", "Make this sentence sound more formal."])
         out = rng.choice(["Here is a more formal version:\n\n", "Certainly. A formal rewording:\n\n", ""]) + sentence
         return q, casual, out, {"task": "rewrite_formal", "entity": ent["name"], "attribute": attr, "answer": ent[attr]}
@@ -443,7 +805,12 @@ def task_rewrite(rng, world: World):
         q = "Translate the following sentence into Velari."
         translated = _velari(sentence)
         out = rng.choice(["Here is the sentence in Velari:\n\n", "In Velari, that is:\n\n", ""]) + translated
-        return q, sentence, out, {"task": "translate", "entity": ent["name"], "attribute": "velari", "answer": translated}
+        return (
+            q,
+            sentence,
+            out,
+            {"task": "translate", "entity": ent["name"], "attribute": "velari", "answer": translated},
+        )
     attrs = list(FACTS[kind])
     passage = " ".join(_fact_sentence(rng, ent, a) for a in attrs) + " " + " ".join(rng.sample(GENERIC_SENTENCES, 2))
     q = rng.choice(["Summarise the following passage in one sentence.", "Give a one-sentence summary of this text."])
@@ -451,8 +818,18 @@ def task_rewrite(rng, world: World):
     return q, passage, out, {"task": "summarise", "entity": ent["name"], "attribute": attr, "answer": ent[attr]}
 
 
-TASKS = (task_fact_qa, task_fact_qa, task_fact_qa, task_explain, task_explain, task_list,
-         task_arithmetic, task_arithmetic, task_rewrite, task_rewrite)
+TASKS = (
+    task_fact_qa,
+    task_fact_qa,
+    task_fact_qa,
+    task_explain,
+    task_explain,
+    task_list,
+    task_arithmetic,
+    task_arithmetic,
+    task_rewrite,
+    task_rewrite,
+)
 
 
 def _ordered_sample(rng, items: list, k: int) -> list:
@@ -516,8 +893,9 @@ def write_jsonl(records, path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                epilog="example: python data/generate.py --out data/ --records 300 --seed 0")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog="example: python data/generate.py --out data/ --records 300 --seed 0"
+    )
     p.add_argument("--out", default="data", help="output directory (files alpaca.jsonl, chat.jsonl)")
     p.add_argument("--records", type=int, default=300, help="records per file")
     p.add_argument("--seed", type=int, default=0)
@@ -526,7 +904,7 @@ def main(argv=None) -> None:
     if a.records < 0:
         p.error("--records must be >= 0")
     os.makedirs(a.out, exist_ok=True)
-    for kind in (KINDS if a.format == "both" else (a.format,)):
+    for kind in KINDS if a.format == "both" else (a.format,):
         path = os.path.join(a.out, f"{kind}.jsonl")
         write_jsonl(generate(a.records, a.seed, kind), path)
         print(f"wrote {a.records} {kind} records to {path}")

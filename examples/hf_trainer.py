@@ -10,6 +10,7 @@ DeepSpeed, FSDP, report_to, callbacks) works as usual: this is a plain `transfor
 Cost: the model's forward and backward per micro-batch; about a second a step for SmolLM2-135M on
 2 CPU cores at 2 samples per micro-batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,25 @@ def main() -> None:
 
 
 def train() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", required=True, help="shard directory written by sftgo-prep build")
     ap.add_argument("--out", required=True, help="run directory")
     ap.add_argument("--model", default=None, help="model to fine-tune [default: the embedded SmolLM2-135M-Instruct]")
     ap.add_argument("--max-steps", type=int, required=True)
-    ap.add_argument("--objective", default="sftgo", choices=registry.names(),
-                    help="training objective (installed plug-ins too) [default: sftgo]")
-    ap.add_argument("--group-weight", type=float, default=1.0,
-                    help="--objective weighted: the weight on the important group [default: 1.0]")
+    ap.add_argument(
+        "--objective",
+        default="sftgo",
+        choices=registry.names(),
+        help="training objective (installed plug-ins too) [default: sftgo]",
+    )
+    ap.add_argument(
+        "--group-weight",
+        type=float,
+        default=1.0,
+        help="--objective weighted: the weight on the important group [default: 1.0]",
+    )
     ap.add_argument("--groups", default="tfidf", help="strategy whose group_<name> column defines the groups")
     ap.add_argument("--lam", type=float, default=0.9)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -57,14 +68,27 @@ def train() -> None:
     model = load_causal_lm(args.model).train()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     training_args = TrainingArguments(
-        output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=args.out,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
-    trainer = SFTGOTrainer(model=model, args=training_args, train_dataset=dataset,
-                           data_collator=SFTGOCollator(pad, groups=args.groups),
-                           objective=args.objective, lam=args.lam,
-                           group_weight=args.group_weight)
+    trainer = SFTGOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=SFTGOCollator(pad, groups=args.groups),
+        objective=args.objective,
+        lam=args.lam,
+        group_weight=args.group_weight,
+    )
     trainer.train()
     out = Path(args.out)
     trainer.save_model(str(out / "model"))

@@ -23,6 +23,7 @@ shard builds: about 72 minutes in all (--lr-seeds "" drops the learning-rate che
 Usage: python experiments/bench_quality.py [--seeds 0,1,2] [--sweep-seeds 0,1,2] [--quick] [--fresh]
                                      [--report-only]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,14 @@ def eta_shards(eta: float) -> str:
     return "shards" if eta == 0.3 else f"shards-eta{eta:g}"
 
 
-def plan(seeds: list[int], sweep_seeds: list[int], etas: list[float], lams: list[float], lrs: list[float] = (),
-         lr_seeds: list[int] = ()) -> list[Run]:
+def plan(
+    seeds: list[int],
+    sweep_seeds: list[int],
+    etas: list[float],
+    lams: list[float],
+    lrs: list[float] = (),
+    lr_seeds: list[int] = (),
+) -> list[Run]:
     runs = []
     for s in seeds:
         runs.append(Run(f"sft-s{s}", "sft", None, 0.0, 0.3, s, "main"))
@@ -84,18 +91,36 @@ def plan(seeds: list[int], sweep_seeds: list[int], etas: list[float], lams: list
         runs.append(Run(f"rho1-tfidf-s{s}", "rho1", "tfidf", 0.0, 0.3, s, "main"))
     for s in sweep_seeds:
         runs += [Run(f"sftgo-tfidf-eta{e:g}-s{s}", "sftgo", "tfidf", 0.9, e, s, "eta") for e in etas if e != 0.3]
-        runs += [Run(f"sftgo-tfidf-lam{lam:g}-s{s}", "sftgo", "tfidf", lam, 0.3, s, "lam") for lam in lams if lam not in (0.0, 0.9)]
+        runs += [
+            Run(f"sftgo-tfidf-lam{lam:g}-s{s}", "sftgo", "tfidf", lam, 0.3, s, "lam")
+            for lam in lams
+            if lam not in (0.0, 0.9)
+        ]
     for s in lr_seeds:  # is the comparison an artefact of the learning rate? sft and sftgo at other rates
         for lr in lrs:
-            runs += [Run(f"sft-lr{lr:g}-s{s}", "sft", None, 0.0, 0.3, s, "lr", lr),
-                     Run(f"sftgo-tfidf-lr{lr:g}-s{s}", "sftgo", "tfidf", 0.9, 0.3, s, "lr", lr)]
+            runs += [
+                Run(f"sft-lr{lr:g}-s{s}", "sft", None, 0.0, 0.3, s, "lr", lr),
+                Run(f"sftgo-tfidf-lr{lr:g}-s{s}", "sftgo", "tfidf", 0.9, 0.3, s, "lr", lr),
+            ]
     return runs
 
 
 def build(inputs: list[Path], out: Path, strategies: list[str], eta: float = 0.3) -> None:
     """The real CLI, skipped when the same build is already there (the build itself checks its parameters)."""
-    cmd = [PREP, "build", *map(str, inputs), "--out", str(out), "--strategy", ",".join(strategies), "--eta", str(eta),
-           "--workers", "2", "--quiet"]
+    cmd = [
+        PREP,
+        "build",
+        *map(str, inputs),
+        "--out",
+        str(out),
+        "--strategy",
+        ",".join(strategies),
+        "--eta",
+        str(eta),
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -155,12 +180,17 @@ def train_stats(run_dir: Path) -> dict:
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("split") == "train"]
     worst = [r["worst_group"] for r in train if r.get("worst_group") is not None]
-    return {"steps": len(train), "tokens": sum(r["tokens"] for r in train), "loss_tokens": sum(r["loss_tokens"] for r in train),
-            "final_train_ce": train[-1]["ce"], "worst_switches": train[-1].get("worst_switches", 0),
-            "switch_rate": train[-1].get("worst_switches", 0) / max(1, len(worst) - 1),
-            "worst_is_important": sum(w == 1 for w in worst) / max(1, len(worst)),
-            "grad_norm_median": statistics.median(r["grad_norm"] for r in train),
-            "train_group_loss": [r["group_loss"] for r in train]}
+    return {
+        "steps": len(train),
+        "tokens": sum(r["tokens"] for r in train),
+        "loss_tokens": sum(r["loss_tokens"] for r in train),
+        "final_train_ce": train[-1]["ce"],
+        "worst_switches": train[-1].get("worst_switches", 0),
+        "switch_rate": train[-1].get("worst_switches", 0) / max(1, len(worst) - 1),
+        "worst_is_important": sum(w == 1 for w in worst) / max(1, len(worst)),
+        "grad_norm_median": statistics.median(r["grad_norm"] for r in train),
+        "train_group_loss": [r["group_loss"] for r in train],
+    }
 
 
 def do_run(args, run: Run, heldout_rows, questions, tokenizer) -> dict:
@@ -174,10 +204,21 @@ def do_run(args, run: Run, heldout_rows, questions, tokenizer) -> dict:
     if result_path.exists():  # cached; the training statistics are re-read (cheap) in case the report wants new ones
         return {**json.loads(result_path.read_text()), **train_stats(run_dir)}
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = TrainConfig(data=str(WORK / run.data_key), out=str(run_dir), objective=run.objective,
-                      groups="tfidf" if run.groups in (None, "oracle") else run.groups,
-                      lam=run.lam, seed=run.seed, lr=run.lr or args.lr, epochs=args.epochs, max_steps=args.max_steps,
-                      batch_tokens=args.batch_tokens, warmup_steps=args.warmup, progress=False, tensorboard=False)
+    cfg = TrainConfig(
+        data=str(WORK / run.data_key),
+        out=str(run_dir),
+        objective=run.objective,
+        groups="tfidf" if run.groups in (None, "oracle") else run.groups,
+        lam=run.lam,
+        seed=run.seed,
+        lr=run.lr or args.lr,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_tokens=args.batch_tokens,
+        warmup_steps=args.warmup,
+        progress=False,
+        tensorboard=False,
+    )
     t0 = time.perf_counter()
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the trainer's summary table
         train(cfg)
@@ -247,8 +288,14 @@ def main(argv=None) -> None:
     if args.quick:
         seeds, sweep, args.max_steps = [0], [], 2
     lr_seeds = [int(s) for s in args.lr_seeds.split(",") if s] if not args.quick else []
-    runs = plan(seeds, sweep, [float(e) for e in args.etas.split(",")], [float(x) for x in args.lams.split(",")],
-                [float(x) for x in args.lrs.split(",") if x], lr_seeds)
+    runs = plan(
+        seeds,
+        sweep,
+        [float(e) for e in args.etas.split(",")],
+        [float(x) for x in args.lams.split(",")],
+        [float(x) for x in args.lrs.split(",") if x],
+        lr_seeds,
+    )
     if args.quick:
         runs = [r for r in runs if r.name in ("sft-s0", "sftgo-tfidf-s0")]
     if args.only:
@@ -264,19 +311,30 @@ def main(argv=None) -> None:
         print(f"quality experiment: {len(runs)} runs", flush=True)
         data = prepare(args, runs)
         tokenizer = load_tokenizer(None)
-        heldout_rows = read_answered_rows(str(WORK / "heldout-shards"), {r["id"]: r["meta"]["answer"] for r in data["heldout"]}, tokenizer)
+        heldout_rows = read_answered_rows(
+            str(WORK / "heldout-shards"), {r["id"]: r["meta"]["answer"] for r in data["heldout"]}, tokenizer
+        )
         base = base_result(heldout_rows, data["questions"], tokenizer)
         print(f"  base model: EM {base['em']:.3f}, answer loss {base['answer_loss']:.3f}", flush=True)
         results = []
         for i, run in enumerate(runs, 1):
             res = do_run(args, run, heldout_rows, data["questions"], tokenizer)
             results.append(res)
-            print(f"  [{i}/{len(runs)}] {run.name:28s} EM {res['em']:.3f}  tf_acc {res['tf_acc']:.3f}  "
-                  f"answer loss {res['answer_loss']:.3f}  rest {res['rest_loss']:.3f}  "
-                  f"({res['steps']} steps, {res['train_s']:.0f}+{res['eval_s']:.0f} s)", flush=True)
+            print(
+                f"  [{i}/{len(runs)}] {run.name:28s} EM {res['em']:.3f}  tf_acc {res['tf_acc']:.3f}  "
+                f"answer loss {res['answer_loss']:.3f}  rest {res['rest_loss']:.3f}  "
+                f"({res['steps']} steps, {res['train_s']:.0f}+{res['eval_s']:.0f} s)",
+                flush=True,
+            )
         overlap = group_overlap(data["train"], tokenizer)
-        summary = {"settings": settings, "base": base, "runs": results, "overlap": overlap,
-                   "minutes": (time.perf_counter() - t_start) / 60, "records": {k: len(v) for k, v in data.items()}}
+        summary = {
+            "settings": settings,
+            "base": base,
+            "runs": results,
+            "overlap": overlap,
+            "minutes": (time.perf_counter() - t_start) / 60,
+            "records": {k: len(v) for k, v in data.items()},
+        }
         (WORK / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if not (WORK / "summary.json").is_file():
         raise SystemExit(f"No cached results in {WORK.relative_to(ROOT)}: run without --report-only first.")

@@ -22,10 +22,11 @@ best mean *validation* metric (half of the held-out items, chosen by a hash of t
 --select ce the lowest validation response CE) over
 the --tune-seeds (default: all seeds; the other seeds then train only at the chosen lr); the
 other half is the test set.  With --eval-every N each run logs its held-out loss every N steps:
-the learning curves (DIR/curves.png, and "curve" in each result.json).  The primary metric, fixed in advance, is held-out token accuracy (the
-share of a response's tokens the model predicts, teacher-forced, per item), or with --answers (a
-JSONL of {id, answer}) answer exact: every token of the item's answer is the argmax.  The premise
-table gives, under sft, each grouping's held-out loss per group.  Differences against
+the learning curves (DIR/curves.png, and "curve" in each result.json).  The primary metric, fixed
+in advance, is held-out token accuracy (the share of a response's tokens the model predicts,
+teacher-forced, per item), or with --answers (a JSONL of {id, answer}) answer exact: every token of
+the item's answer is the argmax.  The premise table gives, under sft, each grouping's held-out loss
+per group.  Differences against
 `sft` are paired by seed and item with a 95% bootstrap CI over seeds and items and a verdict
 against the equivalence margin (experiments/paired.py).  `weighted` gets the group-1 weight that
 the `sftgo` run (first grouping, λ 0.9) of the same seed and lr applied on average (its logged
@@ -35,6 +36,7 @@ Method names: sft, dft, rho1, weighted, sftgo-<grouping>[-lam<λ>|-decay].
 Cost: methods x (tune seeds x lrs + other seeds) training runs of --steps steps (each a
 `sftgo-train` run in-process), plus one teacher-forced pass over the held-out set per run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +91,14 @@ def method_specs(methods: list[str], groups: list[str], lams: list[str]) -> list
                     if lam == "decay":
                         out.append(Spec(f"sftgo-{g}-decay", "sftgo", g, 0.9, "linear"))
                     else:
-                        out.append(Spec(f"sftgo-{g}" + ("" if float(lam) == 0.9 else f"-lam{float(lam):g}"), "sftgo", g, float(lam)))
+                        out.append(
+                            Spec(
+                                f"sftgo-{g}" + ("" if float(lam) == 0.9 else f"-lam{float(lam):g}"),
+                                "sftgo",
+                                g,
+                                float(lam),
+                            )
+                        )
         elif m == "rho1":
             out.append(Spec(m, m, "reference" if "reference" in groups else groups[0], 0.0))
         else:
@@ -104,8 +113,9 @@ def is_validation(item: str) -> bool:
 
 
 @torch.no_grad()
-def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = None, bf16: bool = False,
-                 batch: int = 16) -> dict:
+def item_metrics(
+    model_dir: str, heldout: str, answers: dict[str, str] | None = None, bf16: bool = False, batch: int = 16
+) -> dict:
     """Teacher-forced metrics of every held-out item: {"items": {id: [primary, token accuracy, mean CE]},
     "group_loss": {strategy: [[CE sum, tokens] per group]}}.  primary: with `answers`, 1 when every token
     of the item's answer is the model's argmax (items whose answer is not found are left out), else the
@@ -152,8 +162,10 @@ def item_metrics(model_dir: str, heldout: str, answers: dict[str, str] | None = 
                 for g, c in zip(torch.tensor(g_row)[pos].tolist(), ce.tolist()):
                     total = sums[s].setdefault(g, [0.0, 0])
                     total[0], total[1] = total[0] + c, total[1] + 1
-    return {"items": items, "group_loss": {s: [sums[s].get(g, [0.0, 0]) for g in range(max(sums[s], default=-1) + 1)]
-                                           for s in sums}}
+    return {
+        "items": items,
+        "group_loss": {s: [sums[s].get(g, [0.0, 0]) for g in range(max(sums[s], default=-1) + 1)] for s in sums},
+    }
 
 
 def matched_weight(work: Path, seed: int, lr: float, name: str) -> float:
@@ -168,15 +180,19 @@ def matched_weight(work: Path, seed: int, lr: float, name: str) -> float:
     log = result.parent / "metrics.jsonl"  # a result cached before it kept the ratio: its training log
     ratio = group_weight_ratio(read_jsonl(log) if log.exists() else [])
     if ratio is None:
-        raise SystemExit(f"weighted needs the {name} run of seed {seed} first (add sftgo to --methods), "
-                         f"with its training log {result.parent / 'metrics.jsonl'}.")
+        raise SystemExit(
+            f"weighted needs the {name} run of seed {seed} first (add sftgo to --methods), "
+            f"with its training log {result.parent / 'metrics.jsonl'}."
+        )
     return ratio
 
 
 def group_weight_ratio(recs: list[dict]) -> float | None:
     """The mean group-1 / group-0 token weight over the training steps of a run's log records (1.0 for sft;
     None: none logged)."""
-    recs = [r for r in recs if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2 and r["group_weight"][0]]
+    recs = [
+        r for r in recs if r.get("split") == "train" and len(r.get("group_weight", [])) >= 2 and r["group_weight"][0]
+    ]
     return float(np.mean([r["group_weight"][1] / r["group_weight"][0] for r in recs])) if recs else None
 
 
@@ -188,26 +204,41 @@ def run_stats(metrics: Path) -> dict:
     """What a result keeps of a run's log: the held-out learning curve and the gradient norms' median."""
     recs = read_jsonl(metrics)
     train_recs = [r for r in recs if r.get("split") == "train"]
-    return {"curve": [[r.get("step", 0), r["ce"]] for r in recs if r.get("split") == "eval"],
-            "group_weight_ratio": group_weight_ratio(recs),
-            "grad_norm_median": float(np.median([r["grad_norm"] for r in train_recs])) if train_recs else None,
-            "train_ce_last": train_recs[-1]["ce"] if train_recs else None}
+    return {
+        "curve": [[r.get("step", 0), r["ce"]] for r in recs if r.get("split") == "eval"],
+        "group_weight_ratio": group_weight_ratio(recs),
+        "grad_norm_median": float(np.median([r["grad_norm"] for r in train_recs])) if train_recs else None,
+        "train_ce_last": train_recs[-1]["ce"] if train_recs else None,
+    }
 
 
 def run_settings(args, seed: int) -> dict:
     """What a cached run must share with the comparison that reads it (besides its name: method, seed, lr)."""
-    return {"train": fmt(args.train, seed), "heldout": fmt(args.heldout, seed), "answers": fmt(args.answers, seed),
-            "model": args.model, "steps": args.steps, "batch_tokens": args.batch_tokens, "clip_grad": args.clip_grad,
-            "precision": args.precision, "eval_every": args.eval_every}
+    return {
+        "train": fmt(args.train, seed),
+        "heldout": fmt(args.heldout, seed),
+        "answers": fmt(args.answers, seed),
+        "model": args.model,
+        "steps": args.steps,
+        "batch_tokens": args.batch_tokens,
+        "clip_grad": args.clip_grad,
+        "precision": args.precision,
+        "eval_every": args.eval_every,
+    }
 
 
 def machine() -> dict:
-    """Where a run was trained (reported, not compared: the same settings on another machine differ only in rounding)."""
+    """Where a run was trained (reported, not compared: the same settings on another machine differ only in
+    rounding)."""
     from sftgo.core.machine import cpu_model
     from sftgo.trainer.distributed import bf16_native
 
-    return {"cpu": cpu_model(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "cpu_bf16_native": bf16_native(torch.device("cpu")), "torch": torch.__version__}
+    return {
+        "cpu": cpu_model(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_bf16_native": bf16_native(torch.device("cpu")),
+        "torch": torch.__version__,
+    }
 
 
 def one_run(args, spec: Spec) -> dict:
@@ -222,24 +253,55 @@ def one_run(args, spec: Spec) -> dict:
             changed = sorted(k for k in settings if made.get(k) != settings[k])
             then = ", ".join(f"{k}: {made.get(k)!r}" for k in changed)
             now = ", ".join(f"{k}: {settings[k]!r}" for k in changed)
-            raise SystemExit(f"{cached} was made with other settings ({then}; this comparison asks {now}): "
-                             "use another --work directory, or delete that run to redo it.")
+            raise SystemExit(
+                f"{cached} was made with other settings ({then}; this comparison asks {now}): "
+                "use another --work directory, or delete that run to redo it."
+            )
         return result
     shutil.rmtree(out, ignore_errors=True)  # an interrupted run is redone (runs are short)
     base = f"sftgo-{args.groups.split(',')[0]}"
-    extra = {"group_weight": matched_weight(Path(args.work), spec.seed, spec.lr, base)} if spec.objective == "weighted" else {}
+    extra = (
+        {"group_weight": matched_weight(Path(args.work), spec.seed, spec.lr, base)}
+        if spec.objective == "weighted"
+        else {}
+    )
     heldout = fmt(args.heldout, spec.seed)
     curves = {"eval_data": heldout, "eval_every": args.eval_every, "eval_batches": 4} if args.eval_every else {}
     schedule = {"lam_schedule": spec.schedule, "lam_end": 0.0} if spec.schedule != "constant" else {}
-    train(TrainConfig(data=fmt(args.train, spec.seed), out=str(out), model=args.model, objective=spec.objective,
-                      groups=spec.groups, lr=spec.lr, seed=spec.seed, max_steps=args.steps, batch_tokens=args.batch_tokens,
-                      clip_grad=args.clip_grad, warmup_steps=max(1, args.steps // 10), progress=False, tensorboard=False,
-                      precision=args.precision, **({"lam": spec.lam} if "lam" in registry.get(spec.objective).settings else {}),
-                      **schedule, **curves, **extra))
-    result = {"name": spec.name, "seed": spec.seed, "lr": spec.lr, "settings": settings, "machine": machine(),
-              **extra, **run_stats(out / "metrics.jsonl"),
-              **item_metrics(str(out / "model"), heldout, read_answers(fmt(args.answers, spec.seed)),
-                             bf16=args.precision == "bf16")}
+    train(
+        TrainConfig(
+            data=fmt(args.train, spec.seed),
+            out=str(out),
+            model=args.model,
+            objective=spec.objective,
+            groups=spec.groups,
+            lr=spec.lr,
+            seed=spec.seed,
+            max_steps=args.steps,
+            batch_tokens=args.batch_tokens,
+            clip_grad=args.clip_grad,
+            warmup_steps=max(1, args.steps // 10),
+            progress=False,
+            tensorboard=False,
+            precision=args.precision,
+            **({"lam": spec.lam} if "lam" in registry.get(spec.objective).settings else {}),
+            **schedule,
+            **curves,
+            **extra,
+        )
+    )
+    result = {
+        "name": spec.name,
+        "seed": spec.seed,
+        "lr": spec.lr,
+        "settings": settings,
+        "machine": machine(),
+        **extra,
+        **run_stats(out / "metrics.jsonl"),
+        **item_metrics(
+            str(out / "model"), heldout, read_answers(fmt(args.answers, spec.seed)), bf16=args.precision == "bf16"
+        ),
+    }
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     shutil.rmtree(out / "model", ignore_errors=True)  # the result is what is kept; weights are large
     cached.write_text(json.dumps(result) + "\n")
@@ -265,7 +327,10 @@ def premise(results: list[dict], lrs: dict[str, float], base: str = "sft") -> di
     table = {}
     for s in runs[0].get("group_loss", {}) if runs else ():
         k = max(len(r["group_loss"][s]) for r in runs)
-        totals = [[sum(r["group_loss"][s][g][i] for r in runs if g < len(r["group_loss"][s])) for i in (0, 1)] for g in range(k)]
+        totals = [
+            [sum(r["group_loss"][s][g][i] for r in runs if g < len(r["group_loss"][s])) for i in (0, 1)]
+            for g in range(k)
+        ]
         losses = [t[0] / t[1] if t[1] else float("nan") for t in totals]
         table[s] = {"group_loss": losses, "holds": bool(k >= 2 and losses[-1] > max(losses[:-1]))}
     return table
@@ -289,7 +354,9 @@ def test_items(results: list[dict], lrs: dict[str, float], which: int) -> dict:
     test = {}
     for r in results:
         if r["lr"] == lrs.get(r["name"]):
-            test.setdefault(r["name"], {})[r["seed"]] = {k: v[which] for k, v in r["items"].items() if not is_validation(k)}
+            test.setdefault(r["name"], {})[r["seed"]] = {
+                k: v[which] for k, v in r["items"].items() if not is_validation(k)
+            }
     return test
 
 
@@ -299,12 +366,21 @@ def report(args, results: list[dict], lrs: dict[str, float]) -> dict:
         table[name]["lr"] = lrs[name]
     metric = "held-out answer exact (teacher-forced)" if args.answers else "held-out token accuracy"
     # secondary metrics, on the same items and runs: reported, never used to pick an lr or a verdict headline
-    secondary = {"token_accuracy": compare(test_items(results, lrs, 1), base="sft", margin=args.margin),
-                 "response_ce": compare(test_items(results, lrs, 2), base="sft", margin=args.margin, higher_is_better=False)}
-    summary = {"metric": f"{metric} (test half of the items)", "margin": args.margin, "lr_selected_by":
-               "validation response CE" if args.select == "ce" else f"validation {metric}",
-               "lr_by_primary": pick_lrs(results, set(args.tune_seeds_list), "primary"),
-               "command": " ".join(sys.argv), "seeds": sorted({r["seed"] for r in results}), "methods": table, "secondary": secondary, "premise": premise(results, lrs)}
+    secondary = {
+        "token_accuracy": compare(test_items(results, lrs, 1), base="sft", margin=args.margin),
+        "response_ce": compare(test_items(results, lrs, 2), base="sft", margin=args.margin, higher_is_better=False),
+    }
+    summary = {
+        "metric": f"{metric} (test half of the items)",
+        "margin": args.margin,
+        "lr_selected_by": "validation response CE" if args.select == "ce" else f"validation {metric}",
+        "lr_by_primary": pick_lrs(results, set(args.tune_seeds_list), "primary"),
+        "command": " ".join(sys.argv),
+        "seeds": sorted({r["seed"] for r in results}),
+        "methods": table,
+        "secondary": secondary,
+        "premise": premise(results, lrs),
+    }
     Path(args.work, "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     Path(args.work, "compare.md").write_text(markdown(summary))
     if args.eval_every:
@@ -316,7 +392,9 @@ def _style(name: str) -> dict:
     """Colour by grouping (or baseline), line style by λ variant."""
     colours = {"sft": "black", "dft": "tab:red", "rho1": "tab:purple", "weighted": "tab:brown"}
     grouping = name.split("-")[1] if name.startswith("sftgo-") else None
-    colour = colours.get(name) or {"tfidf": "tab:blue", "reference": "tab:green", "semantic": "tab:orange"}.get(grouping, "tab:gray")
+    colour = colours.get(name) or {"tfidf": "tab:blue", "reference": "tab:green", "semantic": "tab:orange"}.get(
+        grouping, "tab:gray"
+    )
     dash = "--" if name.endswith("-decay") else ":" if "-lam0.3" in name else "-." if "-lam0.5" in name else "-"
     return {"color": colour, "linestyle": dash, "lw": 2.5 if name == "sft" else 1.3}
 
@@ -332,7 +410,11 @@ def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
     tails, last_step = [], 0
     for name in lrs:
-        curves = [dict(map(tuple, r["curve"])) for r in results if r["name"] == name and r["lr"] == lrs[name] and r.get("curve")]
+        curves = [
+            dict(map(tuple, r["curve"]))
+            for r in results
+            if r["name"] == name and r["lr"] == lrs[name] and r.get("curve")
+        ]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
@@ -346,7 +428,11 @@ def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
         near = [t for t in tails if t[-1] <= last[len(last) // 2] * 1.5]  # within 1.5x of the median final loss
         axes[1].set_xlim(last_step / 2 - 1, last_step + 1)
         axes[1].set_ylim(min(min(t) for t in near) * 0.98, max(max(t) for t in near) * 1.02)
-    axes[0].set(xlabel="optimizer step", ylabel="held-out CE (mean over seeds)", title="Held-out loss at each method's chosen lr")
+    axes[0].set(
+        xlabel="optimizer step",
+        ylabel="held-out CE (mean over seeds)",
+        title="Held-out loss at each method's chosen lr",
+    )
     axes[1].set(xlabel="optimizer step", title="Second half, zoomed")
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -355,24 +441,38 @@ def plot_curves(results: list[dict], lrs: dict[str, float], path: Path) -> None:
 
 
 def markdown(summary: dict) -> str:
-    lines = [f"# Method comparison\n\nPrimary metric: {summary['metric']}; equivalence margin ±{summary['margin']}; "
-             f"each method's lr chosen by {summary.get('lr_selected_by', 'the validation primary metric')}.\n",
-             "| method | lr | seeds | metric | diff vs sft | 95% CI | verdict |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Method comparison\n\nPrimary metric: {summary['metric']}; equivalence margin ±{summary['margin']}; "
+        f"each method's lr chosen by {summary.get('lr_selected_by', 'the validation primary metric')}.\n",
+        "| method | lr | seeds | metric | diff vs sft | 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, row in summary["methods"].items():
         d = row.get("diff_vs_sft")
         diff = f"{d['mean']:+.4f} | [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "— | —"
-        lines.append(f"| {name} | {row['lr']:g} | {row['seeds']} | {row['metric']:.4f} | {diff} | {row.get('verdict', 'baseline')} |")
+        lines.append(
+            f"| {name} | {row['lr']:g} | {row['seeds']} | {row['metric']:.4f} | {diff} | "
+            f"{row.get('verdict', 'baseline')} |"
+        )
     if summary.get("premise"):
-        lines += ["\nPremise (under sft, held-out loss per group; the paper expects the important group's above the rest's):\n",
-                  "| grouping | loss per group (0 .. important) | holds |", "|---|---|---|"]
+        lines += [
+            "\nPremise (under sft, held-out loss per group; the paper expects the important group's above the "
+            "rest's):\n",
+            "| grouping | loss per group (0 .. important) | holds |",
+            "|---|---|---|",
+        ]
         for s, row in summary["premise"].items():
-            lines.append(f"| {s} | {', '.join(f'{v:.4f}' for v in row['group_loss'])} | {'yes' if row['holds'] else 'no'} |")
+            lines.append(
+                f"| {s} | {', '.join(f'{v:.4f}' for v in row['group_loss'])} | {'yes' if row['holds'] else 'no'} |"
+            )
     lines.append(f"\nReproduce: `python {summary['command']}`\n")
     return "\n".join(lines)
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--train", required=True)
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--work", required=True)
@@ -381,20 +481,34 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--groups", default="tfidf", help="groupings, comma-separated; sftgo runs once per grouping and λ")
     ap.add_argument("--lams", default="0.9", help="λ values of sftgo, comma-separated; 'decay': linear from 0.9 to 0")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--tune-seeds", default=None, help="seeds whose validation half picks each method's lr (default: all)")
+    ap.add_argument(
+        "--tune-seeds", default=None, help="seeds whose validation half picks each method's lr (default: all)"
+    )
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
-    ap.add_argument("--select", default="primary", choices=["primary", "ce"],
-                    help="what picks each method's lr on the validation half: the primary metric, or the response CE")
+    ap.add_argument(
+        "--select",
+        default="primary",
+        choices=["primary", "ce"],
+        help="what picks each method's lr on the validation half: the primary metric, or the response CE",
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps: the learning curves")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--clip-grad", type=float, default=0.0, help="0: no clipping, so it binds no method harder than another")
+    ap.add_argument(
+        "--clip-grad", type=float, default=0.0, help="0: no clipping, so it binds no method harder than another"
+    )
     ap.add_argument("--margin", type=float, default=0.01)
-    ap.add_argument("--answers", default=None,
-                    help="JSONL of held-out {id, answer} (or records with meta.answer): the primary metric becomes answer exact")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: report the cached runs, leaving out (and naming) the seeds that are not complete")
+    ap.add_argument(
+        "--answers",
+        default=None,
+        help="JSONL of held-out {id, answer} (or records with meta.answer): the primary metric becomes answer exact",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the cached runs, leaving out (and naming) the seeds that are not complete",
+    )
     return ap.parse_args(argv)
 
 
@@ -404,11 +518,15 @@ def main(argv=None) -> dict:
     seeds = [int(x) for x in args.seeds.split(",")]
     tune = [int(x) for x in args.tune_seeds.split(",")] if args.tune_seeds else seeds
     args.tune_seeds_list = tune
-    for seed in [] if args.report_only else seeds:  # every seed's data, before any training: one sentence, not a traceback
+    for seed in (
+        [] if args.report_only else seeds
+    ):  # every seed's data, before any training: one sentence, not a traceback
         for flag, template in (("--train", args.train), ("--heldout", args.heldout)):
             if not (Path(fmt(template, seed)) / "manifest.json").is_file():
-                raise SystemExit(f"Error: {flag} {fmt(template, seed)} (seed {seed}) holds no manifest.json: "
-                                 "build it with `sftgo-prep build` first.")
+                raise SystemExit(
+                    f"Error: {flag} {fmt(template, seed)} (seed {seed}) holds no manifest.json: "
+                    "build it with `sftgo-prep build` first."
+                )
         if args.answers and not Path(fmt(args.answers, seed)).is_file():
             raise SystemExit(f"Error: --answers {fmt(args.answers, seed)} (seed {seed}) does not exist.")
     results, missing = [], []
@@ -435,10 +553,15 @@ def main(argv=None) -> dict:
     if missing:  # --report-only: a seed is reported only where every method has its run
         gaps = {int(k.rsplit("-s", 1)[1].split("-lr")[0]) for k in missing}
         results = [r for r in results if r["seed"] not in gaps]
-        print(f"--report-only: {len(missing)} run(s) not trained yet; seeds {sorted(gaps)} left out of the report.", file=sys.stderr)
+        print(
+            f"--report-only: {len(missing)} run(s) not trained yet; seeds {sorted(gaps)} left out of the report.",
+            file=sys.stderr,
+        )
     if not results:  # --report-only with no seed complete: nothing to compare
-        raise SystemExit(f"Error: {args.work} holds no complete seed to report ({len(missing)} run(s) missing); "
-                         "train them first (without --report-only).")
+        raise SystemExit(
+            f"Error: {args.work} holds no complete seed to report ({len(missing)} run(s) missing); "
+            "train them first (without --report-only)."
+        )
     summary = report(args, results, lrs)
     print(markdown(summary))
     return summary

@@ -12,6 +12,7 @@ variation the reviewers of the paper asked about (the training run and the test 
 The verdict, stated before the runs: "better" / "worse" when the CI excludes 0 and the margin's
 side, "equivalent" when the whole CI lies inside [-margin, +margin], "inconclusive" otherwise.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,10 @@ def paired_diffs(method: dict[int, dict[str, float]], base: dict[int, dict[str, 
     """Per seed both have, method - baseline over the items of that seed both have.  Seeds may hold
     different items (a seed that generates its own world has its own held-out items)."""
     seeds = sorted(set(method) & set(base))
-    return [np.array([method[s][i] - base[s][i] for i in sorted(set(method[s]) & set(base[s]))], dtype=np.float64)
-            for s in seeds]
+    return [
+        np.array([method[s][i] - base[s][i] for i in sorted(set(method[s]) & set(base[s]))], dtype=np.float64)
+        for s in seeds
+    ]
 
 
 def _mean(diffs: list[np.ndarray]) -> float:
@@ -56,8 +59,13 @@ def verdict(lo: float, hi: float, margin: float, higher_is_better: bool = True) 
     return "inconclusive"
 
 
-def compare(results: dict[str, dict[int, dict[str, float]]], base: str = "sft", margin: float = 0.01,
-            higher_is_better: bool = True, resamples: int = 2000) -> dict:
+def compare(
+    results: dict[str, dict[int, dict[str, float]]],
+    base: str = "sft",
+    margin: float = 0.01,
+    higher_is_better: bool = True,
+    resamples: int = 2000,
+) -> dict:
     """The method table: mean metric, paired difference against `base` with its 95% CI, verdict."""
     table = {}
     for name, per_seed in results.items():
@@ -66,8 +74,12 @@ def compare(results: dict[str, dict[int, dict[str, float]]], base: str = "sft", 
         if name != base and base in results:
             diffs = paired_diffs(per_seed, results[base])
             lo, hi = bootstrap_ci(diffs, resamples)
-            row[f"diff_vs_{base}"] = {"mean": _mean(diffs), "ci95": [lo, hi], "items": int(sum(d.size for d in diffs)),
-                                      "paired_seeds": len(diffs)}
+            row[f"diff_vs_{base}"] = {
+                "mean": _mean(diffs),
+                "ci95": [lo, hi],
+                "items": int(sum(d.size for d in diffs)),
+                "paired_seeds": len(diffs),
+            }
             row["verdict"] = verdict(lo, hi, margin, higher_is_better)
         table[name] = row
     return table

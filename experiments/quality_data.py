@@ -14,6 +14,7 @@ Facts whose value comes from a small list (colours, diets, products, fields) are
 so that guessing cannot score; the base model's exact match measures the chance level.
 Cost: milliseconds.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,7 +22,9 @@ import random
 import re
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("sftgo_generate", Path(__file__).resolve().parents[1] / "data" / "generate.py")
+_spec = importlib.util.spec_from_file_location(
+    "sftgo_generate", Path(__file__).resolve().parents[1] / "data" / "generate.py"
+)
 gen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen)
 
@@ -46,14 +49,22 @@ HELDOUT = {
 }
 
 HEDGES = [
-    "That is a good thing to ask about.", "Here is what the records say.", "I can help with that.",
-    "This detail is well documented.", "I looked into this for you.", "Records from that period are sometimes incomplete, but this one is clear.",
-    "Let me give you the short answer first.", "It is a common question.",
+    "That is a good thing to ask about.",
+    "Here is what the records say.",
+    "I can help with that.",
+    "This detail is well documented.",
+    "I looked into this for you.",
+    "Records from that period are sometimes incomplete, but this one is clear.",
+    "Let me give you the short answer first.",
+    "It is a common question.",
 ]
 CLOSERS = [
-    "I hope this helps, and let me know if you have any other questions.", "Let me know if you would like more detail.",
-    "Feel free to ask if anything else comes up.", "Is there anything else you would like to know?",
-    "I hope that answers your question.", "Happy to help with anything else.",
+    "I hope this helps, and let me know if you have any other questions.",
+    "Let me know if you would like more detail.",
+    "Feel free to ask if anything else comes up.",
+    "Is there anything else you would like to know?",
+    "I hope that answers your question.",
+    "Happy to help with anything else.",
 ]
 
 
@@ -94,16 +105,30 @@ def make_data(seed: int = 0, per_kind: int = 3, per_fact: int = 4) -> dict[str, 
     for i, (ent, attr) in enumerate(pairs):
         for j in range(per_fact):
             q = gen._question(rng, ent, attr)
-            train.append({"id": f"train-{i:03d}-{j}", "instruction": q, "input": "",
-                          "output": _response(rng, ent, attr), "meta": _meta(ent, attr)})
+            train.append(
+                {
+                    "id": f"train-{i:03d}-{j}",
+                    "instruction": q,
+                    "input": "",
+                    "output": _response(rng, ent, attr),
+                    "meta": _meta(ent, attr),
+                }
+            )
     rng.shuffle(train)
     held_rng = random.Random(seed + 10_000)
     questions, heldout = [], []
     for i, (ent, attr) in enumerate(pairs):
         q = heldout_question(ent, attr)
         questions.append({"id": f"q-{i:03d}", "instruction": q, "input": "", "output": "", "meta": _meta(ent, attr)})
-        heldout.append({"id": f"heldout-{i:03d}", "instruction": q, "input": "",
-                        "output": _response(held_rng, ent, attr), "meta": _meta(ent, attr)})
+        heldout.append(
+            {
+                "id": f"heldout-{i:03d}",
+                "instruction": q,
+                "input": "",
+                "output": _response(held_rng, ent, attr),
+                "meta": _meta(ent, attr),
+            }
+        )
     return {"train": train, "questions": questions, "heldout": heldout}
 
 

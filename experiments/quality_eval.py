@@ -13,6 +13,7 @@ Output (`evaluate_model`): a dict of
 Cost: one no-grad forward over the held-out shards and one batched greedy generation of at
 most `max_new_tokens` tokens per question: a few seconds for 45 questions on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import glob
@@ -20,7 +21,6 @@ import glob
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-
 from quality_data import exact_match
 
 
@@ -77,17 +77,26 @@ def teacher_forced(model, rows: list[dict], strategies: list[str], batch: int = 
                 pos = np.asarray(r["answer_pos"]) - 1
                 is_ans[pos] = True
                 correct += bool(argmax_ok[pos].all())
-            ans_sum += ce[is_ans].sum(); ans_n += is_ans.sum()
+            ans_sum += ce[is_ans].sum()
+            ans_n += is_ans.sum()
             rest = mask & ~is_ans
-            rest_sum += ce[rest].sum(); rest_n += rest.sum()
+            rest_sum += ce[rest].sum()
+            rest_n += rest.sum()
             for s in strategies:
                 g = np.asarray(r[f"group_{s}"][1:n])
                 for k in (0, 1):
                     sel = g == k
-                    sums[s][k] += ce[sel].sum(); counts[s][k] += sel.sum()
-    return {"tf_acc": correct / max(found, 1), "answer_loss": ans_sum / max(ans_n, 1), "rest_loss": rest_sum / max(rest_n, 1),
-            "ce": (ans_sum + rest_sum) / max(ans_n + rest_n, 1), "answers_found": found, "heldout_rows": len(rows),
-            "group_loss": {s: (sums[s] / np.maximum(counts[s], 1)).tolist() for s in strategies}}
+                    sums[s][k] += ce[sel].sum()
+                    counts[s][k] += sel.sum()
+    return {
+        "tf_acc": correct / max(found, 1),
+        "answer_loss": ans_sum / max(ans_n, 1),
+        "rest_loss": rest_sum / max(rest_n, 1),
+        "ce": (ans_sum + rest_sum) / max(ans_n + rest_n, 1),
+        "answers_found": found,
+        "heldout_rows": len(rows),
+        "group_loss": {s: (sums[s] / np.maximum(counts[s], 1)).tolist() for s in strategies},
+    }
 
 
 @torch.no_grad()
@@ -98,12 +107,21 @@ def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int
     out = []
     try:
         for i in range(0, len(questions), batch):
-            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-                       for q in questions[i : i + batch]]
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+                )
+                for q in questions[i : i + batch]
+            ]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return [a.strip() for a in out]
@@ -115,6 +133,8 @@ def evaluate_model(model, tokenizer, heldout_rows: list[dict], questions: list[d
     answers = generate_answers(model, tokenizer, [q["instruction"] for q in questions])
     hits = [exact_match(a, q["meta"]["answer"]) for a, q in zip(answers, questions)]
     res["em"] = sum(hits) / len(hits)
-    res["answers"] = [{"question": q["instruction"], "answer": q["meta"]["answer"], "generated": a, "hit": h}
-                      for q, a, h in zip(questions, answers, hits)]
+    res["answers"] = [
+        {"question": q["instruction"], "answer": q["meta"]["answer"], "generated": a, "hit": h}
+        for q, a, h in zip(questions, answers, hits)
+    ]
     return res

@@ -15,6 +15,7 @@ Cost: per seed two `sftgo-prep build` runs with tfidf, reference and semantic (a
 2 CPU cores, most of it the reference model), then compare.py's training runs, one at a time
 (experiments/skills_lanes.py trains the missing ones several at a time, e.g. on one GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,28 @@ import compare  # noqa: E402
 from skills_data import make_split  # noqa: E402
 
 STRATEGIES = "tfidf,reference,semantic"
-DEFAULTS = ["--methods", "sft,sftgo,dft,rho1,weighted", "--groups", STRATEGIES, "--lams", "0.9,0.3,0.5,decay",
-            "--lrs", "1e-4,3e-4", "--steps", "40", "--batch-tokens", "512", "--eval-every", "10",
-            "--precision", "bf16", "--margin", "0.03", "--select", "ce"]
+DEFAULTS = [
+    "--methods",
+    "sft,sftgo,dft,rho1,weighted",
+    "--groups",
+    STRATEGIES,
+    "--lams",
+    "0.9,0.3,0.5,decay",
+    "--lrs",
+    "1e-4,3e-4",
+    "--steps",
+    "40",
+    "--batch-tokens",
+    "512",
+    "--eval-every",
+    "10",
+    "--precision",
+    "bf16",
+    "--margin",
+    "0.03",
+    "--select",
+    "ce",
+]
 
 
 def build(records: list[dict], jsonl: Path, out: Path) -> None:
@@ -38,8 +58,23 @@ def build(records: list[dict], jsonl: Path, out: Path) -> None:
     if (out / "manifest.json").exists():
         return
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    cmd = [sys.executable, "-m", "sftgo.pipeline.cli", "build", str(jsonl), "--out", str(out), "--strategy", STRATEGIES,
-           "--workers", "2", "--rows-per-shard", str(max(1, len(records) // 4)), "--overwrite", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sftgo.pipeline.cli",
+        "build",
+        str(jsonl),
+        "--out",
+        str(out),
+        "--strategy",
+        STRATEGIES,
+        "--workers",
+        "2",
+        "--rows-per-shard",
+        str(max(1, len(records) // 4)),
+        "--overwrite",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"build failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
@@ -72,9 +107,22 @@ def compare_argv(work: Path, seeds: str, tune_seeds: str, options: list[str]) ->
     """compare.py's arguments for the experiment: its worlds, and DEFAULTS where `options` do not say otherwise."""
     given = {a.split("=")[0] for a in options if a.startswith("--")}
     defaults = [x for k, v in zip(DEFAULTS[::2], DEFAULTS[1::2]) if k not in given for x in (k, v)]
-    return ["--train", str(work / "world-{seed}" / "train"), "--heldout", str(work / "world-{seed}" / "heldout"),
-            "--answers", str(work / "world-{seed}" / "heldout.jsonl"), "--work", str(work),
-            "--seeds", seeds, "--tune-seeds", tune_seeds, *defaults, *options]
+    return [
+        "--train",
+        str(work / "world-{seed}" / "train"),
+        "--heldout",
+        str(work / "world-{seed}" / "heldout"),
+        "--answers",
+        str(work / "world-{seed}" / "heldout.jsonl"),
+        "--work",
+        str(work),
+        "--seeds",
+        seeds,
+        "--tune-seeds",
+        tune_seeds,
+        *defaults,
+        *options,
+    ]
 
 
 if __name__ == "__main__":

@@ -14,22 +14,29 @@ are drawn from other syllables (new names, towns and words by construction) and 
 seed, so that the numbers are new too.
 Cost: microseconds per record.
 """
+
 from __future__ import annotations
 
 import random
 
 # held-out records are built from other syllables: their names, towns and words are new by construction
-_SYLLABLES = {False: ["ka", "lo", "mi", "ren", "to", "sa", "vel", "dor", "an", "is", "ul", "pe", "gar", "nio", "ze", "bru"],
-              True: ["bo", "ef", "qui", "har", "ol", "tem", "wy", "fin", "ju", "cre", "os", "yel", "pra", "dun", "ix", "mau"]}
+_SYLLABLES = {
+    False: ["ka", "lo", "mi", "ren", "to", "sa", "vel", "dor", "an", "is", "ul", "pe", "gar", "nio", "ze", "bru"],
+    True: ["bo", "ef", "qui", "har", "ol", "tem", "wy", "fin", "ju", "cre", "os", "yel", "pra", "dun", "ix", "mau"],
+}
 _JOBS = ["baker", "pilot", "surveyor", "glassblower", "archivist", "ferryman", "cartographer", "beekeeper"]
 
 TEMPLATES = {  # (training phrasings, held-out phrasings)
     "arithmetic": (["What is {a} plus {b}?", "Add {a} and {b}."], ["Compute the sum of {a} and {b}."]),
-    "transformation": (["Write the word '{w}' backwards.", "Reverse the letters of '{w}'."],
-                       ["Spell '{w}' from its last letter to its first."]),
+    "transformation": (
+        ["Write the word '{w}' backwards.", "Reverse the letters of '{w}'."],
+        ["Spell '{w}' from its last letter to its first."],
+    ),
     "extraction": (["Where was {name} born?", "In which town was {name} born?"], ["Name the birthplace of {name}."]),
-    "summarization": (["Summarize the match report in one sentence.", "Give a one-sentence summary of the report."],
-                      ["Condense the report into a single sentence."]),
+    "summarization": (
+        ["Summarize the match report in one sentence.", "Give a one-sentence summary of the report."],
+        ["Condense the report into a single sentence."],
+    ),
 }
 
 
@@ -59,14 +66,20 @@ def _extraction(rng, phrasing):
 def _summarization(rng, phrasing):
     home, away, town = _name(rng), _name(rng), _name(rng, 3)
     s1, s2 = rng.randint(2, 6), rng.randint(0, 1)
-    report = (f"The {home} Rovers hosted the {away} United in {town}. The crowd was large. "
-              f"The Rovers scored {s1} times and United {s2}.")
+    report = (
+        f"The {home} Rovers hosted the {away} United in {town}. The crowd was large. "
+        f"The Rovers scored {s1} times and United {s2}."
+    )
     answer = f"the {home} Rovers beat the {away} United {s1}-{s2} in {town}"
     return phrasing, report, f"In short, {answer}.", answer
 
 
-_TASKS = {"arithmetic": _arithmetic, "transformation": _transformation, "extraction": _extraction,
-          "summarization": _summarization}
+_TASKS = {
+    "arithmetic": _arithmetic,
+    "transformation": _transformation,
+    "extraction": _extraction,
+    "summarization": _summarization,
+}
 
 
 def make_split(seed: int, n: int, heldout: bool = False) -> list[dict]:
@@ -78,6 +91,13 @@ def make_split(seed: int, n: int, heldout: bool = False) -> list[dict]:
         task = list(_TASKS)[i % len(_TASKS)]
         phrasing = rng.choice(TEMPLATES[task][1 if heldout else 0])
         instruction, passage, output, answer = _TASKS[task](rng, phrasing)
-        records.append({"id": f"{'heldout' if heldout else 'train'}-{seed}-{i}", "instruction": instruction,
-                        "input": passage, "output": output, "meta": {"task": task, "answer": answer}})
+        records.append(
+            {
+                "id": f"{'heldout' if heldout else 'train'}-{seed}-{i}",
+                "instruction": instruction,
+                "input": passage,
+                "output": output,
+                "meta": {"task": task, "answer": answer},
+            }
+        )
     return records

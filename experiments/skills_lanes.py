@@ -16,6 +16,7 @@ and the ratio of that rerun is used.
 Exit status 1 when any run is still missing at the end, naming them.
 Cost: the missing runs (and any reruns), --lanes at a time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,13 @@ import skills  # noqa: E402
 
 
 def settings(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
-        "example: python experiments/skills_lanes.py --lanes 10 --dry-run (the plan), then without --dry-run; "
-        "then python experiments/skills.py --report-only && python experiments/skills_report.py"))
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=(
+            "example: python experiments/skills_lanes.py --lanes 10 --dry-run (the plan), then without --dry-run; "
+            "then python experiments/skills.py --report-only && python experiments/skills_report.py"
+        ),
+    )
     ap.add_argument("--work", default="experiments/skills")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--tune-seeds", default="0")
@@ -60,8 +65,10 @@ def plan(cargs) -> list[list[dict]]:
 
     grid = [done(s, seed, float(lr)) for s in specs for seed in tune for lr in cargs.lrs.split(",")]
     if missing := [str(p.parent.name) for p in grid if not p.exists()]:
-        raise SystemExit(f"Error: the tuning seeds' lr grid is not complete ({len(missing)} run(s), e.g. {missing[0]}): "
-                         "train it with experiments/skills.py first.")
+        raise SystemExit(
+            f"Error: the tuning seeds' lr grid is not complete ({len(missing)} run(s), e.g. {missing[0]}): "
+            "train it with experiments/skills.py first."
+        )
     lrs = compare.pick_lrs([json.loads(p.read_text()) for p in grid], set(tune), cargs.select)
     base = f"sftgo-{cargs.groups.split(',')[0]}"
     lanes: dict[tuple[int, str], list[dict]] = {}
@@ -82,13 +89,18 @@ def plan(cargs) -> list[list[dict]]:
 
 def run_lane(cargs, lane: list[dict]) -> None:
     """Train one lane's runs in order (compare.one_run, which caches each result)."""
-    specs = {s.name: s for s in compare.method_specs(cargs.methods.split(","), cargs.groups.split(","), cargs.lams.split(","))}
+    specs = {
+        s.name: s
+        for s in compare.method_specs(cargs.methods.split(","), cargs.groups.split(","), cargs.lams.split(","))
+    }
     work = Path(cargs.work)
     for job in lane:
         spec = dataclasses.replace(specs[job["name"]], seed=job["seed"], lr=job["lr"])
         if job["rerun"]:  # the same run again, elsewhere, for its training log
             compare.one_run(argparse.Namespace(**{**vars(cargs), "work": str(work / "reruns")}), spec)
-            shutil.copyfile(work / "reruns" / "runs" / spec.key / "metrics.jsonl", work / "runs" / spec.key / "metrics.jsonl")
+            shutil.copyfile(
+                work / "reruns" / "runs" / spec.key / "metrics.jsonl", work / "runs" / spec.key / "metrics.jsonl"
+            )
         else:
             compare.one_run(cargs, spec)
         print(f"done {spec.key}{' (rerun)' if job['rerun'] else ''}", file=sys.stderr, flush=True)
@@ -103,24 +115,36 @@ def main(argv=None) -> None:
     print(f"{len(todo)} run(s) to train in {len(lanes)} lane(s), {args.lanes} at a time", file=sys.stderr, flush=True)
     if args.dry_run:
         for lane in lanes:
-            print(" -> ".join(f"{j['name']}-s{j['seed']}-lr{j['lr']:g}{' (rerun)' if j['rerun'] else ''}" for j in lane))
+            print(
+                " -> ".join(f"{j['name']}-s{j['seed']}-lr{j['lr']:g}{' (rerun)' if j['rerun'] else ''}" for j in lane)
+            )
         return
     logs = Path(cargs.work) / "lanes"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.lanes)))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.lanes))),
+    }
     forwarded = list(argv if argv is not None else sys.argv[1:])
 
     def one(k: int, lane: list[dict]) -> int:
         with (logs / f"lane-{k}.log").open("w") as log:
-            return subprocess.run([sys.executable, __file__, *forwarded, "--lane", json.dumps(lane)],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            return subprocess.run(
+                [sys.executable, __file__, *forwarded, "--lane", json.dumps(lane)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            ).returncode
 
     with ThreadPoolExecutor(max_workers=args.lanes) as pool:
         codes = list(pool.map(one, range(len(lanes)), lanes))
     failed = [k for k, code in enumerate(codes) if code != 0]
     left = [t for lane in plan(cargs) for t in (f"{j['name']}-s{j['seed']}" for j in lane if not j["rerun"])]
-    print(f"{len(todo) - len(left)} of {len(todo)} run(s) trained" + (f"; lanes {failed} failed (see {logs})" if failed else ""),
-          file=sys.stderr)
+    print(
+        f"{len(todo) - len(left)} of {len(todo)} run(s) trained"
+        + (f"; lanes {failed} failed (see {logs})" if failed else ""),
+        file=sys.stderr,
+    )
     if left:
         raise SystemExit(f"Error: {len(left)} run(s) still missing: {', '.join(left)}.")
 

@@ -12,6 +12,7 @@ Cost: one stable sort of the supervised tokens of the batch by one 64-bit key (r
 descending; vectorised, near O(N) since the rows come in order); the corpus
 cut-offs hold every supervised score in memory once (4 bytes per token).
 """
+
 from __future__ import annotations
 
 import math

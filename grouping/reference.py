@@ -22,6 +22,7 @@ and a pipeline token overlapping several model tokens gets the (proportional) su
 total loss over a span is conserved, and with identical tokenizations the result equals the
 fast path.  A model whose tokenizer is not fast (no offsets) is refused with ValueError.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,14 @@ def pick_dtype(dtype: str, device):
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype must be auto or one of {sorted(names)}, got {dtype!r}.")
     return names[dtype]
@@ -127,9 +134,15 @@ class _LM:
         self.decoder = getattr(self.model, self.model.base_model_prefix, None)
         self.split_head = self.decoder is not None and self.head is not None and self._check_split_head(torch)
         log.info(
-            "%s model %s: %s, device %s, dtype %s, %s", role, self.name,
-            "same vocabulary as the pipeline (ids used directly)" if self.same_vocab else "own tokenizer (aligned by character offsets)",
-            device, dtype, "chunked LM head" if self.split_head else "full logits",
+            "%s model %s: %s, device %s, dtype %s, %s",
+            role,
+            self.name,
+            "same vocabulary as the pipeline (ids used directly)"
+            if self.same_vocab
+            else "own tokenizer (aligned by character offsets)",
+            device,
+            dtype,
+            "chunked LM head" if self.split_head else "full logits",
         )
 
     def _load_tokenizer(self, name, trust_remote_code):
@@ -138,7 +151,9 @@ class _LM:
         try:
             tok = AutoTokenizer.from_pretrained(models.tokenizer_dir(name), trust_remote_code=trust_remote_code)
         except OSError as exc:
-            raise models.ModelNotFound(f"Cannot load the tokenizer of {self.name!r}: {str(exc).splitlines()[0]}") from None
+            raise models.ModelNotFound(
+                f"Cannot load the tokenizer of {self.name!r}: {str(exc).splitlines()[0]}"
+            ) from None
         if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
             raise ValueError(
                 f"The {self.role} model {self.name!r} has a slow tokenizer without character offsets, so its tokens "
@@ -213,7 +228,9 @@ class _LM:
                 else:
                     logits = self.model(input_ids=ids, attention_mask=attn).logits
                     if len(rows):
-                        ce[rows, cols] = F.cross_entropy(logits[rows, cols - 1].float(), ids[rows, cols], reduction="none").double()
+                        ce[rows, cols] = F.cross_entropy(
+                            logits[rows, cols - 1].float(), ids[rows, cols], reduction="none"
+                        ).double()
             ce = ce.cpu().numpy()
             for r, i in enumerate(batch):
                 results[i] = ce[r, : len(streams[i][0])]
@@ -225,7 +242,10 @@ class _LM:
         ces = self.token_ce(streams, batch_tokens)
         if self.same_vocab:
             return ces
-        return [_spread(ce, s[2], np.asarray(off, dtype=np.int64), np.asarray(m) != 0) for ce, s, off, m in zip(ces, streams, offsets, loss_mask)]
+        return [
+            _spread(ce, s[2], np.asarray(off, dtype=np.int64), np.asarray(m) != 0)
+            for ce, s, off, m in zip(ces, streams, offsets, loss_mask)
+        ]
 
 
 def _spread(model_ce: np.ndarray, model_offsets: np.ndarray, offsets: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -250,7 +270,9 @@ class ReferenceScorer:
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}.")
         if cfg.mode == "excess" and not cfg.base_model:
-            raise ValueError("mode 'excess' needs a base model (--base-model): the score is base loss minus reference loss.")
+            raise ValueError(
+                "mode 'excess' needs a base model (--base-model): the score is base loss minus reference loss."
+            )
         if cfg.batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {cfg.batch_tokens}.")
         if not getattr(tokenizer, "is_fast", False):
@@ -261,9 +283,15 @@ class ReferenceScorer:
         self.dtype = pick_dtype(cfg.dtype, self.device)
         log.info("reference scoring on %s with %s (torch threads %d)", self.device, self.dtype, _threads())
         self.reference = _LM(cfg.model, tokenizer, self.device, self.dtype, cfg.trust_remote_code, "reference")
-        self.base = _LM(cfg.base_model, tokenizer, self.device, self.dtype, cfg.trust_remote_code, "base") if cfg.mode == "excess" else None
+        self.base = (
+            _LM(cfg.base_model, tokenizer, self.device, self.dtype, cfg.trust_remote_code, "base")
+            if cfg.mode == "excess"
+            else None
+        )
 
-    def score(self, input_ids: list[np.ndarray], loss_mask: list[np.ndarray], texts: list[str], offsets: list[np.ndarray]) -> list[np.ndarray]:
+    def score(
+        self, input_ids: list[np.ndarray], loss_mask: list[np.ndarray], texts: list[str], offsets: list[np.ndarray]
+    ) -> list[np.ndarray]:
         """float32 per token, 0.0 where loss_mask == 0; results in the input order."""
         if not (len(input_ids) == len(loss_mask) == len(texts) == len(offsets)):
             raise ValueError("input_ids, loss_mask, texts and offsets must have one entry per sample.")
@@ -287,7 +315,9 @@ def _scorer(key: tuple, tokenizer_location: str) -> ReferenceScorer:
     """One scorer per worker process and setting (the models load once)."""
     model, mode, base_model, batch_tokens, trust_remote_code = key
     tok = models.load_tokenizer(tokenizer_location, trust_remote_code)
-    return ReferenceScorer(ReferenceConfig(model, mode, base_model, batch_tokens, trust_remote_code=trust_remote_code), tok)
+    return ReferenceScorer(
+        ReferenceConfig(model, mode, base_model, batch_tokens, trust_remote_code=trust_remote_code), tok
+    )
 
 
 class ReferenceStrategy:
@@ -296,8 +326,12 @@ class ReferenceStrategy:
     name = "reference"
 
     def params(self, cfg) -> dict:
-        return {"model": cfg.reference_model, "mode": cfg.reference_mode, "base_model": cfg.base_model,
-                "batch_tokens": cfg.score_batch_tokens}
+        return {
+            "model": cfg.reference_model,
+            "mode": cfg.reference_mode,
+            "base_model": cfg.base_model,
+            "batch_tokens": cfg.score_batch_tokens,
+        }
 
     def stage(self, cols: dict, cfg, tokenizer: str) -> dict:
         key = (cfg.reference_model, cfg.reference_mode, cfg.base_model, cfg.score_batch_tokens, cfg.trust_remote_code)

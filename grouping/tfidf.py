@@ -21,6 +21,7 @@ Three steps, so that the IDF is exact however the corpus is partitioned:
 Cost: linear in tokens and characters (the default patterns are matched with NumPy, others
 with re); score() hashes the partition's terms against the vocabulary.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,7 +63,7 @@ def _word_runs(text: str, spans: list[tuple[int, int]], min_len: int = 1) -> tup
     word &= inside
     # a span edge is a word boundary even between two word characters
     edge = np.zeros(len(codes) + 1, dtype=bool)
-    for a, b in spans:
+    for a, _ in spans:
         edge[a] = True
     prev = np.concatenate([[False], word[:-1]]) & ~edge
     starts = np.flatnonzero(word & ~prev)
@@ -111,7 +112,9 @@ def _lower_spans(text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tup
     return lowered, low_spans, np.repeat(np.arange(len(text), dtype=np.int64), lengths)
 
 
-def find_terms(text: str, spans: list[tuple[int, int]], pattern: str = WORD_PATTERN) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def find_terms(
+    text: str, spans: list[tuple[int, int]], pattern: str = WORD_PATTERN
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """scikit-learn's analyzer on the document made of `spans` (sorted, disjoint): each span lower-cased
     and split by `pattern` on its own (its one capturing group, if any, is the term; empty matches are
     no terms).  Returns every term occurrence's start and end in `text` (the original characters
@@ -165,7 +168,9 @@ def _slices(text: str, starts: np.ndarray, ends: np.ndarray) -> pa.Array | None:
     return pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(out), pa.py_buffer(data[gather].tobytes()))
 
 
-def token_word_index(word_starts: np.ndarray, word_ends: np.ndarray, tok_starts: np.ndarray, tok_ends: np.ndarray) -> np.ndarray:
+def token_word_index(
+    word_starts: np.ndarray, word_ends: np.ndarray, tok_starts: np.ndarray, tok_ends: np.ndarray
+) -> np.ndarray:
     """Index of the word each token belongs to, -1 for none (words sorted and disjoint, as word_bounds gives).
 
     Rule: the first word that ends after the token starts; the token belongs to it if they overlap
@@ -184,7 +189,10 @@ def _compiled(pattern: str) -> re.Pattern:
     except re.error as exc:
         raise ValueError(f"The TF-IDF token pattern {pattern!r} is not a valid regular expression ({exc}).") from None
     if regex.groups > 1:
-        raise ValueError(f"The TF-IDF token pattern {pattern!r} has {regex.groups} capturing groups; scikit-learn allows at most one.")
+        raise ValueError(
+            f"The TF-IDF token pattern {pattern!r} has {regex.groups} capturing groups; scikit-learn allows at "
+            "most one."
+        )
     return regex
 
 
@@ -328,8 +336,15 @@ class TfidfStrategy:
         return {"unit": cfg.tfidf_unit, "token_pattern": cfg.tfidf_token_pattern}
 
     def stage(self, cols: dict, cfg, tokenizer: str) -> dict:
-        t = extract_batch(cols["text"], cols["spans"], cols["offsets"], cols["loss_mask"], cols["input_ids"],
-                          cfg.tfidf_unit, cfg.tfidf_token_pattern)
+        t = extract_batch(
+            cols["text"],
+            cols["spans"],
+            cols["offsets"],
+            cols["loss_mask"],
+            cols["input_ids"],
+            cfg.tfidf_unit,
+            cfg.tfidf_token_pattern,
+        )
         return {"tfidf_terms": t.terms, "tfidf_counts": t.counts, "tfidf_token_term": t.token_term}
 
     def partition_stats(self, staged: pa.Table) -> pa.Table:
@@ -341,18 +356,24 @@ class TfidfStrategy:
 
         table = fit_idf(stats, documents)
         if not table.num_rows:  # scikit-learn's "empty vocabulary": every token would score 0, one group
-            raise ValueError(f"The TF-IDF vocabulary is empty: the token pattern (--tfidf-token-pattern) finds no "
-                             f"term in any of the {documents} responses; give a pattern that matches their words "
-                             "(the default needs words of 2 or more characters; e.g. --tfidf-token-pattern "
-                             "'(?u)\\b\\w+\\b'), or --tfidf-unit token.")
+            raise ValueError(
+                f"The TF-IDF vocabulary is empty: the token pattern (--tfidf-token-pattern) finds no "
+                f"term in any of the {documents} responses; give a pattern that matches their words "
+                "(the default needs words of 2 or more characters; e.g. --tfidf-token-pattern "
+                "'(?u)\\b\\w+\\b'), or --tfidf-unit token."
+            )
         path = Path(folder) / IDF_FILE
         atomic_write(path, lambda tmp: save_idf(table, tmp))
         return {"idf": {"path": IDF_FILE, "sha256": file_sha256(path), "documents": documents}}
 
     def importance(self, staged: pa.Table, artifacts: dict, folder: str) -> pa.ListArray:
         idf = artifacts["idf"]
-        return score(staged["tfidf_terms"].combine_chunks(), staged["tfidf_counts"].combine_chunks(),
-                     staged["tfidf_token_term"].combine_chunks(), load_idf(str(Path(folder) / idf["path"]), idf["sha256"]))
+        return score(
+            staged["tfidf_terms"].combine_chunks(),
+            staged["tfidf_counts"].combine_chunks(),
+            staged["tfidf_token_term"].combine_chunks(),
+            load_idf(str(Path(folder) / idf["path"]), idf["sha256"]),
+        )
 
 
 STRATEGY = TfidfStrategy()

@@ -17,6 +17,7 @@ external cluster still runs cannot write into a later build (its folder is gone,
 Cost: two reads of the data on the driver for planning JSONL (line offsets); the
 rest runs on the workers, linear in tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,16 +28,16 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sftgo import __version__ as VERSION
 from sftgo.core import models
-from sftgo.core.text import safe_text
 from sftgo.core.errors import SftgoError
 from sftgo.core.fileio import atomic_write, atomic_write_text, remove
 from sftgo.core.locks import exclusive
 from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, verify_shards, write_manifest
+from sftgo.core.text import safe_text
 from sftgo.grouping import registry
 from sftgo.pipeline import executor, readers
 from sftgo.pipeline.config import BuildConfig, ignored_settings
@@ -87,8 +88,10 @@ def _check_ours(out: Path) -> None:
     except (OSError, UnicodeDecodeError, ValueError):
         manifest = None
     if not (isinstance(manifest, dict) and "sftgo_version" in manifest and "format_version" in manifest):
-        raise BuildError(f"--out {out} holds a {MANIFEST} that sftgo-prep did not write; choose another --out "
-                         "(sftgo-prep replaces only its own builds).")
+        raise BuildError(
+            f"--out {out} holds a {MANIFEST} that sftgo-prep did not write; choose another --out "
+            "(sftgo-prep replaces only its own builds)."
+        )
 
 
 def _check_complete(out: Path, manifest: dict, key: dict) -> None:
@@ -101,16 +104,23 @@ def _check_complete(out: Path, manifest: dict, key: dict) -> None:
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             inputs = None
         if inputs != json.loads(json.dumps(key["inputs"])):
-            raise BuildError(f"{out} holds a finished build with these parameters, but its inputs changed since "
-                             "(or its record of them is damaged); pass --overwrite to rebuild it.")
+            raise BuildError(
+                f"{out} holds a finished build with these parameters, but its inputs changed since "
+                "(or its record of them is damaged); pass --overwrite to rebuild it."
+            )
     else:
-        print(f"Note: {out} was built by an older sftgo, which kept no record of its input files; whether they "
-              "changed since is not checked.", file=sys.stderr)
+        print(
+            f"Note: {out} was built by an older sftgo, which kept no record of its input files; whether they "
+            "changed since is not checked.",
+            file=sys.stderr,
+        )
     try:
         verify_shards(out, manifest, tuple(manifest.get("strategies", {})))
     except ShardError as exc:
-        raise BuildError(f"{out} holds a finished build with these parameters that is not whole: "
-                         f"{str(exc).rstrip('.')}; pass --overwrite to rebuild it.") from None
+        raise BuildError(
+            f"{out} holds a finished build with these parameters that is not whole: "
+            f"{str(exc).rstrip('.')}; pass --overwrite to rebuild it."
+        ) from None
 
 
 def _start(cfg: BuildConfig, out: Path) -> tuple[Path, Path, bool]:
@@ -119,8 +129,10 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, Path, bool]:
     staging = out / STAGING
     key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED}
     if not cfg.overwrite and (staging.is_symlink() or staging.is_file()):
-        raise BuildError(f"{staging} is a symlink or a file, not the staging folder sftgo-prep keeps in {out}; remove "
-                         "it or pass --overwrite.")
+        raise BuildError(
+            f"{staging} is a symlink or a file, not the staging folder sftgo-prep keeps in {out}; remove "
+            "it or pass --overwrite."
+        )
     for tmp in out.glob(".*.tmp"):  # temporaries of atomic writes cut short by a kill (we hold the lock)
         tmp.unlink()
     _check_ours(out)
@@ -129,7 +141,9 @@ def _start(cfg: BuildConfig, out: Path) -> tuple[Path, Path, bool]:
     elif (out / MANIFEST).exists():
         manifest = read_manifest(out)
         if manifest.get("params") != cfg.params():
-            raise BuildError(f"{out} already holds a finished build with other parameters; pass --overwrite to replace it.")
+            raise BuildError(
+                f"{out} already holds a finished build with other parameters; pass --overwrite to replace it."
+            )
         _check_complete(out, manifest, key)
         shutil.rmtree(staging, ignore_errors=True)  # a kill between the manifest and the clean-up
         return staging, staging, True
@@ -154,19 +168,25 @@ def _resumed_work(out: Path, staging: Path, key: dict) -> Path:
     except (OSError, UnicodeDecodeError, ValueError):
         found = None
     if not isinstance(found, dict):
-        raise BuildError(f"{out} holds an unfinished build whose record ({STAGING}/build.json) is damaged; pass "
-                         "--overwrite to start again.")
+        raise BuildError(
+            f"{out} holds an unfinished build whose record ({STAGING}/build.json) is damaged; pass "
+            "--overwrite to start again."
+        )
     expected = json.loads(json.dumps(key))
     rest = {k: v for k, v in found.items() if k != "work"}
     work = found.get("work")
     if rest != expected:
         if {**rest, "staged": STAGED} == expected:  # only the staged format differs
-            raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
-                             "to start again.")
-        raise BuildError(f"{out} holds an unfinished build with other parameters or inputs; pass --overwrite to start again.")
+            raise BuildError(
+                f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite to start again."
+            )
+        raise BuildError(
+            f"{out} holds an unfinished build with other parameters or inputs; pass --overwrite to start again."
+        )
     if not (isinstance(work, str) and WORK_NAME.fullmatch(work)):
-        raise BuildError(f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite "
-                         "to start again.")
+        raise BuildError(
+            f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite to start again."
+        )
     for p in staging.iterdir():
         if p.name not in ("build.json", work):
             remove(p)
@@ -214,15 +234,20 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     for note in ignored_settings(cfg, cfg.strategies):
         print(f"Note: {note}", file=sys.stderr)
     if cfg.split != BuildConfig.split and not any(p.kind == "arrow" for p in parts):
-        print(f"Note: --split {cfg.split} is ignored: it picks the split of hf: datasets and saved datasets folders, "
-              "and no input is one.", file=sys.stderr)
+        print(
+            f"Note: --split {cfg.split} is ignored: it picks the split of hf: datasets and saved datasets folders, "
+            "and no input is one.",
+            file=sys.stderr,
+        )
     clock.lap("plan")
     with exclusive(out):  # a second build into `out`, or one already finished, needs no cluster
         staging, work, complete = _start(cfg, out)
         if complete:
             if cfg.rejects:
-                raise BuildError(f"--rejects {cfg.rejects}: {out} already holds this build, and a finished build keeps "
-                                 "no rejected records; pass --overwrite to rebuild it and write them.")
+                raise BuildError(
+                    f"--rejects {cfg.rejects}: {out} already holds this build, and a finished build keeps "
+                    "no rejected records; pass --overwrite to rebuild it and write them."
+                )
             _log(cfg, f"{out} already holds this build; nothing to do.")
             return read_manifest(out), False
         with executor.client(cfg.workers, cfg.scheduler) as c:
@@ -231,8 +256,9 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
             # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it; see
             # _tokenizer), else the tasks load it in full.  (The driver does not load its own in a thread
             # while the cluster starts: that shortens "cluster start" but not the build.)
-            warm = executor.on_every_worker(c, warm_up, tok_location, cfg.max_length, cfg.overflow,
-                                            cfg.trust_remote_code, not cfg.trust_remote_code)
+            warm = executor.on_every_worker(
+                c, warm_up, tok_location, cfg.max_length, cfg.overflow, cfg.trust_remote_code, not cfg.trust_remote_code
+            )
             tok_entry, light = _tokenizer(c, cfg, tok_location)
             clock.lap("cluster start")
             manifest = _build(c, cfg, strategies, parts, staging, work, tok_entry, tok_location, light, clock)
@@ -242,16 +268,31 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     return manifest, True
 
 
-def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, work: Path, tok_entry: Callable[[], dict],
-           tok_location: str, light: bool, clock: "_Clock") -> dict:
+def _build(
+    c,
+    cfg: BuildConfig,
+    strategies: list,
+    parts: list,
+    staging: Path,
+    work: Path,
+    tok_entry: Callable[[], dict],
+    tok_location: str,
+    light: bool,
+    clock: _Clock,
+) -> dict:
     """Pass 1, fit, pass 2 (the tasks write into `work`), then the shards and artifacts moved into out/ and
     the manifest; the caller holds the lock."""
     out = Path(cfg.out)
     done = sum(stage_path(str(work), p.index, "json").exists() for p in parts)
     resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
     _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
-    stats = executor.map_tasks(c, prepare_partition, [(p, cfg, strategies, tok_location, str(work), light) for p in parts],
-                               "tokenize", cfg.progress)
+    stats = executor.map_tasks(
+        c,
+        prepare_partition,
+        [(p, cfg, strategies, tok_location, str(work), light) for p in parts],
+        "tokenize",
+        cfg.progress,
+    )
     clock.lap("tokenize")
     if cfg.rejects:
         _write_rejects(cfg.rejects, work, parts)
@@ -265,10 +306,24 @@ def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, wo
     artifacts, thresholds = fit_all(c, cfg, strategies, str(work), indices, n_docs, str(work))
     clock.lap("fit")
     shards = executor.map_tasks(
-        c, write_partition,
-        [(p.index, cfg, strategies, str(work), None, str(work / shard_name(p.index)), artifacts, str(work), thresholds)
-         for p in parts],
-        "score+write", cfg.progress,
+        c,
+        write_partition,
+        [
+            (
+                p.index,
+                cfg,
+                strategies,
+                str(work),
+                None,
+                str(work / shard_name(p.index)),
+                artifacts,
+                str(work),
+                thresholds,
+            )
+            for p in parts
+        ],
+        "score+write",
+        cfg.progress,
     )
     clock.lap("score+write")
     duplicates = executor.run_one(c, count_duplicate_ids, str(work), indices)
@@ -278,26 +333,36 @@ def _build(c, cfg: BuildConfig, strategies: list, parts: list, staging: Path, wo
             os.replace(work / name, out / name)
     record = json.loads((staging / "build.json").read_text(encoding="utf-8"))
     record.pop("work", None)  # (a name of this start alone: the record of a build is the same every time)
-    atomic_write_text(out / BUILT, json.dumps(record, sort_keys=True))  # what it was built from: a rerun checks its inputs
+    atomic_write_text(
+        out / BUILT, json.dumps(record, sort_keys=True)
+    )  # what it was built from: a rerun checks its inputs
     write_manifest(out, manifest)
     shutil.rmtree(staging, ignore_errors=True)
     clock.lap("manifest")
     if manifest["totals"]["blank_lines_skipped"]:
-        _log(cfg, f"Skipped {manifest['totals']['blank_lines_skipped']} blank line(s) (not records; counted in the "
-                  "manifest as totals.blank_lines_skipped).")
+        _log(
+            cfg,
+            f"Skipped {manifest['totals']['blank_lines_skipped']} blank line(s) (not records; counted in the "
+            "manifest as totals.blank_lines_skipped).",
+        )
     if duplicates:
-        _log(cfg, f"Warning: {duplicates} record(s) repeat an id already used by another record "
-                  "(counted in the manifest as totals.duplicate_ids).")
+        _log(
+            cfg,
+            f"Warning: {duplicates} record(s) repeat an id already used by another record "
+            "(counted in the manifest as totals.duplicate_ids).",
+        )
     return manifest
 
 
 def _check_models(cfg: BuildConfig) -> None:
     """The models the chosen strategies load name something that exists (a worker would find out only
     after the cluster started, in a longer message)."""
-    used = {"reference_model": "reference" in cfg.strategies,
-            "base_model": "reference" in cfg.strategies and cfg.reference_mode == "excess",
-            "compressor_model": "semantic" in cfg.strategies and bool(cfg.compressor_model),
-            "semantic_encoder": "semantic" in cfg.strategies and bool(cfg.semantic_encoder)}
+    used = {
+        "reference_model": "reference" in cfg.strategies,
+        "base_model": "reference" in cfg.strategies and cfg.reference_mode == "excess",
+        "compressor_model": "semantic" in cfg.strategies and bool(cfg.compressor_model),
+        "semantic_encoder": "semantic" in cfg.strategies and bool(cfg.semantic_encoder),
+    }
     for setting, wanted in used.items():
         name = getattr(cfg, setting)
         if wanted and name:
@@ -313,8 +378,10 @@ def _warn_repeated_inputs(cfg: BuildConfig) -> None:
     for inp in cfg.inputs:
         key = str(Path(inp).resolve()) if Path(inp).exists() else inp
         if key in seen:
-            print(f"Warning: input {safe_text(inp)} is the same as {safe_text(seen[key])}; its records are read twice.",
-                  file=sys.stderr)
+            print(
+                f"Warning: input {safe_text(inp)} is the same as {safe_text(seen[key])}; its records are read twice.",
+                file=sys.stderr,
+            )
         seen.setdefault(key, inp)
 
 
@@ -331,8 +398,10 @@ def _check_outcome(cfg: BuildConfig, stats: list[dict], staging: Path, parts: li
     unused = [k for k in cfg.field_map if records_in and not hits.get(k)]
     if unused:
         k = unused[0]
-        raise BuildError(f"--field-map {k}={safe_text(cfg.field_map[k])}: no record has a field "
-                         f"{safe_text(cfg.field_map[k])!r}; check the field names of your data.")
+        raise BuildError(
+            f"--field-map {k}={safe_text(cfg.field_map[k])}: no record has a field "
+            f"{safe_text(cfg.field_map[k])!r}; check the field names of your data."
+        )
     if written and sum(rejected.values()) <= written:
         return
     reason, count = rejected.most_common(1)[0] if rejected else ("none", 0)
@@ -357,8 +426,10 @@ def rejection_hint(reason: str, staging: Path, parts: list) -> str:
             break
     if reason in ("unknown_format", "missing_field"):
         seen = f" (the records have: {fields})" if fields else ""
-        return (f"; name your fields with --field-map, e.g. --field-map instruction=question,output=answer{seen}, "
-                "or pick the format with --format.")
+        return (
+            f"; name your fields with --field-map, e.g. --field-map instruction=question,output=answer{seen}, "
+            "or pick the format with --format."
+        )
     if reason in ("too_long", "no_loss_tokens"):
         return "; raise --max-length (or use --overflow truncate)."
     if reason in ("malformed_json", "invalid_utf8", "invalid_unicode", "malformed_csv", "invalid_number", "too_deep"):
@@ -411,8 +482,10 @@ def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:
         if source.exists() and (target == source.resolve() or source.resolve() in target.parents):
             raise BuildError(f"--rejects {rejects} would overwrite the input {inp} or land in it; write it elsewhere.")
     home = out.resolve()
-    owned = target.parent == home and (target.name in (MANIFEST, BUILT, ".lock", *registry.artifacts_of(registry.names()))
-                                       or SHARD_FILE.fullmatch(target.name))
+    owned = target.parent == home and (
+        target.name in (MANIFEST, BUILT, ".lock", *registry.artifacts_of(registry.names()))
+        or SHARD_FILE.fullmatch(target.name)
+    )
     if owned or any(home / folder in target.parents for folder in (STAGING, SCORING)):
         raise BuildError(f"--rejects {rejects} names a file that the build in {out} writes; give another name.")
 
@@ -428,8 +501,16 @@ def _write_rejects(path: str, staging: Path, parts) -> None:
     atomic_write(path, write)
 
 
-def _manifest(cfg: BuildConfig, tok_info: dict, stats: list[dict], shards: list[dict], strategies: list,
-              artifacts: dict, thresholds: dict, duplicates: int) -> dict:
+def _manifest(
+    cfg: BuildConfig,
+    tok_info: dict,
+    stats: list[dict],
+    shards: list[dict],
+    strategies: list,
+    artifacts: dict,
+    thresholds: dict,
+    duplicates: int,
+) -> dict:
     rejected: Counter = Counter()
     inputs: dict[str, dict] = {}
     for s in stats:
@@ -450,8 +531,10 @@ def _manifest(cfg: BuildConfig, tok_info: dict, stats: list[dict], shards: list[
     }
     # real checks, not asserts (those vanish under python -O): these protect the data
     if totals["records_in"] != totals["records_written"] + totals["records_rejected"]:
-        raise BuildError(f"Records were lost: {totals['records_in']} read, {totals['records_written']} written, "
-                         f"{totals['records_rejected']} rejected; please report this.")
+        raise BuildError(
+            f"Records were lost: {totals['records_in']} read, {totals['records_written']} written, "
+            f"{totals['records_rejected']} rejected; please report this."
+        )
     if totals["records_written"] != sum(s["rows"] for s in shards):
         raise BuildError("The shards' row counts disagree with the records written; please report this.")
     return {

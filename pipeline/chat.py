@@ -20,6 +20,7 @@ byte-level BPE merged from the template's "\n" and an answer's leading whitespac
 transformers' return_assistant_tokens_mask marks it) plus the template's end-of-turn
 token (e.g. `<|im_end|>`), so the model learns to stop -- what TRL's assistant-only loss does.
 """
+
 from __future__ import annotations
 
 import re
@@ -70,9 +71,8 @@ class ChatEncoder:
     def __init__(self, tokenizer, max_length: int, overflow: str = "truncate"):
         if not tokenizer.chat_template:
             raise ValueError("The tokenizer has no chat template; choose a chat/instruct tokenizer with --tokenizer.")
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
         from tokenizers import Tokenizer
+        from transformers.utils.chat_template_utils import _compile_jinja_template
 
         self.tok = tokenizer
         # A private copy without the truncation/padding some tokenizer.json files switch on: those
@@ -101,7 +101,9 @@ class ChatEncoder:
         # Control tokens typed inside a message would be parsed as real ones (prompt injection into the
         # turn structure); such records are rejected.
         specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
-        self._control = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+        self._control = (
+            re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+        )
         self.trims, self.eot = self._probe_template()
         # characters encoded per sample at most (None: all).  A token covers at most as many characters as its
         # vocabulary string has (a byte-level string has one per byte), so max_length tokens lie in the first half.
@@ -111,7 +113,9 @@ class ChatEncoder:
     def _render(self, messages) -> str:
         """Template.render(messages=..., **variables), without its per-call copy of the globals."""
         t = self._template
-        context = new_context(t.environment, t.name, t.blocks, dict(self._variables, messages=messages), False, self._globals)
+        context = new_context(
+            t.environment, t.name, t.blocks, dict(self._variables, messages=messages), False, self._globals
+        )
         return t.environment.concat(t.root_render_func(context))
 
     def _probe_template(self) -> tuple[bool, str]:
@@ -137,7 +141,8 @@ class ChatEncoder:
         for m in messages:
             if control is not None and control.search(m["content"]):
                 raise RecordError(
-                    "control_token_in_text", f"a {m['role']} turn contains the control token {control.search(m['content']).group()!r}"
+                    "control_token_in_text",
+                    f"a {m['role']} turn contains the control token {control.search(m['content']).group()!r}",
                 )
             if m["role"] == "assistant" and m.get("train", True):
                 swapped.append({"role": "assistant", "content": f"{start}{len(contents)}{_END}"})
@@ -185,7 +190,11 @@ class ChatEncoder:
         text's bounds in them ([n + 1]): from the ids alone where fastencode vouches for it, else from the
         encoder's own offsets."""
         fast = self._fast.encode(texts) if self._fast is not None and texts else None
-        return fast if fast is not None else fastencode.flat_arrays(self.backend.encode_batch(texts, add_special_tokens=False))
+        return (
+            fast
+            if fast is not None
+            else fastencode.flat_arrays(self.backend.encode_batch(texts, add_special_tokens=False))
+        )
 
     def _batch_arrays(self, good: list[tuple[str, list]], encoded: tuple) -> list[tuple]:
         """Per record (ids, offsets, loss mask or None), split and masked for the whole batch at once
@@ -200,15 +209,20 @@ class ChatEncoder:
         cap = self.max_chars
         short = (lengths <= cap).tolist() if cap else [True] * n
         at = base.tolist()
-        ranges = [(a + at[i], b + at[i]) for i, (text, spans) in enumerate(good) if short[i]
-                  for a, b in self._ranges(text, spans)]
+        ranges = [
+            (a + at[i], b + at[i])
+            for i, (text, spans) in enumerate(good)
+            if short[i]
+            for a, b in self._ranges(text, spans)
+        ]
         glob = offsets.astype(np.int64) + np.repeat(base[:-1], np.diff(bounds))[:, None]
         mask = _inside(glob, ranges)
         cut = bounds.tolist()
         return [(ids[a:b], offsets[a:b], mask[a:b] if ok else None) for a, b, ok in zip(cut, cut[1:], short)]
 
-    def _finish(self, text: str, spans: list[tuple[int, int]], ids: np.ndarray, offsets: np.ndarray,
-                mask: np.ndarray | None) -> Encoded | RecordError:
+    def _finish(
+        self, text: str, spans: list[tuple[int, int]], ids: np.ndarray, offsets: np.ndarray, mask: np.ndarray | None
+    ) -> Encoded | RecordError:
         n, size = self.max_length, f"{len(ids)} tokens"
         if self.max_chars and len(text) > self.max_chars:  # only the start was encoded
             if len(ids) > n and offsets[n - 1, 1] <= self.max_chars // 2:

@@ -3,6 +3,7 @@
 Errors a user can cause print one sentence and exit 1 (2 for usage errors); --debug
 shows the traceback.
 """
+
 from __future__ import annotations
 
 import functools
@@ -118,8 +119,18 @@ def _strategy_options(fn):
 
 
 CONFIG_HELP = "JSON, TOML or YAML file of settings (field names, dashes or underscores); flags override it."
-STRATEGY_FIELDS = ("eta", "threshold", "reference_model", "reference_mode", "base_model", "score_batch_tokens",
-                   "compressor_model", "semantic_encoder", "tfidf_unit", "tfidf_token_pattern")
+STRATEGY_FIELDS = (
+    "eta",
+    "threshold",
+    "reference_model",
+    "reference_mode",
+    "base_model",
+    "score_batch_tokens",
+    "compressor_model",
+    "semantic_encoder",
+    "tfidf_unit",
+    "tfidf_token_pattern",
+)
 
 
 def _explicit(ctx: click.Context) -> set[str]:
@@ -135,12 +146,21 @@ def _strategy_list(text: str) -> list[str]:
 @click.argument("inputs", nargs=-1)
 @field("out", metavar="DIR")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--strategy", default=",".join(field_default(BuildConfig, "strategies")), show_default=True,
-              help="Importance strategies, comma-separated (built in: tfidf, reference, semantic).")
+@click.option(
+    "--strategy",
+    default=",".join(field_default(BuildConfig, "strategies")),
+    show_default=True,
+    help="Importance strategies, comma-separated (built in: tfidf, reference, semantic).",
+)
 @field("num_groups")
 @field("tokenizer", metavar="NAME")
 @field("format", "--format", type=click.Choice(FORMATS))
-@click.option("--field-map", default="", metavar="MAP", help="Rename fields: canonical=name in your data, e.g. 'instruction=question,output=answer'.")
+@click.option(
+    "--field-map",
+    default="",
+    metavar="MAP",
+    help="Rename fields: canonical=name in your data, e.g. 'instruction=question,output=answer'.",
+)
 @field("split")
 @field("max_length")
 @field("overflow", type=click.Choice(["truncate", "drop"]))
@@ -156,22 +176,33 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
 
     values = load_config_file(config_file, BuildConfig) if config_file else {}
     given = _explicit(ctx)
-    flags = {**opts, "inputs": list(inputs), "strategies": _strategy_list(strategy),
-             "field_map": parse_field_map(field_map) if field_map else {}, "progress": not quiet}
+    flags = {
+        **opts,
+        "inputs": list(inputs),
+        "strategies": _strategy_list(strategy),
+        "field_map": parse_field_map(field_map) if field_map else {},
+        "progress": not quiet,
+    }
     source = {"strategies": "strategy", "progress": "quiet"}
     for key, value in flags.items():
         if key not in values or source.get(key, key) in given:
             values[key] = value
     manifest, wrote = run(BuildConfig(**values))
     t, where = manifest["totals"], safe_text(str(values["out"]))
-    what = (f"{t['records_written']} records ({t['tokens']} tokens, {t['loss_tokens']} supervised) "
-            f"in {len(manifest['shards'])} shard(s)")
+    what = (
+        f"{t['records_written']} records ({t['tokens']} tokens, {t['loss_tokens']} supervised) "
+        f"in {len(manifest['shards'])} shard(s)"
+    )
     rejected = f"rejected {t['records_rejected']}" + (
-        f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if t["records_rejected"] else "")
+        f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if t["records_rejected"] else ""
+    )
     if t.get("truncated"):
         rejected += f"; truncated {t['truncated']} to --max-length {manifest['params']['max_length']}"
-    click.echo(f"Wrote {what} to {where}; {rejected}." if wrote else
-               f"Nothing written: {where} already holds this build, {what}; {rejected}.")
+    click.echo(
+        f"Wrote {what} to {where}; {rejected}."
+        if wrote
+        else f"Nothing written: {where} already holds this build, {what}; {rejected}."
+    )
 
 
 # what a `score` config file may set (the build's other settings are fixed by the build)
@@ -180,7 +211,9 @@ SCORE_SETTINGS = (*STRATEGY_FIELDS, "strategies", "workers", "scheduler", "overw
 
 @main.command(epilog=SCORE_EXAMPLE)
 @click.argument("directory", type=click.Path())
-@click.option("--strategy", default=None, help="Strategies to add, comma-separated (built in: tfidf, reference, semantic).")
+@click.option(
+    "--strategy", default=None, help="Strategies to add, comma-separated (built in: tfidf, reference, semantic)."
+)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @_strategy_options
 @click.pass_context
@@ -192,7 +225,11 @@ def score(ctx, directory, strategy, config_file, quiet, **opts):
     skip = tuple(name for name in field_docs(BuildConfig) if name not in SCORE_SETTINGS)
     from_file = load_config_file(config_file, BuildConfig, skip=skip) if config_file else {}
     values, given = dict(from_file), _explicit(ctx)
-    flags = {**opts, "progress": not quiet, **({"strategies": _strategy_list(strategy)} if strategy is not None else {})}
+    flags = {
+        **opts,
+        "progress": not quiet,
+        **({"strategies": _strategy_list(strategy)} if strategy is not None else {}),
+    }
     source = {"strategies": "strategy", "progress": "quiet"}
     for key, value in flags.items():
         if key not in values or source.get(key, key) in given:
@@ -203,16 +240,28 @@ def score(ctx, directory, strategy, config_file, quiet, **opts):
     # the build's own settings stay unless given here (eta and threshold apply to the new strategies)
     options = {k: values[k] for k in STRATEGY_FIELDS if k in given or k in from_file}
     options["trust_remote_code"] = values["trust_remote_code"]
-    manifest = run(directory, new, options, values["workers"], values["scheduler"], values["overwrite"], values["progress"])
-    click.echo(f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {safe_text(directory)}; "
-               f"strategies now: {', '.join(manifest['params']['strategies'])}.")
+    manifest = run(
+        directory, new, options, values["workers"], values["scheduler"], values["overwrite"], values["progress"]
+    )
+    click.echo(
+        f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {safe_text(directory)}; "
+        f"strategies now: {', '.join(manifest['params']['strategies'])}."
+    )
 
 
 @main.command(epilog=INSPECT_EXAMPLE)
 @click.argument("directory", type=click.Path())
-@click.option("--strategy", default=None, help="Strategies to show, comma-separated for side by side [default: the first one].")
+@click.option(
+    "--strategy", default=None, help="Strategies to show, comma-separated for side by side [default: the first one]."
+)
 @click.option("--sample", type=int, default=0, show_default=True, help="Row number of the sample shown in colour.")
-@click.option("--html", "html", type=click.Path(dir_okay=False), default=None, help="Also write an HTML page highlighting many samples.")
+@click.option(
+    "--html",
+    "html",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write an HTML page highlighting many samples.",
+)
 @click.option("--samples", type=int, default=50, show_default=True, help="How many samples the HTML page shows.")
 @click.option("--color/--no-color", default=None, help="Colour the terminal output [default: when it is a terminal].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)

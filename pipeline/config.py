@@ -7,11 +7,12 @@ object travels to the Dask workers (no untyped dict in between).  The flags of `
 read their defaults and help from this class (pipeline/cli.py), so each default is written once.
 Cost: none.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sftgo.core.config import check_fields
 from sftgo.grouping import registry
@@ -35,7 +36,8 @@ class BuildConfig:
     num_groups: int = 2
     """Number of groups. 2: top-eta vs rest. K > 2: K equal-size rank quantiles, K-1 most important."""
     threshold: str = "sample"
-    """sample: each sample's own top eta (rank quantiles); corpus: cut-offs are quantiles of every supervised token's score in the corpus."""
+    """sample: each sample's own top eta (rank quantiles); corpus: cut-offs are quantiles of every supervised token's
+    score in the corpus."""
     tokenizer: str | None = None
     """Tokenizer (hub id, local dir or .gguf); None = the embedded SmolLM2-135M-Instruct."""
     format: str = "auto"
@@ -79,7 +81,7 @@ class BuildConfig:
     progress: bool = True
     """Show a progress bar on stderr."""
 
-    def validate(self) -> "BuildConfig":
+    def validate(self) -> BuildConfig:
         check_fields(self)  # values from Python callers stay typed too
         if not self.inputs:
             raise ValueError("Give at least one INPUT file, folder or dataset name.")
@@ -91,8 +93,10 @@ class BuildConfig:
         if self.threshold not in THRESHOLDS:
             raise ValueError(f"--threshold must be sample or corpus, got {self.threshold!r}.")
         if not 2 <= self.num_groups <= MAX_GROUPS:
-            raise ValueError(f"--num-groups must be between 2 and {MAX_GROUPS} (group ids are stored as int8), "
-                             f"got {self.num_groups}.")
+            raise ValueError(
+                f"--num-groups must be between 2 and {MAX_GROUPS} (group ids are stored as int8), "
+                f"got {self.num_groups}."
+            )
         check_field_map(self.field_map)
         for name in MODEL_SETTINGS:  # recorded in the manifest, read again by inspect/score/train from anywhere
             setattr(self, name, absolute_if_local(getattr(self, name)))
@@ -102,7 +106,9 @@ class BuildConfig:
             raise ValueError(f"--overflow must be truncate or drop, got {self.overflow!r}.")
         if self.tfidf_unit not in ("word", "token"):
             raise ValueError(f"--tfidf-unit must be word or token, got {self.tfidf_unit!r}.")
-        find_terms("", [], self.tfidf_token_pattern)  # a bad regex is refused here in one sentence, not as a worker failure
+        find_terms(
+            "", [], self.tfidf_token_pattern
+        )  # a bad regex is refused here in one sentence, not as a worker failure
         if self.reference_mode not in ("loss", "excess"):
             raise ValueError(f"--reference-mode must be loss or excess, got {self.reference_mode!r}.")
         if self.reference_mode == "excess" and not self.base_model:
@@ -114,7 +120,9 @@ class BuildConfig:
         if self.workers < 1:
             raise ValueError("--workers must be at least 1.")
         if self.format not in FORMATS:
-            raise ValueError(f"Unknown --format {self.format!r}; choose auto, alpaca, messages, sharegpt or prompt_completion.")
+            raise ValueError(
+                f"Unknown --format {self.format!r}; choose auto, alpaca, messages, sharegpt or prompt_completion."
+            )
         return self
 
     def strategy_objects(self) -> list:
@@ -144,16 +152,23 @@ def check_field_map(field_map: dict[str, str]) -> None:
     """The checks --field-map gets, for a field map from a config file or a Python caller too."""
     for canonical, name in field_map.items():
         if canonical not in CANONICAL_FIELDS:
-            raise ValueError(f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}.")
+            raise ValueError(
+                f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}."
+            )
         if not name.strip():
             raise ValueError(f"Field map gives field '{canonical}' an empty name.")
 
 
 # settings that only one strategy reads: (field, the strategy that uses it)
 STRATEGY_SETTINGS = (
-    ("reference_model", "reference"), ("reference_mode", "reference"), ("base_model", "reference"),
-    ("score_batch_tokens", "reference"), ("compressor_model", "semantic"), ("semantic_encoder", "semantic"),
-    ("tfidf_unit", "tfidf"), ("tfidf_token_pattern", "tfidf"),
+    ("reference_model", "reference"),
+    ("reference_mode", "reference"),
+    ("base_model", "reference"),
+    ("score_batch_tokens", "reference"),
+    ("compressor_model", "semantic"),
+    ("semantic_encoder", "semantic"),
+    ("tfidf_unit", "tfidf"),
+    ("tfidf_token_pattern", "tfidf"),
 )
 
 
@@ -162,8 +177,11 @@ def ignored_settings(cfg: BuildConfig, strategies: list[str]) -> list[str]:
     defaults = BuildConfig()
     changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    notes = [f"{flag(name)} is ignored: it applies to the {used} strategy, which this run does not score."
-             for name, used in STRATEGY_SETTINGS if name in changed and used not in strategies]
+    notes = [
+        f"{flag(name)} is ignored: it applies to the {used} strategy, which this run does not score."
+        for name, used in STRATEGY_SETTINGS
+        if name in changed and used not in strategies
+    ]
     if "base_model" in changed and "reference" in strategies and cfg.reference_mode != "excess":
         notes.append("--base-model is ignored: it is read only with --reference-mode excess.")
     if "semantic_encoder" in changed and "semantic" in strategies and cfg.compressor_model:
@@ -173,7 +191,9 @@ def ignored_settings(cfg: BuildConfig, strategies: list[str]) -> list[str]:
     if "workers" in changed and cfg.scheduler:
         notes.append(f"--workers is ignored: the cluster at --scheduler {cfg.scheduler} runs with its own workers.")
     if "eta" in changed and cfg.num_groups > 2:
-        notes.append(f"--eta is ignored: --num-groups {cfg.num_groups} makes equal quantiles (eta sets group 1 of two).")
+        notes.append(
+            f"--eta is ignored: --num-groups {cfg.num_groups} makes equal quantiles (eta sets group 1 of two)."
+        )
     return notes
 
 

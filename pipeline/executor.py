@@ -7,13 +7,14 @@ in the driver as TaskError with the worker's one-line message.
 Cost: a local cluster starts in a few seconds (each worker is a fresh Python process
 that imports the pipeline once, then keeps its tokenizer across tasks).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -153,8 +154,10 @@ def _no_workers_since(c, since: float | None, desc: str, done: int, total: int) 
         return None
     now = time.monotonic()
     if since is not None and now - since > NO_WORKERS_S:
-        raise TaskError(f"{desc} stopped: the Dask cluster has had no worker for {NO_WORKERS_S:.0f} s ({done} of "
-                        f"{total} tasks done); its workers died or never started.")
+        raise TaskError(
+            f"{desc} stopped: the Dask cluster has had no worker for {NO_WORKERS_S:.0f} s ({done} of "
+            f"{total} tasks done); its workers died or never started."
+        )
     return now if since is None else since
 
 
@@ -178,7 +181,9 @@ def gc_paused() -> Iterator[None]:
 def on_every_worker(c, fn: Callable, *args) -> list:
     """Start fn(*args) once on each worker without waiting; keep the returned futures alive until
     the work they prepare for is done."""
-    return [c.submit(fn, *args, pure=False, workers=[w], allow_other_workers=False) for w in c.scheduler_info()["workers"]]
+    return [
+        c.submit(fn, *args, pure=False, workers=[w], allow_other_workers=False) for w in c.scheduler_info()["workers"]
+    ]
 
 
 def result(fut, desc: str):

@@ -27,6 +27,7 @@ Every batch is checked as well: each text's tokens must add up to exactly its by
 encoder's own offsets from then on.
 Cost: plan reads the vocabulary once (O(vocabulary size)); encode is NumPy over the batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,15 +40,19 @@ import numpy as np
 _SPLITTERS = {"Split", "Digits", "Punctuation"}
 _KEEPING_SPLIT = {"Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"}
 _PROBES = [
-    "<|im_start|>user\nh\u00e9llo w\u00f6rld \U0001F600 \u65e5\u672c\u8a9e\u30c6\u30ad\u30b9\u30c8 x\u0301<|im_end|>\n",
-    "\u03a9\u2248\u00e7\u221a\u222b \U0001F3F3\ufe0f\u200d\U0001F308 \u2103 \u00a0\t\r\n   end  ",
+    "<|im_start|>user\nh\u00e9llo w\u00f6rld \U0001f600 \u65e5\u672c\u8a9e\u30c6\u30ad\u30b9\u30c8 x\u0301<|im_end|>\n",
+    "\u03a9\u2248\u00e7\u221a\u222b \U0001f3f3\ufe0f\u200d\U0001f308 \u2103 \u00a0\t\r\n   end  ",
     "  two  spaces, a tab\tand\nnew\n\nlines\u3000\u2028 caf\u00e9 na\u00efve \u0915\u094d\u0937 \U00010348\U0010fffd",
 ]
 
 
 def _byte_level_alphabet() -> frozenset[str]:
     """The 256 characters byte-level BPE writes its vocabulary in (GPT-2's bytes_to_unicode)."""
-    shown = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shown = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     hidden = [b for b in range(256) if b not in shown]
     return frozenset(map(chr, shown + [256 + i for i in range(len(hidden))]))
 
@@ -56,8 +61,11 @@ def _byte_level_pre(spec: dict | None) -> bool:
     steps = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec]
     levels = [s for s in steps if s and s.get("type") == "ByteLevel"]
     rest = [s for s in steps if s and s.get("type") != "ByteLevel"]
-    return (len(levels) == 1 and not levels[0].get("add_prefix_space")
-            and all(s.get("type") in _SPLITTERS and s.get("behavior", "Isolated") in _KEEPING_SPLIT for s in rest))
+    return (
+        len(levels) == 1
+        and not levels[0].get("add_prefix_space")
+        and all(s.get("type") in _SPLITTERS and s.get("behavior", "Isolated") in _KEEPING_SPLIT for s in rest)
+    )
 
 
 def _keeps_offsets(spec: dict | None) -> bool:
@@ -128,8 +136,9 @@ def flat_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ids (int32 [T]) and the encoder's own character offsets (int32 [T, 2]) of several Rust encodings
     laid end to end, and each encoding's bounds in them ([n + 1]): one Python tuple per token read."""
     ids, bounds = _ids(encodings)
-    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int32,
-                          count=2 * len(ids)).reshape(-1, 2)
+    offsets = np.fromiter(
+        chain.from_iterable(chain.from_iterable(e.offsets for e in encodings)), dtype=np.int32, count=2 * len(ids)
+    ).reshape(-1, 2)
     return ids, offsets, bounds
 
 
@@ -140,8 +149,12 @@ def _state(component) -> dict | None:
 def plan(backend) -> ByteOffsets | None:
     """The fast encode for this tokenizer, or None when its offsets do not follow from its ids."""
     model = backend.model
-    if (type(model).__name__ != "BPE" or model.byte_fallback or model.continuing_subword_prefix
-            or model.end_of_word_suffix):
+    if (
+        type(model).__name__ != "BPE"
+        or model.byte_fallback
+        or model.continuing_subword_prefix
+        or model.end_of_word_suffix
+    ):
         return None
     normalizer = _state(backend.normalizer)
     if normalizer is not None and normalizer.get("type") != "NFC":

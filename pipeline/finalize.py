@@ -12,6 +12,7 @@ Cost: fit reads each partition's small stats once; `--threshold corpus` adds one
 scores every partition (kept in staging, not recomputed) and holds every supervised score on
 one worker (4 bytes per token) for the exact quantile; the write pass is vectorised Arrow/NumPy.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,14 +42,20 @@ def fit_strategy(strategy, staging: str, indices: list[int], documents: int, fol
     return strategy.fit(tables, documents, folder)
 
 
-def fit_all(c, cfg, strategies: list, staging: str, indices: list[int], documents: int, folder: str) -> tuple[dict, dict]:
+def fit_all(
+    c, cfg, strategies: list, staging: str, indices: list[int], documents: int, folder: str
+) -> tuple[dict, dict]:
     """(artifacts, thresholds) by strategy name: corpus fits first, then corpus-wide cut-offs."""
-    artifacts = {s.name: executor.run_one(c, fit_strategy, s, staging, indices, documents, folder)
-                 for s in strategies if registry.fitted(s)}
+    artifacts = {
+        s.name: executor.run_one(c, fit_strategy, s, staging, indices, documents, folder)
+        for s in strategies
+        if registry.fitted(s)
+    }
     thresholds: dict[str, list[float]] = {}
     if cfg.threshold == "corpus":
-        executor.map_tasks(c, score_partition, [(i, strategies, staging, artifacts, folder) for i in indices],
-                           "score", cfg.progress)
+        executor.map_tasks(
+            c, score_partition, [(i, strategies, staging, artifacts, folder) for i in indices], "score", cfg.progress
+        )
         thresholds = executor.run_one(c, fit_thresholds, strategies, staging, indices, cfg.eta, cfg.num_groups)
     return artifacts, thresholds
 
@@ -58,8 +65,9 @@ def score_partition(index: int, strategies: list, staging: str, artifacts: dict,
     path = stage_path(staging, index, "scores.parquet")
     if not path.exists():
         staged = read_staged(staging, index)
-        table = pa.table({importance_column(s.name): s.importance(staged, artifacts.get(s.name, {}), folder)
-                          for s in strategies})
+        table = pa.table(
+            {importance_column(s.name): s.importance(staged, artifacts.get(s.name, {}), folder) for s in strategies}
+        )
         atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="lz4"))
     return index
 
@@ -73,13 +81,15 @@ def fit_thresholds(strategies: list, staging: str, indices: list[int], eta: floa
         scores = pq.read_table(stage_path(staging, i, "scores.parquet"))
         for s in strategies:
             values[s.name].append(scores[importance_column(s.name)].combine_chunks().flatten().to_numpy()[sup])
-    return {name: corpus_thresholds(np.concatenate(v) if v else np.zeros(0), eta, num_groups)
-            for name, v in values.items()}
+    return {
+        name: corpus_thresholds(np.concatenate(v) if v else np.zeros(0), eta, num_groups) for name, v in values.items()
+    }
 
 
 # ---------------------------------------------------------------- score + group + write (worker side)
-def group_values(scores: pa.ListArray, loss_mask: pa.ListArray, eta: float, num_groups: int,
-                 thresholds: list[float] | None) -> pa.ListArray:
+def group_values(
+    scores: pa.ListArray, loss_mask: pa.ListArray, eta: float, num_groups: int, thresholds: list[float] | None
+) -> pa.ListArray:
     """int8 group ids aligned with `scores` (same list offsets): per-sample ranks, or the corpus cut-offs."""
     offsets = loss_mask.offsets.to_numpy()
     flat_scores, flat_mask = scores.flatten().to_numpy(), loss_mask.flatten().to_numpy()
@@ -106,8 +116,16 @@ def write_shard(table: pa.Table, path) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=SHARD_COMPRESSION))
 
 
-def shard_table(base: pa.Table, staged: pa.Table, strategies: list, cfg, artifacts: dict, folder: str,
-                thresholds: dict, scores: pa.Table | None = None) -> pa.Table:
+def shard_table(
+    base: pa.Table,
+    staged: pa.Table,
+    strategies: list,
+    cfg,
+    artifacts: dict,
+    folder: str,
+    thresholds: dict,
+    scores: pa.Table | None = None,
+) -> pa.Table:
     """The shard: base columns, then importance_/group_ for each strategy, then the lengths.
 
     `base` holds id, input_ids, loss_mask, num_tokens, num_loss_tokens and may already hold
@@ -131,8 +149,17 @@ def shard_table(base: pa.Table, staged: pa.Table, strategies: list, cfg, artifac
     return pa.table(columns)
 
 
-def write_partition(index: int, cfg, strategies: list, staging: str, base_path: str | None, target: str,
-                    artifacts: dict, folder: str, thresholds: dict) -> dict:
+def write_partition(
+    index: int,
+    cfg,
+    strategies: list,
+    staging: str,
+    base_path: str | None,
+    target: str,
+    artifacts: dict,
+    folder: str,
+    thresholds: dict,
+) -> dict:
     """Worker task: score + group + write the shard of partition `index` to `target` (a build reads its
     base columns from the staged file, `score` from the existing shard at `base_path`)."""
     name = Path(target).name

@@ -29,6 +29,7 @@ system turn only first, no tool calls (a turn with a non-empty `tool_calls` or
 would train on a different conversation). Trailing user turns after the last assistant
 turn are kept (they are not supervised: loss masks cover assistant turns only).
 """
+
 from __future__ import annotations
 
 import operator
@@ -37,8 +38,19 @@ FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion")
 
 # Canonical field names a field map may rename.
 CANONICAL_FIELDS = (
-    "instruction", "input", "output", "system", "history", "messages", "conversations",
-    "prompt", "completion", "role", "content", "from", "value",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "role",
+    "content",
+    "from",
+    "value",
 )
 
 # Field-map names that live inside turns rather than at the top of a record.
@@ -47,9 +59,13 @@ _TURN_FIELDS = frozenset({"role", "content", "from", "value"})
 _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 _SHAREGPT_ROLES = {
     "system": "system",
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-    "model": "assistant", "chatgpt": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
 }
 _EMPTY: dict[str, str] = {}
 
@@ -236,7 +252,10 @@ def _content_parts(content, field: str) -> str:
             raise _wrong_type(f"{field}[{j}]", "a content part object", part)
         kind = part.get("type", "text")
         if kind != "text":
-            raise RecordError("unsupported_content", f"Field '{field}[{j}]' is a '{str(kind)[:40]}' part; only text parts are supported.")
+            raise RecordError(
+                "unsupported_content",
+                f"Field '{field}[{j}]' is a '{str(kind)[:40]}' part; only text parts are supported.",
+            )
         text = part.get("text")
         if type(text) is not str:
             raise _wrong_type(f"{field}[{j}].text", "a string", text)
@@ -295,7 +314,9 @@ def parse_field_map(spec: str) -> dict[str, str]:
         if not sep or not canonical or not name:
             raise ValueError(f"Field map entry '{item}' must look like canonical=name, e.g. instruction=question.")
         if canonical not in CANONICAL_FIELDS:
-            raise ValueError(f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}.")
+            raise ValueError(
+                f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}."
+            )
         if canonical in result:
             raise ValueError(f"Field map gives field '{canonical}' twice.")
         result[canonical] = name

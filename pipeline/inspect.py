@@ -15,6 +15,7 @@ Cost: reads every shard once to verify its checksum (sha256 at disk speed), then
 and length columns of every shard (column projection); decodes only the samples shown
 (the tokenizer named in the manifest is loaded).
 """
+
 from __future__ import annotations
 
 import html
@@ -25,11 +26,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from sftgo.core.text import safe_text as printable
 from sftgo.core import models
 from sftgo.core.fileio import atomic_write_text
 from sftgo.core.locks import LOCK, shared
-from sftgo.core.shards import MANIFEST, ShardError, group_column, importance_column, read_manifest, strategy_order, verify_build
+from sftgo.core.shards import (
+    MANIFEST,
+    ShardError,
+    group_column,
+    importance_column,
+    read_manifest,
+    strategy_order,
+    verify_build,
+)
+from sftgo.core.text import safe_text as printable
 from sftgo.grouping import registry
 
 ANSI = {-1: "\x1b[2m", 0: "\x1b[36m", 1: "\x1b[1;30;43m"}
@@ -111,7 +120,9 @@ def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
         eta = printable(manifest["strategies"][s].get("eta"))
         lines.append(f"Groups [{printable(s)}] (eta={eta}, of supervised tokens): {fracs or 'none'}")
     for (a, b), (inter, union) in overlap.items():
-        lines.append(f"Agreement {printable(a)} vs {printable(b)}: Jaccard of the important tokens {inter / max(union, 1):.3f}")
+        lines.append(
+            f"Agreement {printable(a)} vs {printable(b)}: Jaccard of the important tokens {inter / max(union, 1):.3f}"
+        )
     lines.append("Sample length (tokens):")
     lines += _histogram(np.concatenate(lengths) if lengths else np.zeros(0))
     return lines
@@ -144,7 +155,7 @@ def html_page(tok, rows: list[dict], shown: list[str], ks: dict, title: str) -> 
         "body{font-family:system-ui,sans-serif;margin:2em}",
         ".s{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:13px;border:1px solid #ddd;"
         "padding:.8em;margin:.3em 0 1.2em;border-radius:6px;line-height:1.6}",
-        ".row{display:grid;grid-template-columns:repeat(%d,minmax(0,1fr));gap:1em}" % len(shown),
+        f".row{{display:grid;grid-template-columns:repeat({len(shown)},minmax(0,1fr));gap:1em}}",
         ".legend span{padding:0 .4em;margin-right:1em}",
         "</style></head><body>",
         f"<h1>{title}</h1>",
@@ -156,7 +167,9 @@ def html_page(tok, rows: list[dict], shown: list[str], ks: dict, title: str) -> 
     ]
     for row in rows:
         pieces = _token_pieces(tok, row["input_ids"])
-        parts.append(f"<h3>{html.escape(printable(row['id']))} <small>({len(pieces)} tokens)</small></h3><div class='row'>")
+        parts.append(
+            f"<h3>{html.escape(printable(row['id']))} <small>({len(pieces)} tokens)</small></h3><div class='row'>"
+        )
         for s in shown:
             parts.append(f"<div><b>{html.escape(printable(s))}</b>{_html_tokens(pieces, row, s, ks[s])}</div>")
         parts.append("</div>")
@@ -189,7 +202,8 @@ def _build_owns(path: Path, manifest: dict, target: Path) -> str | None:
         return None
     name = target.relative_to(home).parts[0]
     artifacts = set(registry.artifacts_of(registry.names())) | {
-        a["path"] for e in manifest["strategies"].values() for a in e.values() if isinstance(a, dict) and "path" in a}
+        a["path"] for e in manifest["strategies"].values() for a in e.values() if isinstance(a, dict) and "path" in a
+    }
     owned = {MANIFEST, LOCK} | {s["path"] for s in manifest["shards"]} | artifacts
     if name in owned or name.startswith(".") or (name.startswith("shard-") and name.endswith(".parquet")):
         return name
@@ -200,8 +214,9 @@ def _check_html(path: Path, manifest: dict, html_path: str | None) -> None:
     """Refuse an --html path that is (or leads through symlinks to) a file or folder of the build."""
     owned = _build_owns(path, manifest, Path(html_path)) if html_path else None
     if owned:
-        raise ShardError(f"--html {html_path} points at {owned}, which the build in {path} owns; write the page "
-                         "elsewhere.")
+        raise ShardError(
+            f"--html {html_path} points at {owned}, which the build in {path} owns; write the page elsewhere."
+        )
 
 
 def _check_request(sample: int, samples: int, rows: int) -> None:
@@ -229,8 +244,14 @@ class InspectConfig:
     """Colour the terminal output; None = when it is a terminal."""
 
 
-def run(directory: str, strategy: str | None = None, sample: int = 0, html_path: str | None = None,
-        samples: int = 50, color: bool | None = None) -> str:
+def run(
+    directory: str,
+    strategy: str | None = None,
+    sample: int = 0,
+    html_path: str | None = None,
+    samples: int = 50,
+    color: bool | None = None,
+) -> str:
     """Text report; `strategy` names one or more (comma-separated) strategies to show side by side.
     Errors are a ShardError of one sentence, its data-derived text escaped like the report."""
     try:
@@ -240,8 +261,9 @@ def run(directory: str, strategy: str | None = None, sample: int = 0, html_path:
         raise ShardError(printable(exc)) from exc
 
 
-def _report(path: Path, strategy: str | None, sample: int, html_path: str | None, samples: int,
-            color: bool | None) -> str:
+def _report(
+    path: Path, strategy: str | None, sample: int, html_path: str | None, samples: int, color: bool | None
+) -> str:
     manifest, shown, rows = _verified(path, strategy)
     _check_request(sample, samples, rows)
     _check_html(path, manifest, html_path)
@@ -255,14 +277,19 @@ def _report(path: Path, strategy: str | None, sample: int, html_path: str | None
     ks = {s: manifest["strategies"][s].get("num_groups", 2) for s in shown}
     tok, _ = models.load_build_tokenizer(manifest["tokenizer"]["name"])  # without torch where it encodes alike
     if models.tokenizer_fingerprint(tok) != manifest["tokenizer"]["fingerprint"]:
-        raise ShardError(f"The tokenizer {manifest['tokenizer']['name']!r} available here differs from the one that built {path}.")
+        raise ShardError(
+            f"The tokenizer {manifest['tokenizer']['name']!r} available here differs from the one that built {path}."
+        )
     columns = ["id", "input_ids"] + [c(s) for s in shown for c in (group_column, importance_column)]
     if rows:
         row = _load_rows(path, manifest, columns, sample, 1)[0]
         legend = "important" if not color else f"{ANSI[1]}important{RESET} {ANSI[0]}rest{RESET} {ANSI[-1]}prompt{RESET}"
         for s in shown:
-            lines += ["", f"Sample {sample} ({printable(row['id'])}), groups by {printable(s)} [{legend}]:",
-                      colour_sample(tok, row, s, ks[s], color)]
+            lines += [
+                "",
+                f"Sample {sample} ({printable(row['id'])}), groups by {printable(s)} [{legend}]:",
+                colour_sample(tok, row, s, ks[s], color),
+            ]
     if html_path:
         page_rows = _load_rows(path, manifest, columns, 0, samples)
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ Returns the counts.  A partition already done is not redone.
 Cost: for tfidf, the chat template render and the Rust tokenizer (linear in text); model
 strategies add their forward passes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,6 +48,7 @@ def stage_path(staging: str, index: int, suffix: str) -> Path:
 
 def write_staged(staging: str, index: int, table: pa.Table) -> None:
     """Partition `index`'s staged table as one Arrow IPC record batch with LZ4-compressed buffers, atomically."""
+
     def write(tmp):
         options = pa.ipc.IpcWriteOptions(compression="lz4")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
@@ -111,7 +113,9 @@ def _encode(encoder: ChatEncoder, convs: list[list[dict]]) -> list:
             try:
                 out.append(encoder.encode_batch([conv])[0])
             except Exception as exc:
-                out.append(formats.RecordError("encode_error", f"The tokenizer failed on this record ({type(exc).__name__})."))
+                out.append(
+                    formats.RecordError("encode_error", f"The tokenizer failed on this record ({type(exc).__name__}).")
+                )
         return out
 
 
@@ -120,14 +124,29 @@ class _Accepted:
 
     def __init__(self, source: str):
         self.source = source
-        self.cols: dict[str, list] = {"id": [], "input_ids": [], "loss_mask": [], "text": [], "spans": [], "offsets": []}
+        self.cols: dict[str, list] = {
+            "id": [],
+            "input_ids": [],
+            "loss_mask": [],
+            "text": [],
+            "spans": [],
+            "offsets": [],
+        }
         self.rejects: list[dict] = []
         self.truncated = 0
 
     def reject(self, rid: str, item: readers.Item, reason: str, detail: str) -> None:
         safe = readers.escape_surrogates
-        self.rejects.append({"id": safe(rid), "source": safe(self.source), "row": item.row, "reason": reason,
-                             "detail": safe(detail), "raw": readers.raw_text(item)})
+        self.rejects.append(
+            {
+                "id": safe(rid),
+                "source": safe(self.source),
+                "row": item.row,
+                "reason": reason,
+                "detail": safe(detail),
+                "raw": readers.raw_text(item),
+            }
+        )
 
     def encode(self, encoder: ChatEncoder, pending: list[tuple[str, readers.Item, list[dict]]]) -> None:
         for (rid, item, _), enc in zip(pending, _encode(encoder, [conv for _, _, conv in pending])):
@@ -175,9 +194,14 @@ def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, l
     out.encode(encoder, pending)
     out.rejects.sort(key=lambda r: r["row"])
     counts = {
-        "index": part.index, "source": part.source, "records_in": rows_in, "written": len(out.cols["id"]),
+        "index": part.index,
+        "source": part.source,
+        "records_in": rows_in,
+        "written": len(out.cols["id"]),
         "rejected": dict(sorted(Counter(r["reason"] for r in out.rejects).items())),
-        "truncated": out.truncated, "blank_lines": part.blank_lines, "field_map_hits": dict(sorted(hits.items())),
+        "truncated": out.truncated,
+        "blank_lines": part.blank_lines,
+        "field_map_hits": dict(sorted(hits.items())),
     }
     return out.cols, out.rejects, counts
 
@@ -214,7 +238,9 @@ def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], 
     for strategy in strategies:
         if registry.fitted(strategy):
             stats = strategy.partition_stats(table)
-            atomic_write(stage_path(staging, index, stats_suffix(strategy.name)), lambda p: pq.write_table(stats, p))
+            atomic_write(
+                stage_path(staging, index, stats_suffix(strategy.name)), lambda p, stats=stats: pq.write_table(stats, p)
+            )
     lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects)
     atomic_write_text(stage_path(staging, index, "rejects.jsonl"), lines)
     atomic_write_text(stage_path(staging, index, "json"), json.dumps(counts, sort_keys=True))
@@ -230,14 +256,19 @@ def _staged_counts(path, part: readers.Partition) -> dict | None:
         counts = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    whole = (isinstance(counts, dict) and counts.get("index") == part.index and counts.get("source") == part.source
-             and all(type(counts.get(k)) is int and counts[k] >= 0 for k in _COUNT_KEYS)
-             and all(isinstance(counts.get(k), dict) for k in ("rejected", "field_map_hits")))
+    whole = (
+        isinstance(counts, dict)
+        and counts.get("index") == part.index
+        and counts.get("source") == part.source
+        and all(type(counts.get(k)) is int and counts[k] >= 0 for k in _COUNT_KEYS)
+        and all(isinstance(counts.get(k), dict) for k in ("rejected", "field_map_hits"))
+    )
     return counts if whole else None
 
 
-def prepare_partition(part: readers.Partition, cfg, strategies: list, tokenizer: str, staging: str,
-                      light: bool = False) -> dict:
+def prepare_partition(
+    part: readers.Partition, cfg, strategies: list, tokenizer: str, staging: str, light: bool = False
+) -> dict:
     done = stage_path(staging, part.index, "json")
     if done.exists():
         counts = _staged_counts(done, part)

@@ -26,6 +26,7 @@ arrays and CSV files, which are parsed whole (cached per worker process).  The
 per-record check is two C-speed scans of a JSONL line plus a size check per JSON object
 (duplicate names), linear in the record's size; records from other formats are walked once.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -35,9 +36,10 @@ import json
 import re
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from sftgo.core.errors import SftgoError
 
@@ -127,8 +129,10 @@ def _expand(inp: str, split: str) -> list[tuple[str, str, str]]:
         return _folder_files(inp, path, split)
     if path.is_file():
         if path.suffix.lower() not in DATA_SUFFIXES:
-            raise InputError(f"Input {inp} has an unsupported extension; use .jsonl, .ndjson, .json, .parquet or .csv "
-                             "(decompress compressed files first).")
+            raise InputError(
+                f"Input {inp} has an unsupported extension; use .jsonl, .ndjson, .json, .parquet or .csv "
+                "(decompress compressed files first)."
+            )
         return [(inp, str(path), _kind(path))]
     raise InputError(f"Input {inp} does not exist (for a hub dataset write hf:NAME).")
 
@@ -148,17 +152,25 @@ def _folder_files(inp: str, path: Path, split: str) -> list[tuple[str, str, str]
     _walk(path, found, unknown, hidden, set())
     compressed = [p for p in unknown if p.suffix.lower() in COMPRESSED]
     if compressed:  # data the user meant to give, in a form sftgo cannot read: not skippable
-        raise InputError(f"Folder {inp} holds {len(compressed)} compressed file(s) ({_listed(compressed, path)}), which "
-                         "sftgo does not read: decompress them (.jsonl, .ndjson, .json, .parquet or .csv).")
+        raise InputError(
+            f"Folder {inp} holds {len(compressed)} compressed file(s) ({_listed(compressed, path)}), which "
+            "sftgo does not read: decompress them (.jsonl, .ndjson, .json, .parquet or .csv)."
+        )
     if not found:
         why = f" (it skips {_listed(hidden + unknown, path)})" if hidden or unknown else ""
         raise InputError(f"Folder {inp} holds no .jsonl, .json, .parquet or .csv files{why}.")
     if hidden:
-        print(f"Note: folder {escape_surrogates(inp)}: skipped {_listed(hidden, path)} (names starting with '.' are not read).",
-              file=sys.stderr)
+        print(
+            f"Note: folder {escape_surrogates(inp)}: skipped {_listed(hidden, path)} (names starting with '.' "
+            "are not read).",
+            file=sys.stderr,
+        )
     if unknown:  # a README, a licence, a script beside the data
-        print(f"Note: folder {escape_surrogates(inp)}: skipped {len(unknown)} file(s) of no data format "
-              f"({_listed(unknown, path)}); sftgo reads .jsonl, .ndjson, .json, .parquet and .csv.", file=sys.stderr)
+        print(
+            f"Note: folder {escape_surrogates(inp)}: skipped {len(unknown)} file(s) of no data format "
+            f"({_listed(unknown, path)}); sftgo reads .jsonl, .ndjson, .json, .parquet and .csv.",
+            file=sys.stderr,
+        )
     out = []
     for f, kind in found:
         if kind == "datasets":
@@ -221,7 +233,9 @@ def _hub_files(name: str, split: str) -> list[str]:
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:
-        raise InputError(f"Cannot load dataset {name!r} split {split!r} through datasets ({str(exc).splitlines()[0]}).") from None
+        raise InputError(
+            f"Cannot load dataset {name!r} split {split!r} through datasets ({str(exc).splitlines()[0]})."
+        ) from None
     return _dataset_files(ds, name, split)
 
 
@@ -419,7 +433,9 @@ def _csv_rows(path: str, text: str) -> list:
         except StopIteration:
             return out
         except csv.Error as exc:
-            out.append(_Bad("malformed_csv", f"The CSV row ending on line {reader.line_num} cannot be parsed ({exc}).", ""))
+            out.append(
+                _Bad("malformed_csv", f"The CSV row ending on line {reader.line_num} cannot be parsed ({exc}).", "")
+            )
             continue
         if not fields:
             out.append(_BLANK)
@@ -480,7 +496,9 @@ def _jsonl_item(row: int, line: bytes) -> Item:
     try:
         record = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
-        return Item(row, None, ("malformed_json", f"The line is not valid JSON ({exc.msg} at column {exc.colno})."), text)
+        return Item(
+            row, None, ("malformed_json", f"The line is not valid JSON ({exc.msg} at column {exc.colno})."), text
+        )
     except (ValueError, RecursionError) as exc:
         return Item(row, None, _value_fault(exc), text)
     # Only a line with many brackets can nest deep, and only a \uD8xx-\uDFxx escape makes a surrogate.
@@ -498,14 +516,20 @@ def check_record(value) -> tuple[str, str] | None:
         t = type(v)
         if t is str:
             if not v.isascii() and _SURROGATE.search(v):
-                return "invalid_unicode", f"Field '{_path_text(path)}' holds an unpaired surrogate or bytes that are not UTF-8."
+                return (
+                    "invalid_unicode",
+                    f"Field '{_path_text(path)}' holds an unpaired surrogate or bytes that are not UTF-8.",
+                )
         elif t is dict or t is list or t is tuple:
             if depth >= MAX_DEPTH:
                 return "too_deep", f"Field '{_path_text(path)}' is nested more than {MAX_DEPTH} levels deep."
-            for k, x in (v.items() if t is dict else enumerate(v)):
+            for k, x in v.items() if t is dict else enumerate(v):
                 if type(k) is str and not k.isascii() and _SURROGATE.search(k):
                     where = f"in '{_path_text(path)}'" if path else "of the record"
-                    return "invalid_unicode", f"A field name {where} holds an unpaired surrogate or bytes that are not UTF-8."
+                    return (
+                        "invalid_unicode",
+                        f"A field name {where} holds an unpaired surrogate or bytes that are not UTF-8.",
+                    )
                 stack.append((x, depth + 1, (path, k)))
     return None
 
@@ -587,5 +611,8 @@ def _table_row(table, i: int):
                 rendered[name] = None
     bad = bad or table.column_names[:1]
     reason = "invalid_utf8" if any(pa.types.is_string(table.schema.field(n).type) for n in bad) else "unreadable_row"
-    detail = f"Field '{escape_surrogates(str(bad[0])[:40])}' cannot be read (bytes that are not UTF-8 or an unsupported value)."
+    detail = (
+        f"Field '{escape_surrogates(str(bad[0])[:40])}' cannot be read (bytes that are not UTF-8 or an "
+        "unsupported value)."
+    )
     return _Bad(reason, detail, json.dumps(rendered, ensure_ascii=False, default=str))

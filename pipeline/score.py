@@ -20,6 +20,7 @@ Trust: the build is read like every reader reads one (core.shards.verify_build),
 must hold every BuildConfig setting, each valid, before anything is computed from them.
 Cost: one read and one write of every shard plus the strategy's own scoring work.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,16 @@ from sftgo.core import models
 from sftgo.core.fileio import atomic_write_text, file_sha256, remove
 from sftgo.core.locks import exclusive
 from sftgo.core.shards import (
-    MANIFEST, ShardError, check_tokenizer, expected_columns, member_path, read_manifest, strategy_order, verify_build,
-    verify_shard, write_manifest,
+    MANIFEST,
+    ShardError,
+    check_tokenizer,
+    expected_columns,
+    member_path,
+    read_manifest,
+    strategy_order,
+    verify_build,
+    verify_shard,
+    write_manifest,
 )
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
@@ -85,7 +94,14 @@ def reconstruct(table: pa.Table, tok, shard: str) -> dict:
                 start = None
         offsets.append(off)
         spans.append(runs)
-    return {"id": table["id"].to_pylist(), "input_ids": ids, "loss_mask": masks, "text": texts, "offsets": offsets, "spans": spans}
+    return {
+        "id": table["id"].to_pylist(),
+        "input_ids": ids,
+        "loss_mask": masks,
+        "text": texts,
+        "offsets": offsets,
+        "spans": spans,
+    }
 
 
 def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: str, scoring: str, light: bool) -> dict:
@@ -114,20 +130,23 @@ def build_params(out: Path, manifest: dict) -> dict:
     """The build's own settings (manifest params): every BuildConfig setting present, nothing else,
     and each valid as if given on the command line; else one sentence naming the manifest."""
     params, known = manifest["params"], BuildConfig().params()
-    odd = [f"no 'params.{k}'" for k in known if k not in params] + [f"an unknown 'params.{k}'" for k in params
-                                                                     if k not in known]
+    odd = [f"no 'params.{k}'" for k in known if k not in params] + [
+        f"an unknown 'params.{k}'" for k in params if k not in known
+    ]
     if odd:
         raise ShardError(f"{out / MANIFEST} has {odd[0]} entry: it was edited or damaged.")
     try:
         BuildConfig(**params, out=str(out)).validate()
     except ValueError as exc:
-        raise ShardError(f"{out / MANIFEST} has params sftgo would refuse ({str(exc).rstrip('.')}): it was edited "
-                         "or damaged.") from None
+        raise ShardError(
+            f"{out / MANIFEST} has params sftgo would refuse ({str(exc).rstrip('.')}): it was edited or damaged."
+        ) from None
     return params
 
 
-def scoring_config(out: Path, manifest: dict, options: dict, workers: int, scheduler: str | None,
-                   progress: bool) -> BuildConfig:
+def scoring_config(
+    out: Path, manifest: dict, options: dict, workers: int, scheduler: str | None, progress: bool
+) -> BuildConfig:
     """The build's own settings, with the options given for the new strategies (typed, validated)."""
     values = dict(build_params(out, manifest))
     values.update(options)
@@ -135,8 +154,15 @@ def scoring_config(out: Path, manifest: dict, options: dict, workers: int, sched
     return BuildConfig(**values).validate()
 
 
-def request(out: Path, manifest: dict, new: list[str], options: dict, workers: int = 1, scheduler: str | None = None,
-            progress: bool = False) -> tuple[BuildConfig, dict]:
+def request(
+    out: Path,
+    manifest: dict,
+    new: list[str],
+    options: dict,
+    workers: int = 1,
+    scheduler: str | None = None,
+    progress: bool = False,
+) -> tuple[BuildConfig, dict]:
     """(config, key) of adding `new` with `options` to the build whose manifest is `manifest`; the key
     (written to .scoring/score.json) names this request for this build: a .scoring with another is stale."""
     cfg = scoring_config(out, manifest, options, workers, scheduler, progress)
@@ -177,8 +203,10 @@ def _check_work_folder(out: Path, scoring: Path) -> None:
     """DIR/.scoring, where it exists, is a folder of ours: not a symlink (nothing is read or moved from
     elsewhere) nor a file."""
     if scoring.is_symlink() or (scoring.exists() and not scoring.is_dir()):
-        raise ShardError(f"{scoring} is a symlink or a file, not the work folder `sftgo-prep score` keeps in {out}; "
-                         "remove it and run again.")
+        raise ShardError(
+            f"{scoring} is a symlink or a file, not the work folder `sftgo-prep score` keeps in {out}; "
+            "remove it and run again."
+        )
 
 
 def _clash(out: Path, manifest: dict, new: list[str], overwrite: bool) -> None:
@@ -187,8 +215,15 @@ def _clash(out: Path, manifest: dict, new: list[str], overwrite: bool) -> None:
         raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")
 
 
-def run(directory: str, new: list[str], options: dict, workers: int = 2, scheduler: str | None = None,
-        overwrite: bool = False, progress: bool = True) -> dict:
+def run(
+    directory: str,
+    new: list[str],
+    options: dict,
+    workers: int = 2,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Add strategies `new` to the build in `directory`; `options` overrides BuildConfig fields (eta, models)."""
     check_strategies(new)
     out = Path(directory)
@@ -219,8 +254,9 @@ def run(directory: str, new: list[str], options: dict, workers: int = 2, schedul
 
 
 # ---------------------------------------------------------------- a commit left by a killed run
-def _resume_commit(out: Path, scoring: Path, manifest: dict, new: list[str], options: dict,
-                   overwrite: bool) -> dict | None:
+def _resume_commit(
+    out: Path, scoring: Path, manifest: dict, new: list[str], options: dict, overwrite: bool
+) -> dict | None:
     """Finish the commit a killed `score` left in .scoring if it is this request's, for this build
     (`manifest`), complete and intact: the committed manifest.  Anything else is discarded with a note
     (None: score as usual), or refused in one sentence where discarding would lose a half-done commit."""
@@ -254,8 +290,11 @@ def _finished(out: Path, scoring: Path, manifest: dict, new: list[str], options:
     remove(scoring)
     if isinstance(marker, dict) and marker.get("new") == new and marker.get("params") == key["params"]:
         return verify_build(out, manifest)
-    print(f"Note: removed {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: what it held is "
-          "already in place.", file=sys.stderr)
+    print(
+        f"Note: removed {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: what it held is "
+        "already in place.",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -263,16 +302,22 @@ def _not_this_request(out: Path, scoring: Path, manifest: dict, staged: dict, ma
     """A pending commit of another request (or build, or none we know): discarded, unless it is this
     build's and already half moved into place (discarding it would leave the build half rewritten)."""
     names = marker.get("new") if isinstance(marker, dict) else None
-    ours = isinstance(names, list) and all(isinstance(n, str) for n in names) \
+    ours = (
+        isinstance(names, list)
+        and all(isinstance(n, str) for n in names)
         and marker.get("manifest_shards") == manifest["shards"]
+    )
     if ours and any(not (scoring / s["path"]).exists() for s in staged["shards"]):
-        raise ShardError(f"{out} is half-way through committing an earlier `sftgo-prep score --strategy "
-                         f"{','.join(names)}` with other settings; run that command again to finish it first.")
+        raise ShardError(
+            f"{out} is half-way through committing an earlier `sftgo-prep score --strategy "
+            f"{','.join(names)}` with other settings; run that command again to finish it first."
+        )
     return _discard(scoring, "it holds the commit of another request or of another build")
 
 
-def _pending_problem(out: Path, scoring: Path, manifest: dict, staged: dict, cfg: BuildConfig,
-                     new: list[str]) -> str | None:
+def _pending_problem(
+    out: Path, scoring: Path, manifest: dict, staged: dict, cfg: BuildConfig, new: list[str]
+) -> str | None:
     """Why the pending manifest `staged` is not the complete, intact result of this request on this
     build, or None: the same records and settings, the new strategies' entries, every file it lists."""
     added = {s: staged["strategies"].get(s) for s in new}
@@ -290,10 +335,13 @@ def _pending_problem(out: Path, scoring: Path, manifest: dict, staged: dict, cfg
 
 def _entry_matches(entry: dict, strategy, cfg: BuildConfig) -> bool:
     """A new strategy's manifest entry holds this request's settings and exactly its artifact files."""
-    want = json.loads(json.dumps({"eta": cfg.eta, "num_groups": cfg.num_groups, "threshold": cfg.threshold,
-                                  **strategy.params(cfg)}))
+    want = json.loads(
+        json.dumps({"eta": cfg.eta, "num_groups": cfg.num_groups, "threshold": cfg.threshold, **strategy.params(cfg)})
+    )
     files = [a.get("path") for a in entry.values() if isinstance(a, dict) and "path" in a]
-    return all(entry.get(k) == v for k, v in want.items()) and sorted(files) == sorted(registry.artifact_files(strategy))
+    return all(entry.get(k) == v for k, v in want.items()) and sorted(files) == sorted(
+        registry.artifact_files(strategy)
+    )
 
 
 def _files_problem(out: Path, scoring: Path, staged: dict, cfg: BuildConfig, new: list[str]) -> str | None:
@@ -327,8 +375,12 @@ def updated_manifest(manifest: dict, cfg: BuildConfig, added: dict, entries: lis
     for key in ("eta", "threshold", "num_groups"):
         params[key] = manifest["params"].get(key, params[key])
     old = manifest["strategies"]
-    return {**manifest, "params": params, "shards": entries,
-            "strategies": {s: added.get(s) or old[s] for s in cfg.strategies}}
+    return {
+        **manifest,
+        "params": params,
+        "shards": entries,
+        "strategies": {s: added.get(s) or old[s] for s in cfg.strategies},
+    }
 
 
 def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path, work: Path, light: bool) -> dict:
@@ -338,15 +390,38 @@ def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path
     shards = manifest["shards"]
     indices = list(range(len(shards)))
     with executor.client(cfg.workers, cfg.scheduler) as c:
-        executor.map_tasks(c, stage_shard, [(i, str(member_path(out, s["path"])), cfg, new, tok_location, str(work),
-                                             light) for i, s in enumerate(shards)], "score", cfg.progress)
-        artifacts, thresholds = fit_all(c, cfg, new, str(work), indices, manifest["totals"]["records_written"],
-                                        str(work))
+        executor.map_tasks(
+            c,
+            stage_shard,
+            [
+                (i, str(member_path(out, s["path"])), cfg, new, tok_location, str(work), light)
+                for i, s in enumerate(shards)
+            ],
+            "score",
+            cfg.progress,
+        )
+        artifacts, thresholds = fit_all(
+            c, cfg, new, str(work), indices, manifest["totals"]["records_written"], str(work)
+        )
         entries = executor.map_tasks(
-            c, write_partition,
-            [(i, cfg, new, str(work), str(member_path(out, s["path"])), str(member_path(work, s["path"])), artifacts,
-              str(work), thresholds) for i, s in enumerate(shards)],
-            "write", cfg.progress,
+            c,
+            write_partition,
+            [
+                (
+                    i,
+                    cfg,
+                    new,
+                    str(work),
+                    str(member_path(out, s["path"])),
+                    str(member_path(work, s["path"])),
+                    artifacts,
+                    str(work),
+                    thresholds,
+                )
+                for i, s in enumerate(shards)
+            ],
+            "write",
+            cfg.progress,
         )
     for name in [s["path"] for s in shards] + registry.artifacts_of(new):
         if member_path(work, name).exists():

@@ -9,4 +9,5 @@ Installed as one package (the repository keeps the folders at its top level):
   sftgo.trainer   `sftgo-train`: streaming, batching, objectives, the training step, the loop
 Imports flow one way: core <- grouping <- pipeline; core <- trainer.
 """
+
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Shared fixtures: the embedded tokenizer, small input files, and a CLI runner (real subprocess)."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,16 @@ def tiny_lm(tmp_path_factory, tokenizer):
 
         tok = tok or tokenizer
         torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                          tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        )
         path = tmp_path_factory.mktemp(f"tiny-lm-{seed}")
         LlamaForCausalLM(cfg).save_pretrained(path)
         tok.save_pretrained(path)
@@ -74,7 +82,9 @@ def cli(command: str, *args: str, cwd: Path | None = None, timeout: int = 300, c
         [str(BIN / command), *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout, env=env
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{command} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{command} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

@@ -1,4 +1,5 @@
 """Group ids from scores: top-eta per sample, K quantiles, deterministic ties."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """`sftgo-prep build` through run(): shards, manifest, accounting, round trips through other readers."""
+
 from __future__ import annotations
 
 import fcntl
@@ -14,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftgo.grouping.assign import assign_groups
 from sftgo.core import models
-from sftgo.pipeline.build import BuildError, run
-from sftgo.pipeline.config import BuildConfig
 from sftgo.core.fileio import file_sha256
 from sftgo.core.locks import LockedError
 from sftgo.core.shards import ShardError, read_manifest, verify_shards
+from sftgo.grouping.assign import assign_groups
+from sftgo.pipeline.build import BuildError, run
+from sftgo.pipeline.config import BuildConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_LINES = [
@@ -58,7 +59,15 @@ def built(tmp_path_factory, dask_scheduler):
     sharegpt = tmp / "sharegpt.parquet"
     pq.write_table(
         pa.Table.from_pylist(
-            [{"conversations": [{"from": "human", "value": f"Name river {i}."}, {"from": "gpt", "value": f"The Oriel {i}."}]} for i in range(30)]
+            [
+                {
+                    "conversations": [
+                        {"from": "human", "value": f"Name river {i}."},
+                        {"from": "gpt", "value": f"The Oriel {i}."},
+                    ]
+                }
+                for i in range(30)
+            ]
         ),
         sharegpt,
     )
@@ -131,7 +140,9 @@ def test_columns_obey_the_schema(built):
     # groups are reproducible from the stored scores
     col = table["importance_tfidf"].combine_chunks()
     offsets = col.offsets.to_numpy()
-    again = assign_groups(col.flatten().to_numpy(), table["loss_mask"].combine_chunks().flatten().to_numpy(), offsets, 0.3)
+    again = assign_groups(
+        col.flatten().to_numpy(), table["loss_mask"].combine_chunks().flatten().to_numpy(), offsets, 0.3
+    )
     assert np.array_equal(again, table["group_tfidf"].combine_chunks().flatten().to_numpy())
 
 
@@ -140,7 +151,15 @@ def test_readable_by_datasets_pandas_duckdb(built):
     files = [str(out / s["path"]) for s in manifest["shards"]]
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
     assert len(ds) == manifest["totals"]["records_written"]
-    assert set(ds.column_names) >= {"id", "input_ids", "loss_mask", "importance_tfidf", "group_tfidf", "num_tokens", "num_loss_tokens"}
+    assert set(ds.column_names) >= {
+        "id",
+        "input_ids",
+        "loss_mask",
+        "importance_tfidf",
+        "group_tfidf",
+        "num_tokens",
+        "num_loss_tokens",
+    }
     df = pd.read_parquet(out / "shard-00000.parquet")
     assert len(df) == manifest["shards"][0]["rows"]
     tokens = duckdb.sql(f"SELECT sum(num_tokens) FROM read_parquet({files!r})").fetchall()[0][0]
@@ -177,8 +196,9 @@ def test_corrupted_and_foreign_shards_are_named(built, tmp_path):
 
 
 def small_cfg(tmp_path, scheduler: str | None, **kw) -> BuildConfig:
-    return BuildConfig(inputs=[str(ROOT / "data/alpaca.jsonl")], out=str(tmp_path / "o"), scheduler=scheduler, progress=False,
-                       **kw)
+    return BuildConfig(
+        inputs=[str(ROOT / "data/alpaca.jsonl")], out=str(tmp_path / "o"), scheduler=scheduler, progress=False, **kw
+    )
 
 
 def test_rebuild_refusals_and_drop_policy(tmp_path, dask_scheduler):
@@ -186,7 +206,11 @@ def test_rebuild_refusals_and_drop_policy(tmp_path, dask_scheduler):
     manifest, _ = run(cfg)
     assert manifest["rejected"].get("too_long", 0) > 0
     assert manifest["totals"]["truncated"] == 0
-    assert manifest["totals"]["records_in"] == 300 == manifest["totals"]["records_written"] + manifest["rejected"]["too_long"]
+    assert (
+        manifest["totals"]["records_in"]
+        == 300
+        == manifest["totals"]["records_written"] + manifest["rejected"]["too_long"]
+    )
     assert run(cfg) == (manifest, False)  # same parameters: nothing to do, nothing written
     with pytest.raises(BuildError, match="finished build with other parameters"):
         run(small_cfg(tmp_path, dask_scheduler, max_length=64, overflow="drop", eta=0.5))
@@ -232,15 +256,32 @@ def test_k_groups(tmp_path, dask_scheduler):
 
 
 def test_field_map_and_forced_format(tmp_path, write_jsonl, dask_scheduler):
-    src = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"Who built tower {i}?", "answer": f"Idris Pellow built tower {i}."} for i in range(12)])
-    cfg = BuildConfig(inputs=[str(src)], out=str(tmp_path / "o"), scheduler=dask_scheduler, progress=False, format="alpaca",
-                      field_map={"instruction": "question", "output": "answer"})
+    src = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [{"question": f"Who built tower {i}?", "answer": f"Idris Pellow built tower {i}."} for i in range(12)],
+    )
+    cfg = BuildConfig(
+        inputs=[str(src)],
+        out=str(tmp_path / "o"),
+        scheduler=dask_scheduler,
+        progress=False,
+        format="alpaca",
+        field_map={"instruction": "question", "output": "answer"},
+    )
     manifest, _ = run(cfg)
-    assert manifest["totals"]["records_written"] == 12 and manifest["params"]["field_map"] == {"instruction": "question", "output": "answer"}
-    with pytest.raises(BuildError, match="Wrote 0 records: 12 of 12 record.s. were rejected as missing_field; name your "
-                                         "fields with --field-map"):
-        run(BuildConfig(inputs=[str(src)], out=str(tmp_path / "p"), scheduler=dask_scheduler, progress=False,
-                        format="alpaca"))
+    assert manifest["totals"]["records_written"] == 12 and manifest["params"]["field_map"] == {
+        "instruction": "question",
+        "output": "answer",
+    }
+    with pytest.raises(
+        BuildError,
+        match="Wrote 0 records: 12 of 12 record.s. were rejected as missing_field; name your fields with --field-map",
+    ):
+        run(
+            BuildConfig(
+                inputs=[str(src)], out=str(tmp_path / "p"), scheduler=dask_scheduler, progress=False, format="alpaca"
+            )
+        )
 
 
 def test_a_known_tokenizer_is_not_loaded_in_the_driver(tokenizer, tmp_path, monkeypatch, dask_scheduler):
@@ -251,8 +292,13 @@ def test_a_known_tokenizer_is_not_loaded_in_the_driver(tokenizer, tmp_path, monk
     monkeypatch.setattr(models, "cache_root", lambda: tmp_path / "cache")
 
     def build(out):
-        cfg = BuildConfig(inputs=[str(ROOT / "data" / "alpaca.jsonl")], out=str(tmp_path / out), tokenizer=str(tok_dir),
-                          scheduler=dask_scheduler, progress=False)
+        cfg = BuildConfig(
+            inputs=[str(ROOT / "data" / "alpaca.jsonl")],
+            out=str(tmp_path / out),
+            tokenizer=str(tok_dir),
+            scheduler=dask_scheduler,
+            progress=False,
+        )
         return run(cfg)[0]
 
     assert not models.light_load_known(str(tok_dir))

@@ -1,6 +1,7 @@
 """Issue 10 items 2, 5, 8, 10, 11, 13: a build that does not do its job does not exit 0, config
 values keep their types, manifest paths stay inside the build directory, Dask stays quiet, and
 a kill between the manifest and the clean-up resumes with the same command (all real CLI runs)."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+
 
 def _shared():
     """tests/conftest.py's helpers (cli, write_jsonl) by path: `from conftest import` would find whichever
@@ -34,7 +36,9 @@ def _qa_csv(path, n=20):
 
 def test_zero_records_fails_with_the_fix(tmp_path, dask_scheduler):
     src = _qa_csv(tmp_path / "qa.csv")
-    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--scheduler", dask_scheduler, check=False)
+    proc = cli(
+        "sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--scheduler", dask_scheduler, check=False
+    )
     assert proc.returncode == 1
     err = proc.stderr.strip()
     assert err.count("\n") == 0, err
@@ -42,15 +46,36 @@ def test_zero_records_fails_with_the_fix(tmp_path, dask_scheduler):
     assert "--field-map instruction=question,output=answer" in err and "question, answer" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
     # the hinted fix works, with the same --out (nothing half-finished is left in the way)
-    cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--scheduler", dask_scheduler,
-        "--field-map", "instruction=question,output=answer")
+    cli(
+        "sftgo-prep",
+        "build",
+        src,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        "--scheduler",
+        dask_scheduler,
+        "--field-map",
+        "instruction=question,output=answer",
+    )
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["totals"]["records_written"] == 20
 
 
 def test_field_map_naming_no_field_is_an_error(tmp_path, dask_scheduler):
     src = _qa_csv(tmp_path / "qa.csv")
-    proc = cli("sftgo-prep", "build", src, "--out", tmp_path / "out", "--quiet", "--scheduler", dask_scheduler,
-               "--field-map", "instruction=question,output=anwser", check=False)
+    proc = cli(
+        "sftgo-prep",
+        "build",
+        src,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        "--scheduler",
+        dask_scheduler,
+        "--field-map",
+        "instruction=question,output=anwser",
+        check=False,
+    )
     assert proc.returncode == 1
     assert "anwser" in proc.stderr and "no record has a field" in proc.stderr
 
@@ -63,13 +88,16 @@ def test_rejections_dominating_warn_with_the_reason(tmp_path, dask_scheduler):
     assert "Warning: most records were rejected: 7 of 10 record(s) were rejected as unknown_format" in proc.stderr
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"trust_remote_code": "false"}', "Setting 'trust_remote_code' must be bool, not str \"false\"."),
-    ('{"eta": "0.3"}', "Setting 'eta' must be float, not str \"0.3\"."),
-    ('{"field_map": "a=b"}', "Setting 'field_map' must be dict"),
-    ('{"strategies": "tfidf"}', "Setting 'strategies' must be list"),
-    ('{"max_length": true}', "Setting 'max_length' must be int, not bool true."),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"trust_remote_code": "false"}', "Setting 'trust_remote_code' must be bool, not str \"false\"."),
+        ('{"eta": "0.3"}', "Setting 'eta' must be float, not str \"0.3\"."),
+        ('{"field_map": "a=b"}', "Setting 'field_map' must be dict"),
+        ('{"strategies": "tfidf"}', "Setting 'strategies' must be list"),
+        ('{"max_length": true}', "Setting 'max_length' must be int, not bool true."),
+    ],
+)
 def test_config_values_keep_their_types(tmp_path, text, message):
     config = tmp_path / "c.json"
     config.write_text(text)
@@ -81,26 +109,55 @@ def test_config_values_keep_their_types(tmp_path, text, message):
 
 def test_yaml_and_toml_configs(tmp_path, dask_scheduler):
     (tmp_path / "c.yaml").write_text("eta: 0.25\nstrategies: [tfidf]\nrows-per-shard: 200\ntrust_remote_code: false\n")
-    cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "y", "--config", tmp_path / "c.yaml", "--quiet",
-        "--scheduler", dask_scheduler)
+    cli(
+        "sftgo-prep",
+        "build",
+        "data/alpaca.jsonl",
+        "--out",
+        tmp_path / "y",
+        "--config",
+        tmp_path / "c.yaml",
+        "--quiet",
+        "--scheduler",
+        dask_scheduler,
+    )
     params = json.loads((tmp_path / "y" / "manifest.json").read_text())["params"]
     assert params["eta"] == 0.25 and params["rows_per_shard"] == 200
     (tmp_path / "c.yaml").write_text("trust_remote_code: 'no'\n")
-    proc = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "z", "--config", tmp_path / "c.yaml",
-               check=False)
+    proc = cli(
+        "sftgo-prep",
+        "build",
+        "data/alpaca.jsonl",
+        "--out",
+        tmp_path / "z",
+        "--config",
+        tmp_path / "c.yaml",
+        check=False,
+    )
     assert proc.returncode == 1 and "'trust_remote_code' must be bool" in proc.stderr
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, dask_scheduler):
     out = tmp_path_factory.mktemp("built") / "shards"
-    cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", out, "--quiet", "--rows-per-shard", "150",
-        "--scheduler", dask_scheduler)
+    cli(
+        "sftgo-prep",
+        "build",
+        "data/alpaca.jsonl",
+        "--out",
+        out,
+        "--quiet",
+        "--rows-per-shard",
+        "150",
+        "--scheduler",
+        dask_scheduler,
+    )
     return out
 
 
-@pytest.mark.parametrize("bad", ["../outside/shard-00000.parquet", "/tmp/shard-00000.parquet", "sub/shard-00000.parquet",
-                                 "link.parquet"])
+@pytest.mark.parametrize(
+    "bad", ["../outside/shard-00000.parquet", "/tmp/shard-00000.parquet", "sub/shard-00000.parquet", "link.parquet"]
+)
 def test_manifest_paths_cannot_leave_the_build(built, tmp_path, bad):
     out = tmp_path / "shards"
     shutil.copytree(built, out)
@@ -112,9 +169,11 @@ def test_manifest_paths_cannot_leave_the_build(built, tmp_path, bad):
     manifest["shards"][0]["path"] = bad
     (out / "manifest.json").write_text(json.dumps(manifest))
     before = (outside / "shard-00000.parquet").read_bytes()
-    for command in (["sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--quiet"],
-                    ["sftgo-prep", "inspect", out, "--no-color"],
-                    ["sftgo-train", "--data", out, "--out", tmp_path / "run", "--max-steps", "1", "--no-progress"]):
+    for command in (
+        ["sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--quiet"],
+        ["sftgo-prep", "inspect", out, "--no-color"],
+        ["sftgo-train", "--data", out, "--out", tmp_path / "run", "--max-steps", "1", "--no-progress"],
+    ):
         proc = cli(*command, check=False)
         assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
         assert "Error:" in proc.stderr and "refusing" in proc.stderr, proc.stderr
@@ -130,7 +189,10 @@ def test_kill_after_the_manifest_resumes_with_the_same_command(built, tmp_path):
     assert "already holds this build; nothing to do" in proc.stderr
     assert not (out / ".staging").exists()
     # the summary line says nothing was written, also when --quiet leaves it the only line
-    for run in (proc, cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", out, "--rows-per-shard", "150", "--quiet")):
+    for run in (
+        proc,
+        cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", out, "--rows-per-shard", "150", "--quiet"),
+    ):
         assert run.stdout.startswith(f"Nothing written: {out} already holds this build, ") and "Wrote" not in run.stdout
 
 
@@ -158,8 +220,17 @@ def test_worker_failure_is_one_sentence_and_busy_dashboard_port_is_silent(built,
         # a shard that passes the checks but whose rows cannot be decoded back: the worker fails
         table = pq.read_table(out / "shard-00000.parquet")
         assert table.num_rows
-        proc = cli("sftgo-prep", "score", out, "--strategy", "semantic", "--compressor-model", tmp_path / "nope",
-                   "--quiet", check=False)
+        proc = cli(
+            "sftgo-prep",
+            "score",
+            out,
+            "--strategy",
+            "semantic",
+            "--compressor-model",
+            tmp_path / "nope",
+            "--quiet",
+            check=False,
+        )
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: "), proc.stderr
         assert "Traceback" not in proc.stderr and "8787" not in proc.stderr + proc.stdout
@@ -168,13 +239,16 @@ def test_worker_failure_is_one_sentence_and_busy_dashboard_port_is_silent(built,
         sock.close()
 
 
-@pytest.mark.parametrize("damage, key", [
-    (lambda m: m.pop("totals"), "totals"),
-    (lambda m: m.__setitem__("shards", {"path": "shard-00000.parquet"}), "shards"),
-    (lambda m: m["shards"][0].__setitem__("rows", "150"), "shards"),
-    (lambda m: m["tokenizer"].pop("fingerprint"), "tokenizer"),
-    (lambda m: m.__setitem__("strategies", ["tfidf"]), "strategies"),
-])
+@pytest.mark.parametrize(
+    "damage, key",
+    [
+        (lambda m: m.pop("totals"), "totals"),
+        (lambda m: m.__setitem__("shards", {"path": "shard-00000.parquet"}), "shards"),
+        (lambda m: m["shards"][0].__setitem__("rows", "150"), "shards"),
+        (lambda m: m["tokenizer"].pop("fingerprint"), "tokenizer"),
+        (lambda m: m.__setitem__("strategies", ["tfidf"]), "strategies"),
+    ],
+)
 def test_a_damaged_manifest_is_one_sentence_for_every_command(built, tmp_path, damage, key):
     out = tmp_path / "shards"
     shutil.copytree(built, out)
@@ -182,9 +256,11 @@ def test_a_damaged_manifest_is_one_sentence_for_every_command(built, tmp_path, d
     damage(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))
     expected = f"has a missing or malformed '{key}' entry: it was edited or damaged."
-    for command in (["sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--quiet"],
-                    ["sftgo-prep", "inspect", out, "--no-color"],
-                    ["sftgo-train", "--data", out, "--out", tmp_path / "run", "--max-steps", "1", "--no-progress"]):
+    for command in (
+        ["sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--quiet"],
+        ["sftgo-prep", "inspect", out, "--no-color"],
+        ["sftgo-train", "--data", out, "--out", tmp_path / "run", "--max-steps", "1", "--no-progress"],
+    ):
         proc = cli(*command, check=False)
         assert proc.returncode == 1, (command, proc.stderr)
         assert proc.stderr.count("\n") == 1 and expected in proc.stderr, (command, proc.stderr)
@@ -198,19 +274,43 @@ def test_a_bad_manifest_is_refused_before_torch_or_a_tokenizer_loads(built, tmp_
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][0]["path"] = "../elsewhere.parquet"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    for module, args in (("sftgo.pipeline.cli", ["score", str(out), "--strategy", "tfidf", "--overwrite", "--quiet"]),
-                         ("sftgo.trainer.cli", ["--data", str(out), "--out", str(tmp_path / "run"), "--no-progress"])):
-        code = (f"import sys\nfrom {module} import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n"
-                "    print('exit', e.code)\nprint(sorted(m for m in ('torch', 'transformers', 'distributed') if m in sys.modules))")
+    for module, args in (
+        ("sftgo.pipeline.cli", ["score", str(out), "--strategy", "tfidf", "--overwrite", "--quiet"]),
+        ("sftgo.trainer.cli", ["--data", str(out), "--out", str(tmp_path / "run"), "--no-progress"]),
+    ):
+        code = (
+            f"import sys\nfrom {module} import main\ntry:\n    main({args!r})\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint(sorted(m for m in ('torch', 'transformers', 'distributed') if m "
+            "in sys.modules))"
+        )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert "refusing" in proc.stderr, (module, proc.stderr)
         assert proc.stdout.splitlines() == ["exit 1", "[]"], (module, proc.stdout, proc.stderr)
 
 
 def test_settings_nothing_reads_are_said_not_ignored(tmp_path, dask_scheduler):
-    proc = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "o", "--quiet", "--reference-model", "x",
-               "--tfidf-unit", "token", "--tfidf-token-pattern", "(?u)\\b\\w+\\b", "--num-groups", "3", "--eta", "0.2",
-               "--scheduler", dask_scheduler, "--workers", "1")
+    proc = cli(
+        "sftgo-prep",
+        "build",
+        "data/alpaca.jsonl",
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+        "--reference-model",
+        "x",
+        "--tfidf-unit",
+        "token",
+        "--tfidf-token-pattern",
+        "(?u)\\b\\w+\\b",
+        "--num-groups",
+        "3",
+        "--eta",
+        "0.2",
+        "--scheduler",
+        dask_scheduler,
+        "--workers",
+        "1",
+    )
     notes = [line for line in proc.stderr.splitlines() if line.startswith("Note: ")]
     assert notes == [
         "Note: --reference-model is ignored: it applies to the reference strategy, which this run does not score.",
@@ -218,5 +318,7 @@ def test_settings_nothing_reads_are_said_not_ignored(tmp_path, dask_scheduler):
         f"Note: --workers is ignored: the cluster at --scheduler {dask_scheduler} runs with its own workers.",
         "Note: --eta is ignored: --num-groups 3 makes equal quantiles (eta sets group 1 of two).",
     ]
-    quiet = cli("sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "p", "--quiet", "--scheduler", dask_scheduler)
+    quiet = cli(
+        "sftgo-prep", "build", "data/alpaca.jsonl", "--out", tmp_path / "p", "--quiet", "--scheduler", dask_scheduler
+    )
     assert "Note:" not in quiet.stderr

@@ -1,4 +1,5 @@
 """End to end: `sftgo-prep` as a user runs it, in a real subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,20 @@ def test_help_shows_examples(cli):
 
 def test_build_then_inspect(cli, tmp_path):
     out = tmp_path / "shards"
-    proc = cli("sftgo-prep", "build", ROOT / "data/alpaca.jsonl", ROOT / "data/chat.jsonl", "--out", out,
-               "--workers", "2", "--rows-per-shard", "250", "--rejects", tmp_path / "rej.jsonl")
+    proc = cli(
+        "sftgo-prep",
+        "build",
+        ROOT / "data/alpaca.jsonl",
+        ROOT / "data/chat.jsonl",
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--rows-per-shard",
+        "250",
+        "--rejects",
+        tmp_path / "rej.jsonl",
+    )
     assert re.search(r"Wrote 600 records \(\d+ tokens, \d+ supervised\) in 4 shard\(s\)", proc.stdout)
     assert "score+write" in proc.stderr  # progress bar
     manifest = json.loads((out / "manifest.json").read_text())
@@ -37,8 +50,11 @@ def test_build_then_inspect(cli, tmp_path):
 
 def test_config_file_and_flag_override(cli, tmp_path, dask_scheduler):
     cfg = tmp_path / "prep.json"
-    cfg.write_text(json.dumps({"inputs": [str(ROOT / "data/alpaca.jsonl")], "eta": 0.5, "max_length": 128,
-                               "scheduler": dask_scheduler}))
+    cfg.write_text(
+        json.dumps(
+            {"inputs": [str(ROOT / "data/alpaca.jsonl")], "eta": 0.5, "max_length": 128, "scheduler": dask_scheduler}
+        )
+    )
     cli("sftgo-prep", "build", "--config", cfg, "--out", tmp_path / "a", "--quiet")
     params = json.loads((tmp_path / "a/manifest.json").read_text())["params"]
     assert params["eta"] == 0.5 and params["max_length"] == 128
@@ -50,9 +66,15 @@ def test_config_file_and_flag_override(cli, tmp_path, dask_scheduler):
 def test_errors_are_one_sentence(cli, tmp_path):
     cases = [
         (["build", tmp_path / "nope.jsonl", "--out", tmp_path / "o"], "does not exist"),
-        (["build", ROOT / "data/alpaca.jsonl", "--out", tmp_path / "o", "--eta", "1.5"], "--eta must be between 0 and 1"),
+        (
+            ["build", ROOT / "data/alpaca.jsonl", "--out", tmp_path / "o", "--eta", "1.5"],
+            "--eta must be between 0 and 1",
+        ),
         (["build", ROOT / "data/alpaca.jsonl"], "output directory with --out"),
-        (["build", ROOT / "data/alpaca.jsonl", "--out", tmp_path / "o", "--tokenizer", "./no/such/dir"], "is not a local directory"),
+        (
+            ["build", ROOT / "data/alpaca.jsonl", "--out", tmp_path / "o", "--tokenizer", "./no/such/dir"],
+            "is not a local directory",
+        ),
         (["inspect", tmp_path], "has no manifest.json"),
     ]
     for args, message in cases:

@@ -1,6 +1,7 @@
 """One error type: every exception class the library raises for the user derives from SftgoError (and
 keeps its older parent, so `except ValueError` still catches it), and each CLI turns one into a single
 `Error:` line without a traceback."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,8 +16,14 @@ from sftgo.core.errors import SftgoError
 BIN = Path(sys.executable).parent
 INTERNAL = {"RecordError"}  # a per-record rejection: caught and counted by the pipeline, never shown alone
 OLD_PARENTS = {  # what each class was before SftgoError; `except <parent>` must still catch it
-    "ShardError": ValueError, "LockedError": RuntimeError, "ModelNotFound": ValueError, "CacheError": OSError,
-    "ConfigError": ValueError, "CheckpointError": ValueError, "TaskError": RuntimeError, "InputError": ValueError,
+    "ShardError": ValueError,
+    "LockedError": RuntimeError,
+    "ModelNotFound": ValueError,
+    "CacheError": OSError,
+    "ConfigError": ValueError,
+    "CheckpointError": ValueError,
+    "TaskError": RuntimeError,
+    "InputError": ValueError,
     "BuildError": RuntimeError,
 }
 
@@ -25,11 +32,18 @@ def user_error_classes() -> dict[str, type]:
     """Name -> class of every public exception class defined in a module of the library packages."""
     found = {}
     packages = [importlib.import_module(f"sftgo.{name}") for name in ("core", "grouping", "pipeline", "trainer")]
-    modules = [info.name for package in packages for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    modules = [
+        info.name for package in packages for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+    ]
     for module in map(importlib.import_module, modules):
         for name, obj in vars(module).items():
-            if isinstance(obj, type) and issubclass(obj, BaseException) and obj.__module__ == module.__name__ \
-                    and not name.startswith("_") and name not in INTERNAL:
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == module.__name__
+                and not name.startswith("_")
+                and name not in INTERNAL
+            ):
                 found[name] = obj
     return found
 

@@ -1,4 +1,5 @@
 """The quality experiment's data, metrics and report (experiments/quality_*.py), without training."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,11 @@ def test_every_fact_is_taught_and_asked_once_differently(data):
     assert len(facts) == len(data["questions"]) == len(data["heldout"])
     train_questions = {r["instruction"] for r in data["train"]}
     for q in data["questions"]:
-        taught = [r for r in data["train"] if (r["meta"]["entity"], r["meta"]["attribute"]) == (q["meta"]["entity"], q["meta"]["attribute"])]
+        taught = [
+            r
+            for r in data["train"]
+            if (r["meta"]["entity"], r["meta"]["attribute"]) == (q["meta"]["entity"], q["meta"]["attribute"])
+        ]
         assert len(taught) == 4
         assert all(q["meta"]["answer"] in r["output"] for r in taught)  # the value is in every training answer
         assert q["instruction"] not in train_questions  # the held-out phrasing is never trained on
@@ -67,18 +72,32 @@ def test_paired_difference_and_verdict():
     assert d["n"] == 3 and d["mean"] == pytest.approx(0.32 / 3) and d["std"] == pytest.approx(0.0115470, abs=1e-6)
     assert d["p"] == pytest.approx(0.00388, abs=1e-4)
     assert verdict(d) == "**better than sft, beyond the noise**"
-    assert verdict(paired({0: {"em": 0.5}, 1: {"em": 0.7}, 2: {"em": 0.7}}, b, "em")) == "within the noise"  # t = 4, p = 0.057
+    assert (
+        verdict(paired({0: {"em": 0.5}, 1: {"em": 0.7}, 2: {"em": 0.7}}, b, "em")) == "within the noise"
+    )  # t = 4, p = 0.057
     assert verdict({"n": 3, "mean": -0.05, "std": 0.1, "p": 0.5}) == "within the noise"
     assert verdict({"n": 3, "mean": -0.2, "std": 0.01, "p": 0.001}) == "**worse than sft, beyond the noise**"
 
 
 def _result(name, seed, em, study="main", **extra):
-    base = {"name": f"{name}-s{seed}", "seed": seed, "study": study, "em": em, "tf_acc": em, "answer_loss": 1 - em,
-            "rest_loss": 0.3, "ce": 0.4, "tokens": 1000, "steps": 10, "switch_rate": 0.2, "worst_is_important": 0.8,
-            "grad_norm_median": 2.5,
-            "group_loss": {s: [0.3, 0.6] for s in ("tfidf", "reference", "semantic")},
-            "train_group_loss": [[1.0, 2.0], [0.5, 0.7]],
-            "answers": [{"question": "Q?", "answer": "A", "generated": "A.", "hit": True}]}
+    base = {
+        "name": f"{name}-s{seed}",
+        "seed": seed,
+        "study": study,
+        "em": em,
+        "tf_acc": em,
+        "answer_loss": 1 - em,
+        "rest_loss": 0.3,
+        "ce": 0.4,
+        "tokens": 1000,
+        "steps": 10,
+        "switch_rate": 0.2,
+        "worst_is_important": 0.8,
+        "grad_norm_median": 2.5,
+        "group_loss": {s: [0.3, 0.6] for s in ("tfidf", "reference", "semantic")},
+        "train_group_loss": [[1.0, 2.0], [0.5, 0.7]],
+        "answers": [{"question": "Q?", "answer": "A", "generated": "A.", "hit": True}],
+    }
     base.update(extra)
     return base
 
@@ -86,19 +105,51 @@ def _result(name, seed, em, study="main", **extra):
 def test_report_has_every_section(tmp_path):
     runs = []
     for s in (0, 1, 2):
-        runs += [_result("sft", s, 0.5 + 0.01 * s), _result("sftgo-tfidf", s, 0.4), _result("sftgo-oracle", s, 0.6),
-                 _result("sftgo-tfidf-eta0.1", s, 0.45, "eta"), _result("sftgo-tfidf-lam0.5", s, 0.48, "lam")]
+        runs += [
+            _result("sft", s, 0.5 + 0.01 * s),
+            _result("sftgo-tfidf", s, 0.4),
+            _result("sftgo-oracle", s, 0.6),
+            _result("sftgo-tfidf-eta0.1", s, 0.45, "eta"),
+            _result("sftgo-tfidf-lam0.5", s, 0.48, "lam"),
+        ]
     runs += [_result("sft-lr0.001", 0, 0.3, "lr", lr=1e-3), _result("sftgo-tfidf-lr0.001", 0, 0.35, "lr", lr=1e-3)]
-    summary = {"settings": {"etas": "0.1,0.3", "lams": "0,0.5,0.9", "lr": 0.0003, "warmup": 2, "batch_tokens": 1024,
-                            "epochs": 2.0, "per_fact": 4},
-               "base": {"em": 0.0, "answer_loss": 4.6, "group_loss": {s: [2.0, 4.0] for s in ("tfidf", "reference", "semantic")}},
-               "runs": runs, "minutes": 1.0, "records": {"train": 180, "questions": 45, "heldout": 45},
-               "overlap": {"tfidf": {"recall": 0.75, "precision": 0.3}, "reference": {"recall": 0.5, "precision": 0.2},
-                           "semantic": {"recall": 0.7, "precision": 0.28}, "answer_share": 0.126}}
+    summary = {
+        "settings": {
+            "etas": "0.1,0.3",
+            "lams": "0,0.5,0.9",
+            "lr": 0.0003,
+            "warmup": 2,
+            "batch_tokens": 1024,
+            "epochs": 2.0,
+            "per_fact": 4,
+        },
+        "base": {
+            "em": 0.0,
+            "answer_loss": 4.6,
+            "group_loss": {s: [2.0, 4.0] for s in ("tfidf", "reference", "semantic")},
+        },
+        "runs": runs,
+        "minutes": 1.0,
+        "records": {"train": 180, "questions": 45, "heldout": 45},
+        "overlap": {
+            "tfidf": {"recall": 0.75, "precision": 0.3},
+            "reference": {"recall": 0.5, "precision": 0.2},
+            "semantic": {"recall": 0.7, "precision": 0.28},
+            "answer_share": 0.126,
+        },
+    }
     write_report(summary, tmp_path)
     md = (tmp_path / "QUALITY.md").read_text()
-    for heading in ("## Methods", "## How well each grouping", "## Held-out loss per group", "## η sweep", "## λ sweep",
-                    "## Learning-rate check", "## Worst-group switches and gradient noise", "## Examples"):
+    for heading in (
+        "## Methods",
+        "## How well each grouping",
+        "## Held-out loss per group",
+        "## η sweep",
+        "## λ sweep",
+        "## Learning-rate check",
+        "## Worst-group switches and gradient noise",
+        "## Examples",
+    ):
         assert heading in md
     assert "| sftgo · tfidf | 0.400 ± 0.000" in md and "**worse than sft, beyond the noise**" in md
     assert "| 0.1 | 0.450 ± 0.000" in md  # the eta sweep row, with eta 0.3 filled in from the main runs

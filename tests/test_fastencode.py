@@ -4,6 +4,7 @@ The oracle is `tokenizers`' encode_batch(...).offsets.  Besides the embedded Smo
 of it stand in for other tokenizer families: an NFC normalizer (Qwen), a Split + ByteLevel pre-tokenizer
 with a non-trimming ByteLevel post-processor (Llama 3), and the set-ups whose offsets do not follow from
 the ids (trimmed offsets, a prefix space, whitespace-stripping added tokens, other models)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,10 +19,40 @@ from tokenizers import AddedToken, Tokenizer
 from sftgo.pipeline import fastencode
 from sftgo.pipeline.chat import ChatEncoder
 
-PIECES = ["the", " river", "Stra\u00dfe", "\u0130stanbul", "\u039f\u0394\u039f\u03a3", "\u4e2d\u6587\u5b57", "\u00c9", " a",
-          "42,000", "\u2014", "\n\n", "  ", "\t", "na\u00efve", "x=1;", "\U0001F600", "\U0001F3F3\ufe0f\u200d\U0001F308",
-          "e\u0301", "\u212b", "\u0915\u094d\u0937", "\u00a0", "\u3000", "<|im_end|>", "<|im_start|>", "\r\n", "'s", "don't",
-          "\U00010348", "\u0651\u064e", "\ufeff", "   \n", "123456789"]
+PIECES = [
+    "the",
+    " river",
+    "Stra\u00dfe",
+    "\u0130stanbul",
+    "\u039f\u0394\u039f\u03a3",
+    "\u4e2d\u6587\u5b57",
+    "\u00c9",
+    " a",
+    "42,000",
+    "\u2014",
+    "\n\n",
+    "  ",
+    "\t",
+    "na\u00efve",
+    "x=1;",
+    "\U0001f600",
+    "\U0001f3f3\ufe0f\u200d\U0001f308",
+    "e\u0301",
+    "\u212b",
+    "\u0915\u094d\u0937",
+    "\u00a0",
+    "\u3000",
+    "<|im_end|>",
+    "<|im_start|>",
+    "\r\n",
+    "'s",
+    "don't",
+    "\U00010348",
+    "\u0651\u064e",
+    "\ufeff",
+    "   \n",
+    "123456789",
+]
 
 
 def random_texts(n: int, seed: int = 0) -> list[str]:
@@ -45,16 +76,19 @@ def assert_like_oracle(fast: fastencode.ByteOffsets, backend: Tokenizer, texts: 
     want_ids, want_offsets = oracle(backend, texts)
     assert ids.tolist() == want_ids and offsets.tolist() == want_offsets
     assert ids.dtype == np.int32 and offsets.dtype == np.int32 and offsets.shape == (len(ids), 2)
-    assert bounds.tolist() == np.cumsum([0] + [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]).tolist()
+    assert (
+        bounds.tolist()
+        == np.cumsum([0] + [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]).tolist()
+    )
 
 
 def test_offsets_from_ids_equal_the_encoders_on_any_text(tokenizer):
     backend = tokenizer.backend_tokenizer
     fast = fastencode.plan(backend)
     assert fast is not None
-    texts = random_texts(400) + ["", " ", "a", "\U0001F600"] + [t for t in random_texts(50, seed=1) if t.isascii()]
+    texts = random_texts(400) + ["", " ", "a", "\U0001f600"] + [t for t in random_texts(50, seed=1) if t.isascii()]
     for start in range(0, len(texts), 64):  # batches, some all-ASCII, some not
-        assert_like_oracle(fast, backend, texts[start:start + 64])
+        assert_like_oracle(fast, backend, texts[start : start + 64])
     ascii_only = ["plain ascii text, with  spaces\nand lines", "x=1; y = 2"]
     assert_like_oracle(fast, backend, ascii_only)
 
@@ -65,8 +99,11 @@ def test_chat_encoder_gives_the_same_with_and_without_the_fast_offsets(tokenizer
 
     lines = Path(__file__).resolve().parents[1].joinpath("data", "chat.jsonl").read_text().splitlines()[:200]
     convs = [to_messages(json.loads(line), "messages") for line in lines]
-    convs += [[{"role": "user", "content": a}, {"role": "assistant", "content": b}]
-              for a, b in zip(random_texts(100, seed=2), random_texts(100, seed=3)) if "<|im_" not in a + b]
+    convs += [
+        [{"role": "user", "content": a}, {"role": "assistant", "content": b}]
+        for a, b in zip(random_texts(100, seed=2), random_texts(100, seed=3))
+        if "<|im_" not in a + b
+    ]
     fast, slow = ChatEncoder(tokenizer, max_length=4096), ChatEncoder(tokenizer, max_length=4096)
     slow._fast = None
     assert fast._fast is not None
@@ -76,12 +113,29 @@ def test_chat_encoder_gives_the_same_with_and_without_the_fast_offsets(tokenizer
 
 
 def _llama3_like(spec: dict) -> None:
-    split = {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
-             "behavior": "Isolated", "invert": False}
-    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        split, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    spec["post_processor"] = {"type": "Sequence", "processors": [
-        {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}, spec["post_processor"]]}
+    split = {
+        "type": "Split",
+        "pattern": {
+            "Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| "
+            r"?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        },
+        "behavior": "Isolated",
+        "invert": False,
+    }
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            split,
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
+    spec["post_processor"] = {
+        "type": "Sequence",
+        "processors": [
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+            spec["post_processor"],
+        ],
+    }
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen"])
@@ -91,7 +145,12 @@ def test_other_byte_level_families_get_the_same_offsets(tokenizer, family):
             _llama3_like(spec)
         else:
             spec["normalizer"] = {"type": "NFC"}
-            spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+            spec["post_processor"] = {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": False,
+                "use_regex": False,
+            }
 
     backend = variant(tokenizer, change)
     fast = fastencode.plan(backend)
@@ -101,7 +160,7 @@ def test_other_byte_level_families_get_the_same_offsets(tokenizer, family):
     texts = random_texts(300, seed=4)
     nfc = [unicodedata.normalize("NFC", t) for t in texts]
     for start in range(0, len(nfc), 50):
-        assert_like_oracle(fast, backend, nfc[start:start + 50])
+        assert_like_oracle(fast, backend, nfc[start : start + 50])
     if family == "qwen":  # text the normaliser would change: not vouched for, the encoder's offsets are used
         assert fast.encode(["e\u0301 and \u212b"]) is None
         tok = copy.deepcopy(tokenizer)
@@ -109,21 +168,45 @@ def test_other_byte_level_families_get_the_same_offsets(tokenizer, family):
         tok.backend_tokenizer.post_processor = backend.post_processor
         enc = ChatEncoder(tok, max_length=4096)
         assert enc._fast is not None
-        conv = [{"role": "user", "content": "caf\u0065\u0301?"}, {"role": "assistant", "content": "\u212b and e\u0301 \U0001F600"}]
+        conv = [
+            {"role": "user", "content": "caf\u0065\u0301?"},
+            {"role": "assistant", "content": "\u212b and e\u0301 \U0001f600"},
+        ]
         got = enc.encode_batch([conv])[0]
         want = enc.backend.encode(got.text, add_special_tokens=False)
         assert got.input_ids.tolist() == want.ids and got.offsets.tolist() == [list(o) for o in want.offsets]
 
 
-@pytest.mark.parametrize("setup", ["trimmed offsets", "trimmed (Roberta)", "prefix space", "stripping added token",
-                                   "lowercase normalizer", "removing split", "whitespace split", "byte fallback"])
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "trimmed offsets",
+        "trimmed (Roberta)",
+        "prefix space",
+        "stripping added token",
+        "lowercase normalizer",
+        "removing split",
+        "whitespace split",
+        "byte fallback",
+    ],
+)
 def test_tokenizers_whose_offsets_do_not_follow_from_ids_keep_the_encoders(tokenizer, setup):
     def change(spec):
         if setup == "trimmed offsets":
-            spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+            spec["post_processor"] = {
+                "type": "ByteLevel",
+                "add_prefix_space": False,
+                "trim_offsets": True,
+                "use_regex": True,
+            }
         elif setup == "trimmed (Roberta)":
-            spec["post_processor"] = {"type": "RobertaProcessing", "sep": ["<|im_end|>", 2], "cls": ["<|im_start|>", 1],
-                                      "trim_offsets": True, "add_prefix_space": False}
+            spec["post_processor"] = {
+                "type": "RobertaProcessing",
+                "sep": ["<|im_end|>", 2],
+                "cls": ["<|im_start|>", 1],
+                "trim_offsets": True,
+                "add_prefix_space": False,
+            }
         elif setup == "prefix space":
             spec["pre_tokenizer"]["add_prefix_space"] = True
         elif setup == "stripping added token":
@@ -131,10 +214,18 @@ def test_tokenizers_whose_offsets_do_not_follow_from_ids_keep_the_encoders(token
         elif setup == "lowercase normalizer":
             spec["normalizer"] = {"type": "Lowercase"}
         elif setup == "removing split":
-            spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"String": "\n"}, "behavior": "Removed", "invert": False}, spec["pre_tokenizer"]]}
+            spec["pre_tokenizer"] = {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"String": "\n"}, "behavior": "Removed", "invert": False},
+                    spec["pre_tokenizer"],
+                ],
+            }
         elif setup == "whitespace split":  # drops the whitespace
-            spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, spec["pre_tokenizer"]]}
+            spec["pre_tokenizer"] = {
+                "type": "Sequence",
+                "pretokenizers": [{"type": "WhitespaceSplit"}, spec["pre_tokenizer"]],
+            }
         else:
             spec["model"]["byte_fallback"] = True
 
@@ -147,7 +238,7 @@ def test_tokenizers_whose_offsets_do_not_follow_from_ids_keep_the_encoders(token
     tok.backend_tokenizer.__setstate__(backend.__getstate__())
     enc = ChatEncoder(tok, max_length=4096)
     assert enc._fast is None
-    conv = [{"role": "user", "content": "  Hi there\n"}, {"role": "assistant", "content": " Fine, thanks. \U0001F600"}]
+    conv = [{"role": "user", "content": "  Hi there\n"}, {"role": "assistant", "content": " Fine, thanks. \U0001f600"}]
     got = enc.encode_batch([conv])[0]
     want = enc.backend.encode(got.text, add_special_tokens=False)
     assert got.input_ids.tolist() == want.ids and got.offsets.tolist() == [list(o) for o in want.offsets]
@@ -178,7 +269,11 @@ def test_a_batch_whose_tokens_miss_its_bytes_is_not_vouched_for(tokenizer):
 
 def test_added_tokens_are_placed_by_their_own_text(tokenizer):
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.add_tokens([AddedToken("caf\u00e9bar", special=False, normalized=False), AddedToken("<my\U0001F600tag>", special=True)])
+    backend.add_tokens(
+        [AddedToken("caf\u00e9bar", special=False, normalized=False), AddedToken("<my\U0001f600tag>", special=True)]
+    )
     fast = fastencode.plan(backend)
     assert fast is not None
-    assert_like_oracle(fast, backend, ["x caf\u00e9bar y <my\U0001F600tag>z", "<my\U0001F600tag><my\U0001F600tag>", "caf\u00e9bar"])
+    assert_like_oracle(
+        fast, backend, ["x caf\u00e9bar y <my\U0001f600tag>z", "<my\U0001f600tag><my\U0001f600tag>", "caf\u00e9bar"]
+    )

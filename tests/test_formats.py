@@ -1,9 +1,18 @@
 """pipeline.formats: every format, field maps, detection, and every rejection reason."""
+
 import pickle
 
 import pytest
 
-from sftgo.pipeline.formats import FORMATS, RecordError, detect_format, mapped_fields, parse_field_map, record_id, to_messages
+from sftgo.pipeline.formats import (
+    FORMATS,
+    RecordError,
+    detect_format,
+    mapped_fields,
+    parse_field_map,
+    record_id,
+    to_messages,
+)
 
 U, A, S = "user", "assistant", "system"
 
@@ -37,8 +46,14 @@ def test_alpaca_null_input_and_blank_system_are_dropped():
 
 def test_alpaca_history_becomes_earlier_turns():
     r = {"instruction": "And the third?", "output": "C", "history": [["First?", "A"], ("Second?", "B")]}
-    assert to_messages(r, "alpaca") == [m(U, "First?"), m(A, "A"), m(U, "Second?"), m(A, "B"),
-                                        m(U, "And the third?"), m(A, "C")]
+    assert to_messages(r, "alpaca") == [
+        m(U, "First?"),
+        m(A, "A"),
+        m(U, "Second?"),
+        m(A, "B"),
+        m(U, "And the third?"),
+        m(A, "C"),
+    ]
 
 
 @pytest.mark.parametrize("history", ["not a list", [["only question"]], [["q", 3]], ["qa"]])
@@ -106,10 +121,19 @@ def test_messages_under_conversations_key():
 
 # ---------------------------------------------------------------- sharegpt
 def test_sharegpt_roles_map():
-    conv = [{"from": "system", "value": "s"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
-            {"from": "user", "value": "q2"}, {"from": "bot", "value": "a2"}, {"from": "human", "value": "q3"},
-            {"from": "model", "value": "a3"}, {"from": "human", "value": "q4"}, {"from": "chatgpt", "value": "a4"},
-            {"from": "user", "value": "q5"}, {"from": "assistant", "value": "a5"}]
+    conv = [
+        {"from": "system", "value": "s"},
+        {"from": "human", "value": "q1"},
+        {"from": "gpt", "value": "a1"},
+        {"from": "user", "value": "q2"},
+        {"from": "bot", "value": "a2"},
+        {"from": "human", "value": "q3"},
+        {"from": "model", "value": "a3"},
+        {"from": "human", "value": "q4"},
+        {"from": "chatgpt", "value": "a4"},
+        {"from": "user", "value": "q5"},
+        {"from": "assistant", "value": "a5"},
+    ]
     out = to_messages({"conversations": conv}, "sharegpt")
     assert [x["role"] for x in out] == [S] + [U, A] * 5
     assert [x["content"] for x in out] == ["s", "q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4", "q5", "a5"]
@@ -144,16 +168,19 @@ def test_prompt_completion_wrong_type():
 
 
 # ---------------------------------------------------------------- detection
-@pytest.mark.parametrize("record, fmt", [
-    ({"messages": [m(U, "q"), m(A, "a")]}, "messages"),
-    ({"messages": [], "instruction": "x", "output": "y"}, "messages"),
-    ({"conversations": [{"from": "human", "value": "q"}]}, "sharegpt"),
-    ({"conversations": []}, "sharegpt"),
-    ({"conversations": [m(U, "q")], "instruction": "x", "output": "y"}, "messages"),
-    ({"instruction": "x", "output": "y", "prompt": "p", "completion": "c"}, "alpaca"),
-    ({"instruction": "x", "input": "", "output": "y"}, "alpaca"),
-    ({"prompt": "p", "completion": "c"}, "prompt_completion"),
-])
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"messages": [m(U, "q"), m(A, "a")]}, "messages"),
+        ({"messages": [], "instruction": "x", "output": "y"}, "messages"),
+        ({"conversations": [{"from": "human", "value": "q"}]}, "sharegpt"),
+        ({"conversations": []}, "sharegpt"),
+        ({"conversations": [m(U, "q")], "instruction": "x", "output": "y"}, "messages"),
+        ({"instruction": "x", "output": "y", "prompt": "p", "completion": "c"}, "alpaca"),
+        ({"instruction": "x", "input": "", "output": "y"}, "alpaca"),
+        ({"prompt": "p", "completion": "c"}, "prompt_completion"),
+    ],
+)
 def test_detect_format(record, fmt):
     assert detect_format(record) == fmt
     assert fmt in FORMATS
@@ -215,9 +242,16 @@ def test_field_map_prompt_completion_missing_names_user_field():
     [
         ({"question": "Q", "answer": "A"}, {"instruction": "question", "output": "answer"}, ["instruction", "output"]),
         ({"question": "Q", "output": "A"}, {"instruction": "question", "output": "answr"}, ["instruction"]),  # a typo
-        ({"dialog": [{"speaker": "human", "text": "q"}]}, {"conversations": "dialog", "from": "speaker", "value": "txt"},
-         ["conversations", "from"]),  # turn fields are looked up inside the turns
-        ({"src": [{"r": "user", "c": "q"}], "tgt": "a"}, {"prompt": "src", "role": "r", "content": "c"}, ["prompt", "role", "content"]),
+        (
+            {"dialog": [{"speaker": "human", "text": "q"}]},
+            {"conversations": "dialog", "from": "speaker", "value": "txt"},
+            ["conversations", "from"],
+        ),  # turn fields are looked up inside the turns
+        (
+            {"src": [{"r": "user", "c": "q"}], "tgt": "a"},
+            {"prompt": "src", "role": "r", "content": "c"},
+            ["prompt", "role", "content"],
+        ),
         ({"r": "user"}, {"role": "r"}, []),  # a turn field at the top of the record is not a turn
         ([1, 2], {"instruction": "q"}, []),
         ({"question": "Q"}, None, []),
@@ -231,13 +265,16 @@ def test_parse_field_map_empty():
     assert parse_field_map("") == {} and parse_field_map("  ") == {}
 
 
-@pytest.mark.parametrize("spec, msg", [
-    ("instruction", "canonical=name"),
-    ("instruction=", "canonical=name"),
-    ("=question", "canonical=name"),
-    ("question=instruction", "unknown field 'question'"),
-    ("output=a,output=b", "twice"),
-])
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        ("instruction", "canonical=name"),
+        ("instruction=", "canonical=name"),
+        ("=question", "canonical=name"),
+        ("question=instruction", "unknown field 'question'"),
+        ("output=a,output=b", "twice"),
+    ],
+)
 def test_parse_field_map_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
         parse_field_map(spec)
@@ -275,24 +312,30 @@ def test_reason_wrong_type_names_field_and_type():
     assert e.reason == "wrong_type" and "dict" in e.detail
 
 
-@pytest.mark.parametrize("record", [
-    {"instruction": "Q", "output": ""},
-    {"instruction": "Q", "output": " \n\t"},
-    {"messages": [m(U, "q"), m(A, "a"), m(U, "q2"), m(A, "  ")]},
-    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
-    {"prompt": "p", "completion": ""},
-    {"messages": [m(U, "q"), m(A, [])]},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"instruction": "Q", "output": ""},
+        {"instruction": "Q", "output": " \n\t"},
+        {"messages": [m(U, "q"), m(A, "a"), m(U, "q2"), m(A, "  ")]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+        {"prompt": "p", "completion": ""},
+        {"messages": [m(U, "q"), m(A, [])]},
+    ],
+)
 def test_reason_empty_response(record):
     assert reject(record).reason == "empty_response"
 
 
-@pytest.mark.parametrize("record", [
-    {"messages": [m(S, "s"), m(U, "q")]},
-    {"messages": []},
-    {"conversations": [{"from": "human", "value": "q"}]},
-    {"prompt": [m(U, "q")], "completion": []},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [m(S, "s"), m(U, "q")]},
+        {"messages": []},
+        {"conversations": [{"from": "human", "value": "q"}]},
+        {"prompt": [m(U, "q")], "completion": []},
+    ],
+)
 def test_reason_no_assistant_turn(record):
     assert reject(record).reason == "no_assistant_turn"
 
@@ -315,18 +358,21 @@ def test_record_error_survives_pickling():
 
 
 # ---------------------------------------------------------------- record_id
-@pytest.mark.parametrize("record, expected", [
-    ({"id": "abc"}, "abc"),
-    ({"id": 7}, "7"),
-    ({"id": ""}, "fb"),
-    ({"id": "  "}, "fb"),
-    ({"id": None}, "fb"),
-    ({"id": True}, "fb"),
-    ({"id": 1.5}, "fb"),
-    ({"id": ["x"]}, "fb"),
-    ({}, "fb"),
-    ("not a dict", "fb"),
-])
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({"id": "abc"}, "abc"),
+        ({"id": 7}, "7"),
+        ({"id": ""}, "fb"),
+        ({"id": "  "}, "fb"),
+        ({"id": None}, "fb"),
+        ({"id": True}, "fb"),
+        ({"id": 1.5}, "fb"),
+        ({"id": ["x"]}, "fb"),
+        ({}, "fb"),
+        ("not a dict", "fb"),
+    ],
+)
 def test_record_id(record, expected):
     assert record_id(record, "fb") == expected
 

@@ -1,4 +1,5 @@
 """data/generate.py: determinism, counts, committed files, and that every record normalises."""
+
 import importlib.util
 import json
 import subprocess
@@ -41,15 +42,21 @@ def test_deterministic_and_seed_dependent(kind):
 
 
 def test_cli_writes_both_files_identically_to_the_committed_ones(tmp_path):
-    subprocess.run([sys.executable, str(DATA / "generate.py"), "--out", str(tmp_path), "--records", "300",
-                    "--seed", "0"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(DATA / "generate.py"), "--out", str(tmp_path), "--records", "300", "--seed", "0"],
+        check=True,
+        capture_output=True,
+    )
     for name in ("alpaca.jsonl", "chat.jsonl"):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), f"data/{name} is stale: regenerate it"
 
 
 def test_cli_single_format(tmp_path):
-    subprocess.run([sys.executable, str(DATA / "generate.py"), "--out", str(tmp_path), "--records", "7",
-                    "--format", "chat"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(DATA / "generate.py"), "--out", str(tmp_path), "--records", "7", "--format", "chat"],
+        check=True,
+        capture_output=True,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
     assert len(_read(tmp_path / "chat.jsonl")) == 7
 
@@ -60,10 +67,13 @@ def test_write_jsonl_roundtrip(tmp_path):
     assert _read(tmp_path / "x.jsonl") == recs
 
 
-@pytest.mark.parametrize("name, fmt, keys", [
-    ("alpaca.jsonl", "alpaca", {"id", "instruction", "input", "output", "meta"}),
-    ("chat.jsonl", "messages", {"id", "messages", "meta"}),
-])
+@pytest.mark.parametrize(
+    "name, fmt, keys",
+    [
+        ("alpaca.jsonl", "alpaca", {"id", "instruction", "input", "output", "meta"}),
+        ("chat.jsonl", "messages", {"id", "messages", "meta"}),
+    ],
+)
 def test_committed_files_parse_and_normalise(name, fmt, keys):
     recs = _read(DATA / name)
     assert len(recs) == 300

@@ -1,6 +1,7 @@
 """`sftgo-prep build` against what a hostile or careless user gives it: a build that is no longer
 current, output paths that would destroy inputs or other files, settings that would be lost or
 overflow, damaged staging.  Real CLI subprocesses on the session's Dask cluster."""
+
 from __future__ import annotations
 
 import json
@@ -63,9 +64,13 @@ def test_rejects_may_not_replace_an_input_or_a_build_file(cli, tmp_path, small):
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(small, folder / "b.jsonl")
-    cases = [(small, "would overwrite the input"), (folder / "rej.jsonl", "would overwrite the input"),
-             (tmp_path / "o" / "manifest.json", "that the build in"), (tmp_path / "o" / "shard-00000.parquet", "that the build in"),
-             (tmp_path / "o" / ".staging" / "x.jsonl", "that the build in")]
+    cases = [
+        (small, "would overwrite the input"),
+        (folder / "rej.jsonl", "would overwrite the input"),
+        (tmp_path / "o" / "manifest.json", "that the build in"),
+        (tmp_path / "o" / "shard-00000.parquet", "that the build in"),
+        (tmp_path / "o" / ".staging" / "x.jsonl", "that the build in"),
+    ]
     for path, words in cases:
         refused(build(cli, [small, folder], tmp_path / "o", "--rejects", path), words)
     assert small.read_bytes() == before and not (tmp_path / "o").exists()
@@ -95,8 +100,12 @@ def test_settings_that_would_be_lost_or_overflow_are_refused(tmp_path, small):
     BuildConfig(inputs=[str(small)], out="o", num_groups=127).validate()
     with pytest.raises(ValueError, match="unknown field 'id'"):
         BuildConfig(inputs=[str(small)], out="o", field_map={"instruction": "question", "id": "uid"}).validate()
-    cases = {"d1.json": '{"max-length": 100, "max_length": 4000}', "d2.json": '{"max_length": 100, "max_length": 4000}',
-             "d3.yaml": "max_length: 100\nmax_length: 4000\n", "d4.toml": "max_length = 100\nmax-length = 4000\n"}
+    cases = {
+        "d1.json": '{"max-length": 100, "max_length": 4000}',
+        "d2.json": '{"max_length": 100, "max_length": 4000}',
+        "d3.yaml": "max_length: 100\nmax_length: 4000\n",
+        "d4.toml": "max_length = 100\nmax-length = 4000\n",
+    }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match="twice"):
@@ -115,8 +124,14 @@ def test_local_model_paths_are_recorded_absolute(tmp_path, small, monkeypatch):
 
 def test_missing_models_and_ignored_split_are_said_before_any_work(cli, tmp_path, small):
     out = tmp_path / "o"
-    refused(build(cli, small, out, "--strategy", "reference", "--reference-model", str(tmp_path / "none")), "--reference-model")
-    refused(build(cli, small, out, "--strategy", "semantic", "--compressor-model", str(tmp_path / "none")), "--compressor-model")
+    refused(
+        build(cli, small, out, "--strategy", "reference", "--reference-model", str(tmp_path / "none")),
+        "--reference-model",
+    )
+    refused(
+        build(cli, small, out, "--strategy", "semantic", "--compressor-model", str(tmp_path / "none")),
+        "--compressor-model",
+    )
     assert not out.exists()  # nothing staged: the corrected command starts clean
 
 
@@ -156,19 +171,24 @@ def test_damaged_staging_is_redone_or_refused_in_one_sentence(cli, tmp_path, sma
 def test_score_and_inspect_take_a_config_file_that_flags_override(cli, tmp_path, small, dask_scheduler):
     out = tmp_path / "o"
     assert build(cli, small, out, scheduler=dask_scheduler).returncode == 0
-    (tmp_path / "score.json").write_text(json.dumps({"strategies": ["tfidf"], "eta": 0.4, "overwrite": True,
-                                                     "scheduler": dask_scheduler}))
+    (tmp_path / "score.json").write_text(
+        json.dumps({"strategies": ["tfidf"], "eta": 0.4, "overwrite": True, "scheduler": dask_scheduler})
+    )
     cli("sftgo-prep", "score", out, "--config", tmp_path / "score.json", "--quiet")
     assert json.loads((out / "manifest.json").read_text())["strategies"]["tfidf"]["eta"] == 0.4
     cli("sftgo-prep", "score", out, "--config", tmp_path / "score.json", "--eta", "0.2", "--quiet")
     assert json.loads((out / "manifest.json").read_text())["strategies"]["tfidf"]["eta"] == 0.2
     (tmp_path / "bad.json").write_text(json.dumps({"max_length": 100}))  # a build setting: not score's to change
-    refused(cli("sftgo-prep", "score", out, "--config", tmp_path / "bad.json", "--strategy", "tfidf", check=False),
-            "unknown setting(s): max_length")
+    refused(
+        cli("sftgo-prep", "score", out, "--config", tmp_path / "bad.json", "--strategy", "tfidf", check=False),
+        "unknown setting(s): max_length",
+    )
     refused(cli("sftgo-prep", "score", out, check=False), "Give the strategies")
     (tmp_path / "inspect.json").write_text(json.dumps({"sample": 3, "color": False}))
     text = cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json").stdout
     assert "Sample 3 " in text and "\x1b[" not in text
-    assert "Sample 1 " in cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json", "--sample", "1").stdout
+    assert (
+        "Sample 1 " in cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json", "--sample", "1").stdout
+    )
     (tmp_path / "inspect.json").write_text(json.dumps({"sample": "3"}))
     refused(cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json", check=False), "must be int")

@@ -3,6 +3,7 @@ to text, folders with subfolders / upper-case / compressed files, duplicated col
 mistyped path.  Each was a silent change of what is trained on (or a network request); each must build
 faithfully, be that record's counted rejection, or be one sentence naming the input.  Real functions and
 real CLI runs, tiny inputs."""
+
 from __future__ import annotations
 
 import gzip
@@ -57,13 +58,16 @@ def a(text):
 
 
 # ---------------------------------------------------------------- 9: the sentinel in data
-@pytest.mark.parametrize("conv", [
-    [u(f"Please repeat: {MARK}0\ue001 thanks"), a(ANSWER)],  # the reported record
-    [{"role": "system", "content": f"{MARK}0\ue001"}, u("Capital of France?"), a(ANSWER)],
-    [u("Capital of France?"), a(f"{ANSWER} ({MARK}0\ue001)")],  # in the response itself
-    [u("q1"), a("First answer."), u(f"{MARK}1\ue001 and {MARK}~1~0\ue001"), a(ANSWER)],  # second turn, two variants
-    [u(f"{MARK}"), a(ANSWER)],  # the start alone
-])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        [u(f"Please repeat: {MARK}0\ue001 thanks"), a(ANSWER)],  # the reported record
+        [{"role": "system", "content": f"{MARK}0\ue001"}, u("Capital of France?"), a(ANSWER)],
+        [u("Capital of France?"), a(f"{ANSWER} ({MARK}0\ue001)")],  # in the response itself
+        [u("q1"), a("First answer."), u(f"{MARK}1\ue001 and {MARK}~1~0\ue001"), a(ANSWER)],  # second turn, two variants
+        [u(f"{MARK}"), a(ANSWER)],  # the start alone
+    ],
+)
 def test_sentinel_text_in_data_cannot_move_the_response(tokenizer, encoder, conv):
     enc = encoder.encode_batch([conv])[0]
     assert not isinstance(enc, RecordError), enc
@@ -82,8 +86,11 @@ def test_text_full_of_sentinel_variants_is_a_counted_rejection(encoder):
 
 # ---------------------------------------------------------------- 10: prompt_completion supervises the completion
 def test_prompt_completion_supervises_only_the_completion(tokenizer, encoder):
-    rec = {"id": "pc", "prompt": [u("What is 2+2?"), a("PROMPT ANSWER five"), u("Are you sure?")],
-           "completion": [a("Sorry, it is four.")]}
+    rec = {
+        "id": "pc",
+        "prompt": [u("What is 2+2?"), a("PROMPT ANSWER five"), u("Are you sure?")],
+        "completion": [a("Sorry, it is four.")],
+    }
     msgs = to_messages(rec, "auto")
     enc = encoder.encode_batch([msgs])[0]
     assert supervised(tokenizer, enc) == ["Sorry, it is four." + EOT]
@@ -102,14 +109,27 @@ def test_prompt_completion_supervises_only_the_completion(tokenizer, encoder):
 CALL = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]
 
 
-@pytest.mark.parametrize("record", [
-    {"messages": [u("Weather?"), {"role": "assistant", "content": "Let me check.", "tool_calls": CALL}]},
-    {"messages": [u("Weather?"), {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": CALL}]},
-    {"messages": [u("Weather?"), {"role": "assistant", "content": "One moment.", "function_call": {"name": "weather"}}]},
-    {"messages": [{"role": "user", "content": "q", "tool_calls": CALL}, a("A.")]},  # any role
-    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "ok", "tool_calls": CALL}]},
-    {"prompt": [u("q")], "completion": [{"role": "assistant", "content": "Calling.", "tool_calls": CALL}]},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [u("Weather?"), {"role": "assistant", "content": "Let me check.", "tool_calls": CALL}]},
+        {
+            "messages": [
+                u("Weather?"),
+                {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": CALL},
+            ]
+        },
+        {
+            "messages": [
+                u("Weather?"),
+                {"role": "assistant", "content": "One moment.", "function_call": {"name": "weather"}},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "q", "tool_calls": CALL}, a("A.")]},  # any role
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "ok", "tool_calls": CALL}]},
+        {"prompt": [u("q")], "completion": [{"role": "assistant", "content": "Calling.", "tool_calls": CALL}]},
+    ],
+)
 def test_tool_calls_are_unsupported_content_whatever_the_content(record):
     with pytest.raises(RecordError) as e:
         to_messages(record, "auto")
@@ -164,8 +184,12 @@ def test_folder_with_a_file_it_cannot_read_is_refused_naming_it(tmp_path, cli):
 # ---------------------------------------------------------------- 13: duplicated column / field names
 def test_parquet_with_a_column_twice_is_refused(tmp_path):
     flat = tmp_path / "dup.parquet"
-    pq.write_table(pa.Table.from_arrays([pa.array(["Q?"]), pa.array(["draft"]), pa.array(["final"])],
-                                        names=["instruction", "output", "output"]), flat)
+    pq.write_table(
+        pa.Table.from_arrays(
+            [pa.array(["Q?"]), pa.array(["draft"]), pa.array(["final"])], names=["instruction", "output", "output"]
+        ),
+        flat,
+    )
     with pytest.raises(readers.InputError, match="'output' twice") as e:
         readers.plan([str(flat)], 10)
     assert "\n" not in str(e.value)
@@ -177,9 +201,11 @@ def test_parquet_with_a_column_twice_is_refused(tmp_path):
 
 
 def test_json_object_with_a_field_twice_is_that_records_rejection(tmp_path):
-    lines = ['{"instruction": "Q?", "output": "draft", "output": "final"}',
-             '{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}',
-             json.dumps(rec(0))]
+    lines = [
+        '{"instruction": "Q?", "output": "draft", "output": "final"}',
+        '{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}',
+        json.dumps(rec(0)),
+    ]
     for path in (tmp_path / "d.jsonl", tmp_path / "d.json"):
         path.write_text("\n".join(lines) + "\n" if path.suffix == ".jsonl" else "[" + ",\n".join(lines) + "]")
         items = [i for p in readers.plan([str(path)], 10) for i in readers.read(p)]
@@ -192,14 +218,24 @@ def test_json_object_with_a_field_twice_is_that_records_rejection(tmp_path):
 def test_missing_local_path_is_one_sentence_without_the_network(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # keeps an old behaviour's run short
     t0 = time.monotonic()
-    proc = subprocess.run([str(BIN / "sftgo-prep"), "build", "data/alpaca", "--out", "out_hub"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "sftgo-prep"), "build", "data/alpaca", "--out", "out_hub"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 1 and time.monotonic() - t0 < 60
     err = proc.stderr.strip()
     assert err == "Error: Input data/alpaca does not exist (for a hub dataset write hf:NAME)."
-    probe = ("import sys\nfrom sftgo.pipeline import readers\ntry:\n    readers.plan(['owner/name'], 10)\n"
-             "except readers.InputError as e:\n    print(e)\nprint('datasets' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    probe = (
+        "import sys\nfrom sftgo.pipeline import readers\ntry:\n    readers.plan(['owner/name'], 10)\n"
+        "except readers.InputError as e:\n    print(e)\nprint('datasets' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.stdout.splitlines() == ["Input owner/name does not exist (for a hub dataset write hf:NAME).", "False"]
 
 

@@ -1,6 +1,7 @@
 """Hostile inputs: a fault inside one record is that record's counted rejection, with its original text
 kept for --rejects, never the death of a partition or of a build; a whole file that cannot be read is
 one sentence.  Unit tests on readers.read / prepare.process, then one real build through the CLI."""
+
 from __future__ import annotations
 
 import codecs
@@ -26,10 +27,19 @@ HOSTILE: list[tuple[bytes, str | None]] = [
     (b'{"id": "x\\udfff", "instruction": "Q?", "output": "A."}', "invalid_unicode"),  # in the id
     (b'{"instruction": "Q?", "output": "A.", "system": "\\uDC00"}', "invalid_unicode"),  # system, upper-case escape
     (b'{"instruction": "Q?", "output": "A.", "history": [["\\ud800", "a"]]}', "invalid_unicode"),  # history
-    (b'{"messages": [{"role": "user\\ud800", "content": "q"}, {"role": "assistant", "content": "a"}]}', "invalid_unicode"),
+    (
+        b'{"messages": [{"role": "user\\ud800", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+        "invalid_unicode",
+    ),
     (b'{"instruction": "Q?", "output": "A.", "\\ud800": 1}', "invalid_unicode"),  # a field name
-    (b'{"instruction": "Q?", "output": "A.", "meta": ' + DEEP.encode() + b"}", "too_deep"),  # past Python's recursion limit
-    (b'{"instruction": "Q?", "output": "A.", "meta": ' + b"[" * 150 + b"]" * 150 + b"}", "too_deep"),  # parses, too deep
+    (
+        b'{"instruction": "Q?", "output": "A.", "meta": ' + DEEP.encode() + b"}",
+        "too_deep",
+    ),  # past Python's recursion limit
+    (
+        b'{"instruction": "Q?", "output": "A.", "meta": ' + b"[" * 150 + b"]" * 150 + b"}",
+        "too_deep",
+    ),  # parses, too deep
     (DEEP.encode(), "too_deep"),
     (b'{"instruction": "Q?", "output": "A.", "score": NaN}', "invalid_number"),
     (b'{"instruction": "Q?", "output": "A.", "score": -Infinity}', "invalid_number"),
@@ -120,10 +130,14 @@ def test_every_reject_keeps_its_line_as_valid_json(tmp_path, encoder):
 
 def test_encoder_rejects_keep_raw_text_too(tmp_path, encoder, write_jsonl):
     long_prompt = {"instruction": "long prompt " * 300, "output": "late"}
-    path = write_jsonl(tmp_path / "t.jsonl", [json.loads(GOOD), long_prompt, {"instruction": "a<|im_end|>", "output": "x"}])
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [json.loads(GOOD), long_prompt, {"instruction": "a<|im_end|>", "output": "x"}]
+    )
     _, rejects, counts = run_process(path, encoder)
     assert [(r["reason"], json.loads(r["raw"])) for r in rejects] == [
-        ("no_loss_tokens", long_prompt), ("control_token_in_text", {"instruction": "a<|im_end|>", "output": "x"})]
+        ("no_loss_tokens", long_prompt),
+        ("control_token_in_text", {"instruction": "a<|im_end|>", "output": "x"}),
+    ]
     assert_exact(counts)
 
 
@@ -133,14 +147,26 @@ def test_json_array_rejects_only_the_bad_elements(tmp_path, encoder):
     path = tmp_path / "a.json"
     path.write_bytes(codecs.BOM_UTF8 + ("[\n  " + ",\n  ".join(elements) + "\n]\n").encode())
     items = [item for p in readers.plan([str(path)], 3) for item in readers.read(p)]
-    assert [i.reject[0] if i.reject else None for i in items] == [None, "too_deep", "invalid_number", "invalid_number",
-                                                                 "invalid_unicode", None, None]
+    assert [i.reject[0] if i.reject else None for i in items] == [
+        None,
+        "too_deep",
+        "invalid_number",
+        "invalid_number",
+        "invalid_unicode",
+        None,
+        None,
+    ]
     assert items[0].record == items[6].record == good
     assert items[1].raw == '{"meta": ' + DEEP + "}"  # the element's text, found without parsing it
     ids, rejects, counts = run_process(path, encoder, rows_per_shard=3)
     assert_exact(counts)
-    assert len(ids) == 2 and [r["reason"] for r in rejects] == ["too_deep", "invalid_number", "invalid_number",
-                                                               "invalid_unicode", "not_an_object"]
+    assert len(ids) == 2 and [r["reason"] for r in rejects] == [
+        "too_deep",
+        "invalid_number",
+        "invalid_number",
+        "invalid_unicode",
+        "not_an_object",
+    ]
     assert json.loads(rejects[3]["raw"]) == {"output": "\ud800"}  # escaped again: valid JSON, same value
 
 
@@ -154,11 +180,30 @@ def test_json_array_bytes_that_are_not_utf8_reject_their_element(tmp_path):
 
 def test_csv_hostile_rows(tmp_path, encoder):
     path = tmp_path / "a.csv"
-    path.write_bytes(codecs.BOM_UTF8 + b"instruction,output\n" + b"Q1,A1\n" + b"Q\x002,A2\n" + b"Q3,\xff\n" + b"Q4,A4,extra\n"
-                     + b"Q5\n" + b"\n" + b'"Q6","' + b"x" * 200_000 + b'"\n' + b"Q7,7\n")
+    path.write_bytes(
+        codecs.BOM_UTF8
+        + b"instruction,output\n"
+        + b"Q1,A1\n"
+        + b"Q\x002,A2\n"
+        + b"Q3,\xff\n"
+        + b"Q4,A4,extra\n"
+        + b"Q5\n"
+        + b"\n"
+        + b'"Q6","'
+        + b"x" * 200_000
+        + b'"\n'
+        + b"Q7,7\n"
+    )
     items = [item for p in readers.plan([str(path)], 3) for item in readers.read(p)]
-    assert [i.reject[0] if i.reject else None for i in items] == [None, None, "invalid_unicode", "malformed_csv",
-                                                                 "malformed_csv", None, None]
+    assert [i.reject[0] if i.reject else None for i in items] == [
+        None,
+        None,
+        "invalid_unicode",
+        "malformed_csv",
+        "malformed_csv",
+        None,
+        None,
+    ]
     assert items[0].record == {"instruction": "Q1", "output": "A1"}  # the BOM is not part of the first column's name
     assert json.loads(readers.raw_text(items[3])) == ["Q4", "A4", "extra"]
     ids, rejects, counts = run_process(path, encoder, rows_per_shard=3)
@@ -181,7 +226,10 @@ def test_parquet_row_with_bytes_that_are_not_utf8(tmp_path, encoder):
 
 def test_parquet_rows_render_as_json_in_rejects(tmp_path, encoder):
     path = tmp_path / "b.parquet"
-    rows = [{"instruction": "Q", "output": "  ", "score": float("nan")}, {"instruction": "Q", "output": "A", "score": 1.0}]
+    rows = [
+        {"instruction": "Q", "output": "  ", "score": float("nan")},
+        {"instruction": "Q", "output": "A", "score": 1.0},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     ids, rejects, counts = run_process(path, encoder)
     assert len(ids) == 1 and rejects[0]["reason"] == "empty_response"
@@ -193,9 +241,11 @@ def test_check_record_walks_any_depth_without_recursion():
     for _ in range(100_000):
         deep = [deep]
     assert readers.check_record({"a": deep})[0] == "too_deep"
-    assert readers.check_record({"a": [[[["x"]]]], "b": {"c": "\u00e9\U0001F600"}}) is None
+    assert readers.check_record({"a": [[[["x"]]]], "b": {"c": "\u00e9\U0001f600"}}) is None
     assert readers.check_record({"a": [{"b": "ok"}, {"c": "\udc80"}]}) == (
-        "invalid_unicode", "Field 'a[1].c' holds an unpaired surrogate or bytes that are not UTF-8.")
+        "invalid_unicode",
+        "Field 'a[1].c' holds an unpaired surrogate or bytes that are not UTF-8.",
+    )
 
 
 def test_field_map_hits_count_records_having_each_mapped_field(tmp_path, encoder, write_jsonl):
@@ -216,8 +266,22 @@ def test_build_through_the_cli_survives_every_hostile_record(tmp_path, cli, dask
     array = tmp_path / "array.json"
     array.write_text("[" + ",".join([GOOD, '{"x": ' + DEEP + "}", '{"output": "\\ud800"}']) + "]")
     out, rejects_file = tmp_path / "out", tmp_path / "rejects.jsonl"
-    proc = cli("sftgo-prep", "build", root / "data/alpaca.jsonl", hostile, array, "--out", out, "--scheduler", dask_scheduler,
-               "--rows-per-shard", "5", "--rejects", rejects_file, check=False)
+    proc = cli(
+        "sftgo-prep",
+        "build",
+        root / "data/alpaca.jsonl",
+        hostile,
+        array,
+        "--out",
+        out,
+        "--scheduler",
+        dask_scheduler,
+        "--rows-per-shard",
+        "5",
+        "--rejects",
+        rejects_file,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())

@@ -3,6 +3,7 @@ subprocesses, real functions): a pending `.scoring` commit is finished only when
 for this build, complete and intact; `score` verifies a build as `inspect` does; manifest numbers are
 typed (a bool is no int); `--html` never lands on a file of the build; a symlinked `.lock` is refused;
 a TF-IDF pattern that finds no term stops the build."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,14 @@ def builds(tmp_path_factory, dask_scheduler) -> dict:
     for name, src in (("a", "a20.jsonl"), ("b", "a10.jsonl")):
         build(BuildConfig(inputs=[str(tmp / src)], out=str(tmp / name), scheduler=dask_scheduler, progress=False))
     shutil.copytree(tmp / "a", tmp / "scored")
-    score.run(str(tmp / "scored"), ["tfidf"], {"eta": float(ETA), "trust_remote_code": False}, scheduler=dask_scheduler,
-              overwrite=True, progress=False)
+    score.run(
+        str(tmp / "scored"),
+        ["tfidf"],
+        {"eta": float(ETA), "trust_remote_code": False},
+        scheduler=dask_scheduler,
+        overwrite=True,
+        progress=False,
+    )
     return {"a": tmp / "a", "b": tmp / "b", "scored": tmp / "scored", "scheduler": dask_scheduler}
 
 
@@ -66,8 +73,21 @@ def edit_manifest(directory: Path, change) -> None:
 
 
 def rescore(cli, builds, out: Path, eta: str = ETA, *extra):
-    return cli("sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--eta", eta, "--quiet",
-               "--scheduler", builds["scheduler"], *extra, check=False)
+    return cli(
+        "sftgo-prep",
+        "score",
+        out,
+        "--strategy",
+        "tfidf",
+        "--overwrite",
+        "--eta",
+        eta,
+        "--quiet",
+        "--scheduler",
+        builds["scheduler"],
+        *extra,
+        check=False,
+    )
 
 
 def plant_pending(builds, out: Path) -> Path:
@@ -77,21 +97,37 @@ def plant_pending(builds, out: Path) -> Path:
     scoring.mkdir()
     for name in ("manifest.json", "shard-00000.parquet", "idf.parquet"):
         shutil.copy(builds["scored"] / name, scoring / name)
-    _, key = score.request(builds["a"], read_manifest(builds["a"]), ["tfidf"], {"eta": float(ETA), "trust_remote_code": False})
+    _, key = score.request(
+        builds["a"], read_manifest(builds["a"]), ["tfidf"], {"eta": float(ETA), "trust_remote_code": False}
+    )
     (scoring / score.MARKER).write_text(json.dumps(key, sort_keys=True))
     return scoring
 
 
 # ---------------------------------------------------------------- readers hold the folder
 
+
 def test_score_and_build_are_refused_while_a_run_reads_the_shards(cli, builds, tmp_path):
     out = copy_of(builds, "a", tmp_path)
     before = files_of(out)
-    busy = f"Error: {out} is being read by another sftgo process (a training run, a report or load_shards); wait for it to finish or choose another --out."
+    busy = (
+        f"Error: {out} is being read by another sftgo process (a training run, a report or load_shards); "
+        "wait for it to finish or choose another --out."
+    )
     with shared(out):  # what sftgo-train holds on --data and --eval-data for its whole run
         assert one_sentence(rescore(cli, builds, out)) == busy
-        rebuilt = cli("sftgo-prep", "build", ROOT / "data" / "alpaca.jsonl", "--out", out, "--overwrite", "--quiet",
-                      "--scheduler", builds["scheduler"], check=False)
+        rebuilt = cli(
+            "sftgo-prep",
+            "build",
+            ROOT / "data" / "alpaca.jsonl",
+            "--out",
+            out,
+            "--overwrite",
+            "--quiet",
+            "--scheduler",
+            builds["scheduler"],
+            check=False,
+        )
         assert one_sentence(rebuilt) == busy
     assert files_of(out) == before
     assert rescore(cli, builds, out).returncode == 0  # once the run is over
@@ -168,12 +204,15 @@ def test_a_planted_copy_of_the_manifest_is_not_taken_for_a_commit(cli, builds, t
     assert "Note: removed" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("planted", [
-    {"shards": [], "strategies": {}, "params": {"strategies": []}},
-    {"shards": 5},
-    {"format_version": 1, "shards": 5},
-    "not json {",
-])
+@pytest.mark.parametrize(
+    "planted",
+    [
+        {"shards": [], "strategies": {}, "params": {"strategies": []}},
+        {"shards": 5},
+        {"format_version": 1, "shards": 5},
+        "not json {",
+    ],
+)
 def test_a_damaged_pending_manifest_is_discarded_with_a_note(cli, builds, tmp_path, planted):
     out = copy_of(builds, "a", tmp_path)
     (out / ".scoring").mkdir()
@@ -218,10 +257,13 @@ def test_a_half_moved_commit_of_another_request_is_refused_then_finished(cli, bu
 
 
 # ---------------------------------------------------------------- defect 7: verified like inspect
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t.update(records_written=100000), "counts 100000 records written but its shards hold 20 rows"),
-    (lambda t: t.update(tokens=t["tokens"] + 1), "tokens in total but its shards hold"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.update(records_written=100000), "counts 100000 records written but its shards hold 20 rows"),
+        (lambda t: t.update(tokens=t["tokens"] + 1), "tokens in total but its shards hold"),
+    ],
+)
 def test_score_refuses_the_counts_inspect_refuses(cli, builds, tmp_path, change, message):
     out = copy_of(builds, "a", tmp_path)
     edit_manifest(out, lambda m: change(m["totals"]))
@@ -232,21 +274,25 @@ def test_score_refuses_the_counts_inspect_refuses(cli, builds, tmp_path, change,
 
 
 # ---------------------------------------------------------------- defect 8: what the readers index
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.pop("params"), "missing or malformed 'params' entry"),
-    (lambda m: m.pop("strategies"), "missing or malformed 'strategies' entry"),
-    (lambda m: m.pop("rejected"), "missing or malformed 'rejected' entry"),
-    (lambda m: m["params"].update(strategies=["tfidf", "reference"]), "missing or malformed 'params' entry"),
-    (lambda m: m["params"].pop("eta"), "has no 'params.eta' entry"),
-    (lambda m: m["params"].update(colour="red"), "has an unknown 'params.colour' entry"),
-    (lambda m: m["params"].update(eta=True), "has params sftgo would refuse"),
-    (lambda m: m["params"].update(eta=7.0), "has params sftgo would refuse"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.pop("params"), "missing or malformed 'params' entry"),
+        (lambda m: m.pop("strategies"), "missing or malformed 'strategies' entry"),
+        (lambda m: m.pop("rejected"), "missing or malformed 'rejected' entry"),
+        (lambda m: m["params"].update(strategies=["tfidf", "reference"]), "missing or malformed 'params' entry"),
+        (lambda m: m["params"].pop("eta"), "has no 'params.eta' entry"),
+        (lambda m: m["params"].update(colour="red"), "has an unknown 'params.colour' entry"),
+        (lambda m: m["params"].update(eta=True), "has params sftgo would refuse"),
+        (lambda m: m["params"].update(eta=7.0), "has params sftgo would refuse"),
+    ],
+)
 def test_a_manifest_without_what_score_reads_is_one_sentence(cli, builds, tmp_path, change, message):
     out = copy_of(builds, "a", tmp_path)
     edit_manifest(out, change)
-    assert message in one_sentence(cli("sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--quiet",
-                                       check=False))
+    assert message in one_sentence(
+        cli("sftgo-prep", "score", out, "--strategy", "tfidf", "--overwrite", "--quiet", check=False)
+    )
 
 
 # ---------------------------------------------------------------- defect 19: typed numbers
@@ -258,13 +304,16 @@ def test_format_version_must_be_the_integer_one(cli, builds, tmp_path, version):
         assert f"has format version {version!r}" in one_sentence(cli("sftgo-prep", *command, check=False))
 
 
-@pytest.mark.parametrize("change", [
-    lambda m: m["shards"][0].update(rows=True),
-    lambda m: m["shards"][0].update(tokens=float(m["shards"][0]["tokens"])),
-    lambda m: m["totals"].update(truncated=False),
-    lambda m: m["strategies"]["tfidf"].update(num_groups=2.0),
-    lambda m: m["rejected"].update(too_long=True),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["shards"][0].update(rows=True),
+        lambda m: m["shards"][0].update(tokens=float(m["shards"][0]["tokens"])),
+        lambda m: m["totals"].update(truncated=False),
+        lambda m: m["strategies"]["tfidf"].update(num_groups=2.0),
+        lambda m: m["rejected"].update(too_long=True),
+    ],
+)
 def test_a_bool_or_float_is_no_count_in_the_manifest(builds, tmp_path, change):
     out = copy_of(builds, "a", tmp_path)
     edit_manifest(out, change)
@@ -273,8 +322,9 @@ def test_a_bool_or_float_is_no_count_in_the_manifest(builds, tmp_path, change):
 
 
 # ---------------------------------------------------------------- defect 3: --html
-@pytest.mark.parametrize("target", ["manifest.json", "link.html", ".lock", "shard-00000.parquet", "idf.parquet",
-                                    ".staging/page.html"])
+@pytest.mark.parametrize(
+    "target", ["manifest.json", "link.html", ".lock", "shard-00000.parquet", "idf.parquet", ".staging/page.html"]
+)
 def test_html_never_lands_on_a_file_of_the_build(cli, builds, tmp_path, target):
     out = copy_of(builds, "a", tmp_path)
     (out / "link.html").symlink_to("manifest.json")
@@ -303,8 +353,19 @@ def test_a_symlinked_lock_is_refused_and_its_target_kept(cli, builds, tmp_path):
     victim.write_text("precious\n")
     (out / ".lock").unlink()
     (out / ".lock").symlink_to(victim)
-    line = one_sentence(cli("sftgo-prep", "build", ROOT / "data" / "alpaca.jsonl", "--out", out, "--quiet",
-                            "--workers", "1", check=False))
+    line = one_sentence(
+        cli(
+            "sftgo-prep",
+            "build",
+            ROOT / "data" / "alpaca.jsonl",
+            "--out",
+            out,
+            "--quiet",
+            "--workers",
+            "1",
+            check=False,
+        )
+    )
     assert ".lock is a symlink" in line
     assert victim.read_text() == "precious\n"
 
@@ -326,9 +387,23 @@ def test_a_lock_that_is_no_plain_file_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- defect 20: empty TF-IDF vocabulary
 def test_a_token_pattern_that_finds_no_term_stops_the_build(cli, builds, tmp_path):
-    line = one_sentence(cli("sftgo-prep", "build", builds["a"].parent / "a20.jsonl", "--out", tmp_path / "zz", "--quiet",
-                            "--tfidf-token-pattern", "zzzz", "--threshold", "corpus", "--scheduler", builds["scheduler"],
-                            check=False))
+    line = one_sentence(
+        cli(
+            "sftgo-prep",
+            "build",
+            builds["a"].parent / "a20.jsonl",
+            "--out",
+            tmp_path / "zz",
+            "--quiet",
+            "--tfidf-token-pattern",
+            "zzzz",
+            "--threshold",
+            "corpus",
+            "--scheduler",
+            builds["scheduler"],
+            check=False,
+        )
+    )
     assert "The TF-IDF vocabulary is empty" in line and "--tfidf-token-pattern" in line
     assert not (tmp_path / "zz" / "manifest.json").exists()
 
@@ -346,10 +421,15 @@ def test_a_shard_listed_twice_or_counts_that_do_not_add_up_are_refused(tmp_path)
     """(train review, defect 9) a manifest listing a shard twice would train every sample twice per epoch."""
     from sftgo.core.shards import ShardError, check_manifest
 
-    base = {"format_version": 1, "tokenizer": {"name": "t", "fingerprint": "f"}, "params": {}, "strategies": {},
-            "rejected": {"too_long": 1},
-            "shards": [{"path": "shard-00000.parquet", "sha256": "x", "rows": 2, "tokens": 10, "loss_tokens": 5}],
-            "totals": {"records_in": 3, "records_written": 2, "records_rejected": 1, "tokens": 10, "loss_tokens": 5}}
+    base = {
+        "format_version": 1,
+        "tokenizer": {"name": "t", "fingerprint": "f"},
+        "params": {},
+        "strategies": {},
+        "rejected": {"too_long": 1},
+        "shards": [{"path": "shard-00000.parquet", "sha256": "x", "rows": 2, "tokens": 10, "loss_tokens": 5}],
+        "totals": {"records_in": 3, "records_written": 2, "records_rejected": 1, "tokens": 10, "loss_tokens": 5},
+    }
     assert check_manifest(tmp_path, json.loads(json.dumps(base)))
     twice = json.loads(json.dumps(base))
     twice["shards"] *= 2

@@ -1,6 +1,7 @@
 """`sftgo-prep inspect` on hostile shard directories, as a user runs it (real subprocess):
 escape sequences in the data never reach the terminal raw, and damaged, deleted, foreign or
 empty shard sets give one sentence (or a 0-record summary), never a traceback or a bare path."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,11 @@ def shards(tmp_path_factory, dask_scheduler) -> Path:
     records = [EVIL] + [{"instruction": f"Name river {i}.", "output": f"The Oriel {i} flows north."} for i in range(11)]
     src = tmp / "a.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    build(BuildConfig(inputs=[str(src)], out=str(tmp / "shards"), rows_per_shard=6, scheduler=dask_scheduler,
-                progress=False))
+    build(
+        BuildConfig(
+            inputs=[str(src)], out=str(tmp / "shards"), rows_per_shard=6, scheduler=dask_scheduler, progress=False
+        )
+    )
     return tmp / "shards"
 
 
@@ -67,16 +71,21 @@ def edit_manifest(directory: Path, change) -> None:
 
 
 def evil_row(directory: Path) -> int:
-    ids = [i for s in sorted(directory.glob("shard-*.parquet")) for i in pq.read_table(s, columns=["id"])["id"].to_pylist()]
+    ids = [
+        i for s in sorted(directory.glob("shard-*.parquet")) for i in pq.read_table(s, columns=["id"])["id"].to_pylist()
+    ]
     return ids.index(EVIL_ID)
 
 
 def test_printable_escapes_every_non_printing_character():
     assert printable("a\x1b[2Jb\x9b\x7f\u202e\u200b\u2028\ud800\U000e0001") == (
-        "a\\x1b[2Jb\\x9b\\x7f\\u202e\\u200b\\u2028\\ud800\\U000e0001")
+        "a\\x1b[2Jb\\x9b\\x7f\\u202e\\u200b\\u2028\\ud800\\U000e0001"
+    )
     assert printable("tab\there\nnew line", keep="\n\t") == "tab\there\nnew line"
     assert printable("tab\there\n") == "tab\\x09here\\x0a"
-    assert printable("ünïcode 中文 non\u00a0breaking") == "ünïcode 中文 non\u00a0breaking"  # printable text and spaces stay
+    assert (
+        printable("ünïcode 中文 non\u00a0breaking") == "ünïcode 中文 non\u00a0breaking"
+    )  # printable text and spaces stay
     assert printable(0.3) == "0.3"
 
 
@@ -137,7 +146,9 @@ def test_a_deleted_shard_is_named_in_one_sentence(cli, copy):
 def test_an_empty_shard_list_is_a_zero_record_summary(cli, copy):
     def empty(manifest):
         manifest["shards"] = []
-        manifest["totals"].update(records_in=0, records_written=0, records_rejected=0, tokens=0, loss_tokens=0, truncated=0)
+        manifest["totals"].update(
+            records_in=0, records_written=0, records_rejected=0, tokens=0, loss_tokens=0, truncated=0
+        )
         manifest["rejected"] = {}
 
     edit_manifest(copy, empty)
@@ -159,8 +170,15 @@ def test_sample_beyond_the_rows_is_one_sentence(cli, shards):
     assert inspect(cli, shards, "--sample", "11", "--no-color").returncode == 0
 
 
-@pytest.mark.parametrize("key, value", [("shards", "shard-00000.parquet"), ("shards", [{"path": 7}]),
-                                        ("totals", {"records_written": "12"}), ("tokenizer", None)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("shards", "shard-00000.parquet"),
+        ("shards", [{"path": 7}]),
+        ("totals", {"records_written": "12"}),
+        ("tokenizer", None),
+    ],
+)
 def test_a_malformed_manifest_is_one_sentence(cli, copy, key, value):
     edit_manifest(copy, lambda m: m.update({key: value}))
     refused(cli, copy, message=f"has a missing or malformed '{key}' entry")

@@ -5,6 +5,7 @@ an initialised process group, where transformers' save_pretrained writes weights
 that wrote no weights must not be able to leave a copy marked complete.  And a cached copy that lacks its
 files is converted again with a note, not trusted for its marker.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,13 @@ def test_a_rank_other_than_0_converts_the_weights(tmp_path):
     script = tmp_path / "convert.py"
     script.write_text(CONVERT_ON_RANK_1)
     env = dict(os.environ, SFTGO_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = Path(next(line for line in proc.stdout.splitlines() if line.startswith("DIR ")).split(" ", 1)[1])
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
@@ -41,7 +47,9 @@ def test_a_rank_other_than_0_converts_the_weights(tmp_path):
     from sftgo.core.models import resolve
 
     ref = resolve(None)
-    direct = AutoModelForCausalLM.from_pretrained(ref.location, gguf_file=ref.gguf_file, dtype=torch.float32).state_dict()
+    direct = AutoModelForCausalLM.from_pretrained(
+        ref.location, gguf_file=ref.gguf_file, dtype=torch.float32
+    ).state_dict()
     cached = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     assert set(cached) == set(direct)
     for key in direct:
@@ -74,8 +82,10 @@ def test_the_folders_of_killed_conversions_are_removed(tmp_path, monkeypatch):
     parent = _gguf_cache_dir(resolve(None), "tokenizer").parent
     parent.mkdir(parents=True)
     old = time.time() - 3600
-    folders = {name: parent / name for name in (".tokenizer-dead", ".broken-tokenizer-dead", ".tokenizer-busy",
-                                                ".tokenizer-young", ".model-other")}
+    folders = {
+        name: parent / name
+        for name in (".tokenizer-dead", ".broken-tokenizer-dead", ".tokenizer-busy", ".tokenizer-young", ".model-other")
+    }
     for name, folder in folders.items():
         folder.mkdir()
         (folder / "tokenizer.json").write_text("half")
@@ -124,8 +134,8 @@ def test_a_converted_copy_has_ordinary_folder_permissions(tmp_path, monkeypatch)
     import stat
 
     monkeypatch.setenv("SFTGO_CACHE", str(tmp_path))
-    from sftgo.core.models import tokenizer_dir
     from sftgo.core.fileio import UMASK
+    from sftgo.core.models import tokenizer_dir
 
     folder = Path(tokenizer_dir(None))
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~UMASK != 0o700

@@ -3,6 +3,7 @@ entry points) is installed with pip, then used from the CLIs as a user would: `s
 local Dask cluster (its worker processes load the strategy from the package) and `sftgo-train --objective focal
 --groups toklen`.  The package goes into a folder of its own put on PYTHONPATH rather than into the shared venv, so
 the rest of the suite never sees it; entry points are found the same way (the package's .dist-info on sys.path)."""
+
 from __future__ import annotations
 
 import json
@@ -29,16 +30,34 @@ def site(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src") / "plugin"
     shutil.copytree(ROOT / "examples" / "plugin", src)
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(target), str(src)], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert list(target.glob("sftgo_example_plugins-*.dist-info/entry_points.txt"))
     return target
 
 
 def run(site: Path, command: str, *args) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([str(BIN / command), *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
+    proc = subprocess.run(
+        [str(BIN / command), *map(str, args)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -47,8 +66,19 @@ def run(site: Path, command: str, *args) -> subprocess.CompletedProcess:
 def test_an_installed_packages_strategy_and_objective_work_from_the_clis(site, tmp_path, tiny_lm):
     shards, runs = tmp_path / "shards", tmp_path / "run"
     assert "focal" in run(site, "sftgo-train", "--help").stdout
-    run(site, "sftgo-prep", "build", "data/alpaca.jsonl", "--out", shards, "--strategy", "tfidf,toklen",
-        "--workers", "2", "--quiet")
+    run(
+        site,
+        "sftgo-prep",
+        "build",
+        "data/alpaca.jsonl",
+        "--out",
+        shards,
+        "--strategy",
+        "tfidf,toklen",
+        "--workers",
+        "2",
+        "--quiet",
+    )
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["strategies"]["toklen"]["unit"] == "characters"
     table = pq.read_table(shards / manifest["shards"][0]["path"]).to_pylist()
@@ -56,8 +86,26 @@ def test_an_installed_packages_strategy_and_objective_work_from_the_clis(site, t
         for m, score, group in zip(row["loss_mask"], row["importance_toklen"], row["group_toklen"]):
             assert (score >= 1 and score == int(score) and group in (0, 1)) if m else (score == 0 and group == -1)
 
-    run(site, "sftgo-train", "--data", shards, "--out", runs, "--model", tiny_lm(0), "--objective", "focal",
-        "--groups", "toklen", "--max-steps", "2", "--batch-tokens", "512", "--no-progress", "--no-tensorboard")
+    run(
+        site,
+        "sftgo-train",
+        "--data",
+        shards,
+        "--out",
+        runs,
+        "--model",
+        tiny_lm(0),
+        "--objective",
+        "focal",
+        "--groups",
+        "toklen",
+        "--max-steps",
+        "2",
+        "--batch-tokens",
+        "512",
+        "--no-progress",
+        "--no-tensorboard",
+    )
     records = [json.loads(line) for line in (runs / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2]
@@ -96,15 +144,19 @@ def test_a_broken_or_misshapen_plugin_is_one_sentence(tmp_path, monkeypatch):
     info = tmp_path / "broken_plugins-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugins\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[sftgo.objectives]\nmissing = broken_plugins.nowhere:X\n"
-                                           "shapeless = broken_plugins:NOT_AN_OBJECTIVE\n")
+    (info / "entry_points.txt").write_text(
+        "[sftgo.objectives]\nmissing = broken_plugins.nowhere:X\nshapeless = broken_plugins:NOT_AN_OBJECTIVE\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins._entry_points.cache_clear()
     from sftgo.trainer import registry
 
     try:
-        with pytest.raises(plugins.PluginError, match=r"The objective 'missing' \(entry point broken_plugins.nowhere:X "
-                                                      r"of broken-plugins\) failed to load: ModuleNotFoundError"):
+        with pytest.raises(
+            plugins.PluginError,
+            match=r"The objective 'missing' \(entry point broken_plugins.nowhere:X "
+            r"of broken-plugins\) failed to load: ModuleNotFoundError",
+        ):
             registry.get("missing")
         with pytest.raises(plugins.PluginShapeError, match="does not implement the objective protocol"):
             registry.get("shapeless")

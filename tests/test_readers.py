@@ -1,4 +1,5 @@
 """Readers: every input kind, partition planning, and malformed input counted, never dropped."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,12 @@ def test_bad_lines_are_yielded_as_rejections(tmp_path):
     path.write_bytes(b'{"a": 1}\n{not json\n\xff\xfe{"b": 2}\n[1, 2]\n')
     _, rows = read_all([path])
     assert [r.reject[0] if r.reject else None for r in rows] == [None, "malformed_json", "invalid_utf8", None]
-    assert [r.raw for r in rows] == ['{"a": 1}', "{not json", '\\xff\\xfe{"b": 2}', "[1, 2]"]  # every line's text is kept
+    assert [r.raw for r in rows] == [
+        '{"a": 1}',
+        "{not json",
+        '\\xff\\xfe{"b": 2}',
+        "[1, 2]",
+    ]  # every line's text is kept
     assert rows[3].record == [1, 2]  # not an object: the normaliser rejects it later
 
 
@@ -62,7 +68,9 @@ def test_every_input_kind_reads_all_records(tmp_path, kind, write_jsonl):
         pq.write_table(pa.Table.from_pylist(RECORDS), inp, row_group_size=4)
     elif kind == "csv":
         inp = tmp_path / "a.csv"
-        inp.write_text("instruction,input,output\n" + "".join(f'"{r["instruction"]}","","{r["output"]}"\n' for r in RECORDS))
+        inp.write_text(
+            "instruction,input,output\n" + "".join(f'"{r["instruction"]}","","{r["output"]}"\n' for r in RECORDS)
+        )
     elif kind == "arrow_dir":
         inp = tmp_path / "ds"
         datasets.Dataset.from_list(RECORDS).save_to_disk(str(inp))
@@ -90,7 +98,9 @@ def test_csv_fields_stay_strings(tmp_path):
 
 def test_datasetdict_split(tmp_path):
     inp = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS[:3]), "test": datasets.Dataset.from_list(RECORDS[3:5])}).save_to_disk(str(inp))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(RECORDS[:3]), "test": datasets.Dataset.from_list(RECORDS[3:5])}
+    ).save_to_disk(str(inp))
     assert [r.record for r in read_all([inp], split="test")[1]] == RECORDS[3:5]
     with pytest.raises(readers.InputError, match="no split 'dev'"):
         readers.plan([str(inp)], 5, "dev")

@@ -1,5 +1,6 @@
 """Reference-model importance: batching, bucketing, tokenizer alignment, excess mode, and equality
 with the per-token loss computed directly with transformers on the embedded model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,9 @@ def _load_generate():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("sftgo_data_generate", Path(__file__).resolve().parents[1] / "data" / "generate.py")
+    spec = importlib.util.spec_from_file_location(
+        "sftgo_data_generate", Path(__file__).resolve().parents[1] / "data" / "generate.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.generate
@@ -53,7 +56,9 @@ def samples(tokenizer):
 
 
 def run(scorer, encs):
-    return scorer.score([e.input_ids for e in encs], [e.loss_mask for e in encs], [e.text for e in encs], [e.offsets for e in encs])
+    return scorer.score(
+        [e.input_ids for e in encs], [e.loss_mask for e in encs], [e.text for e in encs], [e.offsets for e in encs]
+    )
 
 
 def test_buckets_cover_all_and_respect_budget():
@@ -168,8 +173,12 @@ def test_embedded_reference_equals_direct_transformers_loss(tokenizer):
     from sftgo.core.models import load_causal_lm
 
     convs = [r["messages"] for r in generate(2, seed=11, kind="chat")]
-    convs.append([{"role": "user", "content": "Who designed the Varnish Tower?"},
-                  {"role": "assistant", "content": "The Varnish Tower was designed by the architect Idris Pellow."}])
+    convs.append(
+        [
+            {"role": "user", "content": "Who designed the Varnish Tower?"},
+            {"role": "assistant", "content": "The Varnish Tower was designed by the architect Idris Pellow."},
+        ]
+    )
     encs = ChatEncoder(tokenizer, max_length=128).encode_batch(convs)  # truncated: a forward is slow on 2 cores
     scorer = ReferenceScorer(ReferenceConfig(), tokenizer)  # the embedded SmolLM2-135M-Instruct
     assert scorer.reference.same_vocab

@@ -1,6 +1,7 @@
 """Issue 9.3 and 9.4: strategies are plug-ins (a toy strategy registered here builds through the
 CLI with no change elsewhere), and corpus-wide thresholds equal numpy.quantile over every
 supervised token of the corpus however it is partitioned."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ class TokenLength:
         return {"unit": "characters"}
 
     def stage(self, cols: dict, cfg, tokenizer: str) -> dict:
-        scores = [np.where(m == 1, off[:, 1] - off[:, 0], 0).astype(np.float32)
-                  for m, off in zip(cols["loss_mask"], cols["offsets"])]
+        scores = [
+            np.where(m == 1, off[:, 1] - off[:, 0], 0).astype(np.float32)
+            for m, off in zip(cols["loss_mask"], cols["offsets"])
+        ]
         return {importance_column(self.name): list_column(scores, pa.float32())}
 
     def importance(self, staged, artifacts: dict, folder: str):
@@ -60,20 +63,34 @@ def _rows(out) -> pa.Table:
 
 def test_registered_toy_strategy_builds_through_the_cli(toy_strategy, tmp_path):
     out = tmp_path / "shards"
-    _build(["data/alpaca.jsonl", "--out", str(out), "--strategy", "tfidf,toklen", "--quiet", "--workers", "1",
-            "--rows-per-shard", "100"])
+    _build(
+        [
+            "data/alpaca.jsonl",
+            "--out",
+            str(out),
+            "--strategy",
+            "tfidf,toklen",
+            "--quiet",
+            "--workers",
+            "1",
+            "--rows-per-shard",
+            "100",
+        ]
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["strategies"]) == ["tfidf", "toklen"]
     assert manifest["strategies"]["toklen"]["unit"] == "characters"
     table = _rows(out)
     from transformers import AutoTokenizer  # noqa: F401  (the embedded tokenizer decodes the pieces)
+
     from sftgo.core import models
 
     tok = models.load_tokenizer(None)
     row = table.slice(0, 1).to_pylist()[0]
     pieces = [tok.decode([i]) for i in row["input_ids"]]
-    for piece, mask, score, group in zip(pieces, row["loss_mask"], row[importance_column("toklen")],
-                                         row[group_column("toklen")]):
+    for piece, mask, score, group in zip(
+        pieces, row["loss_mask"], row[importance_column("toklen")], row[group_column("toklen")]
+    ):
         assert (group >= 0) == (mask == 1)
         if mask and piece not in tok.all_special_tokens:
             assert score == len(piece)
@@ -99,8 +116,22 @@ def test_corpus_thresholds_equal_numpy_quantile(tmp_path, partitions, dask_sched
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "shards"
     rows = -(-len(records) // partitions)
-    _build([str(src), "--out", str(out), "--threshold", "corpus", "--quiet", "--scheduler", dask_scheduler,
-            "--rows-per-shard", str(rows), "--num-groups", "3"])
+    _build(
+        [
+            str(src),
+            "--out",
+            str(out),
+            "--threshold",
+            "corpus",
+            "--quiet",
+            "--scheduler",
+            dask_scheduler,
+            "--rows-per-shard",
+            str(rows),
+            "--num-groups",
+            "3",
+        ]
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) == partitions
     table = _rows(out)
@@ -119,8 +150,22 @@ def test_corpus_thresholds_equal_numpy_quantile(tmp_path, partitions, dask_sched
 
 def test_corpus_threshold_two_groups_is_the_top_eta_quantile(tmp_path, dask_scheduler):
     out = tmp_path / "shards"
-    _build(["data/alpaca.jsonl", "--out", str(out), "--threshold", "corpus", "--eta", "0.25", "--quiet",
-            "--scheduler", dask_scheduler, "--rows-per-shard", "150"])
+    _build(
+        [
+            "data/alpaca.jsonl",
+            "--out",
+            str(out),
+            "--threshold",
+            "corpus",
+            "--eta",
+            "0.25",
+            "--quiet",
+            "--scheduler",
+            dask_scheduler,
+            "--rows-per-shard",
+            "150",
+        ]
+    )
     table = _rows(out)
     mask = table["loss_mask"].combine_chunks().flatten().to_numpy() == 1
     scores = table[importance_column("tfidf")].combine_chunks().flatten().to_numpy()[mask]

@@ -1,5 +1,6 @@
 """Reliability and scale, with real processes: a killed build resumes to identical bytes, and a
 build runs unchanged on an existing Dask cluster (`dask scheduler` + two `dask worker`s)."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def reference(corpus, tmp_path_factory):
     return files_of(out)
 
 
-def wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120.0, besides: Path | None = None) -> None:
+def wait_for(
+    folder: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120.0, besides: Path | None = None
+) -> None:
     """Until a file matching `pattern` appears in `folder` (one outside the folder `besides`)."""
     deadline = time.time() + timeout
     while not any(besides is None or besides not in p.parents for p in folder.glob(pattern)):
@@ -50,10 +53,14 @@ def wait_for(folder: Path, pattern: str, proc: subprocess.Popen, timeout: float 
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("kill_after", [".staging/*/part-00004.json", ".staging/*/shard-00003.parquet"], ids=["tokenize", "write"])
+@pytest.mark.parametrize(
+    "kill_after", [".staging/*/part-00004.json", ".staging/*/shard-00003.parquet"], ids=["tokenize", "write"]
+)
 def test_killed_build_resumes_to_identical_output(corpus, reference, tmp_path, kill_after):
     out = tmp_path / "out"
-    proc = subprocess.Popen(build_args(corpus, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        build_args(corpus, out), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for(out, kill_after, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Dask worker processes, mid-build
     proc.wait()
@@ -71,9 +78,22 @@ def test_killed_build_resumes_to_identical_output(corpus, reference, tmp_path, k
 def test_build_on_an_existing_dask_cluster(corpus, reference, tmp_path, cli):
     sched_file = tmp_path / "scheduler.json"
     procs = [
-        subprocess.Popen([str(BIN / "dask"), "scheduler", "--scheduler-file", str(sched_file), "--host", "127.0.0.1",
-                          "--port", "0", "--no-dashboard"], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            [
+                str(BIN / "dask"),
+                "scheduler",
+                "--scheduler-file",
+                str(sched_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+            ],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     ]
     try:
         deadline = time.time() + 60
@@ -82,8 +102,14 @@ def test_build_on_an_existing_dask_cluster(corpus, reference, tmp_path, cli):
             time.sleep(0.1)
         address = json.loads(sched_file.read_text())["address"]
         for _ in range(2):
-            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"],
-                                          start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"],
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         from distributed import Client
 
         with Client(address, timeout="30s") as client:
@@ -109,7 +135,9 @@ def test_score_adds_a_strategy_and_resumes_after_a_kill(corpus, reference, tmp_p
     out.mkdir()
     for name, data in reference.items():
         (out / name).write_bytes(data)
-    refused = subprocess.run([str(BIN / "sftgo-prep"), "score", str(out), "--strategy", "tfidf"], capture_output=True, text=True)
+    refused = subprocess.run(
+        [str(BIN / "sftgo-prep"), "score", str(out), "--strategy", "tfidf"], capture_output=True, text=True
+    )
     assert refused.returncode == 1 and "already has 'tfidf' groups; pass --overwrite" in refused.stderr
     args = [str(BIN / "sftgo-prep"), "score", str(out), "--strategy", "tfidf", "--overwrite", "--workers", "1"]
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,8 +158,11 @@ def test_a_cluster_without_workers_stops_the_build_with_a_sentence(monkeypatch):
 
     monkeypatch.setattr(executor, "NO_WORKERS_S", 1.0)
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
-        with pytest.raises(executor.TaskError, match=r"^tokenize stopped: the Dask cluster has had no worker for 1 s "
-                                                     r"\(0 of 2 tasks done\); its workers died or never started\.$"):
+        with pytest.raises(
+            executor.TaskError,
+            match=r"^tokenize stopped: the Dask cluster has had no worker for 1 s "
+            r"\(0 of 2 tasks done\); its workers died or never started\.$",
+        ):
             executor.map_tasks(c, abs, [(-1,), (2,)], "tokenize", progress=False)
         cluster.scale(1)  # once a worker joins, the same tasks run
         c.wait_for_workers(1, timeout=60)
@@ -168,8 +199,9 @@ def test_a_late_task_of_a_killed_build_cannot_write_into_the_next_one(corpus, re
     with pytest.raises(OSError):  # pass 1 of A's last partition
         prepare_partition(last, cfg_a, strategies, models.tokenizer_dir(None), str(a_work))
     with pytest.raises(OSError):  # pass 2 of A's (had it got that far)
-        write_partition(last.index, cfg_a, strategies, str(a_work), None, str(a_work / shard_name(last.index)), {},
-                        str(a_work), {})
+        write_partition(
+            last.index, cfg_a, strategies, str(a_work), None, str(a_work / shard_name(last.index)), {}, str(a_work), {}
+        )
     assert not a_work.exists() and not list(out.rglob(f"*{last.index:05d}*"))
     again = subprocess.run(build_args(corpus, out), capture_output=True, text=True)  # B again, as a user resumes it
     assert again.returncode == 0, again.stderr
@@ -203,8 +235,15 @@ def test_a_late_task_of_a_killed_score_cannot_write_into_the_next_one(corpus, re
     assert not a_work.exists()
     cfg_a = BuildConfig(inputs=corpus, out=str(out), rows_per_shard=200, eta=0.2).validate()
     with pytest.raises(OSError):
-        stage_shard(39, str(out / "shard-00039.parquet"), cfg_a, [registry.get("tfidf")], models.tokenizer_dir(None),
-                    str(a_work), False)
+        stage_shard(
+            39,
+            str(out / "shard-00039.parquet"),
+            cfg_a,
+            [registry.get("tfidf")],
+            models.tokenizer_dir(None),
+            str(a_work),
+            False,
+        )
     assert not a_work.exists()
     subprocess.run(b_args, check=True, capture_output=True)
     assert files_of(out) == files_of(clean)

@@ -1,5 +1,6 @@
 """Semantic importance: the LLMLingua-2 compressor path (tiny token classifier) and the default
 sentence-embedding occlusion with the packaged all-MiniLM-L6-v2."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,12 +21,17 @@ RESPONSES = [
 
 
 def encode(tokenizer, responses, max_length=512):
-    convs = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": r}] for i, r in enumerate(responses)]
+    convs = [
+        [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": r}]
+        for i, r in enumerate(responses)
+    ]
     return ChatEncoder(tokenizer, max_length=max_length).encode_batch(convs)
 
 
 def run(scorer, encs):
-    return scorer.score([e.text for e in encs], [e.content_spans for e in encs], [e.offsets for e in encs], [e.loss_mask for e in encs])
+    return scorer.score(
+        [e.text for e in encs], [e.content_spans for e in encs], [e.offsets for e in encs], [e.loss_mask for e in encs]
+    )
 
 
 def token_words(e):
@@ -43,8 +49,15 @@ def compressor_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("compressor")
     tok = AutoTokenizer.from_pretrained(packaged_encoder_dir())
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=24, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=24,
+        num_labels=2,
+    )
     BertForTokenClassification(cfg).save_pretrained(path)
     tok.model_max_length = 24
     tok.save_pretrained(path)
@@ -136,7 +149,7 @@ def test_occlusion_equals_direct_embedding_distance_and_batching(occlusion, toke
         v = h.mean(0)
         return (v / v.norm()).numpy()
 
-    (a, b), = e.content_spans
+    ((a, b),) = e.content_spans
     response = e.text[a:b]
     starts, ends = word_bounds(e.text, e.content_spans)
     full = emb(response)
@@ -152,8 +165,12 @@ def test_occlusion_equals_direct_embedding_distance_and_batching(occlusion, toke
 
 
 def test_occlusion_windows_and_multi_turn(occlusion, tokenizer):
-    conv = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": KEY},
-            {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Omberg is the capital of Zelt."}]
+    conv = [
+        {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": KEY},
+        {"role": "user", "content": "And?"},
+        {"role": "assistant", "content": "Omberg is the capital of Zelt."},
+    ]
     e = ChatEncoder(tokenizer, max_length=512).encode_batch([conv])[0]
     assert len(e.content_spans) == 2
     whole = run(occlusion, [e])[0]

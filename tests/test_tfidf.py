@@ -1,4 +1,5 @@
 """TF-IDF importance equals scikit-learn's TfidfVectorizer, however the corpus is partitioned."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,8 +52,11 @@ def scores_by_pipeline(tokenizer, responses, unit, partitions, pattern=tfidf.WOR
     encs = encoded(tokenizer, responses)
     chunks = [c.tolist() for c in np.array_split(np.arange(len(encs)), partitions)]
     parts = [
-        tfidf.extract_batch(*zip(*[(e.text, e.content_spans, e.offsets, e.loss_mask, e.input_ids) for e in (encs[i] for i in c)]),
-                            unit=unit, pattern=pattern)
+        tfidf.extract_batch(
+            *zip(*[(e.text, e.content_spans, e.offsets, e.loss_mask, e.input_ids) for e in (encs[i] for i in c)]),
+            unit=unit,
+            pattern=pattern,
+        )
         for c in chunks
     ]
     idf = tfidf.fit_idf([tfidf.document_freq(p.terms) for p in parts], n_docs=len(encs))
@@ -128,7 +132,10 @@ def test_lowering_the_whole_text_gives_each_span_what_lowering_it_alone_gives():
     characters whose lower case is shorter in UTF-8 (the Kelvin and ohm signs), and scikit-learn agrees."""
     answer, second = "Hello WORLD, \u212aelvin ÜBER 7\u2126 Ünïcode", "ÉCOLE Straße"
     text = f"Q: \u212a\u2126 TEMP?\nA: {answer}\nQ: more\nA: {second}\n"
-    spans = [(text.index(answer), text.index(answer) + len(answer)), (text.index(second), text.index(second) + len(second))]
+    spans = [
+        (text.index(answer), text.index(answer) + len(answer)),
+        (text.index(second), text.index(second) + len(second)),
+    ]
     lowered, low_spans, back = tfidf._lower_spans(text, spans)
     assert back is None and low_spans == spans and lowered[: spans[0][0]] != text[: spans[0][0]]  # lowered whole
     slow_text = text + "\u03a3"  # a capital sigma outside the spans: each span is lowered alone
@@ -136,11 +143,14 @@ def test_lowering_the_whole_text_gives_each_span_what_lowering_it_alone_gives():
     assert slow[: spans[0][0]] == text[: spans[0][0]]
     assert all(lowered[a:b] == slow[a:b] == text[a:b].lower() for a, b in spans)
     found = tfidf.find_terms(text, spans)
-    assert [x.tolist() if hasattr(x, "tolist") else x for x in found] == \
-        [x.tolist() if hasattr(x, "tolist") else x for x in tfidf.find_terms(slow_text, spans)]
+    assert [x.tolist() if hasattr(x, "tolist") else x for x in found] == [
+        x.tolist() if hasattr(x, "tolist") else x for x in tfidf.find_terms(slow_text, spans)
+    ]
     assert found[2] == TfidfVectorizer().build_analyzer()(answer + "\n" + second)
     _, starts, ends, _ = tfidf._term_positions(text, spans, tfidf.WORD_PATTERN)
-    assert tfidf._slices(lowered, starts, ends).to_pylist() == found[2]  # cut from UTF-8 bytes of the whole lowered text
+    assert (
+        tfidf._slices(lowered, starts, ends).to_pylist() == found[2]
+    )  # cut from UTF-8 bytes of the whole lowered text
     plain = "plain ascii: the words, cut where they lie."  # ASCII: byte positions are the character positions
     _, starts, ends, _ = tfidf._term_positions(plain, [(0, len(plain))], tfidf.WORD_PATTERN)
     assert tfidf._slices(plain, starts, ends).to_pylist() == TfidfVectorizer().build_analyzer()(plain)
@@ -183,7 +193,7 @@ def test_fast_word_runs_equal_the_regex_and_sklearn():
     import random
     import re
 
-    alphabet = list("aZ0_ .,-'\nIΣ") + ["é", "ß", "İ", "中", "\u0301", "٣", "\U0001F600", "Ⅻ", "\u00a0", "\u0307"]
+    alphabet = list("aZ0_ .,-'\nIΣ") + ["é", "ß", "İ", "中", "\u0301", "٣", "\U0001f600", "Ⅻ", "\u00a0", "\u0307"]
     rng = random.Random(0)
     slow = tfidf.WORD_PATTERN + "(?#no fast path)"
     for _ in range(300):
@@ -196,7 +206,9 @@ def test_fast_word_runs_equal_the_regex_and_sklearn():
             assert list(zip(starts.tolist(), ends.tolist())) == expected, (text, spans)
         doc = "\n".join(text[a:b] for a, b in spans)
         for pattern in [tfidf.WORD_PATTERN, tfidf.RUN_PATTERN, slow]:
-            assert tfidf.find_terms(text, spans, pattern)[2] == TfidfVectorizer(token_pattern=pattern).build_analyzer()(doc)
+            assert tfidf.find_terms(text, spans, pattern)[2] == TfidfVectorizer(token_pattern=pattern).build_analyzer()(
+                doc
+            )
 
 
 @pytest.mark.parametrize("pattern", [r"(?u)\b\w+\b", r"[^\W\d_]+", r"(?u)\b(\w)\w*\b"])

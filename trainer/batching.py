@@ -24,6 +24,7 @@ Two layouts, each a list of rows holding lists of samples:
 Padded batches pass no attention mask either: padding is on the right and attention is
 causal, so real tokens never see pads (and sdpa keeps its fast is_causal path).
 """
+
 from __future__ import annotations
 
 import random
@@ -53,9 +54,18 @@ class Batch:
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.groups),
-                     move(self.segments), self.num_tokens, self.num_samples, self.truncated_samples,
-                     self.truncated_loss_tokens, self.skipped_samples)
+        return Batch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.targets),
+            move(self.groups),
+            move(self.segments),
+            self.num_tokens,
+            self.num_samples,
+            self.truncated_samples,
+            self.truncated_loss_tokens,
+            self.skipped_samples,
+        )
 
 
 def fit(samples, max_length: int):
@@ -175,8 +185,16 @@ def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool) -> Batch:
     groups[:, :-1] = np.where(sup, grp[:, 1:], -1)
     segments = np.full((B, width), -1, dtype=np.int64)
     segments[:, :-1] = np.where(sup, seg[:, 1:], -1)
-    return Batch(torch.from_numpy(ids), torch.from_numpy(pos) if packed_rows else None, torch.from_numpy(targets),
-                 torch.from_numpy(groups), torch.from_numpy(segments), n_tokens, n_samples, *cut)
+    return Batch(
+        torch.from_numpy(ids),
+        torch.from_numpy(pos) if packed_rows else None,
+        torch.from_numpy(targets),
+        torch.from_numpy(groups),
+        torch.from_numpy(segments),
+        n_tokens,
+        n_samples,
+        *cut,
+    )
 
 
 class Batches:
@@ -218,6 +236,8 @@ class Batches:
             if not self.cycle:
                 return
             if taken == 0:  # cycling over nothing would spin forever
-                raise ValueError(f"Process {self.rank} got no samples from the data: there are fewer records than processes.")
+                raise ValueError(
+                    f"Process {self.rank} got no samples from the data: there are fewer records than processes."
+                )
             epoch, skip = epoch + 1, 0
             self.position = (epoch, 0)

@@ -12,6 +12,7 @@ no torch (the losses are imported when first called).
     dft       each token's CE times its own detached probability (Dynamic Fine-Tuning)
     weighted  CE with a fixed weight on the important group (the control for SFT-GO's max)
 """
+
 from __future__ import annotations
 
 
@@ -33,9 +34,17 @@ class SftGo:
 
     def train_loss(self, x):
         s, c = x.settings, x.counts
-        return _losses().sftgo_loss(x.token_loss, x.groups, x.lam, s.reduce, **_common(x), worst_denom=c.samples,
-                                    group_denom=c.group_tokens, temperature=s.temperature or None,
-                                    group_weights=x.group_weights)
+        return _losses().sftgo_loss(
+            x.token_loss,
+            x.groups,
+            x.lam,
+            s.reduce,
+            **_common(x),
+            worst_denom=c.samples,
+            group_denom=c.group_tokens,
+            temperature=s.temperature or None,
+            group_weights=x.group_weights,
+        )
 
     def eval_loss(self, ce, worst, group_loss, lam):
         return (1 - lam) * ce + lam * worst
@@ -99,8 +108,9 @@ class Weighted:
     settings = ("group_weight",)
 
     def train_loss(self, x):
-        return _losses().weighted_loss(x.token_loss, x.groups, x.settings.weight, **_common(x),
-                                       important_denom=x.counts.group_tokens[-1])
+        return _losses().weighted_loss(
+            x.token_loss, x.groups, x.settings.weight, **_common(x), important_denom=x.counts.group_tokens[-1]
+        )
 
     def eval_loss(self, ce, worst, group_loss, lam):
         return ce

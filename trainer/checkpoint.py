@@ -15,12 +15,14 @@ refuses anything else, so no checkpoint is ever read from outside the run direct
 Reading one back is reading untrusted input: every entry of trainer_state.json is checked for
 type and range, the tensors load with weights_only (anything else is refused in our own
 sentence), and a schedule or AdamW settings that differ from the run's are refused, not applied.
-Checkpoints stay fp32 (exact resume); RUN_DIR/model is saved in the dtype the model was loaded in, with its own `use_cache`.
+Checkpoints stay fp32 (exact resume); RUN_DIR/model is saved in the dtype the model was loaded in, with its own
+`use_cache`.
 Atomicity: everything is written into a hidden temporary directory that is renamed into
 place only when complete; `latest` is replaced atomically afterwards.  A crash at any point
 leaves the previous checkpoint intact and `latest` pointing at a complete directory.
 Cost: one write of the weights plus twice their size for AdamW moments.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from sftgo.core.fileio import atomic_write_text, remove
 from sftgo.core.errors import ConfigError
+from sftgo.core.fileio import atomic_write_text, remove
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step-(\d{7,})")  # what `latest` may name: a checkpoint directory beside it
@@ -63,8 +65,10 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     except (OSError, UnicodeDecodeError):
         raise CheckpointError(f"{pointer} is not readable text: {damaged}.") from None
     if not STEP_DIR.fullmatch(name):
-        raise CheckpointError(f"{pointer} names {name[:80]!r}, which is not a checkpoint directory step-NNNNNNN inside "
-                          f"{folder}: {damaged}.")
+        raise CheckpointError(
+            f"{pointer} names {name[:80]!r}, which is not a checkpoint directory step-NNNNNNN inside "
+            f"{folder}: {damaged}."
+        )
     path = folder / name
     if path.is_symlink() or not path.is_dir():
         what = "a symlink" if path.is_symlink() else "missing"
@@ -131,8 +135,10 @@ def _load(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and friends, whose message suggests unpickling it anyway
-        raise CheckpointError(f"{file} cannot be loaded as plain tensors ({type(exc).__name__}): it holds something else, "
-                          "so it was not written by sftgo-train or is damaged; refusing to unpickle it.") from None
+        raise CheckpointError(
+            f"{file} cannot be loaded as plain tensors ({type(exc).__name__}): it holds something else, "
+            "so it was not written by sftgo-train or is damaged; refusing to unpickle it."
+        ) from None
 
 
 # the AdamW settings a checkpoint must share with the run (its lr follows the schedule and is set from it)
@@ -154,13 +160,17 @@ def restore_optimizer_settings(path: Path, optimizer, fresh: list[dict]) -> None
     """Refuse a checkpoint whose AdamW settings differ from the run's (another run's, or edited: a
     `maximize` would turn training into gradient ascent), then put the run's own settings back."""
     if len(optimizer.param_groups) != len(fresh):
-        raise CheckpointError(f"{path / 'trainer_state.pt'} holds {len(optimizer.param_groups)} optimizer parameter groups, "
-                          f"not {len(fresh)}: the checkpoint belongs to another run or was edited.")
+        raise CheckpointError(
+            f"{path / 'trainer_state.pt'} holds {len(optimizer.param_groups)} optimizer parameter groups, "
+            f"not {len(fresh)}: the checkpoint belongs to another run or was edited."
+        )
     for group, mine in zip(optimizer.param_groups, fresh):
         for key in OPTIMIZER_KEYS:
             if key in mine and not _same(group.get(key), mine[key]):
-                raise CheckpointError(f"{path / 'trainer_state.pt'} holds the optimizer setting {key}={group.get(key)!r} where "
-                                  f"this run has {mine[key]!r}: the checkpoint belongs to another run or was edited.")
+                raise CheckpointError(
+                    f"{path / 'trainer_state.pt'} holds the optimizer setting {key}={group.get(key)!r} where "
+                    f"this run has {mine[key]!r}: the checkpoint belongs to another run or was edited."
+                )
         group.update(mine)
 
 
@@ -191,23 +201,31 @@ def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], s
     trainer/fsdp.py loaded already.  The JSON state is trainer.resume.CheckpointState's to read and check."""
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():  # without it the run would not continue exactly: refuse, don't guess
-        raise CheckpointError(f"{path} has no {rng_file.name}, so process {rank} cannot continue exactly; "
-                          "the checkpoint is incomplete or from another number of processes.")
+        raise CheckpointError(
+            f"{path} has no {rng_file.name}, so process {rank} cannot continue exactly; "
+            "the checkpoint is incomplete or from another number of processes."
+        )
     tensors = _load(path / "trainer_state.pt")
     file = path / "trainer_state.pt"
     if not isinstance(tensors, dict) or not _scheduler_ok(tensors.get("scheduler"), scheduler.state_dict()):
-        raise CheckpointError(f"{file} holds no learning-rate schedule of this run's form: the checkpoint belongs to "
-                          "another run or was edited.")
+        raise CheckpointError(
+            f"{file} holds no learning-rate schedule of this run's form: the checkpoint belongs to "
+            "another run or was edited."
+        )
     if "optimizer" in tensors and not sharded:
         try:
             optimizer.load_state_dict(tensors["optimizer"])
         except Exception as exc:
-            raise CheckpointError(f"{file} holds an optimizer state that does not fit this model "
-                              f"({(str(exc).splitlines() or [type(exc).__name__])[0]}): the checkpoint belongs to "
-                              "another run or was edited.") from None
+            raise CheckpointError(
+                f"{file} holds an optimizer state that does not fit this model "
+                f"({(str(exc).splitlines() or [type(exc).__name__])[0]}): the checkpoint belongs to "
+                "another run or was edited."
+            ) from None
     elif not sharded:
-        raise CheckpointError(f"{file} holds no optimizer state (an --fsdp checkpoint keeps it sharded): the checkpoint is "
-                          "from a run with other settings or was edited.")
+        raise CheckpointError(
+            f"{file} holds no optimizer state (an --fsdp checkpoint keeps it sharded): the checkpoint is "
+            "from a run with other settings or was edited."
+        )
     restore_optimizer_settings(path, optimizer, fresh)
     scheduler.load_state_dict(tensors["scheduler"])
     rng = _load(rng_file)
@@ -216,8 +234,9 @@ def load_state(path: Path, rank: int, optimizer, scheduler, fresh: list[dict], s
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     except Exception:
-        raise CheckpointError(f"{rng_file} holds no random-number-generator state torch accepts: the checkpoint was "
-                          "edited or damaged.") from None
+        raise CheckpointError(
+            f"{rng_file} holds no random-number-generator state torch accepts: the checkpoint was edited or damaged."
+        ) from None
 
 
 def sweep(out) -> list[str]:

@@ -8,6 +8,7 @@ Cost: argument parsing, every setting's range (TrainConfig.validate) and the pre
 run directory and the data (trainer.preflight, without torch: a refusal takes well under a second);
 the work is in trainer.loop.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,16 +49,62 @@ def opt(name: str, **kw):
     kw.setdefault("type", type(default) if default not in (None, "") else str)
     if name in METAVARS:
         kw.setdefault("metavar", METAVARS[name])
-    return click.option(flag, name, default=None, help=_help(name) + (f" [default: {default}]" if default not in (None, "") else ""), **kw)
+    return click.option(
+        flag,
+        name,
+        default=None,
+        help=_help(name) + (f" [default: {default}]" if default not in (None, "") else ""),
+        **kw,
+    )
 
 
 OPTIONS = [
-    "data", "out", "model", "eval_data", "objective", "groups", "group_weight", "lam", "lam_schedule", "lam_end", "reduce",
-    "temperature", "dro_step", "batch_tokens", "max_length", "pack", "grad_accum", "shuffle_buffer", "readahead",
-    "bucket_pool", "max_steps", "epochs", "stop_after", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-    "clip_grad", "seed", "precision", "ce_chunk", "grad_checkpointing", "fsdp", "lora_r", "lora_alpha", "trust_remote_code",
-    "eval_every", "eval_batches", "save_every", "keep_checkpoints", "resume", "log_every", "progress", "tensorboard",
-    "report_to", "save_adapter",
+    "data",
+    "out",
+    "model",
+    "eval_data",
+    "objective",
+    "groups",
+    "group_weight",
+    "lam",
+    "lam_schedule",
+    "lam_end",
+    "reduce",
+    "temperature",
+    "dro_step",
+    "batch_tokens",
+    "max_length",
+    "pack",
+    "grad_accum",
+    "shuffle_buffer",
+    "readahead",
+    "bucket_pool",
+    "max_steps",
+    "epochs",
+    "stop_after",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "clip_grad",
+    "seed",
+    "precision",
+    "ce_chunk",
+    "grad_checkpointing",
+    "fsdp",
+    "lora_r",
+    "lora_alpha",
+    "trust_remote_code",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "keep_checkpoints",
+    "resume",
+    "log_every",
+    "progress",
+    "tensorboard",
+    "report_to",
+    "save_adapter",
 ]
 METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
 CHOICES = {name: click.Choice(list(choices(name))) for name in SETTING_CHOICES}  # objectives: plug-ins too
@@ -89,12 +136,18 @@ def build_command():
 
     for name in reversed(OPTIONS):
         command = opt(name, **({"type": CHOICES[name]} if name in CHOICES else {}))(command)
-    command = click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-                           help="JSON, TOML or YAML file of settings (field names as in --help, dashes or underscores); flags override it.")(command)
+    command = click.option(
+        "--config",
+        "config",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="JSON, TOML or YAML file of settings (field names as in --help, dashes or underscores); flags "
+        "override it.",
+    )(command)
     command = click.option("--debug", is_flag=True, help="Show the full traceback on errors.")(command)
     return click.command(
         help="Fine-tune a causal LM on sftgo shards with the SFT-GO objective (worst-group) or a baseline: "
-             "sft, rho1, dft or weighted (--objective).\n\n" + EXAMPLE,
+        "sft, rho1, dft or weighted (--objective).\n\n" + EXAMPLE,
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     )(command)
 
@@ -109,8 +162,10 @@ def _interrupted(cfg) -> str:
         latest = None
     if latest is not None:
         return f"Interrupted; the last checkpoint ({latest.name}) is intact: continue with --resume."
-    return ("Interrupted before the run saved a checkpoint (see --save-every), so there is nothing to continue: "
-            "run the same command again to start over.")
+    return (
+        "Interrupted before the run saved a checkpoint (see --save-every), so there is nothing to continue: "
+        "run the same command again to start over."
+    )
 
 
 def _fail(exc: Exception, cfg=None) -> None:

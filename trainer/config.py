@@ -5,6 +5,7 @@ type-checked against the field annotations by sftgo.core.config).
 Output: a validated `TrainConfig`, or a `ConfigError` with a one-sentence message.
 Cost: instant.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +115,13 @@ def check_choice(name: str, value, flag=cli_flag) -> str:
 
 def check_betas(betas, flag=cli_flag) -> tuple[float, float]:
     """AdamW's two betas, each a finite number in [0, 1)."""
-    ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
-        isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1 for b in betas)
+    ok = (
+        isinstance(betas, (list, tuple))
+        and len(betas) == 2
+        and all(
+            isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1 for b in betas
+        )
+    )
     if not ok:
         raise ConfigError(f"{flag('betas')} must be two finite numbers in [0, 1), not {betas!r}.")
     return tuple(float(b) for b in betas)
@@ -127,7 +133,8 @@ class TrainConfig:
     data: str = ""
     """Shard directory written by `sftgo-prep build` (manifest.json + shard-*.parquet)."""
     out: str = ""
-    """Run directory: metrics.jsonl, loss_curves.png, checkpoints/, model/ (final weights). It must be new, empty or an sftgo-train run (sftgo-run.json), and neither inside nor around --data, --eval-data or a local --model."""
+    """Run directory: metrics.jsonl, loss_curves.png, checkpoints/, model/ (final weights). It must be new, empty or an
+    sftgo-train run (sftgo-run.json), and neither inside nor around --data, --eval-data or a local --model."""
     model: str | None = None
     """Model to fine-tune: None/"embedded" (SmolLM2-135M-Instruct), a local HF dir, a .gguf or a hub id."""
     eval_data: str | None = None
@@ -135,13 +142,17 @@ class TrainConfig:
 
     # --- objective
     objective: str = "sftgo"
-    """sftgo (worst-group), sft (plain token-mean CE), rho1 (CE over the important group only), dft (each token's CE times its detached probability, arXiv 2508.05629), weighted (CE with weight --group-weight on the important group), or an installed plug-in's objective (entry point group sftgo.objectives)."""
+    """sftgo (worst-group), sft (plain token-mean CE), rho1 (CE over the important group only), dft (each token's CE
+    times its detached probability, arXiv 2508.05629), weighted (CE with weight --group-weight on the important
+    group), or an installed plug-in's objective (entry point group sftgo.objectives)."""
     groups: str | None = "tfidf"
-    """Strategy whose `group_<name>` column defines the groups; sft and dft only log per-group loss with it (a name the shards lack is refused, except this default, which is then a note)."""
+    """Strategy whose `group_<name>` column defines the groups; sft and dft only log per-group loss with it (a name the
+    shards lack is refused, except this default, which is then a note)."""
     lam: float = 0.9
     """λ, the weight of the worst-group term (0 = plain SFT; the paper uses 0.9)."""
     group_weight: float = 1.0
-    """--objective weighted: the weight on the important group's tokens (1 on the others; a weighted token mean). Match it to the group-1 weight an sftgo run logs (group_weight)."""
+    """--objective weighted: the weight on the important group's tokens (1 on the others; a weighted token mean). Match
+    it to the group-1 weight an sftgo run logs (group_weight)."""
     lam_schedule: str = "constant"
     """constant, linear or cosine decay of λ from `lam` to `lam_end` over training."""
     lam_end: float = 0.0
@@ -155,7 +166,8 @@ class TrainConfig:
 
     # --- data and batching
     batch_tokens: int = 4096
-    """Token budget of one micro-batch per process (rows x padded length, or rows x row length when packing); a longer sample gets a micro-batch of its own, never cut."""
+    """Token budget of one micro-batch per process (rows x padded length, or rows x row length when packing); a longer
+    sample gets a micro-batch of its own, never cut."""
     max_length: int = 2048
     """Samples longer than this are truncated (counted in metrics and summary); the row length when packing."""
     pack: bool = False
@@ -193,13 +205,15 @@ class TrainConfig:
     seed: int = 0
     """Seeds the data order and torch; the same seed gives the same run."""
     precision: str = "auto"
-    """auto (bf16 autocast on GPUs that support it, fp32 otherwise), bf16 (on a GPU, or a CPU with native bf16: AVX512-BF16 or AMX) or fp32."""
+    """auto (bf16 autocast on GPUs that support it, fp32 otherwise), bf16 (on a GPU, or a CPU with native bf16:
+    AVX512-BF16 or AMX) or fp32."""
     ce_chunk: int = 1024
     """Tokens per chunk of the lm_head + cross-entropy (bounds the fp32 logits in memory)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward (less memory; each layer's forward runs again in backward)."""
     fsdp: bool = False
-    """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2, per decoder layer) instead of DDP: for models that do not fit one device."""
+    """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2, per decoder layer) instead of
+    DDP: for models that do not fit one device."""
     lora_r: int = 0
     """> 0 trains LoRA adapters of this rank through peft instead of all weights."""
     lora_alpha: float = 16.0
@@ -223,13 +237,14 @@ class TrainConfig:
     progress: bool = True
     """Show a tqdm progress bar."""
     report_to: list[str] = field(default_factory=list)
-    """Also log to these trackers: tensorboard (out/tb), wandb (offline with WANDB_MODE=offline), mlflow (out/mlruns unless MLFLOW_TRACKING_URI is set); each must be installed (pip install 'sftgo[wandb]')."""
+    """Also log to these trackers: tensorboard (out/tb), wandb (offline with WANDB_MODE=offline), mlflow (out/mlruns
+    unless MLFLOW_TRACKING_URI is set); each must be installed (pip install 'sftgo[wandb]')."""
     save_adapter: bool = False
     """With --lora-r: also write the peft adapter alone (out/adapter) beside the merged model (out/model)."""
     tensorboard: bool | None = None
     """Also log to TensorBoard (out/tb); default: when the tensorboard package is installed (a note says when not)."""
 
-    def validate(self, flag=None) -> "TrainConfig":
+    def validate(self, flag=None) -> TrainConfig:
         """Every setting checked for its type and range, and the settings against each other, before
         anything is loaded; numbers are normalised (an int where a float is wanted becomes a float).
         `flag(name)`: how a message names a setting (default: the command-line flag, --name-with-dashes)."""
@@ -259,18 +274,26 @@ class TrainConfig:
         self.report_to = list(self.report_to)
         for name in self.report_to:
             if name not in TRACKERS:
-                raise ConfigError(f"{flag('report_to')} {name!r} is not a tracker sftgo knows; choose from "
-                                  f"{', '.join(TRACKERS)}.")
+                raise ConfigError(
+                    f"{flag('report_to')} {name!r} is not a tracker sftgo knows; choose from {', '.join(TRACKERS)}."
+                )
         if "tensorboard" in self.report_to and self.tensorboard is False:
-            raise ConfigError(f"{flag('report_to')} tensorboard contradicts {flag('no_tensorboard')}; give one of them.")
+            raise ConfigError(
+                f"{flag('report_to')} tensorboard contradicts {flag('no_tensorboard')}; give one of them."
+            )
         if self.save_adapter and self.lora_r == 0:
-            raise ConfigError(f"{flag('save_adapter')} needs {flag('lora_r')}: without LoRA there is no adapter to save.")
+            raise ConfigError(
+                f"{flag('save_adapter')} needs {flag('lora_r')}: without LoRA there is no adapter to save."
+            )
         if self.fsdp and self.lora_r > 0:
-            raise ConfigError(f"{flag('fsdp')} with {flag('lora_r')} is not supported: LoRA adapters are small, train them "
-                              "with DDP (the default).")
+            raise ConfigError(
+                f"{flag('fsdp')} with {flag('lora_r')} is not supported: LoRA adapters are small, train them "
+                "with DDP (the default)."
+            )
         if registry.get(self.objective).groups != "optional" and not self.groups:
-            raise ConfigError(f"{flag('objective')} {self.objective} needs {flag('groups')} (a strategy of the shards, "
-                              "e.g. tfidf).")
+            raise ConfigError(
+                f"{flag('objective')} {self.objective} needs {flag('groups')} (a strategy of the shards, e.g. tfidf)."
+            )
         return self
 
     def to_json(self) -> str:
@@ -279,19 +302,27 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+
 def ignored_settings(cfg: TrainConfig, flag=cli_flag) -> list[str]:
     """One note per setting given (different from its default) that this run does not read."""
     defaults = TrainConfig()
     changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
     reads = registry.get(cfg.objective).settings
-    notes = [f"{flag(name)} is ignored: only {flag('objective')} {' or '.join(registry.readers(name))} reads it, "
-             f"not {cfg.objective}." for name in registry.OBJECTIVE_FIELDS if name in changed and name not in reads]
+    notes = [
+        f"{flag(name)} is ignored: only {flag('objective')} {' or '.join(registry.readers(name))} reads it, "
+        f"not {cfg.objective}."
+        for name in registry.OBJECTIVE_FIELDS
+        if name in changed and name not in reads
+    ]
     sftgo = "lam" in reads  # the rules below are about the worst-group term's settings
     plain = sftgo and cfg.lam == 0 and (cfg.lam_schedule == "constant" or cfg.lam_end == 0)  # λ = 0 throughout
     rules = (
         ("lam_end", sftgo and cfg.lam_schedule == "constant", "the λ schedule is constant"),
-        ("lam_schedule", sftgo and cfg.lam_schedule != "constant" and cfg.lam == cfg.lam_end,
-         f"λ starts and ends at {cfg.lam}"),
+        (
+            "lam_schedule",
+            sftgo and cfg.lam_schedule != "constant" and cfg.lam == cfg.lam_end,
+            f"λ starts and ends at {cfg.lam}",
+        ),
         ("reduce", plain, "λ is 0 throughout, which is plain SFT"),
         ("temperature", plain, "λ is 0 throughout, which is plain SFT"),
         ("dro_step", plain, "λ is 0 throughout, which is plain SFT"),
@@ -302,7 +333,11 @@ def ignored_settings(cfg: TrainConfig, flag=cli_flag) -> list[str]:
         ("eval_batches", not cfg.eval_data, f"there is no {flag('eval_data')}"),
         ("bucket_pool", cfg.pack, f"{flag('pack')} fills rows first-fit instead of bucketing"),
         ("epochs", cfg.max_steps > 0, f"{flag('max_steps')} sets the length of training"),
-        ("stop_after", 0 < cfg.max_steps <= cfg.stop_after, f"the run ends at {flag('max_steps')} {cfg.max_steps} first"),
+        (
+            "stop_after",
+            0 < cfg.max_steps <= cfg.stop_after,
+            f"the run ends at {flag('max_steps')} {cfg.max_steps} first",
+        ),
     )
     notes += [f"{flag(name)} is ignored: {why}." for name, applies, why in rules if name in changed and applies]
     return notes

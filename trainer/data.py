@@ -17,6 +17,7 @@ A shuffle buffer (seeded per seed/epoch/rank) then mixes rows across record batc
 shards.  There are no DataLoader workers: tokenized shards need no CPU-heavy transform, so
 one reader thread per rank keeps up, and disjointness is per rank.
 """
+
 from __future__ import annotations
 
 import queue
@@ -32,28 +33,36 @@ from sftgo.core.shards import ShardError, column_strategy
 READ_ROWS = 512  # rows per Parquet record batch
 
 
-def check_tokens(mask: np.ndarray, groups: np.ndarray | None, k: int | None, where: str, column: str = "groups") -> None:
+def check_tokens(
+    mask: np.ndarray, groups: np.ndarray | None, k: int | None, where: str, column: str = "groups"
+) -> None:
     """Refuse token columns that contradict the shard contract, vectorised over any number of rows: loss_mask
     holds 0 (not trained) or 1 (trained); the group is -1 exactly where loss_mask is 0 and in 0..K-1 where
     it is 1.  `where` names the rows (a shard, a sample) in the one-sentence ShardError."""
     bad = (mask != 0) & (mask != 1)
     if bad.any():
-        raise ShardError(f"{where} has loss_mask value {mask[bad][0]}; only 0 (not trained) and 1 (trained) are "
-                         "valid: the shard was damaged or not written by sftgo-prep.")
+        raise ShardError(
+            f"{where} has loss_mask value {mask[bad][0]}; only 0 (not trained) and 1 (trained) are "
+            "valid: the shard was damaged or not written by sftgo-prep."
+        )
     if groups is None:
         return
     trained = mask == 1
     if (groups[~trained] != -1).any():
         value = groups[~trained][groups[~trained] != -1][0]
-        raise ShardError(f"{where} gives group {value} in '{column}' to a token that loss_mask does not train "
-                         "(it must be -1 there): the shard contradicts its own loss_mask.")
+        raise ShardError(
+            f"{where} gives group {value} in '{column}' to a token that loss_mask does not train "
+            "(it must be -1 there): the shard contradicts its own loss_mask."
+        )
     ids = groups[trained]
     wrong = (ids < 0) | (ids >= k) if k is not None else ids < 0
     if wrong.any():
         allowed = f"0..{k - 1}" if k is not None else "0 or more"
-        raise ShardError(f"{where} has a trained token with group {ids[wrong][0]} in '{column}', not one of {allowed} "
-                         "as the manifest declares: its tokens would be dropped or trained as a group that does "
-                         "not exist.")
+        raise ShardError(
+            f"{where} has a trained token with group {ids[wrong][0]} in '{column}', not one of {allowed} "
+            "as the manifest declares: its tokens would be dropped or trained as a group that does "
+            "not exist."
+        )
 
 
 def _rng(*key) -> random.Random:
@@ -157,20 +166,26 @@ class ShardStream:
         for name in names:
             arr = rb.column(name)
             if arr.null_count or arr.values.null_count:
-                raise ShardError(f"{where} has missing values in column '{name}': the shard was damaged or not written "
-                                 "by sftgo-prep.")
+                raise ShardError(
+                    f"{where} has missing values in column '{name}': the shard was damaged or not written "
+                    "by sftgo-prep."
+                )
             off = arr.offsets.to_numpy()
             cols[name] = (off, arr.values.to_numpy(zero_copy_only=False))
         lengths = {name: np.diff(off) for name, (off, _) in cols.items()}
         first = next(iter(lengths.values()))
-        for name, n in lengths.items():
+        for n in lengths.values():
             if not np.array_equal(n, first):
                 row = int(np.flatnonzero(n != first)[0])
-                raise ShardError(f"{where}: in row {row} of a record batch, {', '.join(lengths)} differ in length; "
-                                 "every token needs its loss_mask (and group).")
+                raise ShardError(
+                    f"{where}: in row {row} of a record batch, {', '.join(lengths)} differ in length; "
+                    "every token needs its loss_mask (and group)."
+                )
         flat = {name: vals[off[0] : off[-1]] for name, (off, vals) in cols.items()}
         group = self.group_column if self.group_column in flat else None
-        check_tokens(flat["loss_mask"], flat[group] if group else None, self.num_groups, where, column=group or "groups")
+        check_tokens(
+            flat["loss_mask"], flat[group] if group else None, self.num_groups, where, column=group or "groups"
+        )
         return cols
 
     def _rows(self, epoch: int, lengths_only: bool):
@@ -188,7 +203,9 @@ class ShardStream:
                     yield {"length": int(off[i + 1] - off[i]), "loss_mask": vals[off[i] : off[i + 1]]}
                 continue
             ids = rb.column("id").to_pylist()
-            cols = self._columns(path, rb, ["input_ids", "loss_mask"] + ([self.group_column] if self.group_column else []))
+            cols = self._columns(
+                path, rb, ["input_ids", "loss_mask"] + ([self.group_column] if self.group_column else [])
+            )
             for i in mine:
                 sample = {"id": ids[i]}
                 for name, (off, vals) in cols.items():

@@ -7,6 +7,7 @@ CPU, NCCL on GPU); `on_rank0` to run a decision on rank 0 and give every rank it
 `barrier`; whether to compute in bf16 and the autocast context for it.
 Cost: one process-group initialisation; a broadcast of a small object per `on_rank0`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,9 @@ def bf16_native(device) -> bool:
     (oneDNN's bf16 kernels; elsewhere CPU bf16 is emulated and slower than fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (
+        device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def use_bf16(cfg: TrainConfig, device) -> bool:
@@ -88,8 +91,10 @@ def use_bf16(cfg: TrainConfig, device) -> bool:
         return False
     if cfg.precision == "bf16":
         if not bf16_native(device):
-            raise ConfigError(f"--precision bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16 or AMX); this {device.type} "
-                              "has none: use auto or fp32.")
+            raise ConfigError(
+                f"--precision bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16 or AMX); this {device.type} "
+                "has none: use auto or fp32."
+            )
         return True
     return device.type == "cuda" and bf16_native(device)
 

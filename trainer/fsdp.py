@@ -16,6 +16,7 @@ Cost: per layer, one all-gather of its parameters in forward and in backward and
 reduce-scatter of its gradients; memory per rank is about (weights + grads + Adam state) / world
 plus one layer's full parameters and the activations.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,9 @@ def shard(net: nn.Module, model: nn.Module, bf16: bool) -> nn.Module:
     """fully_shard each decoder layer, then `net` (the root); returns `net`, now an FSDPModule."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(net, mp_policy=mp)

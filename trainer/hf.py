@@ -22,6 +22,7 @@ gradient is the gradient of the whole step's loss, exactly as `sftgo-train --gra
 Because gradients are averaged over processes by DDP, the loss is multiplied by the number of
 processes (what Trainer itself does with `average_tokens_across_devices`).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,17 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from transformers import Trainer
 
 from sftgo.core.locks import shared
 from sftgo.core.shards import GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, verify_shards
-from sftgo.trainer.batching import IGNORE
 from sftgo.trainer import registry
+from sftgo.trainer.batching import IGNORE
 from sftgo.trainer.config import ConfigError, TrainConfig, check_number, ignored_settings
 from sftgo.trainer.data import check_tokens
 from sftgo.trainer.objectives import lam_at
-from sftgo.trainer.preflight import empty_group_message, group_id_range, num_groups as declared_groups
+from sftgo.trainer.preflight import empty_group_message, group_id_range
+from sftgo.trainer.preflight import num_groups as declared_groups
 from sftgo.trainer.step import Counts, Objective, denominators, objective_parts
 
 EXTRA = ("sftgo_groups", "sftgo_segments")
@@ -61,8 +62,12 @@ def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = Tru
         columns = ["id", "input_ids", "loss_mask"] + ([group_column(groups)] if groups else [])
         info = None
         if groups:  # SFTGOTrainer takes the number of groups from here (and checks what it is given against it)
-            info = {"data": str(directory), "groups": groups, "num_groups": declared_groups(manifest, groups),
-                    "top_group": group_id_range(directory, manifest, groups)}
+            info = {
+                "data": str(directory),
+                "groups": groups,
+                "num_groups": declared_groups(manifest, groups),
+                "top_group": group_id_range(directory, manifest, groups),
+            }
         ds = datasets.load_dataset("parquet", data_files=files, split="train")  # copied into the datasets cache
     ds = ds.select_columns(columns)
     if info is not None:
@@ -78,14 +83,17 @@ def shards_info(dataset) -> dict | None:
     for line in text.splitlines():
         if line.startswith(SHARDS_INFO):
             try:
-                found.append(json.loads(line[len(SHARDS_INFO):]))
+                found.append(json.loads(line[len(SHARDS_INFO) :]))
             except ValueError:
                 continue
     if not found:
         return None
     if len({(f.get("groups"), f.get("num_groups")) for f in found}) > 1:
-        raise ConfigError("The dataset joins shards with different groups (" + "; ".join(
-            f"{f.get('data')}: {f.get('num_groups')} '{f.get('groups')}' groups" for f in found) + "); train on one kind.")
+        raise ConfigError(
+            "The dataset joins shards with different groups ("
+            + "; ".join(f"{f.get('data')}: {f.get('num_groups')} '{f.get('groups')}' groups" for f in found)
+            + "); train on one kind."
+        )
     tops = [f.get("top_group") for f in found]
     return {**found[0], "top_group": None if None in tops else max(tops)}
 
@@ -94,8 +102,15 @@ class SFTGOCollator:
     """Pads (right) or packs (one row, position ids restarting per sample) while keeping each label's
     group.  `groups`: the strategy whose group_<s> column the rows carry (None: one group, plain SFT)."""
 
-    def __init__(self, pad_token_id: int, groups: str | None = "tfidf", pack: bool = False, max_length: int | None = None):
-        self.pad_token_id, self.column, self.pack, self.max_length = pad_token_id, group_column(groups) if groups else None, pack, max_length
+    def __init__(
+        self, pad_token_id: int, groups: str | None = "tfidf", pack: bool = False, max_length: int | None = None
+    ):
+        self.pad_token_id, self.column, self.pack, self.max_length = (
+            pad_token_id,
+            group_column(groups) if groups else None,
+            pack,
+            max_length,
+        )
 
     def _row(self, f: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids = np.asarray(f["input_ids"], dtype=np.int64)
@@ -107,8 +122,10 @@ class SFTGOCollator:
         check_tokens(loss_mask, grp, None, where, column=self.column or "groups")  # the number of groups: the trainer's
         mask = loss_mask == 1
         if self.max_length and len(ids) > self.max_length:
-            raise ValueError(f"A sample has {len(ids)} tokens, more than max_length {self.max_length}; "
-                             "rebuild the shards with --max-length instead of cutting samples here.")
+            raise ValueError(
+                f"A sample has {len(ids)} tokens, more than max_length {self.max_length}; "
+                "rebuild the shards with --max-length instead of cutting samples here."
+            )
         grp = np.where(mask, 0 if grp is None else grp, -1)
         return ids, np.where(mask, ids, IGNORE), grp
 
@@ -163,12 +180,33 @@ class SFTGOTrainer(Trainer):
     objective does not read is warned about.  Use with SFTGOCollator and load_shards; the dataset's
     group column is kept (the Trainer would otherwise drop columns the model's forward does not take)."""
 
-    def __init__(self, *args, objective: str = "sftgo", lam: float = 0.9, lam_schedule: str = "constant",
-                 lam_end: float = 0.0, reduce: str = "sample", temperature: float = 0.0, num_groups: int | None = None,
-                 group_weight: float = 1.0, **kwargs):
-        k = self.sftgo_settings(objective, lam, lam_schedule, lam_end, reduce, temperature, num_groups, group_weight,
-                                [kwargs.get("train_dataset", args[3] if len(args) > 3 else None),
-                                 kwargs.get("eval_dataset", args[4] if len(args) > 4 else None)])
+    def __init__(
+        self,
+        *args,
+        objective: str = "sftgo",
+        lam: float = 0.9,
+        lam_schedule: str = "constant",
+        lam_end: float = 0.0,
+        reduce: str = "sample",
+        temperature: float = 0.0,
+        num_groups: int | None = None,
+        group_weight: float = 1.0,
+        **kwargs,
+    ):
+        k = self.sftgo_settings(
+            objective,
+            lam,
+            lam_schedule,
+            lam_end,
+            reduce,
+            temperature,
+            num_groups,
+            group_weight,
+            [
+                kwargs.get("train_dataset", args[3] if len(args) > 3 else None),
+                kwargs.get("eval_dataset", args[4] if len(args) > 4 else None),
+            ],
+        )
         super().__init__(*args, **kwargs)
         self.sftgo = Objective(objective, k, reduce, temperature, group_weight)
         self.lam, self.lam_schedule, self.lam_end = lam, lam_schedule, lam_end
@@ -177,28 +215,44 @@ class SFTGOTrainer(Trainer):
         self._diag = torch.zeros(2 * self.sftgo.num_groups, dtype=torch.float64)  # group loss sums, token counts
 
     @staticmethod
-    def sftgo_settings(objective, lam, lam_schedule, lam_end, reduce, temperature, num_groups, group_weight,
-                       datasets) -> int:
+    def sftgo_settings(
+        objective, lam, lam_schedule, lam_end, reduce, temperature, num_groups, group_weight, datasets
+    ) -> int:
         """The checks of sftgo-train (TrainConfig.validate, the same code), messages naming the arguments;
         a warning for each setting the objective does not read; returns K: num_groups, checked against the
         manifest of the shards the datasets came from (load_shards), or taken from it when not given."""
         infos = [i for i in (shards_info(d) for d in datasets if d is not None) if i is not None]
         groups = infos[0]["groups"] if infos else TrainConfig().groups
-        cfg = TrainConfig(data="-", out="-", objective=objective, groups=groups, lam=lam, lam_schedule=lam_schedule,
-                          lam_end=lam_end, reduce=reduce, temperature=temperature, group_weight=group_weight)
+        cfg = TrainConfig(
+            data="-",
+            out="-",
+            objective=objective,
+            groups=groups,
+            lam=lam,
+            lam_schedule=lam_schedule,
+            lam_end=lam_end,
+            reduce=reduce,
+            temperature=temperature,
+            group_weight=group_weight,
+        )
         cfg.validate(flag=str)
         if num_groups is not None:
             num_groups = check_number("num_groups", num_groups, str)
         for info in infos:
             if num_groups is not None and num_groups != info["num_groups"]:
-                raise ConfigError(f"num_groups={num_groups}, but the shards of {info['data']} declare "
-                                  f"{info['num_groups']} groups for '{info['groups']}'; leave num_groups out to take it "
-                                  "from them.")
+                raise ConfigError(
+                    f"num_groups={num_groups}, but the shards of {info['data']} declare "
+                    f"{info['num_groups']} groups for '{info['groups']}'; leave num_groups out to take it "
+                    "from them."
+                )
             num_groups = info["num_groups"]
             top = info.get("top_group")
             if registry.get(objective).groups == "important" and top is not None and top < num_groups - 1:
-                raise ConfigError(empty_group_message(objective, info["groups"], info["data"], num_groups, top)
-                                  .replace("--objective ", "objective="))
+                raise ConfigError(
+                    empty_group_message(objective, info["groups"], info["data"], num_groups, top).replace(
+                        "--objective ", "objective="
+                    )
+                )
         names = set(registry.OBJECTIVE_FIELDS)
         for note in ignored_settings(cfg, flag=str):
             if note.split(" ", 1)[0] in names:
@@ -207,8 +261,13 @@ class SFTGOTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys(self._signature_columns + ["loss_mask", "input_ids"] + [
-            c for c in (getattr(self.train_dataset, "column_names", None) or []) if c.startswith(GROUP_PREFIX)]))
+        self._signature_columns = list(
+            dict.fromkeys(
+                self._signature_columns
+                + ["loss_mask", "input_ids"]
+                + [c for c in (getattr(self.train_dataset, "column_names", None) or []) if c.startswith(GROUP_PREFIX)]
+            )
+        )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -221,8 +280,10 @@ class SFTGOTrainer(Trainer):
         for b in batches:  # a group the objective does not know would be dropped from the denominators
             g = b["sftgo_groups"]
             if g.numel() and int(g.max()) >= k:
-                raise ShardError(f"A batch has group id {int(g.max())}, but num_groups is {k} (ids 0..{k - 1}); pass "
-                                 "the num_groups of the shards (load_shards records it).")
+                raise ShardError(
+                    f"A batch has group id {int(g.max())}, but num_groups is {k} (ids 0..{k - 1}); pass "
+                    "the num_groups of the shards (load_shards records it)."
+                )
         c = count_batches(batches, k).to(device)
         if self.accelerator.num_processes > 1:
             c = self.accelerator.reduce(c, reduction="sum")
@@ -235,9 +296,13 @@ class SFTGOTrainer(Trainer):
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False)
         logits = outputs.logits[:, :-1].float()
-        shifted_view = {"labels": labels, "sftgo_groups": groups_full, "sftgo_segments": segments_full,
-                        "input_ids": inputs["input_ids"], **({"attention_mask": inputs["attention_mask"]}
-                                                             if "attention_mask" in inputs else {})}
+        shifted_view = {
+            "labels": labels,
+            "sftgo_groups": groups_full,
+            "sftgo_segments": segments_full,
+            "input_ids": inputs["input_ids"],
+            **({"attention_mask": inputs["attention_mask"]} if "attention_mask" in inputs else {}),
+        }
         targets, groups, segments = shifted(shifted_view)
         keep = targets != IGNORE
         token_loss = F.cross_entropy(logits[keep], targets[keep], reduction="none")

@@ -16,6 +16,7 @@ neither the peak nor the speed (figures: bench/analysis.md, "Figures moved out o
 So it is applied wherever training runs on a CPU; on a GPU the host allocator holds little.
 Cost: one mmap/munmap and fresh zeroed pages per block above the threshold.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,12 +35,18 @@ def apply(wanted: bool) -> dict:
         return {"mmap_threshold_bytes": None, "set_by": "nobody: applied only when training on a CPU"}
     if ENV in os.environ:
         value = os.environ[ENV].strip()
-        return {"mmap_threshold_bytes": int(value) if value.isdigit() else value, "set_by": f"the {ENV} environment variable"}
+        return {
+            "mmap_threshold_bytes": int(value) if value.isdigit() else value,
+            "set_by": f"the {ENV} environment variable",
+        }
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018 -- present in glibc only (not musl, not macOS)
     except (OSError, AttributeError):
-        return {"mmap_threshold_bytes": None, "set_by": "nobody: the C library is not glibc, its allocator is left as is"}
+        return {
+            "mmap_threshold_bytes": None,
+            "set_by": "nobody: the C library is not glibc, its allocator is left as is",
+        }
     if libc.mallopt(_M_MMAP_THRESHOLD, THRESHOLD) != 1:
         return {"mmap_threshold_bytes": None, "set_by": "nobody: glibc refused mallopt(M_MMAP_THRESHOLD)"}
     return {"mmap_threshold_bytes": THRESHOLD, "set_by": "sftgo-train (mallopt)"}

@@ -13,6 +13,7 @@ masks when --epochs sets the length of training.
 Reading order: run -> set_up (checks, model, data, optimizer, resume) -> train (one_step,
 evaluate, save per step) -> finish (final eval, model, curves, summary).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,19 +28,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
 from sftgo.core.fileio import atomic_write_text
 from sftgo.core.locks import LockedError, exclusive, shared
+from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
 from sftgo.core.shards import read_manifest
 from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer import fsdp, hostmem, preflight, resume
-from sftgo.trainer.distributed import autocast_for, barrier, on_rank0, setup_distributed, use_bf16
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.data import ShardStream
+from sftgo.trainer.distributed import autocast_for, barrier, on_rank0, setup_distributed, use_bf16
 from sftgo.trainer.memory import MemoryMeter
 from sftgo.trainer.metrics import (
-    MetricsLog, check_trackers, plot_curves, read_jsonl, summary_table, tensorboard_enabled,
+    MetricsLog,
+    check_trackers,
+    plot_curves,
+    read_jsonl,
+    summary_table,
+    tensorboard_enabled,
 )
 from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, saved_form
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
@@ -83,8 +89,10 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
         notes += resume.check(cfg, saved, resume.CheckpointState.read(latest), data_identity(cfg), run_id, latest)
         return latest, notes, run_id
     if unfinished:
-        notes.append(f"Note: {out} holds a run that stopped before its first checkpoint, so there is nothing to "
-                     "continue: it starts again from step 0 (its metrics and TensorBoard logs are replaced).")
+        notes.append(
+            f"Note: {out} holds a run that stopped before its first checkpoint, so there is nothing to "
+            "continue: it starts again from step 0 (its metrics and TensorBoard logs are replaced)."
+        )
         if (out / "tb").is_dir() and not (out / "tb").is_symlink():
             shutil.rmtree(out / "tb")
     elif cfg.resume:
@@ -97,12 +105,40 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
     return None, notes, run_id
 
 
-def make_batches(cfg: TrainConfig, data_dir: str, manifest: dict, group_col: str | None, pad_id: int, rank: int,
-                 world: int, *, shuffle: bool, cycle: bool) -> Batches:
-    stream = ShardStream(data_dir, manifest, group_col, seed=cfg.seed, rank=rank, world_size=world,
-                         shuffle=shuffle, shuffle_buffer=cfg.shuffle_buffer, readahead=cfg.readahead)
-    return Batches(stream, batch_tokens=cfg.batch_tokens, max_length=cfg.max_length, pack=cfg.pack,
-                   pool_batches=cfg.bucket_pool, seed=cfg.seed, pad_id=pad_id, rank=rank, cycle=cycle)
+def make_batches(
+    cfg: TrainConfig,
+    data_dir: str,
+    manifest: dict,
+    group_col: str | None,
+    pad_id: int,
+    rank: int,
+    world: int,
+    *,
+    shuffle: bool,
+    cycle: bool,
+) -> Batches:
+    stream = ShardStream(
+        data_dir,
+        manifest,
+        group_col,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world,
+        shuffle=shuffle,
+        shuffle_buffer=cfg.shuffle_buffer,
+        readahead=cfg.readahead,
+    )
+    return Batches(
+        stream,
+        batch_tokens=cfg.batch_tokens,
+        max_length=cfg.max_length,
+        pack=cfg.pack,
+        pool_batches=cfg.bucket_pool,
+        seed=cfg.seed,
+        pad_id=pad_id,
+        rank=rank,
+        cycle=cycle,
+    )
 
 
 def count_steps(cfg: TrainConfig, batches: Batches, device) -> int:
@@ -112,7 +148,9 @@ def count_steps(cfg: TrainConfig, batches: Batches, device) -> int:
         return cfg.max_steps
     per_rank = all_reduce(torch.tensor([batches.count(0)], device=device), dist.ReduceOp.MIN).item()
     if per_rank // cfg.grad_accum == 0:
-        raise ConfigError(f"{cfg.data} is too small for one optimizer step of {cfg.grad_accum} micro-batches per process.")
+        raise ConfigError(
+            f"{cfg.data} is too small for one optimizer step of {cfg.grad_accum} micro-batches per process."
+        )
     return max(1, round(cfg.epochs * (per_rank // cfg.grad_accum)))
 
 
@@ -166,10 +204,14 @@ def load_model(cfg: TrainConfig, resume_from: Path | None, device):
     torch.manual_seed(cfg.seed)
     lora_resume = resume_from is not None and cfg.lora_r > 0
     from_base = resume_from is None or lora_resume or cfg.fsdp  # FSDP checkpoints hold sharded weights only
-    model = load_for_training(cfg.model if from_base else str(resume_from),
-                              lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              adapter_dir=str(resume_from) if lora_resume else None,
-                              grad_checkpointing=cfg.grad_checkpointing, trust_remote_code=cfg.trust_remote_code)
+    model = load_for_training(
+        cfg.model if from_base else str(resume_from),
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        adapter_dir=str(resume_from) if lora_resume else None,
+        grad_checkpointing=cfg.grad_checkpointing,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     return model.to(device)
 
 
@@ -192,7 +234,9 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     if cfg.fsdp:  # before the optimizer: fully_shard replaces the parameters with sharded ones
         train_net = fsdp.shard(net, model, bf16=use_bf16(cfg, device))
     elif world > 1:
-        train_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        train_net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as it would on different data
     batches = make_batches(cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True)
     total = count_steps(cfg, batches, device)
@@ -201,14 +245,41 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     k_loss = max(k, 2)
     objective = Objective(cfg.objective, k_loss, cfg.reduce, cfg.temperature, cfg.group_weight)
     dro = GroupDRO(k_loss, cfg.dro_step) if "dro_step" in objective.impl.settings and cfg.dro_step > 0 else None
-    r = Run(cfg, rank, world, device, autocast, tokenizer, manifest, group_col, k, objective, model, net, train_net,
-            optimizer, scheduler, dro, batches, total, pad_id, data_identity(cfg), run_id, memory=MemoryMeter(device))
+    r = Run(
+        cfg,
+        rank,
+        world,
+        device,
+        autocast,
+        tokenizer,
+        manifest,
+        group_col,
+        k,
+        objective,
+        model,
+        net,
+        train_net,
+        optimizer,
+        scheduler,
+        dro,
+        batches,
+        total,
+        pad_id,
+        data_identity(cfg),
+        run_id,
+        memory=MemoryMeter(device),
+    )
     if resume_from is not None:
         restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
         on_rank0(lambda: atomic_write_text(Path(cfg.out) / "config.json", cfg.to_json()))  # resume changes nothing)
     if r.main:
-        r.log = MetricsLog(cfg.out, r.step if resume_from else None, tb,
-                           tuple(t for t in cfg.report_to if t != "tensorboard"), dataclasses.asdict(cfg))
+        r.log = MetricsLog(
+            cfg.out,
+            r.step if resume_from else None,
+            tb,
+            tuple(t for t in cfg.report_to if t != "tensorboard"),
+            dataclasses.asdict(cfg),
+        )
     return r, resume_from, notes
 
 
@@ -255,10 +326,27 @@ def evaluate(cfg, net, batches, k, lam, device, autocast, objective) -> dict:
         with autocast():
             tl = net(mb.input_ids, mb.position_ids, mb.targets)
         keep = mb.targets != IGNORE
-        p = sftgo_loss(tl.float(), mb.groups[keep], 1.0, "sample", num_groups=max(k, 2), segments=mb.segments[keep],
-                       ce_denom=1.0, worst_denom=1.0)  # sums, normalised below
-        acc[:6] += torch.tensor([float(p.ce), float(p.worst), torch.unique(mb.segments[keep]).numel(),
-                                 mb.truncated_samples, mb.truncated_loss_tokens, mb.skipped_samples], dtype=torch.float64)
+        p = sftgo_loss(
+            tl.float(),
+            mb.groups[keep],
+            1.0,
+            "sample",
+            num_groups=max(k, 2),
+            segments=mb.segments[keep],
+            ce_denom=1.0,
+            worst_denom=1.0,
+        )  # sums, normalised below
+        acc[:6] += torch.tensor(
+            [
+                float(p.ce),
+                float(p.worst),
+                torch.unique(mb.segments[keep]).numel(),
+                mb.truncated_samples,
+                mb.truncated_loss_tokens,
+                mb.skipped_samples,
+            ],
+            dtype=torch.float64,
+        )
         acc[6 : 6 + k] += p.group_sum[:k].double().cpu()
         acc[6 + k :] += p.group_count[:k].double().cpu()
     acc = all_reduce(acc.to(device)).cpu()
@@ -268,15 +356,31 @@ def evaluate(cfg, net, batches, k, lam, device, autocast, objective) -> dict:
     worst = float(acc[1]) / max(float(acc[2]), 1)
     group_loss = (acc[6 : 6 + k] / acc[6 + k :]).tolist()
     loss = objective.impl.eval_loss(ce, worst, group_loss, lam)
-    return {"split": "eval", "loss": loss, "ce": ce, "worst": worst, "group_loss": group_loss, "loss_tokens": int(n_tok),
-            **{key: int(v) for key, v in zip(CUT_KEYS, acc[3:6].tolist())}}
+    return {
+        "split": "eval",
+        "loss": loss,
+        "ce": ce,
+        "worst": worst,
+        "group_loss": group_loss,
+        "loss_tokens": int(n_tok),
+        **{key: int(v) for key, v in zip(CUT_KEYS, acc[3:6].tolist())},
+    }
 
 
 def run_eval(r: Run, step: int) -> None:
     if not r.cfg.eval_data:
         return
-    batches = make_batches(r.cfg, r.cfg.eval_data, read_manifest(r.cfg.eval_data), r.group_col, r.pad_id, r.rank,
-                           r.world, shuffle=False, cycle=False)
+    batches = make_batches(
+        r.cfg,
+        r.cfg.eval_data,
+        read_manifest(r.cfg.eval_data),
+        r.group_col,
+        r.pad_id,
+        r.rank,
+        r.world,
+        shuffle=False,
+        cycle=False,
+    )
     rec = evaluate(r.cfg, r.net, batches, r.k, r.lam(step), r.device, r.autocast, r.objective)
     if r.main:
         r.log.write({"step": step, **rec})
@@ -287,11 +391,26 @@ def save(r: Run, step: int) -> None:
     out = r.cfg.out
     tmp = ckpt.begin(out, step) if r.main else Path(out) / "checkpoints" / f".tmp-step-{step:07d}"
     if r.main:
-        state = resume.CheckpointState(step, list(r.batches.position), r.worst_prev, r.switches,
-                                       r.dro.state_dict() if r.dro else None, r.world, r.run_id,
-                                       resume.settings_of(r.cfg), **r.data_id, **r.cut)
-        ckpt.write_main(tmp, None if r.cfg.fsdp else r.model, r.tokenizer, None if r.cfg.fsdp else r.optimizer,
-                        r.scheduler, state.to_json())
+        state = resume.CheckpointState(
+            step,
+            list(r.batches.position),
+            r.worst_prev,
+            r.switches,
+            r.dro.state_dict() if r.dro else None,
+            r.world,
+            r.run_id,
+            resume.settings_of(r.cfg),
+            **r.data_id,
+            **r.cut,
+        )
+        ckpt.write_main(
+            tmp,
+            None if r.cfg.fsdp else r.model,
+            r.tokenizer,
+            None if r.cfg.fsdp else r.optimizer,
+            r.scheduler,
+            state.to_json(),
+        )
     barrier()
     if r.cfg.fsdp:  # every rank writes its shards of weights and optimizer state (collective)
         fsdp.save(tmp, r.train_net, r.optimizer)
@@ -306,12 +425,21 @@ def save(r: Run, step: int) -> None:
 # ---------------------------------------------------------------- one optimizer step
 def one_step(r: Run, it) -> dict:
     """Train one optimizer step on the next grad_accum micro-batches; return its metrics record."""
-    r.memory.step_peak(restart=True)  # the peak of what came before this step (an eval, a save) is the run's, not the step's
+    r.memory.step_peak(
+        restart=True
+    )  # the peak of what came before this step (an eval, a save) is the run's, not the step's
     t0 = time.perf_counter()
     micro = [next(it).to(r.device) for _ in range(r.cfg.grad_accum)]
     lam = r.lam(r.step)
-    stats = backward_step(r.train_net, micro, r.objective, lam, group_weights=None if r.dro is None else r.dro.weights,
-                          autocast=r.autocast, grad_scale=r.world)
+    stats = backward_step(
+        r.train_net,
+        micro,
+        r.objective,
+        lam,
+        group_weights=None if r.dro is None else r.dro.weights,
+        autocast=r.autocast,
+        grad_scale=r.world,
+    )
     clip = r.cfg.clip_grad if r.cfg.clip_grad > 0 else float("inf")
     grad_norm = fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(r.model.parameters(), clip))
     lr = r.scheduler.get_last_lr()[0]
@@ -333,12 +461,28 @@ def one_step(r: Run, it) -> dict:
     r.steps_run += 1
     dt = time.perf_counter() - t0
     peaks = r.memory.step_peak(restart=False)
-    rec = {"step": r.step, "split": "train", "loss": stats.loss, "ce": stats.ce, "worst": stats.worst,
-           "group_loss": group_loss.tolist(), "group_weight": stats.group_weight[: max(r.k, 1)].tolist(),
-           "worst_group": worst_group, "worst_switches": r.switches,
-           "ties": stats.ties, "lam": lam, "lr": lr, "grad_norm": float(grad_norm), "tokens": stats.counts.tokens,
-           "loss_tokens": int(stats.counts.loss_tokens), "tokens_per_s": stats.counts.tokens / dt,
-           "step_time_s": dt, "epoch": r.batches.position[0], **r.cut, **peaks}
+    rec = {
+        "step": r.step,
+        "split": "train",
+        "loss": stats.loss,
+        "ce": stats.ce,
+        "worst": stats.worst,
+        "group_loss": group_loss.tolist(),
+        "group_weight": stats.group_weight[: max(r.k, 1)].tolist(),
+        "worst_group": worst_group,
+        "worst_switches": r.switches,
+        "ties": stats.ties,
+        "lam": lam,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": stats.counts.tokens,
+        "loss_tokens": int(stats.counts.loss_tokens),
+        "tokens_per_s": stats.counts.tokens / dt,
+        "step_time_s": dt,
+        "epoch": r.batches.position[0],
+        **r.cut,
+        **peaks,
+    }
     if r.dro is not None:
         rec["dro_weights"] = r.dro.weights.tolist()
     return rec
@@ -364,8 +508,9 @@ def train(r: Run) -> None:
                     r.log.write(rec)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", worst_g=rec["worst_group"],
-                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.3f}", worst_g=rec["worst_group"], tok_s=f"{rec['tokens_per_s']:.0f}"
+                    )
                 if cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
                     run_eval(r, r.step)
                 if (cfg.save_every and r.step % cfg.save_every == 0) or r.step == stop:
@@ -376,10 +521,12 @@ def train(r: Run) -> None:
             bar.close()
         it.close()
     if r.steps_run and not r.trained_tokens:  # e.g. rho1 whose important tokens were all cut: nothing was learned
-        raise ConfigError(f"Training ran {r.steps_run} step(s) but --objective {cfg.objective} trained on no token "
-                          f"(none of the tokens it trains on reached a micro-batch; {r.cut['truncated_loss_tokens']} "
-                          f"supervised tokens were cut at --max-length {cfg.max_length}), so the run learned nothing "
-                          "and no model is saved.")
+        raise ConfigError(
+            f"Training ran {r.steps_run} step(s) but --objective {cfg.objective} trained on no token "
+            f"(none of the tokens it trains on reached a micro-batch; {r.cut['truncated_loss_tokens']} "
+            f"supervised tokens were cut at --max-length {cfg.max_length}), so the run learned nothing "
+            "and no model is saved."
+        )
 
 
 def finish(r: Run) -> dict:
@@ -400,12 +547,17 @@ def finish(r: Run) -> dict:
         return summary
     r.log.close()
     records = read_jsonl(Path(cfg.out) / "metrics.jsonl")
-    plot_curves(records, Path(cfg.out) / "loss_curves.png",
-                title=f"{cfg.objective} (λ={cfg.lam}, groups={cfg.groups}) — per-group loss")
+    plot_curves(
+        records,
+        Path(cfg.out) / "loss_curves.png",
+        title=f"{cfg.objective} (λ={cfg.lam}, groups={cfg.groups}) — per-group loss",
+    )
     table = summary_table(records)
-    cuts = (f"truncated at --max-length {cfg.max_length}: {r.cut['truncated_samples']} samples "
-            f"({r.cut['truncated_loss_tokens']} supervised tokens cut); skipped (no supervised token left): "
-            f"{r.cut['skipped_samples']} samples")
+    cuts = (
+        f"truncated at --max-length {cfg.max_length}: {r.cut['truncated_samples']} samples "
+        f"({r.cut['truncated_loss_tokens']} supervised tokens cut); skipped (no supervised token left): "
+        f"{r.cut['skipped_samples']} samples"
+    )
     summary["table"] = table + "\n" + cuts
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(summary["table"], flush=True)
@@ -417,7 +569,9 @@ def launch_note(r: Run) -> str:
     if r.world == 1:
         how = "1 process (no torchrun / accelerate launch environment; torchrun --nproc_per_node N for more)"
     else:
-        how = f"{r.world} processes ({'FSDP2, sharded' if r.cfg.fsdp else 'DDP'}, each reading its own part of the data)"
+        how = (
+            f"{r.world} processes ({'FSDP2, sharded' if r.cfg.fsdp else 'DDP'}, each reading its own part of the data)"
+        )
     return f"Training on {how}, {r.device.type}."
 
 

@@ -8,6 +8,7 @@ measure other trainers with the same two primitives, `proc_status_mb` and `resta
 Cost: a read of /proc/self/status and a write to /proc/self/clear_refs per call (Linux); elsewhere only the
 whole-process peak (getrusage) is reported.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,8 +92,12 @@ class MemoryMeter:
         self.step_peak(restart=False)  # what came after the last step (the final eval and export)
         whole = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         train = self.train_rss_mb if self.setup_rss_mb is not None else None
-        mine = {"rank": rank, "rss_mb": max(whole, self.setup_rss_mb or 0.0, train or 0.0), "train_rss_mb": train,
-                "train_start_rss_mb": self.train_start_rss_mb}
+        mine = {
+            "rank": rank,
+            "rss_mb": max(whole, self.setup_rss_mb or 0.0, train or 0.0),
+            "train_rss_mb": train,
+            "train_start_rss_mb": self.train_start_rss_mb,
+        }
         if self.device.type == "cuda":
             mine["train_cuda_mb"] = self.train_cuda_mb
             mine["cuda_mb"] = max(self.train_cuda_mb, self.setup_cuda_mb)

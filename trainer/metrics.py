@@ -8,6 +8,7 @@ the same scalars to each tracker of --report-to (tensorboard, wandb, mlflow; one
 an error before training starts), a printed table.
 Cost: a line write per step; the PNG and table once at the end.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,11 +43,16 @@ def tensorboard_enabled(wanted: bool | None, say: bool = True) -> bool:
     says once on stderr (when `say`) that it is not; wanted=True without the package is an error."""
     have = importlib.util.find_spec("tensorboard") is not None
     if wanted and not have:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard, or pass --no-tensorboard.")
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard, or pass --no-tensorboard."
+        )
     if wanted is None and not have and say:
-        print("Note: tensorboard is not installed, so no TensorBoard logs are written (metrics.jsonl and "
-              "loss_curves.png are); pip install tensorboard, or pass --no-tensorboard to silence this note.",
-              file=sys.stderr, flush=True)
+        print(
+            "Note: tensorboard is not installed, so no TensorBoard logs are written (metrics.jsonl and "
+            "loss_curves.png are); pip install tensorboard, or pass --no-tensorboard to silence this note.",
+            file=sys.stderr,
+            flush=True,
+        )
     return have and wanted is not False
 
 
@@ -56,15 +62,20 @@ def check_trackers(names: list[str]) -> None:
         if name not in TRACKERS:
             raise ConfigError(f"--report-to {name!r} is not a tracker sftgo knows; choose from {', '.join(TRACKERS)}.")
         if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise ConfigError(f"--report-to {name} needs the {TRACKERS[name]} package: pip install 'sftgo[{name}]' "
-                              f"(or pip install {TRACKERS[name]}).")
+            raise ConfigError(
+                f"--report-to {name} needs the {TRACKERS[name]} package: pip install 'sftgo[{name}]' "
+                f"(or pip install {TRACKERS[name]})."
+            )
 
 
 def scalars(record: dict) -> dict[str, float]:
     """The finite numbers of a record, as split/name (group losses as split/group_G_loss)."""
     split = record.get("split", "train")
-    out = {f"{split}/{k}": float(v) for k, v in record.items()
-           if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "split") and math.isfinite(v)}
+    out = {
+        f"{split}/{k}": float(v)
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "split") and math.isfinite(v)
+    }
     for g, value in enumerate(record.get("group_loss", [])):
         if value is not None and math.isfinite(value):
             out[f"{split}/group_{g}_loss"] = float(value)
@@ -93,8 +104,9 @@ class _WandB:
 
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sftgo"), dir=str(out), config=config,
-                              name=out.name, resume="allow")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "sftgo"), dir=str(out), config=config, name=out.name, resume="allow"
+        )
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
@@ -130,8 +142,11 @@ def _resumed_records(path: Path) -> list[dict]:
     """metrics.jsonl of the run being resumed.  Its last line may have been cut by the kill (or a full
     disk) that stopped the run: that record is dropped with a note (it is past the checkpoint, which is
     written after it).  Any other line that is not one of our records is an error."""
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()] \
-        if path.is_file() else []
+    lines = (
+        [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        if path.is_file()
+        else []
+    )
     records = []
     for i, line in enumerate(lines, 1):
         try:
@@ -142,11 +157,17 @@ def _resumed_records(path: Path) -> list[dict]:
         if isinstance(step, int) and not isinstance(step, bool):
             records.append(record)
         elif i == len(lines):
-            print(f"Note: the last line of {path} is not a whole record (the run was cut off while writing it); "
-                  "it is dropped.", file=sys.stderr, flush=True)
+            print(
+                f"Note: the last line of {path} is not a whole record (the run was cut off while writing it); "
+                "it is dropped.",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            raise ConfigError(f"{path} line {i} is not a metrics record of sftgo-train: the file was edited or "
-                              "damaged; repair or remove that line to resume.")
+            raise ConfigError(
+                f"{path} line {i} is not a metrics record of sftgo-train: the file was edited or "
+                "damaged; repair or remove that line to resume."
+            )
     return records
 
 
@@ -154,8 +175,14 @@ class MetricsLog:
     """Appends records to metrics.jsonl; on resume drops records past the resumed step
     (written after the checkpoint by the run that died), so the file has each step once."""
 
-    def __init__(self, out, resume_step: int | None, tensorboard: bool, report_to: tuple[str, ...] = (),
-                 config: dict | None = None):
+    def __init__(
+        self,
+        out,
+        resume_step: int | None,
+        tensorboard: bool,
+        report_to: tuple[str, ...] = (),
+        config: dict | None = None,
+    ):
         self.path = Path(out) / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -163,7 +190,7 @@ class MetricsLog:
             kept = [r for r in _resumed_records(self.path) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.fh = open(self.path, "a", encoding="utf-8")
-        names = list(dict.fromkeys(([*report_to] + (["tensorboard"] if tensorboard else []))))
+        names = list(dict.fromkeys([*report_to] + (["tensorboard"] if tensorboard else [])))
         self.trackers = [_TRACKER_CLASSES[n](Path(out), config or {}, resume_step) for n in names]
 
     def write(self, record: dict) -> None:
@@ -211,9 +238,18 @@ def plot_curves(records: list[dict], path, title: str = "") -> None:
         ys = [r["group_loss"][g] if g < len(r.get("group_loss", [])) else None for r in train]
         if window > 1:
             ax.plot(steps, nan(ys), color=c, alpha=0.25, lw=1)
-        ax.plot(steps, nan(_smooth(ys, window)), color=c, lw=2,
-                label=f"group {g} (train" + (f", mean of {window})" if window > 1 else ")"))
-        ev = [(r["step"], r["group_loss"][g]) for r in evals if g < len(r.get("group_loss", [])) and r["group_loss"][g] is not None]
+        ax.plot(
+            steps,
+            nan(_smooth(ys, window)),
+            color=c,
+            lw=2,
+            label=f"group {g} (train" + (f", mean of {window})" if window > 1 else ")"),
+        )
+        ev = [
+            (r["step"], r["group_loss"][g])
+            for r in evals
+            if g < len(r.get("group_loss", [])) and r["group_loss"][g] is not None
+        ]
         if ev:
             ax.plot(*zip(*ev), "o--", color=c, ms=5, label=f"group {g} (eval)")
     if train:
@@ -251,6 +287,8 @@ def summary_table(records: list[dict]) -> str:
             fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"  {label:<8} {fmt(a):>12} {fmt(b):>12}")
         if split == "train":
-            lines.append(f"  worst-group switches: {last.get('worst_switches', 0)}; "
-                         f"tokens/s (last): {last.get('tokens_per_s', 0):.0f}")
+            lines.append(
+                f"  worst-group switches: {last.get('worst_switches', 0)}; "
+                f"tokens/s (last): {last.get('tokens_per_s', 0):.0f}"
+            )
     return "\n".join(lines)

@@ -8,6 +8,7 @@ Cost: the decoder forward/backward as usual; the lm_head and softmax run only on
 positions, in chunks (trainer.objectives.token_cross_entropy), instead of on every position
 with the whole [B, T, V] fp32 logits tensor as a plain `model(labels=...)` call does.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,7 +34,9 @@ def check_plain_head(model: nn.Module, name: str) -> None:
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         value = getattr(cfg, attr, None) or getattr(getattr(cfg, "text_config", None), attr, None)
         if value not in (None, 1, 1.0):
-            raise ConfigError(f"Model {name!r} scales or caps its logits ({attr}={value}), which sftgo-train does not support.")
+            raise ConfigError(
+                f"Model {name!r} scales or caps its logits ({attr}={value}), which sftgo-train does not support."
+            )
 
 
 def saved_form(name: str | None, trust_remote_code: bool = False) -> tuple[torch.dtype | None, bool | None]:
@@ -48,8 +51,15 @@ def saved_form(name: str | None, trust_remote_code: bool = False) -> tuple[torch
     return (dtype if isinstance(dtype, torch.dtype) else None), getattr(config, "use_cache", None)
 
 
-def load_for_training(name: str | None, *, lora_r: int = 0, lora_alpha: float = 16.0, adapter_dir: str | None = None,
-                      grad_checkpointing: bool = False, trust_remote_code: bool = False) -> nn.Module:
+def load_for_training(
+    name: str | None,
+    *,
+    lora_r: int = 0,
+    lora_alpha: float = 16.0,
+    adapter_dir: str | None = None,
+    grad_checkpointing: bool = False,
+    trust_remote_code: bool = False,
+) -> nn.Module:
     """An fp32 causal LM in train mode (autocast handles bf16 on GPUs); LoRA-wrapped if asked."""
     model = load_causal_lm(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
     check_plain_head(model, str(name))
@@ -113,8 +123,13 @@ class _LookupIntoGrad(torch.autograd.Function):
 
 def plain_lookup(embed: nn.Module) -> bool:
     """A plain nn.Embedding (no max_norm, frequency scaling or sparse gradient) of a trained weight."""
-    return (type(embed) is nn.Embedding and embed.max_norm is None and not embed.scale_grad_by_freq
-            and not embed.sparse and embed.weight.requires_grad)
+    return (
+        type(embed) is nn.Embedding
+        and embed.max_norm is None
+        and not embed.scale_grad_by_freq
+        and not embed.sparse
+        and embed.weight.requires_grad
+    )
 
 
 class TokenLossModel(nn.Module):

@@ -1,4 +1,5 @@
-"""Training objectives: SFT-GO (worst-group) and the baselines SFT, Rho-1, DFT and weighted, plus the chunked token loss.
+"""Training objectives: SFT-GO (worst-group) and the baselines SFT, Rho-1, DFT and weighted, plus the chunked
+token loss.
 
 Input: per-token cross-entropy (from `token_cross_entropy`, or any float tensor) and a
 group id per token (-1 = not supervised), optionally a sample id per token (packing).
@@ -22,6 +23,7 @@ so the caller uses the counts of the whole accumulated (global) batch.  Summing 
 Group-DRO; for `batch` worst the argmax group is chosen per micro-batch, which equals the
 whole-batch value whenever the micro-batches agree on the worst group.
 """
+
 from __future__ import annotations
 
 import math
@@ -149,7 +151,9 @@ def sftgo_loss(
     if num_groups is None:
         num_groups = max(2, int(grp.max()) + 1 if grp.numel() else 2)
     elif grp.numel() and int(grp.max()) >= num_groups:
-        raise ValueError(f"The data has group id {int(grp.max())} but {num_groups} groups were declared (ids 0..{num_groups - 1}).")
+        raise ValueError(
+            f"The data has group id {int(grp.max())} but {num_groups} groups were declared (ids 0..{num_groups - 1})."
+        )
     zero = loss.sum() * 0.0  # keeps the graph (and DDP) happy when nothing is supervised
     n_tok = loss.new_tensor(float(loss.numel())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=loss.dtype)
     ce_sum = loss.sum()
@@ -202,8 +206,9 @@ def dft_loss(token_loss, groups, *, num_groups=None, ce_denom=None, segments=Non
     return parts
 
 
-def weighted_loss(token_loss, groups, weight: float, *, num_groups=None, ce_denom=None, important_denom=None,
-                  segments=None) -> LossParts:
+def weighted_loss(
+    token_loss, groups, weight: float, *, num_groups=None, ce_denom=None, important_denom=None, segments=None
+) -> LossParts:
     """CE with a fixed weight on the important group (K-1) and 1 on the others, as a weighted token
     mean: sum(w_t * CE_t) / sum(w_t), the sums over the whole accumulated batch (`ce_denom`
     supervised tokens, `important_denom` of them important).  weight = 1 is plain SFT; the control
@@ -212,9 +217,16 @@ def weighted_loss(token_loss, groups, weight: float, *, num_groups=None, ce_deno
     k = parts.group_sum.numel()
     keep = groups >= 0
     important = groups == (k - 1)
-    n = token_loss.new_tensor(float(keep.sum())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=token_loss.dtype)
-    n_imp = token_loss.new_tensor(float(important.sum())) if important_denom is None else \
-        torch.as_tensor(important_denom, dtype=token_loss.dtype)
+    n = (
+        token_loss.new_tensor(float(keep.sum()))
+        if ce_denom is None
+        else torch.as_tensor(ce_denom, dtype=token_loss.dtype)
+    )
+    n_imp = (
+        token_loss.new_tensor(float(important.sum()))
+        if important_denom is None
+        else torch.as_tensor(important_denom, dtype=token_loss.dtype)
+    )
     w = torch.where(important, token_loss.new_tensor(float(weight)), token_loss.new_tensor(1.0)) * keep
     parts.loss = (token_loss * w).sum() / (n + (weight - 1.0) * n_imp).clamp(min=1e-12)
     return parts

@@ -6,6 +6,7 @@ Output: a fused AdamW with weight decay on matrices only, and the schedule's fac
 torch's LambdaLR calls and saves in checkpoints).
 Cost: AdamW keeps two fp32 moments per trainable parameter.
 """
+
 from __future__ import annotations
 
 import math

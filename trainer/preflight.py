@@ -14,6 +14,7 @@ sftgo-train writes when a run starts (or, for runs of older versions, by a confi
 sftgo-train configuration).  sftgo-train writes only into a directory that does not exist, is empty,
 or is such a run; and never into, or around, its own inputs (--data, --eval-data, a local --model).
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,10 @@ def read_run_config(out) -> dict:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{out} has checkpoints but no config.json, so --resume cannot check its settings; "
-                          "it was edited or damaged.") from None
+        raise ConfigError(
+            f"{out} has checkpoints but no config.json, so --resume cannot check its settings; "
+            "it was edited or damaged."
+        ) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); it was edited or damaged.") from None
     if not isinstance(saved, dict):
@@ -105,14 +108,20 @@ def check_run_dir(cfg: TrainConfig) -> None:
         other = _real(value)
         if where == other or where.is_relative_to(other):
             how = "is the same directory as" if where == other else "lies inside"
-            raise ConfigError(f"--out {out} {how} {cli_flag(name)} {value}: the run's checkpoints, model and logs "
-                              f"would be written among its files; choose an --out outside it.")
+            raise ConfigError(
+                f"--out {out} {how} {cli_flag(name)} {value}: the run's checkpoints, model and logs "
+                f"would be written among its files; choose an --out outside it."
+            )
         if other.is_relative_to(where):
-            raise ConfigError(f"{cli_flag(name)} {value} lies inside --out {out}: the run writes its checkpoints, model "
-                              f"and logs there and could overwrite it; move it out or choose another --out.")
+            raise ConfigError(
+                f"{cli_flag(name)} {value} lies inside --out {out}: the run writes its checkpoints, model "
+                f"and logs there and could overwrite it; move it out or choose another --out."
+            )
     if out.is_dir() and not is_run_dir(out) and any(p.name != LOCK for p in out.iterdir()):
-        raise ConfigError(f"--out {out} holds files but is not an sftgo-train run directory (it has no {RUN_MARKER}), "
-                          "so nothing in it is overwritten; choose a new or empty --out.")
+        raise ConfigError(
+            f"--out {out} holds files but is not an sftgo-train run directory (it has no {RUN_MARKER}), "
+            "so nothing in it is overwritten; choose a new or empty --out."
+        )
 
 
 # ---------------------------------------------------------------- the data
@@ -124,9 +133,11 @@ def _groups(cfg: TrainConfig, manifest: dict) -> str | None:
         return cfg.groups or None  # an objective that needs groups gets verify_shards' refusal
     if cfg.groups == TrainConfig().groups:
         return None  # the default, which this data does not have: plain SFT/DFT without per-group loss (a note)
-    raise ConfigError(f"--groups {cfg.groups!r} is not a strategy of {cfg.data} (it has: "
-                      f"{', '.join(sorted(have)) or 'none'}); plain SFT and DFT need no groups: name one of these "
-                      "to log per-group loss, or leave --groups out.")
+    raise ConfigError(
+        f"--groups {cfg.groups!r} is not a strategy of {cfg.data} (it has: "
+        f"{', '.join(sorted(have)) or 'none'}); plain SFT and DFT need no groups: name one of these "
+        "to log per-group loss, or leave --groups out."
+    )
 
 
 def num_groups(manifest: dict, groups: str | None) -> int:
@@ -158,8 +169,10 @@ def group_id_range(directory, manifest: dict, groups: str | None) -> int | None:
             rg = meta.row_group(i)
             mask = _min_max(rg, "loss_mask")
             if mask is not None and (mask[0] < 0 or mask[1] > 1):
-                raise ShardError(f"Shard {path} has loss_mask value {mask[1] if mask[1] > 1 else mask[0]}; only 0 (not "
-                                 "trained) and 1 (trained) are valid: the shard was damaged or not written by sftgo-prep.")
+                raise ShardError(
+                    f"Shard {path} has loss_mask value {mask[1] if mask[1] > 1 else mask[0]}; only 0 (not "
+                    "trained) and 1 (trained) are valid: the shard was damaged or not written by sftgo-prep."
+                )
             if column is None:
                 continue
             ids = _min_max(rg, column)
@@ -170,24 +183,32 @@ def group_id_range(directory, manifest: dict, groups: str | None) -> int | None:
             low, high = ids
             if low < -1 or high >= k:
                 bad = high if high >= k else low
-                raise ShardError(f"Shard {path} has group id {bad} in column '{column}', but the manifest declares "
-                                 f"{k} groups (ids 0..{k - 1}, -1 for untrained tokens): the shard or the manifest "
-                                 "was changed.")
+                raise ShardError(
+                    f"Shard {path} has group id {bad} in column '{column}', but the manifest declares "
+                    f"{k} groups (ids 0..{k - 1}, -1 for untrained tokens): the shard or the manifest "
+                    "was changed."
+                )
             if high < 0 and mask is not None and mask[1] >= 1:
-                raise ShardError(f"Shard {path} trains tokens (loss_mask 1) but gives none of them a group in column "
-                                 f"'{column}' (every id is -1): the shard contradicts its own loss_mask.")
+                raise ShardError(
+                    f"Shard {path} trains tokens (loss_mask 1) but gives none of them a group in column "
+                    f"'{column}' (every id is -1): the shard contradicts its own loss_mask."
+                )
             if top is not None:
                 top = max(top, high)
     return top
 
 
 def empty_group_message(objective: str, groups: str, data, k: int, top: int) -> str:
-    return (f"--objective {objective} trains on group {k - 1} of '{groups}' (the important group), but no token of "
-            f"{data} is in it: the manifest declares {k} groups and the shards use ids up to {top}; fix the "
-            "manifest's num_groups or rebuild the shards.")
+    return (
+        f"--objective {objective} trains on group {k - 1} of '{groups}' (the important group), but no token of "
+        f"{data} is in it: the manifest declares {k} groups and the shards use ids up to {top}; fix the "
+        "manifest's num_groups or rebuild the shards."
+    )
 
 
-def check_data(cfg: TrainConfig, fingerprint: str | None = None, checksums: bool = True) -> tuple[dict, str | None, int]:
+def check_data(
+    cfg: TrainConfig, fingerprint: str | None = None, checksums: bool = True
+) -> tuple[dict, str | None, int]:
     """Manifest, the --groups column, every shard's schema, row count, group ids (footer statistics) and
     (with `checksums`) sha256, and with `fingerprint` the tokenizer; for train and eval data."""
     manifest = read_manifest(cfg.data)
@@ -196,8 +217,9 @@ def check_data(cfg: TrainConfig, fingerprint: str | None = None, checksums: bool
     verify_shards(cfg.data, manifest, strategies=strategies, checksums=checksums, tokenizer_fingerprint=fingerprint)
     eval_manifest = read_manifest(cfg.eval_data) if cfg.eval_data else None
     if eval_manifest is not None:
-        verify_shards(cfg.eval_data, eval_manifest, strategies=strategies, checksums=checksums,
-                      tokenizer_fingerprint=fingerprint)
+        verify_shards(
+            cfg.eval_data, eval_manifest, strategies=strategies, checksums=checksums, tokenizer_fingerprint=fingerprint
+        )
     if not manifest["shards"]:
         raise ConfigError(f"{cfg.data} holds no shards (0 records written).")
     k = num_groups(manifest, groups)
@@ -211,8 +233,10 @@ def check_data(cfg: TrainConfig, fingerprint: str | None = None, checksums: bool
         if eval_manifest is not None:
             k_eval = num_groups(eval_manifest, groups)
             if k_eval != k:
-                raise ConfigError(f"--eval-data {cfg.eval_data} declares {k_eval} '{groups}' groups and --data {k}: "
-                                  "their per-group losses would not compare; use shards built with the same groups.")
+                raise ConfigError(
+                    f"--eval-data {cfg.eval_data} declares {k_eval} '{groups}' groups and --data {k}: "
+                    "their per-group losses would not compare; use shards built with the same groups."
+                )
     if eval_manifest is not None:
         group_id_range(cfg.eval_data, eval_manifest, groups)
     return manifest, (group_column(groups) if groups else None), k
@@ -223,8 +247,10 @@ def data_notes(cfg: TrainConfig, manifest: dict) -> list[str]:
     groups = _groups(cfg, manifest)
     have = ", ".join(sorted(manifest.get("strategies", {}))) or "none"
     if cfg.groups and not groups:
-        return [f"Note: {cfg.data} has no '{cfg.groups}' groups (it has: {have}), so --objective {cfg.objective} "
-                "logs no per-group loss; pass --groups with one of those to log it."]
+        return [
+            f"Note: {cfg.data} has no '{cfg.groups}' groups (it has: {have}), so --objective {cfg.objective} "
+            "logs no per-group loss; pass --groups with one of those to log it."
+        ]
     if not groups:
         return []
     k = num_groups(manifest, groups)
@@ -232,7 +258,12 @@ def data_notes(cfg: TrainConfig, manifest: dict) -> list[str]:
     if top is None or top >= k - 1:
         return []
     empty = list(range(top + 1, k))
-    which = f"group {empty[0]} of '{groups}' is" if len(empty) == 1 else \
-        f"groups {', '.join(map(str, empty[:-1]))} and {empty[-1]} of '{groups}' are"
-    return [f"Note: {which} empty in {cfg.data} (the manifest declares {k} groups, the shards use ids up to {top}), "
-            f"so no loss is logged for {'it' if len(empty) == 1 else 'them'} and the objective sees only the others."]
+    which = (
+        f"group {empty[0]} of '{groups}' is"
+        if len(empty) == 1
+        else f"groups {', '.join(map(str, empty[:-1]))} and {empty[-1]} of '{groups}' are"
+    )
+    return [
+        f"Note: {which} empty in {cfg.data} (the manifest declares {k} groups, the shards use ids up to {top}), "
+        f"so no loss is logged for {'it' if len(empty) == 1 else 'them'} and the objective sees only the others."
+    ]

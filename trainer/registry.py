@@ -25,6 +25,7 @@ The protocol, per objective:
   trained_tokens(counts) -> float
                                the tokens one step trained on (a run that trained on none fails)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,16 +78,26 @@ def _attributes(obj, where: str) -> None:
     from sftgo.core.plugins import PluginShapeError
 
     if getattr(obj, "groups", None) not in GROUP_USES:
-        raise PluginShapeError(f"{where} has groups={getattr(obj, 'groups', None)!r}; use one of {', '.join(GROUP_USES)}.")
+        raise PluginShapeError(
+            f"{where} has groups={getattr(obj, 'groups', None)!r}; use one of {', '.join(GROUP_USES)}."
+        )
     unknown = [s for s in getattr(obj, "settings", ()) if s not in OBJECTIVE_FIELDS]
     if not isinstance(obj.settings, tuple) or unknown:
-        raise PluginShapeError(f"{where} reads settings {obj.settings!r}; an objective's settings are a tuple of "
-                               f"{', '.join(OBJECTIVE_FIELDS)}.")
+        raise PluginShapeError(
+            f"{where} reads settings {obj.settings!r}; an objective's settings are a tuple of "
+            f"{', '.join(OBJECTIVE_FIELDS)}."
+        )
 
 
 _BUILTIN = {name: f"sftgo.trainer.builtin:{name.upper()}" for name in ("sftgo", "sft", "rho1", "dft", "weighted")}
-REGISTRY = Registry("objective", "sftgo.objectives", _BUILTIN, Objective,
-                    "name, summary, settings, groups, train_loss, eval_loss, trained_tokens", _attributes)
+REGISTRY = Registry(
+    "objective",
+    "sftgo.objectives",
+    _BUILTIN,
+    Objective,
+    "name, summary, settings, groups, train_loss, eval_loss, trained_tokens",
+    _attributes,
+)
 names, get, register, unregister = REGISTRY.names, REGISTRY.get, REGISTRY.register, REGISTRY.unregister
 
 

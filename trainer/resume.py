@@ -27,6 +27,7 @@ decision):
   mathematics (ce_chunk, grad_checkpointing), readahead, stop_after: allowed.
 - max_steps: raising it extends the run; the schedules are recomputed for the new length.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,10 @@ def _sums(value) -> bool:
 def state_error(path: Path, key: str, value, want: str) -> CheckpointError:
     shown = json.dumps(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return CheckpointError(f"{path / 'trainer_state.json'} has '{key}' = {shown}, not {want}: the checkpoint was "
-                           "edited or damaged; resume from an intact one or start a new --out.")
+    return CheckpointError(
+        f"{path / 'trainer_state.json'} has '{key}' = {shown}, not {want}: the checkpoint was "
+        "edited or damaged; resume from an intact one or start a new --out."
+    )
 
 
 @dataclasses.dataclass
@@ -96,7 +99,7 @@ class CheckpointState:
         return {key: getattr(self, key) for key in CUT_KEYS}
 
     @classmethod
-    def read(cls, path: Path) -> "CheckpointState":
+    def read(cls, path: Path) -> CheckpointState:
         """Checkpoint `path`'s state, every entry checked for its type and range (one sentence naming the entry):
         a checkpoint is untrusted input.  The checks that need the run are `fits`'."""
         file = path / "trainer_state.json"
@@ -105,15 +108,18 @@ class CheckpointState:
         except FileNotFoundError:
             raise CheckpointError(f"{path} has no trainer_state.json: the checkpoint is incomplete.") from None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}): the checkpoint was edited "
-                                  "or damaged.") from None
+            raise CheckpointError(
+                f"{file} is not valid JSON ({str(exc).splitlines()[0]}): the checkpoint was edited or damaged."
+            ) from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{file} is not a JSON object: the checkpoint was edited or damaged.")
         for key in ("run_id", "settings", "data_sha256"):
             if key not in state:
-                raise CheckpointError(f"{file} records no '{key}' (the checkpoint was written by an older "
-                                      "sftgo-train), so --resume cannot check that it belongs to this run; start a "
-                                      "new --out.")
+                raise CheckpointError(
+                    f"{file} records no '{key}' (the checkpoint was written by an older "
+                    "sftgo-train), so --resume cannot check that it belongs to this run; start a "
+                    "new --out."
+                )
         for key, (ok, want) in _entry_checks(path, state).items():
             if not ok:
                 raise state_error(path, key, state.get(key), want)
@@ -123,24 +129,35 @@ class CheckpointState:
         """Refuse a state that cannot continue this run: other world size, a step past its end, a data position
         other than its steps took, a group it does not have, Group-DRO weights of another shape."""
         if self.world_size != world:  # each rank's share of the data depends on the world size
-            raise ConfigError(f"{path} was written by {self.world_size} process(es); resume it with the same number, "
-                              f"not {world}.")
+            raise ConfigError(
+                f"{path} was written by {self.world_size} process(es); resume it with the same number, not {world}."
+            )
         step, (epoch, taken) = self.step, self.data_position
         if step > total_steps:
             raise state_error(path, "step", step, f"a step of this run's {total_steps}")
         consumed = step * grad_accum  # micro-batches the run has taken
         if taken != consumed if epoch == 0 else max(epoch, taken) > consumed:
-            raise state_error(path, "data_position", self.data_position,
-                              f"a position after {consumed} micro-batches ({step} steps of {grad_accum})")
+            raise state_error(
+                path,
+                "data_position",
+                self.data_position,
+                f"a position after {consumed} micro-batches ({step} steps of {grad_accum})",
+            )
         if self.worst_group is not None and self.worst_group >= max(groups, 1):
             raise state_error(path, "worst_group", self.worst_group, f"one of this run's {max(groups, 1)} groups")
         if dro is None and self.dro is not None:
             raise state_error(path, "dro", self.dro, "null (this run has no --dro-step)")
         if dro is not None:
             n, mine = dro.weights.numel(), self.dro
-            if (mine is None or len(mine["weights"]) != n or abs(sum(mine["weights"]) - 1) > 1e-6
-                    or mine["step_size"] != dro.step_size):
-                raise state_error(path, "dro", mine, f"{n} Group-DRO weights summing to 1 with step size {dro.step_size}")
+            if (
+                mine is None
+                or len(mine["weights"]) != n
+                or abs(sum(mine["weights"]) - 1) > 1e-6
+                or mine["step_size"] != dro.step_size
+            ):
+                raise state_error(
+                    path, "dro", mine, f"{n} Group-DRO weights summing to 1 with step size {dro.step_size}"
+                )
 
 
 def _entry_checks(path: Path, state: dict) -> dict:
@@ -148,24 +165,42 @@ def _entry_checks(path: Path, state: dict) -> dict:
     match = STEP_DIR.fullmatch(path.name)
     step, dro = state.get("step"), state.get("dro")
     return {
-        "step": (_count(step) and (match is None or step == int(match.group(1))),
-                 f"the step of {path.name}" if match else "a step count"),
-        "data_position": (isinstance(state.get("data_position"), list) and len(state["data_position"]) == 2
-                          and all(_count(v) for v in state["data_position"]), "[epoch, micro-batches taken]"),
+        "step": (
+            _count(step) and (match is None or step == int(match.group(1))),
+            f"the step of {path.name}" if match else "a step count",
+        ),
+        "data_position": (
+            isinstance(state.get("data_position"), list)
+            and len(state["data_position"]) == 2
+            and all(_count(v) for v in state["data_position"]),
+            "[epoch, micro-batches taken]",
+        ),
         "worst_group": (state.get("worst_group") is None or _count(state.get("worst_group")), "a group id or null"),
         "worst_switches": (_count(state.get("worst_switches")), "a count"),
         "world_size": (_count(state.get("world_size")) and state.get("world_size") >= 1, "a number of processes"),
         "data_sha256": (_sums(state.get("data_sha256")), "a list of sha256 sums"),
-        "eval_data_sha256": (state.get("eval_data_sha256") is None or _sums(state["eval_data_sha256"]),
-                             "a list of sha256 sums or null"),
-        "data_strategy": (state.get("data_strategy") is None or isinstance(state["data_strategy"], dict),
-                          "a manifest entry or null"),
-        "eval_data_strategy": (state.get("eval_data_strategy") is None or isinstance(state["eval_data_strategy"], dict),
-                               "a manifest entry or null"),
-        "dro": (dro is None or (isinstance(dro, dict) and isinstance(dro.get("weights"), list)
-                                and all(is_finite(w) and w >= 0 for w in dro["weights"])
-                                and is_finite(dro.get("step_size"))),
-                "Group-DRO weights (finite, not negative) and a step size, or null"),
+        "eval_data_sha256": (
+            state.get("eval_data_sha256") is None or _sums(state["eval_data_sha256"]),
+            "a list of sha256 sums or null",
+        ),
+        "data_strategy": (
+            state.get("data_strategy") is None or isinstance(state["data_strategy"], dict),
+            "a manifest entry or null",
+        ),
+        "eval_data_strategy": (
+            state.get("eval_data_strategy") is None or isinstance(state["eval_data_strategy"], dict),
+            "a manifest entry or null",
+        ),
+        "dro": (
+            dro is None
+            or (
+                isinstance(dro, dict)
+                and isinstance(dro.get("weights"), list)
+                and all(is_finite(w) and w >= 0 for w in dro["weights"])
+                and is_finite(dro.get("step_size"))
+            ),
+            "Group-DRO weights (finite, not negative) and a step size, or null",
+        ),
         "run_id": (isinstance(state.get("run_id"), str), "a run id string"),
         "settings": (isinstance(state.get("settings"), dict), "the run's settings"),
         **{key: (_count(state.get(key, 0)), "a count") for key in CUT_KEYS},
@@ -175,28 +210,73 @@ def _entry_checks(path: Path, state: dict) -> dict:
 def check_schedule(path: Path, scheduler, cfg: TrainConfig, step: int) -> None:
     """Refuse a learning-rate schedule state from another run or edited (its base lr, step, warm-up, floor)."""
     if any(not math.isclose(base, cfg.lr, rel_tol=1e-9) for base in scheduler.base_lrs):
-        raise CheckpointError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule from lr "
-                              f"{scheduler.base_lrs[0]!r}, not this run's --lr {cfg.lr!r}: the checkpoint belongs to "
-                              "another run or was edited.")
+        raise CheckpointError(
+            f"{path / 'trainer_state.pt'} holds a learning-rate schedule from lr "
+            f"{scheduler.base_lrs[0]!r}, not this run's --lr {cfg.lr!r}: the checkpoint belongs to "
+            "another run or was edited."
+        )
     for fn in scheduler.lr_lambdas:
-        if scheduler.last_epoch != step or fn.warmup != cfg.warmup_steps or not math.isclose(fn.min_ratio,
-                                                                                             cfg.min_lr_ratio):
-            raise CheckpointError(f"{path / 'trainer_state.pt'} holds a learning-rate schedule at step "
-                                  f"{scheduler.last_epoch} with {fn.warmup} warm-up steps and --min-lr-ratio "
-                                  f"{fn.min_ratio!r}, not this run's step {step}, {cfg.warmup_steps} and "
-                                  f"{cfg.min_lr_ratio!r}: the checkpoint belongs to another run or was edited.")
+        if (
+            scheduler.last_epoch != step
+            or fn.warmup != cfg.warmup_steps
+            or not math.isclose(fn.min_ratio, cfg.min_lr_ratio)
+        ):
+            raise CheckpointError(
+                f"{path / 'trainer_state.pt'} holds a learning-rate schedule at step "
+                f"{scheduler.last_epoch} with {fn.warmup} warm-up steps and --min-lr-ratio "
+                f"{fn.min_ratio!r}, not this run's step {step}, {cfg.warmup_steps} and "
+                f"{cfg.min_lr_ratio!r}: the checkpoint belongs to another run or was edited."
+            )
+
 
 SHAPES_RUN = (
-    "model", "objective", "groups", "group_weight", "lam", "lam_schedule", "lam_end", "reduce", "temperature", "dro_step",
-    "batch_tokens", "max_length", "pack", "grad_accum", "shuffle_buffer", "bucket_pool", "epochs", "lr",
-    "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "clip_grad", "seed", "precision", "lora_r",
-    "lora_alpha", "eval_batches", "fsdp",
+    "model",
+    "objective",
+    "groups",
+    "group_weight",
+    "lam",
+    "lam_schedule",
+    "lam_end",
+    "reduce",
+    "temperature",
+    "dro_step",
+    "batch_tokens",
+    "max_length",
+    "pack",
+    "grad_accum",
+    "shuffle_buffer",
+    "bucket_pool",
+    "epochs",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "betas",
+    "clip_grad",
+    "seed",
+    "precision",
+    "lora_r",
+    "lora_alpha",
+    "eval_batches",
+    "fsdp",
 )
 BY_CONTENT = ("data", "eval_data")
 OPERATIONAL = (
-    "out", "readahead", "stop_after", "ce_chunk", "grad_checkpointing", "trust_remote_code", "eval_every",
-    "save_every", "keep_checkpoints", "resume", "log_every", "progress", "tensorboard",
-    "report_to", "save_adapter",
+    "out",
+    "readahead",
+    "stop_after",
+    "ce_chunk",
+    "grad_checkpointing",
+    "trust_remote_code",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "resume",
+    "log_every",
+    "progress",
+    "tensorboard",
+    "report_to",
+    "save_adapter",
 )
 EXTENSIBLE = ("max_steps",)
 
@@ -220,11 +300,15 @@ def check_data(name: str, now: list[str] | None, before: list[str] | None, path:
         return
     if now is None or before is None:
         state = "without" if now is None else "with"
-        raise ConfigError(f"--resume {state} {_flag(name)} would not continue the same run (it was started "
-                          f"{'with' if before is not None else 'without'} one).")
-    raise ConfigError(f"--resume refused: the shards in {path} are not the ones this run was trained on "
-                      f"({sum(a != b for a, b in zip(now, before)) + abs(len(now) - len(before))} of {len(before)} "
-                      f"differ by checksum); resume with the same {_flag(name)} or start a new --out.")
+        raise ConfigError(
+            f"--resume {state} {_flag(name)} would not continue the same run (it was started "
+            f"{'with' if before is not None else 'without'} one)."
+        )
+    raise ConfigError(
+        f"--resume refused: the shards in {path} are not the ones this run was trained on "
+        f"({sum(a != b for a, b in zip(now, before)) + abs(len(now) - len(before))} of {len(before)} "
+        f"differ by checksum); resume with the same {_flag(name)} or start a new --out."
+    )
 
 
 def check_settings(cfg: TrainConfig, saved: dict, step: int) -> list[str]:
@@ -232,19 +316,25 @@ def check_settings(cfg: TrainConfig, saved: dict, step: int) -> list[str]:
     now = _plain(dataclasses.asdict(cfg))
     for key in SHAPES_RUN:
         if now[key] != saved.get(key):
-            raise ConfigError(f"--resume with a different {_flag(key)} ({saved.get(key)!r} before, {now[key]!r} now) "
-                              f"would not continue the same run; use the same value or start a new --out.")
+            raise ConfigError(
+                f"--resume with a different {_flag(key)} ({saved.get(key)!r} before, {now[key]!r} now) "
+                f"would not continue the same run; use the same value or start a new --out."
+            )
     before, after = saved.get("max_steps"), now["max_steps"]
     if after == before:
         return []
     if not (before and after and after > before):
-        raise ConfigError(f"--resume with a different --max-steps ({before!r} before, {after!r} now) would not "
-                          f"continue the same run; only raising it (to train longer) is supported.")
+        raise ConfigError(
+            f"--resume with a different --max-steps ({before!r} before, {after!r} now) would not "
+            f"continue the same run; only raising it (to train longer) is supported."
+        )
     if after <= step:
         raise ConfigError(f"--max-steps {after} is not past the checkpoint's step {step}; nothing would be trained.")
-    return [f"--max-steps raised from {before} to {after}: training continues from step {step} to {after}, and the "
-            f"learning-rate schedule (warm-up, cosine decay) and the λ schedule are recomputed for {after} steps, "
-            f"so from step {step} on they follow the longer schedule (the lr rises to its value at step {step} of it)."]
+    return [
+        f"--max-steps raised from {before} to {after}: training continues from step {step} to {after}, and the "
+        f"learning-rate schedule (warm-up, cosine decay) and the λ schedule are recomputed for {after} steps, "
+        f"so from step {step} on they follow the longer schedule (the lr rises to its value at step {step} of it)."
+    ]
 
 
 def settings_of(cfg: TrainConfig) -> dict:
@@ -255,28 +345,39 @@ def settings_of(cfg: TrainConfig) -> dict:
 
 def data_identity(cfg: TrainConfig, manifest: dict, eval_manifest: dict | None) -> dict:
     """What a checkpoint records of its data: the shards' sha256 lists and the manifests' --groups entries."""
+
     def entry(m):
         return None if m is None or not cfg.groups else _plain(m.get("strategies", {}).get(cfg.groups))
 
-    return {"data_sha256": shard_checksums(manifest), "eval_data_sha256": shard_checksums(eval_manifest),
-            "data_strategy": entry(manifest), "eval_data_strategy": entry(eval_manifest)}
+    return {
+        "data_sha256": shard_checksums(manifest),
+        "eval_data_sha256": shard_checksums(eval_manifest),
+        "data_strategy": entry(manifest),
+        "eval_data_strategy": entry(eval_manifest),
+    }
 
 
 def check_run(cfg: TrainConfig, state: CheckpointState, run_id: str | None, path) -> None:
     """Refuse a checkpoint of another run (its id) or written with other settings than the run's."""
     if run_id is None:
-        raise ConfigError(f"{cfg.out} has no run id (it was started by an older sftgo-train), so --resume cannot check "
-                          f"that {path} belongs to it; start a new --out.")
+        raise ConfigError(
+            f"{cfg.out} has no run id (it was started by an older sftgo-train), so --resume cannot check "
+            f"that {path} belongs to it; start a new --out."
+        )
     if state.run_id != run_id:
-        raise ConfigError(f"The checkpoint {path} belongs to another run (run id {state.run_id[:12]}, this run "
-                          f"directory's is {run_id[:12]}): it was copied in from elsewhere; resume that run in its own "
-                          "directory, or start a new --out.")
+        raise ConfigError(
+            f"The checkpoint {path} belongs to another run (run id {state.run_id[:12]}, this run "
+            f"directory's is {run_id[:12]}): it was copied in from elsewhere; resume that run in its own "
+            "directory, or start a new --out."
+        )
     now = settings_of(cfg)
     for key in SHAPES_RUN:
         if state.settings.get(key) != now[key]:
-            raise ConfigError(f"The checkpoint {path} was written with {_flag(key)} {state.settings.get(key)!r}, not "
-                              f"this run's {now[key]!r}: it belongs to another run or was edited; resume from one of "
-                              "this run's checkpoints or start a new --out.")
+            raise ConfigError(
+                f"The checkpoint {path} was written with {_flag(key)} {state.settings.get(key)!r}, not "
+                f"this run's {now[key]!r}: it belongs to another run or was edited; resume from one of "
+                "this run's checkpoints or start a new --out."
+            )
 
 
 def check_strategy(name: str, cfg: TrainConfig, now, before) -> None:
@@ -284,9 +385,11 @@ def check_strategy(name: str, cfg: TrainConfig, now, before) -> None:
         return
     directory = getattr(cfg, name)
     keys = sorted(k for k in set(now or {}) | set(before or {}) if (now or {}).get(k) != (before or {}).get(k))
-    raise ConfigError(f"--resume refused: the '{cfg.groups}' entry of {directory}/manifest.json differs from the one "
-                      f"this run was trained with ({', '.join(keys) or 'present before, absent now'}), though its shards "
-                      f"match; resume with the same {_flag(name)} or start a new --out.")
+    raise ConfigError(
+        f"--resume refused: the '{cfg.groups}' entry of {directory}/manifest.json differs from the one "
+        f"this run was trained with ({', '.join(keys) or 'present before, absent now'}), though its shards "
+        f"match; resume with the same {_flag(name)} or start a new --out."
+    )
 
 
 def check(cfg: TrainConfig, saved: dict, state: CheckpointState, data: dict, run_id: str | None, path) -> list[str]:
@@ -295,8 +398,10 @@ def check(cfg: TrainConfig, saved: dict, state: CheckpointState, data: dict, run
     notes = check_settings(cfg, saved, step)
     check_run(cfg, state, run_id, path)
     if cfg.stop_after and cfg.stop_after <= step:
-        raise ConfigError(f"--stop-after {cfg.stop_after} is not past the checkpoint's step {step}; nothing would be "
-                          "trained (raise it, or leave it out to train to the end).")
+        raise ConfigError(
+            f"--stop-after {cfg.stop_after} is not past the checkpoint's step {step}; nothing would be "
+            "trained (raise it, or leave it out to train to the end)."
+        )
     check_data("data", data["data_sha256"], state.data_sha256, cfg.data)
     check_data("eval_data", data["eval_data_sha256"], state.eval_data_sha256, cfg.eval_data)
     check_strategy("data", cfg, data["data_strategy"], state.data_strategy)

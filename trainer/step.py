@@ -15,6 +15,7 @@ the micro-batches of this step and over ranks -- so summing the micro-batch grad
 the gradient of the whole batch's loss (trainer.objectives explains the one exception).
 The loop, bench/bench_train.py and a Hugging Face Trainer integration all call these.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -113,23 +114,33 @@ def step_counts(micro, k: int, device) -> Counts:
     c = torch.zeros(k + 6, dtype=torch.float64)
     for mb in micro:
         c[: 2 + k] += denominators(mb.groups, mb.segments, k)
-        c[2 + k :] += torch.tensor([mb.num_tokens, mb.truncated_samples, mb.truncated_loss_tokens, mb.skipped_samples],
-                                   dtype=torch.float64)
+        c[2 + k :] += torch.tensor(
+            [mb.num_tokens, mb.truncated_samples, mb.truncated_loss_tokens, mb.skipped_samples], dtype=torch.float64
+        )
     c = all_reduce(c.to(device)).cpu()
     rest = [int(v) for v in c[2 + k :].tolist()]
     return Counts(c[0].item(), c[1].item(), c[2 : 2 + k].to(device), *rest)
 
 
-def objective_parts(obj: Objective, token_loss, groups, segments, lam: float, counts: Counts,
-                    group_weights: torch.Tensor | None = None) -> LossParts:
+def objective_parts(
+    obj: Objective, token_loss, groups, segments, lam: float, counts: Counts, group_weights: torch.Tensor | None = None
+) -> LossParts:
     """LossParts of one micro-batch (flat [N] losses, groups and sample ids of its supervised
     targets), divided by the whole step's denominators; `group_weights`: online Group-DRO.
     The objective named `obj.name` computes it (trainer/registry.py)."""
     return obj.impl.train_loss(LossInput(token_loss, groups, segments, counts, lam, obj, group_weights))
 
 
-def backward_step(net, micro, obj: Objective, lam: float, *, group_weights=None, autocast=contextlib.nullcontext,
-                  grad_scale: float = 1.0) -> StepStats:
+def backward_step(
+    net,
+    micro,
+    obj: Objective,
+    lam: float,
+    *,
+    group_weights=None,
+    autocast=contextlib.nullcontext,
+    grad_scale: float = 1.0,
+) -> StepStats:
     """Forward and backward every micro-batch of one optimizer step (already on the device).
 
     `net` may be a DistributedDataParallel: gradients are then all-reduced on the last
@@ -144,7 +155,7 @@ def backward_step(net, micro, obj: Objective, lam: float, *, group_weights=None,
         last = i == len(micro) - 1
         if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
             net.set_requires_gradient_sync(last)
-        with (net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext()):
+        with net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext():
             with autocast():
                 token_loss = net(mb.input_ids, mb.position_ids, mb.targets)
             keep = mb.targets != IGNORE
@@ -153,12 +164,22 @@ def backward_step(net, micro, obj: Objective, lam: float, *, group_weights=None,
             parts = objective_parts(obj, token_loss, groups, mb.segments[keep], lam, counts, group_weights)
             acc[4 + 2 * k :] += token_weights(parts.loss, token_loss, groups, k)
             (parts.loss * grad_scale).backward()
-        acc[:4] += torch.tensor([parts.loss.item(), float(parts.ce), float(parts.worst), parts.ties], dtype=torch.float64)
+        acc[:4] += torch.tensor(
+            [parts.loss.item(), float(parts.ce), float(parts.worst), parts.ties], dtype=torch.float64
+        )
         acc[4 : 4 + k] += parts.group_sum.double().cpu()
         acc[4 + k : 4 + 2 * k] += parts.group_count.double().cpu()
     acc = all_reduce(acc.to(device)).cpu()
-    return StepStats(acc[0].item(), acc[1].item(), acc[2].item(), int(acc[3].item()), acc[4 : 4 + k],
-                     acc[4 + k : 4 + 2 * k], counts, acc[4 + 2 * k :])
+    return StepStats(
+        acc[0].item(),
+        acc[1].item(),
+        acc[2].item(),
+        int(acc[3].item()),
+        acc[4 : 4 + k],
+        acc[4 + k : 4 + 2 * k],
+        counts,
+        acc[4 + 2 * k :],
+    )
 
 
 def token_weights(loss: torch.Tensor, token_loss: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ Installed only where it is safe and wanted: in the main thread (Python delivers 
 process (under torchrun every rank must stop at the same step, and torchrun itself answers Ctrl-C by
 terminating the ranks), and only over Python's own default handler: an inherited SIG_IGN (nohup, `cmd &`) or
 a handler the embedding program installed is left alone. The previous handler is put back afterwards."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,11 @@ class StopRequest:
 def graceful_interrupt(world: int):
     """Yields a StopRequest; its handler is installed for the block when that is safe (see the module)."""
     stop = StopRequest()
-    if (world != 1 or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if (
+        world != 1
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield stop
         return
     previous = signal.signal(signal.SIGINT, stop.handle)

@@ -8,14 +8,16 @@ where a float is wanted, lists and dicts are checked element by element.  Unknow
 wrong types are one-sentence ConfigErrors (a ValueError) naming the key.
 Cost: instant.  YAML is read with yaml.safe_load (no Python objects from the file).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from pathlib import Path
+
+import tomllib
 
 from sftgo.core.errors import ConfigError
 
@@ -151,7 +153,9 @@ def load_config_file(path: str, cls, skip: tuple[str, ...] = ()) -> dict:
     for key, value in _parse(path).items():
         name = str(key).replace("-", "_")
         if name in values:
-            raise ConfigError(f"Config file {path} gives setting '{name}' twice (as '{name}' and '{name.replace('_', '-')}').")
+            raise ConfigError(
+                f"Config file {path} gives setting '{name}' twice (as '{name}' and '{name.replace('_', '-')}')."
+            )
         values[name] = value
     types_ = {k: v for k, v in field_types(cls).items() if k not in skip}
     unknown = sorted(set(values) - set(types_))
@@ -177,7 +181,7 @@ def field_docs(cls) -> dict[str, str]:
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # wrapped in the source, one line here
     return docs
 
 

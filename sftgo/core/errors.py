@@ -9,6 +9,7 @@ sentence they print for any other exception.  `ConfigError`: a setting (a flag, 
 Trainer argument) is missing, unknown, malformed or out of range.
 Cost: none.
 """
+
 from __future__ import annotations
 
 

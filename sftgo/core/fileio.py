@@ -8,6 +8,7 @@ at) or a folder tree, and nothing when the path is absent.  `UMASK` is the proce
 once at import.
 Cost: a write costs one extra rename; file_sha256 reads the file once (sha256 at disk speed).
 """
+
 from __future__ import annotations
 
 import hashlib

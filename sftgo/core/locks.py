@@ -8,6 +8,7 @@ that cannot be taken is a LockedError whose one-sentence message says who holds 
 pid) and what to do.  The lock is never opened through a symlink or a hard link (it is written).
 Cost: instant (one flock; released by the kernel if the process dies).
 """
+
 from __future__ import annotations
 
 import errno
@@ -79,11 +80,15 @@ def exclusive(out: Path, what: str = "build"):
         try:  # a shared lock is granted only when readers, not a writer, hold it
             fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             fh.close()
-            raise LockedError(f"{out} is being read by another sftgo process (a training run, a report or "
-                              "load_shards); wait for it to finish or choose another --out.") from None
+            raise LockedError(
+                f"{out} is being read by another sftgo process (a training run, a report or "
+                "load_shards); wait for it to finish or choose another --out."
+            ) from None
         except BlockingIOError:
             pass
-        raise LockedError(f"Another {what} (pid {_holder(fh)}) is writing to {out}; wait for it or choose another --out.") from None
+        raise LockedError(
+            f"Another {what} (pid {_holder(fh)}) is writing to {out}; wait for it or choose another --out."
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))
@@ -116,8 +121,10 @@ def shared(folder: Path, what: str = "training run"):
     try:
         fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise LockedError(f"{folder} is being written by another sftgo process (pid {_holder(fh)}); wait for it to finish "
-                          f"before the {what} reads it.") from None
+        raise LockedError(
+            f"{folder} is being written by another sftgo process (pid {_holder(fh)}); wait for it to finish "
+            f"before the {what} reads it."
+        ) from None
     try:
         yield
     finally:

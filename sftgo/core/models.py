@@ -12,6 +12,7 @@ tokenizer through the generic fast class where that is checked to give the same
 tokenizer (`load_build_tokenizer`), which spares each process the import of torch
 that AutoTokenizer makes.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -108,8 +109,11 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
         missing = _missing(target, required)
         if not missing:
             return target
-        print(f"Note: the converted copy in {target} lacks {', '.join(missing)}; converting it again.",
-              file=sys.stderr, flush=True)
+        print(
+            f"Note: the converted copy in {target} lacks {', '.join(missing)}; converting it again.",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         if marked:  # here incomplete: the copy goes aside first (atomically), then away
             aside = Path(tempfile.mkdtemp(prefix=f".broken-{target.name}-", dir=target.parent))
@@ -147,8 +151,10 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
 
 
 def _unwritable(target: Path, exc: OSError, room: str = "") -> CacheError:
-    return CacheError(f"Cannot write the converted-model cache in {target.parent} ({exc.strerror or exc}); "
-                      f"set SFTGO_CACHE to a writable folder{room}.")
+    return CacheError(
+        f"Cannot write the converted-model cache in {target.parent} ({exc.strerror or exc}); "
+        f"set SFTGO_CACHE to a writable folder{room}."
+    )
 
 
 ABANDONED_AFTER_S = 60  # a temporary folder younger than this may not be locked yet by its writer
@@ -159,8 +165,11 @@ def _sweep_abandoned(target: Path) -> None:
     no process holds their lock.  Each can be the size of the model."""
     now = time.time()
     for folder in target.parent.glob(f".*{target.name}-*"):
-        if not (folder.name.startswith((f".{target.name}-", f".broken-{target.name}-")) and folder.is_dir()
-                and not folder.is_symlink()):
+        if not (
+            folder.name.startswith((f".{target.name}-", f".broken-{target.name}-"))
+            and folder.is_dir()
+            and not folder.is_symlink()
+        ):
             continue
         try:
             if now - folder.stat().st_mtime < ABANDONED_AFTER_S:
@@ -235,9 +244,11 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
     if Path(location).is_dir() and not any((Path(location) / f).is_file() for f in vocab_files):
         config = "" if (Path(location) / "tokenizer_config.json").is_file() else " nor tokenizer_config.json"
-        raise ModelNotFound(f"{name} has no tokenizer: it holds no tokenizer.json (nor tokenizer.model, vocab.json "
-                            f"with merges.txt, vocab.txt or spiece.model){config}; copy the tokenizer files of the "
-                            "model into it or pass a model directory that has them.")
+        raise ModelNotFound(
+            f"{name} has no tokenizer: it holds no tokenizer.json (nor tokenizer.model, vocab.json "
+            f"with merges.txt, vocab.txt or spiece.model){config}; copy the tokenizer files of the "
+            "model into it or pass a model directory that has them."
+        )
     try:
         tok = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -267,9 +278,13 @@ def load_tokenizer_light(name: str | None):
 
 def tokenizer_spec(tok) -> tuple:
     """Everything ChatEncoder reads from a tokenizer: equal specs encode every record identically."""
-    return (tok.backend_tokenizer.to_str(), json.dumps(tok.chat_template, sort_keys=True),
-            json.dumps(tok.special_tokens_map, sort_keys=True), sorted(tok.get_added_vocab().items()),
-            sorted((i, str(t)) for i, t in tok.added_tokens_decoder.items()))
+    return (
+        tok.backend_tokenizer.to_str(),
+        json.dumps(tok.chat_template, sort_keys=True),
+        json.dumps(tok.special_tokens_map, sort_keys=True),
+        sorted(tok.get_added_vocab().items()),
+        sorted((i, str(t)) for i, t in tok.added_tokens_decoder.items()),
+    )
 
 
 def _light_marker(location: str) -> Path | None:

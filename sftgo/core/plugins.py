@@ -13,10 +13,11 @@ pyproject.toml:
 Cost: built-ins and entry points are imported on first use only (a tfidf build never imports torch);
 listing the names reads the installed packages' metadata once per process.
 """
+
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import entry_points
 
 from sftgo.core.errors import SftgoError
@@ -30,7 +31,7 @@ class PluginShapeError(PluginError, TypeError):
     """An object that does not implement the plug-in protocol."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _entry_points(group: str) -> dict:
     found = {}
     for ep in entry_points(group=group):
@@ -57,8 +58,9 @@ class Registry:
             raise PluginShapeError(f"{where} does not implement the {self.kind} protocol ({self.shape}).")
         name = getattr(obj, "name", None)
         if not isinstance(name, str) or not name or not name.replace("_", "").isalnum() or not name.isascii():
-            raise PluginError(f"{where} has the name {name!r}; a {self.kind} needs a name of ASCII letters, digits "
-                              "and _.")
+            raise PluginError(
+                f"{where} has the name {name!r}; a {self.kind} needs a name of ASCII letters, digits and _."
+            )
         if self.extra_check is not None:
             self.extra_check(obj, where)
         return obj
@@ -91,8 +93,9 @@ class Registry:
                 raise PluginError(f"{where} failed to load: {type(exc).__name__}: {exc}.") from None
             self.check(obj, where)
             if obj.name != name:
-                raise PluginError(f"{where} is named {obj.name!r}; the entry point and the {self.kind} must have "
-                                  "one name.")
+                raise PluginError(
+                    f"{where} is named {obj.name!r}; the entry point and the {self.kind} must have one name."
+                )
         else:
             raise PluginError(f"Unknown {self.kind} {name!r}; choose from {', '.join(self.names())}.")
         self.loaded[name] = obj

@@ -10,6 +10,7 @@ core.fileio, the directory lock in core.locks.
 Cost: reading the manifest is instant; verify_shards with checksums reads every shard
 once (sha256 at disk speed), without it only the Parquet footers.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,9 @@ def read_manifest(out_dir: str | os.PathLike) -> dict:
     if not out_dir.is_dir():
         raise ShardError(f"{out_dir} is not a directory.")
     if not path.is_file():
-        raise ShardError(f"{out_dir} has no {MANIFEST}: the build did not complete or this is not an sftgo-prep output.")
+        raise ShardError(
+            f"{out_dir} has no {MANIFEST}: the build did not complete or this is not an sftgo-prep output."
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -64,15 +67,24 @@ def _is_count(value) -> bool:
 
 
 def _is_shard(entry) -> bool:
-    return isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str) \
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("path"), str)
+        and isinstance(entry.get("sha256"), str)
         and all(_is_count(entry.get(k)) for k in ("rows", "tokens", "loss_tokens"))
+    )
 
 
 def _listed_strategies(params: dict, strategies) -> bool:
     """params.strategies, where given, names each strategy of the manifest once, and no other."""
     listed = params.get("strategies", list(strategies) if isinstance(strategies, dict) else [])
-    return isinstance(listed, list) and all(isinstance(s, str) for s in listed) and len(set(listed)) == len(listed) \
-        and isinstance(strategies, dict) and set(listed) == set(strategies)
+    return (
+        isinstance(listed, list)
+        and all(isinstance(s, str) for s in listed)
+        and len(set(listed)) == len(listed)
+        and isinstance(strategies, dict)
+        and set(listed) == set(strategies)
+    )
 
 
 def check_manifest(path: Path, manifest: dict) -> dict:
@@ -83,13 +95,20 @@ def check_manifest(path: Path, manifest: dict) -> dict:
     strategies, rejected, params = manifest.get("strategies"), manifest.get("rejected"), manifest.get("params")
     checks = {
         "shards": isinstance(shards, list) and all(_is_shard(s) for s in shards),
-        "totals": isinstance(totals, dict) and all(
-            _is_count(totals.get(k)) for k in ("records_in", "records_written", "records_rejected", "tokens", "loss_tokens"))
+        "totals": isinstance(totals, dict)
+        and all(
+            _is_count(totals.get(k))
+            for k in ("records_in", "records_written", "records_rejected", "tokens", "loss_tokens")
+        )
         and _is_count(totals.get("truncated", 0)),
-        "tokenizer": isinstance(tok, dict) and isinstance(tok.get("name"), str) and isinstance(tok.get("fingerprint"), str),
-        "strategies": isinstance(strategies, dict) and all(
+        "tokenizer": isinstance(tok, dict)
+        and isinstance(tok.get("name"), str)
+        and isinstance(tok.get("fingerprint"), str),
+        "strategies": isinstance(strategies, dict)
+        and all(
             isinstance(v, dict) and _is_count(v.get("num_groups", 2)) and v.get("num_groups", 2) >= 2
-            for v in strategies.values()),
+            for v in strategies.values()
+        ),
         "rejected": isinstance(rejected, dict) and all(_is_count(n) for n in rejected.values()),
         "params": isinstance(params, dict) and _listed_strategies(params, strategies),
     }
@@ -110,17 +129,24 @@ def _check_counts(path: Path, manifest: dict) -> dict:
         raise ShardError(f"{path / MANIFEST} lists the shard {twice!r} twice: it was edited or damaged.")
     rows = sum(s["rows"] for s in manifest["shards"])
     if rows != totals["records_written"]:
-        raise ShardError(f"{path / MANIFEST} counts {totals['records_written']} records written "
-                         f"but its shards hold {rows} rows: it was edited or damaged.")
+        raise ShardError(
+            f"{path / MANIFEST} counts {totals['records_written']} records written "
+            f"but its shards hold {rows} rows: it was edited or damaged."
+        )
     for key in ("tokens", "loss_tokens"):
         listed = sum(s[key] for s in manifest["shards"])
         if listed != totals[key]:
-            raise ShardError(f"{path / MANIFEST} counts {totals[key]} {key.replace('_', ' ')} in total but its "
-                             f"shards hold {listed}: it was edited or damaged.")
-    if totals["records_in"] != totals["records_written"] + totals["records_rejected"] \
-            or sum(manifest["rejected"].values()) != totals["records_rejected"]:
-        raise ShardError(f"{path / MANIFEST} has records read, written and rejected that do not add up: "
-                         "it was edited or damaged.")
+            raise ShardError(
+                f"{path / MANIFEST} counts {totals[key]} {key.replace('_', ' ')} in total but its "
+                f"shards hold {listed}: it was edited or damaged."
+            )
+    if (
+        totals["records_in"] != totals["records_written"] + totals["records_rejected"]
+        or sum(manifest["rejected"].values()) != totals["records_rejected"]
+    ):
+        raise ShardError(
+            f"{path / MANIFEST} has records read, written and rejected that do not add up: it was edited or damaged."
+        )
     return manifest
 
 
@@ -128,11 +154,19 @@ def member_path(directory: str | os.PathLike, name) -> Path:
     """The path of manifest entry `name` inside `directory`, refusing anything but a plain file name
     there: no folders, `..`, absolute paths, or symlinks that lead out."""
     directory = Path(directory)
-    plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
-        and "\x00" not in name and not os.path.isabs(name)
+    plain = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not os.path.isabs(name)
+    )
     if not plain:
-        raise ShardError(f"The manifest in {directory} names {name!r}, which is not a plain file name inside "
-                         "the build directory; refusing to read or write it.")
+        raise ShardError(
+            f"The manifest in {directory} names {name!r}, which is not a plain file name inside "
+            "the build directory; refusing to read or write it."
+        )
     path = directory / name
     if path.is_symlink() and path.resolve().parent != directory.resolve():
         raise ShardError(f"{path} is a symlink that leads out of {directory}; refusing to read or write it.")
@@ -163,7 +197,7 @@ def column_strategy(column: str) -> str | None:
     """The strategy a column belongs to, or None for a base column."""
     for prefix in (IMPORTANCE_PREFIX, GROUP_PREFIX):
         if column.startswith(prefix):
-            return column[len(prefix):]
+            return column[len(prefix) :]
     return None
 
 
@@ -206,7 +240,9 @@ def verify_shards(
     for strategy in strategies:
         if strategy not in manifest.get("strategies", {}):
             have = ", ".join(sorted(manifest.get("strategies", {}))) or "none"
-            raise ShardError(f"{out_dir} has no '{strategy}' groups (it has: {have}); add them with `sftgo-prep score`.")
+            raise ShardError(
+                f"{out_dir} has no '{strategy}' groups (it has: {have}); add them with `sftgo-prep score`."
+            )
     expected = expected_columns(strategies)
     shards = manifest.get("shards")
     if not isinstance(shards, list):
@@ -216,8 +252,9 @@ def verify_shards(
             if isinstance(artifact, dict) and "path" in artifact:
                 member_path(out_dir, artifact["path"])
     for shard in shards:
-        verify_shard(member_path(out_dir, shard.get("path") if isinstance(shard, dict) else shard), shard, expected,
-                     checksums)
+        verify_shard(
+            member_path(out_dir, shard.get("path") if isinstance(shard, dict) else shard), shard, expected, checksums
+        )
     return manifest
 
 

@@ -7,6 +7,7 @@ unassigned code points) written as visible escapes (\\x1b, \\u202e), so data can
 cursor, retitle the terminal or reorder what is shown.  Spaces (and the characters in `keep`) stay.
 Cost: linear in the text; printable text is returned as it is.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -22,4 +23,6 @@ def safe_text(value, keep: str = "") -> str:
     text = str(value)
     if text.isprintable():
         return text
-    return "".join(ch if ch in keep or ch.isprintable() or unicodedata.category(ch) == "Zs" else _escape(ch) for ch in text)
+    return "".join(
+        ch if ch in keep or ch.isprintable() or unicodedata.category(ch) == "Zs" else _escape(ch) for ch in text
+    )

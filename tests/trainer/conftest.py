@@ -1,5 +1,6 @@
 """Shared fixtures: shard directories written with pyarrow (the pipeline's contract) and a
 tiny randomly initialised Llama saved with the embedded tokenizer."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,19 @@ from sftgo.core.fileio import file_sha256  # noqa: E402
 from sftgo.core.shards import write_manifest  # noqa: E402
 
 
-def write_shards(out_dir, records, *, rows_per_shard=16, strategies=("tfidf",), num_groups=2,
-                 tokenizer_name="embedded", fingerprint="test", vocab_size=64, eos_token_id=0, pad_token_id=None):
+def write_shards(
+    out_dir,
+    records,
+    *,
+    rows_per_shard=16,
+    strategies=("tfidf",),
+    num_groups=2,
+    tokenizer_name="embedded",
+    fingerprint="test",
+    vocab_size=64,
+    eos_token_id=0,
+    pad_token_id=None,
+):
     """Write `records` (dicts with id, input_ids, loss_mask, and importance/group per strategy)
     as zstd Parquet shards plus manifest.json with correct sha256s. Returns the directory."""
     out = Path(out_dir)
@@ -42,16 +54,29 @@ def write_shards(out_dir, records, *, rows_per_shard=16, strategies=("tfidf",), 
         t = sum(len(r["input_ids"]) for r in chunk)
         lt = sum(int(sum(r["loss_mask"])) for r in chunk)
         tokens, loss_tokens = tokens + t, loss_tokens + lt
-        shards.append({"path": name, "rows": len(chunk), "tokens": t, "loss_tokens": lt, "sha256": file_sha256(out / name)})
+        shards.append(
+            {"path": name, "rows": len(chunk), "tokens": t, "loss_tokens": lt, "sha256": file_sha256(out / name)}
+        )
     manifest = {
         "format_version": 1,
-        "tokenizer": {"name": tokenizer_name, "fingerprint": fingerprint, "chat_template_sha256": "0" * 64,
-                      "vocab_size": vocab_size, "pad_token_id": pad_token_id, "eos_token_id": eos_token_id},
+        "tokenizer": {
+            "name": tokenizer_name,
+            "fingerprint": fingerprint,
+            "chat_template_sha256": "0" * 64,
+            "vocab_size": vocab_size,
+            "pad_token_id": pad_token_id,
+            "eos_token_id": eos_token_id,
+        },
         "params": {"max_length": 4096},
         "strategies": {s: {"eta": 0.3, "num_groups": num_groups} for s in strategies},
         "shards": shards,
-        "totals": {"records_in": len(records), "records_written": len(records), "records_rejected": 0,
-                   "tokens": tokens, "loss_tokens": loss_tokens},
+        "totals": {
+            "records_in": len(records),
+            "records_written": len(records),
+            "records_rejected": 0,
+            "tokens": tokens,
+            "loss_tokens": loss_tokens,
+        },
         "rejected": {},
     }
     write_manifest(out, manifest)
@@ -106,8 +131,14 @@ def fingerprint(tokenizer):
 def _train_shards(out_dir, tokenizer, fingerprint):
     """The train shards (48 records, 3 shards) matching the tiny model's tokenizer, written to `out_dir`."""
     recs = make_records(48, 500, seed=1)
-    return write_shards(out_dir, recs, fingerprint=fingerprint, vocab_size=len(tokenizer),
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return write_shards(
+        out_dir,
+        recs,
+        fingerprint=fingerprint,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 @pytest.fixture
@@ -125,5 +156,11 @@ def shared_shard_dir(tmp_path_factory, tokenizer, fingerprint):
 @pytest.fixture
 def eval_dir(tmp_path, tokenizer, fingerprint):
     recs = make_records(12, 500, seed=2, prefix="e")
-    return write_shards(tmp_path / "eval", recs, fingerprint=fingerprint, vocab_size=len(tokenizer),
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return write_shards(
+        tmp_path / "eval",
+        recs,
+        fingerprint=fingerprint,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )

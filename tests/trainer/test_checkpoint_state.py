@@ -1,5 +1,6 @@
 """The checkpoint's state is one record (trainer.resume.CheckpointState): what a real run's save writes is exactly
 its fields, reads back equal, and a damaged entry or a state that cannot continue the run is refused naming it."""
+
 import dataclasses
 import json
 
@@ -16,8 +17,18 @@ from sftgo.trainer.resume import CheckpointState
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, shared_shard_dir, tiny_model_dir):
     out = tmp_path_factory.mktemp("state") / "run"
-    run(TrainConfig(data=str(shared_shard_dir), out=str(out), model=tiny_model_dir, max_steps=2, batch_tokens=160,
-                    progress=False, tensorboard=False, dro_step=0.1))
+    run(
+        TrainConfig(
+            data=str(shared_shard_dir),
+            out=str(out),
+            model=tiny_model_dir,
+            max_steps=2,
+            batch_tokens=160,
+            progress=False,
+            tensorboard=False,
+            dro_step=0.1,
+        )
+    )
     return latest_checkpoint(out)
 
 
@@ -29,9 +40,17 @@ def test_what_save_writes_is_the_state_record_and_reads_back_equal(checkpoint):
     assert state.step == 2 and state.world_size == 1 and len(state.dro["weights"]) == 2
 
 
-@pytest.mark.parametrize("key, value", [("step", -1), ("data_position", [0]), ("worst_switches", True),
-                                        ("data_strategy", "tfidf"), ("dro", {"weights": [float("nan")]}),
-                                        ("skipped_samples", 1.5)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("step", -1),
+        ("data_position", [0]),
+        ("worst_switches", True),
+        ("data_strategy", "tfidf"),
+        ("dro", {"weights": [float("nan")]}),
+        ("skipped_samples", 1.5),
+    ],
+)
 def test_a_damaged_entry_is_one_sentence_naming_it(checkpoint, tmp_path, key, value):
     copy = tmp_path / checkpoint.name
     copy.mkdir()

@@ -1,6 +1,7 @@
 """sftgo-train against hostile settings, directories, checkpoints and shards: every one is refused in one
 sentence (exit 1) or said, never silently trained on.  The numbers in the section titles are the
 defects of the hostile-input review they cover."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,20 @@ def train_cli(*args, timeout=300):
 
 
 def common(data, model, out):
-    return ["--data", data, "--out", out, "--model", model, "--batch-tokens", 160, "--max-steps", 1, "--no-progress",
-            "--no-tensorboard"]
+    return [
+        "--data",
+        data,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--batch-tokens",
+        160,
+        "--max-steps",
+        1,
+        "--no-progress",
+        "--no-tensorboard",
+    ]
 
 
 def one_sentence(proc, *needles):
@@ -47,8 +60,18 @@ def one_sentence(proc, *needles):
 
 
 def cfg(data, out, model, **kw):
-    base = dict(data=str(data), out=str(out), model=model, max_steps=4, batch_tokens=160, lr=3e-3, progress=False,
-                tensorboard=False, shuffle_buffer=8, bucket_pool=2)
+    base = dict(
+        data=str(data),
+        out=str(out),
+        model=model,
+        max_steps=4,
+        batch_tokens=160,
+        lr=3e-3,
+        progress=False,
+        tensorboard=False,
+        shuffle_buffer=8,
+        bucket_pool=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -89,11 +112,34 @@ FLOAT_FIELDS = [n for n, f in FIELDS.items() if f.type == "float"]
 INT_FIELDS = [n for n, f in FIELDS.items() if f.type == "int"]
 # a value out of range for every numeric setting (2): the test below checks that none is missing
 OUT_OF_RANGE = {
-    "lam": 1.5, "lam_end": -0.1, "group_weight": 0.0, "temperature": -1.0, "dro_step": -0.5, "epochs": -1.0,
-    "lr": -1.0, "min_lr_ratio": -50.0, "weight_decay": -0.1, "clip_grad": -1.0, "lora_alpha": 0.0,
-    "batch_tokens": 0, "max_length": 1, "grad_accum": 0, "shuffle_buffer": -1, "readahead": -1, "bucket_pool": 0,
-    "max_steps": -1, "stop_after": -1, "warmup_steps": -5, "seed": -1, "ce_chunk": 0, "lora_r": -1,
-    "eval_every": -1, "eval_batches": -1, "save_every": -1, "keep_checkpoints": -3, "log_every": 0,
+    "lam": 1.5,
+    "lam_end": -0.1,
+    "group_weight": 0.0,
+    "temperature": -1.0,
+    "dro_step": -0.5,
+    "epochs": -1.0,
+    "lr": -1.0,
+    "min_lr_ratio": -50.0,
+    "weight_decay": -0.1,
+    "clip_grad": -1.0,
+    "lora_alpha": 0.0,
+    "batch_tokens": 0,
+    "max_length": 1,
+    "grad_accum": 0,
+    "shuffle_buffer": -1,
+    "readahead": -1,
+    "bucket_pool": 0,
+    "max_steps": -1,
+    "stop_after": -1,
+    "warmup_steps": -5,
+    "seed": -1,
+    "ce_chunk": 0,
+    "lora_r": -1,
+    "eval_every": -1,
+    "eval_batches": -1,
+    "save_every": -1,
+    "keep_checkpoints": -3,
+    "log_every": 0,
 }
 
 
@@ -132,13 +178,21 @@ def test_a_setting_of_the_wrong_type_is_one_sentence():
         TrainConfig(data="d", out="o", lam="0.5").validate()
 
 
-@pytest.mark.parametrize("flags, flag", [
-    (["--lr", "inf"], "--lr"), (["--min-lr-ratio", "nan"], "--min-lr-ratio"),
-    (["--objective", "weighted", "--group-weight", "nan"], "--group-weight"), (["--temperature", "nan"], "--temperature"),
-    (["--dro-step", "inf"], "--dro-step"), (["--epochs", "nan", "--max-steps", "0"], "--epochs"),
-    (["--lora-r", "2", "--lora-alpha", "inf"], "--lora-alpha"), (["--clip-grad", "nan"], "--clip-grad"),
-    (["--weight-decay", "inf"], "--weight-decay"), (["--lam-schedule", "linear", "--lam-end", "nan"], "--lam-end"),
-])
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--lr", "inf"], "--lr"),
+        (["--min-lr-ratio", "nan"], "--min-lr-ratio"),
+        (["--objective", "weighted", "--group-weight", "nan"], "--group-weight"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--dro-step", "inf"], "--dro-step"),
+        (["--epochs", "nan", "--max-steps", "0"], "--epochs"),
+        (["--lora-r", "2", "--lora-alpha", "inf"], "--lora-alpha"),
+        (["--clip-grad", "nan"], "--clip-grad"),
+        (["--weight-decay", "inf"], "--weight-decay"),
+        (["--lam-schedule", "linear", "--lam-end", "nan"], "--lam-end"),
+    ],
+)
 def test_cli_refuses_non_finite_numbers_before_training(tmp_path, shared_shard_dir, tiny_model_dir, flags, flag):
     out = tmp_path / "run"
     r = train_cli(*common(shared_shard_dir, tiny_model_dir, out), *flags)
@@ -154,14 +208,22 @@ def test_a_toml_config_with_inf_is_refused(tmp_path, shared_shard_dir, tiny_mode
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flags, flag", [
-    (["--min-lr-ratio", "-50"], "--min-lr-ratio"), (["--warmup-steps", "-5"], "--warmup-steps"),
-    (["--stop-after", "-1"], "--stop-after"), (["--eval-batches", "-1"], "--eval-batches"),
-    (["--lora-r", "-1", "--save-adapter"], "--lora-r"), (["--save-every", "-1"], "--save-every"),
-    (["--keep-checkpoints", "-3"], "--keep-checkpoints"), (["--lr", "-1"], "--lr"),
-    (["--shuffle-buffer", "-1"], "--shuffle-buffer"), (["--bucket-pool", "0"], "--bucket-pool"),
-    (["--max-length", "1"], "--max-length"),
-])
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--min-lr-ratio", "-50"], "--min-lr-ratio"),
+        (["--warmup-steps", "-5"], "--warmup-steps"),
+        (["--stop-after", "-1"], "--stop-after"),
+        (["--eval-batches", "-1"], "--eval-batches"),
+        (["--lora-r", "-1", "--save-adapter"], "--lora-r"),
+        (["--save-every", "-1"], "--save-every"),
+        (["--keep-checkpoints", "-3"], "--keep-checkpoints"),
+        (["--lr", "-1"], "--lr"),
+        (["--shuffle-buffer", "-1"], "--shuffle-buffer"),
+        (["--bucket-pool", "0"], "--bucket-pool"),
+        (["--max-length", "1"], "--max-length"),
+    ],
+)
 def test_cli_refuses_values_out_of_range_before_training(tmp_path, shared_shard_dir, tiny_model_dir, flags, flag):
     out = tmp_path / "run"
     one_sentence(train_cli(*common(shared_shard_dir, tiny_model_dir, out), *flags), flag, " must ")
@@ -172,8 +234,11 @@ def test_cli_refuses_values_out_of_range_before_training(tmp_path, shared_shard_
 def test_an_existing_directory_that_is_not_a_run_is_refused_untouched(tmp_path, shared_shard_dir, tiny_model_dir):
     proj = tmp_path / "proj"
     (proj / "model").mkdir(parents=True)
-    files = {proj / "config.json": '{"name": "my project"}\n', proj / "summary.json": "{}\n",
-             proj / "model" / "NOTES.txt": "my notes\n"}
+    files = {
+        proj / "config.json": '{"name": "my project"}\n',
+        proj / "summary.json": "{}\n",
+        proj / "model" / "NOTES.txt": "my notes\n",
+    }
     for path, text in files.items():
         path.write_text(text)
     one_sentence(train_cli(*common(shared_shard_dir, tiny_model_dir, proj)), str(proj), "not an sftgo-train run")
@@ -197,8 +262,9 @@ def test_out_equal_to_or_inside_the_data_is_refused(tmp_path, shard_dir, tiny_mo
     assert sorted(p.name for p in shard_dir.iterdir()) == before
 
 
-def test_out_inside_the_eval_data_and_model_inside_out_are_refused(tmp_path, shared_shard_dir, eval_dir,
-                                                                    tiny_model_dir):
+def test_out_inside_the_eval_data_and_model_inside_out_are_refused(
+    tmp_path, shared_shard_dir, eval_dir, tiny_model_dir
+):
     with pytest.raises(ConfigError, match="--out .* --eval-data"):
         run(cfg(shared_shard_dir, eval_dir / "run", tiny_model_dir, eval_data=str(eval_dir)))
     out = tmp_path / "run"
@@ -221,7 +287,7 @@ def test_a_run_directory_is_reused_as_documented(tmp_path, shared_shard_dir, tin
     run(cfg(shared_shard_dir, empty, tiny_model_dir, max_steps=1))
     assert (empty / "model" / "config.json").is_file()
     failed = tmp_path / "failed"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the failure: the point is what it leaves behind)
         run(cfg(shared_shard_dir, failed, str(tmp_path / "no-such-model"), max_steps=1))
     assert (failed / "config.json").is_file()
     run(cfg(shared_shard_dir, failed, tiny_model_dir, max_steps=2, stop_after=1))
@@ -299,13 +365,29 @@ def test_resume_follows_the_configured_lr(run_a, shared_shard_dir, tiny_model_di
     assert recs[2]["lr"] == pytest.approx(3e-3 * lr_factor(2, 0, 4, 0.1))
 
 
-@pytest.mark.parametrize("key, value", [
-    ("step", -3), ("step", "1"), ("step", True), ("step", 3), ("step", 99), ("data_position", [0, -1]),
-    ("data_position", "0,2"), ("data_position", [0, 99]), ("worst_group", 5), ("worst_group", "1"),
-    ("worst_switches", -1), ("world_size", 0), ("truncated_samples", -4), ("data_sha256", "abc"),
-    ("dro", {"weights": [1.0], "step_size": 0.1}), ("dro", {"weights": [math.nan, 0.5], "step_size": 0.1}),
-    ("dro", None), ("run_id", 7),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("step", -3),
+        ("step", "1"),
+        ("step", True),
+        ("step", 3),
+        ("step", 99),
+        ("data_position", [0, -1]),
+        ("data_position", "0,2"),
+        ("data_position", [0, 99]),
+        ("worst_group", 5),
+        ("worst_group", "1"),
+        ("worst_switches", -1),
+        ("world_size", 0),
+        ("truncated_samples", -4),
+        ("data_sha256", "abc"),
+        ("dro", {"weights": [1.0], "step_size": 0.1}),
+        ("dro", {"weights": [math.nan, 0.5], "step_size": 0.1}),
+        ("dro", None),
+        ("run_id", 7),
+    ],
+)
 def test_a_tampered_trainer_state_is_refused_naming_the_entry(run_a, shared_shard_dir, tiny_model_dir, key, value):
     path = run_a / "checkpoints" / "step-0000002" / "trainer_state.json"
     state = json.loads(path.read_text())
@@ -353,10 +435,14 @@ def test_a_declared_group_that_no_token_is_in_is_said_for_sftgo(tmp_path, shard_
 
 
 @pytest.mark.parametrize("statistics", [True, False])
-def test_a_group_id_beyond_the_declared_groups_is_refused_naming_the_shard(tmp_path, shard_dir, tiny_model_dir,
-                                                                           statistics):
-    rewrite_shard(shard_dir, lambda t: map_list_column(t, "group_tfidf", lambda g, m: np.where(g == 1, 2, g)),
-                  statistics=statistics)
+def test_a_group_id_beyond_the_declared_groups_is_refused_naming_the_shard(
+    tmp_path, shard_dir, tiny_model_dir, statistics
+):
+    rewrite_shard(
+        shard_dir,
+        lambda t: map_list_column(t, "group_tfidf", lambda g, m: np.where(g == 1, 2, g)),
+        statistics=statistics,
+    )
     with pytest.raises(ShardError, match=r"shard-0000\d\.parquet.*group"):
         run(cfg(shard_dir, tmp_path / "run", tiny_model_dir, max_steps=1))
 
@@ -372,23 +458,29 @@ def test_resume_refuses_a_changed_strategy_entry_in_the_manifest(run_a, shared_s
 def test_the_summary_table_takes_records_with_different_numbers_of_groups():
     from sftgo.trainer.metrics import summary_table
 
-    records = [{"step": 1, "split": "train", "loss": 1.0, "group_loss": [1.0, 2.0, None]},
-               {"step": 2, "split": "train", "loss": 0.5, "group_loss": [0.5, 1.5]},
-               {"step": 2, "split": "eval", "loss": 0.5, "group_loss": [0.5]},
-               {"step": 3, "split": "eval", "loss": 0.4, "group_loss": [0.4, 0.3, 0.2]}]
+    records = [
+        {"step": 1, "split": "train", "loss": 1.0, "group_loss": [1.0, 2.0, None]},
+        {"step": 2, "split": "train", "loss": 0.5, "group_loss": [0.5, 1.5]},
+        {"step": 2, "split": "eval", "loss": 0.5, "group_loss": [0.5]},
+        {"step": 3, "split": "eval", "loss": 0.4, "group_loss": [0.4, 0.3, 0.2]},
+    ]
     table = summary_table(records)
     assert "group 2" in table and "0.2000" in table
 
 
 # ---------------------------------------------------------------- 8: shard content that contradicts the manifest
 @pytest.mark.parametrize("statistics", [True, False])  # refused from the footers before training, or while reading
-@pytest.mark.parametrize("column, fn, needle", [
-    ("group_tfidf", lambda g, m: np.full_like(g, -1), "group"),
-    ("group_tfidf", lambda g, m: np.where(m == 0, 0, g), "group"),
-    ("loss_mask", lambda g, m: np.where(g == 1, 2, g), "loss_mask"),
-])
-def test_shard_content_contradicting_the_manifest_is_refused_naming_the_shard(tmp_path, shard_dir, tiny_model_dir,
-                                                                              column, fn, needle, statistics):
+@pytest.mark.parametrize(
+    "column, fn, needle",
+    [
+        ("group_tfidf", lambda g, m: np.full_like(g, -1), "group"),
+        ("group_tfidf", lambda g, m: np.where(m == 0, 0, g), "group"),
+        ("loss_mask", lambda g, m: np.where(g == 1, 2, g), "loss_mask"),
+    ],
+)
+def test_shard_content_contradicting_the_manifest_is_refused_naming_the_shard(
+    tmp_path, shard_dir, tiny_model_dir, column, fn, needle, statistics
+):
     rewrite_shard(shard_dir, lambda t: map_list_column(t, column, fn), statistics=statistics)
     with pytest.raises(ShardError, match=rf"shard-0000\d\.parquet.*{needle}"):
         run(cfg(shard_dir, tmp_path / "run", tiny_model_dir, max_steps=0, epochs=1))
@@ -406,24 +498,31 @@ def test_columns_of_different_lengths_in_a_row_are_refused(tmp_path, shard_dir, 
     def shorter(table):
         col = table.column("group_tfidf").combine_chunks()
         rows = [v[:-1] for v in col.to_pylist()]
-        return table.set_column(table.schema.get_field_index("group_tfidf"), "group_tfidf",
-                                pa.array(rows, pa.list_(pa.int8())))
+        return table.set_column(
+            table.schema.get_field_index("group_tfidf"), "group_tfidf", pa.array(rows, pa.list_(pa.int8()))
+        )
 
     rewrite_shard(shard_dir, shorter)
     with pytest.raises(ShardError, match=r"shard-0000\d\.parquet.*length"):
         run(cfg(shard_dir, tmp_path / "run", tiny_model_dir, max_steps=1))
 
 
-def test_a_run_that_trained_on_no_token_of_its_objective_fails(tmp_path, tokenizer, fingerprint, shardkit,
-                                                               tiny_model_dir):
+def test_a_run_that_trained_on_no_token_of_its_objective_fails(
+    tmp_path, tokenizer, fingerprint, shardkit, tiny_model_dir
+):
     """rho1 on data whose important tokens all lie past --max-length: every step trains on nothing."""
     records = shardkit.make_records(16, 500, seed=3, min_len=30, max_len=30)
     for r in records:
         mask = [0] * 4 + [1] * 26
         r["loss_mask"] = mask
         r["group_tfidf"] = [-1] * 4 + [0] * 16 + [1] * 10
-    data = shardkit.write_shards(tmp_path / "data", records, fingerprint=fingerprint, vocab_size=len(tokenizer),
-                                 eos_token_id=tokenizer.eos_token_id)
+    data = shardkit.write_shards(
+        tmp_path / "data",
+        records,
+        fingerprint=fingerprint,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+    )
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="no token"):
         run(cfg(data, out, tiny_model_dir, objective="rho1", max_length=12, max_steps=2))
@@ -433,15 +532,20 @@ def test_a_run_that_trained_on_no_token_of_its_objective_fails(tmp_path, tokeniz
 # ---------------------------------------------------------------- 10: nothing given is ignored without a word
 def test_an_unknown_groups_strategy_is_refused_for_sft(tmp_path, shared_shard_dir, tiny_model_dir):
     out = tmp_path / "run"
-    one_sentence(train_cli(*common(shared_shard_dir, tiny_model_dir, out), "--objective", "sft", "--groups",
-                           "nosuchstrategy"), "nosuchstrategy")
+    one_sentence(
+        train_cli(*common(shared_shard_dir, tiny_model_dir, out), "--objective", "sft", "--groups", "nosuchstrategy"),
+        "nosuchstrategy",
+    )
     assert not out.exists()
 
 
 def test_report_to_tensorboard_with_no_tensorboard_is_refused(tmp_path, shared_shard_dir, tiny_model_dir):
     out = tmp_path / "run"
-    one_sentence(train_cli(*common(shared_shard_dir, tiny_model_dir, out), "--report-to", "tensorboard"),
-                 "--report-to tensorboard", "--no-tensorboard")
+    one_sentence(
+        train_cli(*common(shared_shard_dir, tiny_model_dir, out), "--report-to", "tensorboard"),
+        "--report-to tensorboard",
+        "--no-tensorboard",
+    )
     assert not out.exists()
 
 
@@ -450,13 +554,21 @@ def test_an_unknown_tracker_is_refused_before_torch():
         TrainConfig(data="d", out="o", report_to=["nosuch"]).validate()
 
 
-@pytest.mark.parametrize("objective, setting, name", [
-    ("rho1", dict(lam=0.5), "lam"), ("sft", dict(temperature=1.0), "temperature"),
-    ("dft", dict(group_weight=2.0), "group_weight"), ("weighted", dict(dro_step=0.1), "dro_step"),
-    ("rho1", dict(lam_schedule="linear"), "lam_schedule"), ("sft", dict(reduce="batch"), "reduce"),
-    ("sftgo", dict(group_weight=2.0), "group_weight"), ("sftgo", dict(lam=0.0, reduce="batch"), "reduce"),
-    ("sftgo", dict(lam=0.0, temperature=0.5), "temperature"), ("sftgo", dict(lam=0.0, dro_step=0.5), "dro_step"),
-])
+@pytest.mark.parametrize(
+    "objective, setting, name",
+    [
+        ("rho1", dict(lam=0.5), "lam"),
+        ("sft", dict(temperature=1.0), "temperature"),
+        ("dft", dict(group_weight=2.0), "group_weight"),
+        ("weighted", dict(dro_step=0.1), "dro_step"),
+        ("rho1", dict(lam_schedule="linear"), "lam_schedule"),
+        ("sft", dict(reduce="batch"), "reduce"),
+        ("sftgo", dict(group_weight=2.0), "group_weight"),
+        ("sftgo", dict(lam=0.0, reduce="batch"), "reduce"),
+        ("sftgo", dict(lam=0.0, temperature=0.5), "temperature"),
+        ("sftgo", dict(lam=0.0, dro_step=0.5), "dro_step"),
+    ],
+)
 def test_objective_specific_settings_the_objective_does_not_read_are_noted(objective, setting, name):
     notes = ignored_settings(TrainConfig(data="d", out="o", objective=objective, **setting).validate())
     assert any(n.startswith("--" + name.replace("_", "-") + " is ignored") for n in notes), notes
@@ -465,8 +577,13 @@ def test_objective_specific_settings_the_objective_does_not_read_are_noted(objec
 def test_sft_on_data_without_the_default_groups_says_so(tmp_path, tokenizer, fingerprint, shardkit):
     from sftgo.trainer.preflight import check_data, data_notes
 
-    data = shardkit.write_shards(tmp_path / "data", shardkit.make_records(8, 500, strategies=("other",)),
-                                 strategies=("other",), fingerprint=fingerprint, vocab_size=len(tokenizer))
+    data = shardkit.write_shards(
+        tmp_path / "data",
+        shardkit.make_records(8, 500, strategies=("other",)),
+        strategies=("other",),
+        fingerprint=fingerprint,
+        vocab_size=len(tokenizer),
+    )
     c = TrainConfig(data=str(data), out=str(tmp_path / "o"), objective="sft").validate()
     manifest, column, k = check_data(c)
     assert column is None
@@ -480,23 +597,42 @@ def hf_parts(tiny_model_dir, tmp_path_factory):
 
     from sftgo.core.models import load_causal_lm
 
-    args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("hf")), max_steps=1, report_to=[], use_cpu=True,
-                             save_strategy="no", disable_tqdm=True, per_device_train_batch_size=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path_factory.mktemp("hf")),
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_train_batch_size=2,
+    )
     return load_causal_lm(tiny_model_dir, dtype=torch.float32), args
 
 
-@pytest.mark.parametrize("kw, needle", [
-    (dict(lam=1.5), "lam"), (dict(lam=math.nan), "lam"), (dict(temperature=-1.0), "temperature"),
-    (dict(lam_end=math.inf), "lam_end"), (dict(group_weight=0.0, objective="weighted"), "group_weight"),
-    (dict(reduce="max"), "reduce"), (dict(num_groups=1), "num_groups"),
-])
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(lam=1.5), "lam"),
+        (dict(lam=math.nan), "lam"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(lam_end=math.inf), "lam_end"),
+        (dict(group_weight=0.0, objective="weighted"), "group_weight"),
+        (dict(reduce="max"), "reduce"),
+        (dict(num_groups=1), "num_groups"),
+    ],
+)
 def test_sftgo_trainer_refuses_what_sftgo_train_refuses(hf_parts, shared_shard_dir, kw, needle):
     from sftgo.trainer.hf import SFTGOCollator, SFTGOTrainer, load_shards
 
     model, args = hf_parts
     with pytest.raises(ConfigError, match=f"^{needle} must "):
-        SFTGOTrainer(model=model, args=args, train_dataset=load_shards(str(shared_shard_dir)),
-                     data_collator=SFTGOCollator(0), **kw)
+        SFTGOTrainer(
+            model=model,
+            args=args,
+            train_dataset=load_shards(str(shared_shard_dir)),
+            data_collator=SFTGOCollator(0),
+            **kw,
+        )
 
 
 def test_sftgo_trainer_warns_about_a_setting_its_objective_does_not_read(hf_parts, shared_shard_dir):
@@ -504,27 +640,51 @@ def test_sftgo_trainer_warns_about_a_setting_its_objective_does_not_read(hf_part
 
     model, args = hf_parts
     with pytest.warns(UserWarning, match="lam is ignored: only objective sftgo reads it, not rho1"):
-        SFTGOTrainer(model=model, args=args, train_dataset=load_shards(str(shared_shard_dir)),
-                     data_collator=SFTGOCollator(0), objective="rho1", lam=0.5)
+        SFTGOTrainer(
+            model=model,
+            args=args,
+            train_dataset=load_shards(str(shared_shard_dir)),
+            data_collator=SFTGOCollator(0),
+            objective="rho1",
+            lam=0.5,
+        )
 
 
-def test_sftgo_trainer_takes_the_number_of_groups_from_the_manifest(hf_parts, shard_dir, tmp_path, shardkit,
-                                                                    tokenizer, fingerprint):
+def test_sftgo_trainer_takes_the_number_of_groups_from_the_manifest(
+    hf_parts, shard_dir, tmp_path, shardkit, tokenizer, fingerprint
+):
     from sftgo.trainer.hf import SFTGOCollator, SFTGOTrainer, load_shards
 
     model, args = hf_parts
     with pytest.raises(ConfigError, match="num_groups=3.*2 groups"):
-        SFTGOTrainer(model=model, args=args, train_dataset=load_shards(str(shard_dir)).select(range(10)),
-                     data_collator=SFTGOCollator(0), objective="rho1", num_groups=3)
-    three = shardkit.write_shards(tmp_path / "three", shardkit.make_records(8, 500, num_groups=3), num_groups=3,
-                                  fingerprint=fingerprint, vocab_size=len(tokenizer))
-    trainer = SFTGOTrainer(model=model, args=args, train_dataset=load_shards(str(three)), data_collator=SFTGOCollator(0),
-                           objective="rho1")
+        SFTGOTrainer(
+            model=model,
+            args=args,
+            train_dataset=load_shards(str(shard_dir)).select(range(10)),
+            data_collator=SFTGOCollator(0),
+            objective="rho1",
+            num_groups=3,
+        )
+    three = shardkit.write_shards(
+        tmp_path / "three",
+        shardkit.make_records(8, 500, num_groups=3),
+        num_groups=3,
+        fingerprint=fingerprint,
+        vocab_size=len(tokenizer),
+    )
+    trainer = SFTGOTrainer(
+        model=model, args=args, train_dataset=load_shards(str(three)), data_collator=SFTGOCollator(0), objective="rho1"
+    )
     assert trainer.sftgo.num_groups == 3
     edit_manifest(shard_dir, lambda m: m["strategies"]["tfidf"].update(num_groups=3))
     with pytest.raises(ConfigError, match="group 2"):
-        SFTGOTrainer(model=model, args=args, train_dataset=load_shards(str(shard_dir)), data_collator=SFTGOCollator(0),
-                     objective="rho1")
+        SFTGOTrainer(
+            model=model,
+            args=args,
+            train_dataset=load_shards(str(shard_dir)),
+            data_collator=SFTGOCollator(0),
+            objective="rho1",
+        )
 
 
 def test_the_collator_refuses_a_loss_mask_that_is_not_0_or_1():
@@ -539,7 +699,19 @@ def test_the_collator_refuses_a_loss_mask_that_is_not_0_or_1():
 
 
 def test_the_example_reports_a_missing_data_directory_in_one_sentence(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--data", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "run"), "--max-steps", "1"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "hf_trainer.py"),
+            "--data",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     one_sentence(proc, "nope")

@@ -1,5 +1,6 @@
 """trainer.hostmem: with glibc's threshold fixed, freed large blocks go back to the kernel;
 with glibc's default (dynamic threshold), the same frees stay in the process."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,9 @@ import pytest
 
 from sftgo.trainer import hostmem
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's allocator on Linux")
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator on Linux"
+)
 
 SCRIPT = """
 import sys, torch

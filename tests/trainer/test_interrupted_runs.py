@@ -1,6 +1,7 @@
 """sftgo-train after an interruption: a run stopped before its first checkpoint starts again (with a note)
 instead of being a dead end; what an interrupted save left is cleaned up or put back; a cut-off last line
 of metrics.jsonl does not block --resume; a refused --resume leaves the run's recorded settings alone."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,21 @@ def env():
 
 
 def train(data, model, out, *extra, steps=2):
-    args = ["--data", data, "--out", out, "--model", model, "--batch-tokens", 160, "--max-steps", steps,
-            "--no-progress", "--no-tensorboard", *extra]
+    args = [
+        "--data",
+        data,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--batch-tokens",
+        160,
+        "--max-steps",
+        steps,
+        "--no-progress",
+        "--no-tensorboard",
+        *extra,
+    ]
     return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=300, env=env())
 
 
@@ -30,9 +44,23 @@ def errors(proc):
 
 def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path, shared_shard_dir, tiny_model_dir):
     out = tmp_path / "run"
-    args = ["--data", shared_shard_dir, "--out", out, "--model", tiny_model_dir, "--batch-tokens", 160,
-            "--max-steps", 100000, "--no-progress", "--tensorboard"]
-    proc = subprocess.Popen([BIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    args = [
+        "--data",
+        shared_shard_dir,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--batch-tokens",
+        160,
+        "--max-steps",
+        100000,
+        "--no-progress",
+        "--tensorboard",
+    ]
+    proc = subprocess.Popen(
+        [BIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -41,8 +69,10 @@ def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path, sh
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1
     said = [line for line in stderr.splitlines() if line.startswith("Error: ")]
-    assert said == ["Error: Interrupted before the run saved a checkpoint (see --save-every), so there is nothing to "
-                    "continue: run the same command again to start over."], stderr[-2000:]
+    assert said == [
+        "Error: Interrupted before the run saved a checkpoint (see --save-every), so there is nothing to "
+        "continue: run the same command again to start over."
+    ], stderr[-2000:]
     assert not (out / "checkpoints" / "latest").exists()
     # the interrupt waited for the step to end: said so, and the step's record is whole
     assert "Note: interrupt received; stopping after the current step (press Ctrl-C again to stop now)." in stderr
@@ -70,7 +100,9 @@ def test_what_an_interrupted_save_left_is_removed_or_put_back(tmp_path, shared_s
     weights = (out / ".old-model" / "model.safetensors").read_bytes()
 
     refused = train(shared_shard_dir, tiny_model_dir, out, steps=3)  # not --resume: refused, but cleaned up
-    assert errors(refused) == [f"Error: {out} already holds a run; pass --resume to continue it or choose another --out."]
+    assert errors(refused) == [
+        f"Error: {out} already holds a run; pass --resume to continue it or choose another --out."
+    ]
     assert (out / "model" / "model.safetensors").read_bytes() == weights  # the finished model is back in place
     assert not (out / ".old-model").exists() and not (out / ".tmp-model").exists()
     assert not (out / "checkpoints" / ".tmp-step-0000009").exists()
@@ -80,7 +112,10 @@ def test_what_an_interrupted_save_left_is_removed_or_put_back(tmp_path, shared_s
     resumed = train(shared_shard_dir, tiny_model_dir, out, "--resume", steps=3)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"Note: removed {out / 'checkpoints' / '.tmp-step-0000004'}, a save that was interrupted." in resumed.stderr
-    assert f"Note: removed {out / '.old-model'}, the previous model of a replacement that was interrupted." in resumed.stderr
+    assert (
+        f"Note: removed {out / '.old-model'}, the previous model of a replacement that was interrupted."
+        in resumed.stderr
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
 
 
@@ -99,8 +134,10 @@ def test_a_cut_off_last_metrics_line_does_not_block_resume(tmp_path, shared_shar
     lines = metrics.read_text().splitlines()
     metrics.write_text("\n".join(lines[:1] + ["not json"] + lines[1:]) + "\n")  # damage inside: refused
     damaged = train(shared_shard_dir, tiny_model_dir, out, "--resume", steps=4)
-    assert errors(damaged) == [f"Error: {metrics} line 2 is not a metrics record of sftgo-train: the file was edited "
-                               "or damaged; repair or remove that line to resume."]
+    assert errors(damaged) == [
+        f"Error: {metrics} line 2 is not a metrics record of sftgo-train: the file was edited "
+        "or damaged; repair or remove that line to resume."
+    ]
 
 
 def test_a_refused_resume_leaves_the_recorded_settings(tmp_path, shared_shard_dir, tiny_model_dir):
@@ -121,5 +158,7 @@ def test_a_run_is_refused_while_its_shards_are_being_written(tmp_path, shard_dir
 
     with exclusive(Path(shard_dir), what="build"):  # a build or score at work in the shard folder
         proc = train(shard_dir, tiny_model_dir, tmp_path / "run")
-    assert errors(proc) == [f"Error: {shard_dir} is being written by another sftgo process (pid {os.getpid()}); wait "
-                            "for it to finish before the training run reads it."]
+    assert errors(proc) == [
+        f"Error: {shard_dir} is being written by another sftgo process (pid {os.getpid()}); wait "
+        "for it to finish before the training run reads it."
+    ]

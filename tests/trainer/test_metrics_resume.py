@@ -1,5 +1,6 @@
 """On resume, TensorBoard shows each step once, like metrics.jsonl: what the run that died logged past its
 checkpoint is purged.  Read back with TensorBoard's own EventAccumulator."""
+
 import pytest
 
 from sftgo.trainer.metrics import MetricsLog

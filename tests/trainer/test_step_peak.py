@@ -1,12 +1,15 @@
 """Per-step memory peaks (trainer.memory.MemoryMeter.step_peak): the kernel's high-water mark is restarted before each
 step, so a step's figure leaves out what came before it, while the run's peak keeps everything."""
+
 import numpy as np
 import pytest
 import torch
 
 from sftgo.trainer.memory import MemoryMeter, proc_status_mb, restart_rss_peak
 
-pytestmark = pytest.mark.skipif(not restart_rss_peak(), reason="the kernel does not let /proc/self/clear_refs restart the peak")
+pytestmark = pytest.mark.skipif(
+    not restart_rss_peak(), reason="the kernel does not let /proc/self/clear_refs restart the peak"
+)
 
 
 def test_a_step_peak_leaves_out_what_came_before_it_and_the_run_peak_keeps_it():

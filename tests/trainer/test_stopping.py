@@ -1,6 +1,7 @@
 """Ctrl-C during training (trainer/stopping.py), with real signals in a fresh interpreter: the first SIGINT
 only asks for a stop at the next step boundary, a second stops at once, the previous handler comes back, and an
 inherited SIG_IGN, another thread or a run of several ranks leave SIGINT alone."""
+
 from __future__ import annotations
 
 import subprocess

@@ -2,6 +2,7 @@
 own detached probability, as TRL's loss_type="dft") and `weighted` (CE with a fixed weight on the
 important group, a weighted token mean); their accumulated-batch denominators; the effective
 per-group weight every step logs (group_weight); and both through sftgo-train."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,15 @@ def test_micro_batches_with_step_denominators_sum_to_the_whole(name):
 
     def counts(g):
         sup = g >= 0
-        return Counts(float(sup.sum()), float(torch.unique(seg[: len(g)][sup]).numel()),
-                      torch.bincount(g[sup], minlength=2).double(), 0, 0, 0, 0)
+        return Counts(
+            float(sup.sum()),
+            float(torch.unique(seg[: len(g)][sup]).numel()),
+            torch.bincount(g[sup], minlength=2).double(),
+            0,
+            0,
+            0,
+            0,
+        )
 
     whole = objective_parts(obj, loss, groups, seg, 0.9, counts(groups)).loss
     step = counts(groups)
@@ -76,8 +84,14 @@ def test_group_weight_is_relative_to_plain_sft():
     n = float((groups >= 0).sum())
     for name, expect in (("sft", (1.0, 1.0)), ("weighted", None)):
         obj = Objective(name, 2, weight=3.0)
-        parts = objective_parts(obj, loss, groups, torch.zeros_like(groups), 0.9, Counts(n, 0.0, torch.bincount(groups[groups >= 0]).double(),
-                                                                      0, 0, 0, 0))
+        parts = objective_parts(
+            obj,
+            loss,
+            groups,
+            torch.zeros_like(groups),
+            0.9,
+            Counts(n, 0.0, torch.bincount(groups[groups >= 0]).double(), 0, 0, 0, 0),
+        )
         grad_sum = token_weights(parts.loss, loss, groups, 2)
         count = torch.bincount(groups[groups >= 0], minlength=2).double()
         weight = (grad_sum / count * n).tolist()
@@ -90,8 +104,21 @@ def test_group_weight_is_relative_to_plain_sft():
 @pytest.mark.parametrize("extra", [dict(objective="dft"), dict(objective="weighted", group_weight=2.5)])
 def test_baselines_train_through_sftgo_train(tmp_path, shard_dir, tiny_model_dir, extra):
     out = tmp_path / "run"
-    run(TrainConfig(data=str(shard_dir), out=str(out), model=tiny_model_dir, max_steps=3, batch_tokens=160, lr=3e-3,
-                    progress=False, tensorboard=False, shuffle_buffer=8, bucket_pool=2, **extra))
+    run(
+        TrainConfig(
+            data=str(shard_dir),
+            out=str(out),
+            model=tiny_model_dir,
+            max_steps=3,
+            batch_tokens=160,
+            lr=3e-3,
+            progress=False,
+            tensorboard=False,
+            shuffle_buffer=8,
+            bucket_pool=2,
+            **extra,
+        )
+    )
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["split"] == "train"]
     assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
@@ -104,9 +131,24 @@ def test_baselines_train_through_sftgo_train(tmp_path, shard_dir, tiny_model_dir
 
 
 def test_settings_the_objective_does_not_read_are_said(tmp_path, shard_dir, tiny_model_dir, capsys):
-    run(TrainConfig(data=str(shard_dir), out=str(tmp_path / "r"), model=tiny_model_dir, max_steps=1, batch_tokens=160,
-                    progress=False, tensorboard=False, objective="sft", lam=0.5, group_weight=2.0, lora_alpha=8.0))
+    run(
+        TrainConfig(
+            data=str(shard_dir),
+            out=str(tmp_path / "r"),
+            model=tiny_model_dir,
+            max_steps=1,
+            batch_tokens=160,
+            progress=False,
+            tensorboard=False,
+            objective="sft",
+            lam=0.5,
+            group_weight=2.0,
+            lora_alpha=8.0,
+        )
+    )
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Note: ")]
-    assert notes == ["Note: --lam is ignored: only --objective sftgo reads it, not sft.",
-                     "Note: --group-weight is ignored: only --objective weighted reads it, not sft.",
-                     "Note: --lora-alpha is ignored: there is no LoRA without --lora-r."]
+    assert notes == [
+        "Note: --lam is ignored: only --objective sftgo reads it, not sft.",
+        "Note: --group-weight is ignored: only --objective weighted reads it, not sft.",
+        "Note: --lora-alpha is ignored: there is no LoRA without --lora-r.",
+    ]

@@ -1,4 +1,5 @@
 """`sftgo-train` as a real subprocess: artifacts, resume, --help, --config, one-sentence errors."""
+
 import json
 import os
 import subprocess
@@ -20,8 +21,25 @@ def sftgo_train(*args, timeout=300):
 @pytest.mark.slow
 def test_cli_end_to_end_artifacts_and_resume(tmp_path, shard_dir, eval_dir, tiny_model_dir):
     out = tmp_path / "run"
-    common = ["--data", shard_dir, "--out", out, "--model", tiny_model_dir, "--eval-data", eval_dir,
-              "--max-steps", 6, "--batch-tokens", 160, "--lr", "3e-3", "--eval-every", 3, "--no-progress"]
+    common = [
+        "--data",
+        shard_dir,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--eval-data",
+        eval_dir,
+        "--max-steps",
+        6,
+        "--batch-tokens",
+        160,
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        3,
+        "--no-progress",
+    ]
     first = sftgo_train(*common, "--stop-after", 3)
     assert first.returncode == 0, first.stderr
     assert (out / "checkpoints" / "step-0000003" / "model.safetensors").is_file()
@@ -29,11 +47,22 @@ def test_cli_end_to_end_artifacts_and_resume(tmp_path, shard_dir, eval_dir, tiny
     assert second.returncode == 0, second.stderr
     assert "group 1" in second.stdout  # the summary table
 
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "ce", "worst", "group_loss", "worst_group", "worst_switches", "lam", "lr", "tokens_per_s",
-                "grad_norm", "peak_rss_mb"):
+    for key in (
+        "loss",
+        "ce",
+        "worst",
+        "group_loss",
+        "worst_group",
+        "worst_switches",
+        "lam",
+        "lr",
+        "tokens_per_s",
+        "grad_norm",
+        "peak_rss_mb",
+    ):
         assert key in train[-1], key
     # each step's resident-set peak is the step's own (restarted before it), and the run's peak holds them all
     summary = json.loads((out / "summary.json").read_text())

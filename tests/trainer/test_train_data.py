@@ -1,4 +1,5 @@
 """Streaming, batching and collation: determinism, disjoint ranks, budgets, alignment, resume position."""
+
 import random
 
 import numpy as np
@@ -61,9 +62,11 @@ def test_bucketed_batches_respect_the_token_budget_and_keep_every_sample(shards)
     for b in batches:
         assert all(len(row) == 1 for row in b)
         assert len(b) * max(row[0]["length"] for row in b) <= 120 or len(b) == 1
+
     # bucketing reduces padding compared with the stream order
     def pad(bs):
         return sum(len(b) * max(r[0]["length"] for r in b) - sum(r[0]["length"] for r in b) for b in bs)
+
     naive = [[[s] for s in samples[i : i + 3]] for i in range(0, len(samples), 3)]
     assert pad(batches) < pad(naive)
 
@@ -79,8 +82,13 @@ def test_packed_rows_fit_the_row_length(shards):
 
 
 def _sample(ids_, mask, groups):
-    return {"id": "x", "input_ids": np.array(ids_), "loss_mask": np.array(mask), "groups": np.array(groups),
-            "length": len(ids_)}
+    return {
+        "id": "x",
+        "input_ids": np.array(ids_),
+        "loss_mask": np.array(mask),
+        "groups": np.array(groups),
+        "length": len(ids_),
+    }
 
 
 def test_collate_aligns_targets_groups_and_samples_with_the_predicting_position():
@@ -125,8 +133,16 @@ def test_a_sample_with_no_supervised_token_left_is_skipped_and_counted():
 @pytest.mark.parametrize("pack", [False, True])
 def test_samples_longer_than_the_budget_get_a_micro_batch_of_their_own(shards, pack):
     """--batch-tokens below the longest samples: no sample is cut (max_length is larger)."""
-    b = Batches(stream(shards, seed=5), batch_tokens=16, max_length=4096, pack=pack, pool_batches=2, seed=5,
-                pad_id=0, cycle=False)
+    b = Batches(
+        stream(shards, seed=5),
+        batch_tokens=16,
+        max_length=4096,
+        pack=pack,
+        pool_batches=2,
+        seed=5,
+        pad_id=0,
+        cycle=False,
+    )
     samples = {s["id"]: s for s in stream(shards, seed=5).samples(0)}
     batches = list(b)
     assert sum(x.num_samples for x in batches) == len(samples)
@@ -140,14 +156,21 @@ def test_samples_longer_than_the_budget_get_a_micro_batch_of_their_own(shards, p
 @pytest.mark.parametrize("pack", [False, True])
 def test_resuming_at_a_position_continues_with_exactly_the_same_batches(shards, pack):
     def make():
-        return Batches(stream(shards, seed=3, shuffle_buffer=16), batch_tokens=96, max_length=48, pack=pack,
-                       pool_batches=3, seed=3, pad_id=0)
+        return Batches(
+            stream(shards, seed=3, shuffle_buffer=16),
+            batch_tokens=96,
+            max_length=48,
+            pack=pack,
+            pool_batches=3,
+            seed=3,
+            pad_id=0,
+        )
 
     per_epoch = make().count(0)
     first = make()
     it = iter(first)
     seq = [next(it).input_ids.tolist() for _ in range(per_epoch + 5)]  # crosses into epoch 1
-    assert seq[:per_epoch] != seq[per_epoch : 2 * per_epoch][: per_epoch]  # new epoch, new order
+    assert seq[:per_epoch] != seq[per_epoch : 2 * per_epoch][:per_epoch]  # new epoch, new order
     for k in (2, per_epoch, per_epoch + 2):
         again = make()
         it = iter(again)
@@ -160,8 +183,16 @@ def test_resuming_at_a_position_continues_with_exactly_the_same_batches(shards, 
 
 
 def test_dry_count_equals_the_number_of_batches_of_an_epoch(shards):
-    b = Batches(stream(shards, seed=5), batch_tokens=100, max_length=60, pack=False, pool_batches=2, seed=5,
-                pad_id=0, cycle=False)
+    b = Batches(
+        stream(shards, seed=5),
+        batch_tokens=100,
+        max_length=60,
+        pack=False,
+        pool_batches=2,
+        seed=5,
+        pad_id=0,
+        cycle=False,
+    )
     assert b.count(0) == sum(1 for _ in b)
 
 
@@ -178,8 +209,15 @@ def test_prefetch_passes_items_in_order_and_reraises_reader_errors():
 
 def test_a_rank_without_samples_fails_instead_of_spinning(tmp_path, shardkit):
     d = shardkit.write_shards(tmp_path / "one", shardkit.make_records(1, 100))
-    b = Batches(ShardStream(str(d), read_manifest(d), group_column("tfidf"), rank=1, world_size=2), batch_tokens=100,
-                max_length=60, pack=False, pool_batches=2, seed=0, pad_id=0)
+    b = Batches(
+        ShardStream(str(d), read_manifest(d), group_column("tfidf"), rank=1, world_size=2),
+        batch_tokens=100,
+        max_length=60,
+        pack=False,
+        pool_batches=2,
+        seed=0,
+        pad_id=0,
+    )
     with pytest.raises(ValueError, match="no samples"):
         next(iter(b))
 

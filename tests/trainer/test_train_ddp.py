@@ -1,4 +1,5 @@
 """torchrun with 2 CPU processes (gloo): disjoint data per rank, identical weights at the end."""
+
 import json
 import os
 import subprocess
@@ -44,12 +45,37 @@ def test_ddp_two_cpu_processes_read_disjoint_data_and_end_with_identical_weights
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
     out = tmp_path / "ddp"
-    cfg = dict(data=str(shard_dir), out=str(out), model=tiny_model_dir, max_steps=3, batch_tokens=160, lr=3e-3,
-               grad_accum=2, progress=False, tensorboard=False, shuffle_buffer=8, bucket_pool=2)
+    cfg = dict(
+        data=str(shard_dir),
+        out=str(out),
+        model=tiny_model_dir,
+        max_steps=3,
+        batch_tokens=160,
+        lr=3e-3,
+        grad_accum=2,
+        progress=False,
+        tensorboard=False,
+        shuffle_buffer=8,
+        bucket_pool=2,
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", SFTGO_CACHE=os.environ.get("SFTGO_CACHE", "/tmp/sftgo-cache"))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=300, env=env,
-                       cwd=Path(__file__).resolve().parents[2])
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            json.dumps(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     ids = [json.loads((out / f"ids-rank{k}.json").read_text()) for k in (0, 1)]
@@ -64,5 +90,5 @@ def test_ddp_two_cpu_processes_read_disjoint_data_and_end_with_identical_weights
         assert torch.equal(w0[key], saved[k]), k
     assert any(not torch.equal(start[k], saved[k]) for k in start)
     # one global step = 2 ranks x 2 micro-batches; the logged token count covers both ranks
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]

@@ -4,6 +4,7 @@
   checkpoint ends with the same weights as a straight run;
 - the consolidated final model loads with transformers;
 - `accelerate launch -m sftgo.trainer.cli` gives 2 ranks reading disjoint data, like torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ def _train(launcher: list[str], args: dict, timeout: int = 400) -> subprocess.Co
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
         flags += [flag] if value is True else [flag, str(value)]
-    proc = subprocess.run([*launcher, "-m", "sftgo.trainer.cli", *flags, "--no-progress", "--no-tensorboard"],
-                          capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    proc = subprocess.run(
+        [*launcher, "-m", "sftgo.trainer.cli", *flags, "--no-progress", "--no-tensorboard"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -43,13 +50,24 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def _losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    return [
+        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
+    ]
 
 
 @pytest.fixture(scope="module")
 def base(shared_shard_dir, tiny_model_dir):
-    return dict(data=shared_shard_dir, model=tiny_model_dir, max_steps=4, batch_tokens=160, lr=3e-3, grad_accum=2,
-                shuffle_buffer=8, bucket_pool=2, ce_chunk=64)
+    return dict(
+        data=shared_shard_dir,
+        model=tiny_model_dir,
+        max_steps=4,
+        batch_tokens=160,
+        lr=3e-3,
+        grad_accum=2,
+        shuffle_buffer=8,
+        bucket_pool=2,
+        ce_chunk=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +88,10 @@ def test_fsdp_follows_ddp_and_its_model_loads(straight):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(straight / "fsdp" / "model")
-    a, b = load_file(str(straight / "ddp" / "model" / "model.safetensors")), \
-        load_file(str(straight / "fsdp" / "model" / "model.safetensors"))
+    a, b = (
+        load_file(str(straight / "ddp" / "model" / "model.safetensors")),
+        load_file(str(straight / "fsdp" / "model" / "model.safetensors")),
+    )
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
@@ -103,8 +123,21 @@ def test_fsdp_stop_and_resume_gives_the_straight_runs_weights(tmp_path, base, st
 
 @pytest.mark.slow
 def test_accelerate_launch_gives_two_ranks_on_disjoint_data(tmp_path, base, straight):
-    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    accelerate = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     proc = _train(accelerate, {**base, "out": tmp_path / "acc"})
     assert "2 processes" in proc.stderr
     # the same 2-rank run whichever launcher started it

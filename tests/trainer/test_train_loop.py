@@ -1,7 +1,7 @@
 """The loop in-process on a tiny model: exact resume, objectives, pre-flight checks, artifacts."""
+
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,19 @@ from sftgo.trainer.loop import run
 
 
 def cfg(shard_dir, out, model, **kw):
-    base = dict(data=str(shard_dir), out=str(out), model=model, max_steps=6, batch_tokens=160, lr=3e-3,
-                warmup_steps=1, progress=False, tensorboard=False, shuffle_buffer=8, bucket_pool=2)
+    base = dict(
+        data=str(shard_dir),
+        out=str(out),
+        model=model,
+        max_steps=6,
+        batch_tokens=160,
+        lr=3e-3,
+        warmup_steps=1,
+        progress=False,
+        tensorboard=False,
+        shuffle_buffer=8,
+        bucket_pool=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -30,10 +41,13 @@ def assert_same_weights(a, b, atol=1e-6):
         assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
 
 
-@pytest.mark.parametrize("extra", [
-    dict(),
-    dict(pack=True, grad_accum=2, lam_schedule="cosine", max_length=64, dro_step=0.3),
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(),
+        dict(pack=True, grad_accum=2, lam_schedule="cosine", max_length=64, dro_step=0.3),
+    ],
+)
 def test_resume_equivalence_straight_vs_half_plus_resume(tmp_path, shard_dir, tiny_model_dir, extra):
     """N steps straight == N/2 steps, stop, --resume, N/2 steps (same final weights on CPU)."""
     straight = tmp_path / "straight"
@@ -47,15 +61,15 @@ def test_resume_equivalence_straight_vs_half_plus_resume(tmp_path, shard_dir, ti
     # the metrics file holds every step exactly once, as if never interrupted
     steps = [r["step"] for r in map(json.loads, (halves / "metrics.jsonl").read_text().splitlines())]
     assert steps == list(range(1, 7))
-    straight_loss = [json.loads(l)["loss"] for l in (straight / "metrics.jsonl").read_text().splitlines()]
-    halves_loss = [json.loads(l)["loss"] for l in (halves / "metrics.jsonl").read_text().splitlines()]
+    straight_loss = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    halves_loss = [json.loads(line)["loss"] for line in (halves / "metrics.jsonl").read_text().splitlines()]
     assert straight_loss == pytest.approx(halves_loss, abs=1e-6)
 
 
 def test_training_changes_weights_and_lowers_loss(tmp_path, shard_dir, tiny_model_dir):
     out = tmp_path / "run"
     run(cfg(shard_dir, out, tiny_model_dir, max_steps=12, lr=1e-2))
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["ce"] < recs[0]["ce"]
     start = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     end = weights(out)
@@ -73,16 +87,34 @@ def test_sft_objective_equals_sftgo_with_lambda_zero(tmp_path, shard_dir, tiny_m
 
 def test_rho1_and_epochs_mode_and_eval_records(tmp_path, shard_dir, eval_dir, tiny_model_dir):
     out = tmp_path / "rho"
-    summary = run(cfg(shard_dir, out, tiny_model_dir, objective="rho1", max_steps=0, epochs=1, eval_data=str(eval_dir),
-                      eval_every=2, grad_accum=2))
+    summary = run(
+        cfg(
+            shard_dir,
+            out,
+            tiny_model_dir,
+            objective="rho1",
+            max_steps=0,
+            epochs=1,
+            eval_data=str(eval_dir),
+            eval_every=2,
+            grad_accum=2,
+        )
+    )
+    from sftgo.core.shards import group_column, read_manifest
     from sftgo.trainer.batching import Batches
     from sftgo.trainer.data import ShardStream
-    from sftgo.core.shards import group_column, read_manifest
 
-    b = Batches(ShardStream(str(shard_dir), read_manifest(shard_dir), group_column("tfidf"), seed=0, shuffle_buffer=8),
-                batch_tokens=160, max_length=2048, pack=False, pool_batches=2, seed=0, pad_id=0)
+    b = Batches(
+        ShardStream(str(shard_dir), read_manifest(shard_dir), group_column("tfidf"), seed=0, shuffle_buffer=8),
+        batch_tokens=160,
+        max_length=2048,
+        pack=False,
+        pool_batches=2,
+        seed=0,
+        pad_id=0,
+    )
     assert summary["total_steps"] == b.count(0) // 2
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if r["split"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == summary["total_steps"]
     assert all(len(r["group_loss"]) == 2 for r in evals)
@@ -146,7 +178,7 @@ def test_gradient_checkpointing_and_smaller_ce_chunks_do_not_change_training(tmp
 def test_objective_options_train_and_log(tmp_path, shard_dir, tiny_model_dir, extra):
     out = tmp_path / "opt"
     run(cfg(shard_dir, out, tiny_model_dir, max_steps=2, **extra))
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in recs)
     if "dro_step" in extra:
         w = recs[-1]["dro_weights"]
@@ -168,10 +200,11 @@ def test_lora_trains_adapters_resumes_exactly_and_ships_a_merged_model(tmp_path,
 
 
 def test_three_quantile_groups_end_to_end(tmp_path, shardkit, tokenizer, fingerprint, tiny_model_dir):
-    d = shardkit.write_shards(tmp_path / "k3", shardkit.make_records(24, 500, num_groups=3), num_groups=3,
-                              fingerprint=fingerprint)
+    d = shardkit.write_shards(
+        tmp_path / "k3", shardkit.make_records(24, 500, num_groups=3), num_groups=3, fingerprint=fingerprint
+    )
     out = tmp_path / "run"
     run(cfg(d, out, tiny_model_dir, max_steps=2))
-    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["group_loss"]) == 3 for r in recs)
     assert recs[-1]["worst_group"] in (0, 1, 2)

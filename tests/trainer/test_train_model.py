@@ -1,4 +1,5 @@
 """TokenLossModel on a tiny Llama: equals transformers' own loss; packing isolates samples."""
+
 import numpy as np
 import pytest
 import torch
@@ -56,8 +57,16 @@ def _tied_lm(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=500, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, tie_word_embeddings=True, pad_token_id=3)
+    cfg = LlamaConfig(
+        vocab_size=500,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        pad_token_id=3,
+    )
     model = LlamaForCausalLM(cfg).train()
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
     return model
@@ -79,14 +88,19 @@ def test_lookup_into_grad_gives_autograds_gradients():
     samples = [_sample(rng, 14, 4), _sample(rng, 9, 2), _sample(rng, 11, 5)]
     samples[0]["input_ids"][[1, 5, 9]] = 7  # one id three times
     samples[1]["input_ids"][2] = 3  # the padding id inside a sample: nn.Embedding gives its row no lookup gradient
-    batches = [collate([[s] for s in samples[:2]], pad_id=3, packed_rows=False), collate([[samples[2]]], pad_id=3, packed_rows=False)]
+    batches = [
+        collate([[s] for s in samples[:2]], pad_id=3, packed_rows=False),
+        collate([[samples[2]]], pad_id=3, packed_rows=False),
+    ]
     plain, into = TokenLossModel(model, ce_chunk=4), TokenLossModel(model, ce_chunk=4, lookup_into_grad=True)
     want, got = _grads(model, plain, batches[:1]), _grads(model, into, batches[:1])
     assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
     want, got = _grads(model, plain, batches), _grads(model, into, batches)
     assert all(torch.allclose(want[n], got[n], rtol=1e-5, atol=1e-7) for n in want)
     with torch.no_grad():  # evaluation: the plain lookup, same losses
-        assert torch.equal(into(batches[0].input_ids, None, batches[0].targets), plain(batches[0].input_ids, None, batches[0].targets))
+        assert torch.equal(
+            into(batches[0].input_ids, None, batches[0].targets), plain(batches[0].input_ids, None, batches[0].targets)
+        )
     model.get_input_embeddings().weight.requires_grad_(False)  # frozen (LoRA): no gradient to add
     model.zero_grad(set_to_none=True)
     into(batches[0].input_ids, None, batches[0].targets).sum().backward()

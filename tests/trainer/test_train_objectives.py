@@ -1,4 +1,5 @@
 """The objectives against hand-computed (loop-based) oracles."""
+
 import math
 
 import pytest
@@ -51,7 +52,11 @@ def test_sftgo_loss_matches_loop_oracle_values_and_gradients(K, reduce):
     loss, groups = _batch(K=K, empty_rows=(2,), single_group_rows=(4,))
     parts = sftgo_loss(loss, groups, 0.9, reduce, num_groups=K)
     want, want_ce, want_worst = oracle(loss, groups, 0.9, K, reduce)
-    assert torch.allclose(parts.loss, want) and torch.allclose(parts.ce, want_ce) and torch.allclose(parts.worst, want_worst)
+    assert (
+        torch.allclose(parts.loss, want)
+        and torch.allclose(parts.ce, want_ce)
+        and torch.allclose(parts.worst, want_worst)
+    )
     (g1,) = torch.autograd.grad(parts.loss, loss)
     (g2,) = torch.autograd.grad(want, loss)
     assert torch.allclose(g1, g2)
@@ -96,8 +101,10 @@ def test_accumulated_micro_batches_sum_to_the_whole_batch_loss_and_gradient():
     (g_whole,) = torch.autograd.grad(whole.loss, loss)
     n_tok = (groups >= 0).sum()
     n_smp = ((groups >= 0).any(1)).sum()
-    parts = [sftgo_loss(loss[i : i + 2], groups[i : i + 2], 0.7, num_groups=2, ce_denom=n_tok, worst_denom=n_smp)
-             for i in range(0, 6, 2)]
+    parts = [
+        sftgo_loss(loss[i : i + 2], groups[i : i + 2], 0.7, num_groups=2, ce_denom=n_tok, worst_denom=n_smp)
+        for i in range(0, 6, 2)
+    ]
     total = sum(p.loss for p in parts)
     (g_acc,) = torch.autograd.grad(total, loss)
     assert torch.allclose(total, whole.loss) and torch.allclose(g_acc, g_whole)

@@ -2,6 +2,7 @@
 --report-to tensorboard,wandb,mlflow writes to each (W&B offline, MLflow to a local store), a
 tracker that is not installed is an error before training, and --save-adapter writes the peft
 adapter beside the merged model."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg(shard_dir, out, model, **kw):
-    base = dict(data=str(shard_dir), out=str(out), model=model, max_steps=2, batch_tokens=160, lr=3e-3,
-                progress=False, tensorboard=False, shuffle_buffer=8, bucket_pool=2)
+    base = dict(
+        data=str(shard_dir),
+        out=str(out),
+        model=model,
+        max_steps=2,
+        batch_tokens=160,
+        lr=3e-3,
+        progress=False,
+        tensorboard=False,
+        shuffle_buffer=8,
+        bucket_pool=2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -57,14 +68,22 @@ def test_unknown_or_missing_tracker_is_one_sentence(tmp_path, shard_dir, tiny_mo
     with pytest.raises(ConfigError, match="'neptune' is not a tracker sftgo knows"):
         run(cfg(shard_dir, tmp_path / "a", tiny_model_dir, report_to=["neptune"]))
     # the package blocked from import, as on a machine without it
-    code = ("import sys; sys.modules['mlflow'] = None; from sftgo.trainer.cli import main; "
-            f"main(['--data', {str(shard_dir)!r}, '--out', {str(tmp_path / 'b')!r}, '--model', {tiny_model_dir!r}, "
-            "'--max-steps', '1', '--report-to', 'mlflow', '--no-progress'])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, SFTGO_CACHE=os.environ.get("SFTGO_CACHE", "/tmp/sftgo-cache")))
+    code = (
+        "import sys; sys.modules['mlflow'] = None; from sftgo.trainer.cli import main; "
+        f"main(['--data', {str(shard_dir)!r}, '--out', {str(tmp_path / 'b')!r}, '--model', {tiny_model_dir!r}, "
+        "'--max-steps', '1', '--report-to', 'mlflow', '--no-progress'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, SFTGO_CACHE=os.environ.get("SFTGO_CACHE", "/tmp/sftgo-cache")),
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip() == ("Error: --report-to mlflow needs the mlflow package: pip install 'sftgo[mlflow]' "
-                                   "(or pip install mlflow).")
+    assert proc.stderr.strip() == (
+        "Error: --report-to mlflow needs the mlflow package: pip install 'sftgo[mlflow]' (or pip install mlflow)."
+    )
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
 
 

@@ -1,5 +1,6 @@
 """trainer.step, the step anyone can call: accumulated-batch denominators against transformers'
 own loss, and the trainer's import boundary."""
+
 import ast
 from pathlib import Path
 
@@ -84,8 +85,13 @@ def test_the_trainer_imports_only_the_core():
     """sftgo.trainer may import sftgo.core and itself, never sftgo.pipeline or sftgo.grouping."""
     for path in TRAINER.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 if name.startswith("sftgo."):
                     assert name.startswith(("sftgo.core", "sftgo.trainer")), f"{path.name} imports {name}"

@@ -1,7 +1,7 @@
 """Nothing silent in training (issue 10): no sample cut to fit a micro-batch, truncation counted,
 --resume refuses changes, one training per run directory, TensorBoard, the final model's form."""
+
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -24,8 +24,18 @@ BIN = str(Path(sys.executable).parent / "sftgo-train")
 
 
 def cfg(shard_dir, out, model, **kw):
-    base = dict(data=str(shard_dir), out=str(out), model=model, max_steps=4, batch_tokens=160, lr=3e-3,
-                progress=False, tensorboard=False, shuffle_buffer=8, bucket_pool=2)
+    base = dict(
+        data=str(shard_dir),
+        out=str(out),
+        model=model,
+        max_steps=4,
+        batch_tokens=160,
+        lr=3e-3,
+        progress=False,
+        tensorboard=False,
+        shuffle_buffer=8,
+        bucket_pool=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -36,7 +46,9 @@ def train_records(out):
 
 # ---------------------------------------------------------------- item 1: nothing cut to fit a micro-batch
 @pytest.mark.parametrize("pack", [False, True])
-def test_one_epoch_with_a_small_batch_budget_trains_every_supervised_token_once(tmp_path, shard_dir, tiny_model_dir, pack):
+def test_one_epoch_with_a_small_batch_budget_trains_every_supervised_token_once(
+    tmp_path, shard_dir, tiny_model_dir, pack
+):
     """--batch-tokens 16 is below most samples (8..40 tokens): each supervised token is still trained."""
     out = tmp_path / "run"
     summary = run(cfg(shard_dir, out, tiny_model_dir, max_steps=0, epochs=1, batch_tokens=16, pack=pack))
@@ -73,35 +85,62 @@ def stopped_run(tmp_path, shard_dir, tiny_model_dir):
     return out
 
 
-@pytest.mark.parametrize("change, flag", [(dict(lr=1e-3), "--lr"), (dict(seed=1), "--seed"),
-                                          (dict(lam=0.5), "--lam"), (dict(model="embedded"), "--model"),
-                                          (dict(betas=(0.9, 0.99)), "--betas"), (dict(max_steps=3), "--max-steps")])
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        (dict(lr=1e-3), "--lr"),
+        (dict(seed=1), "--seed"),
+        (dict(lam=0.5), "--lam"),
+        (dict(model="embedded"), "--model"),
+        (dict(betas=(0.9, 0.99)), "--betas"),
+        (dict(max_steps=3), "--max-steps"),
+    ],
+)
 def test_resume_refuses_a_changed_setting_naming_it(stopped_run, shard_dir, tiny_model_dir, change, flag):
     change = dict(change)
     with pytest.raises(ConfigError, match=f"different {flag} "):
         run(cfg(shard_dir, stopped_run, change.pop("model", tiny_model_dir), resume=True, **change))
 
 
-def test_resume_refuses_other_shards_at_the_same_path(stopped_run, shard_dir, tiny_model_dir, shardkit, tokenizer,
-                                                      fingerprint):
+def test_resume_refuses_other_shards_at_the_same_path(
+    stopped_run, shard_dir, tiny_model_dir, shardkit, tokenizer, fingerprint
+):
     shutil.rmtree(shard_dir)
-    shardkit.write_shards(shard_dir, shardkit.make_records(48, 500, seed=9), fingerprint=fingerprint,
-                          vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    shardkit.write_shards(
+        shard_dir,
+        shardkit.make_records(48, 500, seed=9),
+        fingerprint=fingerprint,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+    )
     with pytest.raises(ConfigError, match="not the ones this run was trained on"):
         run(cfg(shard_dir, stopped_run, tiny_model_dir, resume=True))
 
 
-def test_resume_allows_operational_changes_and_a_moved_copy_of_the_data(stopped_run, shard_dir, tiny_model_dir,
-                                                                        tmp_path):
+def test_resume_allows_operational_changes_and_a_moved_copy_of_the_data(
+    stopped_run, shard_dir, tiny_model_dir, tmp_path
+):
     moved = tmp_path / "moved"
     shutil.copytree(shard_dir, moved)
-    summary = run(cfg(moved, stopped_run, tiny_model_dir, resume=True, log_every=2, save_every=1, keep_checkpoints=1,
-                      readahead=0, ce_chunk=7))
+    summary = run(
+        cfg(
+            moved,
+            stopped_run,
+            tiny_model_dir,
+            resume=True,
+            log_every=2,
+            save_every=1,
+            keep_checkpoints=1,
+            readahead=0,
+            ce_chunk=7,
+        )
+    )
     assert summary["finished"] and summary["step"] == 4
 
 
-def test_resume_applies_more_steps_and_says_what_happens_to_the_schedule(stopped_run, shard_dir, tiny_model_dir,
-                                                                         capsys):
+def test_resume_applies_more_steps_and_says_what_happens_to_the_schedule(
+    stopped_run, shard_dir, tiny_model_dir, capsys
+):
     summary = run(cfg(shard_dir, stopped_run, tiny_model_dir, resume=True, max_steps=6))
     assert summary["step"] == 6 and summary["finished"]
     err = capsys.readouterr().err
@@ -125,10 +164,25 @@ def test_a_missing_rng_file_is_an_error(stopped_run, shard_dir, tiny_model_dir):
 def test_a_second_training_into_the_same_out_is_refused(tmp_path, shard_dir, tiny_model_dir):
     out = tmp_path / "run"
     env = dict(os.environ, SFTGO_CACHE=os.environ.get("SFTGO_CACHE", "/tmp/sftgo-cache"), OMP_NUM_THREADS="1")
-    args = ["--data", shard_dir, "--out", out, "--model", tiny_model_dir, "--batch-tokens", 160, "--no-progress",
-            "--no-tensorboard"]
-    first = subprocess.Popen([BIN, *map(str, args), "--max-steps", "100000"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    args = [
+        "--data",
+        shard_dir,
+        "--out",
+        out,
+        "--model",
+        tiny_model_dir,
+        "--batch-tokens",
+        160,
+        "--no-progress",
+        "--no-tensorboard",
+    ]
+    first = subprocess.Popen(
+        [BIN, *map(str, args), "--max-steps", "100000"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lock = out / ".lock"
         for _ in range(6000):  # wait until the first run holds the lock (its pid is written into it)
@@ -136,8 +190,9 @@ def test_a_second_training_into_the_same_out_is_refused(tmp_path, shard_dir, tin
                 break
             time.sleep(0.05)
         assert first.poll() is None, first.stderr.read()
-        second = subprocess.run([BIN, *map(str, args), "--max-steps", "1"], env=env, capture_output=True, text=True,
-                                timeout=300)
+        second = subprocess.run(
+            [BIN, *map(str, args), "--max-steps", "1"], env=env, capture_output=True, text=True, timeout=300
+        )
         assert first.poll() is None  # the first is still training
     finally:
         first.kill()
@@ -145,13 +200,15 @@ def test_a_second_training_into_the_same_out_is_refused(tmp_path, shard_dir, tin
         first.stderr.close()
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
-    assert lines == [f"Error: Another training run (pid {first.pid}) is writing to {out}; wait for it or choose "
-                     f"another --out."]
+    assert lines == [
+        f"Error: Another training run (pid {first.pid}) is writing to {out}; wait for it or choose another --out."
+    ]
 
 
 # ---------------------------------------------------------------- item 5: TensorBoard is never silently off
-def test_tensorboard_missing_is_said_once_by_default_and_an_error_when_asked_for(tmp_path, shard_dir, tiny_model_dir,
-                                                                                   capsys, monkeypatch):
+def test_tensorboard_missing_is_said_once_by_default_and_an_error_when_asked_for(
+    tmp_path, shard_dir, tiny_model_dir, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as on a machine without it (find_spec -> None)
     run(cfg(shard_dir, tmp_path / "a", tiny_model_dir, max_steps=1, tensorboard=None))
     err = capsys.readouterr().err
@@ -208,13 +265,17 @@ def test_a_model_directory_without_tokenizer_files_says_which_are_missing(tmp_pa
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(Path(tiny_model_dir) / name, bare / name)
-    with pytest.raises(ModelNotFound, match="has no tokenizer: it holds no tokenizer.json .* nor tokenizer_config.json"):
+    with pytest.raises(
+        ModelNotFound, match="has no tokenizer: it holds no tokenizer.json .* nor tokenizer_config.json"
+    ):
         load_tokenizer(str(bare))
 
 
 # ---------------------------------------------------------------- config files are typed
-@pytest.mark.parametrize("suffix, text", [(".json", '{"tensorboard": "false"}'), (".toml", 'lam = "0.3"\n'),
-                                          (".yaml", "trust_remote_code: 'false'\n")])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [(".json", '{"tensorboard": "false"}'), (".toml", 'lam = "0.3"\n'), (".yaml", "trust_remote_code: 'false'\n")],
+)
 def test_a_config_value_of_the_wrong_type_is_one_sentence_naming_the_key(tmp_path, suffix, text):
     path = tmp_path / f"c{suffix}"
     path.write_text(text)
