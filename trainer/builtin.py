@@ -26,6 +26,16 @@ def _common(x) -> dict:
     return {"num_groups": x.settings.num_groups, "segments": x.segments, "ce_denom": x.counts.loss_tokens}
 
 
+def held_out_ce(self, ce, worst, group_loss, lam) -> float:
+    """eval_loss of the objectives whose held-out loss is the CE (comparable across them)."""
+    return ce
+
+
+def supervised_tokens(self, counts) -> float:
+    """trained_tokens of the objectives that train every supervised token."""
+    return counts.loss_tokens
+
+
 class SftGo:
     name = "sftgo"
     summary = "SFT-GO: (1 - λ) · CE + λ · the worst group's loss"
@@ -49,8 +59,7 @@ class SftGo:
     def eval_loss(self, ce, worst, group_loss, lam):
         return (1 - lam) * ce + lam * worst
 
-    def trained_tokens(self, counts):
-        return counts.loss_tokens
+    trained_tokens = supervised_tokens
 
 
 class Sft:
@@ -62,11 +71,8 @@ class Sft:
     def train_loss(self, x):
         return _losses().sftgo_loss(x.token_loss, x.groups, 0.0, **_common(x))
 
-    def eval_loss(self, ce, worst, group_loss, lam):
-        return ce
-
-    def trained_tokens(self, counts):
-        return counts.loss_tokens
+    eval_loss = held_out_ce
+    trained_tokens = supervised_tokens
 
 
 class Dft:
@@ -78,11 +84,8 @@ class Dft:
     def train_loss(self, x):
         return _losses().dft_loss(x.token_loss, x.groups, **_common(x))
 
-    def eval_loss(self, ce, worst, group_loss, lam):
-        return ce  # the held-out CE: comparable across objectives
-
-    def trained_tokens(self, counts):
-        return counts.loss_tokens
+    eval_loss = held_out_ce
+    trained_tokens = supervised_tokens
 
 
 class Rho1:
@@ -112,11 +115,8 @@ class Weighted:
             x.token_loss, x.groups, x.settings.weight, **_common(x), important_denom=x.counts.group_tokens[-1]
         )
 
-    def eval_loss(self, ce, worst, group_loss, lam):
-        return ce
-
-    def trained_tokens(self, counts):
-        return counts.loss_tokens
+    eval_loss = held_out_ce
+    trained_tokens = supervised_tokens
 
 
 SFTGO, SFT, RHO1, DFT, WEIGHTED = SftGo(), Sft(), Rho1(), Dft(), Weighted()

@@ -5,7 +5,7 @@ Input: a model name or checkpoint directory (see sftgo.core.models), training op
 Output: `TokenLossModel`, an nn.Module (what DDP wraps) whose forward(input_ids,
 position_ids, targets) returns the CE of each supervised target, flattened row-major.
 Cost: the decoder forward/backward as usual; the lm_head and softmax run only on supervised
-positions, in chunks (trainer.objectives.token_cross_entropy), instead of on every position
+positions, in chunks (trainer.chunked_ce.token_cross_entropy), instead of on every position
 with the whole [B, T, V] fp32 logits tensor as a plain `model(labels=...)` call does.
 """
 
@@ -19,8 +19,8 @@ from torch import nn
 
 from sftgo.core.models import load_causal_lm, model_dir
 from sftgo.trainer.batching import IGNORE
+from sftgo.trainer.chunked_ce import token_cross_entropy
 from sftgo.trainer.config import ConfigError
-from sftgo.trainer.objectives import token_cross_entropy
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

@@ -1,13 +1,9 @@
-"""Training objectives: SFT-GO (worst-group) and the baselines SFT, Rho-1, DFT and weighted, plus the chunked
-token loss.
+"""Training objectives: SFT-GO (worst-group) and the baselines SFT, Rho-1, DFT and weighted.
 
-Input: per-token cross-entropy (from `token_cross_entropy`, or any float tensor) and a
-group id per token (-1 = not supervised), optionally a sample id per token (packing).
+Input: per-token cross-entropy (from trainer.chunked_ce.token_cross_entropy, or any float tensor)
+and a group id per token (-1 = not supervised), optionally a sample id per token (packing).
 Output: a `LossParts` with the scalar to backpropagate and detached diagnostics.
-Cost: the objectives are O(tokens) scatter-adds, negligible next to the model; the chunked
-cross-entropy runs the lm_head on supervised tokens only, and costs one extra lm_head
-matmul in backward for the tokens beyond its last chunk (it recomputes their logits
-instead of keeping them).
+Cost: O(tokens) scatter-adds, negligible next to the model.
 
 Definitions (docs/method.md, "Objectives"):
     L_GO  = (1 - lam) * L_CE + lam * L_worst
@@ -30,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sftgo.trainer.config import SCHEDULES  # the names live with the config, which imports no torch
 
@@ -266,79 +261,3 @@ class GroupDRO:
     def load_state_dict(self, state: dict) -> None:
         self.weights = torch.tensor(state["weights"], dtype=torch.float64)
         self.step_size = state["step_size"]
-
-
-def _row_logsumexp(logits: torch.Tensor, rows: int = 128) -> torch.Tensor:
-    """torch.logsumexp over the last dim, `rows` rows at a time: its temporaries are rows x V, not the
-    whole chunk's (the same per-row reduction, so the same values)."""
-    if logits.shape[0] <= rows:
-        return torch.logsumexp(logits, dim=-1)
-    return torch.cat([torch.logsumexp(logits[j : j + rows], dim=-1) for j in range(0, logits.shape[0], rows)])
-
-
-class _ChunkedLinearCE(torch.autograd.Function):
-    """Per-token CE of (hidden @ weight.T [+ bias]) against targets, chunk by chunk.
-
-    Forward keeps the per-token log-sum-exp and the softmax of its last chunk only; backward
-    reuses that chunk's softmax and recomputes the logits of the others, turning them into the
-    softmax in place and adding into one V x H weight gradient.  So one chunk of `chunk` x V fp32
-    logits exists at a time (instead of N x V; the log-sum-exp's temporaries are 128 x V), and a batch
-    whose supervised tokens fit in one chunk pays no recomputation at all.  Peak memory: one chunk of
-    logits plus one V x H fp32 weight gradient."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
-        n = hidden.shape[0]
-        losses = hidden.new_empty(n, dtype=torch.float32)
-        lse_all = hidden.new_empty(n, dtype=torch.float32)
-        w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)  # explicit: autocast-proof
-        ctx.last_probs = None
-        for i in range(0, n, chunk):
-            logits = F.linear(hidden[i : i + chunk], w, b).float()
-            lse = _row_logsumexp(logits)
-            tgt = logits.gather(1, targets[i : i + chunk, None]).squeeze(1)
-            losses[i : i + chunk] = lse - tgt
-            lse_all[i : i + chunk] = lse
-            if i + chunk >= n and any(ctx.needs_input_grad[:3]):
-                ctx.last_probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: no extra copy
-            del logits  # before the next chunk's: one chunk of logits at a time
-        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
-        ctx.chunk = chunk
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
-        chunk, n = ctx.chunk, hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = grad_b = None
-        w, b = weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
-        starts = list(range(0, n, chunk))
-        for i in reversed(starts):  # the last chunk first: its softmax is ready, free it early
-            h = hidden[i : i + chunk]
-            if i == starts[-1] and ctx.last_probs is not None:
-                g, ctx.last_probs = ctx.last_probs, None  # used once (a second backward recomputes)
-            else:  # the softmax, in place in the recomputed logits: one chunk-sized buffer
-                g = F.linear(h, w, b).float().sub_(lse_all[i : i + chunk, None]).exp_()
-            rows = torch.arange(h.shape[0], device=h.device)
-            g[rows, targets[i : i + chunk]] -= 1.0
-            g *= grad_out[i : i + chunk, None].float()
-            if grad_h is not None:
-                grad_h[i : i + chunk] = g.to(hidden.dtype) @ w
-            if ctx.needs_input_grad[1]:  # accumulated in place: no second V x H buffer per chunk
-                grad_w = g.t() @ h.float() if grad_w is None else grad_w.addmm_(g.t(), h.float())
-            if bias is not None and ctx.needs_input_grad[2]:
-                part = g.sum(0)
-                grad_b = part if grad_b is None else grad_b.add_(part)
-            del g  # before the next chunk's
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None
-
-
-def token_cross_entropy(hidden: torch.Tensor, lm_head: torch.nn.Linear, targets: torch.Tensor, chunk: int = 1024):
-    """Per-token CE [N] of the rows of `hidden` [N, H] projected by `lm_head`, against
-    `targets` [N]; the full [N, V] logits never exist at once (see _ChunkedLinearCE)."""
-    if hidden.shape[0] == 0:
-        return hidden.sum(-1).float()
-    return _ChunkedLinearCE.apply(hidden, lm_head.weight, lm_head.bias, targets, max(1, int(chunk)))

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftgo.trainer.objectives import GroupDRO, lam_at, rho1_loss, sft_loss, sftgo_loss, token_cross_entropy
+from sftgo.trainer.chunked_ce import token_cross_entropy
+from sftgo.trainer.objectives import GroupDRO, lam_at, rho1_loss, sft_loss, sftgo_loss
 
 
 def _batch(seed=0, B=5, T=12, K=2, empty_rows=(), single_group_rows=()):
