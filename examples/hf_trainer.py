@@ -40,10 +40,10 @@ def train() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--data", required=True, help="shard directory written by sftgo-prep build")
-    ap.add_argument("--out", required=True, help="run directory")
+    ap.add_argument("--data", required=True, help="shard directory written by sftgo-prep build (required)")
+    ap.add_argument("--out", required=True, help="run directory: checkpoints, trainer_log.jsonl, model/ (required)")
     ap.add_argument("--model", default=None, help="model to fine-tune [default: the embedded SmolLM2-135M-Instruct]")
-    ap.add_argument("--max-steps", type=int, required=True)
+    ap.add_argument("--max-steps", type=int, required=True, help="optimizer steps to train (required)")
     ap.add_argument(
         "--objective",
         default="sftgo",
@@ -56,11 +56,15 @@ def train() -> None:
         default=1.0,
         help="--objective weighted: the weight on the important group [default: 1.0]",
     )
-    ap.add_argument("--groups", default="tfidf", help="strategy whose group_<name> column defines the groups")
-    ap.add_argument("--lam", type=float, default=0.9)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--batch-size", type=int, default=2, help="samples per micro-batch")
-    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument(
+        "--groups", default="tfidf", help="strategy whose group_<name> column defines the groups [default: tfidf]"
+    )
+    ap.add_argument(
+        "--lam", type=float, default=0.9, help="--objective sftgo: λ, the worst-group weight [default: 0.9]"
+    )
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate [default: 1e-4]")
+    ap.add_argument("--batch-size", type=int, default=2, help="samples per micro-batch [default: 2]")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step [default: 1]")
     args = ap.parse_args()
 
     dataset = load_shards(args.data, groups=args.groups)  # first: bad data is refused before a model loads

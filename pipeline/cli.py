@@ -150,7 +150,8 @@ def _strategy_list(text: str) -> list[str]:
     "--strategy",
     default=",".join(field_default(BuildConfig, "strategies")),
     show_default=True,
-    help="Importance strategies, comma-separated (built in: tfidf, reference, semantic).",
+    help="Importance strategies, comma-separated (built in: tfidf, reference, semantic; installed plug-ins: "
+    "entry points of the group sftgo.strategies).",
 )
 @field("num_groups")
 @field("tokenizer", metavar="NAME")
@@ -212,7 +213,9 @@ SCORE_SETTINGS = (*STRATEGY_FIELDS, "strategies", "workers", "scheduler", "overw
 @main.command(epilog=SCORE_EXAMPLE)
 @click.argument("directory", type=click.Path())
 @click.option(
-    "--strategy", default=None, help="Strategies to add, comma-separated (built in: tfidf, reference, semantic)."
+    "--strategy",
+    default=None,
+    help="Strategies to add, comma-separated (built in: tfidf, reference, semantic; installed plug-ins too).",
 )
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @_strategy_options
