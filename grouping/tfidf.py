@@ -34,6 +34,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sftgo.core.errors import ConfigError
+from sftgo.core.shards import ShardError
+
 IDF_FILE = "idf.parquet"
 WORD_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default token_pattern (Python's \w: str.isalnum() or "_")
 RUN_PATTERN = r"(?u)\b\w+\b"  # every run of word characters: the words of word_bounds()
@@ -187,9 +190,9 @@ def _compiled(pattern: str) -> re.Pattern:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"The TF-IDF token pattern {pattern!r} is not a valid regular expression ({exc}).") from None
+        raise ConfigError(f"The TF-IDF token pattern {pattern!r} is not a valid regular expression ({exc}).") from None
     if regex.groups > 1:
-        raise ValueError(
+        raise ConfigError(
             f"The TF-IDF token pattern {pattern!r} has {regex.groups} capturing groups; scikit-learn allows at "
             "most one."
         )
@@ -310,7 +313,7 @@ def score(terms: pa.ListArray, counts: pa.ListArray, token_term: pa.ListArray, i
     flat_terms = terms.flatten()
     pos = pc.index_in(flat_terms, value_set=idf.column("term")).to_numpy(zero_copy_only=False)
     if len(pos) and np.isnan(pos.astype(float)).any():
-        raise ValueError("A term is missing from the fitted IDF; the IDF does not belong to these shards.")
+        raise ShardError("A term is missing from the fitted IDF; the IDF does not belong to these shards.")
     weights = counts.flatten().to_numpy().astype(np.float64) * idf.column("idf").to_numpy()[pos.astype(np.int64)]
     term_row = pc.list_parent_indices(terms).to_numpy()
     norms = np.sqrt(np.bincount(term_row, weights=weights * weights, minlength=len(terms)))
@@ -356,7 +359,7 @@ class TfidfStrategy:
 
         table = fit_idf(stats, documents)
         if not table.num_rows:  # scikit-learn's "empty vocabulary": every token would score 0, one group
-            raise ValueError(
+            raise ConfigError(
                 f"The TF-IDF vocabulary is empty: the token pattern (--tfidf-token-pattern) finds no "
                 f"term in any of the {documents} responses; give a pattern that matches their words "
                 "(the default needs words of 2 or more characters; e.g. --tfidf-token-pattern "

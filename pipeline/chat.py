@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from jinja2.runtime import new_context
 
+from sftgo.core.errors import ConfigError
 from sftgo.pipeline import fastencode
 from sftgo.pipeline.formats import RecordError
 
@@ -70,7 +71,7 @@ class ChatEncoder:
 
     def __init__(self, tokenizer, max_length: int, overflow: str = "truncate"):
         if not tokenizer.chat_template:
-            raise ValueError("The tokenizer has no chat template; choose a chat/instruct tokenizer with --tokenizer.")
+            raise ConfigError("The tokenizer has no chat template; choose a chat/instruct tokenizer with --tokenizer.")
         from tokenizers import Tokenizer
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -124,7 +125,7 @@ class ChatEncoder:
         text = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": raw}])
         trims = raw not in text
         if _PROBE not in text:
-            raise ValueError("The chat template drops assistant contents; sftgo cannot locate the responses.")
+            raise ConfigError("The chat template drops assistant contents; sftgo cannot locate the responses.")
         after = text[text.index(_PROBE) + len(_PROBE) + (0 if trims else 2) :]
         specials = sorted(self.tok.get_added_vocab(), key=len, reverse=True)
         eot = next((s for s in specials if s and after.startswith(s)), "")

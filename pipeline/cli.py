@@ -12,7 +12,7 @@ import sys
 import click
 
 from sftgo.core.config import field_default, field_docs, load_config_file
-from sftgo.core.errors import SftgoError, unexpected
+from sftgo.core.errors import ConfigError, SftgoError, unexpected
 from sftgo.core.text import safe_text
 from sftgo.pipeline.config import FORMATS, THRESHOLDS, BuildConfig
 
@@ -45,9 +45,8 @@ Example:
 
 def _user_errors(fn):
     """Turn failures into one clear sentence (and a traceback only with --debug): the message as it is for
-    every SftgoError (a task that failed on a Dask worker arrives as one, TaskError), a plain ValueError (an
-    option that grouping or the chat template refuses) and an OSError (a file that cannot be read or
-    written); anything else is unexpected and named by its type."""
+    every SftgoError (a task that failed on a Dask worker arrives as one, TaskError) and an OSError (a file
+    that cannot be read or written); anything else is unexpected and named by its type."""
 
     @functools.wraps(fn)
     def wrapper(*args, debug=False, **kwargs):
@@ -55,7 +54,7 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise  # usage errors: click prints them and exits 2
-        except (SftgoError, ValueError, OSError) as exc:
+        except (SftgoError, OSError) as exc:
             if debug:
                 raise
             click.echo(f"Error: {safe_text(str(exc))}", err=True)
@@ -239,7 +238,7 @@ def score(ctx, directory, strategy, config_file, quiet, **opts):
             values[key] = value
     new = values.get("strategies")
     if not new:
-        raise ValueError("Give the strategies to add with --strategy (or `strategies` in --config).")
+        raise ConfigError("Give the strategies to add with --strategy (or `strategies` in --config).")
     # the build's own settings stay unless given here (eta and threshold apply to the new strategies)
     options = {k: values[k] for k in STRATEGY_FIELDS if k in given or k in from_file}
     options["trust_remote_code"] = values["trust_remote_code"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftgo.core.config import check_fields
+from sftgo.core.errors import ConfigError
 from sftgo.grouping import registry
 from sftgo.grouping.tfidf import WORD_PATTERN, find_terms
 from sftgo.pipeline.formats import CANONICAL_FIELDS
@@ -84,16 +85,16 @@ class BuildConfig:
     def validate(self) -> BuildConfig:
         check_fields(self)  # values from Python callers stay typed too
         if not self.inputs:
-            raise ValueError("Give at least one INPUT file, folder or dataset name.")
+            raise ConfigError("Give at least one INPUT file, folder or dataset name.")
         if not self.out:
-            raise ValueError("Give the output directory with --out.")
+            raise ConfigError("Give the output directory with --out.")
         check_strategies(self.strategies)
         if not 0.0 < self.eta < 1.0:
-            raise ValueError(f"--eta must be between 0 and 1 (exclusive), got {self.eta}.")
+            raise ConfigError(f"--eta must be between 0 and 1 (exclusive), got {self.eta}.")
         if self.threshold not in THRESHOLDS:
-            raise ValueError(f"--threshold must be sample or corpus, got {self.threshold!r}.")
+            raise ConfigError(f"--threshold must be sample or corpus, got {self.threshold!r}.")
         if not 2 <= self.num_groups <= MAX_GROUPS:
-            raise ValueError(
+            raise ConfigError(
                 f"--num-groups must be between 2 and {MAX_GROUPS} (group ids are stored as int8), "
                 f"got {self.num_groups}."
             )
@@ -101,26 +102,26 @@ class BuildConfig:
         for name in MODEL_SETTINGS:  # recorded in the manifest, read again by inspect/score/train from anywhere
             setattr(self, name, absolute_if_local(getattr(self, name)))
         if self.max_length < 8:
-            raise ValueError(f"--max-length must be at least 8 tokens, got {self.max_length}.")
+            raise ConfigError(f"--max-length must be at least 8 tokens, got {self.max_length}.")
         if self.overflow not in ("truncate", "drop"):
-            raise ValueError(f"--overflow must be truncate or drop, got {self.overflow!r}.")
+            raise ConfigError(f"--overflow must be truncate or drop, got {self.overflow!r}.")
         if self.tfidf_unit not in ("word", "token"):
-            raise ValueError(f"--tfidf-unit must be word or token, got {self.tfidf_unit!r}.")
+            raise ConfigError(f"--tfidf-unit must be word or token, got {self.tfidf_unit!r}.")
         find_terms(
             "", [], self.tfidf_token_pattern
         )  # a bad regex is refused here in one sentence, not as a worker failure
         if self.reference_mode not in ("loss", "excess"):
-            raise ValueError(f"--reference-mode must be loss or excess, got {self.reference_mode!r}.")
+            raise ConfigError(f"--reference-mode must be loss or excess, got {self.reference_mode!r}.")
         if self.reference_mode == "excess" and not self.base_model:
-            raise ValueError("--reference-mode excess needs --base-model (score = base loss - reference loss).")
+            raise ConfigError("--reference-mode excess needs --base-model (score = base loss - reference loss).")
         if self.score_batch_tokens < 64:
-            raise ValueError("--score-batch-tokens must be at least 64.")
+            raise ConfigError("--score-batch-tokens must be at least 64.")
         if self.rows_per_shard < 1:
-            raise ValueError("--rows-per-shard must be at least 1.")
+            raise ConfigError("--rows-per-shard must be at least 1.")
         if self.workers < 1:
-            raise ValueError("--workers must be at least 1.")
+            raise ConfigError("--workers must be at least 1.")
         if self.format not in FORMATS:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown --format {self.format!r}; choose auto, alpaca, messages, sharegpt or prompt_completion."
             )
         return self
@@ -152,11 +153,11 @@ def check_field_map(field_map: dict[str, str]) -> None:
     """The checks --field-map gets, for a field map from a config file or a Python caller too."""
     for canonical, name in field_map.items():
         if canonical not in CANONICAL_FIELDS:
-            raise ValueError(
+            raise ConfigError(
                 f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}."
             )
         if not name.strip():
-            raise ValueError(f"Field map gives field '{canonical}' an empty name.")
+            raise ConfigError(f"Field map gives field '{canonical}' an empty name.")
 
 
 # settings that only one strategy reads: (field, the strategy that uses it)
@@ -201,6 +202,6 @@ def check_strategies(names: list[str]) -> None:
     known = registry.names()
     unknown = [s for s in names if s not in known]
     if unknown or not names:
-        raise ValueError(f"Unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}.")
+        raise ConfigError(f"Unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}.")
     if len(set(names)) != len(names):
-        raise ValueError(f"--strategy names a strategy twice ({', '.join(names)}).")
+        raise ConfigError(f"--strategy names a strategy twice ({', '.join(names)}).")

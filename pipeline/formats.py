@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import operator
 
+from sftgo.core.errors import ConfigError
+
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion")
 
 # Canonical field names a field map may rename.
@@ -146,7 +148,7 @@ def to_messages(record: dict, fmt: str, field_map: dict[str, str] | None = None)
     elif fmt == "prompt_completion":
         msgs = _prompt_completion(record, fm)
     else:
-        raise ValueError(f"Unknown format {fmt!r}; expected one of {', '.join(FORMATS)} or auto.")
+        raise ConfigError(f"Unknown format {fmt!r}; expected one of {', '.join(FORMATS)} or auto.")
     _validate(msgs)
     return msgs
 
@@ -312,13 +314,13 @@ def parse_field_map(spec: str) -> dict[str, str]:
         canonical, sep, name = item.partition("=")
         canonical, name = canonical.strip(), name.strip()
         if not sep or not canonical or not name:
-            raise ValueError(f"Field map entry '{item}' must look like canonical=name, e.g. instruction=question.")
+            raise ConfigError(f"Field map entry '{item}' must look like canonical=name, e.g. instruction=question.")
         if canonical not in CANONICAL_FIELDS:
-            raise ValueError(
+            raise ConfigError(
                 f"Field map names unknown field '{canonical}'; known fields: {', '.join(CANONICAL_FIELDS)}."
             )
         if canonical in result:
-            raise ValueError(f"Field map gives field '{canonical}' twice.")
+            raise ConfigError(f"Field map gives field '{canonical}' twice.")
         result[canonical] = name
     return result
 

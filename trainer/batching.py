@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sftgo.core.shards import ShardError
 from sftgo.trainer.data import hash_key
 
 IGNORE = -100
@@ -176,7 +177,7 @@ def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool) -> Batch:
         if packed_rows and at < width:  # the padding tail is a sequence of its own
             pos[r, at:] = np.arange(width - at)
     if (mask & (grp < 0)).any():  # never dropped silently (trainer.data.check_tokens refuses such shards)
-        raise ValueError("A trained token (loss_mask 1) has no group (-1); every trained token needs a group id.")
+        raise ShardError("A trained token (loss_mask 1) has no group (-1); every trained token needs a group id.")
     # position p predicts token p+1; it is supervised iff token p+1 is, within the same sample
     sup = mask[:, 1:] & (seg[:, 1:] == seg[:, :-1])
     targets = np.full((B, width), IGNORE, dtype=np.int64)
@@ -236,7 +237,7 @@ class Batches:
             if not self.cycle:
                 return
             if taken == 0:  # cycling over nothing would spin forever
-                raise ValueError(
+                raise ShardError(
                     f"Process {self.rank} got no samples from the data: there are fewer records than processes."
                 )
             epoch, skip = epoch + 1, 0

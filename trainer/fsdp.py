@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sftgo.core.errors import ConfigError
+
 SHARDED = "sharded"  # the DCP folder inside a checkpoint directory
 
 
@@ -36,7 +38,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         layers = getattr(decoder, name, None)
         if isinstance(layers, nn.ModuleList) and len(layers):
             return list(layers)
-    raise ValueError(f"Cannot find the decoder layers of {type(causal_lm(model)).__name__} to shard with --fsdp.")
+    raise ConfigError(f"Cannot find the decoder layers of {type(causal_lm(model)).__name__} to shard with --fsdp.")
 
 
 def shard(net: nn.Module, model: nn.Module, bf16: bool) -> nn.Module:
@@ -74,7 +76,7 @@ def load(path: Path, net: nn.Module, optimizer) -> None:
     state = _state(net, optimizer)
     folder = Path(path) / SHARDED
     if not folder.is_dir():
-        raise ValueError(f"{path} has no {SHARDED}/ folder: it was not written by an --fsdp run.")
+        raise ConfigError(f"{path} has no {SHARDED}/ folder: it was not written by an --fsdp run.")
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(net, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 

@@ -122,7 +122,7 @@ class SFTGOCollator:
         check_tokens(loss_mask, grp, None, where, column=self.column or "groups")  # the number of groups: the trainer's
         mask = loss_mask == 1
         if self.max_length and len(ids) > self.max_length:
-            raise ValueError(
+            raise ShardError(
                 f"A sample has {len(ids)} tokens, more than max_length {self.max_length}; "
                 "rebuild the shards with --max-length instead of cutting samples here."
             )

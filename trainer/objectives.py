@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sftgo.core.errors import ConfigError
 from sftgo.trainer.config import SCHEDULES  # the names live with the config, which imports no torch
 
 
@@ -141,12 +142,12 @@ def sftgo_loss(
         sum_g w_g * L_g(batch) (replaces the max; `reduce` is then ignored).
     """
     if reduce not in ("sample", "batch"):
-        raise ValueError(f"reduce must be 'sample' or 'batch', not {reduce!r}.")
+        raise ConfigError(f"reduce must be 'sample' or 'batch', not {reduce!r}.")
     loss, grp, seg = _flatten(token_loss, groups, segments)
     if num_groups is None:
         num_groups = max(2, int(grp.max()) + 1 if grp.numel() else 2)
     elif grp.numel() and int(grp.max()) >= num_groups:
-        raise ValueError(
+        raise ConfigError(
             f"The data has group id {int(grp.max())} but {num_groups} groups were declared (ids 0..{num_groups - 1})."
         )
     zero = loss.sum() * 0.0  # keeps the graph (and DDP) happy when nothing is supervised
@@ -237,7 +238,7 @@ def lam_at(step: int, total_steps: int, lam: float, schedule: str = "constant", 
         return lam + (lam_end - lam) * frac
     if schedule == "cosine":
         return lam_end + (lam - lam_end) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    raise ValueError(f"Unknown λ schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+    raise ConfigError(f"Unknown λ schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
 
 
 class GroupDRO:

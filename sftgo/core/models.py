@@ -136,7 +136,7 @@ def _atomic_save(target: Path, save, required: tuple[tuple[str, ...], ...]) -> P
             raise _unwritable(target, exc, " with room for the model") from None
         missing = _missing(tmp, required)
         if missing:
-            raise RuntimeError(f"Converting into {target} wrote no {', '.join(missing)}.")
+            raise CacheError(f"Converting into {target} wrote no {', '.join(missing)}.")
         (tmp / ".complete").write_text("ok\n")
         os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it 0700: a cache shared by users (SFTGO_CACHE) is readable
         try:
