@@ -11,6 +11,7 @@ the work is in trainer.loop.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -19,6 +20,8 @@ from sftgo.core.config import field_default, field_docs
 from sftgo.core.errors import SftgoError, unexpected
 from sftgo.trainer.config import CHOICES as SETTING_CHOICES
 from sftgo.trainer.config import FIELDS, TrainConfig, choices, make_config, read_config_file
+
+EXIT_BASE = 128  # a process stopped by signal N exits 128 + N, as shells report it
 
 EXAMPLE = """\b
 Example:
@@ -87,6 +90,7 @@ OPTIONS = [
     "warmup_steps",
     "weight_decay",
     "clip_grad",
+    "skip_nonfinite",
     "seed",
     "precision",
     "ce_chunk",
@@ -152,9 +156,13 @@ def build_command():
     )(command)
 
 
-def _interrupted(cfg) -> str:
-    """What an interrupted run can do next: continue from its last checkpoint, or start again."""
+def _interrupted(exc: KeyboardInterrupt, cfg) -> str:
+    """What an interrupted run can do next: continue from the checkpoint it saved or its last one, or start again."""
     from sftgo.trainer import checkpoint as ckpt
+
+    saved = getattr(exc, "checkpoint", None)
+    if saved is not None:
+        return f"Interrupted by {exc}; saved the checkpoint {saved}: continue with --resume."
 
     try:
         latest = ckpt.latest_checkpoint(cfg.out) if cfg is not None else None
@@ -174,11 +182,12 @@ def _fail(exc: Exception, cfg=None) -> None:
     if isinstance(exc, SftgoError):  # meant for the user: its message as it is
         message = str(exc)
     elif isinstance(exc, KeyboardInterrupt):
-        message = _interrupted(cfg)
+        message = _interrupted(exc, cfg)
     else:
         message = unexpected(exc, "Training")
     click.echo(f"Error: {safe_text(message)}", err=True)  # paths and names may come from the data
-    sys.exit(1)
+    # a stop by a signal exits as the shell reports one (128 + its number: 130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1)
+    sys.exit(EXIT_BASE + getattr(exc, "signum", signal.SIGINT) if isinstance(exc, KeyboardInterrupt) else 1)
 
 
 cli = build_command()

@@ -51,6 +51,7 @@ RANGES = {
     "warmup_steps": ("int", 0, math.inf, False, ""),
     "weight_decay": ("float", 0.0, math.inf, False, ""),
     "clip_grad": ("float", 0.0, math.inf, False, " (0 = off)"),
+    "skip_nonfinite": ("int", 0, math.inf, False, " (0: the first non-finite step stops the run)"),
     "seed": ("int", 0, 2**63 - 1, False, ""),
     "ce_chunk": ("int", 1, math.inf, False, ""),
     "lora_r": ("int", 0, math.inf, False, " (0 = no LoRA)"),
@@ -200,6 +201,10 @@ class TrainConfig:
     """AdamW weight decay (not applied to biases and norms)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
+    skip_nonfinite: int = 0
+    """Optimizer steps whose loss or gradient norm is not finite (NaN, inf) that may be skipped (no update; counted
+    in metrics and the summary) before the run stops; 0: the first such step stops the run with an error, exports
+    no model and keeps the last good checkpoint."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 = off)."""
     seed: int = 0

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from sftgo.core.errors import TrainingError
 from sftgo.core.locks import shared
 from sftgo.core.shards import GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, verify_shards
 from sftgo.trainer import registry
@@ -311,6 +312,11 @@ class SFTGOTrainer(Trainer):
         lam = lam_at(self.state.global_step, max(1, self.state.max_steps), self.lam, self.lam_schedule, self.lam_end)
         parts = objective_parts(self.sftgo, token_loss, groups[keep], segments[keep], lam, counts)
         self._note(parts)
+        if training and not torch.isfinite(parts.loss.detach()).item():  # as sftgo-train: stop, never train on it
+            raise TrainingError(
+                f"Step {self.state.global_step + 1} has a loss of {float(parts.loss.detach())}, not finite, so "
+                "training stops here (save no model from this run); lower the learning rate or check the data."
+            )
         loss = parts.loss * (self.accelerator.num_processes if training else 1)
         return (loss, outputs) if return_outputs else loss
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sftgo.core.errors import TrainingError
 from sftgo.core.fileio import atomic_write_text
 from sftgo.core.locks import LockedError, exclusive, shared
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
@@ -51,7 +52,7 @@ from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, sa
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
 from sftgo.trainer.optim import LRLambda, make_optimizer
 from sftgo.trainer.step import Objective, all_reduce, backward_step
-from sftgo.trainer.stopping import graceful_interrupt
+from sftgo.trainer.stopping import Interrupted, graceful_interrupt
 
 CUT_KEYS = resume.CUT_KEYS
 
@@ -86,7 +87,9 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
     if cfg.resume and latest is not None:
         saved = preflight.read_run_config(out)
         run_id = preflight.run_id(out)
-        notes += resume.check(cfg, saved, resume.CheckpointState.read(latest), data_identity(cfg), run_id, latest)
+        state = resume.CheckpointState.read(latest)
+        notes += resume.check(cfg, saved, state, data_identity(cfg), run_id, latest)
+        notes.append(f"Note: resuming from {latest.name}: training goes on from step {state.step}.")
         return latest, notes, run_id
     if unfinished:
         notes.append(
@@ -185,6 +188,7 @@ class Run:
     worst_prev: int | None = None
     switches: int = 0
     cut: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(CUT_KEYS, 0))  # run totals
+    nonfinite_skipped: int = 0  # steps skipped for a non-finite loss or gradient norm (run total)
     trained_tokens: float = 0.0  # tokens the objective trained on in this process's steps (all ranks)
     steps_run: int = 0  # optimizer steps of this invocation (a resume starts at 0)
     memory: MemoryMeter | None = None  # this process's memory peaks (trainer/memory.py)
@@ -307,6 +311,7 @@ def restore(r: Run, path: Path) -> None:
     r.batches.position = (epoch, taken)
     r.worst_prev, r.switches = state.worst_group, state.worst_switches
     r.cut = state.cut
+    r.nonfinite_skipped = state.nonfinite_skipped
     if r.dro is not None:
         r.dro.load_state_dict(state.dro)
 
@@ -402,6 +407,7 @@ def save(r: Run, step: int) -> None:
             resume.settings_of(r.cfg),
             **r.data_id,
             **r.cut,
+            nonfinite_skipped=r.nonfinite_skipped,
         )
         ckpt.write_main(
             tmp,
@@ -425,9 +431,8 @@ def save(r: Run, step: int) -> None:
 # ---------------------------------------------------------------- one optimizer step
 def one_step(r: Run, it) -> dict:
     """Train one optimizer step on the next grad_accum micro-batches; return its metrics record."""
-    r.memory.step_peak(
-        restart=True
-    )  # the peak of what came before this step (an eval, a save) is the run's, not the step's
+    # the peak of what came before this step (an eval, a save) is the run's, not the step's
+    r.memory.step_peak(restart=True)
     t0 = time.perf_counter()
     micro = [next(it).to(r.device) for _ in range(r.cfg.grad_accum)]
     lam = r.lam(r.step)
@@ -443,10 +448,14 @@ def one_step(r: Run, it) -> dict:
     clip = r.cfg.clip_grad if r.cfg.clip_grad > 0 else float("inf")
     grad_norm = fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(r.model.parameters(), clip))
     lr = r.scheduler.get_last_lr()[0]
-    r.optimizer.step()
+    updated = math.isfinite(stats.loss) and math.isfinite(float(grad_norm))  # the same on every rank (reduced)
+    if not updated:
+        nonfinite_step(r, stats.loss, float(grad_norm), lr)
+    else:
+        r.optimizer.step()
     r.scheduler.step()
     r.optimizer.zero_grad(set_to_none=True)
-    if r.dro is not None:
+    if r.dro is not None and updated:
         r.dro.update(stats.group_loss)
     group_loss = stats.group_loss[: max(r.k, 1)]
     finite = torch.nan_to_num(group_loss, nan=-math.inf)
@@ -479,6 +488,8 @@ def one_step(r: Run, it) -> dict:
         "loss_tokens": int(stats.counts.loss_tokens),
         "tokens_per_s": stats.counts.tokens / dt,
         "step_time_s": dt,
+        "skipped_nonfinite": not updated,
+        "nonfinite_skipped": r.nonfinite_skipped,
         "epoch": r.batches.position[0],
         **r.cut,
         **peaks,
@@ -486,6 +497,29 @@ def one_step(r: Run, it) -> dict:
     if r.dro is not None:
         rec["dro_weights"] = r.dro.weights.tolist()
     return rec
+
+
+def nonfinite_step(r: Run, loss: float, grad_norm: float, lr: float) -> None:
+    """A step whose loss or gradient norm is not finite: skipped (no update, counted) while --skip-nonfinite
+    allows, else the run stops here with one sentence, before anything of this step is saved."""
+    if r.nonfinite_skipped < r.cfg.skip_nonfinite:
+        r.nonfinite_skipped += 1
+        if r.main:
+            print(
+                f"Note: step {r.step + 1} skipped: its loss is {loss} and its gradient norm {grad_norm} "
+                f"({r.nonfinite_skipped} of --skip-nonfinite {r.cfg.skip_nonfinite} skipped so far).",
+                file=sys.stderr,
+                flush=True,
+            )
+        return
+    latest = ckpt.latest_checkpoint(r.cfg.out)
+    kept = f"the last good checkpoint, {latest.name}, is kept" if latest else "there is no checkpoint to keep"
+    allowed = f" (after {r.nonfinite_skipped} skipped)" if r.cfg.skip_nonfinite else ""
+    raise TrainingError(
+        f"Step {r.step + 1} has a loss of {loss} and a gradient norm of {grad_norm}, not finite{allowed}, so training "
+        f"stops here: no model is exported and {kept}; lower --lr (now {lr:g}), check the data, or pass "
+        "--skip-nonfinite N to skip up to N such steps."
+    )
 
 
 # ---------------------------------------------------------------- the loop
@@ -501,7 +535,7 @@ def train(r: Run) -> None:
         bar = tqdm(total=r.total_steps, initial=r.step, desc=cfg.objective, unit="step", dynamic_ncols=True)
     it = iter(r.batches)
     try:
-        with graceful_interrupt(r.world) as interrupt:  # Ctrl-C stops between steps, never inside one
+        with graceful_interrupt(r.world) as interrupt:  # a signal stops between steps, never inside one
             while r.step < stop:
                 rec = one_step(r, it)
                 if r.main and (r.step % cfg.log_every == 0 or r.step == stop):
@@ -513,9 +547,14 @@ def train(r: Run) -> None:
                     )
                 if cfg.eval_every and r.step % cfg.eval_every == 0 and r.step < r.total_steps:
                     run_eval(r, r.step)
-                if (cfg.save_every and r.step % cfg.save_every == 0) or r.step == stop:
+                saved = (cfg.save_every and r.step % cfg.save_every == 0) or r.step == stop
+                if saved:
                     save(r, r.step)
-                interrupt.check()
+                signum = interrupt.should_stop(r.world, r.device)
+                if signum:  # Ctrl-C, SIGTERM or SIGUSR1: checkpoint, then stop (the CLI says how to continue)
+                    if not saved:
+                        save(r, r.step)
+                    raise Interrupted(signum, checkpoint=f"step-{r.step:07d}")
     finally:  # on an interrupt or error too: a reader thread left inside pyarrow at exit aborts the process
         if bar is not None:
             bar.close()
@@ -532,7 +571,13 @@ def train(r: Run) -> None:
 def finish(r: Run) -> dict:
     """The end: final eval and model (when the run is complete), curves, summary."""
     cfg = r.cfg
-    summary = {"step": r.step, "total_steps": r.total_steps, "finished": r.step >= r.total_steps, **r.cut}
+    summary = {
+        "step": r.step,
+        "total_steps": r.total_steps,
+        "finished": r.step >= r.total_steps,
+        **r.cut,
+        "nonfinite_skipped": r.nonfinite_skipped,
+    }
     if r.step >= r.total_steps:
         run_eval(r, r.step)
         # the last checkpoint holds the optimizer state; the export needs the room (under --fsdp rank 0
@@ -557,6 +602,7 @@ def finish(r: Run) -> dict:
         f"truncated at --max-length {cfg.max_length}: {r.cut['truncated_samples']} samples "
         f"({r.cut['truncated_loss_tokens']} supervised tokens cut); skipped (no supervised token left): "
         f"{r.cut['skipped_samples']} samples"
+        + (f"; steps skipped for a non-finite loss or gradient: {r.nonfinite_skipped}" if cfg.skip_nonfinite else "")
     )
     summary["table"] = table + "\n" + cuts
     atomic_write_text(Path(cfg.out) / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -90,6 +90,8 @@ class CheckpointState:
     """Run totals of what --max-length cut and what was skipped (CUT_KEYS)."""
     truncated_loss_tokens: int = 0
     skipped_samples: int = 0
+    nonfinite_skipped: int = 0
+    """Optimizer steps skipped so far because their loss or gradient norm was not finite (--skip-nonfinite)."""
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,7 +205,7 @@ def _entry_checks(path: Path, state: dict) -> dict:
         ),
         "run_id": (isinstance(state.get("run_id"), str), "a run id string"),
         "settings": (isinstance(state.get("settings"), dict), "the run's settings"),
-        **{key: (_count(state.get(key, 0)), "a count") for key in CUT_KEYS},
+        **{key: (_count(state.get(key, 0)), "a count") for key in (*CUT_KEYS, "nonfinite_skipped")},
     }
 
 
@@ -265,6 +267,7 @@ OPERATIONAL = (
     "out",
     "readahead",
     "stop_after",
+    "skip_nonfinite",
     "ce_chunk",
     "grad_checkpointing",
     "trust_remote_code",

@@ -1,15 +1,22 @@
-"""Ctrl-C during training stops the run between two steps, not inside one.
+"""Stopping a training run from outside: Ctrl-C, and the signals cluster schedulers send before a kill.
 
-Input: the training loop wraps itself in `graceful_interrupt()` and calls `check()` after each step's work
-(optimizer step, log, eval, save). Output: the first SIGINT only asks for a stop (one line on stderr says so);
-`check()` then raises KeyboardInterrupt at the step boundary, so the interrupt never lands inside a library's
-lock (TensorBoard's writer, a queue, a Parquet read) where it can hang or abort the process. A second SIGINT
-stops at once (Python's default: KeyboardInterrupt wherever the program is). Cost: one flag read per step.
+Input: the training loop wraps itself in `graceful_interrupt(world)` and asks `should_stop()` after each step's
+work (optimizer step, log, eval, save).
+Output: the first SIGINT, SIGTERM (Slurm, Kubernetes, `kill`) or SIGUSR1 (Slurm's `--signal` warning) only asks
+for a stop, with one line on stderr; at the next step boundary `should_stop()` says so on every rank at once, and
+the loop saves a checkpoint and raises `Interrupted` (the CLI then exits 128 + the signal's number: 130, 143,
+138). So the signal never lands inside a library's lock (TensorBoard's writer, a queue, a Parquet read) where it
+can hang or abort the process, and a preempted job continues with --resume. A second signal stops at once
+(`Interrupted` wherever the program is, without a checkpoint).
+Cost: one flag read per step; under torchrun, one all-reduce of one number per step (every rank must stop at the
+same step to save a checkpoint together).
 
-Installed only where it is safe and wanted: in the main thread (Python delivers signals there), in a run of one
-process (under torchrun every rank must stop at the same step, and torchrun itself answers Ctrl-C by
-terminating the ranks), and only over Python's own default handler: an inherited SIG_IGN (nohup, `cmd &`) or
-a handler the embedding program installed is left alone. The previous handler is put back afterwards."""
+Which signals: in a run of one process all three. Under torchrun, SIGTERM and SIGUSR1 (what torchrun and
+schedulers send to each rank); SIGINT is left to torchrun, which answers Ctrl-C by terminating the ranks.
+Installed only where Python can deliver them (the main thread) and only over the default disposition: an
+inherited SIG_IGN (nohup, `cmd &`) or a handler the embedding program installed is left alone. The previous
+handlers are put back afterwards.
+"""
 
 from __future__ import annotations
 
@@ -18,36 +25,62 @@ import os
 import signal
 import threading
 
+import torch
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal; `signum` which one, `checkpoint` the checkpoint saved before stopping."""
+
+    def __init__(self, signum: int = signal.SIGINT, checkpoint: str | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def _default(signum: int) -> bool:
+    handler = signal.getsignal(signum)
+    return handler is signal.default_int_handler if signum == signal.SIGINT else handler is signal.SIG_DFL
+
 
 class StopRequest:
     def __init__(self) -> None:
-        self.requested = False
+        self.signum = 0  # the first signal received, 0 while none
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum:
+            raise Interrupted(signum)
+        self.signum = signum
+        name = signal.Signals(signum).name
         # os.write, not print: a handler that prints while the main thread is inside a print raises
-        os.write(2, b"Note: interrupt received; stopping after the current step (press Ctrl-C again to stop now).\n")
+        os.write(
+            2,
+            f"Note: {name} received; stopping after the current step with a checkpoint (send it again to "
+            "stop now).\n".encode(),
+        )
 
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
+    def should_stop(self, world: int, device) -> int:
+        """The signal that stops the run at this step boundary (on every rank alike), or 0 to go on."""
+        if world == 1:
+            return self.signum
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank's signal stops them all, at the same step
+        return int(flag.item())
 
 
 @contextlib.contextmanager
 def graceful_interrupt(world: int):
-    """Yields a StopRequest; its handler is installed for the block when that is safe (see the module)."""
+    """Yields a StopRequest whose handler is installed for the block where that is safe (see the module)."""
     stop = StopRequest()
-    if (
-        world != 1
-        or threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield stop
-        return
-    previous = signal.signal(signal.SIGINT, stop.handle)
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) if world == 1 else (signal.SIGTERM, signal.SIGUSR1)
+    ours = [s for s in wanted if threading.current_thread() is threading.main_thread() and _default(s)]
+    previous = {s: signal.signal(s, stop.handle) for s in ours}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -21,6 +21,10 @@ class ConfigError(SftgoError, ValueError):
     """A configuration value or file is missing, unknown, malformed or out of range."""
 
 
+class TrainingError(SftgoError, RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient norm): the run stops at that step, exports no model."""
+
+
 def unexpected(exc: BaseException, what: str) -> str:
     """The one sentence a CLI shows for an error that is no SftgoError (a bug, or a failure nobody
     foresaw): its type and the first line of its message, and where the traceback is."""

@@ -1,5 +1,6 @@
-"""sftgo-train after an interruption: a run stopped before its first checkpoint starts again (with a note)
-instead of being a dead end; what an interrupted save left is cleaned up or put back; a cut-off last line
+"""sftgo-train after an interruption: a signal (Ctrl-C, SIGTERM, SIGUSR1) stops the run with a checkpoint and
+--resume goes on from it; a run killed before its first checkpoint starts again (with a note) instead of being a dead
+end; what an interrupted save left is cleaned up or put back; a cut-off last line
 of metrics.jsonl does not block --resume; a refused --resume leaves the run's recorded settings alone."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 BIN = str(Path(sys.executable).parent / "sftgo-train")
 
@@ -42,22 +45,10 @@ def errors(proc):
     return [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
 
 
-def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path, shared_shard_dir, tiny_model_dir):
-    out = tmp_path / "run"
-    args = [
-        "--data",
-        shared_shard_dir,
-        "--out",
-        out,
-        "--model",
-        tiny_model_dir,
-        "--batch-tokens",
-        160,
-        "--max-steps",
-        100000,
-        "--no-progress",
-        "--tensorboard",
-    ]
+def start(data, model, out, *extra, tensorboard=True):
+    """A long sftgo-train run in the background, returned once it has logged two records."""
+    args = ["--data", data, "--out", out, "--model", model, "--batch-tokens", 160, "--max-steps", 100000]
+    args += ["--no-progress", "--tensorboard" if tensorboard else "--no-tensorboard", *extra]
     proc = subprocess.Popen(
         [BIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
     )
@@ -65,18 +56,16 @@ def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path, sh
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    said = [line for line in stderr.splitlines() if line.startswith("Error: ")]
-    assert said == [
-        "Error: Interrupted before the run saved a checkpoint (see --save-every), so there is nothing to "
-        "continue: run the same command again to start over."
-    ], stderr[-2000:]
+    return proc
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, shared_shard_dir, tiny_model_dir):
+    out = tmp_path / "run"
+    proc = start(shared_shard_dir, tiny_model_dir, out)
+    proc.kill()  # SIGKILL: no handler runs, nothing is saved
+    proc.communicate(timeout=120)
     assert not (out / "checkpoints" / "latest").exists()
-    # the interrupt waited for the step to end: said so, and the step's record is whole
-    assert "Note: interrupt received; stopping after the current step (press Ctrl-C again to stop now)." in stderr
-    assert all(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines())
+    metrics = out / "metrics.jsonl"
 
     again = train(shared_shard_dir, tiny_model_dir, out, "--resume")  # --resume or not: there is nothing to resume
     assert again.returncode == 0, again.stderr[-2000:]
@@ -88,6 +77,32 @@ def test_a_run_interrupted_before_its_first_checkpoint_starts_again(tmp_path, sh
     # a finished run is never started over (it saved its checkpoint at the end)
     done = train(shared_shard_dir, tiny_model_dir, out, steps=3)
     assert errors(done) == [f"Error: {out} already holds a run; pass --resume to continue it or choose another --out."]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_stops_the_run_with_a_checkpoint_and_resume_says_where_it_goes_on(
+    tmp_path, shared_shard_dir, tiny_model_dir, sig
+):
+    """Ctrl-C, and what Slurm and Kubernetes send before a kill: a checkpoint at the step boundary, one sentence,
+    exit 128 + the signal's number; --resume then says from which step it goes on."""
+    out = tmp_path / "run"
+    proc = start(shared_shard_dir, tiny_model_dir, out)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (proc.returncode, stderr[-2000:])
+    name = signal.Signals(sig).name
+    assert f"Note: {name} received; stopping after the current step with a checkpoint" in stderr
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert [line for line in stderr.splitlines() if line.startswith("Error: ")] == [
+        f"Error: Interrupted by {name}; saved the checkpoint {latest}: continue with --resume."
+    ]
+    step = int(latest.split("-")[1])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == step  # every step it logged is in the checkpoint
+
+    resumed = train(shared_shard_dir, tiny_model_dir, out, "--resume", "--stop-after", step + 1, steps=100000)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Note: resuming from {latest}: training goes on from step {step}." in resumed.stderr
 
 
 def test_what_an_interrupted_save_left_is_removed_or_put_back(tmp_path, shared_shard_dir, tiny_model_dir):
