@@ -524,6 +524,7 @@ def _manifest(
         "records_written": sum(s["written"] for s in stats),
         "records_rejected": sum(rejected.values()),
         "truncated": sum(s["truncated"] for s in stats),
+        "unsupervised_by_weight": sum(s["weight_zero_turns"] for s in stats),
         "tokens": sum(s["tokens"] for s in stats),
         "loss_tokens": sum(s["loss_tokens"] for s in stats),
         "duplicate_ids": duplicates,

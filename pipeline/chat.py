@@ -1,7 +1,8 @@
 """Render conversations with the tokenizer's chat template, tokenize, mark assistant tokens.
 
-Input: conversations (lists of {"role", "content"}; an assistant turn with "train": False is context,
-rendered but not supervised) and a fast tokenizer with a chat template.
+Input: conversations (lists of {"role", "content"}, formats.Conversation; an assistant turn with "train": False is
+context, rendered but not supervised; tool calls, tool results and the conversation's `tools` are passed to the
+template) and a fast tokenizer with a chat template.
 Output: per conversation an Encoded (input_ids int32, loss_mask int8, token character
 offsets, the rendered text and the character spans of the assistant turns), or a
 RecordError (too long, nothing supervised after truncation, template failure).
@@ -18,11 +19,17 @@ the first half of the encoded characters, else the whole text is encoded).
 Supervised tokens are every token that contains an assistant character (also a token the
 byte-level BPE merged from the template's "\n" and an answer's leading whitespace, as
 transformers' return_assistant_tokens_mask marks it) plus the template's end-of-turn
-token (e.g. `<|im_end|>`), so the model learns to stop -- what TRL's assistant-only loss does.
+token (e.g. `<|im_end|>`), so the model learns to stop -- what TRL's assistant-only loss does.  Of an
+assistant turn with tool calls, everything the template renders after the turn's header (its text and its
+calls, e.g. Qwen2.5's `\n<tool_call>...</tool_call>`) up to and with the end-of-turn token is supervised; tool
+results are context.  Whether the template can render tools is probed once (a render of one and of two probe
+calls, with a tool result and a tool schema): a template that fails, drops any of them, or ends turns with no
+end-of-turn token makes every record with tools unsupported_content.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -38,6 +45,17 @@ from sftgo.pipeline.formats import RecordError
 _MARK, _END = "\ue000SFTGO", "\ue001"
 _MARK_TRIES = 64  # other sentinel starts tried before a text full of them is rejected
 _PROBE = "sftgoprobe"
+_PROBE_CALLS = ("sftgoprobecalla", "sftgoprobecallb")  # same length: the second call's render is the first's, renamed
+_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "sftgoprobeschema",
+            "description": "Probe.",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+        },
+    }
+]
 
 
 @dataclass
@@ -98,7 +116,9 @@ class ChatEncoder:
         self._globals = dict(self._template.globals)
         probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
         if self._render(probe) != tokenizer.apply_chat_template(probe, tokenize=False):
-            self._render = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False)
+            self._render = lambda messages, tools=None: tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False
+            )
         # Control tokens typed inside a message would be parsed as real ones (prompt injection into the
         # turn structure); such records are rejected.
         specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
@@ -106,17 +126,17 @@ class ChatEncoder:
             re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
         )
         self.trims, self.eot = self._probe_template()
+        self.call_header = self._probe_tools()  # None: the template cannot render tool calls
         # characters encoded per sample at most (None: all).  A token covers at most as many characters as its
         # vocabulary string has (a byte-level string has one per byte), so max_length tokens lie in the first half.
         longest = max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
         self.max_chars: int | None = 2 * max_length * max(longest, 1) + 4096
 
-    def _render(self, messages) -> str:
-        """Template.render(messages=..., **variables), without its per-call copy of the globals."""
+    def _render(self, messages, tools=None) -> str:
+        """Template.render(messages=..., tools=..., **variables), without its per-call copy of the globals."""
         t = self._template
-        context = new_context(
-            t.environment, t.name, t.blocks, dict(self._variables, messages=messages), False, self._globals
-        )
+        variables = dict(self._variables, messages=messages, tools=tools, documents=None)
+        context = new_context(t.environment, t.name, t.blocks, variables, False, self._globals)
         return t.environment.concat(t.root_render_func(context))
 
     def _probe_template(self) -> tuple[bool, str]:
@@ -131,51 +151,118 @@ class ChatEncoder:
         eot = next((s for s in specials if s and after.startswith(s)), "")
         return trims, eot
 
-    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """Rendered text and the (start, end) of every supervised assistant content in it (an assistant
-        turn with "train": False is rendered as it is, as context).  The sentinels that stand for the
-        contents start with a string no text of the conversation holds, and the rendered template must
+    def _probe_tools(self) -> str | None:
+        """The text the template puts between the end of the previous turn and a tool-calling assistant turn's
+        own text (e.g. Qwen2.5's "\\n<|im_start|>assistant"), or None when it cannot render tools.  Learned from
+        renders with one and with two probe calls: the second call's render is the text inserted between
+        them, and the first call's render is the same text just before it."""
+        if not self.eot:
+            return None
+
+        def render(names):
+            calls = [{"type": "function", "function": {"name": n, "arguments": {"q": "x"}}} for n in names]
+            conv = [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "content": "sftgoproberesult"},
+                {"role": "assistant", "content": "ok"},
+            ]
+            return self._render(conv, _PROBE_TOOLS)
+
+        try:
+            one, two = render(_PROBE_CALLS[:1]), render(_PROBE_CALLS)
+        except Exception:  # a template that refuses tool turns
+            return None
+        shown = all(s in one for s in (_PROBE_CALLS[0], "sftgoproberesult", "sftgoprobeschema"))
+        p = next((i for i, (x, y) in enumerate(zip(one, two)) if x != y), len(one))
+        size = len(two) - len(one)
+        inserted = two[p : p + size]
+        same = size > 0 and two == one[:p] + inserted + one[p:] and p >= size
+        if not (shown and same and one[p - size : p] == inserted.replace(*reversed(_PROBE_CALLS))):
+            return None
+        turn = p - size  # where the first call's render starts
+        ends = one.rfind(self.eot, 0, turn)
+        header = one[ends + len(self.eot) if ends >= 0 else 0 : turn]
+        return header if header and self.eot in one[p:] else None
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """Rendered text and the (start, end) of every supervised assistant turn's text in it (an assistant
+        turn with "train": False is rendered as it is, as context; of a turn with tool calls, the text after
+        its header up to its end-of-turn token).  The sentinels that stand for the contents (and mark the
+        calls' names) start with a string no text of the conversation holds, and the rendered template must
         hold each exactly once: a text cannot move a response."""
-        contents, swapped = [], []
+        texts = _texts(messages, tools)
         control = self._control
-        start = _sentinel_start(messages)
+        if control is not None:
+            for text in texts:
+                found = control.search(text)
+                if found:
+                    raise RecordError("control_token_in_text", f"a text contains the control token {found.group()!r}")
+        with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if with_tools and self.call_header is None:
+            raise RecordError(
+                "unsupported_content",
+                "the tokenizer's chat template cannot render tool calls, tool results or tools; "
+                "choose one that can with --tokenizer",
+            )
+        start = _sentinel_start(texts)
+        contents, swapped, calls_at = [], [], []  # calls_at: the sentinels marking each turn's call names
+        expected = []  # the sentinels' keys in the order they must appear
         for m in messages:
-            if control is not None and control.search(m["content"]):
-                raise RecordError(
-                    "control_token_in_text",
-                    f"a {m['role']} turn contains the control token {control.search(m['content']).group()!r}",
-                )
             if m["role"] == "assistant" and m.get("train", True):
-                swapped.append({"role": "assistant", "content": f"{start}{len(contents)}{_END}"})
+                mark = f"{start}{len(contents)}{_END}"
+                calls = m.get("tool_calls")
+                if not calls:
+                    swapped.append({"role": "assistant", "content": mark})
+                    calls_at.append([])
+                    expected.append(f"{len(contents)}")
+                else:
+                    names = [f"{start}{len(contents)}.{j}{_END}" for j in range(len(calls))]
+                    renamed = [
+                        {**c, "function": {**c["function"], "name": n + c["function"]["name"]}}
+                        for n, c in zip(names, calls)
+                    ]
+                    swapped.append(
+                        {"role": "assistant", "content": mark if m["content"] else "", "tool_calls": renamed}
+                    )
+                    calls_at.append(names)
+                    expected.extend(
+                        ([f"{len(contents)}"] if m["content"] else []) + [n[len(start) : -len(_END)] for n in names]
+                    )
                 contents.append(m["content"].strip() if self.trims else m["content"])
             else:
-                swapped.append(m if "train" not in m else {"role": m["role"], "content": m["content"]})
+                swapped.append({k: v for k, v in m.items() if k not in ("train", "weight")})
         try:
-            template = self._render(swapped)
+            template = self._render(swapped, tools)
         except Exception as exc:  # jinja raises for conversations a template refuses (e.g. role order)
             raise RecordError("template_error", f"the chat template refused this conversation ({exc})") from None
-        if template.count(start) != len(contents):
-            raise RecordError("template_error", "the chat template dropped or repeated an assistant turn")
-        pieces, spans, pos, cursor = [], [], 0, 0
+        text, found = _substitute(template, start, contents)
+        if [key for key, _ in found] != expected:
+            raise RecordError("template_error", "the chat template dropped, repeated or reordered an assistant turn")
+        at = dict(found)
+        spans = []
         for i, content in enumerate(contents):
-            mark = f"{start}{i}{_END}"
-            at = template.find(mark, cursor)
-            if at < 0:
-                raise RecordError("template_error", "the chat template dropped or reordered an assistant turn")
-            pieces.append(template[cursor:at])
-            pos += at - cursor
-            spans.append((pos, pos + len(content)))
-            pieces.append(content)
-            pos += len(content)
-            cursor = at + len(mark)
-        pieces.append(template[cursor:])
-        return "".join(pieces), spans
+            if not calls_at[i]:
+                spans.append((at[f"{i}"], at[f"{i}"] + len(content)))
+                continue
+            first = at.get(f"{i}", at[f"{i}.0"])
+            cursor = spans[-1][1] if spans else 0
+            head = text.rfind(self.call_header, cursor, first)
+            end = text.find(self.eot, at[f"{i}.{len(calls_at[i]) - 1}"])
+            if head < 0 or end < 0 or (i + 1 < len(contents) and end > at.get(f"{i + 1}", at.get(f"{i + 1}.0", end))):
+                raise RecordError(
+                    "template_error", "the chat template's rendering of a tool-calling turn was not found"
+                )
+            spans.append((head + len(self.call_header), end))
+        if with_tools and text != self._render([_plain(m) for m in messages], tools):
+            raise RecordError("template_error", "the chat template renders this conversation's calls unlike its text")
+        return text, spans
 
     def encode_batch(self, conversations: list[list[dict]]) -> list[Encoded | RecordError]:
         rendered: list = []
         for messages in conversations:
             try:
-                rendered.append(self.render(messages))
+                rendered.append(self.render(messages, getattr(messages, "tools", None)))
             except RecordError as err:
                 rendered.append(err)
         good = [r for r in rendered if not isinstance(r, RecordError)]
@@ -256,10 +343,48 @@ class ChatEncoder:
         return _inside(offsets, self._ranges(text, spans))
 
 
-def _sentinel_start(messages: list[dict]) -> str:
+def _plain(message: dict) -> dict:
+    """The message as the template sees it, without sftgo's own keys."""
+    return {k: v for k, v in message.items() if k not in ("train", "weight")}
+
+
+def _texts(messages: list[dict], tools: list[dict] | None) -> list[str]:
+    """Every text of a conversation the template may print: contents, tool calls (names and arguments as
+    JSON), a tool result's id and name, and the tool schemas (as JSON)."""
+    texts = []
+    for m in messages:
+        texts.append(m["content"])
+        if m.get("tool_calls"):
+            texts.append(json.dumps(m["tool_calls"], ensure_ascii=False))
+        texts.extend(m[k] for k in ("tool_call_id", "name") if k in m)
+    if tools:
+        texts.append(json.dumps(tools, ensure_ascii=False, default=str))
+    return texts
+
+
+def _substitute(template: str, start: str, contents: list[str]) -> tuple[str, list[tuple[str, int]]]:
+    """The template with each sentinel start+KEY+_END removed, or replaced by contents[KEY] for a content's
+    sentinel (KEY a number; a call name's is "number.call"), and each KEY with where it now lies in the text."""
+    pieces, at, pos, cursor = [], [], 0, 0
+    while (found := template.find(start, cursor)) >= 0:
+        close = template.find(_END, found)
+        key = template[found + len(start) : close] if close >= 0 else ""
+        if not re.fullmatch(r"\d+(\.\d+)?", key) or ("." not in key and int(key) >= len(contents)):
+            return template, [("", found)]  # a sentinel the template cut or changed
+        pieces.append(template[cursor:found])
+        pos += found - cursor
+        at.append((key, pos))
+        if "." not in key:
+            pieces.append(contents[int(key)])
+            pos += len(contents[int(key)])
+        cursor = close + len(_END)
+    pieces.append(template[cursor:])
+    return "".join(pieces), at
+
+
+def _sentinel_start(texts: list[str]) -> str:
     """The start of this conversation's sentinels: _MARK, or when a text holds _MARK's first character,
     the first of _MARK, _MARK~1~, _MARK~2~, ... that no text holds (a RecordError after _MARK_TRIES)."""
-    texts = [m["content"] for m in messages]
     if not any(_MARK[0] in t for t in texts):
         return _MARK
     for n in range(_MARK_TRIES):

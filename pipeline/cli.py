@@ -198,6 +198,8 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
     )
     if t.get("truncated"):
         rejected += f"; truncated {t['truncated']} to --max-length {manifest['params']['max_length']}"
+    if t.get("unsupervised_by_weight"):
+        rejected += f"; {t['unsupervised_by_weight']} assistant turn(s) left unsupervised by weight 0"
     click.echo(
         f"Wrote {what} to {where}; {rejected}."
         if wrote

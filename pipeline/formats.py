@@ -2,8 +2,11 @@
 
 Input: one record (a dict parsed from JSON, JSONL, Parquet, CSV or `datasets`) in one of
 FORMATS, plus an optional field map {canonical name: name used in the user's data}.
-Output: [{"role": "system"|"user"|"assistant", "content": str}, ...] (an assistant turn that is
-context, not a response to learn, also carries "train": False), or a RecordError
+Output: a Conversation, a list [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...] (an
+assistant turn that is context, not a response to learn, also carries "train": False; an assistant turn
+that calls tools carries "tool_calls" [{"type": "function", "function": {"name": str, "arguments": dict}}];
+a tool result may carry "tool_call_id" and "name") whose `tools` is the record's tool schemas (or None) and
+whose `weight_zero` counts its assistant turns with weight 0, or a RecordError
 whose `reason` (a short snake_case key) the manifest counts and whose `detail` is one
 sentence naming the field at fault.
 `mapped_fields()` says which fields of a field map a record has (a build counts them to
@@ -16,22 +19,30 @@ prompt+completion):
   system, optional history [[q, a], ...] (LLaMA-Factory) as earlier turns.
 - messages: "messages" [{role, content}], content a string or a list of OpenAI-style
   text parts [{"type": "text", "text": ...}] (joined without separator, as chat
-  templates render them).
+  templates render them).  Tool turns as OpenAI writes them: an assistant turn with
+  "tool_calls" (or the legacy "function_call"), content null or text; "tool" turns (legacy
+  role "function") with the result as content; the record's "tools" list of JSON schemas.
 - sharegpt: "conversations" [{from, value}]; from human/user -> user,
   gpt/assistant/bot/model/chatgpt -> assistant, system -> system.
 - prompt_completion: prompt and completion, each a string (user / assistant) or a list
   of messages (TRL's conversational prompt-completion).  As in TRL, only the completion is
   learned: assistant turns inside the prompt are context ("train": False).
 
-Rules for every format: at least one assistant turn to learn, no empty assistant turn, a
-system turn only first, no tool calls (a turn with a non-empty `tool_calls` or
-`function_call` is unsupported_content, whatever its role and content: dropping the calls
-would train on a different conversation). Trailing user turns after the last assistant
-turn are kept (they are not supervised: loss masks cover assistant turns only).
+Rules for every format: at least one assistant turn to learn, no empty assistant turn (one
+with tool calls may have no text), a system turn only first, tool calls only on assistant turns
+(elsewhere unsupported_content: dropping them would train on a different conversation); a call's
+"arguments" is an object or a JSON string of one (parsed, as chat templates print it with
+`tojson`).  Per-turn "weight" (OpenAI's fine-tuning format): 1 or absent (null) supervises an
+assistant turn, 0 makes it context ("train": False); any other value (true, "0", 0.5), or 1
+on a turn that is never supervised (a non-assistant turn, an assistant turn of a prompt), is
+invalid_weight; 0 on a non-assistant turn says what happens anyway and is accepted.
+Trailing user turns after the last assistant turn are kept (they are not supervised: loss
+masks cover assistant turns only).
 """
 
 from __future__ import annotations
 
+import json
 import operator
 
 from sftgo.core.errors import ConfigError
@@ -53,12 +64,13 @@ CANONICAL_FIELDS = (
     "content",
     "from",
     "value",
+    "tools",
 )
 
 # Field-map names that live inside turns rather than at the top of a record.
 _TURN_FIELDS = frozenset({"role", "content", "from", "value"})
 
-_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
 _SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -82,6 +94,14 @@ class RecordError(ValueError):
 
     def __reduce__(self):  # keep both fields when sent between Dask workers
         return (RecordError, (self.reason, self.detail))
+
+
+class Conversation(list):
+    """The chat messages of one record, with the record's tool schemas (`tools`, None without) and the
+    number of its assistant turns that weight 0 left unsupervised (`weight_zero`)."""
+
+    tools: list[dict] | None = None
+    weight_zero: int = 0
 
 
 def _type_name(value) -> str:
@@ -132,7 +152,7 @@ def detect_format(record: dict, field_map: dict[str, str] | None = None) -> str:
     )
 
 
-def to_messages(record: dict, fmt: str, field_map: dict[str, str] | None = None) -> list[dict[str, str]]:
+def to_messages(record: dict, fmt: str, field_map: dict[str, str] | None = None) -> Conversation:
     """The record as chat messages; fmt is one of FORMATS or "auto"."""
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"Record must be a JSON object, got {_type_name(record)}.")
@@ -150,7 +170,10 @@ def to_messages(record: dict, fmt: str, field_map: dict[str, str] | None = None)
     else:
         raise ConfigError(f"Unknown format {fmt!r}; expected one of {', '.join(FORMATS)} or auto.")
     _validate(msgs)
-    return msgs
+    out = Conversation(msgs)
+    out.tools = _record_tools(record, fm)
+    out.weight_zero = sum(m.get("weight") == 0 for m in msgs)
+    return out
 
 
 def _string_field(record: dict, fm: dict[str, str], canonical: str, required: bool) -> str:
@@ -220,21 +243,99 @@ def _turns(record, fm, key, alt_key, role_key, content_key, roles, where=None) -
         role = roles.get(raw_role) or roles.get(raw_role.strip().lower())
         if role is None:
             raise RecordError("unknown_role", f"Turn {name}[{i}] has role '{raw_role[:40]}', which is not supported.")
-        if "tool_calls" in turn or "function_call" in turn:
-            _no_tool_calls(turn, f"{name}[{i}]")
+        where_i = f"{name}[{i}]"
         content = turn.get(content_name)
-        if type(content) is not str:
-            content = _content_parts(content, f"{name}[{i}].{content_name}")
-        msgs.append({"role": role, "content": content})
+        calls = _tool_calls(turn, where_i) if "tool_calls" in turn or "function_call" in turn else None
+        if calls and role != "assistant":
+            raise RecordError("unsupported_content", f"Turn {where_i} is a {role} turn with tool calls.")
+        if calls and (content is None or content == []):
+            content = ""
+        elif type(content) is not str:
+            content = _content_parts(content, f"{where_i}.{content_name}")
+        msg: dict = {"role": role, "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(turn.get(key), str):
+                    msg[key] = str(turn[key])
+        if turn.get("weight") is not None and _weight(turn["weight"], role, where_i) == 0 and role == "assistant":
+            msg["train"] = False
+            msg["weight"] = 0
+        msgs.append(msg)
     return msgs
 
 
-def _no_tool_calls(turn: dict, where: str) -> None:
-    """RecordError (unsupported_content) when the turn holds tool calls: a non-empty tool_calls or
-    function_call, next to a content or not (null or an empty list is no call)."""
-    for key in ("tool_calls", "function_call"):
-        if turn.get(key):
-            raise RecordError("unsupported_content", f"Turn {where} holds '{key}'; tool calls are not supported.")
+def _weight(value, role: str, where: str) -> int:
+    """A turn's weight, 0 or 1 (an integer or a float equal to one; not a boolean, a string or NaN)."""
+    if type(value) in (int, float) and value in (0, 1):
+        if value == 1 and role != "assistant":
+            raise RecordError(
+                "invalid_weight", f"Turn {where} is a {role} turn with weight 1; only assistant turns are supervised."
+            )
+        return int(value)
+    shown = json.dumps(value)[:40] if type(value) in (str, int, float, bool) else _type_name(value)
+    raise RecordError("invalid_weight", f"Turn {where} has weight {shown}; a weight is 0 or 1.")
+
+
+def _tool_calls(turn: dict, where: str) -> list[dict] | None:
+    """The turn's calls, OpenAI's "tool_calls" list or the legacy "function_call" object, as
+    [{"type": "function", "function": {"name", "arguments": dict}}] (plus "id" where given); None or
+    an empty list is no call."""
+    calls, legacy = turn.get("tool_calls"), turn.get("function_call")
+    if calls and legacy:
+        raise RecordError("unsupported_content", f"Turn {where} holds both 'tool_calls' and 'function_call'.")
+    if legacy:
+        calls, field = [{"type": "function", "function": legacy}], f"{where}.function_call"
+    elif not calls:
+        return None
+    else:
+        field = f"{where}.tool_calls"
+        if not _is_list(calls):
+            raise _wrong_type(field, "a list of tool calls", calls)
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{field}[{j}]" if not legacy else field
+        if type(call) is not dict:
+            raise _wrong_type(at, "a tool call object", call)
+        kind = call.get("type", "function")
+        if kind != "function":
+            raise RecordError(
+                "unsupported_content", f"Field '{at}' is a '{str(kind)[:40]}' call; only function calls are supported."
+            )
+        fn = call.get("function")
+        if type(fn) is not dict:
+            raise _wrong_type(f"{at}.function", "an object", fn) if fn is not None else _missing(f"{at}.function")
+        name = fn.get("name")
+        if type(name) is not str or not name.strip():
+            raise _wrong_type(f"{at}.function.name", "a non-empty string", name)
+        args = fn.get("arguments", {})
+        if type(args) is str:
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise _wrong_type(f"{at}.function.arguments", "a JSON object", args) from None
+        if type(args) is not dict:
+            raise _wrong_type(f"{at}.function.arguments", "a JSON object", args)
+        item = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(call.get("id"), str):
+            item["id"] = str(call["id"])
+        out.append(item)
+    return out
+
+
+def _record_tools(record: dict, fm: dict[str, str]) -> list[dict] | None:
+    """The record's "tools", a list of JSON schema objects (None when absent, null or empty)."""
+    name = _name(fm, "tools")
+    tools = record.get(name)
+    if tools is None or (_is_list(tools) and not tools):
+        return None
+    if not _is_list(tools):
+        raise _wrong_type(name, "a list of tool schemas", tools)
+    for j, tool in enumerate(tools):
+        if type(tool) is not dict:
+            raise _wrong_type(f"{name}[{j}]", "a tool schema object", tool)
+    return list(tools)
 
 
 def _content_parts(content, field: str) -> str:
@@ -279,6 +380,13 @@ def _prompt_completion(record: dict, fm: dict[str, str]) -> list[dict]:
         elif _is_list(value):
             turns = _turns(record, fm, "", "", "role", "content", _MESSAGE_ROLES, where=(name, value))
             if canonical == "prompt":
+                for i, turn in enumerate(value):
+                    weight = turn.get("weight")
+                    if type(weight) in (int, float) and weight == 1 and turns[i]["role"] == "assistant":
+                        raise RecordError(
+                            "invalid_weight",
+                            f"Turn {name}[{i}] has weight 1, but a prompt is context; only the completion is learned.",
+                        )
                 for m in turns:
                     if m["role"] == "assistant":
                         m["train"] = False
@@ -293,13 +401,16 @@ def _validate(msgs: list[dict]) -> None:
     for i, m in enumerate(msgs):
         role = m["role"]
         if role == "assistant":
-            if not m["content"].strip():
+            if not m["content"].strip() and not m.get("tool_calls"):
                 raise RecordError("empty_response", f"Assistant turn {i} is empty.")
             has_assistant = has_assistant or m.get("train", True)
         elif role == "system" and i:
             raise RecordError("misplaced_system", f"Turn {i} is a system turn; a system turn is allowed only first.")
     if not has_assistant:
-        raise RecordError("no_assistant_turn", "Record has no assistant turn to learn from.")
+        raise RecordError(
+            "no_assistant_turn",
+            "Record has no assistant turn to learn from (an assistant turn of a prompt or with weight 0 is context).",
+        )
 
 
 def parse_field_map(spec: str) -> dict[str, str]:

@@ -12,7 +12,8 @@ its presence marks the partition done):
   part-NNNNN.stats-S.parquet what strategy S fits on the whole corpus needs of this partition
                              (tfidf: (term, df), for the corpus IDF)
   part-NNNNN.rejects.jsonl   every rejected record with reason, detail and its original text (raw)
-  part-NNNNN.json            counts: records in / written / rejected by reason, tokens
+  part-NNNNN.json            counts: records in / written / rejected by reason, tokens, assistant turns
+                             left unsupervised by weight 0
 Returns the counts.  A partition already done is not redone.
 Cost: for tfidf, the chat template render and the Rust tokenizer (linear in text); model
 strategies add their forward passes.
@@ -134,6 +135,7 @@ class _Accepted:
         }
         self.rejects: list[dict] = []
         self.truncated = 0
+        self.weight_zero = 0  # assistant turns of accepted records left unsupervised by their weight 0
 
     def reject(self, rid: str, item: readers.Item, reason: str, detail: str) -> None:
         safe = readers.escape_surrogates
@@ -149,11 +151,12 @@ class _Accepted:
         )
 
     def encode(self, encoder: ChatEncoder, pending: list[tuple[str, readers.Item, list[dict]]]) -> None:
-        for (rid, item, _), enc in zip(pending, _encode(encoder, [conv for _, _, conv in pending])):
+        for (rid, item, conv), enc in zip(pending, _encode(encoder, [conv for _, _, conv in pending])):
             if isinstance(enc, formats.RecordError):
                 self.reject(rid, item, enc.reason, enc.detail)
                 continue
             self.truncated += enc.truncated
+            self.weight_zero += conv.weight_zero
             values = (rid, enc.input_ids, enc.loss_mask, enc.text, enc.content_spans, enc.offsets)
             for column, value in zip(self.cols.values(), values):
                 column.append(value)
@@ -200,6 +203,7 @@ def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, l
         "written": len(out.cols["id"]),
         "rejected": dict(sorted(Counter(r["reason"] for r in out.rejects).items())),
         "truncated": out.truncated,
+        "weight_zero_turns": out.weight_zero,
         "blank_lines": part.blank_lines,
         "field_map_hits": dict(sorted(hits.items())),
     }
@@ -247,7 +251,7 @@ def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], 
     return counts
 
 
-_COUNT_KEYS = ("records_in", "written", "truncated", "blank_lines", "tokens", "loss_tokens")
+_COUNT_KEYS = ("records_in", "written", "truncated", "weight_zero_turns", "blank_lines", "tokens", "loss_tokens")
 
 
 def _staged_counts(path, part: readers.Partition) -> dict | None:

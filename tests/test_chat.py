@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,13 +114,14 @@ def test_the_render_keeps_the_sandbox(tokenizer):
     tok.chat_template = (
         "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m['content'].strip() + '<|im_end|>\\n' }}"
         "{% if m['role'] == 'system' %}{{ m.update({'role': 'user'}) }}{% endif %}"
-        "{% if m['role'] == 'tool' %}{{ m['content'].__class__.__mro__ }}{% endif %}{% endfor %}"
+        "{% if m['content'] == 'Be brief.' and m['role'] == 'user' %}{{ m['content'].__class__.__mro__ }}{% endif %}"
+        "{% endfor %}"
     )
     enc = ChatEncoder(tok, max_length=512)
     conv = [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Norford."}]
     for _ in range(2):
         assert enc.render(conv)[0] == tok.apply_chat_template(conv, tokenize=False)
-        for role in ("system", "tool"):  # the template misbehaves on these roles
+        for role in ("system", "user"):  # the template misbehaves on these turns
             hostile = [{"role": role, "content": "Be brief."}, *conv]
             with pytest.raises(jinja2.exceptions.TemplateError):
                 tok.apply_chat_template(hostile, tokenize=False)
@@ -318,3 +321,119 @@ def test_20mb_record_is_truncated_and_counted(tokenizer):
     dropped = ChatEncoder(tokenizer, max_length=2048, overflow="drop").encode_batch([conv])[0]
     assert isinstance(dropped, RecordError) and dropped.reason == "too_long"
     assert "more than --max-length 2048" in dropped.detail
+
+
+# -- tool calls and per-turn weights, against transformers on the real Qwen2.5-Instruct template ------------
+# tests/fixtures/qwen2_5_generation.jinja is Qwen2.5-Instruct's chat template with {% generation %} around what
+# an assistant turn says: a plain turn's content and <|im_end|>, a tool-calling turn's text after its role.
+QWEN = (Path(__file__).parent / "fixtures" / "qwen2_5_generation.jinja").read_text()
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def call(city, as_string=True, name="get_weather"):
+    args = {"city": city}
+    return {"type": "function", "function": {"name": name, "arguments": json.dumps(args) if as_string else args}}
+
+
+TOOL_RECORDS = [
+    {  # OpenAI: content null, arguments a JSON string, a tool result
+        "tools": WEATHER,
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", **call("Oslo")}]},
+            {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 5}'},
+            {"role": "assistant", "content": "It is 5 degrees in Oslo."},
+        ],
+    },
+    {  # text next to two calls with object arguments, two results in a row, a system turn
+        "tools": WEATHER,
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Rome and Paris?"},
+            {"role": "assistant", "content": "Checking both.", "tool_calls": [call("Rome", False), call("Paris")]},
+            {"role": "tool", "content": "18"},
+            {"role": "tool", "content": "21"},
+            {"role": "assistant", "content": "Rome 18, Paris 21."},
+        ],
+    },
+    {  # the legacy function_call / function role; the first call turn has weight 0 (context), a second is learned
+        "tools": WEATHER,
+        "messages": [
+            {"role": "user", "content": "Lima?"},
+            {"role": "assistant", "content": "", "function_call": call("Lima")["function"], "weight": 0},
+            {"role": "function", "name": "get_weather", "content": "error: try again"},
+            {"role": "assistant", "content": None, "function_call": call("Lima", False)["function"], "weight": 1},
+            {"role": "function", "name": "get_weather", "content": "19"},
+            {"role": "assistant", "content": "19 in Lima.", "weight": None},
+        ],
+    },
+    {  # weights on plain turns: the first answer is context
+        "messages": [
+            {"role": "user", "content": "Name a river."},
+            {"role": "assistant", "content": "The Nile, I think", "weight": 0},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": "Yes, the Nile.", "weight": 1},
+        ],
+    },
+]
+
+
+def test_tool_calls_and_weights_equal_transformers_assistant_mask(tokenizer):
+    """Our ids and loss mask on tool conversations equal apply_chat_template(..., tools=...,
+    return_assistant_tokens_mask=True): the calls are supervised, the tool results and weight-0 turns are not."""
+    from sftgo.pipeline.formats import to_messages
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = QWEN
+    encoder = ChatEncoder(tok, max_length=4096)
+    assert encoder.call_header is not None
+    convs = [to_messages(r, "auto") for r in TOOL_RECORDS]
+    for record, conv, enc in zip(TOOL_RECORDS, convs, encoder.encode_batch(convs)):
+        assert not isinstance(enc, RecordError), enc
+        # the record as transformers takes it: OpenAI's string arguments parsed, legacy turns as tool_calls
+        oracle = [{k: v for k, v in m.items() if k not in ("train", "weight")} for m in conv]
+        out = tok.apply_chat_template(
+            oracle, tools=record.get("tools"), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert enc.input_ids.tolist() == out["input_ids"]
+        hf = np.array(out["assistant_masks"], dtype=np.int8)
+        for i, m in enumerate(conv):  # a weight-0 turn is context: transformers would supervise it
+            if m.get("weight") == 0:
+                hf[_turn_tokens(tok, out["input_ids"], conv, i)] = 0
+        assert enc.loss_mask.tolist() == hf.tolist(), record
+        text = tok.decode(enc.input_ids[enc.loss_mask == 1].tolist())
+        assert "<tool_response>" not in text and "error: try again" not in text  # tool results are context
+        calls = [m for m in conv if m.get("tool_calls") and m.get("train", True)]
+        assert text.count('{"name": "get_weather", "arguments": {"city": ') == sum(len(m["tool_calls"]) for m in calls)
+
+
+def _turn_tokens(tok, ids, conv, index):
+    """The token positions of turn `index`'s generation block: the tokens transformers marks for it."""
+    out = tok.apply_chat_template(
+        [{k: v for k, v in m.items() if k not in ("train", "weight")} for m in conv],
+        tools=conv.tools,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    mask = np.array(out["assistant_masks"])
+    runs, cur = [], []
+    for i, v in enumerate(mask):
+        if v:
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    nth = sum(1 for m in conv[:index] if m["role"] == "assistant")
+    return runs[nth]

@@ -94,9 +94,9 @@ def test_messages_image_part_is_unsupported_content():
     assert e.reason == "unsupported_content" and "image_url" in e.detail
 
 
-def test_messages_tool_call_turn_is_unsupported_content():
+def test_messages_tool_call_without_function_is_missing_field():
     e = reject({"messages": [m(U, "q"), {"role": "assistant", "content": None, "tool_calls": [{"id": 1}]}]})
-    assert e.reason == "unsupported_content"
+    assert e.reason == "missing_field" and "tool_calls[0].function" in e.detail
 
 
 def test_messages_human_role_is_unknown():
@@ -104,9 +104,11 @@ def test_messages_human_role_is_unknown():
     assert e.reason == "unknown_role" and "human" in e.detail
 
 
-def test_messages_tool_role_is_unknown():
-    e = reject({"messages": [m(U, "q"), m("tool", "{}"), m(A, "a")]})
-    assert e.reason == "unknown_role" and "messages[1]" in e.detail
+def test_messages_tool_and_function_roles_are_tool_results():
+    out = to_messages(
+        {"messages": [m(U, "q"), m("tool", "{}"), {"role": "function", "name": "f", "content": "1"}, m(A, "a")]}, "auto"
+    )
+    assert out[1:3] == [m("tool", "{}"), {"role": "tool", "content": "1", "name": "f"}]
 
 
 def test_messages_role_case_is_normalised():
@@ -380,3 +382,89 @@ def test_record_id(record, expected):
 def test_record_id_numpy_integer():
     np = pytest.importorskip("numpy")
     assert record_id({"id": np.int64(12)}, "fb") == "12"
+
+
+# ---------------------------------------------------------------- per-turn weight (OpenAI's fine-tuning format)
+def test_weight_zero_makes_an_assistant_turn_context():
+    out = to_messages(
+        {"messages": [m(U, "a"), {**m(A, "b"), "weight": 0}, m(U, "c"), {**m(A, "d"), "weight": 1}]}, "auto"
+    )
+    assert out == [m(U, "a"), {**m(A, "b"), "train": False, "weight": 0}, m(U, "c"), m(A, "d")]
+    assert out.weight_zero == 1
+    # null is no weight (a Parquet/datasets column fills it in on every turn); 0 on a user turn is what happens anyway
+    out = to_messages({"messages": [{**m(U, "a"), "weight": 0}, {**m(A, "b"), "weight": None}]}, "auto")
+    assert out == [m(U, "a"), m(A, "b")] and out.weight_zero == 0
+    assert to_messages({"messages": [m(U, "a"), {**m(A, "b"), "weight": 1.0}]}, "auto") == [m(U, "a"), m(A, "b")]
+
+
+@pytest.mark.parametrize("weight", ["0", "1", 0.5, True, False, -1, 2, float("nan"), [], {}])
+def test_weight_other_than_0_or_1_is_invalid(weight):
+    e = reject({"messages": [m(U, "a"), {**m(A, "b"), "weight": weight}]})
+    assert e.reason == "invalid_weight" and "messages[1]" in e.detail
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"messages": [{**m(U, "a"), "weight": 1}, m(A, "b")]},  # a user turn is never supervised
+        {"messages": [{**m(S, "s"), "weight": 1}, m(U, "a"), m(A, "b")]},
+        {"conversations": [{"from": "human", "value": "a", "weight": 1}, {"from": "gpt", "value": "b"}]},
+        {
+            "prompt": [m(U, "a"), {**m(A, "b"), "weight": 1}, m(U, "c")],
+            "completion": [m(A, "d")],
+        },  # a prompt is context
+    ],
+)
+def test_weight_one_on_a_turn_never_supervised_is_invalid(record):
+    assert reject(record).reason == "invalid_weight"
+
+
+def test_every_assistant_turn_weight_zero_is_no_assistant_turn():
+    e = reject({"messages": [m(U, "a"), {**m(A, "b"), "weight": 0}, m(U, "c"), {**m(A, "d"), "weight": 0}]})
+    assert e.reason == "no_assistant_turn" and "weight 0" in e.detail
+
+
+# ---------------------------------------------------------------- tool calls
+CALL = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+
+
+def test_tool_calls_normalised_with_arguments_parsed():
+    record = {
+        "tools": [{"type": "function", "function": {"name": "weather"}}],
+        "messages": [
+            m(U, "q"),
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "c1", "content": "5C"},
+            {"role": "assistant", "content": "", "function_call": {"name": "weather", "arguments": {"city": "Rome"}}},
+            {"role": "function", "name": "weather", "content": "20C"},
+            m(A, "Oslo 5C, Rome 20C."),
+        ],
+    }
+    out = to_messages(record, "auto")
+    fn = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}, "id": "c1"}
+    assert out[1] == {"role": "assistant", "content": "", "tool_calls": [fn]}
+    assert out[2] == {"role": "tool", "content": "5C", "tool_call_id": "c1"}
+    assert out[3]["tool_calls"] == [
+        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Rome"}}}
+    ]
+    assert out.tools == record["tools"]
+
+
+@pytest.mark.parametrize(
+    "turn, reason",
+    [
+        ({"tool_calls": [{**CALL, "function": {"name": "w", "arguments": "{not json"}}]}, "wrong_type"),
+        ({"tool_calls": [{**CALL, "function": {"name": "w", "arguments": "[1, 2]"}}]}, "wrong_type"),
+        ({"tool_calls": [{**CALL, "function": {"name": "", "arguments": "{}"}}]}, "wrong_type"),
+        ({"tool_calls": [{**CALL, "type": "code_interpreter"}]}, "unsupported_content"),
+        ({"tool_calls": "weather()"}, "wrong_type"),
+        ({"tool_calls": [CALL], "function_call": {"name": "w"}}, "unsupported_content"),
+    ],
+)
+def test_bad_tool_calls_are_rejected(turn, reason):
+    assert reject({"messages": [m(U, "q"), {"role": "assistant", "content": None, **turn}]}).reason == reason
+
+
+def test_bad_tools_list_is_wrong_type():
+    assert reject({"messages": [m(U, "q"), m(A, "a")], "tools": {"name": "w"}}).reason == "wrong_type"
+    assert reject({"messages": [m(U, "q"), m(A, "a")], "tools": ["w"]}).reason == "wrong_type"

@@ -125,14 +125,24 @@ CALL = [{"id": "c1", "type": "function", "function": {"name": "weather", "argume
                 {"role": "assistant", "content": "One moment.", "function_call": {"name": "weather"}},
             ]
         },
-        {"messages": [{"role": "user", "content": "q", "tool_calls": CALL}, a("A.")]},  # any role
         {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "ok", "tool_calls": CALL}]},
         {"prompt": [u("q")], "completion": [{"role": "assistant", "content": "Calling.", "tool_calls": CALL}]},
+        {"messages": [u("q"), {"role": "tool", "content": "5C"}, a("A.")]},
+        {"messages": [u("q"), a("A.")], "tools": [{"type": "function", "function": {"name": "weather"}}]},
     ],
 )
-def test_tool_calls_are_unsupported_content_whatever_the_content(record):
+def test_tool_records_the_template_cannot_render_are_unsupported_content(tokenizer, record):
+    """The embedded SmolLM2 template cannot render tools: such a record is unsupported_content, never
+    rendered without its calls, results or schemas."""
+    encoder = ChatEncoder(tokenizer, max_length=512)
+    assert encoder.call_header is None
+    out = encoder.encode_batch([to_messages(record, "auto")])[0]
+    assert isinstance(out, RecordError) and out.reason == "unsupported_content"
+
+
+def test_tool_calls_on_a_non_assistant_turn_are_unsupported_content():
     with pytest.raises(RecordError) as e:
-        to_messages(record, "auto")
+        to_messages({"messages": [{"role": "user", "content": "q", "tool_calls": CALL}, a("A.")]}, "auto")
     assert e.value.reason == "unsupported_content"
 
 
@@ -248,3 +258,26 @@ def test_records_without_ids_in_the_files_of_a_folder_get_distinct_ids(tmp_path,
     ids = [i for s in sorted(out.glob("shard-*.parquet")) for i in pq.read_table(s, columns=["id"])["id"].to_pylist()]
     assert ids == ["indir/a.jsonl:0", "indir/a.jsonl:1", "indir/sub/b.jsonl:0"]
     assert json.loads((out / "manifest.json").read_text())["totals"]["duplicate_ids"] == 0
+
+
+# ---------------------------------------------------------------- tool conversations and weights through the CLI
+def test_tool_conversations_build_with_a_template_that_renders_tools(tmp_path, tokenizer, cli):
+    """With a Qwen2.5 template the tool conversations build with no rejection and the weight-0 turns are
+    counted; with the embedded template the same records are unsupported_content."""
+    import copy
+
+    from tests.test_chat import QWEN, TOOL_RECORDS
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = QWEN
+    tok.save_pretrained(tmp_path / "qwen-tok")
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TOOL_RECORDS))
+    cli("sftgo-prep", "build", data, "--out", tmp_path / "q", "--tokenizer", tmp_path / "qwen-tok", "--workers", "1")
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["totals"]["records_written"] == len(TOOL_RECORDS) and manifest["rejected"] == {}
+    assert manifest["totals"]["unsupervised_by_weight"] == 2
+    cli("sftgo-prep", "build", data, "--out", tmp_path / "e", "--workers", "1")
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["rejected"] == {"unsupported_content": 3}  # the tool records; the plain one is written
+    assert manifest["totals"]["records_written"] == 1 and manifest["totals"]["unsupervised_by_weight"] == 1
