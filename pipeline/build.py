@@ -1,7 +1,7 @@
 """`sftgo-prep build`: inputs -> tokenized, scored, grouped Parquet shards + manifest.
 
 Input: a BuildConfig.
-Output: in config.out, shard-NNNNN.parquet (one per input partition), idf.parquet for
+Output: in config.out, shard-NNNNN.parquet (one per partition: rows_per_shard rows of one input), idf.parquet for
 tfidf, and manifest.json written last; the manifest dict is also returned.
 Flow: plan partitions (driver) -> pass 1 on the cluster (prepare.py: tokenize, stage each
 strategy's columns and corpus statistics) -> fit the strategies' artifacts (e.g. the IDF) and,

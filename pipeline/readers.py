@@ -5,7 +5,8 @@ Input: paths of JSONL, JSON (array), Parquet, CSV files (extensions in any case)
 or refused naming compressed files; other files and names starting with "." are skipped, with a note), `datasets`
 save_to_disk folders, or hub dataset names (`hf:NAME`, loaded through `datasets`; a path that does not
 exist is an error, never a hub request).
-Output: `plan()` returns Partition descriptors (deterministic: they depend on the
+Output: `plan()` returns Partitions, each a list of Pieces of the files of one input packed to rows_per_shard
+rows (deterministic: they depend on the
 inputs and `rows_per_shard` only); `read()` yields one Item per record of a partition:
 the parsed record, or a rejection (reason, detail) for a record that cannot be read --
 bad UTF-8 or Unicode (unpaired surrogates, in values and in field names), malformed
