@@ -1,7 +1,7 @@
 """`sftgo-prep build`: inputs -> tokenized, scored, grouped Parquet shards + manifest.
 
 Input: a BuildConfig.
-Output: in config.out, shard-NNNNN.parquet (one per input partition), idf.parquet for
+Output: in config.out, shard-NNNNN.parquet (one per partition: rows_per_shard rows of one input), idf.parquet for
 tfidf, and manifest.json written last; the manifest dict is also returned.
 Flow: plan partitions (driver) -> pass 1 on the cluster (prepare.py: tokenize, stage each
 strategy's columns and corpus statistics) -> fit the strategies' artifacts (e.g. the IDF) and,
@@ -123,11 +123,12 @@ def _check_complete(out: Path, manifest: dict, key: dict) -> None:
         ) from None
 
 
-def _start(cfg: BuildConfig, out: Path) -> tuple[Path, Path, bool]:
+def _start(cfg: BuildConfig, out: Path, parts: list) -> tuple[Path, Path, bool]:
     """Decide between fresh start, resume and refusal. Returns (staging dir, the tasks' work folder in it,
-    already_complete)."""
+    already_complete).  The record of a start holds the plan's digest: a resumed build must cut the inputs
+    into the same partitions (else its staged partitions would be other records)."""
     staging = out / STAGING
-    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED}
+    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED, "plan": readers.plan_digest(parts)}
     if not cfg.overwrite and (staging.is_symlink() or staging.is_file()):
         raise BuildError(
             f"{staging} is a symlink or a file, not the staging folder sftgo-prep keeps in {out}; remove "
@@ -176,7 +177,7 @@ def _resumed_work(out: Path, staging: Path, key: dict) -> Path:
     rest = {k: v for k, v in found.items() if k != "work"}
     work = found.get("work")
     if rest != expected:
-        if {**rest, "staged": STAGED} == expected:  # only the staged format differs
+        if {**rest, "staged": STAGED, "plan": expected["plan"]} == expected:  # sftgo's own formats differ
             raise BuildError(
                 f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite to start again."
             )
@@ -233,7 +234,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     _warn_repeated_inputs(cfg)
     for note in ignored_settings(cfg, cfg.strategies):
         print(f"Note: {note}", file=sys.stderr)
-    if cfg.split != BuildConfig.split and not any(p.kind == "arrow" for p in parts):
+    if cfg.split != BuildConfig.split and not any("arrow" in p.kinds for p in parts):
         print(
             f"Note: --split {cfg.split} is ignored: it picks the split of hf: datasets and saved datasets folders, "
             "and no input is one.",
@@ -241,7 +242,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
         )
     clock.lap("plan")
     with exclusive(out):  # a second build into `out`, or one already finished, needs no cluster
-        staging, work, complete = _start(cfg, out)
+        staging, work, complete = _start(cfg, out, parts)
         if complete:
             if cfg.rejects:
                 raise BuildError(
@@ -440,7 +441,7 @@ def rejection_hint(reason: str, staging: Path, parts: list) -> str:
 def _as_object(raw) -> dict:
     try:
         value = json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
+    except (ValueError, RecursionError):  # (a record rejected as too deep is too deep for json too)
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -11,6 +11,7 @@ that imports the pipeline once, then keeps its tokenizer across tasks).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import sys
 import time
@@ -118,33 +119,47 @@ def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
 NO_WORKERS_S = 120.0  # how long tasks wait on a cluster that has no worker before the build says so and stops
 
 
+IN_FLIGHT_PER_THREAD = 4  # tasks the scheduler holds per worker thread: enough to keep every worker busy
+
+
 def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = True) -> list:
-    """Run fn(*a) for every a in args on the cluster; results in the order of args.  A cluster left
-    without workers (all died, or none ever joined) is a TaskError after NO_WORKERS_S, not a wait forever."""
+    """Run fn(*a) for every a in args on the cluster; results in the order of args.  At most
+    IN_FLIGHT_PER_THREAD tasks per worker thread are submitted at a time, and each result is collected and
+    released as it arrives: however many tasks there are, the scheduler and the driver hold a few.  A
+    cluster left without workers (all died, or none ever joined) is a TaskError after NO_WORKERS_S, not a
+    wait forever."""
     from distributed import wait
 
     if not args:
         return []
-    futures = [c.submit(fn, *a, pure=False, key=f"{desc}-{i:05d}") for i, a in enumerate(args)]
-    bar = tqdm(total=len(futures), desc=desc, unit="part", file=sys.stderr, disable=not progress, leave=True)
+    window = IN_FLIGHT_PER_THREAD * max(sum(c.nthreads().values()), 2)
+    results: list = [None] * len(args)
+    waiting = iter(enumerate(args))
+    running: dict = {}  # future -> its task's number
+    bar = tqdm(total=len(args), desc=desc, unit="part", file=sys.stderr, disable=not progress, leave=True)
     try:
-        pending, empty_since = set(futures), None
-        while pending:
+        empty_since = None
+        while True:
+            for i, a in itertools.islice(waiting, window - len(running)):
+                running[c.submit(fn, *a, pure=False, key=f"{desc}-{i:05d}")] = i
+            if not running:
+                return results
             try:
-                done, pending = wait(pending, timeout=5, return_when="FIRST_COMPLETED")
+                done, _ = wait(list(running), timeout=5, return_when="FIRST_COMPLETED")
             except TimeoutError:  # nothing finished in 5 s: is anyone working?
-                empty_since = _no_workers_since(c, empty_since, desc, len(futures) - len(pending), len(futures))
+                empty_since = _no_workers_since(c, empty_since, desc, bar.n, len(args))
                 continue
             for fut in done:
                 if fut.status == "error":
                     exc = fut.exception()
                     raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
+                results[running.pop(fut)] = fut.result()
+                fut.release()
                 bar.update(1)
             empty_since = None
-        return c.gather(futures)
     finally:
         bar.close()
-        for fut in futures:
+        for fut in running:
             fut.release()
 
 

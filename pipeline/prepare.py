@@ -137,10 +137,12 @@ class _Accepted:
         self.truncated = 0
         self.weight_zero = 0  # assistant turns of accepted records left unsupervised by their weight 0
 
-    def reject(self, rid: str, item: readers.Item, reason: str, detail: str) -> None:
+    def reject(self, rid: str, item: readers.Item, reason: str, detail: str, order: tuple) -> None:
+        """Keep a rejected record; `order` ((piece, row) in the partition) puts the rejects in file order."""
         safe = readers.escape_surrogates
         self.rejects.append(
             {
+                "order": order,
                 "id": safe(rid),
                 "source": safe(self.source),
                 "row": item.row,
@@ -150,10 +152,10 @@ class _Accepted:
             }
         )
 
-    def encode(self, encoder: ChatEncoder, pending: list[tuple[str, readers.Item, list[dict]]]) -> None:
-        for (rid, item, conv), enc in zip(pending, _encode(encoder, [conv for _, _, conv in pending])):
+    def encode(self, encoder: ChatEncoder, pending: list[tuple[str, readers.Item, list[dict], tuple]]) -> None:
+        for (rid, item, conv, order), enc in zip(pending, _encode(encoder, [conv for _, _, conv, _ in pending])):
             if isinstance(enc, formats.RecordError):
-                self.reject(rid, item, enc.reason, enc.detail)
+                self.reject(rid, item, enc.reason, enc.detail, order)
                 continue
             self.truncated += enc.truncated
             self.weight_zero += conv.weight_zero
@@ -161,6 +163,23 @@ class _Accepted:
             for column, value in zip(self.cols.values(), values):
                 column.append(value)
         pending.clear()
+
+
+def _items(part: readers.Partition):
+    """(position in the partition, piece, Item) of every record of `part`, in order."""
+    for k, piece in enumerate(part.pieces):
+        for item in readers.read_piece(piece):
+            yield (k, item.row), piece, item
+
+
+@functools.lru_cache(maxsize=64)
+def _id_base(source: str, piece: readers.Piece) -> str:
+    """What a record id without an id of its own starts with: the input's name, and for a file of a folder
+    its path in the folder (rows restart per file)."""
+    base = os.path.basename(source.rstrip("/")) or source
+    if piece.kind != "arrow" and os.path.abspath(piece.path) != os.path.abspath(source):
+        base = f"{base}/{os.path.relpath(piece.path, source)}"
+    return base
 
 
 def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, list[dict], dict]:
@@ -171,31 +190,28 @@ def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, l
     at most BATCH records are held before encoding.  counts also hold blank_lines (skipped, not records)
     and field_map_hits {canonical: records that have the mapped field; 0 = no record has it}."""
     field_map = cfg.field_map or None
-    base = os.path.basename(part.source.rstrip("/")) or part.source
-    if part.kind != "arrow" and os.path.abspath(part.path) != os.path.abspath(part.source):
-        base = f"{base}/{os.path.relpath(part.path, part.source)}"  # a file of a folder: rows restart per file
     out = _Accepted(part.source)
     hits = Counter(dict.fromkeys(field_map or (), 0))
-    pending: list[tuple[str, readers.Item, list[dict]]] = []  # (id, item, conversation) waiting to be encoded
+    pending: list[tuple[str, readers.Item, list[dict], tuple]] = []  # (id, item, conversation, order) to encode
     rows_in = 0
-    for item in readers.read(part):
+    for order, piece, item in _items(part):
         rows_in += 1
-        rid = f"{base}:{item.row}"
+        rid = f"{_id_base(part.source, piece)}:{item.row}"
         if item.reject is not None:
-            out.reject(rid, item, *item.reject)
+            out.reject(rid, item, *item.reject, order)
             continue
         if field_map:
             hits.update(formats.mapped_fields(item.record, field_map))
         rid = formats.record_id(item.record, rid)
         try:
             kind = formats.detect_format(item.record, field_map) if cfg.format == "auto" else cfg.format
-            pending.append((rid, item, formats.to_messages(item.record, kind, field_map)))
+            pending.append((rid, item, formats.to_messages(item.record, kind, field_map), order))
         except formats.RecordError as err:
-            out.reject(rid, item, err.reason, err.detail)
+            out.reject(rid, item, err.reason, err.detail, order)
         if len(pending) == BATCH:
             out.encode(encoder, pending)
     out.encode(encoder, pending)
-    out.rejects.sort(key=lambda r: r["row"])
+    out.rejects.sort(key=lambda r: r.pop("order"))  # in file order, whenever they were found
     counts = {
         "index": part.index,
         "source": part.source,

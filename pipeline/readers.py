@@ -5,7 +5,8 @@ Input: paths of JSONL, JSON (array), Parquet, CSV files (extensions in any case)
 or refused naming compressed files; other files and names starting with "." are skipped, with a note), `datasets`
 save_to_disk folders, or hub dataset names (`hf:NAME`, loaded through `datasets`; a path that does not
 exist is an error, never a hub request).
-Output: `plan()` returns Partition descriptors (deterministic: they depend on the
+Output: `plan()` returns Partitions, each a list of Pieces of the files of one input packed to rows_per_shard
+rows (deterministic: they depend on the
 inputs and `rows_per_shard` only); `read()` yields one Item per record of a partition:
 the parsed record, or a rejection (reason, detail) for a record that cannot be read --
 bad UTF-8 or Unicode (unpaired surrogates, in values and in field names), malformed
@@ -58,15 +59,34 @@ class InputError(SftgoError, ValueError):
 
 
 @dataclass(frozen=True)
-class Partition:
-    index: int  # global partition number = output shard number
-    source: str  # input as the user gave it (recorded in record ids / rejects)
+class Piece:
+    """One stretch of one file inside a partition."""
+
     path: str  # file actually read
     kind: str  # jsonl | json | parquet | csv | arrow
     start: int  # first row (jsonl: first byte)
     stop: int  # end row, exclusive (jsonl: end byte)
     first_row: int  # row number of the first record in `path`
-    blank_lines: int = 0  # blank lines inside this partition: skipped, not records, counted here
+    blank_lines: int = 0  # blank lines inside this piece: skipped, not records, counted here
+    rows: int = 0  # rows it counts against --rows-per-shard (JSONL: non-blank lines; others: stop - start)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The unit of work and of output: one shard.  Its pieces are stretches of the files of one input, in
+    file order: one file's rows cut every rows_per_shard rows, or many small files packed together."""
+
+    index: int  # global partition number = output shard number
+    source: str  # input as the user gave it (recorded in record ids / rejects)
+    pieces: tuple[Piece, ...]
+
+    @property
+    def blank_lines(self) -> int:
+        return sum(p.blank_lines for p in self.pieces)
+
+    @property
+    def kinds(self) -> set[str]:
+        return {p.kind for p in self.pieces}
 
 
 class Item(NamedTuple):
@@ -251,26 +271,27 @@ def _dataset_files(ds, name: str, split: str) -> list[str]:
     return [f["filename"] for f in ds.cache_files]
 
 
-def _jsonl_offsets(path: str, rows_per_shard: int) -> list[tuple[int, int, int, int]]:
-    """[(start_byte, end_byte, first_row, blank_lines)] cutting the file every rows_per_shard non-blank lines."""
-    cuts, row, pos, start, first, blank = [], 0, 0, 0, 0, 0
+def _jsonl_pieces(path: str, room: int, rows_per_shard: int) -> list[Piece]:
+    """Pieces of a JSONL file: the first holds up to `room` non-blank lines, the others rows_per_shard each.
+    A file of blank lines only is one piece of no rows (its blank lines are counted)."""
+    cuts, row, pos, start, first, blank, cap = [], 0, 0, 0, 0, 0, room
     with open(path, "rb") as fh:
         for line in fh:
             if line.strip():
-                if row - first == rows_per_shard:
-                    cuts.append((start, pos, first, blank))
-                    start, first, blank = pos, row, 0
+                if row - first == cap:
+                    cuts.append(Piece(path, "jsonl", start, pos, first, blank, cap))
+                    start, first, blank, cap = pos, row, 0, rows_per_shard
                 row += 1
             else:
                 blank += 1
             pos += len(line)
-    if row > first:
-        cuts.append((start, pos, first, blank))
+    if row > first or blank:
+        cuts.append(Piece(path, "jsonl", start, pos, first, blank, row - first))
     return cuts
 
 
-def _row_ranges(path: str, kind: str, rows_per_shard: int) -> list[tuple[int, int, int, int]]:
-    """[(start_row, stop_row, first_row, blank_lines)] of a file read by rows."""
+def _row_pieces(path: str, kind: str, room: int, rows_per_shard: int) -> list[Piece]:
+    """Pieces of a file read by rows: the first of up to `room` rows, the others rows_per_shard each."""
     if kind == "parquet":
         pf = _parquet_file(path)
         _check_columns(path, "Parquet", pf.schema_arrow)
@@ -282,12 +303,13 @@ def _row_ranges(path: str, kind: str, rows_per_shard: int) -> list[tuple[int, in
     else:
         rows = _whole_file(path, kind)
         n = len(rows)
-    ranges = []
-    for s in range(0, n, rows_per_shard):
-        stop = min(s + rows_per_shard, n)
+    pieces, s, cap = [], 0, room
+    while s < n:
+        stop = min(s + cap, n)
         blank = 0 if rows is None else sum(r is _BLANK for r in rows[s:stop])
-        ranges.append((s, stop, s, blank))
-    return ranges
+        pieces.append(Piece(path, kind, s, stop, s, blank, stop - s))
+        s, cap = stop, rows_per_shard
+    return pieces
 
 
 def _check_columns(path: str, kind: str, schema) -> None:
@@ -317,18 +339,42 @@ def _twice_named(fields: list, prefix: str) -> str | None:
 
 
 def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[Partition]:
+    """The partitions of the inputs, in input order: the files of one input (a folder's many files) are
+    packed into partitions of rows_per_shard rows, each file cut where a partition fills up; a partition
+    never spans two inputs, so an input of one file is cut every rows_per_shard rows.  Deterministic."""
     parts: list[Partition] = []
     for inp in inputs:
-        for source, path, kind in _expand(inp, split):
+        first, pieces, room = len(parts), [], rows_per_shard
+        for _, path, kind in _expand(inp, split):
+            if not room:  # the partition is full: this file opens the next one
+                parts.append(Partition(len(parts), inp, tuple(pieces)))
+                pieces, room = [], rows_per_shard
             if kind == "jsonl":
-                ranges = _jsonl_offsets(path, rows_per_shard)
+                cut = _jsonl_pieces(path, room, rows_per_shard)
             else:
-                ranges = _row_ranges(path, kind, rows_per_shard)
-            for start, stop, first, blank in ranges:
-                parts.append(Partition(len(parts), source, path, kind, start, stop, first, blank))
+                cut = _row_pieces(path, kind, room, rows_per_shard)
+            for k, piece in enumerate(cut):
+                if k:  # a piece after the first exists only when the one before filled its partition
+                    parts.append(Partition(len(parts), inp, tuple(pieces)))
+                    pieces, room = [], rows_per_shard
+                pieces.append(piece)
+                room -= piece.rows
+        if any(p.rows for p in pieces):
+            parts.append(Partition(len(parts), inp, tuple(pieces)))
+        elif pieces and len(parts) > first:  # blank lines after the input's last record: counted with it
+            last = parts[-1]
+            parts[-1] = Partition(last.index, inp, last.pieces + tuple(pieces))
     if not parts:
         raise InputError("The inputs hold no records.")
     return parts
+
+
+def plan_digest(parts: list[Partition]) -> str:
+    """A fingerprint of a plan (every piece of every partition), which a resumed build must find again."""
+    import hashlib
+
+    text = json.dumps([[p.index, p.source, [list(vars(x).values()) for x in p.pieces]] for p in parts])
+    return hashlib.sha256(text.encode("utf-8", errors="surrogateescape")).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
@@ -458,16 +504,22 @@ def _arrow_table(path: str):
 
 def read(part: Partition) -> Iterator[Item]:
     """Every record of `part` as an Item, in file order (blank lines skipped)."""
-    if part.kind == "jsonl":
-        yield from _read_jsonl(part)
+    for piece in part.pieces:
+        yield from read_piece(piece)
+
+
+def read_piece(piece: Piece) -> Iterator[Item]:
+    """Every record of one piece as an Item, in file order (blank lines skipped); rows count in its file."""
+    if piece.kind == "jsonl":
+        yield from _read_jsonl(piece)
         return
-    if part.kind == "parquet":
-        rows = _parquet_rows(part)
-    elif part.kind == "arrow":
-        rows = _table_rows(_arrow_table(part.path).slice(part.start, part.stop - part.start))
+    if piece.kind == "parquet":
+        rows = _parquet_rows(piece)
+    elif piece.kind == "arrow":
+        rows = _table_rows(_arrow_table(piece.path).slice(piece.start, piece.stop - piece.start))
     else:
-        rows = _whole_file(part.path, part.kind)[part.start : part.stop]
-    for row, entry in enumerate(rows, part.first_row):
+        rows = _whole_file(piece.path, piece.kind)[piece.start : piece.stop]
+    for row, entry in enumerate(rows, piece.first_row):
         if entry is _BLANK:
             continue
         if isinstance(entry, _Bad):
@@ -476,13 +528,13 @@ def read(part: Partition) -> Iterator[Item]:
             yield Item(row, entry, check_record(entry), None)
 
 
-def _read_jsonl(part: Partition) -> Iterator[Item]:
-    with open(part.path, "rb") as fh:
-        fh.seek(part.start)
-        data = fh.read(part.stop - part.start)
-    row = part.first_row
+def _read_jsonl(piece: Piece) -> Iterator[Item]:
+    with open(piece.path, "rb") as fh:
+        fh.seek(piece.start)
+        data = fh.read(piece.stop - piece.start)
+    row = piece.first_row
     for line in data.split(b"\n"):
-        if line.strip():  # the same test as _jsonl_offsets: row numbers agree with the plan
+        if line.strip():  # the same test as _jsonl_pieces: row numbers agree with the plan
             yield _jsonl_item(row, line.removeprefix(_BOM))
             row += 1
 
@@ -570,7 +622,7 @@ def _parquet_file(path: str):
         raise InputError(f"Cannot read the Parquet file {path} ({str(exc).splitlines()[0][:200]}).") from None
 
 
-def _parquet_rows(part: Partition) -> list:
+def _parquet_rows(part: Piece) -> list:
     pf = _parquet_file(part.path)
     out, row0 = [], 0
     for g in range(pf.metadata.num_row_groups):

@@ -151,12 +151,20 @@ def test_damaged_staging_is_redone_or_refused_in_one_sentence(cli, tmp_path, sma
     assert build(cli, small, out, "--rows-per-shard", "5", scheduler=dask_scheduler).returncode == 0
     ref5 = {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")}
     shutil.rmtree(out)
+    from sftgo.pipeline import readers
     from sftgo.pipeline.build import _input_identity
     from sftgo.pipeline.prepare import STAGED
 
     cfg = BuildConfig(inputs=[str(small)], out=str(out), rows_per_shard=5).validate()
     (out / ".staging" / "0123456789abcdef").mkdir(parents=True)
-    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED, "work": "0123456789abcdef"}
+    plan = readers.plan_digest(readers.plan(cfg.inputs, 5))
+    key = {
+        "params": cfg.params(),
+        "inputs": _input_identity(cfg),
+        "staged": STAGED,
+        "plan": plan,
+        "work": "0123456789abcdef",
+    }
     (out / ".staging" / "build.json").write_text(json.dumps(key, sort_keys=True))
     (out / ".staging" / "0123456789abcdef" / "part-00000.json").write_text("{}")
     assert build(cli, small, out, "--rows-per-shard", "5", scheduler=dask_scheduler).returncode == 0
