@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from tqdm import tqdm
 
 from sftgo.core.errors import SftgoError
+from sftgo.core.fileio import os_error_sentence
 
 
 class TaskError(SftgoError, RuntimeError):
@@ -138,7 +139,7 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
             for fut in done:
                 if fut.status == "error":
                     exc = fut.exception()
-                    raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
+                    raise task_error(desc, exc) from exc
                 bar.update(1)
             empty_since = None
         return c.gather(futures)
@@ -186,12 +187,19 @@ def on_every_worker(c, fn: Callable, *args) -> list:
     ]
 
 
+def task_error(desc: str, exc: BaseException) -> TaskError:
+    """The one sentence of a task that failed: a file it could not read or write by its path and fix."""
+    if isinstance(exc, OSError) and not isinstance(exc, SftgoError):
+        return TaskError(f"{desc} failed on a worker: {os_error_sentence(exc)}")
+    return TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}")
+
+
 def result(fut, desc: str):
     """The result of a future; its failure raised as TaskError, one sentence naming `desc`."""
     try:
         return fut.result()
     except Exception as exc:
-        raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
+        raise task_error(desc, exc) from exc
 
 
 def run_one(c, fn: Callable, *args):
