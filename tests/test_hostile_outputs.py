@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import stat
-import subprocess
 import threading
 from pathlib import Path
 
@@ -208,26 +207,7 @@ def test_a_good_build_survives_a_refused_overwrite_that_would_read_it(cli, tmp_p
 
 
 # ---------------------------------------------------------------- folders sftgo may not write in
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """`folder` made read-only for this process: chmod 0555 for a user, `chattr +i` for root (whom
-    permissions do not bind); skipped where neither is possible."""
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        try:
-            yield
-        finally:
-            folder.chmod(0o755)
-        return
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("running as root and chattr +i is not permitted here")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-
-
-def test_a_read_only_output_folder_is_one_sentence(cli, tmp_path, small, built, dask_scheduler):
+def test_a_read_only_output_folder_is_one_sentence(cli, tmp_path, small, built, dask_scheduler, read_only):
     ro = tmp_path / "ro"
     ro.mkdir()
     with read_only(ro):
