@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sftgo.core.fileio import PathError, os_error_sentence, output_target
+from sftgo.core import fileio
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD_LINE = "{not json"
@@ -62,12 +62,26 @@ def kind(path) -> int:
 
 
 # ---------------------------------------------------------------- streamed outputs: devices, FIFOs, links
-def test_rejects_to_dev_null_writes_into_the_device(cli, tmp_path, small, dask_scheduler):
-    before = os.stat("/dev/null")
-    ok(build(cli, dask_scheduler, small, tmp_path / "out", "--rejects", "/dev/null"))
-    after = os.lstat("/dev/null")
+@pytest.fixture
+def null_device(tmp_path):
+    """/dev/null for a user (who cannot replace it), and for root a private node of the same device (1:3):
+    a sftgo without the fix would replace the machine's /dev/null with a file."""
+    if os.geteuid() != 0:
+        return Path("/dev/null")
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError:
+        pytest.skip("running as root where device nodes cannot be made; /dev/null is not risked")
+    return node
+
+
+def test_rejects_to_dev_null_writes_into_the_device(cli, tmp_path, small, dask_scheduler, null_device):
+    before = os.lstat(null_device)
+    ok(build(cli, dask_scheduler, small, tmp_path / "out", "--rejects", null_device))
+    after = os.lstat(null_device)
     assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
-    assert not list(Path("/dev").glob(".null.*.tmp"))  # no temporary left beside it either
+    assert not list(null_device.parent.glob(f".{null_device.name}.*.tmp"))  # no temporary left beside it
 
 
 def test_rejects_to_a_fifo_arrive_in_it(cli, tmp_path, small, dask_scheduler):
@@ -143,9 +157,10 @@ def built(cli, tmp_path, small, dask_scheduler):
     return out
 
 
-def test_inspect_html_to_dev_null_and_to_a_fifo_never_to_a_socket(cli, tmp_path, built):
-    ok(cli("sftgo-prep", "inspect", built, "--html", "/dev/null", "--samples", "3", "--no-color", check=False))
-    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+def test_inspect_html_to_dev_null_and_to_a_fifo_never_to_a_socket(cli, tmp_path, built, null_device):
+    inode = os.lstat(null_device).st_ino
+    ok(cli("sftgo-prep", "inspect", built, "--html", null_device, "--samples", "3", "--no-color", check=False))
+    assert stat.S_ISCHR(os.lstat(null_device).st_mode) and os.lstat(null_device).st_ino == inode
     fifo = tmp_path / "page.fifo"
     os.mkfifo(fifo)
     got: list[str] = []
@@ -224,6 +239,8 @@ def test_a_read_only_output_folder_is_one_sentence(cli, tmp_path, small, built, 
     good = tree(built)
     with read_only(built):  # --overwrite of a build in a folder it may not change removes nothing
         refused(build(cli, dask_scheduler, small, built, "--overwrite"), f"--out {built}", "not writable")
+        score = ["sftgo-prep", "score", built, "--strategy", "tfidf", "--overwrite", "--scheduler", dask_scheduler]
+        refused(cli(*score, "--quiet", check=False), f"Cannot write {built}: it is not writable")
     assert tree(built) == good
 
 
@@ -248,7 +265,7 @@ def test_an_out_that_is_a_regular_file_is_refused(cli, tmp_path, small, dask_sch
     ],
 )
 def test_os_errors_become_one_sentence_with_the_path_and_the_fix(code, words):
-    text = os_error_sentence(OSError(code, os.strerror(code), "/x/y"), "--out")
+    text = fileio.os_error_sentence(OSError(code, os.strerror(code), "/x/y"), "--out")
     assert text.startswith("Cannot use --out /x/y: ") and words in text and "Errno" not in text
     assert text.endswith(".") and text.count(". ") == 0
 
@@ -256,12 +273,12 @@ def test_os_errors_become_one_sentence_with_the_path_and_the_fix(code, words):
 def test_only_streamed_outputs_go_into_a_fifo(tmp_path):
     fifo = tmp_path / "f"
     os.mkfifo(fifo)
-    assert output_target(fifo, "--rejects", stream=True) == (fifo, True)
-    with pytest.raises(PathError, match="FIFO"):
-        output_target(fifo, "manifest")  # a file that must be whole (and renamed into place) is never one
+    assert fileio.output_target(fifo, "--rejects", stream=True) == (fifo, True)
+    with pytest.raises(fileio.PathError, match="FIFO"):
+        fileio.output_target(fifo, "manifest")  # a file that must be whole (and renamed into place) is never one
     link = tmp_path / "l"
     link.symlink_to(tmp_path / "t")
     (tmp_path / "t").write_text("")
-    with pytest.raises(PathError, match="symlink"):
-        output_target(link)  # inside sftgo's own folders a link is refused, not followed
-    assert output_target(link, follow=True) == (tmp_path / "t", False)
+    with pytest.raises(fileio.PathError, match="symlink"):
+        fileio.output_target(link)  # inside sftgo's own folders a link is refused, not followed
+    assert fileio.output_target(link, follow=True) == (tmp_path / "t", False)
