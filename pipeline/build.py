@@ -34,7 +34,7 @@ from pathlib import Path
 from sftgo import __version__ as VERSION
 from sftgo.core import models
 from sftgo.core.errors import SftgoError
-from sftgo.core.fileio import atomic_write, atomic_write_text, remove
+from sftgo.core.fileio import atomic_write, atomic_write_text, check_writable, output_target, overlap, remove
 from sftgo.core.locks import exclusive
 from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, verify_shards, write_manifest
 from sftgo.core.text import safe_text
@@ -223,8 +223,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory.")
-    if cfg.rejects:
-        _check_rejects_path(cfg.rejects, cfg.inputs, out)
+    _check_outputs(cfg, out)  # before anything is read, written or (with --overwrite) removed
     clock = _Clock()
     strategies = cfg.strategy_objects()
     # Fail on unreadable inputs, tokenizers or models before starting a cluster or touching the output.
@@ -474,13 +473,37 @@ class _Clock:
         return ", ".join(f"{n} {t:.1f}s" for n, t in self.laps) + f" (total {total:.1f}s)"
 
 
+def _check_outputs(cfg: BuildConfig, out: Path) -> None:
+    """The outputs can be written and are apart from the inputs: --out is not an input, inside one or around
+    one (a later build would read the shards, the manifest and idf.parquet back as records); the files the
+    build replaces in it are regular files (sftgo replaces no link or other node it did not make); --rejects
+    passes the same tests (_check_rejects_path)."""
+    for inp in cfg.inputs:
+        how = None if inp.startswith("hf:") else overlap(out, inp)
+        if how:
+            raise BuildError(
+                f"--out {out} {how} the input {inp}: the build would write among the files it reads, and a "
+                "later build would read its shards back as records; keep --out and the inputs apart."
+            )
+    check_writable(out, "--out")
+    owned = [MANIFEST, BUILT, *registry.artifacts_of(registry.names())]
+    shards = [p.name for p in out.glob("shard-*.parquet") if SHARD_FILE.fullmatch(p.name)] if out.is_dir() else []
+    for name in owned + shards:
+        output_target(out / name)
+    if cfg.rejects:
+        _check_rejects_path(cfg.rejects, cfg.inputs, out)
+
+
 def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:
     """--rejects may not replace an input, land in an input folder (the next build would read it) or
-    replace a file the build owns."""
+    replace a file the build owns; it is a file, a FIFO or a character device (written into), or a symlink
+    to one of them (written through: the link stays), and its folder takes new files."""
+    where, direct = output_target(rejects, "--rejects", stream=True, follow=True)
+    if not direct:
+        check_writable(where, "--rejects")
     target = Path(rejects).resolve()
     for inp in inputs:
-        source = Path(inp)
-        if source.exists() and (target == source.resolve() or source.resolve() in target.parents):
+        if not inp.startswith("hf:") and overlap(rejects, inp):
             raise BuildError(f"--rejects {rejects} would overwrite the input {inp} or land in it; write it elsewhere.")
     home = out.resolve()
     owned = target.parent == home and (
@@ -499,7 +522,7 @@ def _write_rejects(path: str, staging: Path, parts) -> None:
             for p in parts:
                 fh.write(stage_path(str(staging), p.index, "rejects.jsonl").read_text(encoding="utf-8"))
 
-    atomic_write(path, write)
+    atomic_write(path, write, "--rejects", stream=True, follow=True)
 
 
 def _manifest(

@@ -13,6 +13,7 @@ import click
 
 from sftgo.core.config import field_default, field_docs, load_config_file
 from sftgo.core.errors import ConfigError, SftgoError, unexpected
+from sftgo.core.fileio import os_error_sentence
 from sftgo.core.text import safe_text
 from sftgo.pipeline.config import FORMATS, THRESHOLDS, BuildConfig
 
@@ -45,8 +46,9 @@ Example:
 
 def _user_errors(fn):
     """Turn failures into one clear sentence (and a traceback only with --debug): the message as it is for
-    every SftgoError (a task that failed on a Dask worker arrives as one, TaskError) and an OSError (a file
-    that cannot be read or written); anything else is unexpected and named by its type."""
+    every SftgoError (a task that failed on a Dask worker arrives as one, TaskError), the path and the fix for
+    an OSError (a file that cannot be read or written: core.fileio.os_error_sentence); anything else is
+    unexpected and named by its type."""
 
     @functools.wraps(fn)
     def wrapper(*args, debug=False, **kwargs):
@@ -57,7 +59,8 @@ def _user_errors(fn):
         except (SftgoError, OSError) as exc:
             if debug:
                 raise
-            click.echo(f"Error: {safe_text(str(exc))}", err=True)
+            message = str(exc) if isinstance(exc, SftgoError) else os_error_sentence(exc)
+            click.echo(f"Error: {safe_text(message)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             from sftgo.pipeline.executor import abandon_clusters

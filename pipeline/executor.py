@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from tqdm import tqdm
 
 from sftgo.core.errors import SftgoError
+from sftgo.core.fileio import os_error_sentence
 
 
 class TaskError(SftgoError, RuntimeError):
@@ -152,7 +153,7 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
             for fut in done:
                 if fut.status == "error":
                     exc = fut.exception()
-                    raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
+                    raise task_error(desc, exc) from exc
                 results[running.pop(fut)] = fut.result()
                 fut.release()
                 bar.update(1)
@@ -201,12 +202,19 @@ def on_every_worker(c, fn: Callable, *args) -> list:
     ]
 
 
+def task_error(desc: str, exc: BaseException) -> TaskError:
+    """The one sentence of a task that failed: a file it could not read or write by its path and fix."""
+    if isinstance(exc, OSError) and not isinstance(exc, SftgoError):
+        return TaskError(f"{desc} failed on a worker: {os_error_sentence(exc)}")
+    return TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}")
+
+
 def result(fut, desc: str):
     """The result of a future; its failure raised as TaskError, one sentence naming `desc`."""
     try:
         return fut.result()
     except Exception as exc:
-        raise TaskError(f"{desc} failed on a worker: {type(exc).__name__}: {exc}") from exc
+        raise task_error(desc, exc) from exc
 
 
 def run_one(c, fn: Callable, *args):

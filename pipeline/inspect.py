@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sftgo.core import models
-from sftgo.core.fileio import atomic_write_text
+from sftgo.core.fileio import atomic_write_text, check_writable, output_target
 from sftgo.core.locks import LOCK, shared
 from sftgo.core.shards import (
     MANIFEST,
@@ -211,12 +211,18 @@ def _build_owns(path: Path, manifest: dict, target: Path) -> str | None:
 
 
 def _check_html(path: Path, manifest: dict, html_path: str | None) -> None:
-    """Refuse an --html path that is (or leads through symlinks to) a file or folder of the build."""
-    owned = _build_owns(path, manifest, Path(html_path)) if html_path else None
+    """Refuse an --html path that is (or leads through symlinks to) a file or folder of the build, or that
+    sftgo could not write (core.fileio.output_target: a file, a FIFO, a character device or a link to one)."""
+    if not html_path:
+        return
+    owned = _build_owns(path, manifest, Path(html_path))
     if owned:
         raise ShardError(
             f"--html {html_path} points at {owned}, which the build in {path} owns; write the page elsewhere."
         )
+    where, direct = output_target(html_path, "--html", stream=True, follow=True)
+    if not direct:
+        check_writable(where, "--html")
 
 
 def _check_request(sample: int, samples: int, rows: int) -> None:
@@ -293,6 +299,7 @@ def _report(
     if html_path:
         page_rows = _load_rows(path, manifest, columns, 0, samples)
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(html_path, html_page(tok, page_rows, shown, ks, f"sftgo shards: {path} ({', '.join(shown)})"))
+        page = html_page(tok, page_rows, shown, ks, f"sftgo shards: {path} ({', '.join(shown)})")
+        atomic_write_text(html_path, page, "--html", stream=True, follow=True)
         lines.append(f"\nWrote {printable(html_path)} ({len(page_rows)} samples).")
     return "\n".join(lines)

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftgo.core import models
-from sftgo.core.fileio import atomic_write_text, file_sha256, remove
+from sftgo.core.fileio import atomic_write_text, check_writable, file_sha256, output_target, remove
 from sftgo.core.locks import exclusive
 from sftgo.core.shards import (
     MANIFEST,
@@ -227,6 +227,8 @@ def run(
     """Add strategies `new` to the build in `directory`; `options` overrides BuildConfig fields (eta, models)."""
     check_strategies(new)
     out = Path(directory)
+    if out.is_dir():
+        check_writable(out)  # score rewrites the build in place
     with exclusive(out):
         scoring = out / SCORING
         _check_work_folder(out, scoring)
@@ -243,6 +245,8 @@ def run(
         if scoring.exists() and _request_of(_read_json(marker)) != key:
             remove(scoring)
         verify_build(out, manifest)  # counts, paths, checksums, schemas: refused before a tokenizer or model loads
+        for name in [s["path"] for s in manifest["shards"]] + registry.artifacts_of(new) + [MANIFEST]:
+            output_target(out / name)  # what the commit replaces is a regular file (never a link of the user's)
         tok, light = models.load_build_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
         check_tokenizer(out, manifest, models.tokenizer_fingerprint(tok))
         scoring.mkdir(exist_ok=True)

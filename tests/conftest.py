@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -96,3 +97,27 @@ def _write_jsonl_fixture():
 @pytest.fixture(name="cli")
 def _cli_fixture():
     return cli
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only for this process: chmod 0555 for a user, `chattr +i` for root (whom
+    permissions do not bind); the test is skipped where neither is possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root and chattr +i is not permitted here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.fixture(name="read_only")
+def _read_only_fixture():
+    return read_only

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from sftgo.core.errors import ConfigError
-from sftgo.core.fileio import atomic_write_text, remove
+from sftgo.core.fileio import atomic_write_text, check_output_dir, remove
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step-(\d{7,})")  # what `latest` may name: a checkpoint directory beside it
@@ -83,6 +83,7 @@ def save_pretrained(model, tokenizer, path: Path) -> None:
 
 def begin(out, step: int) -> Path:
     """Rank 0: a fresh temporary directory for checkpoint `step`."""
+    check_output_dir(checkpoints_dir(out))  # never saved through a link into somewhere else
     tmp = checkpoints_dir(out) / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -113,6 +114,7 @@ def write_rng(tmp: Path, rank: int) -> None:
 def commit(out, tmp: Path, step: int, keep: int) -> Path:
     """Rank 0: rename the finished directory into place, point `latest` at it, prune old ones."""
     final = checkpoints_dir(out) / f"step-{step:07d}"
+    check_output_dir(final)
     if final.exists():  # e.g. re-saving the same step after a resume
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -266,6 +268,7 @@ def _replace_dir(out, name: str, model, tokenizer) -> Path:
     previous one, if any, is kept until the new one is complete).  RUN_DIR is a run directory
     (trainer.preflight.check_run_dir): what is replaced is the run's own output."""
     final, tmp, old = Path(out) / name, Path(out) / f".tmp-{name}", Path(out) / f".old-{name}"
+    check_output_dir(final)  # a link or a file there is not the run's to replace
     remove(tmp)  # never save through a symlink into somewhere else
     save_pretrained(model, tokenizer, tmp)
     remove(old)

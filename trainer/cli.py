@@ -183,6 +183,10 @@ def _fail(exc: Exception, cfg=None) -> None:
         message = str(exc)
     elif isinstance(exc, KeyboardInterrupt):
         message = _interrupted(exc, cfg)
+    elif isinstance(exc, OSError):  # a file that cannot be read or written: its path and the fix
+        from sftgo.core.fileio import os_error_sentence
+
+        message = os_error_sentence(exc)
     else:
         message = unexpected(exc, "Training")
     click.echo(f"Error: {safe_text(message)}", err=True)  # paths and names may come from the data

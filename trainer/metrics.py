@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from sftgo.core.fileio import atomic_write_text
+from sftgo.core.fileio import atomic_write, atomic_write_text
 from sftgo.trainer.config import TRACKERS, ConfigError  # TRACKERS: --report-to name -> package
 
 
@@ -185,7 +185,7 @@ class MetricsLog:
     ):
         self.path = Path(out) / "metrics.jsonl"
         if resume_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")  # a new file: never written through a link or into a FIFO
         else:  # replaced whole: a kill in the middle never loses the history
             kept = [r for r in _resumed_records(self.path) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -260,7 +260,7 @@ def plot_curves(records: list[dict], path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from sftgo.core.fileio import atomic_write_text
+from sftgo.core.fileio import atomic_write_text, check_output_dir, check_writable, output_target, overlap
 from sftgo.core.locks import LOCK
 from sftgo.core.shards import ShardError, group_column, member_path, read_manifest, verify_shards
 from sftgo.trainer import registry
@@ -33,11 +33,12 @@ from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, cli_flag
 RUN_MARKER = "sftgo-run.json"
 
 
+# what a run writes in RUN_DIR: files replaced whole, and folders of its own (checked before a run starts)
+RUN_FILES = (RUN_MARKER, "config.json", "metrics.jsonl", "loss_curves.png", "summary.json", "checkpoints/latest")
+RUN_FOLDERS = ("checkpoints", "model", "adapter", "tb")
+
+
 # ---------------------------------------------------------------- the run directory
-def _real(path) -> Path:
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
-
-
 def run_id(out) -> str | None:
     """The id in RUN_DIR/RUN_MARKER, or None (no marker, or not one we wrote)."""
     path = Path(out) / RUN_MARKER
@@ -97,26 +98,30 @@ def _local_model(model: str | None) -> str | None:
 
 def check_run_dir(cfg: TrainConfig) -> None:
     """Refuse an --out that is a file, that is or holds or lies inside an input (--data, --eval-data, a
-    local --model), or that exists with files in it without being an sftgo-train run directory."""
+    local --model; through symlinks), that sftgo may not write in, that holds a symlink or another node
+    sftgo did not make where the run writes (RUN_FILES, RUN_FOLDERS), or that exists with files in it
+    without being an sftgo-train run directory."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is not a directory; choose a new or empty directory for the run.")
-    where = _real(out)
     for name, value in (("data", cfg.data), ("eval_data", cfg.eval_data), ("model", _local_model(cfg.model))):
-        if not value:
-            continue
-        other = _real(value)
-        if where == other or where.is_relative_to(other):
-            how = "is the same directory as" if where == other else "lies inside"
+        how = overlap(out, value) if value else None
+        if how in ("is the same as", "lies inside"):
+            how = "is the same directory as" if how == "is the same as" else how
             raise ConfigError(
                 f"--out {out} {how} {cli_flag(name)} {value}: the run's checkpoints, model and logs "
                 f"would be written among its files; choose an --out outside it."
             )
-        if other.is_relative_to(where):
+        if how:
             raise ConfigError(
                 f"{cli_flag(name)} {value} lies inside --out {out}: the run writes its checkpoints, model "
                 f"and logs there and could overwrite it; move it out or choose another --out."
             )
+    check_writable(out, "--out")
+    for name in RUN_FILES:
+        output_target(out / name)
+    for name in RUN_FOLDERS:
+        check_output_dir(out / name)
     if out.is_dir() and not is_run_dir(out) and any(p.name != LOCK for p in out.iterdir()):
         raise ConfigError(
             f"--out {out} holds files but is not an sftgo-train run directory (it has no {RUN_MARKER}), "

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sftgo.core.errors import SftgoError
+from sftgo.core.fileio import check_writable
 
 LOCK = ".lock"
 
@@ -34,6 +35,8 @@ def _open_lock(out: Path):
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as exc:
+        if not os.path.lexists(path):
+            check_writable(out)  # no lock to blame: a folder sftgo may not write in says so
         what = "a symlink" if exc.errno == errno.ELOOP else f"not a file sftgo can lock ({exc.strerror})"
         raise LockedError(f"{path} is {what}; remove it and run again (sftgo keeps its lock there).") from None
     info = os.fstat(fd)

@@ -715,3 +715,52 @@ def test_the_example_reports_a_missing_data_directory_in_one_sentence(tmp_path):
         timeout=300,
     )
     one_sentence(proc, "nope")
+
+
+# ---------------------------------------------------------------- where the run writes
+def tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_and_data_may_not_nest_through_a_symlink(shard_dir, tiny_model_dir, tmp_path):
+    before = tree(shard_dir)
+    into = tmp_path / "into-data"
+    into.symlink_to(shard_dir)
+    one_sentence(train_cli(*common(shard_dir, tiny_model_dir, into / "run")), "lies inside --data")
+    around = tmp_path / "around-data"
+    around.symlink_to(shard_dir.parent)
+    one_sentence(train_cli(*common(shard_dir, tiny_model_dir, around)), f"--data {shard_dir} lies inside --out")
+    assert tree(shard_dir) == before and not (shard_dir / "run").exists()
+
+
+def test_a_read_only_run_folder_is_one_sentence(shard_dir, tiny_model_dir, tmp_path, read_only):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro):
+        for out in (ro / "run", ro):
+            line = one_sentence(train_cli(*common(shard_dir, tiny_model_dir, out)), f"--out {out}", "not writable")
+            assert "Errno" not in line
+    assert not any(ro.iterdir())
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "loss_curves.png", "config.json", "model", "checkpoints"])
+def test_a_link_where_the_run_writes_is_refused_and_its_target_kept(shard_dir, tiny_model_dir, tmp_path, name):
+    """A run directory holding a symlink where the run writes a file or a folder: never written through
+    (the target elsewhere keeps its bytes) nor replaced."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "sftgo-run.json").write_text(json.dumps({"run_id": "abc"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("mine")
+    target = elsewhere if name in ("model", "checkpoints") else elsewhere / "keep"
+    (out / name).symlink_to(target)
+    one_sentence(train_cli(*common(shard_dir, tiny_model_dir, out)), str(out / name), "symlink")
+    assert (out / name).is_symlink() and tree(elsewhere) == {"keep": b"mine"}
+
+
+def test_an_out_that_is_a_regular_file_is_refused(shard_dir, tiny_model_dir, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("mine")
+    one_sentence(train_cli(*common(shard_dir, tiny_model_dir, path)), f"--out {path}", "not a directory")
+    assert path.read_text() == "mine"
