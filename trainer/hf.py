@@ -36,7 +36,16 @@ from transformers import Trainer
 
 from sftgo.core.errors import TrainingError
 from sftgo.core.locks import shared
-from sftgo.core.shards import GROUP_PREFIX, ShardError, group_column, member_path, read_manifest, verify_shards
+from sftgo.core.models import tokenizer_fingerprint
+from sftgo.core.shards import (
+    GROUP_PREFIX,
+    ShardError,
+    check_tokenizer,
+    group_column,
+    member_path,
+    read_manifest,
+    verify_shards,
+)
 from sftgo.trainer import registry
 from sftgo.trainer.batching import IGNORE
 from sftgo.trainer.config import ConfigError, TrainConfig, check_number, ignored_settings
@@ -50,13 +59,18 @@ EXTRA = ("sftgo_groups", "sftgo_segments")
 SHARDS_INFO = "sftgo-shards: "  # load_shards' line in the dataset's info.description (kept by select, map, ...)
 
 
-def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = True):
+def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = True, tokenizer=None):
     """The shards of `directory` as a datasets.Dataset (columns id, input_ids, loss_mask and, with
-    `groups`, group_<groups>), in manifest order; checked like sftgo-train checks them."""
+    `groups`, group_<groups>), in manifest order; checked like sftgo-train checks them.  With `tokenizer`
+    (the model's), shards tokenized with another vocabulary are refused."""
     import datasets
 
+    if not isinstance(directory, (str, Path)) or (groups is not None and not isinstance(groups, str)):
+        raise ConfigError(f"load_shards takes a directory and a strategy name, not {directory!r} and {groups!r}.")
     with shared(Path(directory), "load_shards"):  # no build or score rewrites them while they are read and copied
         manifest = read_manifest(directory)
+        if tokenizer is not None:
+            check_tokenizer(directory, manifest, tokenizer_fingerprint(tokenizer))
         if verify:
             verify_shards(directory, manifest, strategies=(groups,) if groups else (), checksums=True)
         files = [str(member_path(directory, s["path"])) for s in manifest["shards"]]
@@ -68,6 +82,7 @@ def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = Tru
                 "groups": groups,
                 "num_groups": declared_groups(manifest, groups),
                 "top_group": group_id_range(directory, manifest, groups),
+                "tokenizer": manifest["tokenizer"]["fingerprint"],
             }
         ds = datasets.load_dataset("parquet", data_files=files, split="train")  # copied into the datasets cache
     ds = ds.select_columns(columns)
@@ -99,6 +114,10 @@ def shards_info(dataset) -> dict | None:
     return {**found[0], "top_group": None if None in tops else max(tops)}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class SFTGOCollator:
     """Pads (right) or packs (one row, position ids restarting per sample) while keeping each label's
     group.  `groups`: the strategy whose group_<s> column the rows carry (None: one group, plain SFT)."""
@@ -106,6 +125,14 @@ class SFTGOCollator:
     def __init__(
         self, pad_token_id: int, groups: str | None = "tfidf", pack: bool = False, max_length: int | None = None
     ):
+        for name, value, ok in (
+            ("pad_token_id", pad_token_id, _is_int(pad_token_id) and pad_token_id >= 0),
+            ("groups", groups, groups is None or (isinstance(groups, str) and groups != "")),
+            ("pack", pack, isinstance(pack, bool)),
+            ("max_length", max_length, max_length is None or (_is_int(max_length) and max_length >= 2)),
+        ):
+            if not ok:
+                raise ConfigError(f"SFTGOCollator: {name}={value!r} is not valid; see its docstring.")
         self.pad_token_id, self.column, self.pack, self.max_length = (
             pad_token_id,
             group_column(groups) if groups else None,
@@ -114,6 +141,12 @@ class SFTGOCollator:
         )
 
     def _row(self, f: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        missing = [c for c in ("input_ids", "loss_mask", self.column) if c and c not in f]
+        if missing:
+            raise ShardError(
+                f"SFTGOCollator: a sample has no {', '.join(missing)} (it has: {', '.join(map(str, f)) or 'nothing'}); "
+                "load the shards with load_shards(DIR, groups=...) and give the collator the same groups."
+            )
         ids = np.asarray(f["input_ids"], dtype=np.int64)
         loss_mask = np.asarray(f["loss_mask"], dtype=np.int64)
         grp = np.asarray(f[self.column], dtype=np.int64) if self.column else None
@@ -179,7 +212,8 @@ class SFTGOTrainer(Trainer):
     the dataset came from load_shards, else 2; given, it must match the manifest's).  They are checked
     as sftgo-train checks its flags (ConfigError, a ValueError, naming the argument), and a setting the
     objective does not read is warned about.  Use with SFTGOCollator and load_shards; the dataset's
-    group column is kept (the Trainer would otherwise drop columns the model's forward does not take)."""
+    group column is kept (the Trainer would otherwise drop columns the model's forward does not take).
+    What the loss needs is checked when the trainer is built (check_inputs), not at the first batch."""
 
     def __init__(
         self,
@@ -194,6 +228,15 @@ class SFTGOTrainer(Trainer):
         group_weight: float = 1.0,
         **kwargs,
     ):
+        self.check_inputs(
+            objective,
+            kwargs.get("data_collator", args[2] if len(args) > 2 else None),
+            {
+                "train_dataset": kwargs.get("train_dataset", args[3] if len(args) > 3 else None),
+                "eval_dataset": kwargs.get("eval_dataset", args[4] if len(args) > 4 else None),
+            },
+            kwargs.get("processing_class", args[5] if len(args) > 5 else None),
+        )
         k = self.sftgo_settings(
             objective,
             lam,
@@ -214,6 +257,43 @@ class SFTGOTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # divided by the whole step's counts already
         self._step_counts: Counts | None = None
         self._diag = torch.zeros(2 * self.sftgo.num_groups, dtype=torch.float64)  # group loss sums, token counts
+
+    @staticmethod
+    def check_inputs(objective, collator, datasets: dict, tokenizer) -> None:
+        """What the loss needs, checked when the trainer is built (not at the first batch): an SFTGOCollator,
+        datasets with its columns (a dict of them, as for eval, each), groups where the objective needs them,
+        the collator's groups those of the shards, and the shards tokenized with `processing_class`'s vocabulary."""
+        if not isinstance(collator, SFTGOCollator):
+            raise ConfigError(
+                f"SFTGOTrainer needs data_collator=SFTGOCollator(...), which gives the loss each label's group; got "
+                f"{type(collator).__name__}."
+            )
+        if collator.column is None and registry.get(objective).groups != "optional":
+            raise ConfigError(f"objective={objective} needs groups: give SFTGOCollator(groups=...) a strategy.")
+        for which, dataset in datasets.items():
+            for name, part in dataset.items() if isinstance(dataset, dict) else [(which, dataset)]:
+                columns = getattr(part, "column_names", None)
+                if columns is None:  # an iterable dataset: its columns are known at the first batch
+                    continue
+                missing = [c for c in ("input_ids", "loss_mask", collator.column) if c and c not in columns]
+                if missing:
+                    raise ConfigError(
+                        f"SFTGOTrainer: {name} has no column {', '.join(missing)} (it has: {', '.join(columns)}); "
+                        "load it with load_shards(DIR, groups=...) naming the strategy SFTGOCollator reads."
+                    )
+                info = shards_info(part)
+                if info is None:
+                    continue
+                if collator.column is not None and group_column(info["groups"]) != collator.column:
+                    raise ConfigError(
+                        f"SFTGOTrainer: {name} holds the '{info['groups']}' groups of {info['data']}, but "
+                        f"SFTGOCollator reads {collator.column}; give both the same strategy."
+                    )
+                if tokenizer is not None and info.get("tokenizer") not in (None, tokenizer_fingerprint(tokenizer)):
+                    raise ConfigError(
+                        f"SFTGOTrainer: the shards of {info['data']} were tokenized with another vocabulary than "
+                        "processing_class; rebuild them with --tokenizer set to this model, or pass its tokenizer."
+                    )
 
     @staticmethod
     def sftgo_settings(
