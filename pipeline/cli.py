@@ -7,12 +7,13 @@ shows the traceback.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 import click
 
 from sftgo.core.config import field_default, field_docs, load_config_file
-from sftgo.core.errors import ConfigError, SftgoError, unexpected
+from sftgo.core.errors import ConfigError, SftgoError, signals_interrupt, unexpected
 from sftgo.core.fileio import os_error_sentence
 from sftgo.core.text import safe_text
 from sftgo.pipeline.config import FORMATS, THRESHOLDS, BuildConfig
@@ -53,7 +54,8 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, debug=False, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals_interrupt():  # SIGTERM / SIGUSR1 (a scheduler's kill) stop the cluster as Ctrl-C does
+                return fn(*args, **kwargs)
         except click.ClickException:
             raise  # usage errors: click prints them and exits 2
         except (SftgoError, OSError) as exc:
@@ -62,12 +64,14 @@ def _user_errors(fn):
             message = str(exc) if isinstance(exc, SftgoError) else os_error_sentence(exc)
             click.echo(f"Error: {safe_text(message)}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             from sftgo.pipeline.executor import abandon_clusters
 
             abandon_clusters()
-            click.echo("Interrupted; run the same command again to resume.", err=True)
-            sys.exit(130)
+            signum = getattr(exc, "signum", signal.SIGINT)
+            by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+            click.echo(f"Interrupted{by}; run the same command again to resume.", err=True)
+            sys.exit(128 + signum)
         except Exception as exc:  # not foreseen (a bug): still one sentence, the traceback with --debug
             if debug:
                 raise

@@ -29,7 +29,8 @@ OLD_PARENTS = {  # what each class was before SftgoError; `except <parent>` must
 
 
 def user_error_classes() -> dict[str, type]:
-    """Name -> class of every public exception class defined in a module of the library packages."""
+    """Name -> class of every public exception class defined in a module of the library packages (an interrupt,
+    a KeyboardInterrupt, is not an error)."""
     found = {}
     packages = [importlib.import_module(f"sftgo.{name}") for name in ("core", "grouping", "pipeline", "trainer")]
     modules = [
@@ -39,7 +40,7 @@ def user_error_classes() -> dict[str, type]:
         for name, obj in vars(module).items():
             if (
                 isinstance(obj, type)
-                and issubclass(obj, BaseException)
+                and issubclass(obj, Exception)
                 and obj.__module__ == module.__name__
                 and not name.startswith("_")
                 and name not in INTERNAL

@@ -75,6 +75,35 @@ def test_killed_build_resumes_to_identical_output(corpus, reference, tmp_path, k
     assert not (out / ".staging").exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_scheduler_signal_stops_the_build_and_its_cluster_cleanly(corpus, reference, tmp_path, sig):
+    """What Slurm or Kubernetes send before a kill: the driver stops its local cluster (no process of the
+    build is left), says so in one sentence, exits 128 + the signal, and the same command resumes."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        build_args(corpus, out), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(out, ".staging/*/part-00002.json", proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"Interrupted by {signal.Signals(sig).name}; run the same command again to resume."
+    )
+    assert "Traceback" not in stderr
+    deadline = time.time() + 30  # the cluster's worker processes (same session) are gone
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() < deadline, "processes of the interrupted build are still running"
+        time.sleep(0.2)
+    again = subprocess.run(build_args(corpus, out), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert files_of(out) == reference
+
+
 def test_build_on_an_existing_dask_cluster(corpus, reference, tmp_path, cli):
     sched_file = tmp_path / "scheduler.json"
     procs = [

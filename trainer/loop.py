@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sftgo.core.errors import TrainingError
+from sftgo.core.errors import Interrupted, TrainingError
 from sftgo.core.fileio import atomic_write_text
 from sftgo.core.locks import LockedError, exclusive, shared
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
@@ -52,7 +52,7 @@ from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, sa
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
 from sftgo.trainer.optim import LRLambda, make_optimizer
 from sftgo.trainer.step import Objective, all_reduce, backward_step
-from sftgo.trainer.stopping import Interrupted, graceful_interrupt
+from sftgo.trainer.stopping import graceful_interrupt
 
 CUT_KEYS = resume.CUT_KEYS
 

@@ -27,13 +27,7 @@ import threading
 
 import torch
 
-
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped by a signal; `signum` which one, `checkpoint` the checkpoint saved before stopping."""
-
-    def __init__(self, signum: int = signal.SIGINT, checkpoint: str | None = None):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.checkpoint = signum, checkpoint
+from sftgo.core.errors import Interrupted
 
 
 def _default(signum: int) -> bool:

@@ -12,6 +12,9 @@ Cost: none.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 
 class SftgoError(Exception):
     """An error meant for the user: its message is one sentence."""
@@ -30,3 +33,32 @@ def unexpected(exc: BaseException, what: str) -> str:
     foresaw): its type and the first line of its message, and where the traceback is."""
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{what} failed with {type(exc).__name__}: {first} (rerun with --debug for the traceback)."
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by a signal (Ctrl-C, SIGTERM, SIGUSR1): `signum` which one, `checkpoint` what it saved
+    before stopping (training).  The CLIs exit with 128 + signum, as a shell reports a process a signal stopped."""
+
+    def __init__(self, signum: int = signal.SIGINT, checkpoint: str | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@contextlib.contextmanager
+def signals_interrupt(signums=(signal.SIGTERM, signal.SIGUSR1)):
+    """Within the block, the given signals raise Interrupted in the main thread, as Ctrl-C raises
+    KeyboardInterrupt, so a command killed by a scheduler cleans up as after Ctrl-C.  Only over the default
+    disposition (an inherited SIG_IGN or another handler is left alone) and only in the main thread."""
+    import threading
+
+    def raise_interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    ours = [s for s in signums if main and signal.getsignal(s) is signal.SIG_DFL]
+    previous = {s: signal.signal(s, raise_interrupted) for s in ours}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
