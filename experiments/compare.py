@@ -469,36 +469,39 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every optional option's default after its help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required else super()._get_help_string(action)
+
+
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--train", required=True)
-    ap.add_argument("--heldout", required=True)
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--methods", default="sft,sftgo,dft,rho1,weighted")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--train", required=True, help="training shard folder (FOLDER{seed} per seed) [required]")
+    ap.add_argument("--heldout", required=True, help="held-out shard folder (FOLDER{seed} per seed) [required]")
+    ap.add_argument("--work", required=True, help="folder for the runs (cached) and the report [required]")
+    ap.add_argument("--model", default=None, help="model to fine-tune (None: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--methods", default="sft,sftgo,dft,rho1,weighted", help="methods to compare, comma-separated")
     ap.add_argument("--groups", default="tfidf", help="groupings, comma-separated; sftgo runs once per grouping and λ")
     ap.add_argument("--lams", default="0.9", help="λ values of sftgo, comma-separated; 'decay': linear from 0.9 to 0")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument(
-        "--tune-seeds", default=None, help="seeds whose validation half picks each method's lr (default: all)"
-    )
-    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated: each varies the data and the order")
+    ap.add_argument("--tune-seeds", default=None, help="seeds whose validation half picks each method's lr (None: all)")
+    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="learning rates each method is tried at, comma-separated")
     ap.add_argument(
         "--select",
         default="primary",
         choices=["primary", "ce"],
         help="what picks each method's lr on the validation half: the primary metric, or the response CE",
     )
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of every run (the same token budget)")
+    ap.add_argument("--batch-tokens", type=int, default=1024, help="token budget of one micro-batch")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps: the learning curves")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="sftgo-train --precision")
     ap.add_argument(
         "--clip-grad", type=float, default=0.0, help="0: no clipping, so it binds no method harder than another"
     )
-    ap.add_argument("--margin", type=float, default=0.01)
+    ap.add_argument("--margin", type=float, default=0.01, help="equivalence margin of the verdicts (metric units)")
     ap.add_argument(
         "--answers",
         default=None,

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from sftgo.core.clihelp import show_defaults
 from sftgo.core.config import field_default, field_docs, load_config_file
 from sftgo.core.errors import ConfigError, SftgoError, signals_interrupt, unexpected
 from sftgo.core.fileio import os_error_sentence
@@ -290,6 +291,8 @@ def inspect(ctx, directory, config_file, **opts):
     check_fields(cfg)
     click.echo(inspect_mod.run(directory, cfg.strategy, cfg.sample, cfg.html, cfg.samples, cfg.color), color=cfg.color)
 
+
+show_defaults(main, required=("out",))  # every option's --help says its default
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import sys
 
 import click
 
+from sftgo.core.clihelp import show_defaults
 from sftgo.core.config import field_default, field_docs
 from sftgo.core.errors import SftgoError, unexpected
 from sftgo.trainer.config import CHOICES as SETTING_CHOICES
@@ -194,7 +195,7 @@ def _fail(exc: Exception, cfg=None) -> None:
     sys.exit(EXIT_BASE + getattr(exc, "signum", signal.SIGINT) if isinstance(exc, KeyboardInterrupt) else 1)
 
 
-cli = build_command()
+cli = show_defaults(build_command(), required=("data", "out"))
 
 
 def main(argv=None):
