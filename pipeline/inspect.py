@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sftgo.core import models
-from sftgo.core.fileio import atomic_write_text, check_writable, output_target
+from sftgo.core.fileio import atomic_write_text, check_writable, output_target, overlap
 from sftgo.core.locks import LOCK, shared
 from sftgo.core.shards import (
     MANIFEST,
@@ -220,6 +220,8 @@ def _check_html(path: Path, manifest: dict, html_path: str | None) -> None:
         raise ShardError(
             f"--html {html_path} points at {owned}, which the build in {path} owns; write the page elsewhere."
         )
+    if overlap(html_path, path):  # an output inside the folder it reads: the next build would take it for data
+        raise ShardError(f"--html {html_path} lies inside the build {path} it reports on; write the page elsewhere.")
     where, direct = output_target(html_path, "--html", stream=True, follow=True)
     if not direct:
         check_writable(where, "--html")

@@ -336,14 +336,26 @@ def test_html_never_lands_on_a_file_of_the_build(cli, builds, tmp_path, target):
     assert files_of(out) == before and not (out / ".staging").exists()
 
 
-def test_html_page_is_written_by_rename_beside_the_build(cli, builds, tmp_path):
+def test_html_page_is_written_by_rename(cli, builds, tmp_path):
     out = copy_of(builds, "a", tmp_path)
-    kept = tmp_path / "kept.html"
+    kept, pages = tmp_path / "kept.html", tmp_path / "pages"
     kept.write_text("keep me")
-    os.link(kept, out / "report.html")  # written in place, the page would land in kept.html too
-    proc = cli("sftgo-prep", "inspect", out, "--no-color", "--html", out / "report.html", "--samples", "2")
-    assert "Wrote" in proc.stdout and "<html>" in (out / "report.html").read_text()
+    pages.mkdir()
+    os.link(kept, pages / "report.html")  # written in place, the page would land in kept.html too
+    proc = cli("sftgo-prep", "inspect", out, "--no-color", "--html", pages / "report.html", "--samples", "2")
+    assert "Wrote" in proc.stdout and "<html>" in (pages / "report.html").read_text()
     assert kept.read_text() == "keep me"
+
+
+def test_html_inside_the_build_it_reports_on_is_refused(cli, builds, tmp_path):
+    """An output inside the folder the command reads: the next build of that folder would take it for data."""
+    out = copy_of(builds, "a", tmp_path)
+    (tmp_path / "alias").symlink_to(out)
+    before = files_of(out)
+    for where in (out / "report.html", tmp_path / "alias" / "sub" / "report.html"):
+        line = one_sentence(cli("sftgo-prep", "inspect", out, "--no-color", "--html", where, check=False))
+        assert line == f"Error: --html {where} lies inside the build {out} it reports on; write the page elsewhere."
+    assert files_of(out) == before and not (out / "sub").exists()
 
 
 # ---------------------------------------------------------------- defect 15: the lock
