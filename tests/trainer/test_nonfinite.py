@@ -47,20 +47,24 @@ def test_a_diverging_run_stops_at_the_first_nan_step_keeping_the_last_good_check
     assert state.step == bad - 1 and state.nonfinite_skipped == 0
 
 
-def test_skip_nonfinite_skips_counts_and_reports(tmp_path, shared_shard_dir, tiny_model_dir):
-    out = tmp_path / "run"
-    cfg = TrainConfig(
-        data=str(shared_shard_dir),
+def diverging(data, out, model, steps: int, skip: int) -> TrainConfig:
+    """A run whose learning rate makes the weights blow up after its first step."""
+    return TrainConfig(
+        data=str(data),
         out=str(out),
-        model=tiny_model_dir,
-        max_steps=5,
+        model=model,
+        max_steps=steps,
         batch_tokens=160,
         lr=1e10,
         progress=False,
         tensorboard=False,
-        skip_nonfinite=100,
+        skip_nonfinite=skip,
     )
-    summary = run(cfg)
+
+
+def test_skip_nonfinite_skips_counts_and_reports(tmp_path, shared_shard_dir, tiny_model_dir):
+    out = tmp_path / "run"
+    summary = run(diverging(shared_shard_dir, out, tiny_model_dir, 5, 100))
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
     skipped = [r["step"] for r in records if r["skipped_nonfinite"]]
     assert skipped and summary["nonfinite_skipped"] == len(skipped) == records[-1]["nonfinite_skipped"]
@@ -69,19 +73,8 @@ def test_skip_nonfinite_skips_counts_and_reports(tmp_path, shared_shard_dir, tin
 
 
 def test_skip_nonfinite_allows_only_n(tmp_path, shared_shard_dir, tiny_model_dir):
-    cfg = TrainConfig(
-        data=str(shared_shard_dir),
-        out=str(tmp_path / "run"),
-        model=tiny_model_dir,
-        max_steps=6,
-        batch_tokens=160,
-        lr=1e10,
-        progress=False,
-        tensorboard=False,
-        skip_nonfinite=1,
-    )
     with pytest.raises(TrainingError, match=r"not finite \(after 1 skipped\), so training stops here"):
-        run(cfg)
+        run(diverging(shared_shard_dir, tmp_path / "run", tiny_model_dir, 6, 1))
 
 
 def test_sftgotrainer_stops_on_a_nan_loss(tmp_path, shared_shard_dir, tiny_model_dir):
