@@ -1,4 +1,5 @@
-"""The built-in training objectives, one class each (the protocol: trainer/registry.py).
+"""The built-in training objectives, one class each (the protocol: trainer/registry.py); a new one is a class here
+and its line in BUILTIN.
 
 Input: a `LossInput` per micro-batch (train), the eval set's CE / worst term / per-group loss (eval),
 a step's counts (trained tokens).
@@ -120,3 +121,7 @@ class Weighted:
 
 
 SFTGO, SFT, RHO1, DFT, WEIGHTED = SftGo(), Sft(), Rho1(), Dft(), Weighted()
+BUILTIN = {
+    o.name: f"{__name__}:{attr}"
+    for attr, o in dict(SFTGO=SFTGO, SFT=SFT, RHO1=RHO1, DFT=DFT, WEIGHTED=WEIGHTED).items()
+}

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from sftgo.core.plugins import Registry
+from sftgo.trainer import builtin
 
 GROUP_USES = ("optional", "required", "important")
 
@@ -89,7 +90,7 @@ def _attributes(obj, where: str) -> None:
         )
 
 
-_BUILTIN = {name: f"sftgo.trainer.builtin:{name.upper()}" for name in ("sftgo", "sft", "rho1", "dft", "weighted")}
+_BUILTIN = builtin.BUILTIN  # name -> "module:attribute" (trainer/builtin.py imports no torch)
 REGISTRY = Registry(
     "objective",
     "sftgo.objectives",
