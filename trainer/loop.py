@@ -274,7 +274,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
         memory=MemoryMeter(device),
     )
     if resume_from is not None:
-        restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
+        resume.restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
         on_rank0(lambda: atomic_write_text(Path(cfg.out) / "config.json", cfg.to_json()))  # resume changes nothing)
     if r.main:
         r.log = MetricsLog(
@@ -285,35 +285,6 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
             dataclasses.asdict(cfg),
         )
     return r, resume_from, notes
-
-
-def restore(r: Run, path: Path) -> None:
-    """Continue from checkpoint `path`: optimizer, schedule, RNG, data position, objective state.  Every
-    value read is checked against this run (the checkpoint is untrusted input), and the learning rate
-    is always this run's --lr on this run's schedule, never the checkpoint's."""
-    cfg = r.cfg
-    fresh = ckpt.optimizer_settings(r.optimizer)
-    if cfg.fsdp:
-        fsdp.load(path, r.train_net, r.optimizer)  # weights and optimizer state, each rank its shards
-    state = resume.CheckpointState.read(path)
-    ckpt.load_state(path, r.rank, r.optimizer, r.scheduler, fresh, sharded=cfg.fsdp)
-    state.fits(path, world=r.world, total_steps=r.total_steps, grad_accum=cfg.grad_accum, groups=r.k, dro=r.dro)
-    step, (epoch, taken) = state.step, state.data_position
-    sched = r.scheduler
-    resume.check_schedule(path, sched, cfg, step)
-    for fn in sched.lr_lambdas:
-        fn.total = r.total_steps  # the checkpoint holds the old length; a raised --max-steps recomputes it
-    lrs = [cfg.lr * fn(step) for fn in sched.lr_lambdas]
-    for group, lr in zip(r.optimizer.param_groups, lrs):
-        group["lr"], group["initial_lr"] = lr, cfg.lr
-    sched.base_lrs, sched._last_lr = [cfg.lr] * len(lrs), lrs
-    r.step = step
-    r.batches.position = (epoch, taken)
-    r.worst_prev, r.switches = state.worst_group, state.worst_switches
-    r.cut = state.cut
-    r.nonfinite_skipped = state.nonfinite_skipped
-    if r.dro is not None:
-        r.dro.load_state_dict(state.dro)
 
 
 # ---------------------------------------------------------------- evaluation and checkpoints

@@ -8,7 +8,8 @@ Output: `CheckpointState`, the one record of the loop's state a checkpoint holds
 save, read and validated here alone (`CheckpointState.read`: every entry's type and range;
 `fits`: against the run that resumes it; `check_schedule`: the learning-rate schedule's state).  `check`:
 nothing when the resume continues the same run, else a ConfigError naming the first setting that differs;
-notes (one sentence each) for changes that are applied.  A damaged or foreign checkpoint is a
+notes (one sentence each) for changes that are applied.  `restore`: a run continued from a checkpoint (its
+optimizer, schedule, RNG, data position and objective state).  A damaged or foreign checkpoint is a
 CheckpointError naming the file and the entry.
 Cost: instant (checksums come from the manifests; trainer.loop verifies the files against them).
 
@@ -411,3 +412,35 @@ def check(cfg: TrainConfig, saved: dict, state: CheckpointState, data: dict, run
     if cfg.eval_data:
         check_strategy("eval_data", cfg, data["eval_data_strategy"], state.eval_data_strategy)
     return notes
+
+
+def restore(r, path: Path) -> None:
+    """Continue the run `r` (trainer.loop.Run) from checkpoint `path`: optimizer, schedule, RNG, data position,
+    objective state.  Every value read is checked against this run (the checkpoint is untrusted input), and the
+    learning rate is always this run's --lr on this run's schedule, never the checkpoint's."""
+    from sftgo.trainer import checkpoint as ckpt
+    from sftgo.trainer import fsdp
+
+    cfg = r.cfg
+    fresh = ckpt.optimizer_settings(r.optimizer)
+    if cfg.fsdp:
+        fsdp.load(path, r.train_net, r.optimizer)  # weights and optimizer state, each rank its shards
+    state = CheckpointState.read(path)
+    ckpt.load_state(path, r.rank, r.optimizer, r.scheduler, fresh, sharded=cfg.fsdp)
+    state.fits(path, world=r.world, total_steps=r.total_steps, grad_accum=cfg.grad_accum, groups=r.k, dro=r.dro)
+    step, (epoch, taken) = state.step, state.data_position
+    sched = r.scheduler
+    check_schedule(path, sched, cfg, step)
+    for fn in sched.lr_lambdas:
+        fn.total = r.total_steps  # the checkpoint holds the old length; a raised --max-steps recomputes it
+    lrs = [cfg.lr * fn(step) for fn in sched.lr_lambdas]
+    for group, lr in zip(r.optimizer.param_groups, lrs):
+        group["lr"], group["initial_lr"] = lr, cfg.lr
+    sched.base_lrs, sched._last_lr = [cfg.lr] * len(lrs), lrs
+    r.step = step
+    r.batches.position = (epoch, taken)
+    r.worst_prev, r.switches = state.worst_group, state.worst_switches
+    r.cut = state.cut
+    r.nonfinite_skipped = state.nonfinite_skipped
+    if r.dro is not None:
+        r.dro.load_state_dict(state.dro)
