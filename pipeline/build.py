@@ -539,10 +539,11 @@ def _manifest(
     inputs: dict[str, dict] = {}
     for s in stats:
         rejected.update(s["rejected"])
-        entry = inputs.setdefault(s["source"], {"input": s["source"], "records_in": 0, "written": 0, "rejected": 0})
-        entry["records_in"] += s["records_in"]
-        entry["written"] += s["written"]
-        entry["rejected"] += sum(s["rejected"].values())
+        for counted in s["sources"]:  # a partition may pack several small inputs: each keeps its own counts
+            source = counted["source"]
+            entry = inputs.setdefault(source, {"input": source, "records_in": 0, "written": 0, "rejected": 0})
+            for key in ("records_in", "written", "rejected"):
+                entry[key] += counted[key]
     totals = {
         "records_in": sum(s["records_in"] for s in stats),
         "records_written": sum(s["written"] for s in stats),

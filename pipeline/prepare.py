@@ -13,7 +13,8 @@ its presence marks the partition done):
                              (tfidf: (term, df), for the corpus IDF)
   part-NNNNN.rejects.jsonl   every rejected record with reason, detail and its original text (raw)
   part-NNNNN.json            counts: records in / written / rejected by reason, tokens, assistant turns
-                             left unsupervised by weight 0
+                             left unsupervised by weight 0; records in / written / rejected per input
+                             ("sources", in input order: a partition may pack several small inputs)
 Returns the counts.  A partition already done is not redone.
 Cost: for tfidf, the chat template render and the Rust tokenizer (linear in text); model
 strategies add their forward passes.
@@ -121,10 +122,13 @@ def _encode(encoder: ChatEncoder, convs: list[list[dict]]) -> list:
 
 
 class _Accepted:
-    """What one partition yields: the accepted records' columns, the rejects, the truncation count."""
+    """What one partition yields: the accepted records' columns, the rejects, the truncation count, and the
+    records written and rejected per input."""
 
-    def __init__(self, source: str):
-        self.source = source
+    def __init__(self, part: readers.Partition):
+        self.piece_sources = [p.source for p in part.pieces]  # by piece number, the first of `order`
+        self.written: Counter = Counter()
+        self.rejected: Counter = Counter()
         self.cols: dict[str, list] = {
             "id": [],
             "input_ids": [],
@@ -140,11 +144,13 @@ class _Accepted:
     def reject(self, rid: str, item: readers.Item, reason: str, detail: str, order: tuple) -> None:
         """Keep a rejected record; `order` ((piece, row) in the partition) puts the rejects in file order."""
         safe = readers.escape_surrogates
+        source = self.piece_sources[order[0]]
+        self.rejected[source] += 1
         self.rejects.append(
             {
                 "order": order,
                 "id": safe(rid),
-                "source": safe(self.source),
+                "source": safe(source),
                 "row": item.row,
                 "reason": reason,
                 "detail": safe(detail),
@@ -157,6 +163,7 @@ class _Accepted:
             if isinstance(enc, formats.RecordError):
                 self.reject(rid, item, enc.reason, enc.detail, order)
                 continue
+            self.written[self.piece_sources[order[0]]] += 1
             self.truncated += enc.truncated
             self.weight_zero += conv.weight_zero
             values = (rid, enc.input_ids, enc.loss_mask, enc.text, enc.content_spans, enc.offsets)
@@ -190,13 +197,13 @@ def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, l
     at most BATCH records are held before encoding.  counts also hold blank_lines (skipped, not records)
     and field_map_hits {canonical: records that have the mapped field; 0 = no record has it}."""
     field_map = cfg.field_map or None
-    out = _Accepted(part.source)
+    out = _Accepted(part)
     hits = Counter(dict.fromkeys(field_map or (), 0))
     pending: list[tuple[str, readers.Item, list[dict], tuple]] = []  # (id, item, conversation, order) to encode
-    rows_in = 0
+    rows_in: Counter = Counter()
     for order, piece, item in _items(part):
-        rows_in += 1
-        rid = f"{_id_base(part.source, piece)}:{item.row}"
+        rows_in[piece.source] += 1
+        rid = f"{_id_base(piece.source, piece)}:{item.row}"
         if item.reject is not None:
             out.reject(rid, item, *item.reject, order)
             continue
@@ -214,8 +221,11 @@ def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, l
     out.rejects.sort(key=lambda r: r.pop("order"))  # in file order, whenever they were found
     counts = {
         "index": part.index,
-        "source": part.source,
-        "records_in": rows_in,
+        "sources": [
+            {"source": s, "records_in": rows_in[s], "written": out.written[s], "rejected": out.rejected[s]}
+            for s in part.sources
+        ],
+        "records_in": rows_in.total(),
         "written": len(out.cols["id"]),
         "rejected": dict(sorted(Counter(r["reason"] for r in out.rejects).items())),
         "truncated": out.truncated,
@@ -268,10 +278,13 @@ def write_stage(staging: str, index: int, table: pa.Table, rejects: list[dict], 
 
 
 _COUNT_KEYS = ("records_in", "written", "truncated", "weight_zero_turns", "blank_lines", "tokens", "loss_tokens")
+_SOURCE_KEYS = ("records_in", "written", "rejected")
 
 
 def _staged_counts(path, part: readers.Partition) -> dict | None:
-    """The counts a finished pass 1 of `part` staged, or None when the file is not such a record."""
+    """The counts a finished pass 1 of `part` staged, or None when the file is not such a record: every
+    count a whole number, records in = written + rejected, for the partition and for each of its inputs
+    (which are the partition's, in order, and add up to its totals)."""
     try:
         counts = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
@@ -279,11 +292,37 @@ def _staged_counts(path, part: readers.Partition) -> dict | None:
     whole = (
         isinstance(counts, dict)
         and counts.get("index") == part.index
-        and counts.get("source") == part.source
-        and all(type(counts.get(k)) is int and counts[k] >= 0 for k in _COUNT_KEYS)
+        and all(_count(counts.get(k)) for k in _COUNT_KEYS)
         and all(isinstance(counts.get(k), dict) for k in ("rejected", "field_map_hits"))
+        and all(_count(n) for n in counts["rejected"].values())
+        and counts["records_in"] == counts["written"] + sum(counts["rejected"].values())
     )
-    return counts if whole else None
+    return counts if whole and _sources_agree(counts, part) else None
+
+
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _sources_agree(counts: dict, part: readers.Partition) -> bool:
+    """The staged per-input counts name the partition's inputs in order and add up to its totals."""
+    sources = counts.get("sources")
+    if not (isinstance(sources, list) and len(sources) == len(part.sources)):
+        return False
+    for entry, source in zip(sources, part.sources):
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"source", *_SOURCE_KEYS}
+            and entry["source"] == source
+            and all(_count(entry[k]) for k in _SOURCE_KEYS)
+            and entry["records_in"] == entry["written"] + entry["rejected"]
+        ):
+            return False
+    return (
+        sum(e["records_in"] for e in sources) == counts["records_in"]
+        and sum(e["written"] for e in sources) == counts["written"]
+        and sum(e["rejected"] for e in sources) == sum(counts["rejected"].values())
+    )
 
 
 def prepare_partition(

@@ -5,9 +5,9 @@ Input: paths of JSONL, JSON (array), Parquet, CSV files (extensions in any case)
 or refused naming compressed files; other files and names starting with "." are skipped, with a note), `datasets`
 save_to_disk folders, or hub dataset names (`hf:NAME`, loaded through `datasets`; a path that does not
 exist is an error, never a hub request).
-Output: `plan()` returns Partitions, each a list of Pieces of the files of one input packed to rows_per_shard
-rows (deterministic: they depend on the
-inputs and `rows_per_shard` only); `read()` yields one Item per record of a partition:
+Output: `plan()` returns Partitions, each a list of Pieces packed to rows_per_shard rows: the files of one
+input, or small inputs given one after another (a shell glob), each Piece naming its input (deterministic:
+they depend on the inputs and `rows_per_shard` only); `read()` yields one Item per record of a partition:
 the parsed record, or a rejection (reason, detail) for a record that cannot be read --
 bad UTF-8 or Unicode (unpaired surrogates, in values and in field names), malformed
 JSON, NaN/Infinity or over-long numbers, a JSON object with a field name twice, nesting
@@ -62,6 +62,7 @@ class InputError(SftgoError, ValueError):
 class Piece:
     """One stretch of one file inside a partition."""
 
+    source: str  # input as the user gave it (recorded in record ids / rejects / the manifest's per-input counts)
     path: str  # file actually read
     kind: str  # jsonl | json | parquet | csv | arrow
     start: int  # first row (jsonl: first byte)
@@ -73,12 +74,17 @@ class Piece:
 
 @dataclass(frozen=True)
 class Partition:
-    """The unit of work and of output: one shard.  Its pieces are stretches of the files of one input, in
-    file order: one file's rows cut every rows_per_shard rows, or many small files packed together."""
+    """The unit of work and of output: one shard.  Its pieces are stretches of files, in input and file order:
+    one file's rows cut every rows_per_shard rows, or many small files (of one input or of small inputs) packed
+    together."""
 
     index: int  # global partition number = output shard number
-    source: str  # input as the user gave it (recorded in record ids / rejects)
     pieces: tuple[Piece, ...]
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The inputs its pieces come from, in order, each once."""
+        return tuple(dict.fromkeys(p.source for p in self.pieces))
 
     @property
     def blank_lines(self) -> int:
@@ -271,7 +277,7 @@ def _dataset_files(ds, name: str, split: str) -> list[str]:
     return [f["filename"] for f in ds.cache_files]
 
 
-def _jsonl_pieces(path: str, room: int, rows_per_shard: int) -> list[Piece]:
+def _jsonl_pieces(source: str, path: str, room: int, rows_per_shard: int) -> list[Piece]:
     """Pieces of a JSONL file: the first holds up to `room` non-blank lines, the others rows_per_shard each.
     A file of blank lines only is one piece of no rows (its blank lines are counted)."""
     cuts, row, pos, start, first, blank, cap = [], 0, 0, 0, 0, 0, room
@@ -279,18 +285,18 @@ def _jsonl_pieces(path: str, room: int, rows_per_shard: int) -> list[Piece]:
         for line in fh:
             if line.strip():
                 if row - first == cap:
-                    cuts.append(Piece(path, "jsonl", start, pos, first, blank, cap))
+                    cuts.append(Piece(source, path, "jsonl", start, pos, first, blank, cap))
                     start, first, blank, cap = pos, row, 0, rows_per_shard
                 row += 1
             else:
                 blank += 1
             pos += len(line)
     if row > first or blank:
-        cuts.append(Piece(path, "jsonl", start, pos, first, blank, row - first))
+        cuts.append(Piece(source, path, "jsonl", start, pos, first, blank, row - first))
     return cuts
 
 
-def _row_pieces(path: str, kind: str, room: int, rows_per_shard: int) -> list[Piece]:
+def _row_pieces(source: str, path: str, kind: str, room: int, rows_per_shard: int) -> list[Piece]:
     """Pieces of a file read by rows: the first of up to `room` rows, the others rows_per_shard each."""
     if kind == "parquet":
         pf = _parquet_file(path)
@@ -307,7 +313,7 @@ def _row_pieces(path: str, kind: str, room: int, rows_per_shard: int) -> list[Pi
     while s < n:
         stop = min(s + cap, n)
         blank = 0 if rows is None else sum(r is _BLANK for r in rows[s:stop])
-        pieces.append(Piece(path, kind, s, stop, s, blank, stop - s))
+        pieces.append(Piece(source, path, kind, s, stop, s, blank, stop - s))
         s, cap = stop, rows_per_shard
     return pieces
 
@@ -338,42 +344,66 @@ def _twice_named(fields: list, prefix: str) -> str | None:
     return None
 
 
+OWN_SHARD_ROWS = 256  # an input of at least this many records starts a partition of its own
+
+
 def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[Partition]:
-    """The partitions of the inputs, in input order: the files of one input (a folder's many files) are
-    packed into partitions of rows_per_shard rows, each file cut where a partition fills up; a partition
-    never spans two inputs, so an input of one file is cut every rows_per_shard rows.  Deterministic."""
-    parts: list[Partition] = []
+    """The partitions of the inputs, in input order.  The files of one input (a folder's many files) are
+    packed into partitions of rows_per_shard rows, each file cut where a partition fills up.  An input of
+    fewer than OWN_SHARD_ROWS records that fits whole in the room the partition before it has left joins
+    that partition (many small files given one by one, as a shell glob gives them, pack as a folder's
+    files do); any other input starts a partition of its own and is cut every rows_per_shard rows from its
+    own start.  Deterministic."""
+    groups: list[list[Piece]] = []
+    room = 0  # rows the last partition can still take
     for inp in inputs:
-        first, pieces, room = len(parts), [], rows_per_shard
-        for _, path, kind in _expand(inp, split):
-            if not room:  # the partition is full: this file opens the next one
-                parts.append(Partition(len(parts), inp, tuple(pieces)))
-                pieces, room = [], rows_per_shard
-            if kind == "jsonl":
-                cut = _jsonl_pieces(path, room, rows_per_shard)
-            else:
-                cut = _row_pieces(path, kind, room, rows_per_shard)
-            for k, piece in enumerate(cut):
-                if k:  # a piece after the first exists only when the one before filled its partition
-                    parts.append(Partition(len(parts), inp, tuple(pieces)))
-                    pieces, room = [], rows_per_shard
-                pieces.append(piece)
-                room -= piece.rows
-        if any(p.rows for p in pieces):
-            parts.append(Partition(len(parts), inp, tuple(pieces)))
-        elif pieces and len(parts) > first:  # blank lines after the input's last record: counted with it
-            last = parts[-1]
-            parts[-1] = Partition(last.index, inp, last.pieces + tuple(pieces))
-    if not parts:
+        own = _input_partitions(inp, rows_per_shard, split)
+        rows = sum(p.rows for g in own for p in g)
+        if not own:
+            continue
+        if groups and rows <= room and rows < OWN_SHARD_ROWS:
+            groups[-1] += own[0]
+            room -= rows
+        else:
+            groups += own
+            room = rows_per_shard - sum(p.rows for p in own[-1])
+    if not groups:
         raise InputError("The inputs hold no records.")
-    return parts
+    return [Partition(i, tuple(g)) for i, g in enumerate(groups)]
+
+
+def _input_partitions(inp: str, rows_per_shard: int, split: str) -> list[list[Piece]]:
+    """The pieces of one input's partitions on their own: its files packed into partitions of rows_per_shard
+    rows (an input of one file cut every rows_per_shard rows); [] for an input without records."""
+    groups: list[list[Piece]] = []
+    pieces: list[Piece] = []
+    room = rows_per_shard
+    for _, path, kind in _expand(inp, split):
+        if not room:  # the partition is full: this file opens the next one
+            groups.append(pieces)
+            pieces, room = [], rows_per_shard
+        if kind == "jsonl":
+            cut = _jsonl_pieces(inp, path, room, rows_per_shard)
+        else:
+            cut = _row_pieces(inp, path, kind, room, rows_per_shard)
+        for k, piece in enumerate(cut):
+            if k:  # a piece after the first exists only when the one before filled its partition
+                groups.append(pieces)
+                pieces, room = [], rows_per_shard
+            pieces.append(piece)
+            room -= piece.rows
+    if any(p.rows for p in pieces):
+        groups.append(pieces)
+    elif pieces and groups:  # blank lines after the input's last record: counted with it
+        groups[-1] += pieces
+    return groups
 
 
 def plan_digest(parts: list[Partition]) -> str:
     """A fingerprint of a plan (every piece of every partition), which a resumed build must find again."""
     import hashlib
 
-    text = json.dumps([[p.index, p.source, [list(vars(x).values()) for x in p.pieces]] for p in parts])
+    text = json.dumps([[p.index, [list(vars(x).values()) for x in p.pieces]] for p in parts])
     return hashlib.sha256(text.encode("utf-8", errors="surrogateescape")).hexdigest()
 
 

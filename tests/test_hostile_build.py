@@ -200,3 +200,55 @@ def test_score_and_inspect_take_a_config_file_that_flags_override(cli, tmp_path,
     )
     (tmp_path / "inspect.json").write_text(json.dumps({"sample": "3"}))
     refused(cli("sftgo-prep", "inspect", out, "--config", tmp_path / "inspect.json", check=False), "must be int")
+
+
+def test_staged_counts_of_a_partition_of_several_inputs_are_checked_per_input(tmp_path):
+    """A partition packing several small inputs stages each input's records in / written / rejected, which
+    add up to the partition's; a record that breaks any of that (or names other inputs) is not reused."""
+    import copy
+
+    from sftgo.core import models
+    from sftgo.pipeline import prepare, readers
+
+    inputs = []
+    for name, lines in (("a", ['{"instruction": "Q", "output": "A"}'] * 2), ("b", ["{not json", '{"x": 1}'])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        inputs.append(str(tmp_path / f"{name}.jsonl"))
+    cfg = BuildConfig(inputs=inputs, out=str(tmp_path / "o"), rows_per_shard=10).validate()
+    [part] = readers.plan(inputs, 10)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    counts = prepare.prepare_partition(part, cfg, cfg.strategy_objects(), models.tokenizer_dir(None), str(staging))
+    assert counts["sources"] == [
+        {"source": inputs[0], "records_in": 2, "written": 2, "rejected": 0},
+        {"source": inputs[1], "records_in": 2, "written": 0, "rejected": 2},
+    ]
+    done = prepare.stage_path(str(staging), 0, "json")
+    assert prepare._staged_counts(done, part) == counts
+
+    def swap(c):
+        c["sources"].reverse()
+
+    def moved(c):  # each input still adds up, the partition does not
+        c["sources"][0].update(records_in=3, written=3)
+
+    def lost(c):
+        c["sources"][1].update(rejected=1)
+
+    def lost_in_total(c):
+        c["records_in"] += 1
+
+    def not_a_count(c):
+        c["sources"][0]["written"] = 2.0
+
+    def extra_key(c):
+        c["sources"][0]["tokens"] = 1
+
+    def none(c):
+        del c["sources"]
+
+    for damage in (swap, moved, lost, lost_in_total, not_a_count, extra_key, none):
+        bad = copy.deepcopy(counts)
+        damage(bad)
+        done.write_text(json.dumps(bad))
+        assert prepare._staged_counts(done, part) is None, damage.__name__

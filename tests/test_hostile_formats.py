@@ -174,7 +174,7 @@ def test_folder_reads_subfolders_and_upper_case_extensions(tmp_path, capfd):
     parts = readers.plan([str(d)], 10)
     records = [item.record for p in parts for item in readers.read(p)]
     assert records == [rec(i) for i in range(6)]  # depth first, sorted names
-    assert {p.source for p in parts} == {str(d)}
+    assert {s for p in parts for s in p.sources} == {str(d)}
     err = capfd.readouterr().err
     assert ".cache" in err and "skipped 1 file(s) of no data format (README.md)" in err
 

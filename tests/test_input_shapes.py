@@ -111,6 +111,66 @@ def test_a_mix_of_shapes_packs_by_rows_and_keeps_every_record(tmp_path, dask_sch
     assert totals["blank_lines_skipped"] == 2
 
 
+def test_two_thousand_files_given_one_by_one_fill_shards_of_rows_per_shard(tmp_path, dask_scheduler):
+    """A shell glob gives 2,000 one-record files as 2,000 inputs: they pack into ceil(2000/500) shards of 500
+    records as a folder's files do, every record once with its <file name>:0 id, and the manifest keeps one
+    entry per input, in input order, with its own counts."""
+    root = tmp_path / "many"
+    root.mkdir()
+    files = []
+    for i in range(2000):
+        path = root / f"r{i:05d}.jsonl"
+        path.write_text(json.dumps({"instruction": f"Say {i}.", "output": f"It is {i}."}) + "\n")
+        files.append(str(path))
+    out = tmp_path / "out"
+    done = prep("build", *files, "--out", str(out), "--rows-per-shard", "500", "--scheduler", dask_scheduler)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [pq.read_metadata(p).num_rows for p in sorted(out.glob("shard-*.parquet"))] == [500] * 4
+    assert shard_ids(out) == [f"r{i:05d}.jsonl:0" for i in range(2000)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"] == [{"input": f, "records_in": 1, "written": 1, "rejected": 0} for f in files]
+    assert manifest["totals"]["records_in"] == manifest["totals"]["records_written"] == 2000
+
+
+def test_small_inputs_pack_around_a_big_one_cut_from_its_own_start(tmp_path, dask_scheduler):
+    """A big input starts a shard of its own and is cut every rows_per_shard rows from its start; the small
+    inputs after it (one-record files, a CSV with a bad row, a folder) fill the room its last shard left,
+    then open the next; each input's records, rejects and counts stay its own."""
+    rec = [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(50)]
+    small = write_jsonl(tmp_path / "small.jsonl", rec[:3])
+    big = write_jsonl(tmp_path / "big.jsonl", rec[3:26])
+    ones = [str(write_jsonl(tmp_path / f"one{i:02d}.jsonl", [rec[26 + i]])) for i in range(12)]
+    table = tmp_path / "table.csv"
+    table.write_text("instruction,output\nQ38,A38\nQ39,A39,extra\n")  # the second row: a counted rejection
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [rec[40]])
+    write_jsonl(folder / "b.jsonl", [rec[41]])
+    inputs = [str(small), str(big), *ones, str(table), str(folder)]
+    out, rejects = tmp_path / "out", tmp_path / "rejects.jsonl"
+    done = prep(
+        "build", *inputs, "--out", str(out), "--rows-per-shard", "10", "--rejects", str(rejects),
+        "--scheduler", dask_scheduler,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = [pq.read_table(p, columns=["id"])["id"].to_pylist() for p in sorted(out.glob("shard-*.parquet"))]
+    assert shards == [
+        [f"small.jsonl:{i}" for i in range(3)],
+        [f"big.jsonl:{i}" for i in range(10)],  # cut from its own start, not to fill the first shard
+        [f"big.jsonl:{i}" for i in range(10, 20)],
+        [f"big.jsonl:{i}" for i in range(20, 23)] + [f"one{i:02d}.jsonl:0" for i in range(7)],
+        [f"one{i:02d}.jsonl:0" for i in range(7, 12)] + ["table.csv:0", "folder/a.jsonl:0", "folder/b.jsonl:0"],
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = [(e["input"], e["records_in"], e["written"], e["rejected"]) for e in manifest["inputs"]]
+    assert counts == [(str(small), 3, 3, 0), (str(big), 23, 23, 0), *[(f, 1, 1, 0) for f in ones]] + [
+        (str(table), 2, 1, 1),
+        (str(folder), 2, 2, 0),
+    ]
+    rejected = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["id"], r["source"], r["reason"]) for r in rejected] == [("table.csv:1", str(table), "malformed_csv")]
+
+
 def deep_array(depth: int = DEEP) -> str:
     return "[" * depth + "]" * depth
 

@@ -125,3 +125,34 @@ def test_unreadable_inputs_give_one_sentence(tmp_path, setup, message):
     with pytest.raises(readers.InputError, match=message) as e:
         read_all([setup(tmp_path)])
     assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_an_input_joins_the_partition_before_only_when_small_and_whole(tmp_path, write_jsonl):
+    """An input fewer than OWN_SHARD_ROWS records long that fits whole in the room left joins the partition
+    before it; an input that does not fit, or is OWN_SHARD_ROWS records or more, starts a partition of its own
+    (so two inputs of a few hundred records stay two shards, as they were)."""
+    own = readers.OWN_SHARD_ROWS
+    one = write_jsonl(tmp_path / "one.jsonl", RECORDS[:1])
+    under = write_jsonl(tmp_path / "under.jsonl", [RECORDS[0]] * (own - 1))
+    at = write_jsonl(tmp_path / "at.jsonl", [RECORDS[0]] * own)
+
+    def shape(inputs, rows_per_shard):
+        parts = readers.plan([str(i) for i in inputs], rows_per_shard)
+        return [[(x.source.rsplit("/", 1)[-1], x.rows) for x in p.pieces] for p in parts]
+
+    assert shape([one, under, one], 10 * own) == [[("one.jsonl", 1), ("under.jsonl", own - 1), ("one.jsonl", 1)]]
+    assert shape([one, at, one], 10 * own) == [[("one.jsonl", 1)], [("at.jsonl", own), ("one.jsonl", 1)]]
+    assert shape([one, under, under], own) == [[("one.jsonl", 1), ("under.jsonl", own - 1)], [("under.jsonl", own - 1)]]
+
+
+def test_the_plan_digest_names_the_input_of_every_piece(tmp_path, write_jsonl):
+    """Two plans that read the same bytes into the same partitions but name an input differently (its records
+    are counted under that name) have different digests: a resumed build does not reuse the other's staging."""
+    a = write_jsonl(tmp_path / "a.jsonl", RECORDS[:2])
+    write_jsonl(tmp_path / "b.jsonl", RECORDS[2:4])
+    one = readers.plan([str(a), str(tmp_path / "b.jsonl")], 10)
+    other = readers.plan([str(a), f"{tmp_path}/./b.jsonl"], 10)
+    assert [[(x.path, x.start, x.stop) for x in p.pieces] for p in one] == [
+        [(x.path, x.start, x.stop) for x in p.pieces] for p in other
+    ]
+    assert readers.plan_digest(one) != readers.plan_digest(other)
