@@ -122,6 +122,7 @@ OUT_OF_RANGE = {
     "min_lr_ratio": -50.0,
     "weight_decay": -0.1,
     "clip_grad": -1.0,
+    "skip_nonfinite": -1,
     "lora_alpha": 0.0,
     "batch_tokens": 0,
     "max_length": 1,
