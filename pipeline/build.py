@@ -432,6 +432,8 @@ def rejection_hint(reason: str, staging: Path, parts: list) -> str:
         )
     if reason in ("too_long", "no_loss_tokens"):
         return "; raise --max-length (or use --overflow truncate)."
+    if reason == "too_large":
+        return "; raise --max-record-bytes (0: no limit) or split the records."
     if reason in ("malformed_json", "invalid_utf8", "invalid_unicode", "malformed_csv", "invalid_number", "too_deep"):
         return "; check the input files' encoding and syntax (--rejects FILE lists every record)."
     return "; --rejects FILE lists every rejected record with its reason."

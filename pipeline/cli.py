@@ -172,6 +172,7 @@ def _strategy_list(text: str) -> list[str]:
 @field("split")
 @field("max_length")
 @field("overflow", type=click.Choice(["truncate", "drop"]))
+@field("max_record_bytes", type=int, metavar="BYTES")
 @field("rows_per_shard")
 @field("rejects", metavar="FILE", type=click.Path(dir_okay=False))
 @_strategy_options

@@ -19,9 +19,12 @@ from sftgo.core.errors import ConfigError
 from sftgo.grouping import registry
 from sftgo.grouping.tfidf import WORD_PATTERN, find_terms
 from sftgo.pipeline.formats import CANONICAL_FIELDS
+from sftgo.pipeline.readers import MAX_RECORD_BYTES
 
 FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion")
 THRESHOLDS = ("sample", "corpus")
+BYTES_PER_TOKEN = 64  # record bytes per --max-length token before a record is too_large: a token is ~4 bytes of
+# text, up to ~12 as JSON escapes, and records carry fields that are not tokenized
 
 
 @dataclass
@@ -51,6 +54,10 @@ class BuildConfig:
     """Longest tokenized sample kept; longer ones follow `overflow`."""
     overflow: str = "truncate"
     """What to do with samples longer than max_length: truncate (keep the start) or drop (reject)."""
+    max_record_bytes: int | None = None
+    """Largest input record read, in bytes (a JSONL line; the text of a row of other formats); larger ones are
+    rejected as too_large without being held whole. None = 64 bytes per --max-length token, at least 16 MiB;
+    0 = no limit."""
     tfidf_unit: str = "word"
     """TF-IDF term unit: word (regex words of the response, lowercased) or token (token ids)."""
     tfidf_token_pattern: str = WORD_PATTERN
@@ -103,6 +110,9 @@ class BuildConfig:
             setattr(self, name, absolute_if_local(getattr(self, name)))
         if self.max_length < 8:
             raise ConfigError(f"--max-length must be at least 8 tokens, got {self.max_length}.")
+        self.max_record_bytes = self.record_limit()  # the manifest records the limit the build used
+        if self.max_record_bytes < 0:
+            raise ConfigError(f"--max-record-bytes must be 0 (no limit) or more, got {self.max_record_bytes}.")
         if self.overflow not in ("truncate", "drop"):
             raise ConfigError(f"--overflow must be truncate or drop, got {self.overflow!r}.")
         if self.tfidf_unit not in ("word", "token"):
@@ -125,6 +135,12 @@ class BuildConfig:
                 f"Unknown --format {self.format!r}; choose auto, alpaca, messages, sharegpt or prompt_completion."
             )
         return self
+
+    def record_limit(self) -> int:
+        """--max-record-bytes, or its default when not given."""
+        if self.max_record_bytes is None:
+            return max(MAX_RECORD_BYTES, BYTES_PER_TOKEN * self.max_length)
+        return self.max_record_bytes
 
     def strategy_objects(self) -> list:
         return [registry.get(s) for s in self.strategies]

@@ -46,6 +46,9 @@ from sftgo.core.errors import SftgoError
 
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_DEPTH = 100  # containers inside containers; real records nest < 10 deep (tool schemas ~20)
+MAX_RECORD_BYTES = 16 * 2**20  # a record's size limit when the caller gives none (--max-record-bytes)
+RAW_PREFIX = 256  # bytes of a too_large record's text kept as its "raw"
+_CHUNK = 2**20  # bytes read at a time from a JSONL line that has no limit to respect (planning)
 _BOM = codecs.BOM_UTF8
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate can get into a JSON string
@@ -282,18 +285,46 @@ def _jsonl_pieces(source: str, path: str, room: int, rows_per_shard: int) -> lis
     A file of blank lines only is one piece of no rows (its blank lines are counted)."""
     cuts, row, pos, start, first, blank, cap = [], 0, 0, 0, 0, 0, room
     with open(path, "rb") as fh:
-        for line in fh:
-            if line.strip():
+        for size, _, line, whole in _lines(fh, 0, None, _CHUNK):
+            if not whole or line.strip():
                 if row - first == cap:
                     cuts.append(Piece(source, path, "jsonl", start, pos, first, blank, cap))
                     start, first, blank, cap = pos, row, 0, rows_per_shard
                 row += 1
             else:
                 blank += 1
-            pos += len(line)
+            pos += size
     if row > first or blank:
         cuts.append(Piece(source, path, "jsonl", start, pos, first, blank, row - first))
     return cuts
+
+
+def _lines(fh, pos: int, stop: int | None, cap: int | None) -> Iterator[tuple[int, int, bytes, bool]]:
+    """(bytes in the file, length without the line ending, data, whole) of each line of the binary file `fh`
+    (positioned at byte `pos`) up to byte `stop` (None: its end).  A line of more than `cap` bytes (None: no
+    cap) is never held whole: it is read on in chunks to its end, and comes as its first `cap` bytes with
+    whole False -- or, when it is whitespace only (a blank line), as b"" with whole True."""
+    while stop is None or pos < stop:
+        line = fh.readline(cap or -1)
+        if not line:
+            return
+        if cap is None or len(line) < cap or line.endswith(b"\n"):
+            pos += len(line)
+            yield len(line), len(line) - _ending(line), line, True
+            continue
+        size, blank, tail = len(line), not line.strip(), line[-2:]
+        while not tail.endswith(b"\n"):
+            chunk = fh.readline(_CHUNK)
+            if not chunk:
+                break
+            size, blank, tail = size + len(chunk), blank and not chunk.strip(), (tail + chunk)[-2:]
+        pos += size
+        yield size, size - _ending(tail), b"" if blank else line, blank
+
+
+def _ending(line: bytes) -> int:
+    """Bytes of the line ending that `line` ends with (\\n or \\r\\n)."""
+    return 2 if line.endswith(b"\r\n") else 1 if line.endswith(b"\n") else 0
 
 
 def _row_pieces(source: str, path: str, kind: str, room: int, rows_per_shard: int) -> list[Piece]:
@@ -532,21 +563,25 @@ def _arrow_table(path: str):
         return pa.ipc.open_file(pa.memory_map(path)).read_all()
 
 
-def read(part: Partition) -> Iterator[Item]:
+def read(part: Partition, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[Item]:
     """Every record of `part` as an Item, in file order (blank lines skipped)."""
     for piece in part.pieces:
-        yield from read_piece(piece)
+        yield from read_piece(piece, max_bytes)
 
 
-def read_piece(piece: Piece) -> Iterator[Item]:
-    """Every record of one piece as an Item, in file order (blank lines skipped); rows count in its file."""
+def read_piece(piece: Piece, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[Item]:
+    """Every record of one piece as an Item, in file order (blank lines skipped); rows count in its file.
+    A record larger than `max_bytes` (0: no limit) is rejected as too_large: a JSONL line is measured in
+    bytes and never held whole, a Parquet/Arrow row by the bytes of its string and binary values before it
+    becomes Python objects, a JSON array element or CSV row (parsed whole with its file) by the UTF-8 bytes
+    of its strings and field names."""
     if piece.kind == "jsonl":
-        yield from _read_jsonl(piece)
+        yield from _read_jsonl(piece, max_bytes)
         return
     if piece.kind == "parquet":
-        rows = _parquet_rows(piece)
+        rows = _parquet_rows(piece, max_bytes)
     elif piece.kind == "arrow":
-        rows = _table_rows(_arrow_table(piece.path).slice(piece.start, piece.stop - piece.start))
+        rows = _table_rows(_arrow_table(piece.path).slice(piece.start, piece.stop - piece.start), max_bytes)
     else:
         rows = _whole_file(piece.path, piece.kind)[piece.start : piece.stop]
     for row, entry in enumerate(rows, piece.first_row):
@@ -554,18 +589,30 @@ def read_piece(piece: Piece) -> Iterator[Item]:
             continue
         if isinstance(entry, _Bad):
             yield Item(row, None, (entry.reason, entry.detail), entry.raw)
+            continue
+        fault = check_record(entry, max_bytes)
+        if fault and fault[0] == "too_large":  # its text, cut: the rejects file stays small
+            raw = json.dumps(entry, ensure_ascii=False, default=str)[:RAW_PREFIX]
+            yield Item(row, None, fault, raw)
         else:
-            yield Item(row, entry, check_record(entry), None)
+            yield Item(row, entry, fault, None)
 
 
-def _read_jsonl(piece: Piece) -> Iterator[Item]:
+def _read_jsonl(piece: Piece, max_bytes: int) -> Iterator[Item]:
+    """Lines read one at a time, each at most max_bytes (and its line ending) held: a longer line is read
+    past in chunks and rejected as too_large, its raw the first RAW_PREFIX bytes."""
+    row = piece.first_row
     with open(piece.path, "rb") as fh:
         fh.seek(piece.start)
-        data = fh.read(piece.stop - piece.start)
-    row = piece.first_row
-    for line in data.split(b"\n"):
-        if line.strip():  # the same test as _jsonl_pieces: row numbers agree with the plan
-            yield _jsonl_item(row, line.removeprefix(_BOM))
+        for _, length, line, whole in _lines(fh, piece.start, piece.stop, max_bytes + 2 if max_bytes else None):
+            if whole and not line.strip():  # the same test as _jsonl_pieces: row numbers agree with the plan
+                continue
+            if max_bytes and length > max_bytes:
+                raw = line[:RAW_PREFIX].removeprefix(_BOM).decode("utf-8", errors="backslashreplace")
+                detail = f"The line is {length} bytes long, more than --max-record-bytes {max_bytes}."
+                yield Item(row, None, ("too_large", detail), raw)
+            else:
+                yield _jsonl_item(row, line.removeprefix(_BOM))
             row += 1
 
 
@@ -589,13 +636,20 @@ def _jsonl_item(row: int, line: bytes) -> Item:
     return Item(row, record, None, text)
 
 
-def check_record(value) -> tuple[str, str] | None:
+def check_record(value, max_bytes: int = 0) -> tuple[str, str] | None:
     """(reason, detail) of the first fault in a parsed record (unpaired surrogate in a value or a field
-    name, nesting deeper than MAX_DEPTH), or None.  Iterative: any depth is safe."""
+    name, nesting deeper than MAX_DEPTH, more than `max_bytes` UTF-8 bytes of strings and field names when
+    max_bytes is not 0), or None.  Iterative: any depth is safe."""
     stack = [(value, 0, None)]  # (value, depth, path as a linked (parent, key) chain)
+    size = 0  # UTF-8 bytes of the strings and field names seen so far
     while stack:
         v, depth, path = stack.pop()
         t = type(v)
+        if max_bytes:
+            size += _utf8_len(v) if t is str else 0
+            size += _utf8_len(path[1]) if path is not None and type(path[1]) is str else 0
+            if size > max_bytes:
+                return "too_large", f"The record holds more than {max_bytes} bytes of text (--max-record-bytes)."
         if t is str:
             if not v.isascii() and _SURROGATE.search(v):
                 return (
@@ -614,6 +668,10 @@ def check_record(value) -> tuple[str, str] | None:
                     )
                 stack.append((x, depth + 1, (path, k)))
     return None
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", errors="surrogatepass"))
 
 
 def _path_text(path) -> str:
@@ -652,25 +710,73 @@ def _parquet_file(path: str):
         raise InputError(f"Cannot read the Parquet file {path} ({str(exc).splitlines()[0][:200]}).") from None
 
 
-def _parquet_rows(part: Piece) -> list:
+def _parquet_rows(part: Piece, max_bytes: int) -> list:
     pf = _parquet_file(part.path)
     out, row0 = [], 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         lo, hi = max(part.start, row0), min(part.stop, row0 + n)
         if lo < hi:
-            out.extend(_table_rows(pf.read_row_group(g).slice(lo - row0, hi - lo)))
+            out.extend(_table_rows(pf.read_row_group(g).slice(lo - row0, hi - lo), max_bytes))
         row0 += n
     return out
 
 
-def _table_rows(table) -> list:
+def _table_rows(table, max_bytes: int = 0) -> list:
     """Rows of an Arrow table as dicts; a row that does not convert (e.g. a string column holding bytes
-    that are not UTF-8) becomes a _Bad for that row alone."""
+    that are not UTF-8) becomes a _Bad for that row alone, and so does a row with more than `max_bytes`
+    bytes of string and binary values (0: no limit), found before any of it becomes Python objects."""
+    if max_bytes:
+        sizes = _row_bytes(table)
+        large = [int(i) for i in (sizes > max_bytes).nonzero()[0]]
+        if large:
+            out, prev = [], 0
+            for i in large:
+                out += _table_rows(table.slice(prev, i - prev))
+                detail = f"The row holds {int(sizes[i])} bytes of text, more than --max-record-bytes {max_bytes}."
+                out.append(_Bad("too_large", detail, ""))
+                prev = i + 1
+            return out + _table_rows(table.slice(prev))
     try:
         return table.to_pylist()
     except Exception:  # pyarrow raises several types; find the rows at fault below
         return [_table_row(table, i) for i in range(table.num_rows)]
+
+
+def _row_bytes(table):
+    """Per row of an Arrow table, the bytes of its string and binary values (nested ones included), as numpy."""
+    import numpy as np
+
+    total = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        total += np.concatenate([_array_bytes(c) for c in column.chunks] or [np.zeros(0, np.int64)])
+    return total
+
+
+def _array_bytes(arr):
+    """Per element of an Arrow array, the bytes of the string and binary values inside it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        return _array_bytes(arr.dictionary_decode())
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return pc.binary_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_map(t):
+        t = pa.list_(pa.struct([t.key_field.with_nullable(False), t.item_field]))
+        arr = arr.cast(t)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = _array_bytes(arr.flatten())
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        return np.bincount(parents, weights=inner, minlength=len(arr)).astype(np.int64)
+    if pa.types.is_struct(t):
+        out = np.zeros(len(arr), dtype=np.int64)
+        for child in arr.flatten():
+            out += _array_bytes(child)
+        return out
+    return np.zeros(len(arr), dtype=np.int64)  # numbers and other fixed-size values: a few bytes each
 
 
 def _table_row(table, i: int):
