@@ -12,9 +12,10 @@ the parsed record, or a rejection (reason, detail) for a record that cannot be r
 bad UTF-8 or Unicode (unpaired surrogates, in values and in field names), malformed
 JSON, NaN/Infinity or over-long numbers, a JSON object with a field name twice, nesting
 deeper than MAX_DEPTH, CSV rows whose field count disagrees with the header, Parquet rows
-that do not convert -- never an exception for one record.  A fault in one record never
-costs the others.  Each Item keeps the record's original text when there is one (the JSONL line, a JSON array
-element that could not be parsed); `raw_text()` renders the others as JSON, with
+that do not convert, records larger than the caller's byte limit (too_large) -- never an
+exception for one record.  A fault in one record never costs the others.  Each Item keeps
+the record's original text when there is one (the JSONL line, a JSON array element
+that could not be parsed); `raw_text()` renders the others as JSON, with
 surrogates escaped so the text is always valid UTF-8.  Blank lines of JSONL and CSV
 are not records: they are skipped and counted in Partition.blank_lines.  A UTF-8 BOM
 is ignored (start of any JSONL line, start of JSON and CSV files).  A whole file that
@@ -23,7 +24,8 @@ name twice, nested struct fields included: reading would keep only one of them).
 Cost: planning scans JSONL files once for line offsets (disk speed) and opens the
 metadata of the others; a hub dataset is downloaded (or read from the datasets cache)
 once by the driver.  Reading a partition touches only its bytes/rows, except JSON
-arrays and CSV files, which are parsed whole (cached per worker process).  The
+arrays and CSV files, which are parsed whole (cached per worker process).  Memory per JSONL line is
+bounded by the byte limit (a longer line is read past in chunks, never held whole).  The
 per-record check is two C-speed scans of a JSONL line plus a size check per JSON object
 (duplicate names), linear in the record's size; records from other formats are walked once.
 """
@@ -612,7 +614,7 @@ def _read_jsonl(piece: Piece, max_bytes: int) -> Iterator[Item]:
                 detail = f"The line is {length} bytes long, more than --max-record-bytes {max_bytes}."
                 yield Item(row, None, ("too_large", detail), raw)
             else:
-                yield _jsonl_item(row, line.removeprefix(_BOM))
+                yield _jsonl_item(row, line.removeprefix(_BOM).removesuffix(b"\n"))
             row += 1
 
 

@@ -297,3 +297,72 @@ def test_build_through_the_cli_survives_every_hostile_record(tmp_path, cli, dask
     lines = rejects_file.read_bytes().decode("utf-8").splitlines()  # valid UTF-8 throughout
     rejects = [json.loads(line) for line in lines]
     assert len(rejects) == t["records_rejected"] and all("raw" in r and r["reason"] and r["detail"] for r in rejects)
+
+
+def _build(cli, scheduler, out, *args):
+    proc = cli(
+        "sftgo-prep", "build", *args, "--out", out, "--scheduler", scheduler, "--rejects", out.parent / "rej.jsonl"
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    rejects = [json.loads(line) for line in (out.parent / "rej.jsonl").read_text().splitlines()]
+    return proc, manifest, rejects
+
+
+def test_a_50_mb_jsonl_line_is_its_own_too_large_reject(tmp_path, cli, dask_scheduler):
+    """A real build: the 50 MB line (default limit) is rejected as too_large with a short raw; the others are
+    written, row numbers after it stay right."""
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as fh:
+        fh.write(GOOD + "\n" + json.dumps({"instruction": "hi", "output": "y" * 50_000_000}) + "\n" + GOOD + "\n\n")
+        fh.write(" " * 3_000_000 + "\n" + GOOD + "\n")  # a long blank line is a blank line, not a record
+    proc, manifest, rejects = _build(cli, dask_scheduler, tmp_path / "out", path)
+    assert manifest["rejected"] == {"too_large": 1}
+    assert manifest["totals"]["records_written"] == 3 and manifest["totals"]["blank_lines_skipped"] == 2
+    assert manifest["params"]["max_record_bytes"] == 16 * 2**20
+    (reject,) = rejects
+    assert reject["row"] == 1 and reject["raw"].startswith('{"instruction": "hi"')
+    assert len(reject["raw"]) <= readers.RAW_PREFIX and "50000" in reject["detail"]
+    assert "too_large: 1" in proc.stdout
+
+
+@pytest.mark.parametrize("limit, reason", [("100000", "too_large"), ("0", None)])
+def test_max_record_bytes_sets_the_limit_and_0_lifts_it(tmp_path, cli, dask_scheduler, limit, reason):
+    path = tmp_path / "long.jsonl"
+    path.write_text(GOOD + "\n" + json.dumps({"instruction": "hi", "output": "word " * 40_000}) + "\n")
+    _, manifest, rejects = _build(cli, dask_scheduler, tmp_path / "out", path, "--max-record-bytes", limit)
+    assert [r["reason"] for r in rejects] == ([reason] if reason else [])
+    assert manifest["totals"]["records_written"] == 2 - bool(reason)
+    assert manifest["params"]["max_record_bytes"] == int(limit)
+
+
+def test_parquet_rows_over_the_limit_are_too_large(tmp_path, cli, dask_scheduler):
+    """A top-level string and one nested in list<struct> (a messages column) are both measured."""
+    msgs = lambda text: [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]  # noqa: E731
+    path = tmp_path / "chat.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "messages": [msgs("fine"), msgs("z" * 300_000), msgs("ok"), msgs("good")],
+                "note": ["a", "b", "c", "n" * 300_000],
+            }
+        ),
+        path,
+        row_group_size=2,
+    )
+    _, manifest, rejects = _build(cli, dask_scheduler, tmp_path / "out", path, "--max-record-bytes", "200000")
+    assert manifest["rejected"] == {"too_large": 2} and manifest["totals"]["records_written"] == 2
+    assert [(r["row"], r["reason"]) for r in rejects] == [(1, "too_large"), (3, "too_large")]
+
+
+def test_json_array_and_csv_records_over_the_limit_are_too_large(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([json.loads(GOOD), {"instruction": "é" * 600, "output": "x"}, json.loads(GOOD)]))
+    table = tmp_path / "t.csv"
+    table.write_text("instruction,output\nhi,there\nhi," + "x" * 1001 + "\n")
+    for path, bad in ((array, 1), (table, 1)):
+        (part,) = readers.plan([str(path)], 10)
+        items = list(readers.read(part, 1000))
+        assert [i.row for i in items if i.reject and i.reject[0] == "too_large"] == [bad]
+        assert all(i.reject is None for i in items if i.row != bad)
+        assert all(len(i.raw) <= readers.RAW_PREFIX for i in items if i.reject)
+        assert not any(i.reject for i in readers.read(part, 0))
