@@ -148,7 +148,8 @@ class BuildConfig:
     def params(self) -> dict:
         """Everything that determines the output bytes (recorded in the manifest)."""
         skip = {"out", "workers", "scheduler", "rejects", "overwrite", "progress"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        params = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return {**params, "max_record_bytes": self.record_limit()}  # the limit used, given or not
 
 
 MAX_GROUPS = 127  # the shards' group columns are int8, with -1 for unsupervised tokens
