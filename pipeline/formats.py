@@ -23,19 +23,25 @@ prompt+completion):
   "tool_calls" (or the legacy "function_call"), content null or text; "tool" turns (legacy
   role "function") with the result as content; the record's "tools" list of JSON schemas.
 - sharegpt: "conversations" [{from, value}]; from human/user -> user,
-  gpt/assistant/bot/model/chatgpt -> assistant, system -> system.
+  gpt/assistant/bot/model/chatgpt -> assistant, system -> system.  Tool turns as LLaMA-Factory
+  writes them: "function_call", whose value is a JSON object {"name", "arguments"} (or a JSON list of
+  them, parallel calls), becomes an assistant turn with those "tool_calls" and no text; "observation"
+  becomes a tool result.
 - prompt_completion: prompt and completion, each a string (user / assistant) or a list
   of messages (TRL's conversational prompt-completion).  As in TRL, only the completion is
   learned: assistant turns inside the prompt are context ("train": False).
 
-Rules for every format: at least one assistant turn to learn, no empty assistant turn (one
-with tool calls may have no text), a system turn only first, tool calls only on assistant turns
-(elsewhere unsupported_content: dropping them would train on a different conversation); a call's
-"arguments" is an object or a JSON string of one (parsed, as chat templates print it with
-`tojson`).  Per-turn "weight" (OpenAI's fine-tuning format): 1 or absent (null) supervises an
-assistant turn, 0 makes it context ("train": False); any other value (true, "0", 0.5), or 1
-on a turn that is never supervised (a non-assistant turn, an assistant turn of a prompt), is
-invalid_weight; 0 on a non-assistant turn says what happens anyway and is accepted.
+Rules for every format: at least one assistant turn to learn, no empty assistant turn (one with tool
+calls may have no text), a system turn only first, tool calls only on assistant turns (elsewhere
+unsupported_content: dropping them would train on a different conversation); a call's "arguments" is
+an object or a JSON string of one (parsed, as chat templates print it with `tojson`).  The record's
+"tools" is a list of schemas or a JSON string of one (as LLaMA-Factory and Arrow-typed datasets
+store it; empty means none); a bare function schema {"name", ...} is wrapped as {"type": "function",
+"function": schema}, the shape chat templates document.  Per-turn "weight" (OpenAI's fine-tuning
+format): 1 or absent (null) supervises an assistant turn, 0 makes it context ("train": False); any
+other value (true, "0", 0.5), or 1 on a turn that is never supervised (a non-assistant turn, an
+assistant turn of a prompt), is invalid_weight; 0 on a non-assistant turn says what happens anyway
+and is accepted.
 Trailing user turns after the last assistant turn are kept (they are not supervised: loss
 masks cover assistant turns only).
 """
@@ -70,6 +76,8 @@ CANONICAL_FIELDS = (
 # Field-map names that live inside turns rather than at the top of a record.
 _TURN_FIELDS = frozenset({"role", "content", "from", "value"})
 
+# LLaMA-Factory's ShareGPT role whose value is the call(s) of an assistant turn, not text.
+_CALL_TURN = "function_call"
 _MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
 _SHAREGPT_ROLES = {
     "system": "system",
@@ -80,6 +88,8 @@ _SHAREGPT_ROLES = {
     "bot": "assistant",
     "model": "assistant",
     "chatgpt": "assistant",
+    "observation": "tool",
+    "function_call": _CALL_TURN,
 }
 _EMPTY: dict[str, str] = {}
 
@@ -246,6 +256,10 @@ def _turns(record, fm, key, alt_key, role_key, content_key, roles, where=None) -
         where_i = f"{name}[{i}]"
         content = turn.get(content_name)
         calls = _tool_calls(turn, where_i) if "tool_calls" in turn or "function_call" in turn else None
+        if role == _CALL_TURN:
+            if calls:
+                raise RecordError("unsupported_content", f"Turn {where_i} is a function_call turn with tool calls.")
+            role, calls, content = "assistant", _call_value(content, f"{where_i}.{content_name}"), None
         if calls and role != "assistant":
             raise RecordError("unsupported_content", f"Turn {where_i} is a {role} turn with tool calls.")
         if calls and (content is None or content == []):
@@ -306,36 +320,77 @@ def _tool_calls(turn: dict, where: str) -> list[dict] | None:
         fn = call.get("function")
         if type(fn) is not dict:
             raise _wrong_type(f"{at}.function", "an object", fn) if fn is not None else _missing(f"{at}.function")
-        name = fn.get("name")
-        if type(name) is not str or not name.strip():
-            raise _wrong_type(f"{at}.function.name", "a non-empty string", name)
-        args = fn.get("arguments", {})
-        if type(args) is str:
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                raise _wrong_type(f"{at}.function.arguments", "a JSON object", args) from None
-        if type(args) is not dict:
-            raise _wrong_type(f"{at}.function.arguments", "a JSON object", args)
-        item = {"type": "function", "function": {"name": name, "arguments": args}}
+        item = {"type": "function", "function": _function(fn, f"{at}.function")}
         if isinstance(call.get("id"), str):
             item["id"] = str(call["id"])
         out.append(item)
     return out
 
 
+def _function(fn: dict, at: str) -> dict:
+    """A called function {"name", "arguments"} as {"name": str, "arguments": dict}; arguments may be a
+    JSON string of an object, absent or blank means none."""
+    name = fn.get("name")
+    if type(name) is not str or not name.strip():
+        raise _missing(f"{at}.name") if name is None else _wrong_type(f"{at}.name", "a non-empty string", name)
+    args = fn.get("arguments", {})
+    if type(args) is str:
+        args = _json(args, f"{at}.arguments", "a JSON object") if args.strip() else {}
+    if type(args) is not dict:
+        raise _wrong_type(f"{at}.arguments", "a JSON object", args)
+    return {"name": str(name), "arguments": args}
+
+
+def _json(text: str, field: str, expected: str):
+    """The JSON value a string field holds; text that is not JSON is the field's wrong_type."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise _wrong_type(field, expected, text) from None
+
+
+def _call_value(value, field: str) -> list[dict]:
+    """A ShareGPT function_call turn's value: a JSON object {"name", "arguments"} or a non-empty JSON
+    list of them (the objects themselves also accepted), as tool_calls."""
+    expected = "a JSON object with name and arguments, or a list of them"
+    if value is None:
+        raise _missing(field)
+    if isinstance(value, str):
+        value = _json(str(value), field, expected)
+    single = type(value) is dict
+    if single:
+        value = [value]
+    elif not _is_list(value) or not value:
+        raise _wrong_type(field, expected, value)
+    calls = []
+    for j, fn in enumerate(value):
+        at = field if single else f"{field}[{j}]"
+        if type(fn) is not dict:
+            raise _wrong_type(at, "a JSON object with name and arguments", fn)
+        calls.append({"type": "function", "function": _function(fn, at)})
+    return calls
+
+
 def _record_tools(record: dict, fm: dict[str, str]) -> list[dict] | None:
-    """The record's "tools", a list of JSON schema objects (None when absent, null or empty)."""
+    """The record's "tools", a list of JSON schema objects or a JSON string of one (None when absent,
+    null or empty); a bare function schema (a "name", no "function"; also with "type": "function" beside
+    the name) is wrapped as {"type": "function", "function": schema}."""
     name = _name(fm, "tools")
     tools = record.get(name)
+    if isinstance(tools, str):
+        tools = _json(str(tools), name, "a list of tool schemas") if tools.strip() else None
     if tools is None or (_is_list(tools) and not tools):
         return None
     if not _is_list(tools):
         raise _wrong_type(name, "a list of tool schemas", tools)
+    out = []
     for j, tool in enumerate(tools):
         if type(tool) is not dict:
             raise _wrong_type(f"{name}[{j}]", "a tool schema object", tool)
-    return list(tools)
+        if "function" not in tool and "name" in tool and tool.get("type", "function") == "function":
+            tool = {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+        out.append(tool)
+    return out
 
 
 def _content_parts(content, field: str) -> str:

@@ -437,3 +437,80 @@ def _turn_tokens(tok, ids, conv, index):
         runs.append(cur)
     nth = sum(1 for m in conv[:index] if m["role"] == "assistant")
     return runs[nth]
+
+
+# LLaMA-Factory's ShareGPT tool format, one call and two parallel calls, with the conversation transformers takes.
+LF_RECORDS = [
+    (
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather in Paris?"},
+                {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+                {"from": "observation", "value": '{"temp": 20}'},
+                {"from": "gpt", "value": "It is 20 degrees."},
+            ],
+            "tools": json.dumps([WEATHER[0]["function"]]),
+        },
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("Paris", False)]},
+            {"role": "tool", "content": '{"temp": 20}'},
+            {"role": "assistant", "content": "It is 20 degrees."},
+        ],
+    ),
+    (
+        {
+            "conversations": [
+                {"from": "human", "value": "Rome and Paris?"},
+                {
+                    "from": "function_call",
+                    "value": json.dumps([call("Rome", False)["function"], call("Paris", False)["function"]]),
+                },
+                {"from": "observation", "value": "18"},
+                {"from": "observation", "value": "21"},
+                {"from": "gpt", "value": "Rome 18, Paris 21."},
+            ],
+            "tools": json.dumps([WEATHER[0]["function"]]),
+        },
+        [
+            {"role": "user", "content": "Rome and Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("Rome", False), call("Paris", False)]},
+            {"role": "tool", "content": "18"},
+            {"role": "tool", "content": "21"},
+            {"role": "assistant", "content": "Rome 18, Paris 21."},
+        ],
+    ),
+]
+
+
+def test_llamafactory_tool_records_equal_transformers_assistant_mask(tokenizer):
+    """A LLaMA-Factory tool record encodes as transformers renders its OpenAI-style equivalent with the
+    Qwen2.5 template: same ids, same loss mask (the calls supervised, the observations not)."""
+    from sftgo.pipeline.formats import to_messages
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = QWEN
+    encoder = ChatEncoder(tok, max_length=4096)
+    convs = [to_messages(record, "auto") for record, _ in LF_RECORDS]
+    for (_, oracle), enc in zip(LF_RECORDS, encoder.encode_batch(convs)):
+        assert not isinstance(enc, RecordError), enc
+        out = tok.apply_chat_template(
+            oracle, tools=WEATHER, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert enc.input_ids.tolist() == out["input_ids"]
+        assert enc.loss_mask.tolist() == out["assistant_masks"]
+        text = tok.decode(enc.input_ids[enc.loss_mask == 1].tolist())
+        n_calls = sum(len(m.get("tool_calls", ())) for m in oracle)
+        assert text.count('{"name": "get_weather", "arguments": {"city": ') == n_calls  # the calls are supervised
+        assert "<tool_response>" not in text and "temp" not in text
+        assert '"description": "The weather in a city."' in tok.decode(enc.input_ids.tolist())  # the schema
+
+
+def test_llamafactory_tool_records_with_the_embedded_template_are_unsupported_content(tokenizer):
+    from sftgo.pipeline.formats import to_messages
+
+    encoder = ChatEncoder(tokenizer, max_length=512)
+    assert encoder.call_header is None
+    for record, _ in LF_RECORDS:
+        out = encoder.encode_batch([to_messages(record, "auto")])[0]
+        assert isinstance(out, RecordError) and out.reason == "unsupported_content"

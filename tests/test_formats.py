@@ -1,5 +1,6 @@
 """pipeline.formats: every format, field maps, detection, and every rejection reason."""
 
+import json
 import pickle
 
 import pytest
@@ -141,8 +142,8 @@ def test_sharegpt_roles_map():
     assert [x["content"] for x in out] == ["s", "q1", "a1", "q2", "a2", "q3", "a3", "q4", "a4", "q5", "a5"]
 
 
-@pytest.mark.parametrize("role", ["function_call", "observation", "tool"])
-def test_sharegpt_tool_roles_rejected(role):
+@pytest.mark.parametrize("role", ["tool", "ipython"])
+def test_sharegpt_roles_outside_the_map_rejected(role):
     conv = [{"from": "human", "value": "q"}, {"from": role, "value": "{}"}, {"from": "gpt", "value": "a"}]
     e = reject({"conversations": conv})
     assert e.reason == "unknown_role" and role in e.detail
@@ -456,6 +457,8 @@ def test_tool_calls_normalised_with_arguments_parsed():
         ({"tool_calls": [{**CALL, "function": {"name": "w", "arguments": "{not json"}}]}, "wrong_type"),
         ({"tool_calls": [{**CALL, "function": {"name": "w", "arguments": "[1, 2]"}}]}, "wrong_type"),
         ({"tool_calls": [{**CALL, "function": {"name": "", "arguments": "{}"}}]}, "wrong_type"),
+        ({"tool_calls": [{**CALL, "function": {"arguments": "{}"}}]}, "missing_field"),
+        ({"function_call": {"name": "w", "arguments": 3}}, "wrong_type"),
         ({"tool_calls": [{**CALL, "type": "code_interpreter"}]}, "unsupported_content"),
         ({"tool_calls": "weather()"}, "wrong_type"),
         ({"tool_calls": [CALL], "function_call": {"name": "w"}}, "unsupported_content"),
@@ -468,3 +471,155 @@ def test_bad_tool_calls_are_rejected(turn, reason):
 def test_bad_tools_list_is_wrong_type():
     assert reject({"messages": [m(U, "q"), m(A, "a")], "tools": {"name": "w"}}).reason == "wrong_type"
     assert reject({"messages": [m(U, "q"), m(A, "a")], "tools": ["w"]}).reason == "wrong_type"
+
+
+# ---------------------------------------------------------------- LLaMA-Factory's ShareGPT tool format
+WEATHER_SCHEMA = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+WEATHER_TOOLS = json.dumps([WEATHER_SCHEMA])  # LLaMA-Factory stores "tools" as a JSON string
+
+
+def lf(*turns, tools=WEATHER_TOOLS):
+    """A ShareGPT record in LLaMA-Factory's tool format from (from, value) pairs."""
+    return {"conversations": [{"from": f, "value": v} for f, v in turns], "tools": tools}
+
+
+def openai_call(city):
+    return {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+
+
+@pytest.mark.parametrize(
+    "record, equivalent",
+    [
+        (
+            lf(
+                ("human", "Weather in Paris?"),
+                ("function_call", json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})),
+                ("observation", '{"temp": 20}'),
+                ("gpt", "It is 20 degrees."),
+            ),
+            {
+                "tools": [{"type": "function", "function": WEATHER_SCHEMA}],
+                "messages": [
+                    m(U, "Weather in Paris?"),
+                    {"role": "assistant", "content": None, "tool_calls": [openai_call("Paris")]},
+                    m("tool", '{"temp": 20}'),
+                    m(A, "It is 20 degrees."),
+                ],
+            },
+        ),
+        (  # two parallel calls, a system turn, tools as a list, the role's case
+            lf(
+                ("system", "Be terse."),
+                ("human", "Rome and Paris?"),
+                (
+                    "Function_Call",
+                    json.dumps([{"name": "get_weather", "arguments": {"city": c}} for c in ("Rome", "Paris")]),
+                ),
+                ("observation", "18"),
+                ("observation", "21"),
+                ("gpt", "Rome 18, Paris 21."),
+                tools=[WEATHER_SCHEMA],
+            ),
+            {
+                "tools": [{"type": "function", "function": WEATHER_SCHEMA}],
+                "messages": [
+                    m(S, "Be terse."),
+                    m(U, "Rome and Paris?"),
+                    {"role": "assistant", "content": "", "tool_calls": [openai_call("Rome"), openai_call("Paris")]},
+                    m("tool", "18"),
+                    m("tool", "21"),
+                    m(A, "Rome 18, Paris 21."),
+                ],
+            },
+        ),
+    ],
+)
+def test_llamafactory_tool_record_equals_its_openai_equivalent(record, equivalent):
+    out = to_messages(record, "auto")
+    assert detect_format(record) == "sharegpt"
+    assert out == to_messages(equivalent, "auto")
+    assert out.tools == [{"type": "function", "function": WEATHER_SCHEMA}] == to_messages(equivalent, "auto").tools
+
+
+def test_llamafactory_tool_turn_weights():
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Lima"}})
+    out = to_messages(
+        lf(("human", "Lima?"), ("function_call", call), ("observation", "19"), ("gpt", "19.")), "sharegpt"
+    )
+    assert [x["role"] for x in out] == [U, A, "tool", A] and out[1]["tool_calls"]
+    weighted = lf(("human", "Lima?"), ("function_call", call), ("observation", "19"), ("gpt", "19."))
+    weighted["conversations"][1]["weight"] = 0
+    out = to_messages(weighted, "auto")
+    assert out[1]["train"] is False and out.weight_zero == 1
+    weighted["conversations"][2]["weight"] = 1  # a tool result is never supervised
+    assert reject(weighted).reason == "invalid_weight"
+
+
+def test_llamafactory_without_tools_or_empty_tools_has_none():
+    call = json.dumps({"name": "get_weather", "arguments": {}})
+    for tools in (None, "", " ", "[]", []):
+        out = to_messages(
+            lf(("human", "q"), ("function_call", call), ("observation", "1"), ("gpt", "a"), tools=tools), "auto"
+        )
+        assert out.tools is None and out[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {}}
+
+
+@pytest.mark.parametrize(
+    "value, reason, field",
+    [
+        ("get_weather(city='Paris')", "wrong_type", "conversations[1].value"),  # not JSON
+        ("", "wrong_type", "conversations[1].value"),
+        (None, "missing_field", "conversations[1].value"),
+        ('{"arguments": {"city": "Paris"}}', "missing_field", "conversations[1].value.name"),  # no name
+        ('{"name": "", "arguments": {}}', "wrong_type", "conversations[1].value.name"),
+        ('{"name": 3, "arguments": {}}', "wrong_type", "conversations[1].value.name"),
+        ('{"name": "get_weather", "arguments": [1, 2]}', "wrong_type", "conversations[1].value.arguments"),
+        ('{"name": "get_weather", "arguments": "Paris"}', "wrong_type", "conversations[1].value.arguments"),
+        ('{"name": "get_weather", "arguments": 7}', "wrong_type", "conversations[1].value.arguments"),
+        ('[{"name": "get_weather"}, {"arguments": {}}]', "missing_field", "conversations[1].value[1].name"),
+        ('[{"name": "get_weather"}, "get_weather"]', "wrong_type", "conversations[1].value[1]"),
+        ("[]", "wrong_type", "conversations[1].value"),
+        ('"get_weather"', "wrong_type", "conversations[1].value"),
+        ("42", "wrong_type", "conversations[1].value"),
+    ],
+)
+def test_llamafactory_malformed_function_call_is_rejected(value, reason, field):
+    e = reject(lf(("human", "q"), ("function_call", value), ("observation", "1"), ("gpt", "a")))
+    assert e.reason == reason and f"'{field}'" in e.detail
+
+
+@pytest.mark.parametrize(
+    "tools, field",
+    [("[{name: get_weather}]", "tools"), (json.dumps(WEATHER_SCHEMA), "tools"), ('["get_weather"]', "tools[0]")],
+)
+def test_llamafactory_malformed_tools_is_wrong_type(tools, field):
+    call = json.dumps({"name": "get_weather", "arguments": {}})
+    e = reject(lf(("human", "q"), ("function_call", call), ("gpt", "a"), tools=tools), "auto")
+    assert e.reason == "wrong_type" and f"'{field}'" in e.detail
+
+
+def test_llamafactory_function_call_turn_with_tool_calls_too_is_unsupported():
+    call = json.dumps({"name": "get_weather", "arguments": {}})
+    record = lf(("human", "q"), ("function_call", call), ("gpt", "a"))
+    record["conversations"][1]["tool_calls"] = [openai_call("Oslo")]
+    assert reject(record).reason == "unsupported_content"
+
+
+def test_function_call_role_only_in_sharegpt():
+    e = reject({"messages": [m(U, "q"), m("function_call", '{"name": "w"}'), m(A, "a")]})
+    assert e.reason == "unknown_role"
+
+
+def test_tools_as_a_json_string_or_bare_schemas_in_any_format():
+    wrapped = [{"type": "function", "function": WEATHER_SCHEMA}]
+    flat = {"type": "function", **WEATHER_SCHEMA}  # the name beside "type", as OpenAI's Responses API writes it
+    for tools in (json.dumps(wrapped), [WEATHER_SCHEMA], json.dumps([flat])):
+        assert to_messages({"messages": [m(U, "q"), m(A, "a")], "tools": tools}, "auto").tools == wrapped
+    other = [{"type": "code_interpreter"}]  # not a function schema: kept as given
+    assert to_messages({"messages": [m(U, "q"), m(A, "a")], "tools": other}, "auto").tools == other
