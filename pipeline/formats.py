@@ -23,7 +23,8 @@ prompt+completion):
   "tool_calls" (or the legacy "function_call"), content null or text; "tool" turns (legacy
   role "function") with the result as content; the record's "tools" list of JSON schemas.
 - sharegpt: "conversations" [{from, value}]; from human/user -> user,
-  gpt/assistant/bot/model/chatgpt -> assistant, system -> system.  Tool turns as LLaMA-Factory
+  gpt/assistant/bot/model/chatgpt -> assistant, system -> system; a record-level "system" string
+  (LLaMA-Factory's column; also beside "messages") is the first turn.  Tool turns as LLaMA-Factory
   writes them: "function_call", whose value is a JSON object {"name", "arguments"} (or a JSON list of
   them, parallel calls), becomes an assistant turn with those "tool_calls" and no text; "observation"
   becomes a tool result.
@@ -172,9 +173,13 @@ def to_messages(record: dict, fmt: str, field_map: dict[str, str] | None = None)
     if fmt == "alpaca":
         msgs = _alpaca(record, fm)
     elif fmt == "messages":
-        msgs = _turns(record, fm, "messages", "conversations", "role", "content", _MESSAGE_ROLES)
+        msgs = _with_system(
+            record, fm, _turns(record, fm, "messages", "conversations", "role", "content", _MESSAGE_ROLES)
+        )
     elif fmt == "sharegpt":
-        msgs = _turns(record, fm, "conversations", "messages", "from", "value", _SHAREGPT_ROLES)
+        msgs = _with_system(
+            record, fm, _turns(record, fm, "conversations", "messages", "from", "value", _SHAREGPT_ROLES)
+        )
     elif fmt == "prompt_completion":
         msgs = _prompt_completion(record, fm)
     else:
@@ -184,6 +189,22 @@ def to_messages(record: dict, fmt: str, field_map: dict[str, str] | None = None)
     out.tools = _record_tools(record, fm)
     out.weight_zero = sum(m.get("weight") == 0 for m in msgs)
     return out
+
+
+def _with_system(record: dict, fm: dict[str, str], msgs: list[dict]) -> list[dict]:
+    """A record-level system prompt (LLaMA-Factory's `system` column beside `conversations`) as the first turn;
+    one that differs from the conversation's own system turn is the record's rejection, never dropped."""
+    system = _string_field(record, fm, "system", False)
+    if not system.strip():
+        return msgs
+    if msgs and msgs[0]["role"] == "system":
+        if msgs[0]["content"] == system:
+            return msgs
+        raise RecordError(
+            "unsupported_content",
+            f"Field '{_name(fm, 'system')}' and the conversation's own system turn differ; keep one of them.",
+        )
+    return [{"role": "system", "content": system}, *msgs]
 
 
 def _string_field(record: dict, fm: dict[str, str], canonical: str, required: bool) -> str:

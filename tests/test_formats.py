@@ -623,3 +623,29 @@ def test_tools_as_a_json_string_or_bare_schemas_in_any_format():
         assert to_messages({"messages": [m(U, "q"), m(A, "a")], "tools": tools}, "auto").tools == wrapped
     other = [{"type": "code_interpreter"}]  # not a function schema: kept as given
     assert to_messages({"messages": [m(U, "q"), m(A, "a")], "tools": other}, "auto").tools == other
+
+
+# a record-level system prompt beside the turns (LLaMA-Factory's sharegpt `system` column) is never dropped
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], "system": "Be terse."},
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            "system": "Be terse.",
+        },
+    ],
+)
+def test_a_record_level_system_prompt_is_the_first_turn(record):
+    assert list(to_messages(record, "auto")) == [m("system", "Be terse."), m("user", "hi"), m("assistant", "yo")]
+
+
+def test_a_record_level_system_prompt_equal_to_the_system_turn_counts_once_and_a_different_one_is_rejected():
+    turns = [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    same = {"conversations": turns, "system": "Be terse."}
+    assert list(to_messages(same, "auto")) == [m("system", "Be terse."), m("user", "hi"), m("assistant", "yo")]
+    err = reject({"conversations": turns, "system": "Be long."})
+    assert err.reason == "unsupported_content" and "'system'" in err.detail
+    assert reject({"conversations": turns[1:], "system": 3}).reason == "wrong_type"
+    renamed = {"conversations": turns[1:], "prompt_sys": "Be terse."}
+    assert list(to_messages(renamed, "auto", {"system": "prompt_sys"}))[0] == m("system", "Be terse.")
