@@ -101,7 +101,7 @@ def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
     tops = {s: _top(manifest["strategies"][s].get("num_groups", 2)) for s in strategies}
     pairs = [(a, b) for i, a in enumerate(strategies) for b in strategies[i + 1 :]]
     lengths, counts = [], {s: np.zeros(0, dtype=np.int64) for s in strategies}
-    overlap = {p: [0, 0] for p in pairs}  # |A and B|, |A or B| over important tokens
+    agree = {p: [0, 0] for p in pairs}  # |A and B|, |A or B| over important tokens
     for shard in manifest["shards"]:
         table = pq.read_table(directory / shard["path"], columns=["num_tokens"] + [group_column(s) for s in strategies])
         lengths.append(table["num_tokens"].to_numpy())
@@ -112,14 +112,14 @@ def summary(directory: Path, manifest: dict, shown: list[str]) -> list[str]:
             counts[s] = np.pad(counts[s], (0, size - len(counts[s]))) + np.pad(c, (0, size - len(c)))
         for a, b in pairs:
             ia, ib = groups[a] == tops[a], groups[b] == tops[b]
-            overlap[(a, b)][0] += int((ia & ib).sum())
-            overlap[(a, b)][1] += int((ia | ib).sum())
+            agree[(a, b)][0] += int((ia & ib).sum())
+            agree[(a, b)][1] += int((ia | ib).sum())
     for s in strategies:
         total = counts[s].sum() or 1
         fracs = ", ".join(f"group {g}: {100.0 * n / total:.1f}%" for g, n in enumerate(counts[s]))
         eta = printable(manifest["strategies"][s].get("eta"))
         lines.append(f"Groups [{printable(s)}] (eta={eta}, of supervised tokens): {fracs or 'none'}")
-    for (a, b), (inter, union) in overlap.items():
+    for (a, b), (inter, union) in agree.items():
         lines.append(
             f"Agreement {printable(a)} vs {printable(b)}: Jaccard of the important tokens {inter / max(union, 1):.3f}"
         )

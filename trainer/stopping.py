@@ -23,16 +23,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 
 import torch
 
-from sftgo.core.errors import Interrupted
-
-
-def _default(signum: int) -> bool:
-    handler = signal.getsignal(signum)
-    return handler is signal.default_int_handler if signum == signal.SIGINT else handler is signal.SIG_DFL
+from sftgo.core.errors import Interrupted, signal_handlers
 
 
 class StopRequest:
@@ -71,10 +65,5 @@ def graceful_interrupt(world: int):
     """Yields a StopRequest whose handler is installed for the block where that is safe (see the module)."""
     stop = StopRequest()
     wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) if world == 1 else (signal.SIGTERM, signal.SIGUSR1)
-    ours = [s for s in wanted if threading.current_thread() is threading.main_thread() and _default(s)]
-    previous = {s: signal.signal(s, stop.handle) for s in ours}
-    try:
+    with signal_handlers(wanted, stop.handle):
         yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)

@@ -44,21 +44,35 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.checkpoint = signum, checkpoint
 
 
+def _replaceable(signum: int) -> bool:
+    """Whether `signum` still has Python's own disposition (Ctrl-C's KeyboardInterrupt, the others' default)."""
+    handler = signal.getsignal(signum)
+    return handler is signal.default_int_handler if signum == signal.SIGINT else handler is signal.SIG_DFL
+
+
 @contextlib.contextmanager
-def signals_interrupt(signums=(signal.SIGTERM, signal.SIGUSR1)):
-    """Within the block, the given signals raise Interrupted in the main thread, as Ctrl-C raises
-    KeyboardInterrupt, so a command killed by a scheduler cleans up as after Ctrl-C.  Only over the default
-    disposition (an inherited SIG_IGN or another handler is left alone) and only in the main thread."""
+def signal_handlers(signums, handler):
+    """`handler` for the given signals within the block, where that is safe: in the main thread (where Python
+    delivers signals) and only over Python's own disposition, so an inherited SIG_IGN (nohup, `cmd &`) or a
+    handler the embedding program installed is left alone.  The previous handlers come back afterwards."""
     import threading
 
-    def raise_interrupted(signum, frame):
-        raise Interrupted(signum)
-
     main = threading.current_thread() is threading.main_thread()
-    ours = [s for s in signums if main and signal.getsignal(s) is signal.SIG_DFL]
-    previous = {s: signal.signal(s, raise_interrupted) for s in ours}
+    previous = {s: signal.signal(s, handler) for s in signums if main and _replaceable(s)}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_interrupt(signums=(signal.SIGTERM, signal.SIGUSR1)):
+    """Within the block, the given signals raise Interrupted, as Ctrl-C raises KeyboardInterrupt, so a command
+    killed by a scheduler cleans up as after Ctrl-C (where signal_handlers may install it)."""
+    with signal_handlers(signums, _raise_interrupted):
+        yield
