@@ -18,7 +18,7 @@ import click
 
 from sftgo.core.clihelp import show_defaults
 from sftgo.core.config import field_default, field_docs
-from sftgo.core.errors import SftgoError, unexpected
+from sftgo.core.errors import SftgoError, signals_interrupt, unexpected
 from sftgo.trainer.config import CHOICES as SETTING_CHOICES
 from sftgo.trainer.config import FIELDS, TrainConfig, choices, make_config, read_config_file
 
@@ -133,7 +133,8 @@ def build_command():
             check_data(cfg, checksums=False)  # and so is a bad manifest or shard
             from sftgo.trainer.loop import run
 
-            run(cfg)
+            with signals_interrupt():  # SIGTERM / SIGUSR1 while loading: as Ctrl-C; the loop stops at a step boundary
+                run(cfg)
         except (Exception, KeyboardInterrupt) as exc:  # one sentence unless --debug
             if debug:
                 raise

@@ -45,16 +45,19 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _replaceable(signum: int) -> bool:
-    """Whether `signum` still has Python's own disposition (Ctrl-C's KeyboardInterrupt, the others' default)."""
+    """Whether `signum` still has Python's own disposition (Ctrl-C's KeyboardInterrupt, the others' default) or
+    sftgo's signals_interrupt, which a stop at a step boundary may take over for a while."""
     handler = signal.getsignal(signum)
-    return handler is signal.default_int_handler if signum == signal.SIGINT else handler is signal.SIG_DFL
+    own = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    return handler is own or handler is _raise_interrupted
 
 
 @contextlib.contextmanager
 def signal_handlers(signums, handler):
     """`handler` for the given signals within the block, where that is safe: in the main thread (where Python
-    delivers signals) and only over Python's own disposition, so an inherited SIG_IGN (nohup, `cmd &`) or a
-    handler the embedding program installed is left alone.  The previous handlers come back afterwards."""
+    delivers signals) and only over Python's own disposition (or signals_interrupt), so an inherited SIG_IGN
+    (nohup, `cmd &`) or a handler the embedding program installed is left alone.  The previous handlers come back
+    afterwards."""
     import threading
 
     main = threading.current_thread() is threading.main_thread()

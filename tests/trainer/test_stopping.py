@@ -36,6 +36,18 @@ elif mode == "ignored":
     with graceful_interrupt(1) as stop:
         os.kill(os.getpid(), sig)
         say("asked", stop.requested, signal.getsignal(sig) is signal.SIG_IGN)
+elif mode == "nested":  # the CLI's signals_interrupt around the run, the loop's stop at step boundaries inside it
+    from sftgo.core.errors import signals_interrupt
+    with signals_interrupt():
+        with graceful_interrupt(1) as stop:
+            os.kill(os.getpid(), sig)
+            say("asked", stop.should_stop(1, None) == sig)
+        try:
+            os.kill(os.getpid(), sig)
+            say("not raised")
+        except Interrupted as exc:
+            say("outside the loop raised", exc.signum == sig)
+    say("restored", signal.getsignal(sig) is default)
 elif mode == "ranks":
     with graceful_interrupt(2) as stop:
         say("default", signal.getsignal(sig) is default)
@@ -76,3 +88,10 @@ def test_an_ignored_signal_stays_ignored_and_threads_keep_the_default():
 def test_several_ranks_leave_sigint_to_torchrun_but_take_sigterm():
     assert run("ranks", "SIGINT")[0] == ["default True"]
     assert run("ranks", "SIGTERM")[0] == ["default False"]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_the_loops_stop_takes_over_from_the_clis_interrupt_and_gives_it_back(sig):
+    """sftgo-train stops on SIGTERM while it loads (Interrupted at once) and at a step boundary while it trains."""
+    out, _ = run("nested", sig)
+    assert out == ["asked True", "outside the loop raised True", "restored True"]
