@@ -13,6 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+if str(ROOT) not in sys.path:  # `from tests.x import ...` in test modules, run alone or together
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +123,19 @@ def read_only(folder: Path):
 @pytest.fixture(name="read_only")
 def _read_only_fixture():
     return read_only
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server (moto in server mode) on the loopback, shared by the session (tests/s3server.py)."""
+    from tests.s3server import S3Server
+
+    with S3Server(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server with this process's environment pointing at it; `s3.bucket()` makes a fresh bucket."""
+    s3_server.apply_env(monkeypatch)
+    return s3_server
