@@ -708,6 +708,7 @@ def markdown(report: dict) -> str:
             L += [f"| {v} | {k} |" for k, v in tspy["parts_pct"].items()]
         elif tspy:
             L += ["", f"training profile: {tspy}"]
+    L += gpu_bench_markdown(GPU_DIR / "results.json")
     L += gpu_markdown(GPU_DIR)
     L += ["", "## Stages", "", "| stage | command | minutes |", "|---|---|---|"]
     for k, v in report["stages"].items():
@@ -719,6 +720,39 @@ def markdown(report: dict) -> str:
 GPU_DIR = ROOT / "bench" / "gpu"  # the train and memory benches' JSON from a GPU machine (not run by make bench)
 H200_BF16_DENSE_TFLOPS = 989.4  # NVIDIA's H200 SXM figure (without sparsity), for MFU
 EMBEDDED_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct, the embedded model (for JSON that does not record its count)
+
+
+def gpu_bench_markdown(path: Path) -> list[str]:
+    """The rows of bench/gpu/run.sh's results.json (copied from a GPU machine's OUT), when there is one."""
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    g = r.get("gemm") or {}
+    rate = f"{g['flops_per_s'] / 1e12:,.0f} TFLOP/s" if "flops_per_s" in g else f"not measured ({g.get('error')})"
+    L = [
+        "",
+        f"## GPU benchmark (`bash bench/gpu/run.sh`, {r.get('device')}, {r.get('started')})",
+        "",
+        f"Measured bf16 matmul rate ({g.get('n', '?')}^3, median): {rate}. {r.get('warmup_steps')} warm-up and "
+        f"{r.get('timed_steps')} timed steps per configuration, each in a fresh process; MFU = tokens/s x "
+        "(6 N + 12 L q T_eff) over that rate (trainer/flops.py); versions: "
+        + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items() if v)
+        + ".",
+        "",
+        "| configuration | status | tokens/step | tokens/s | peak CUDA MB | MFU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r.get("rows", []):
+        if row.get("status") == "ok":
+            peak, mfu = row.get("max_memory_allocated_mb"), row.get("mfu")
+            peak = "—" if peak is None else f"{peak:,.0f}"
+            mfu = "—" if mfu is None else f"{100 * mfu:.1f}%"
+            L.append(
+                f"| {row['label']} | ok | {row['tokens_per_step']:,.0f} | {row['tokens_per_s']:,.0f} | {peak} | {mfu} |"
+            )
+        else:
+            L.append(f"| {row['label']} | {row.get('status')}: {row.get('reason')} | | | | |")
+    return L
 
 
 def gpu_markdown(folder: Path) -> list[str]:

@@ -325,7 +325,6 @@ def reference_steps(args, pad: int) -> list[list[list[dict]]]:
 
 def run_sftgo(args, steps, region: Region) -> dict:
     """sftgo-train's own set-up and step (trainer/loop.py), its batcher yielding the reference steps."""
-    import torch
 
     from sftgo.trainer.config import TrainConfig
     from sftgo.trainer.distributed import setup_distributed
@@ -365,7 +364,6 @@ def run_sftgo(args, steps, region: Region) -> dict:
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "settings": {"layout": layout, **{k: getattr(cfg, k) for k in ("compile", "padding_free", "pack")
                                           if hasattr(cfg, k)}, "precision": cfg.precision},
-        "device_memory": torch.cuda.is_available(),
     }  # fmt: skip
 
 
@@ -449,9 +447,17 @@ def run_trl(args, steps, region: Region) -> dict:
                 rows.append({"input_ids": s["input_ids"].tolist(), "completion_mask": sup.astype(int).tolist()})
     model = load_hf(args, "flash_attention_2" if flash else "sdpa")
 
+    counted = []  # the tokens of each batch TRL's collator made (padding-free: no pad to leave out)
+
     class Steps(SFTTrainer):
         def get_train_dataloader(self):  # exactly the reference steps' samples, in order, through TRL's collator
-            return DataLoader(self.train_dataset, batch_sampler=index, collate_fn=self.data_collator)
+            def collate(examples):
+                batch = self.data_collator(examples)
+                mask = batch.get("attention_mask")
+                counted.append(int(batch["input_ids"].numel() if mask is None else mask.sum()))
+                return batch
+
+            return DataLoader(self.train_dataset, batch_sampler=index, collate_fn=collate)
 
     cfg = SFTConfig(per_device_train_batch_size=max(len(i) for i in index), padding_free=True,
                     use_liger_kernel=liger, max_length=None, completion_only_loss=True, shuffle_dataset=False,
@@ -461,7 +467,7 @@ def run_trl(args, steps, region: Region) -> dict:
                     callbacks=[step_region(region, args.warmup, args.steps)])  # fmt: skip
     trainer.train()
     return {
-        "timed_tokens": sum(len(rows[i]["input_ids"]) for ids in index[args.warmup :] for i in ids),
+        "timed_tokens": sum(counted[args.warmup : len(steps)]),
         "attn_implementation": model.config._attn_implementation,
         "settings": {"layout": "padding-free (one flattened row)", "use_liger_kernel": liger, "bf16": cfg.bf16},
     }
@@ -487,7 +493,6 @@ def train(args) -> dict:
         out = run_hf(args, steps, region, pad)
     else:
         out = run_trl(args, steps, region)
-    out.pop("device_memory", None)
     if region.seconds is None:
         raise SystemExit("the timed region never closed: the trainer ran fewer steps than asked")
     timed = steps[args.warmup :]
@@ -526,7 +531,7 @@ def child(cmd: list[str], timeout: float, env: dict) -> tuple[dict | None, str, 
     try:
         p = subprocess.run([sys.executable, __file__, *cmd], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s (the remaining budget)", time.perf_counter() - t0
+        return None, f"timed out after {timeout:.0f} s (--config-limit or the budget left)", time.perf_counter() - t0
     dt = time.perf_counter() - t0
     if p.returncode:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit {p.returncode}"]
@@ -630,10 +635,12 @@ def run_all(args) -> int:
                 cmd += ["--objective", c["objective"], "--layout", c["layout"]]
                 cmd += ["--compile"] if c["compile"] else []
             shutil.rmtree(work / "run", ignore_errors=True)
-            r, err, dt = child(cmd, left(), env)
+            r, err, dt = child(cmd, min(left(), args.config_limit), env)
             spent[key] = max(spent.get(key, 0.0), dt)
             row["process_s"] = dt
-            if r is None:
+            if r is None and "out of memory" in err.lower():  # a result of the configuration, not a fault
+                row.update(status="out_of_memory", reason=err)
+            elif r is None:
                 failed += 1
                 row.update(status="failed", reason=err)
             else:
@@ -665,6 +672,7 @@ def main() -> None:
     a.add_argument("--work", help="models and shards (default OUT/work; removed at the end)")
     a.add_argument("--budget", type=float, default=450.0)
     a.add_argument("--steps", type=int, default=8, help="timed steps per configuration (>= 8 on a GPU)")
+    a.add_argument("--config-limit", type=float, default=180.0, help="seconds one configuration's process may take")
     a.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the whole chain, figures meaningless")
     p = sub.add_parser("prepare")
     p.add_argument("--model", choices=sorted(MODELS), required=True)
