@@ -350,12 +350,13 @@ def profile_train(spy: str, env: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def rows(res: dict, args_sizes: dict) -> list[dict]:
+def rows(res: dict, args_sizes: dict, commands: dict | None = None) -> list[dict]:
+    """The report's rows; `commands`: the command each stage's figures came from (stages.json), else the sizes'."""
     med = statistics.median
     out, extra = [], []
 
     def cmd(script, stage):
-        return f"{PY} bench/{script} {' '.join(args_sizes[stage])}"
+        return (commands or {}).get(stage) or f"{PY} bench/{script} {' '.join(args_sizes[stage])}"
 
     if "prep" in res:
         p = res["prep"]
@@ -599,6 +600,23 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
     return out
 
 
+def peak_runs(report: dict) -> str:
+    """How many processes per configuration the peak-memory stages took, where that differs from --repeats
+    (`make bench` runs them once: their peaks repeat closely, bench/analysis.md)."""
+    res = report.get("results", {})
+    runs = {}
+    if "memory" in res:
+        runs["memory"] = res["memory"].get("repeats")
+    if "fsdp" in res:
+        runs["fsdp"] = len(res["fsdp"].get("runs", {}).get("ddp", []))
+    fewer = {k: v for k, v in runs.items() if v and v != report["repeats"]}
+    if not fewer:
+        return ""
+    return "; the peak-memory figures come from " + ", ".join(
+        f"{v} process(es) per configuration ({k})" for k, v in fewer.items()
+    )
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     la = m["load_average_1min"]
@@ -609,11 +627,7 @@ def markdown(report: dict) -> str:
         f"{' --full' if report.get('full') else ''}`) on {report['finished']}, in "
         f"{report['wall_min']:.1f} minutes. "
         f"Every timing is the median of {report['repeats']} runs"
-        + (
-            f"; the peak-memory figures (memory, fsdp) come from {report['peak_repeats']} process(es) per configuration"
-            if report.get("peak_repeats", report["repeats"]) != report["repeats"]
-            else ""
-        )
+        + peak_runs(report)
         + "; each ratio's two sides were measured in the same run, interleaved or back to back. Targets: the "
         "`target` column, set in `bench/run_all.py`.",
         "",
@@ -894,7 +908,7 @@ def main() -> None:
         if partial and (RESULTS / "load.json").exists():  # a partial rerun adds its samples to the full run's
             samples = json.loads((RESULTS / "load.json").read_text()) + samples
         (RESULTS / "load.json").write_text(json.dumps(samples) + "\n")
-    table = rows(res, sz)
+    table = rows(res, sz, {st: v["command"] for st, v in timing.items() if st in res})
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     # --report-only rewrites the report; the run it reports finished earlier
     finished = json.loads(last.read_text()).get("finished", now) if args.report_only and last.exists() else now
@@ -914,7 +928,6 @@ def main() -> None:
         "finished": finished,
         "reported": now,
         "repeats": args.repeats,
-        "peak_repeats": int(sz["memory"][sz["memory"].index("--repeats") + 1]),
         "full": args.full,
         "quick": args.quick,
         "stage_runs": stage_runs,

@@ -11,12 +11,14 @@ cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench/gpu/out}"
 mkdir -p "$OUT"
 DRY=""
-[[ "${1:-}" == "--dry-run" ]] && DRY="--dry-run"
+for arg in "$@"; do
+  if [[ "$arg" == "--dry-run" ]]; then DRY="--dry-run"; else echo "run.sh takes only --dry-run, not '$arg'." >&2; exit 2; fi
+done
 if [[ -n "${PYTHON:-}" ]]; then :; elif [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/sftgo-gpubench.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 if [[ -d bench/gpu/wheels ]] && compgen -G "bench/gpu/wheels/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --find-links bench/gpu/wheels --target "$WORK/site" bench/gpu/wheels/*.whl
+  "$PYTHON" -m pip install -q --no-deps --no-index --find-links bench/gpu/wheels --target "$WORK/site" bench/gpu/wheels/*.whl
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ! "$PYTHON" -c "import sftgo.trainer" 2>/dev/null; then
@@ -28,4 +30,4 @@ if ! "$PYTHON" -c "import sftgo.trainer" 2>/dev/null; then
 fi
 "$PYTHON" -c "import sys, torch; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}')"
 BUDGET="${BUDGET_S:-$([[ -n "$DRY" ]] && echo 180 || echo 450)}"
-exec "$PYTHON" bench/gpu/gpubench.py all --out "$OUT" --work "$WORK/run" --budget "$BUDGET" $DRY
+"$PYTHON" bench/gpu/gpubench.py all --out "$OUT" --work "$WORK/run" --budget "$BUDGET" $DRY  # its exit status is ours
