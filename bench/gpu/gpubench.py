@@ -445,7 +445,15 @@ def run_trl(args, steps, region: Region) -> dict:
             for s in row:
                 sup = s["loss_mask"].astype(bool)
                 rows.append({"input_ids": s["input_ids"].tolist(), "completion_mask": sup.astype(int).tolist()})
-    model = load_hf(args, "flash_attention_2" if flash else "sdpa")
+    attn_note = "flash_attn is not importable" if not flash else ""
+    model = None
+    if flash:  # TRL's recommended attention for padding-free batches
+        try:
+            model = load_hf(args, "flash_attention_2")
+        except (ImportError, ValueError) as exc:
+            attn_note = f"flash_attention_2 refused: {str(exc).splitlines()[0][:200]}"
+    if model is None:  # sdpa: transformers derives a block-diagonal mask from the restarting position ids
+        model = load_hf(args, "sdpa")
 
     counted = []  # the tokens of each batch TRL's collator made (padding-free: no pad to leave out)
 
@@ -469,7 +477,12 @@ def run_trl(args, steps, region: Region) -> dict:
     return {
         "timed_tokens": sum(counted[args.warmup : len(steps)]),
         "attn_implementation": model.config._attn_implementation,
-        "settings": {"layout": "padding-free (one flattened row)", "use_liger_kernel": liger, "bf16": cfg.bf16},
+        "settings": {
+            "layout": "padding-free (one flattened row)",
+            "use_liger_kernel": liger,
+            "bf16": cfg.bf16,
+            **({"attention_note": attn_note} if attn_note else {}),
+        },
     }
 
 
