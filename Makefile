@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := out/demo
 
-.PHONY: install demo test lint bench bench-quality bench-facts compare-demo clean
+.PHONY: install demo test lint bench bench-full bench-quality bench-facts compare-demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,13 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The rows users compare (every stage but scale; about 19 minutes on 2 CPU cores): bench/RESULTS.md.
 bench: install
 	$(PY) bench/run_all.py
+
+# bench plus the 200,000- and 1,000,000-record scale rows and the larger sizes (about 55 minutes on 2 cores).
+bench-full: install
+	$(PY) bench/run_all.py --full
 
 # The fair SFT-GO experiment (issue 13): 16 methods, 5 generated worlds, lr chosen per method; runs are cached in
 # experiments/skills/runs (about 2.7 hours on 2 CPU cores from nothing), then experiments/QUALITY.md and quality.json.

@@ -141,7 +141,6 @@ def the_batches(args) -> list[dict]:
     """The micro-batches sftgo-train trains on (same seed and settings), in HF's format."""
     from sftgo.core.models import load_tokenizer
     from sftgo.core.shards import group_column, read_manifest
-    from sftgo.trainer.batching import IGNORE, collate
     from sftgo.trainer.config import TrainConfig
     from sftgo.trainer.loop import make_batches
 
@@ -153,17 +152,25 @@ def the_batches(args) -> list[dict]:
     )
     out = []
     for rows in batches.row_lists(0):
-        b = collate(rows, pad, False)
-        lengths = [s["length"] for row in rows for s in row]
-        mask = torch.zeros_like(b.input_ids)
-        for r, n in enumerate(lengths):
-            mask[r, :n] = 1
-        labels = torch.full_like(b.input_ids, IGNORE)
-        labels[:, 1:] = b.targets[:, :-1]  # HF shifts labels inside the model
-        out.append({"input_ids": b.input_ids, "attention_mask": mask, "labels": labels, "num_tokens": b.num_tokens})
+        out.append(hf_batch(rows, pad))
         if len(out) == args.warmup + args.steps:
             break
     return out
+
+
+def hf_batch(rows: list[list[dict]], pad: int) -> dict:
+    """One sftgo micro-batch (rows of one sample each) as the Hugging Face Trainer takes it: padded on the
+    right, an attention mask, labels -100 on unsupervised tokens (HF shifts labels inside the model)."""
+    from sftgo.trainer.batching import IGNORE, collate
+
+    b = collate(rows, pad, False)
+    lengths = [s["length"] for row in rows for s in row]
+    mask = torch.zeros_like(b.input_ids)
+    for r, n in enumerate(lengths):
+        mask[r, :n] = 1
+    labels = torch.full_like(b.input_ids, IGNORE)
+    labels[:, 1:] = b.targets[:, :-1]
+    return {"input_ids": b.input_ids, "attention_mask": mask, "labels": labels, "num_tokens": b.num_tokens}
 
 
 def step_timer():

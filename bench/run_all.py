@@ -1,4 +1,4 @@
-"""`make bench`: run every benchmark under bench/, check each performance target, write the report.
+"""`make bench` and `make bench-full`: run the benchmarks under bench/, check each performance target, write the report.
 
 Runs, one after the other, as subprocesses (each prints its own table; the output is also kept in
 bench/_work/logs/STAGE.log and the figures in bench/_work/results/STAGE.json):
@@ -7,18 +7,27 @@ bench/_work/logs/STAGE.log and the figures in bench/_work/results/STAGE.json):
   train       bench/bench_train.py       sftgo vs sft step time; sftgo-train vs the HF Trainer and TRL tokens/s
   memory      bench/bench_memory.py      peak memory at 4,096-token batches vs the HF Trainer and TRL
   scale       bench/bench_scale.py       at 200,000 records: vs datasets.map(num_proc=2); 2 vs 1 workers; start-up;
-                                         peak RSS at 100,000 vs 1,000,000 records
+                                         peak RSS at 100,000 vs 1,000,000 records (--full only)
   fsdp        bench/bench_fsdp.py        per-rank peak memory of the training phase, 2-rank FSDP2 vs 2-rank DDP
   profile     py-spy (installed into bench/_work/tools from PyPI if missing) over one
               `sftgo-prep build --workers 1`, plus the build's own per-phase times at 1 and 2 workers
 Then writes bench/results.json and bench/RESULTS.md: one row per target (rows(), below: measured,
 baseline, ratio, target, met), the machine, the load average during the run, and the command that
-reproduces each row.  Every figure is a median of --repeats (>= 3) runs, measured side by side
-with its baseline in the same run.  At the 200,000 / 1,000,000-record sizes, estimated (not yet measured end to end)
-at 45-60 minutes on 2 otherwise idle CPU cores: the scale stage alone runs 3 x (build w2, build w1, datasets.map) at
-200,000 records plus one 1,000,000-record build (torch steps slow down several-fold when other processes load the CPU).
+reproduces each row.  Every timing is a median of --repeats (>= 3) runs, measured side by side with its
+baseline in the same run.
 
-Usage: python bench/run_all.py [--repeats 3] [--stages prep,strategies,train,scale,profile]
+Two sizes (sizes(), below):
+- default (`make bench`), about 19 minutes on 2 CPU cores: every stage but scale; prep at 40,000 records,
+  strategies at 24 records, and one process per configuration for the peak-memory stages (memory, fsdp):
+  a process's peak repeats from run to run far more closely than its timings (bench/analysis.md).  The
+  estimate scales the stage times of the last full run (on 2 cores under a load average of about 2.6) to
+  these sizes: prep 1, strategies 2, train 5, memory 9, fsdp 1.5, profile 1 minutes.
+- --full (`make bench-full`), about 55 minutes there: prep at 200,000 records, the scale stage (200,000
+  and 1,000,000-record rows), strategies at 48 records, and --repeats processes for the memory stages.
+A stage not run keeps the figures of the committed bench/results.json, and the report says when and on what
+CPU each stage ran.
+
+Usage: python bench/run_all.py [--full] [--repeats 3] [--stages prep,strategies,train,...]
                                [--quick] [--report-only]
 """
 
@@ -43,9 +52,10 @@ RESULTS = WORK / "results"
 LOGS = WORK / "logs"
 PY = ".venv/bin/python"  # how the reproduce commands are written (make install's venv)
 STAGES = ("prep", "strategies", "train", "memory", "scale", "fsdp", "profile")
+DEFAULT_STAGES = tuple(st for st in STAGES if st != "scale")  # `make bench`; --full adds the scale stage
 
 
-def sizes(quick: bool, repeats: int) -> dict:
+def sizes(quick: bool, repeats: int, full: bool = True) -> dict:
     if quick:  # a smoke test of the whole chain, a few minutes; figures not meaningful
         return {
             "prep": ["--records", "2000", "--repeats", str(repeats)],
@@ -67,9 +77,17 @@ def sizes(quick: bool, repeats: int) -> dict:
             "memory": ["--batch-tokens", "512", "--steps", "2", "--repeats", str(repeats)],
             "profile_records": 2000,
         }
+    peaks = str(repeats) if full else "1"  # processes per configuration of the peak-memory stages
     return {
-        "prep": ["--records", "200000", "--repeats", str(repeats), "--workers", "2"],
-        "strategies": ["--records", "48", "--repeats", str(repeats), "--semantic-records", "24"],
+        "prep": ["--records", "200000" if full else "40000", "--repeats", str(repeats), "--workers", "2"],
+        "strategies": [
+            "--records",
+            "48" if full else "24",
+            "--repeats",
+            str(repeats),
+            "--semantic-records",
+            "24" if full else "12",
+        ],
         "train": [
             "--batch-tokens",
             "512",
@@ -82,7 +100,7 @@ def sizes(quick: bool, repeats: int) -> dict:
             "--paired-rounds",
             "15",
         ],
-        "scale": [
+        "scale": [  # run by --full only; a default run's report keeps the committed figures of this command
             "--records",
             "200000",
             "--rss-records",
@@ -92,8 +110,8 @@ def sizes(quick: bool, repeats: int) -> dict:
             "--train-steps",
             "2",
         ],
-        "fsdp": ["--steps", "3", "--repeats", str(repeats), "--batch-tokens", "256", "--grad-checkpointing"],
-        "memory": ["--batch-tokens", "4096", "--steps", "2", "--repeats", str(repeats)],
+        "fsdp": ["--steps", "3", "--repeats", peaks, "--batch-tokens", "256", "--grad-checkpointing"],
+        "memory": ["--batch-tokens", "4096", "--steps", "2", "--repeats", peaks],
         "profile_records": 10000,
     }
 
@@ -332,12 +350,13 @@ def profile_train(spy: str, env: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def rows(res: dict, args_sizes: dict) -> list[dict]:
+def rows(res: dict, args_sizes: dict, commands: dict | None = None) -> list[dict]:
+    """The report's rows; `commands`: the command each stage's figures came from (stages.json), else the sizes'."""
     med = statistics.median
     out, extra = [], []
 
     def cmd(script, stage):
-        return f"{PY} bench/{script} {' '.join(args_sizes[stage])}"
+        return (commands or {}).get(stage) or f"{PY} bench/{script} {' '.join(args_sizes[stage])}"
 
     if "prep" in res:
         p = res["prep"]
@@ -581,17 +600,36 @@ def rows(res: dict, args_sizes: dict) -> list[dict]:
     return out
 
 
+def peak_runs(report: dict) -> str:
+    """How many processes per configuration the peak-memory stages took, where that differs from --repeats
+    (`make bench` runs them once: their peaks repeat closely, bench/analysis.md)."""
+    res = report.get("results", {})
+    runs = {}
+    if "memory" in res:
+        runs["memory"] = res["memory"].get("repeats")
+    if "fsdp" in res:
+        runs["fsdp"] = len(res["fsdp"].get("runs", {}).get("ddp", []))
+    fewer = {k: v for k, v in runs.items() if v and v != report["repeats"]}
+    if not fewer:
+        return ""
+    return "; the peak-memory figures come from " + ", ".join(
+        f"{v} process(es) per configuration ({k})" for k, v in fewer.items()
+    )
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     la = m["load_average_1min"]
     L = [
         "# sftgo benchmark results",
         "",
-        f"Generated by `make bench` (`{PY} bench/run_all.py`) on {report['finished']}, in "
+        f"Generated by `make bench{'-full' if report.get('full') else ''}` (`{PY} bench/run_all.py"
+        f"{' --full' if report.get('full') else ''}`) on {report['finished']}, in "
         f"{report['wall_min']:.1f} minutes. "
-        f"Every figure is the median of {report['repeats']} runs; each ratio's two sides were measured in the "
-        "same run, "
-        "interleaved or back to back. Targets: the `target` column, set in `bench/run_all.py`.",
+        f"Every timing is the median of {report['repeats']} runs"
+        + peak_runs(report)
+        + "; each ratio's two sides were measured in the same run, interleaved or back to back. Targets: the "
+        "`target` column, set in `bench/run_all.py`.",
         "",
         *(
             [
@@ -684,6 +722,7 @@ def markdown(report: dict) -> str:
             L += [f"| {v} | {k} |" for k, v in tspy["parts_pct"].items()]
         elif tspy:
             L += ["", f"training profile: {tspy}"]
+    L += gpu_bench_markdown(GPU_DIR / "results.json")
     L += gpu_markdown(GPU_DIR)
     L += ["", "## Stages", "", "| stage | command | minutes |", "|---|---|---|"]
     for k, v in report["stages"].items():
@@ -695,6 +734,39 @@ def markdown(report: dict) -> str:
 GPU_DIR = ROOT / "bench" / "gpu"  # the train and memory benches' JSON from a GPU machine (not run by make bench)
 H200_BF16_DENSE_TFLOPS = 989.4  # NVIDIA's H200 SXM figure (without sparsity), for MFU
 EMBEDDED_PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct, the embedded model (for JSON that does not record its count)
+
+
+def gpu_bench_markdown(path: Path) -> list[str]:
+    """The rows of bench/gpu/run.sh's results.json (copied from a GPU machine's OUT), when there is one."""
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    g = r.get("gemm") or {}
+    rate = f"{g['flops_per_s'] / 1e12:,.0f} TFLOP/s" if "flops_per_s" in g else f"not measured ({g.get('error')})"
+    L = [
+        "",
+        f"## GPU benchmark (`bash bench/gpu/run.sh`, {r.get('device')}, {r.get('started')})",
+        "",
+        f"Measured bf16 matmul rate ({g.get('n', '?')}^3, median): {rate}. {r.get('warmup_steps')} warm-up and "
+        f"{r.get('timed_steps')} timed steps per configuration, each in a fresh process; MFU = tokens/s x "
+        "(6 N + 12 L q T_eff) over that rate (trainer/flops.py); versions: "
+        + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items() if v)
+        + ".",
+        "",
+        "| configuration | status | tokens/step | tokens/s | peak CUDA MB | MFU |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r.get("rows", []):
+        if row.get("status") == "ok":
+            peak, mfu = row.get("max_memory_allocated_mb"), row.get("mfu")
+            peak = "—" if peak is None else f"{peak:,.0f}"
+            mfu = "—" if mfu is None else f"{100 * mfu:.1f}%"
+            L.append(
+                f"| {row['label']} | ok | {row['tokens_per_step']:,.0f} | {row['tokens_per_s']:,.0f} | {peak} | {mfu} |"
+            )
+        else:
+            L.append(f"| {row['label']} | {row.get('status')}: {row.get('reason')} | | | | |")
+    return L
 
 
 def gpu_markdown(folder: Path) -> list[str]:
@@ -763,7 +835,8 @@ ANALYSIS_FILE = ROOT / "bench" / "analysis.md"  # optional hand-written explanat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--full", action="store_true", help="`make bench-full`: the scale stage and the larger sizes")
+    ap.add_argument("--stages", help=f"default: {','.join(DEFAULT_STAGES)}; with --full: {','.join(STAGES)}")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the chain (figures meaningless)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from bench/_work/results/*.json")
     args = ap.parse_args()
@@ -772,9 +845,12 @@ def main() -> None:
     env = dict(os.environ)
     env.setdefault("SFTGO_CACHE", str(Path.home() / ".cache" / "sftgo"))
     env["PYTHONUNBUFFERED"] = "1"
-    sz = sizes(args.quick, args.repeats)
+    sz = sizes(args.quick, args.repeats, args.full)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stages = [s for s in args.stages.split(",") if s]
+    stages = [s for s in (args.stages or ",".join(STAGES if args.full else DEFAULT_STAGES)).split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        ap.error(f"unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_scale import LoadSampler  # one load sampler for every benchmark
 
@@ -832,7 +908,7 @@ def main() -> None:
         if partial and (RESULTS / "load.json").exists():  # a partial rerun adds its samples to the full run's
             samples = json.loads((RESULTS / "load.json").read_text()) + samples
         (RESULTS / "load.json").write_text(json.dumps(samples) + "\n")
-    table = rows(res, sz)
+    table = rows(res, sz, {st: v["command"] for st, v in timing.items() if st in res})
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     # --report-only rewrites the report; the run it reports finished earlier
     finished = json.loads(last.read_text()).get("finished", now) if args.report_only and last.exists() else now
@@ -852,9 +928,15 @@ def main() -> None:
         "finished": finished,
         "reported": now,
         "repeats": args.repeats,
+        "full": args.full,
         "quick": args.quick,
         "stage_runs": stage_runs,
-        "wall_min": sum(v["seconds"] for v in timing.values()) / 60 if timing else (time.perf_counter() - t0) / 60,
+        # the stages run now (a kept stage's time is in the stages table, not in this run's)
+        "wall_min": (
+            sum(v["seconds"] for st, v in timing.items() if args.report_only or st in stages) / 60
+            if timing
+            else (time.perf_counter() - t0) / 60
+        ),
         "machine": mach,
         "stages": timing,
         "rows": table,
