@@ -6,6 +6,7 @@ gradients on both paths for sft and dft."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -43,7 +44,10 @@ def _oracle(hidden, head, targets, weigh):
 def _run(path, hidden, head, targets, chunk, weigh):
     """The scalar sum_i w_i * CE_i through one of the head's two paths."""
     if path == "fused":
-        rows_weigh = lambda ce, rows: torch.stack([weigh(c, i) for c, i in zip(ce, range(rows.start, rows.stop))])
+
+        def rows_weigh(ce, rows):
+            return torch.stack([weigh(c, i) for c, i in zip(ce, range(rows.start, rows.stop))])
+
         return fused_cross_entropy(hidden, head, targets, rows_weigh, chunk)[0]
     ce = token_cross_entropy(hidden, head, targets, chunk)
     w = torch.stack([weigh(c, i) for i, c in enumerate(ce.detach())]) if ce.numel() else ce.detach()
@@ -136,7 +140,10 @@ def test_bf16_results_stay_close_to_the_fp32_oracle(path):
     with torch.no_grad():
         ref_head.weight.copy_(head.weight.float())
     ref_hidden = hidden.detach().float().requires_grad_()
-    weigh = lambda ce, i: torch.exp(-ce) / n  # dft's weights: a function of the token's own (bf16-path) CE
+
+    def weigh(ce, i):  # dft's weights: a function of the token's own (bf16-path) CE
+        return torch.exp(-ce) / n
+
     got = _run(path, hidden, head, targets, chunk, weigh)
     want = _oracle(ref_hidden, ref_head, targets, weigh)
     got.backward()
@@ -193,3 +200,50 @@ def test_the_training_step_is_the_same_on_both_paths(lm, objective):
     assert g_two.keys() == g_fused.keys() and len(g_two) == len(list(lm.parameters()))
     for k in g_two:
         assert torch.allclose(g_two[k], g_fused[k], rtol=1e-4, atol=1e-6), k
+
+
+HOOKS = {  # case: (objective, lam, Group-DRO weights); the weights must be exact where a hook answers
+    "sft": ("sft", 0.0, None),
+    "dft": ("dft", 0.0, None),
+    "rho1": ("rho1", 0.0, None),
+    "weighted": ("weighted", 0.0, None),
+    "sftgo at λ = 0": ("sftgo", 0.0, None),
+    "sftgo with Group-DRO": ("sftgo", 0.6, torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)),
+    "sftgo (max over a sample's groups)": ("sftgo", 0.6, None),
+}
+
+
+@pytest.mark.parametrize("case", list(HOOKS))
+def test_token_grad_hooks_equal_the_objectives_own_gradient(case):
+    """dL / dCE from each built-in's token_grad (per chunk, before the objective sees any CE) equals autograd
+    through its train_loss, with step-wide denominators larger than this micro-batch's; sftgo's max has none."""
+    from sftgo.trainer.registry import LossInput
+    from sftgo.trainer.step import Counts
+
+    name, lam, dro = HOOKS[case]
+    g = torch.Generator().manual_seed(5)
+    groups = torch.randint(-1, 3, (30,), generator=g)
+    segments = torch.arange(30) // 7
+    ce = (torch.rand(30, generator=g) * 4).requires_grad_()
+    counts = Counts(41.0, 9.0, torch.tensor([15.0, 12.0, 14.0], dtype=torch.float64), 0, 0, 0, 0)
+    obj = Objective(name, 3, weight=2.5)
+    x = LossInput(None, groups, segments, counts, lam, obj, dro)
+    hook = obj.impl.token_grad(x)
+    if name == "sftgo" and lam and dro is None:
+        assert hook is None
+        return
+    (want,) = torch.autograd.grad(obj.impl.train_loss(LossInput(ce, groups, segments, counts, lam, obj, dro)).loss, ce)
+    got = torch.cat([hook(ce.detach()[i : i + 8], slice(i, i + 8)) for i in range(0, 30, 8)])
+    assert want.abs().sum() > 0
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-9), (got, want)
+
+
+def test_the_step_takes_the_fused_head_only_where_an_objective_has_exact_weights(lm):
+    from sftgo.trainer.step import micro_loss, step_counts
+
+    micro = _batch(np.random.default_rng(1), lm.config.vocab_size)[1:]
+    counts = step_counts(micro, 2, "cpu")
+    for name, lam, fused_ce, fused in [("sft", 0, True, True), ("sftgo", 0.5, True, False), ("dft", 0, False, False)]:
+        net = TokenLossModel(lm, ce_chunk=16, fused_ce=fused_ce)
+        *_, to_backward = micro_loss(net, micro[0], Objective(name, 2), lam, counts, None, contextlib.nullcontext)
+        assert ("Fused" in type(to_backward.grad_fn).__name__) == fused, name
