@@ -94,17 +94,18 @@ class GemmLog(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-SETUPS = {  # name: (hidden dtype, head dtype, CPU bf16 autocast around the forward)
-    "autocast over fp32 weights": (torch.float32, torch.float32, True),
-    "bf16 hidden, fp32 head": (torch.bfloat16, torch.float32, False),
-    "bf16 weights": (torch.bfloat16, torch.bfloat16, False),
+SETUPS = {  # name: (hidden dtype, head dtype, CPU bf16 autocast around the forward, the GEMMs' dtype)
+    "autocast over fp32 weights": (torch.float32, torch.float32, True, torch.bfloat16),
+    "bf16 hidden, fp32 head": (torch.bfloat16, torch.float32, False, torch.bfloat16),
+    "bf16 weights": (torch.bfloat16, torch.bfloat16, False, torch.bfloat16),
+    "fp32 stays fp32": (torch.float32, torch.float32, False, torch.float32),
 }
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 @pytest.mark.parametrize("path", ["two-pass", "fused"])
 def test_bf16_inputs_run_every_head_gemm_in_bf16_with_an_fp32_weight_gradient(setup, path):
-    hidden_dtype, head_dtype, autocast = SETUPS[setup]
+    hidden_dtype, head_dtype, autocast, gemm_dtype = SETUPS[setup]
     n, chunk = 20, 6  # 4 chunks, the last one short
     head, hidden, targets = _case(n, h=16, v=48, bias=True, dtype=head_dtype)
     hidden = hidden.detach().to(hidden_dtype).requires_grad_()
@@ -118,7 +119,7 @@ def test_bf16_inputs_run_every_head_gemm_in_bf16_with_an_fp32_weight_gradient(se
         log.phase = "backward"
         loss.backward()
     chunks = math.ceil(n / chunk)
-    assert log.gemms and all(d == torch.bfloat16 for _, _, dtypes in log.gemms for d in dtypes), log.gemms
+    assert log.gemms and all(d == gemm_dtype for _, _, dtypes in log.gemms for d in dtypes), log.gemms
     assert log.accumulators and set(log.accumulators) == {torch.float32}  # the weight gradient sums in fp32
     forward = [g for g in log.gemms if g[0] == "forward"]
     backward = [g for g in log.gemms if g[0] == "backward"]
