@@ -267,7 +267,7 @@ def dro_token_grad(groups, lam: float, group_weights, *, ce_denom, group_denom):
     """dL / dCE per token of sftgo_loss with online Group-DRO weights w_g (linear in the CEs):
     (1 - λ) / N_tok + λ * w_g / N_g on a supervised token of group g."""
     keep = groups >= 0
-    per_group = group_weights.to(torch.float32) / _count(group_denom, groups.device)
+    per_group = group_weights.to(groups.device, torch.float32) / _count(group_denom, groups.device)
     w = (1.0 - lam) / _count(ce_denom, groups.device) + lam * per_group[groups.clamp(min=0).long()]
     return _known(w * keep)
 
