@@ -268,7 +268,8 @@ def dro_token_grad(groups, lam: float, group_weights, *, ce_denom, group_denom):
     (1 - λ) / N_tok + λ * w_g / N_g on a supervised token of group g."""
     keep = groups >= 0
     per_group = group_weights.to(groups.device, torch.float32) / _count(group_denom, groups.device)
-    w = (1.0 - lam) / _count(ce_denom, groups.device) + lam * per_group[groups.clamp(min=0).long()]
+    index = groups.clamp(0, per_group.numel() - 1).long()  # an undeclared group id is train_loss's error
+    w = (1.0 - lam) / _count(ce_denom, groups.device) + lam * per_group[index]
     return _known(w * keep)
 
 
