@@ -57,6 +57,17 @@ class SftGo:
             group_weights=x.group_weights,
         )
 
+    def token_grad(self, x):
+        """Exact before the forward at λ = 0 (plain CE) and with Group-DRO weights (linear); the max is not."""
+        c = x.counts
+        if x.lam == 0:
+            return _losses().ce_token_grad(x.groups, ce_denom=c.loss_tokens)
+        if x.group_weights is not None:
+            return _losses().dro_token_grad(
+                x.groups, x.lam, x.group_weights, ce_denom=c.loss_tokens, group_denom=c.group_tokens
+            )
+        return None
+
     def eval_loss(self, ce, worst, group_loss, lam):
         return (1 - lam) * ce + lam * worst
 
@@ -72,6 +83,9 @@ class Sft:
     def train_loss(self, x):
         return _losses().sftgo_loss(x.token_loss, x.groups, 0.0, **_common(x))
 
+    def token_grad(self, x):
+        return _losses().ce_token_grad(x.groups, ce_denom=x.counts.loss_tokens)
+
     eval_loss = held_out_ce
     trained_tokens = supervised_tokens
 
@@ -85,6 +99,9 @@ class Dft:
     def train_loss(self, x):
         return _losses().dft_loss(x.token_loss, x.groups, **_common(x))
 
+    def token_grad(self, x):
+        return _losses().dft_token_grad(x.groups, ce_denom=x.counts.loss_tokens)
+
     eval_loss = held_out_ce
     trained_tokens = supervised_tokens
 
@@ -97,6 +114,11 @@ class Rho1:
 
     def train_loss(self, x):
         return _losses().rho1_loss(x.token_loss, x.groups, **_common(x), important_denom=x.counts.group_tokens[-1])
+
+    def token_grad(self, x):
+        return _losses().rho1_token_grad(
+            x.groups, num_groups=x.settings.num_groups, important_denom=x.counts.group_tokens[-1]
+        )
 
     def eval_loss(self, ce, worst, group_loss, lam):
         return group_loss[-1]
@@ -114,6 +136,16 @@ class Weighted:
     def train_loss(self, x):
         return _losses().weighted_loss(
             x.token_loss, x.groups, x.settings.weight, **_common(x), important_denom=x.counts.group_tokens[-1]
+        )
+
+    def token_grad(self, x):
+        c = x.counts
+        return _losses().weighted_token_grad(
+            x.groups,
+            x.settings.weight,
+            num_groups=x.settings.num_groups,
+            ce_denom=c.loss_tokens,
+            important_denom=c.group_tokens[-1],
         )
 
     eval_loss = held_out_ce

@@ -19,7 +19,7 @@ from torch import nn
 
 from sftgo.core.models import load_causal_lm, model_dir
 from sftgo.trainer.batching import IGNORE
-from sftgo.trainer.chunked_ce import token_cross_entropy
+from sftgo.trainer.chunked_ce import fused_cross_entropy, token_cross_entropy
 from sftgo.trainer.config import ConfigError
 
 
@@ -133,19 +133,27 @@ def plain_lookup(embed: nn.Module) -> bool:
 
 
 class TokenLossModel(nn.Module):
-    """forward(input_ids, position_ids, targets) -> CE [N] of the N supervised targets.
+    """forward(input_ids, position_ids, targets) -> CE [N] of the N supervised targets;
+    forward(..., token_grad=f) -> (sum_i w_i * CE_i, detached CE [N]) through the fused head
+    (trainer.chunked_ce.fused_cross_entropy: the head's gradient computed during the forward).
+    ce_chunk: rows per head chunk, None: set by memory (chunked_ce.chunk_rows).
+    fused_ce: trainer.step passes token_grad for objectives that have one; False: every objective on the
+    two-pass head.
 
     lookup_into_grad: the input embedding's gradient is added into weight.grad in place
     (_LookupIntoGrad: no full-size gradient copies for a tied embedding); only where no DDP
     reducer watches the gradients (one process, FSDP2)."""
 
-    def __init__(self, model: nn.Module, ce_chunk: int = 1024, lookup_into_grad: bool = False):
+    def __init__(
+        self, model: nn.Module, ce_chunk: int | None = 1024, lookup_into_grad: bool = False, fused_ce: bool = True
+    ):
         super().__init__()
         self.model = model
         self.ce_chunk = ce_chunk
         self.lookup_into_grad = lookup_into_grad
+        self.fused_ce = fused_ce
 
-    def forward(self, input_ids, position_ids, targets):
+    def forward(self, input_ids, position_ids, targets, token_grad=None):
         lm = causal_lm(self.model)
         embed = lm.get_input_embeddings()
         if self.lookup_into_grad and torch.is_grad_enabled() and plain_lookup(embed):
@@ -156,4 +164,7 @@ class TokenLossModel(nn.Module):
             inputs = {"input_ids": input_ids}
         hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
         keep = targets != IGNORE
-        return token_cross_entropy(hidden[keep], lm.get_output_embeddings(), targets[keep], self.ce_chunk)
+        head, rows, tgt = lm.get_output_embeddings(), hidden[keep], targets[keep]
+        if token_grad is not None:
+            return fused_cross_entropy(rows, head, tgt, token_grad, self.ce_chunk)
+        return token_cross_entropy(rows, head, tgt, self.ce_chunk)

@@ -228,6 +228,51 @@ def weighted_loss(
     return parts
 
 
+def _count(value, device) -> torch.Tensor:
+    """A step-wide count as a float32 tensor, at least 1 (as the losses divide by it)."""
+    return torch.as_tensor(value, dtype=torch.float32, device=device).clamp(min=1)
+
+
+def _known(weights: torch.Tensor):
+    """The TokenGrad (trainer.chunked_ce) of weights known before the forward: the chunk's rows of them."""
+    return lambda ce, rows: weights[rows]
+
+
+def ce_token_grad(groups, *, ce_denom):
+    """dL / dCE per token of the token-mean CE (sft, sftgo at λ = 0): 1 / N_tok on every supervised token."""
+    return _known((groups >= 0).float() / _count(ce_denom, groups.device))
+
+
+def dft_token_grad(groups, *, ce_denom):
+    """dL / dCE per token of dft_loss: the token's own probability exp(-CE) / N_tok (a function of its CE)."""
+    scale = (groups >= 0).float() / _count(ce_denom, groups.device)
+    return lambda ce, rows: torch.exp(-ce.detach()) * scale[rows]
+
+
+def rho1_token_grad(groups, *, num_groups, important_denom):
+    """dL / dCE per token of rho1_loss: 1 / N_important on the important group's tokens, 0 elsewhere."""
+    return _known((groups == num_groups - 1).float() / _count(important_denom, groups.device))
+
+
+def weighted_token_grad(groups, weight: float, *, num_groups, ce_denom, important_denom):
+    """dL / dCE per token of weighted_loss: w_t / (N_tok + (weight - 1) * N_important), w_t = weight on the
+    important group and 1 on the other supervised tokens."""
+    n = torch.as_tensor(ce_denom, dtype=torch.float32, device=groups.device)
+    n_imp = torch.as_tensor(important_denom, dtype=torch.float32, device=groups.device)
+    w = torch.where(groups == num_groups - 1, float(weight), 1.0) * (groups >= 0)
+    return _known(w / (n + (weight - 1.0) * n_imp).clamp(min=1e-12))
+
+
+def dro_token_grad(groups, lam: float, group_weights, *, ce_denom, group_denom):
+    """dL / dCE per token of sftgo_loss with online Group-DRO weights w_g (linear in the CEs):
+    (1 - λ) / N_tok + λ * w_g / N_g on a supervised token of group g."""
+    keep = groups >= 0
+    per_group = group_weights.to(groups.device, torch.float32) / _count(group_denom, groups.device)
+    index = groups.clamp(0, per_group.numel() - 1).long()  # an undeclared group id is train_loss's error
+    w = (1.0 - lam) / _count(ce_denom, groups.device) + lam * per_group[index]
+    return _known(w * keep)
+
+
 def lam_at(step: int, total_steps: int, lam: float, schedule: str = "constant", lam_end: float = 0.0) -> float:
     """λ at an optimizer step: constant, or decaying from `lam` to `lam_end` linearly or
     along a half cosine (the paper's Eq. 5 decays the worst-group weight over training)."""

@@ -24,6 +24,13 @@ The protocol, per objective:
                                the held-out loss from the eval set's CE, worst term and per-group loss
   trained_tokens(counts) -> float
                                the tokens one step trained on (a run that trained on none fails)
+  token_grad(x: LossInput) -> TokenGrad | None   (optional)
+                               the objective's dL / dCE per token for the fused head (trainer.chunked_ce):
+                               x.token_loss is None (called before the forward); return a function of
+                               (a chunk's detached CE [n], its rows among the N targets) -> [n] weights,
+                               only where that is exact: the weights known before the forward or each a
+                               function of the token's own CE.  Absent or None: the two-pass head, which
+                               computes every CE first and backpropagates through train_loss.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ class LossInput:
     """What an objective's train_loss gets for one micro-batch (all tensors on the loss's device)."""
 
     token_loss: object
-    """float32 [N]: the CE of each supervised target of the micro-batch."""
+    """float32 [N]: the CE of each supervised target of the micro-batch (None when token_grad is asked)."""
     groups: object
     """int [N]: each target's group id (0..K-1)."""
     segments: object

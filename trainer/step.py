@@ -131,6 +131,34 @@ def objective_parts(
     return obj.impl.train_loss(LossInput(token_loss, groups, segments, counts, lam, obj, group_weights))
 
 
+def fused_token_grad(net, obj: Objective, groups, segments, lam: float, counts: Counts, group_weights=None):
+    """The objective's dL / dCE per token for the fused head (trainer.chunked_ce.fused_cross_entropy), or None:
+    the two-pass head (an objective without an exact token_grad, a net that does not take one, no autograd)."""
+    hook = getattr(obj.impl, "token_grad", None)
+    if hook is None or not torch.is_grad_enabled() or not getattr(getattr(net, "module", net), "fused_ce", False):
+        return None
+    return hook(LossInput(None, groups, segments, counts, lam, obj, group_weights))
+
+
+def micro_loss(net, mb, obj: Objective, lam: float, counts: Counts, group_weights, autocast):
+    """One micro-batch's forward: (token CE [N] fp32, groups [N], LossParts, the scalar to backpropagate).
+
+    Two-pass head: the scalar is LossParts.loss.  Fused head: the net returns sum_i w_i * CE_i, whose
+    gradient it computed during the forward, and the detached CE; LossParts (and the metrics) come from the
+    objective on that CE as a leaf, so they are the two-pass path's."""
+    keep = mb.targets != IGNORE
+    groups, segments = mb.groups[keep], mb.segments[keep]
+    token_grad = fused_token_grad(net, obj, groups, segments, lam, counts, group_weights)
+    with autocast():
+        if token_grad is None:
+            out = net(mb.input_ids, mb.position_ids, mb.targets)
+        else:
+            out = net(mb.input_ids, mb.position_ids, mb.targets, token_grad=token_grad)
+    token_loss = (out if token_grad is None else out[1].detach().requires_grad_()).float()
+    parts = objective_parts(obj, token_loss, groups, segments, lam, counts, group_weights)
+    return token_loss, groups, parts, parts.loss if token_grad is None else out[0]
+
+
 def backward_step(
     net,
     micro,
@@ -156,14 +184,9 @@ def backward_step(
         if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch only
             net.set_requires_gradient_sync(last)
         with net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext():
-            with autocast():
-                token_loss = net(mb.input_ids, mb.position_ids, mb.targets)
-            keep = mb.targets != IGNORE
-            token_loss = token_loss.float()
-            groups = mb.groups[keep]
-            parts = objective_parts(obj, token_loss, groups, mb.segments[keep], lam, counts, group_weights)
+            token_loss, groups, parts, to_backward = micro_loss(net, mb, obj, lam, counts, group_weights, autocast)
             acc[4 + 2 * k :] += token_weights(parts.loss, token_loss, groups, k)
-            (parts.loss * grad_scale).backward()
+            (to_backward * grad_scale).backward()
         acc[:4] += torch.tensor(
             [parts.loss.item(), float(parts.ce), float(parts.worst), parts.ties], dtype=torch.float64
         )
