@@ -84,7 +84,7 @@ def _worst_of_batch(loss, grp, num_groups, counts, valid, temperature, group_wei
     g_sum = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, loss)
     g_mean = g_sum / counts.clamp(min=1)
     if group_weights is not None:
-        return (group_weights.to(loss.dtype) * g_mean).sum()
+        return (group_weights.to(loss.device, loss.dtype) * g_mean).sum()
     if temperature:
         return _smooth_max(g_mean, valid, temperature)
     return g_mean.masked_fill(~valid, float("-inf")).max()
