@@ -157,7 +157,7 @@ def backward_step(
             net.set_requires_gradient_sync(last)
         with net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext():
             with autocast():
-                token_loss = net(mb.input_ids, mb.position_ids, mb.targets)
+                token_loss = net(mb.input_ids, mb.position_ids, mb.targets, **mb.attention_kwargs())
             keep = mb.targets != IGNORE
             token_loss = token_loss.float()
             groups = mb.groups[keep]
