@@ -23,6 +23,7 @@ implementation is restored around saving (`original_attention`) and by `use_orig
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 
 import torch
@@ -43,6 +44,7 @@ def segment_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
     }
 
 
+@functools.cache
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -51,12 +53,17 @@ def _torch_varlen():
     return varlen_attn
 
 
+@functools.cache
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def kernel(device: torch.device, dtype: torch.dtype) -> str:
     """Which kernel runs the attention of tensors on `device` in `dtype`: varlen_attn, flash_attn or segments."""
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         if _torch_varlen() is not None:
             return "varlen_attn"
-        if importlib.util.find_spec("flash_attn") is not None:
+        if _has_flash_attn():
             return "flash_attn"
     return "segments"
 
@@ -157,7 +164,7 @@ def varlen_attention_forward(
             "The padding-free attention supports no attention dropout, logit soft-capping or attention sinks; "
             "pass --no-padding-free."
         )
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     name = kernel(q.device, q.dtype)
     if name == "segments":
         out = _segments(q, k, v, cu_seq_lens_q, scaling, sliding_window)

@@ -201,6 +201,24 @@ def test_forward_without_segments_is_refused_and_no_mask_is_built(tmp_path, toke
     assert attention.NAME not in (tmp_path / "config.json").read_text()
 
 
+def test_gpu_kernel_call_under_fake_tensors():
+    """The GPU path's call into torch's varlen_attn (signature, grouped-query heads, window, output layout),
+    checked with torch's own shape rules for it (FakeTensorMode: no GPU needed, nothing computed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if attention._torch_varlen() is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        query = torch.empty(1, 4, 17, 8, dtype=torch.bfloat16, device="cuda")
+        key = torch.empty(1, 2, 17, 8, dtype=torch.bfloat16, device="cuda")
+        cu = torch.empty(4, dtype=torch.int32, device="cuda")
+        assert attention.kernel(query.device, query.dtype) == "varlen_attn"
+        out, weights = attention.varlen_attention_forward(
+            None, query, key, key, None, scaling=0.3, sliding_window=5, **attention.segment_kwargs(cu, 9)
+        )
+        assert out.shape == (1, 17, 4, 8) and out.dtype == torch.bfloat16 and weights is None
+
+
 def test_unsupported_attention_settings_are_refused():
     model = LlamaForCausalLM(LlamaConfig(**SMALL, attention_dropout=0.1))
     with pytest.raises(ConfigError, match="attention_dropout=0.1"):
