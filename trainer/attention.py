@@ -121,15 +121,17 @@ def _flash_kernel(name, q, k, v, cu, max_len, scale, window):
 def _segments(q, k, v, cu, scale, window):
     """The same with sdpa, one sample at a time (q [T, Hq, D] -> [T, Hq, D]); the cu_seqlens are read on the host."""
     bounds = cu.tolist()
+    if k.shape[1] != q.shape[1]:  # grouped-query heads: query head h reads key/value head h // group
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = torch.empty_like(q)
     for a, b in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
         if window and b - a > window:  # causal and at most `window` tokens back, the token itself included
             i = torch.arange(b - a, device=q.device)
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=band, scale=scale)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         out[a:b] = o.transpose(0, 1)
     return out
 
