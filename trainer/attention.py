@@ -9,7 +9,7 @@ Output: per layer, the causal attention of each sample over its own tokens only 
 with the model's scaling, grouped-query heads and sliding window: what the model's own attention gives each
 sample run alone.
 Cost: on a GPU in bf16/fp16, one kernel call per layer, O(sum of squared sample lengths): torch's varlen_attn
-(FlashAttention; torch >= 2.10) or flash_attn_varlen_func (the flash-attn package) where torch has none; no
+(FlashAttention kernels inside torch) or flash_attn_varlen_func (the flash-attn package) where torch has none; no
 mask is built and no padding is computed.  Elsewhere (a CPU, or fp32) a fallback runs sdpa on each sample in
 turn (correct, not fast: one small attention call per sample and layer).
 
@@ -48,7 +48,7 @@ def segment_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict:
 def _torch_varlen():
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.10
+    except ImportError:  # an older torch
         return None
     return varlen_attn
 
