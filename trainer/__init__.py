@@ -8,7 +8,8 @@ Read in this order:
     objectives.py  the losses (sftgo, sft, rho1, dft, weighted), λ schedules, Group-DRO, chunked token CE
     data.py        shard streaming: seeded shuffling, disjoint per rank, bounded memory
     batching.py    token-budget batches (length-bucketed padding or packing), counted truncation,
-                   collation, data position
+                   collation (padded rows or one flat padding-free row), data position
+    attention.py   padding-free attention: each sample of a flat row attends to itself (varlen kernels)
     model.py       loading (LoRA, checkpointing) and the per-token-loss module DDP wraps
     step.py        one training step anyone can call: micro-batches -> objective -> backward
     preflight.py   the checks before torch loads: run directory, manifest, shards, groups

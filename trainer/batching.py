@@ -1,8 +1,9 @@
 """Turn a sample stream into micro-batches under a token budget, and collate them to tensors.
 
 Input: samples from `trainer.data.ShardStream` (dicts with numpy token, mask and group arrays).
-Output: `Batch` objects: padded [B, T] tensors with next-token targets, group ids and sample
-ids aligned to the predicting position, plus the truncation counts of their samples.
+Output: `Batch` objects: padded [B, T] tensors (or one flat padding-free row [1, total] with
+its samples' boundaries) with next-token targets, group ids and sample ids aligned to the
+predicting position, plus the truncation counts of their samples.
 Cost: O(tokens) numpy work per batch plus a sort per bucket pool; no model involvement.
 
 Cutting (`fit`): a sample is cut only at `max_length`, never to fit a micro-batch; every cut
@@ -10,7 +11,7 @@ is counted (samples, and supervised tokens lost), and a sample left with no supe
 target is skipped and counted.  The counts ride on the batches, so one epoch's batches
 account for every supervised token of the shards: trained + cut = the manifest's total.
 
-Two layouts, each a list of rows holding lists of samples:
+Two groupings, each a list of rows holding lists of samples:
 - bucketed padding: one sample per row; a pool of samples is sorted by length and cut into
   batches whose rows x longest length stays within `batch_tokens`, and the batches of the
   pool are emitted in a seeded random order (so the model doesn't see lengths in order).
@@ -23,6 +24,16 @@ Two layouts, each a list of rows holding lists of samples:
   checks the packed outputs equal unpacked ones.
 Padded batches pass no attention mask either: padding is on the right and attention is
 causal, so real tokens never see pads (and sdpa keeps its fast is_causal path).
+
+Two layouts of a micro-batch's tensors (`collate`):
+- rows [B, T]: each row's samples side by side, padded on the right to the longest row.
+- padding-free (`flat=True`): the same micro-batch (the same grouping, budget and samples) as
+  one flat row [1, total] of whole samples, no padding at all; position ids restart per
+  sample, and `cu_seqlens` (int32 [S+1], the cumulative sample lengths) and `max_seqlen`
+  (the longest sample, a Python int) are computed here on the host.  The model attends
+  with trainer.attention (varlen kernels: no mask, no padding, each sample only itself), to
+  which `Batch.attention_kwargs()` hands the segments.  With --pack the flat row holds about
+  `batch_tokens` tokens; with bucketing, the bucket's samples without their padding.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import numpy as np
 import torch
 
 from sftgo.core.shards import ShardError
+from sftgo.trainer.attention import segment_kwargs
 from sftgo.trainer.data import hash_key
 
 IGNORE = -100
@@ -43,7 +55,7 @@ ARRAYS = ("input_ids", "loss_mask", "groups")
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, T] long
-    position_ids: torch.Tensor | None  # [B, T] long when packed, else None
+    position_ids: torch.Tensor | None  # [B, T] long when packed or flat, else None
     targets: torch.Tensor  # [B, T] long: token predicted at each position, IGNORE if not supervised
     groups: torch.Tensor  # [B, T] long: group of that target, -1 if not supervised
     segments: torch.Tensor  # [B, T] long: batch-local sample id of that target (unique per sample)
@@ -52,6 +64,12 @@ class Batch:
     truncated_samples: int = 0  # samples of this batch cut at max_length
     truncated_loss_tokens: int = 0  # supervised tokens those cuts removed
     skipped_samples: int = 0  # samples before these that had no supervised token left (not trained)
+    cu_seqlens: torch.Tensor | None = None  # flat layout: int32 [S+1] cumulative sample lengths, else None
+    max_seqlen: int = 0  # flat layout: the longest sample
+
+    def attention_kwargs(self) -> dict:
+        """What the model's forward passes to the attention besides the ids: the flat row's segments, or nothing."""
+        return {} if self.cu_seqlens is None else segment_kwargs(self.cu_seqlens, self.max_seqlen)
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -66,6 +84,8 @@ class Batch:
             self.truncated_samples,
             self.truncated_loss_tokens,
             self.skipped_samples,
+            move(self.cu_seqlens),
+            self.max_seqlen,
         )
 
 
@@ -150,8 +170,11 @@ def packed(samples, batch_tokens: int, max_length: int):
         yield rows
 
 
-def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool) -> Batch:
-    """Concatenate each row's samples (already `fit`), pad on the right, align next-token targets."""
+def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool, flat: bool = False) -> Batch:
+    """Concatenate each row's samples (already `fit`), pad on the right, align next-token targets.
+    flat: all the rows' samples in one row with no padding, and their boundaries (padding-free)."""
+    if flat:
+        rows, packed_rows = [[s for row in rows for s in row]], True
     width = max(sum(s["length"] for s in row) for row in rows)
     B = len(rows)
     ids = np.full((B, width), pad_id, dtype=np.int64)
@@ -186,6 +209,11 @@ def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool) -> Batch:
     groups[:, :-1] = np.where(sup, grp[:, 1:], -1)
     segments = np.full((B, width), -1, dtype=np.int64)
     segments[:, :-1] = np.where(sup, seg[:, 1:], -1)
+    cu_seqlens, max_seqlen = None, 0
+    if flat:
+        lengths = [s["length"] for s in rows[0]]
+        cu_seqlens = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        max_seqlen = max(lengths)
     return Batch(
         torch.from_numpy(ids),
         torch.from_numpy(pos) if packed_rows else None,
@@ -195,6 +223,8 @@ def collate(rows: list[list[dict]], pad_id: int, packed_rows: bool) -> Batch:
         n_tokens,
         n_samples,
         *cut,
+        cu_seqlens,
+        max_seqlen,
     )
 
 
@@ -206,8 +236,10 @@ class Batches:
     batches: exact, at the cost of re-reading (not re-training on) the skipped data.
     """
 
-    def __init__(self, stream, *, batch_tokens, max_length, pack, pool_batches, seed, pad_id, rank=0, cycle=True):
-        self.stream = stream
+    def __init__(
+        self, stream, *, batch_tokens, max_length, pack, pool_batches, seed, pad_id, rank=0, cycle=True, flat=False
+    ):
+        self.stream, self.flat = stream, flat
         self.batch_tokens, self.max_length, self.pack = batch_tokens, max_length, pack
         self.pool_batches, self.seed, self.pad_id, self.rank, self.cycle = pool_batches, seed, pad_id, rank, cycle
         self.position = (0, 0)
@@ -233,7 +265,7 @@ class Batches:
                     continue
                 taken += 1
                 self.position = (epoch, taken)
-                yield collate(rows, self.pad_id, self.pack)
+                yield collate(rows, self.pad_id, self.pack, self.flat)
             if not self.cycle:
                 return
             if taken == 0:  # cycling over nothing would spin forever

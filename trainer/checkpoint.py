@@ -36,6 +36,7 @@ import torch
 
 from sftgo.core.errors import ConfigError
 from sftgo.core.fileio import atomic_write_text, check_output_dir, remove
+from sftgo.trainer.attention import original_attention
 
 LATEST = "latest"
 STEP_DIR = re.compile(r"step-(\d{7,})")  # what `latest` may name: a checkpoint directory beside it
@@ -77,7 +78,8 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def save_pretrained(model, tokenizer, path: Path) -> None:
-    model.save_pretrained(path)  # safetensors by default
+    with original_attention(model):  # the saved config names the model's own attention, not the padding-free one
+        model.save_pretrained(path)  # safetensors by default
     tokenizer.save_pretrained(path)
 
 

@@ -79,6 +79,7 @@ OPTIONS = [
     "batch_tokens",
     "max_length",
     "pack",
+    "padding_free",
     "grad_accum",
     "shuffle_buffer",
     "readahead",

@@ -173,6 +173,11 @@ class TrainConfig:
     """Samples longer than this are truncated (counted in metrics and summary); the row length when packing."""
     pack: bool = False
     """Pack several samples per row (position ids restart; no attention across samples)."""
+    padding_free: bool | None = None
+    """Each micro-batch as one flat row of whole samples with no padding, attended sample by sample with varlen
+    kernels (the same samples per micro-batch as without it; with --pack, about --batch-tokens tokens each); default:
+    on where a fused varlen kernel runs (a GPU in bf16), off elsewhere (forced on there, it runs sdpa per sample:
+    correct, slower)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step (per process)."""
     shuffle_buffer: int = 1024

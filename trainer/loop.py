@@ -33,8 +33,8 @@ from sftgo.core.fileio import atomic_write_text
 from sftgo.core.locks import LockedError, exclusive, shared
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
 from sftgo.core.shards import read_manifest
+from sftgo.trainer import attention, fsdp, hostmem, preflight, resume
 from sftgo.trainer import checkpoint as ckpt
-from sftgo.trainer import fsdp, hostmem, preflight, resume
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.data import ShardStream
@@ -119,6 +119,7 @@ def make_batches(
     *,
     shuffle: bool,
     cycle: bool,
+    flat: bool = False,
 ) -> Batches:
     stream = ShardStream(
         data_dir,
@@ -141,6 +142,7 @@ def make_batches(
         pad_id=pad_id,
         rank=rank,
         cycle=cycle,
+        flat=flat,
     )
 
 
@@ -233,6 +235,10 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     tb = tensorboard_enabled(wanted_tb, say=rank == 0)  # after the checks: a failed run needs no note
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = load_model(cfg, resume_from, device)
+    flat = attention.padding_free(cfg.padding_free, device, use_bf16(cfg, device))
+    if flat:
+        attention.use_varlen(causal_lm(model), str(cfg.model or "embedded"))
+        notes.append(attention.note(device, use_bf16(cfg, device)))
     net = TokenLossModel(model, cfg.ce_chunk, lookup_into_grad=world == 1 or cfg.fsdp)  # not under DDP: see the class
     train_net = net
     if cfg.fsdp:  # before the optimizer: fully_shard replaces the parameters with sharded ones
@@ -242,7 +248,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as it would on different data
-    batches = make_batches(cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True)
+    batches = make_batches(cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True, flat=flat)
     total = count_steps(cfg, batches, device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRLambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
@@ -300,7 +306,7 @@ def evaluate(cfg, net, batches, k, lam, device, autocast, objective) -> dict:
             break
         mb = mb.to(device)
         with autocast():
-            tl = net(mb.input_ids, mb.position_ids, mb.targets)
+            tl = net(mb.input_ids, mb.position_ids, mb.targets, **mb.attention_kwargs())
         keep = mb.targets != IGNORE
         p = sftgo_loss(
             tl.float(),
@@ -356,6 +362,7 @@ def run_eval(r: Run, step: int) -> None:
         r.world,
         shuffle=False,
         cycle=False,
+        flat=r.batches.flat,  # the eval micro-batches in the training layout
     )
     rec = evaluate(r.cfg, r.net, batches, r.k, r.lam(step), r.device, r.autocast, r.objective)
     if r.main:

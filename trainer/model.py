@@ -3,7 +3,8 @@ that returns per-token losses of the supervised positions only.
 
 Input: a model name or checkpoint directory (see sftgo.core.models), training options.
 Output: `TokenLossModel`, an nn.Module (what DDP wraps) whose forward(input_ids,
-position_ids, targets) returns the CE of each supervised target, flattened row-major.
+position_ids, targets, **segments) returns the CE of each supervised target, flattened row-major
+(segments: a padding-free micro-batch's boundaries, trainer.attention.segment_kwargs).
 Cost: the decoder forward/backward as usual; the lm_head and softmax run only on supervised
 positions, in chunks (trainer.chunked_ce.token_cross_entropy), instead of on every position
 with the whole [B, T, V] fp32 logits tensor as a plain `model(labels=...)` call does.
@@ -153,7 +154,9 @@ class TokenLossModel(nn.Module):
         self.lookup_into_grad = lookup_into_grad
         self.fused_ce = fused_ce
 
-    def forward(self, input_ids, position_ids, targets, token_grad=None):
+    def forward(self, input_ids, position_ids, targets, token_grad=None, **attention):
+        """token_grad: the objective's per-token weights (the fused head, trainer.chunked_ce); attention: the flat
+        row's segments (trainer.attention.segment_kwargs) for the padding-free layout."""
         lm = causal_lm(self.model)
         embed = lm.get_input_embeddings()
         if self.lookup_into_grad and torch.is_grad_enabled() and plain_lookup(embed):
@@ -162,7 +165,7 @@ class TokenLossModel(nn.Module):
             inputs = {"inputs_embeds": embeds}
         else:
             inputs = {"input_ids": input_ids}
-        hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False, **attention).last_hidden_state
         keep = targets != IGNORE
         head, rows, tgt = lm.get_output_embeddings(), hidden[keep], targets[keep]
         if token_grad is not None:

@@ -246,6 +246,7 @@ SHAPES_RUN = (
     "batch_tokens",
     "max_length",
     "pack",
+    "padding_free",
     "grad_accum",
     "shuffle_buffer",
     "bucket_pool",

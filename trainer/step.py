@@ -151,9 +151,9 @@ def micro_loss(net, mb, obj: Objective, lam: float, counts: Counts, group_weight
     token_grad = fused_token_grad(net, obj, groups, segments, lam, counts, group_weights)
     with autocast():
         if token_grad is None:
-            out = net(mb.input_ids, mb.position_ids, mb.targets)
+            out = net(mb.input_ids, mb.position_ids, mb.targets, **mb.attention_kwargs())
         else:
-            out = net(mb.input_ids, mb.position_ids, mb.targets, token_grad=token_grad)
+            out = net(mb.input_ids, mb.position_ids, mb.targets, token_grad=token_grad, **mb.attention_kwargs())
     token_loss = (out if token_grad is None else out[1].detach().requires_grad_()).float()
     parts = objective_parts(obj, token_loss, groups, segments, lam, counts, group_weights)
     return token_loss, groups, parts, parts.loss if token_grad is None else out[0]
