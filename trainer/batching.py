@@ -35,6 +35,7 @@ import torch
 
 from sftgo.core.shards import ShardError
 from sftgo.trainer.data import hash_key
+from sftgo.trainer.supervised import Supervised, find
 
 IGNORE = -100
 ARRAYS = ("input_ids", "loss_mask", "groups")
@@ -52,9 +53,21 @@ class Batch:
     truncated_samples: int = 0  # samples of this batch cut at max_length
     truncated_loss_tokens: int = 0  # supervised tokens those cuts removed
     skipped_samples: int = 0  # samples before these that had no supervised token left (not trained)
+    sup: Supervised | None = None  # the supervised targets as index tensors and host counts (trainer.supervised)
+
+    def __post_init__(self):
+        if self.sup is None and self.targets.device.type == "cpu":  # on the host: found here, not in the step
+            self.sup = find(self.targets, self.groups, self.segments)
+
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked host memory, so a non_blocking copy to a GPU is asynchronous."""
+        return self._map(lambda t: t.pin_memory(), None if self.sup is None else self.sup.pin_memory())
 
     def to(self, device):
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return self._map(lambda t: t.to(device, non_blocking=True), None if self.sup is None else self.sup.to(device))
+
+    def _map(self, fn, sup):
+        move = lambda t: None if t is None else fn(t)  # noqa: E731
         return Batch(
             move(self.input_ids),
             move(self.position_ids),
@@ -66,6 +79,7 @@ class Batch:
             self.truncated_samples,
             self.truncated_loss_tokens,
             self.skipped_samples,
+            sup,
         )
 
 

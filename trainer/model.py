@@ -133,7 +133,7 @@ def plain_lookup(embed: nn.Module) -> bool:
 
 
 class TokenLossModel(nn.Module):
-    """forward(input_ids, position_ids, targets) -> CE [N] of the N supervised targets.
+    """forward(input_ids, position_ids, targets, index=None) -> CE [N] of the N supervised targets.
 
     lookup_into_grad: the input embedding's gradient is added into weight.grad in place
     (_LookupIntoGrad: no full-size gradient copies for a tied embedding); only where no DDP
@@ -145,7 +145,9 @@ class TokenLossModel(nn.Module):
         self.ce_chunk = ce_chunk
         self.lookup_into_grad = lookup_into_grad
 
-    def forward(self, input_ids, position_ids, targets):
+    def forward(self, input_ids, position_ids, targets, index=None):
+        """targets: [B, T] (IGNORE where not supervised), or with `index` (int [N], the row-major positions of
+        the supervised targets, found on the host) the [N] targets themselves: no boolean mask, no device sync."""
         lm = causal_lm(self.model)
         embed = lm.get_input_embeddings()
         if self.lookup_into_grad and torch.is_grad_enabled() and plain_lookup(embed):
@@ -155,5 +157,9 @@ class TokenLossModel(nn.Module):
         else:
             inputs = {"input_ids": input_ids}
         hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
+        if index is not None:
+            return token_cross_entropy(
+                hidden.flatten(0, 1).index_select(0, index), lm.get_output_embeddings(), targets, self.ce_chunk
+            )
         keep = targets != IGNORE
         return token_cross_entropy(hidden[keep], lm.get_output_embeddings(), targets[keep], self.ce_chunk)
