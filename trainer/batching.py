@@ -57,7 +57,7 @@ class Batch:
 
     def __post_init__(self):
         if self.sup is None and self.targets.device.type == "cpu":  # on the host: found here, not in the step
-            self.sup = find(self.targets, self.groups, self.segments)
+            self.sup = find(self.targets, self.groups, self.segments, self.input_ids)
 
     def pin_memory(self) -> Batch:
         """The same batch in page-locked host memory, so a non_blocking copy to a GPU is asynchronous."""

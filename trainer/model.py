@@ -99,7 +99,7 @@ class _LookupIntoGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, ids, box):
-        weight, padding_idx = box
+        weight, padding_idx, _ = box
         ctx.box = box
         ctx.save_for_backward(ids)
         return F.embedding(ids, weight.detach(), padding_idx)
@@ -107,8 +107,18 @@ class _LookupIntoGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        weight, padding_idx = ctx.box
+        weight, padding_idx, distinct_ids = ctx.box
         flat, g = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
+        if distinct_ids is not None:  # (distinct, inverse) found on the host: no unique, no mask, no sync
+            distinct, inverse = distinct_ids
+            rows = g.new_zeros(distinct.numel(), g.shape[1]).index_add_(0, inverse, g)
+            if padding_idx is not None:  # its row gets no lookup gradient: add zeros there
+                rows = torch.where((distinct != padding_idx)[:, None], rows, 0.0)
+            with torch.no_grad():
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                weight.grad.index_add_(0, distinct, rows.to(weight.grad.dtype))
+            return None, None, None
         if padding_idx is not None:  # nn.Embedding gives its padding row no gradient
             keep = flat != padding_idx
             flat, g = flat[keep], g[keep]
@@ -145,14 +155,16 @@ class TokenLossModel(nn.Module):
         self.ce_chunk = ce_chunk
         self.lookup_into_grad = lookup_into_grad
 
-    def forward(self, input_ids, position_ids, targets, index=None):
+    def forward(self, input_ids, position_ids, targets, index=None, distinct_ids=None):
         """targets: [B, T] (IGNORE where not supervised), or with `index` (int [N], the row-major positions of
-        the supervised targets, found on the host) the [N] targets themselves: no boolean mask, no device sync."""
+        the supervised targets, found on the host) the [N] targets themselves: no boolean mask, no device sync.
+        distinct_ids: (the sorted distinct input ids, each position's row in them), found on the host, for the
+        in-place embedding gradient (no torch.unique in its backward)."""
         lm = causal_lm(self.model)
         embed = lm.get_input_embeddings()
         if self.lookup_into_grad and torch.is_grad_enabled() and plain_lookup(embed):
             anchor = torch.zeros((), device=input_ids.device, requires_grad=True)
-            embeds = _LookupIntoGrad.apply(anchor, input_ids, (embed.weight, embed.padding_idx))
+            embeds = _LookupIntoGrad.apply(anchor, input_ids, (embed.weight, embed.padding_idx, distinct_ids))
             inputs = {"inputs_embeds": embeds}
         else:
             inputs = {"input_ids": input_ids}

@@ -166,7 +166,7 @@ def supervised_of(mb) -> Supervised:
     otherwise pays the device syncs of finding them here)."""
     if mb.sup is not None:
         return mb.sup
-    return find(mb.targets, mb.groups, mb.segments).to(mb.input_ids.device)
+    return find(mb.targets, mb.groups, mb.segments, mb.input_ids).to(mb.input_ids.device)
 
 
 def distributed() -> bool:
@@ -239,7 +239,9 @@ def backward_step(
             net.set_requires_gradient_sync(last)
         with net.no_sync() if hasattr(net, "no_sync") and not last else contextlib.nullcontext():
             with autocast():
-                token_loss = net(mb.input_ids, mb.position_ids, sup.targets, index=sup.index)
+                token_loss = net(
+                    mb.input_ids, mb.position_ids, sup.targets, index=sup.index, distinct_ids=sup.distinct_ids
+                )
             token_loss = token_loss.float()
             parts = objective_parts(
                 obj, token_loss, sup.groups, sup.samples, lam, counts, group_weights, sup.num_samples

@@ -33,13 +33,21 @@ class Supervised:
     """Samples with at least one supervised target."""
     group_tokens: tuple[int, ...]
     """Supervised targets per group id 0..(largest id present); empty when nothing is supervised."""
+    distinct_ids: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(the batch's distinct input ids, sorted; each position's row in them, row-major): the in-place
+    embedding gradient's grouping (trainer.model), when the input ids were given."""
 
     @property
     def num_targets(self) -> int:
         return int(self.index.numel())
 
     def to(self, device) -> Supervised:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Supervised:
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, move) -> Supervised:
         return Supervised(
             move(self.index),
             move(self.targets),
@@ -47,23 +55,13 @@ class Supervised:
             move(self.samples),
             self.num_samples,
             self.group_tokens,
-        )
-
-    def pin_memory(self) -> Supervised:
-        pin = lambda t: t.pin_memory()  # noqa: E731
-        return Supervised(
-            pin(self.index),
-            pin(self.targets),
-            pin(self.groups),
-            pin(self.samples),
-            self.num_samples,
-            self.group_tokens,
+            None if self.distinct_ids is None else tuple(move(t) for t in self.distinct_ids),
         )
 
 
-def find(targets: torch.Tensor, groups: torch.Tensor, segments: torch.Tensor) -> Supervised:
-    """The supervised targets (target != IGNORE) of a [B, T] batch; host tensors expected (a device
-    tensor works too, at the cost of the syncs this module exists to avoid)."""
+def find(targets: torch.Tensor, groups: torch.Tensor, segments: torch.Tensor, input_ids=None) -> Supervised:
+    """The supervised targets (target != IGNORE) of a [B, T] batch, and with `input_ids` their distinct ids;
+    host tensors expected (a device tensor works too, at the cost of the syncs this module exists to avoid)."""
     targets, groups, segments = (t.detach().cpu() for t in (targets, groups, segments))
     flat = targets.reshape(-1)
     index = torch.nonzero(flat != IGNORE).reshape(-1)
@@ -78,4 +76,10 @@ def find(targets: torch.Tensor, groups: torch.Tensor, segments: torch.Tensor) ->
         dense.reshape(-1).contiguous(),
         int(distinct.numel()),
         tuple(int(c) for c in counts.tolist()),
+        None if input_ids is None else _distinct(input_ids.detach().cpu()),
     )
+
+
+def _distinct(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    distinct, inverse = torch.unique(input_ids.reshape(-1), return_inverse=True)
+    return distinct, inverse.reshape(-1)

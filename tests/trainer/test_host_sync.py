@@ -36,7 +36,7 @@ def _sample(rng, n, p):
 def setup():
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, pad_token_id=0
     )
     model = LlamaForCausalLM(config)
     rng = np.random.default_rng(0)
@@ -54,7 +54,7 @@ def setup():
 def test_backward_step_never_waits_for_the_device(setup, name):
     model, micro = setup
     obj, dro = OBJECTIVES[name]
-    net = TokenLossModel(model, ce_chunk=8)
+    net = TokenLossModel(model, ce_chunk=8, lookup_into_grad=True)  # as sftgo-train in one process
     model.zero_grad(set_to_none=True)
     # transformers' own mask preparation reads one boolean per forward (are the rows packed?): the only
     # wait left, outside sftgo's code; at most one per micro-batch
@@ -87,3 +87,16 @@ def test_the_guard_catches_what_syncs(op):
     with NoHostSync(record=True) as guard:
         op(x)
     assert len(guard.caught) >= 1
+
+
+def test_the_in_place_embedding_gradient_from_host_ids_equals_the_plain_one(setup):
+    """The lookup's gradient grouped by the distinct ids collate found (padding id included: no gradient)
+    is exactly nn.Embedding's."""
+    model, micro = setup
+    grads = []
+    for into in (False, True):
+        model.zero_grad(set_to_none=True)
+        backward_step(TokenLossModel(model, ce_chunk=8, lookup_into_grad=into), micro[:1], OBJECTIVES["sft"][0], 0.0)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert (micro[0].input_ids == 0).any()  # the padding id occurs
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
