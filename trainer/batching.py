@@ -47,6 +47,7 @@ import torch
 from sftgo.core.shards import ShardError
 from sftgo.trainer.attention import segment_kwargs
 from sftgo.trainer.data import hash_key
+from sftgo.trainer.supervised import Supervised, find
 
 IGNORE = -100
 ARRAYS = ("input_ids", "loss_mask", "groups")
@@ -66,13 +67,25 @@ class Batch:
     skipped_samples: int = 0  # samples before these that had no supervised token left (not trained)
     cu_seqlens: torch.Tensor | None = None  # flat layout: int32 [S+1] cumulative sample lengths, else None
     max_seqlen: int = 0  # flat layout: the longest sample
+    sup: Supervised | None = None  # the supervised targets as index tensors and host counts (trainer.supervised)
 
     def attention_kwargs(self) -> dict:
         """What the model's forward passes to the attention besides the ids: the flat row's segments, or nothing."""
         return {} if self.cu_seqlens is None else segment_kwargs(self.cu_seqlens, self.max_seqlen)
 
+    def __post_init__(self):
+        if self.sup is None and self.targets.device.type == "cpu":  # on the host: found here, not in the step
+            self.sup = find(self.targets, self.groups, self.segments, self.input_ids)
+
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked host memory, so a non_blocking copy to a GPU is asynchronous."""
+        return self._map(lambda t: t.pin_memory(), None if self.sup is None else self.sup.pin_memory())
+
     def to(self, device):
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return self._map(lambda t: t.to(device, non_blocking=True), None if self.sup is None else self.sup.to(device))
+
+    def _map(self, fn, sup):
+        move = lambda t: None if t is None else fn(t)  # noqa: E731
         return Batch(
             move(self.input_ids),
             move(self.position_ids),
@@ -86,6 +99,7 @@ class Batch:
             self.skipped_samples,
             move(self.cu_seqlens),
             self.max_seqlen,
+            sup,
         )
 
 

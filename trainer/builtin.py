@@ -24,7 +24,12 @@ def _losses():
 
 
 def _common(x) -> dict:
-    return {"num_groups": x.settings.num_groups, "segments": x.segments, "ce_denom": x.counts.loss_tokens}
+    return {
+        "num_groups": x.settings.num_groups,
+        "segments": x.segments,
+        "ce_denom": x.counts.loss_tokens,
+        "num_samples": getattr(x, "num_samples", None),
+    }
 
 
 def held_out_ce(self, ce, worst, group_loss, lam) -> float:

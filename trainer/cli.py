@@ -98,6 +98,7 @@ OPTIONS = [
     "ce_chunk",
     "grad_checkpointing",
     "fsdp",
+    "compile",
     "lora_r",
     "lora_alpha",
     "trust_remote_code",

@@ -224,6 +224,9 @@ class TrainConfig:
     fsdp: bool = False
     """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2, per decoder layer) instead of
     DDP: for models that do not fit one device."""
+    compile: bool | None = None
+    """Compile each decoder layer with torch.compile (default: on with CUDA, off on a CPU); the time spent
+    compiling is reported apart from the step time (compile_s in metrics.jsonl and summary.json)."""
     lora_r: int = 0
     """> 0 trains LoRA adapters of this rank through peft instead of all weights."""
     lora_alpha: float = 16.0
@@ -295,6 +298,12 @@ class TrainConfig:
             raise ConfigError(
                 f"{flag('save_adapter')} needs {flag('lora_r')}: without LoRA there is no adapter to save."
             )
+        for other in ("grad_checkpointing", "lora_r"):
+            if self.compile and getattr(self, other):
+                raise ConfigError(
+                    f"{flag('compile')} with {flag(other)} is not supported; pass {flag('no_compile')} or drop "
+                    f"{flag(other)}."
+                )
         if self.fsdp and self.lora_r > 0:
             raise ConfigError(
                 f"{flag('fsdp')} with {flag('lora_r')} is not supported: LoRA adapters are small, train them "

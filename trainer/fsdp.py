@@ -89,6 +89,6 @@ def full_state_dict(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def grad_norm_value(norm) -> float:
-    """clip_grad_norm_ returns a DTensor for sharded gradients: its global value."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def grad_norm_tensor(norm) -> torch.Tensor:
+    """clip_grad_norm_ returns a DTensor for sharded gradients: its global value, a tensor on the device."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

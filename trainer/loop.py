@@ -33,7 +33,7 @@ from sftgo.core.fileio import atomic_write_text
 from sftgo.core.locks import LockedError, exclusive, shared
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
 from sftgo.core.shards import read_manifest
-from sftgo.trainer import attention, fsdp, hostmem, preflight, resume
+from sftgo.trainer import attention, compiling, fsdp, hostmem, preflight, resume
 from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
@@ -51,6 +51,7 @@ from sftgo.trainer.metrics import (
 from sftgo.trainer.model import TokenLossModel, causal_lm, load_for_training, saved_form
 from sftgo.trainer.objectives import GroupDRO, lam_at, sftgo_loss
 from sftgo.trainer.optim import LRLambda, make_optimizer
+from sftgo.trainer.prefetch import Prefetch
 from sftgo.trainer.step import Objective, all_reduce, backward_step
 from sftgo.trainer.stopping import graceful_interrupt
 
@@ -194,11 +195,19 @@ class Run:
     trained_tokens: float = 0.0  # tokens the objective trained on in this process's steps (all ranks)
     steps_run: int = 0  # optimizer steps of this invocation (a resume starts at 0)
     memory: MemoryMeter | None = None  # this process's memory peaks (trainer/memory.py)
+    clock: compiling.CompileClock | None = None  # with --compile: the time spent compiling
+    compile_s: float = 0.0  # compile time of this invocation (evaluations' included)
+    feed: Prefetch | None = None  # the training batches, made ahead (trainer/prefetch.py), while train() runs
     host_malloc: dict = dataclasses.field(default_factory=dict)  # trainer.hostmem.apply()'s account
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_position(self) -> tuple[int, int]:
+        """(epoch, micro-batches of it trained): the batches prefetched but not yet used do not count."""
+        return self.feed.position if self.feed is not None else tuple(self.batches.position)
 
     def lam(self, step: int) -> float:
         cfg = self.cfg
@@ -243,7 +252,11 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     train_net = net
     if cfg.fsdp:  # before the optimizer: fully_shard replaces the parameters with sharded ones
         train_net = fsdp.shard(net, model, bf16=use_bf16(cfg, device))
-    elif world > 1:
+    compiled, note = compiling.resolve(cfg, device)
+    notes = notes + ([note] if note else [])
+    if compiled:  # each layer, after fully_shard and before DDP (torchtitan's order)
+        compiling.compile_layers(fsdp.decoder_layers(model))
+    if not cfg.fsdp and world > 1:
         train_net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -278,6 +291,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
         data_identity(cfg),
         run_id,
         memory=MemoryMeter(device),
+        clock=compiling.CompileClock() if compiled else None,
     )
     if resume_from is not None:
         resume.restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
@@ -376,7 +390,7 @@ def save(r: Run, step: int) -> None:
     if r.main:
         state = resume.CheckpointState(
             step,
-            list(r.batches.position),
+            list(r.data_position),
             r.worst_prev,
             r.switches,
             r.dro.state_dict() if r.dro else None,
@@ -411,6 +425,8 @@ def one_step(r: Run, it) -> dict:
     """Train one optimizer step on the next grad_accum micro-batches; return its metrics record."""
     # the peak of what came before this step (an eval, a save) is the run's, not the step's
     r.memory.step_peak(restart=True)
+    if r.clock is not None:  # what an evaluation compiled is not this step's
+        r.compile_s += r.clock.since()
     t0 = time.perf_counter()
     micro = [next(it).to(r.device) for _ in range(r.cfg.grad_accum)]
     lam = r.lam(r.step)
@@ -424,11 +440,14 @@ def one_step(r: Run, it) -> dict:
         grad_scale=r.world,
     )
     clip = r.cfg.clip_grad if r.cfg.clip_grad > 0 else float("inf")
-    grad_norm = fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(r.model.parameters(), clip))
+    norm = fsdp.grad_norm_tensor(torch.nn.utils.clip_grad_norm_(r.model.parameters(), clip))
+    # the one point where the host waits for the device in a step: the skip decision needs the loss and the
+    # gradient norm, read with every other statistic of the step in a single transfer
+    (grad_norm,) = stats.read(norm)
     lr = r.scheduler.get_last_lr()[0]
-    updated = math.isfinite(stats.loss) and math.isfinite(float(grad_norm))  # the same on every rank (reduced)
+    updated = math.isfinite(stats.loss) and math.isfinite(grad_norm)  # the same on every rank (reduced)
     if not updated:
-        nonfinite_step(r, stats.loss, float(grad_norm), lr)
+        nonfinite_step(r, stats.loss, grad_norm, lr)
     else:
         r.optimizer.step()
     r.scheduler.step()
@@ -446,7 +465,9 @@ def one_step(r: Run, it) -> dict:
     r.trained_tokens += float(r.objective.impl.trained_tokens(stats.counts))
     r.step += 1
     r.steps_run += 1
-    dt = time.perf_counter() - t0
+    compile_s = r.clock.since() if r.clock is not None else 0.0
+    r.compile_s += compile_s
+    dt = max(time.perf_counter() - t0 - compile_s, 1e-9)  # the step's own time, its compilation apart
     peaks = r.memory.step_peak(restart=False)
     rec = {
         "step": r.step,
@@ -461,14 +482,15 @@ def one_step(r: Run, it) -> dict:
         "ties": stats.ties,
         "lam": lam,
         "lr": lr,
-        "grad_norm": float(grad_norm),
+        "grad_norm": grad_norm,
         "tokens": stats.counts.tokens,
         "loss_tokens": int(stats.counts.loss_tokens),
         "tokens_per_s": stats.counts.tokens / dt,
         "step_time_s": dt,
+        **({"compile_s": compile_s} if r.clock is not None else {}),
         "skipped_nonfinite": not updated,
         "nonfinite_skipped": r.nonfinite_skipped,
-        "epoch": r.batches.position[0],
+        "epoch": r.data_position[0],
         **r.cut,
         **peaks,
     }
@@ -511,7 +533,7 @@ def train(r: Run) -> None:
         from tqdm import tqdm
 
         bar = tqdm(total=r.total_steps, initial=r.step, desc=cfg.objective, unit="step", dynamic_ncols=True)
-    it = iter(r.batches)
+    it = r.feed = Prefetch(r.batches, r.device)
     try:
         with graceful_interrupt(r.world) as interrupt:  # a signal stops between steps, never inside one
             while r.step < stop:
@@ -536,7 +558,7 @@ def train(r: Run) -> None:
     finally:  # on an interrupt or error too: a reader thread left inside pyarrow at exit aborts the process
         if bar is not None:
             bar.close()
-        it.close()
+        it.close()  # r.feed keeps its position: that of the last batch trained
     if r.steps_run and not r.trained_tokens:  # e.g. rho1 whose important tokens were all cut: nothing was learned
         raise ConfigError(
             f"Training ran {r.steps_run} step(s) but --objective {cfg.objective} trained on no token "
@@ -556,6 +578,8 @@ def finish(r: Run) -> dict:
         **r.cut,
         "nonfinite_skipped": r.nonfinite_skipped,
     }
+    if r.clock is not None:
+        summary["compile_s"] = r.compile_s
     if r.step >= r.total_steps:
         run_eval(r, r.step)
         # the last checkpoint holds the optimizer state; the export needs the room (under --fsdp rank 0

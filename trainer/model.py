@@ -100,7 +100,7 @@ class _LookupIntoGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, ids, box):
-        weight, padding_idx = box
+        weight, padding_idx, _ = box
         ctx.box = box
         ctx.save_for_backward(ids)
         return F.embedding(ids, weight.detach(), padding_idx)
@@ -108,8 +108,18 @@ class _LookupIntoGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        weight, padding_idx = ctx.box
+        weight, padding_idx, distinct_ids = ctx.box
         flat, g = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
+        if distinct_ids is not None:  # (distinct, inverse) found on the host: no unique, no mask, no sync
+            distinct, inverse = distinct_ids
+            rows = g.new_zeros(distinct.numel(), g.shape[1]).index_add_(0, inverse, g)
+            if padding_idx is not None:  # its row gets no lookup gradient: add zeros there
+                rows = torch.where((distinct != padding_idx)[:, None], rows, 0.0)
+            with torch.no_grad():
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                weight.grad.index_add_(0, distinct, rows.to(weight.grad.dtype))
+            return None, None, None
         if padding_idx is not None:  # nn.Embedding gives its padding row no gradient
             keep = flat != padding_idx
             flat, g = flat[keep], g[keep]
@@ -134,7 +144,7 @@ def plain_lookup(embed: nn.Module) -> bool:
 
 
 class TokenLossModel(nn.Module):
-    """forward(input_ids, position_ids, targets) -> CE [N] of the N supervised targets;
+    """forward(input_ids, position_ids, targets, index=None) -> CE [N] of the N supervised targets;
     forward(..., token_grad=f) -> (sum_i w_i * CE_i, detached CE [N]) through the fused head
     (trainer.chunked_ce.fused_cross_entropy: the head's gradient computed during the forward).
     ce_chunk: rows per head chunk, None: set by memory (chunked_ce.chunk_rows).
@@ -154,20 +164,28 @@ class TokenLossModel(nn.Module):
         self.lookup_into_grad = lookup_into_grad
         self.fused_ce = fused_ce
 
-    def forward(self, input_ids, position_ids, targets, token_grad=None, **attention):
-        """token_grad: the objective's per-token weights (the fused head, trainer.chunked_ce); attention: the flat
-        row's segments (trainer.attention.segment_kwargs) for the padding-free layout."""
+    def forward(self, input_ids, position_ids, targets, index=None, distinct_ids=None, token_grad=None, **attention):
+        """targets: [B, T] (IGNORE where not supervised), or with `index` (int [N], the row-major positions of
+        the supervised targets, found on the host) the [N] targets themselves: no boolean mask, no device sync.
+        distinct_ids: (the sorted distinct input ids, each position's row in them), found on the host, for the
+        in-place embedding gradient (no torch.unique in its backward).  token_grad: the objective's per-token
+        weights (the fused head, trainer.chunked_ce); attention: the flat row's segments
+        (trainer.attention.segment_kwargs) for the padding-free layout."""
         lm = causal_lm(self.model)
         embed = lm.get_input_embeddings()
         if self.lookup_into_grad and torch.is_grad_enabled() and plain_lookup(embed):
             anchor = torch.zeros((), device=input_ids.device, requires_grad=True)
-            embeds = _LookupIntoGrad.apply(anchor, input_ids, (embed.weight, embed.padding_idx))
+            embeds = _LookupIntoGrad.apply(anchor, input_ids, (embed.weight, embed.padding_idx, distinct_ids))
             inputs = {"inputs_embeds": embeds}
         else:
             inputs = {"input_ids": input_ids}
         hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False, **attention).last_hidden_state
-        keep = targets != IGNORE
-        head, rows, tgt = lm.get_output_embeddings(), hidden[keep], targets[keep]
+        head = lm.get_output_embeddings()
+        if index is not None:
+            rows, tgt = hidden.flatten(0, 1).index_select(0, index), targets
+        else:
+            keep = targets != IGNORE
+            rows, tgt = hidden[keep], targets[keep]
         if token_grad is not None:
             return fused_cross_entropy(rows, head, tgt, token_grad, self.ce_chunk)
         return token_cross_entropy(rows, head, tgt, self.ce_chunk)

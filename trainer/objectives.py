@@ -47,12 +47,16 @@ class LossParts:
     """[K] sum of token losses per group (detached), for aggregating over micro-batches and ranks."""
     group_count: torch.Tensor
     """[K] number of tokens per group, same purpose."""
-    ties: int = 0
-    """Samples whose two largest group losses are exactly equal (the argmax is then arbitrary)."""
+    ties: int | torch.Tensor = 0
+    """Samples whose two largest group losses are exactly equal (the argmax is then arbitrary); a 0-dim
+    tensor on the loss's device when computed (reading it is the caller's choice)."""
 
 
-def _flatten(token_loss, groups, segments):
-    """Keep supervised tokens only; return flat loss, group and dense sample index."""
+def _flatten(token_loss, groups, segments, num_samples=None):
+    """Keep supervised tokens only; return flat loss, group and dense sample index.  `num_samples` given:
+    the caller already did (every group >= 0, segments dense 0..num_samples-1): nothing to select."""
+    if num_samples is not None:
+        return token_loss, groups, segments
     if segments is None:  # one sample per row
         segments = torch.arange(groups.shape[0], device=groups.device)[:, None].expand_as(groups)
     keep = groups >= 0
@@ -66,7 +70,8 @@ def _flatten(token_loss, groups, segments):
 
 def _group_stats(loss, grp, num_groups):
     group_sum = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, loss.detach())
-    group_count = torch.bincount(grp, minlength=num_groups)[:num_groups].to(loss.dtype)
+    ones = torch.ones_like(loss)
+    group_count = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, ones)
     group_loss = group_sum / group_count  # NaN (0/0) for an empty group, on purpose: "no data" is not "zero loss"
     return group_sum, group_count, group_loss
 
@@ -82,7 +87,7 @@ def _smooth_max(values, valid, temperature):
 def _worst_of_batch(loss, grp, num_groups, counts, valid, temperature, group_weights):
     """reduce="batch": the max (or smooth max, or Group-DRO weighted sum) of the batch-level group means."""
     g_sum = torch.zeros(num_groups, dtype=loss.dtype, device=loss.device).index_add(0, grp, loss)
-    g_mean = g_sum / counts.clamp(min=1)
+    g_mean = g_sum / counts.to(loss.device).clamp(min=1)
     if group_weights is not None:
         return (group_weights.to(loss.device, loss.dtype) * g_mean).sum()
     if temperature:
@@ -90,13 +95,15 @@ def _worst_of_batch(loss, grp, num_groups, counts, valid, temperature, group_wei
     return g_mean.masked_fill(~valid, float("-inf")).max()
 
 
-def _worst_per_sample(loss, grp, seg, num_groups, temperature, worst_denom):
+def _worst_per_sample(loss, grp, seg, num_groups, temperature, worst_denom, num_samples=None):
     """reduce="sample": per sample the max (or smooth max) over its non-empty groups' mean losses,
-    summed and divided by the samples of the whole step; also the count of exact ties."""
-    n_smp = int(seg.max()) + 1
+    summed and divided by the samples of the whole step; also the count of exact ties (a 0-dim tensor).
+    `num_samples`: the samples of `seg` (known on the host; else read from the device)."""
+    n_smp = int(seg.max()) + 1 if num_samples is None else num_samples
     flat = seg * num_groups + grp
     s_sum = torch.zeros(n_smp * num_groups, dtype=loss.dtype, device=loss.device).index_add(0, flat, loss)
-    s_cnt = torch.bincount(flat, minlength=n_smp * num_groups).to(loss.dtype)
+    s_cnt = torch.zeros(n_smp * num_groups, dtype=loss.dtype, device=loss.device)
+    s_cnt = s_cnt.index_add(0, flat, torch.ones_like(loss))
     s_sum, s_cnt = s_sum.view(n_smp, num_groups), s_cnt.view(n_smp, num_groups)
     valid = s_cnt > 0
     s_mean = s_sum / s_cnt.clamp(min=1)
@@ -108,9 +115,16 @@ def _worst_per_sample(loss, grp, seg, num_groups, temperature, worst_denom):
         per_sample = masked.max(dim=-1).values  # plain max: gradient flows through the argmax group
         if num_groups > 1:
             top2 = masked.detach().topk(2, dim=-1).values
-            ties = int(((top2[:, 0] == top2[:, 1]) & torch.isfinite(top2[:, 1])).sum())
+            ties = ((top2[:, 0] == top2[:, 1]) & torch.isfinite(top2[:, 1])).sum()
     denom = loss.new_tensor(float(n_smp)) if worst_denom is None else torch.as_tensor(worst_denom, dtype=loss.dtype)
     return per_sample.sum() / denom.clamp(min=1), ties
+
+
+def group_id_error(largest: int, num_groups: int) -> ConfigError:
+    """The one sentence for a group id the declared K does not cover."""
+    return ConfigError(
+        f"The data has group id {largest} but {num_groups} groups were declared (ids 0..{num_groups - 1})."
+    )
 
 
 def sftgo_loss(
@@ -126,6 +140,7 @@ def sftgo_loss(
     group_denom: torch.Tensor | None = None,
     temperature: float | None = None,
     group_weights: torch.Tensor | None = None,
+    num_samples: int | None = None,
 ) -> LossParts:
     """L_GO = (1 - lam) * L_CE + lam * L_worst (docs/method.md).
 
@@ -140,16 +155,17 @@ def sftgo_loss(
     temperature: replace the max with a smooth max (log-mean-exp) at this temperature.
     group_weights: [K] online Group-DRO weights; the worst term becomes
         sum_g w_g * L_g(batch) (replaces the max; `reduce` is then ignored).
+    num_samples: given by the training step, which found the supervised targets on the host: token_loss,
+        groups and segments are [N] of supervised targets only, segments numbered 0..num_samples-1 and the
+        group ids checked; nothing here then waits for the device (no mask, unique or .item()).
     """
     if reduce not in ("sample", "batch"):
         raise ConfigError(f"reduce must be 'sample' or 'batch', not {reduce!r}.")
-    loss, grp, seg = _flatten(token_loss, groups, segments)
+    loss, grp, seg = _flatten(token_loss, groups, segments, num_samples)
     if num_groups is None:
         num_groups = max(2, int(grp.max()) + 1 if grp.numel() else 2)
-    elif grp.numel() and int(grp.max()) >= num_groups:
-        raise ConfigError(
-            f"The data has group id {int(grp.max())} but {num_groups} groups were declared (ids 0..{num_groups - 1})."
-        )
+    elif num_samples is None and grp.numel() and int(grp.max()) >= num_groups:
+        raise group_id_error(int(grp.max()), num_groups)
     zero = loss.sum() * 0.0  # keeps the graph (and DDP) happy when nothing is supervised
     n_tok = loss.new_tensor(float(loss.numel())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=loss.dtype)
     ce_sum = loss.sum()
@@ -163,7 +179,7 @@ def sftgo_loss(
         counts = group_count if group_denom is None else torch.as_tensor(group_denom, dtype=loss.dtype)
         worst = _worst_of_batch(loss, grp, num_groups, counts, group_count > 0, temperature, group_weights)
     else:
-        worst, ties = _worst_per_sample(loss, grp, seg, num_groups, temperature, worst_denom)
+        worst, ties = _worst_per_sample(loss, grp, seg, num_groups, temperature, worst_denom, num_samples)
 
     if lam == 0:
         total = ce + zero  # exactly plain SFT, even when the worst term is undefined
@@ -172,18 +188,24 @@ def sftgo_loss(
     return LossParts(total, ce.detach(), worst.detach(), group_loss, group_sum, group_count, ties)
 
 
-def sft_loss(token_loss, groups, *, ce_denom=None, num_groups=None, segments=None) -> LossParts:
+def sft_loss(token_loss, groups, *, ce_denom=None, num_groups=None, segments=None, num_samples=None) -> LossParts:
     """Plain SFT: token-mean cross-entropy over all supervised tokens (sftgo with lam = 0)."""
-    return sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
+    return sftgo_loss(
+        token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom, num_samples=num_samples
+    )
 
 
-def rho1_loss(token_loss, groups, *, num_groups=None, important_denom=None, ce_denom=None, segments=None) -> LossParts:
+def rho1_loss(
+    token_loss, groups, *, num_groups=None, important_denom=None, ce_denom=None, segments=None, num_samples=None
+) -> LossParts:
     """Rho-1 selective LM: token-mean CE over the important group only (the top group, K-1).
 
     important_denom: important-token count of the whole accumulated batch (ce_denom only
     scales the logged `ce`).
     """
-    parts = sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
+    parts = sftgo_loss(
+        token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom, num_samples=num_samples
+    )
     k = parts.group_sum.numel()
     important = groups == (k - 1)
     n = token_loss.new_tensor(float(important.sum())) if important_denom is None else torch.as_tensor(important_denom)
@@ -191,25 +213,37 @@ def rho1_loss(token_loss, groups, *, num_groups=None, important_denom=None, ce_d
     return parts
 
 
-def dft_loss(token_loss, groups, *, num_groups=None, ce_denom=None, segments=None) -> LossParts:
+def dft_loss(token_loss, groups, *, num_groups=None, ce_denom=None, segments=None, num_samples=None) -> LossParts:
     """Dynamic Fine-Tuning (arXiv 2508.05629; TRL's loss_type="dft", axolotl's use_dft): each
     supervised token's CE times its own probability exp(-CE), detached, over the supervised-token
     count of the whole accumulated batch (`ce_denom`)."""
-    parts = sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
-    sup = token_loss[groups >= 0]
+    parts = sftgo_loss(
+        token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom, num_samples=num_samples
+    )
+    sup = token_loss if num_samples is not None else token_loss[groups >= 0]  # given: all supervised
     n = sup.new_tensor(float(sup.numel())) if ce_denom is None else torch.as_tensor(ce_denom, dtype=sup.dtype)
     parts.loss = (torch.exp(-sup).detach() * sup).sum() / n.clamp(min=1)
     return parts
 
 
 def weighted_loss(
-    token_loss, groups, weight: float, *, num_groups=None, ce_denom=None, important_denom=None, segments=None
+    token_loss,
+    groups,
+    weight: float,
+    *,
+    num_groups=None,
+    ce_denom=None,
+    important_denom=None,
+    segments=None,
+    num_samples=None,
 ) -> LossParts:
     """CE with a fixed weight on the important group (K-1) and 1 on the others, as a weighted token
     mean: sum(w_t * CE_t) / sum(w_t), the sums over the whole accumulated batch (`ce_denom`
     supervised tokens, `important_denom` of them important).  weight = 1 is plain SFT; the control
     that separates SFT-GO's worst-group max from plain re-weighting."""
-    parts = sftgo_loss(token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom)
+    parts = sftgo_loss(
+        token_loss, groups, 0.0, num_groups=num_groups, segments=segments, ce_denom=ce_denom, num_samples=num_samples
+    )
     k = parts.group_sum.numel()
     keep = groups >= 0
     important = groups == (k - 1)
@@ -223,7 +257,7 @@ def weighted_loss(
         if important_denom is None
         else torch.as_tensor(important_denom, dtype=token_loss.dtype)
     )
-    w = torch.where(important, token_loss.new_tensor(float(weight)), token_loss.new_tensor(1.0)) * keep
+    w = torch.where(important, float(weight), 1.0).to(token_loss.dtype) * keep  # Python numbers: no copy to the device
     parts.loss = (token_loss * w).sum() / (n + (weight - 1.0) * n_imp).clamp(min=1e-12)
     return parts
 

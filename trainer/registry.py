@@ -56,7 +56,7 @@ class LossInput:
     groups: object
     """int [N]: each target's group id (0..K-1)."""
     segments: object
-    """int [N]: each target's sample id (unique within the step)."""
+    """int [N]: each target's sample id (unique within the micro-batch)."""
     counts: object
     """trainer.step.Counts of the whole step (all micro-batches, all ranks): loss_tokens, samples,
     group_tokens [K] -- the denominators."""
@@ -66,6 +66,9 @@ class LossInput:
     """trainer.step.Objective: num_groups (K), reduce, temperature, weight (--group-weight)."""
     group_weights: object = None
     """[K] online Group-DRO weights when --dro-step > 0, else None."""
+    num_samples: int | None = None
+    """When given (sftgo-train's step), `segments` are numbered 0..num_samples-1 in this micro-batch, found on
+    the host: an objective that passes it on (trainer.objectives) never makes the host wait for the device."""
 
 
 @runtime_checkable

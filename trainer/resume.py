@@ -272,6 +272,7 @@ OPERATIONAL = (
     "skip_nonfinite",
     "ce_chunk",
     "grad_checkpointing",
+    "compile",
     "trust_remote_code",
     "eval_every",
     "save_every",

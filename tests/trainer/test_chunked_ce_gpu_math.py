@@ -251,11 +251,12 @@ def test_token_grad_hooks_equal_the_objectives_own_gradient(case):
 
 
 def test_the_step_takes_the_fused_head_only_where_an_objective_has_exact_weights(lm):
-    from sftgo.trainer.step import micro_loss, step_counts
+    from sftgo.trainer.step import Counts, micro_loss, step_counts, supervised_of
 
     micro = _batch(np.random.default_rng(1), lm.config.vocab_size)[1:]
-    counts = step_counts(micro, 2, "cpu")
+    counts = Counts.of(step_counts(micro, 2, "cpu"), 2, "cpu")
+    sup = supervised_of(micro[0])
     for name, lam, fused_ce, fused in [("sft", 0, True, True), ("sftgo", 0.5, True, False), ("dft", 0, False, False)]:
         net = TokenLossModel(lm, ce_chunk=16, fused_ce=fused_ce)
-        *_, to_backward = micro_loss(net, micro[0], Objective(name, 2), lam, counts, None, contextlib.nullcontext)
+        *_, to_backward = micro_loss(net, micro[0], sup, Objective(name, 2), lam, counts, None, contextlib.nullcontext)
         assert ("Fused" in type(to_backward.grad_fn).__name__) == fused, name
