@@ -1,0 +1,183 @@
+"""Inputs read from object stores: a build of s3:// objects (a JSONL file, a Parquet file, a folder, a glob) gives
+the shards of the same build of the local files, byte for byte; memory:// inputs plan and read as local files do;
+what goes wrong with a URL is one sentence through the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sftgo.core import storage
+from sftgo.pipeline import readers
+from tests.conftest import BIN, ROOT, cli, write_jsonl
+
+AWS_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def _records(prefix: str, n: int) -> list:
+    return [
+        {"instruction": f"{prefix} question {i} about topic {i % 7}", "output": f"answer {i} " * (1 + i % 5)}
+        for i in range(n)
+    ]
+
+
+def _make_inputs(root: Path) -> None:
+    """A JSONL file with a bad line and a blank one, a Parquet file of 3 row groups, a folder (a subfolder, a
+    README and a hidden file beside the data) and two small files for a glob."""
+    root.mkdir()
+    lines = [json.dumps(r) for r in _records("a", 14)]
+    lines[3], lines[8] = "{not json", ""
+    write_jsonl(root / "a.jsonl", lines)
+    pq.write_table(pa.Table.from_pylist(_records("p", 11)), root / "b.parquet", row_group_size=4)
+    (root / "folder" / "sub").mkdir(parents=True)
+    write_jsonl(root / "folder" / "x.jsonl", _records("x", 5))
+    write_jsonl(root / "folder" / "sub" / "y.jsonl", _records("y", 6))
+    (root / "folder" / "README.txt").write_text("not data\n")
+    (root / "folder" / ".hidden.jsonl").write_text("{}\n")
+    (root / "glob").mkdir()
+    write_jsonl(root / "glob" / "g1.jsonl", _records("g1", 3))
+    write_jsonl(root / "glob" / "g2.jsonl", _records("g2", 4))
+    (root / "glob" / "other.parquet").write_bytes(b"not matched by the glob")
+
+
+def _upload(root: Path, url: str) -> None:
+    fs, path = storage.filesystem(url)
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            fs.pipe_file(f"{path}/{f.relative_to(root).as_posix()}", f.read_bytes())
+
+
+def _digests(out: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.parquet"))}
+
+
+def _env_without_aws() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_CONFIG_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true")
+    return dict(env, PYTHONUNBUFFERED="1")
+
+
+def _prep(*args, env: dict, python_prefix: str | None = None) -> subprocess.Popen:
+    """`sftgo-prep ARGS` started in a subprocess with `env` (or, with python_prefix, through `python -c` running
+    that code first and then the CLI's main)."""
+    if python_prefix is None:
+        cmd = [str(BIN / "sftgo-prep"), *map(str, args)]
+    else:
+        code = f"{python_prefix}\nimport sys\nfrom sftgo.pipeline.cli import main\nsys.argv[0] = 'sftgo-prep'\nmain()"
+        cmd = [sys.executable, "-c", code, *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_s3_inputs_give_the_shards_of_the_local_files(s3, tmp_path):
+    local = tmp_path / "data"
+    _make_inputs(local)
+    bucket = s3.bucket()
+    _upload(local, f"s3://{bucket}/data")
+    url = f"s3://{bucket}/data"
+    common = ["--rows-per-shard", "6", "--workers", "1", "--quiet"]
+    local_inputs = [
+        local / "a.jsonl",
+        local / "b.parquet",
+        local / "folder",
+        local / "glob/g1.jsonl",
+        local / "glob/g2.jsonl",
+    ]
+    urls = [f"{url}/a.jsonl", f"{url}/b.parquet", f"{url}/folder", f"{url}/glob/*.jsonl"]
+    # The S3 build runs with no AWS variable at all: the driver and the workers get endpoint and keys as data.
+    options = json.dumps({"endpoint_url": s3.endpoint, "key": "testing", "secret": "testing"})
+    remote = _prep(
+        "build", *urls, "--out", tmp_path / "s3out", "--storage-options", options, *common, env=_env_without_aws()
+    )
+    cli("sftgo-prep", "build", *local_inputs, "--out", tmp_path / "localout", *common)
+    stdout, stderr = remote.communicate(timeout=300)
+    assert remote.returncode == 0, stderr
+    assert "(README.txt)" in stderr and "skipped .hidden.jsonl" in stderr  # the rules of a local folder
+
+    shards = _digests(tmp_path / "localout")
+    assert len(shards) > 5 and "idf.parquet" in shards
+    assert _digests(tmp_path / "s3out") == shards
+    got = json.loads((tmp_path / "s3out" / "manifest.json").read_text())
+    want = json.loads((tmp_path / "localout" / "manifest.json").read_text())
+    names = dict(zip(map(str, local_inputs[:3]), urls[:3]))
+    names.update({str(local_inputs[3]): f"{url}/glob/g1.jsonl", str(local_inputs[4]): f"{url}/glob/g2.jsonl"})
+    assert [e["input"] for e in got["inputs"]] == [names[e["input"]] for e in want["inputs"]]
+    assert got["params"]["inputs"] == urls
+    for m in (got, want):
+        m["params"].pop("inputs")
+        for e in m["inputs"]:
+            e.pop("input")
+    assert got == want and want["rejected"] == {"malformed_json": 1}
+    built = (tmp_path / "s3out" / ".build.json").read_text() + (tmp_path / "s3out" / "manifest.json").read_text()
+    assert "storage_options" not in built and "testing" not in built  # credentials are never written
+
+    # The same command again: nothing to do; after an object changed: refused as a changed local file is.
+    again = ["build", *urls, "--out", tmp_path / "s3out", "--storage-options", options, *common]
+    proc = _prep(*again, env=_env_without_aws())
+    assert proc.communicate(timeout=120)[0].startswith("Nothing written") and proc.returncode == 0
+    storage.filesystem(url)[0].pipe_file(f"{bucket}/data/folder/x.jsonl", b'{"instruction": "q", "output": "a"}\n')
+    proc = _prep(*again, env=_env_without_aws())
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "its inputs changed since" in err and "Traceback" not in err
+
+
+def test_memory_inputs_plan_and_read_as_local_files(tmp_path):
+    local = tmp_path / "data"
+    _make_inputs(local)
+    _upload(local, "memory://sftgo-inputs/data")
+    url = "memory://sftgo-inputs/data"
+    as_local = {f"{url}/{n}": str(local / n) for n in ("a.jsonl", "b.parquet", "folder")}
+    parts = readers.plan([*as_local, f"{url}/glob/*.jsonl"], 5)
+    want = readers.plan([*as_local.values(), str(local / "glob/g1.jsonl"), str(local / "glob/g2.jsonl")], 5)
+    assert [len(p.pieces) for p in parts] == [len(p.pieces) for p in want]
+    for got_part, want_part in zip(parts, want):
+        for g, w in zip(got_part.pieces, want_part.pieces):
+            assert (g.kind, g.start, g.stop, g.first_row, g.rows, g.blank_lines) == (
+                w.kind,
+                w.start,
+                w.stop,
+                w.first_row,
+                w.rows,
+                w.blank_lines,
+            )
+            assert g.path.startswith("memory://") and g.path.split("/data/")[1] == w.path.split("/data/")[1]
+            assert g.source.split("/data/")[1] == w.source.split("/data/")[1]
+        assert list(readers.read(got_part, 1000)) == list(readers.read(want_part, 1000))
+
+
+def test_store_errors_are_one_sentence(s3, tmp_path):
+    """Through the real CLI: an unknown scheme, a missing object and bucket, no credentials, a glob that matches
+    nothing, a missing backend package (s3fs hidden from the process)."""
+    bucket = s3.bucket()
+    storage.filesystem(f"s3://{bucket}")[0].pipe_file(f"{bucket}/d/x.jsonl", b'{"instruction": "q", "output": "a"}\n')
+    env = dict(os.environ, PYTHONUNBUFFERED="1", AWS_EC2_METADATA_DISABLED="true")
+    no_keys = dict(_env_without_aws(), AWS_ENDPOINT_URL=s3.endpoint)
+    cases = {
+        "nosuch://b/x.jsonl": (env, None, "has a scheme, nosuch://, that sftgo cannot open"),
+        f"s3://{bucket}/d/missing.jsonl": (env, None, "does not exist (no such bucket, container or object)"),
+        "s3://no-such-bucket-sftgo/x.jsonl": (env, None, "does not exist (no such bucket, container or object)"),
+        f"s3://{bucket}/d/*.csv": (env, None, "matches no object"),
+        f"s3://{bucket}/d/x.jsonl": (no_keys, None, "No credentials were found for"),
+        f"s3://{bucket}/d/y.jsonl": (env, "import sys; sys.modules['s3fs'] = None", "pip install 'sftgo[s3]'"),
+    }
+    procs = {
+        inp: _prep("build", inp, "--out", tmp_path / f"out{i}", "--quiet", env=e, python_prefix=prefix)
+        for i, (inp, (e, prefix, _)) in enumerate(cases.items())
+    }
+    for inp, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, (inp, out, err)
+        assert cases[inp][2] in err and inp in err and "Traceback" not in err, (inp, err)
+        assert err.strip().startswith("Error:") and len(err.strip().splitlines()) == 1, err
