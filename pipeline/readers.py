@@ -36,6 +36,7 @@ import codecs
 import contextlib
 import csv
 import functools
+import io
 import json
 import os
 import re
@@ -73,12 +74,13 @@ class Piece:
 
     source: str  # input as the user gave it (recorded in record ids / rejects / the manifest's per-input counts)
     path: str  # file actually read
-    kind: str  # jsonl | json | parquet | csv | arrow
-    start: int  # first row (jsonl: first byte)
-    stop: int  # end row, exclusive (jsonl: end byte)
+    kind: str  # jsonl | json | parquet | csv | arrow | csv_bytes (a CSV object in a store, cut by bytes)
+    start: int  # first row (jsonl, csv_bytes: first byte)
+    stop: int  # end row, exclusive (jsonl, csv_bytes: end byte)
     first_row: int  # row number of the first record in `path`
     blank_lines: int = 0  # blank lines inside this piece: skipped, not records, counted here
     rows: int = 0  # rows it counts against --rows-per-shard (JSONL: non-blank lines; others: stop - start)
+    line: int = 0  # csv_bytes (a CSV object in a store, start/stop in bytes): the file's lines before the piece
 
 
 @dataclass(frozen=True)
@@ -456,6 +458,8 @@ def _input_partitions(inp: str, rows_per_shard: int, split: str, options: dict |
             pieces, room = [], rows_per_shard
         if kind == "jsonl":
             cut = _jsonl_pieces(inp, path, room, rows_per_shard, options)
+        elif kind == "csv" and storage.is_url(path):
+            cut = _csv_pieces(inp, path, room, rows_per_shard, options)
         else:
             cut = _row_pieces(inp, path, kind, room, rows_per_shard, options)
         for k, piece in enumerate(cut):
@@ -569,10 +573,17 @@ def _value_fault(exc: BaseException) -> tuple[str, str]:
 
 
 def _csv_rows(path: str, text: str) -> list:
-    import io
+    reader = _csv_reader(io.StringIO(text, newline=""))
+    header = _csv_header(path, reader)
+    return list(_csv_entries(reader, header))
 
+
+def _csv_reader(lines):
     csv.field_size_limit(sys.maxsize)  # one long field is that record's matter, not a file error
-    reader = csv.reader(io.StringIO(text, newline=""))  # stdlib csv keeps every field a string
+    return csv.reader(lines)  # stdlib csv keeps every field a string
+
+
+def _csv_header(path: str, reader) -> list[str]:
     try:
         header = next(reader, None)
     except csv.Error as exc:
@@ -582,24 +593,82 @@ def _csv_rows(path: str, text: str) -> list:
     twice = sorted(h for h, n in Counter(header).items() if n > 1)
     if twice:
         raise InputError(f"{path} has the CSV column {twice[0]!r} twice in its header.")
-    out: list = []
+    return header
+
+
+def _csv_entries(reader, header: list[str], line0: int = 0) -> Iterator:
+    """The entries (record, _Bad, _BLANK) of the rows `reader` gives after the header; `line0`: the file's lines
+    before the reader's first (line numbers in messages count from the file's start)."""
     while True:
         try:
             fields = next(reader)
         except StopIteration:
-            return out
+            return
         except csv.Error as exc:
-            out.append(
-                _Bad("malformed_csv", f"The CSV row ending on line {reader.line_num} cannot be parsed ({exc}).", "")
-            )
+            detail = f"The CSV row ending on line {line0 + reader.line_num} cannot be parsed ({exc})."
+            yield _Bad("malformed_csv", detail, "")
             continue
         if not fields:
-            out.append(_BLANK)
+            yield _BLANK
         elif len(fields) != len(header):
             detail = f"The CSV row has {len(fields)} field(s); the header has {len(header)}."
-            out.append(_Bad("malformed_csv", detail, json.dumps(fields, ensure_ascii=False)))
+            yield _Bad("malformed_csv", detail, json.dumps(fields, ensure_ascii=False))
         else:
-            out.append(dict(zip(header, fields)))
+            yield dict(zip(header, fields))
+
+
+class _CsvLines:
+    """The text lines of a binary CSV file from byte `pos` to byte `stop` (None: its end), split as
+    io.StringIO(text, newline="") splits the whole text (at \\n, \\r\\n and \\r), bytes that are not UTF-8 as
+    lone surrogates (as the whole file decoded), a BOM at the file's start dropped.  `pos` is the byte after the
+    last line handed out: where the record a csv.reader over these lines has just given ends."""
+
+    def __init__(self, fh, pos: int, stop: int | None = None):
+        self.fh, self.pos, self.stop = fh, pos, stop
+
+    def __iter__(self) -> Iterator[str]:
+        while self.stop is None or self.pos < self.stop:
+            data = self.fh.readline()
+            if not data:
+                return
+            if self.pos == 0 and data.startswith(_BOM):
+                data, self.pos = data[len(_BOM) :], len(_BOM)
+            for line in io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""):
+                if self.stop is not None and self.pos >= self.stop:
+                    return
+                self.pos += len(line.encode("utf-8", errors="surrogateescape"))
+                yield line
+
+
+def _csv_pieces(source: str, path: str, room: int, rows_per_shard: int, options: dict | None) -> list[Piece]:
+    """Pieces of a CSV object in a store, cut between records by byte offsets (kind csv_bytes), streamed once and
+    never held whole: the rows (blank ones included) and the cuts of _row_pieces, each piece also keeping the
+    file's lines before it (line numbers of malformed rows)."""
+    cuts, cap = [], room
+    with _open(path, options) as fh, _store_errors(path):
+        lines = _CsvLines(fh, 0)
+        reader = _csv_reader(lines)
+        header = _csv_header(path, reader)
+        start = end = lines.pos
+        line = end_line = reader.line_num
+        first = row = blank = 0
+        for entry in _csv_entries(reader, header):
+            if row - first == cap:
+                cuts.append(Piece(source, path, "csv_bytes", start, end, first, blank, cap, line))
+                start, line, first, blank, cap = end, end_line, row, 0, rows_per_shard
+            row, blank = row + 1, blank + (entry is _BLANK)
+            end, end_line = lines.pos, reader.line_num
+    if row > first:
+        cuts.append(Piece(source, path, "csv_bytes", start, end, first, blank, row - first, line))
+    return cuts
+
+
+def _csv_range(piece: Piece, options: dict | None) -> list:
+    """The entries of a csv_bytes piece: the header read from the object's start, then its own byte range."""
+    with _open(piece.path, options) as fh, _store_errors(piece.path):
+        header = _csv_header(piece.path, _csv_reader(_CsvLines(fh, 0)))
+        fh.seek(piece.start)
+        return list(_csv_entries(_csv_reader(_CsvLines(fh, piece.start, piece.stop)), header, piece.line))
 
 
 @functools.lru_cache(maxsize=4)
@@ -632,6 +701,8 @@ def read_piece(piece: Piece, max_bytes: int = MAX_RECORD_BYTES, options: dict | 
         rows = _parquet_rows(piece, max_bytes, options)
     elif piece.kind == "arrow":
         rows = _table_rows(_arrow_table(piece.path).slice(piece.start, piece.stop - piece.start), max_bytes)
+    elif piece.kind == "csv_bytes":
+        rows = _csv_range(piece, options)
     else:
         rows = _whole_file(piece.path, piece.kind, options)[piece.start : piece.stop]
     for row, entry in enumerate(rows, piece.first_row):
