@@ -85,13 +85,15 @@ def _prep(*args, env: dict, python_prefix: str | None = None) -> subprocess.Pope
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_s3_inputs_give_the_shards_of_the_local_files(s3, tmp_path):
+def test_s3_inputs_give_the_shards_of_the_local_files(dask_scheduler, s3, tmp_path):
+    """Both builds run on the session's local cluster, whose workers started before the AWS environment was set
+    (dask_scheduler comes first): the S3 build's tasks open the objects with the options they are given."""
     local = tmp_path / "data"
     _make_inputs(local)
     bucket = s3.bucket()
     _upload(local, f"s3://{bucket}/data")
     url = f"s3://{bucket}/data"
-    common = ["--rows-per-shard", "6", "--workers", "1", "--quiet"]
+    common = ["--rows-per-shard", "6", "--scheduler", dask_scheduler, "--quiet"]
     local_inputs = [
         local / "a.jsonl",
         local / "b.parquet",
@@ -101,12 +103,13 @@ def test_s3_inputs_give_the_shards_of_the_local_files(s3, tmp_path):
         local / "glob/g2.jsonl",
     ]
     urls = [f"{url}/a.jsonl", f"{url}/b.parquet", f"{url}/c.csv", f"{url}/folder", f"{url}/glob/*.jsonl"]
-    # The S3 build runs with no AWS variable at all: the driver and the workers get endpoint and keys as data.
+    # The S3 build runs with no AWS variable at all: the driver and the tasks get endpoint and keys as data.
     options = json.dumps({"endpoint_url": s3.endpoint, "key": "testing", "secret": "testing"})
+    # (one build after the other: two builds at once on one scheduler would share task keys)
+    cli("sftgo-prep", "build", *local_inputs, "--out", tmp_path / "localout", *common)
     remote = _prep(
         "build", *urls, "--out", tmp_path / "s3out", "--storage-options", options, *common, env=_env_without_aws()
     )
-    cli("sftgo-prep", "build", *local_inputs, "--out", tmp_path / "localout", *common)
     stdout, stderr = remote.communicate(timeout=300)
     assert remote.returncode == 0, stderr
     assert "(README.txt)" in stderr and "skipped .hidden.jsonl" in stderr  # the rules of a local folder
