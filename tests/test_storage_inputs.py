@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from sftgo.core import storage
+from sftgo.core.errors import ConfigError
 from sftgo.pipeline import readers
 from tests.conftest import BIN, ROOT, cli, write_jsonl
 
@@ -164,25 +166,44 @@ def test_memory_inputs_plan_and_read_as_local_files(tmp_path):
 
 def test_store_errors_are_one_sentence(s3, tmp_path):
     """Through the real CLI: an unknown scheme, a missing object and bucket, no credentials, a glob that matches
-    nothing, a missing backend package (s3fs hidden from the process)."""
+    nothing, a missing backend package (s3fs hidden from the process), storage options that are not an object
+    (on the command line, in a config file)."""
     bucket = s3.bucket()
     storage.filesystem(f"s3://{bucket}")[0].pipe_file(f"{bucket}/d/x.jsonl", b'{"instruction": "q", "output": "a"}\n')
     env = dict(os.environ, PYTHONUNBUFFERED="1", AWS_EC2_METADATA_DISABLED="true")
     no_keys = dict(_env_without_aws(), AWS_ENDPOINT_URL=s3.endpoint)
-    cases = {
-        "nosuch://b/x.jsonl": (env, None, "has a scheme, nosuch://, that sftgo cannot open"),
-        f"s3://{bucket}/d/missing.jsonl": (env, None, "does not exist (no such bucket, container or object)"),
-        "s3://no-such-bucket-sftgo/x.jsonl": (env, None, "does not exist (no such bucket, container or object)"),
-        f"s3://{bucket}/d/*.csv": (env, None, "matches no object"),
-        f"s3://{bucket}/d/x.jsonl": (no_keys, None, "No credentials were found for"),
-        f"s3://{bucket}/d/y.jsonl": (env, "import sys; sys.modules['s3fs'] = None", "pip install 'sftgo[s3]'"),
-    }
-    procs = {
-        inp: _prep("build", inp, "--out", tmp_path / f"out{i}", "--quiet", env=e, python_prefix=prefix)
-        for i, (inp, (e, prefix, _)) in enumerate(cases.items())
-    }
-    for inp, proc in procs.items():
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"storage_options": ["key", "secret"]}))
+    hide_s3fs = "import sys; sys.modules['s3fs'] = None"
+    cases = [  # (input, more arguments, environment, code run before the CLI, what the one line says)
+        ("nosuch://b/x.jsonl", [], env, None, "has a scheme, nosuch://, that sftgo cannot open"),
+        (f"s3://{bucket}/d/missing.jsonl", [], env, None, "does not exist (no such bucket, container or object)"),
+        ("s3://no-such-bucket-sftgo/x.jsonl", [], env, None, "does not exist (no such bucket, container or object)"),
+        (f"s3://{bucket}/d/*.csv", [], env, None, "matches no object"),
+        (f"s3://{bucket}/d/x.jsonl", [], no_keys, None, "No credentials were found for"),
+        (f"s3://{bucket}/d/y.jsonl", [], env, hide_s3fs, "needs the s3fs package, which is not installed: pip install"),
+        (f"s3://{bucket}/d/x.jsonl", ["--storage-options", "[1]"], env, None, "must be a JSON object"),
+        (f"s3://{bucket}/d/x.jsonl", ["--config", config], env, None, "Setting 'storage_options' must be"),
+    ]
+    procs = [
+        _prep("build", inp, *more, "--out", tmp_path / f"out{i}", "--quiet", env=e, python_prefix=prefix)
+        for i, (inp, more, e, prefix, _) in enumerate(cases)
+    ]
+    for (inp, _, _, _, says), proc in zip(cases, procs):
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, (inp, out, err)
-        assert cases[inp][2] in err and inp in err and "Traceback" not in err, (inp, err)
+        assert says in err and "Traceback" not in err, (inp, err)
         assert err.strip().startswith("Error:") and len(err.strip().splitlines()) == 1, err
+        assert inp in err or "storage" in err
+
+
+def test_storage_options_are_typed_and_never_recorded():
+    from sftgo.pipeline.config import BuildConfig, ignored_settings
+
+    cfg = BuildConfig(inputs=["data/alpaca.jsonl"], out="o", storage_options={"anon": True}).validate()
+    assert "storage_options" not in cfg.params()
+    assert any("--storage-options is ignored" in n for n in ignored_settings(cfg, cfg.strategies))
+    cfg = BuildConfig(inputs=["s3://b/x.jsonl"], out="o", storage_options={"anon": True}).validate()
+    assert not any("storage-options" in n for n in ignored_settings(cfg, cfg.strategies))
+    with pytest.raises(ConfigError, match="storage_options"):
+        BuildConfig(inputs=["s3://b/x.jsonl"], out="o", storage_options={1: "x"}).validate()
