@@ -26,7 +26,7 @@ from sftgo.core.errors import SftgoError
 from sftgo.core.fileio import overlap as local_overlap
 
 _GLOB = re.compile(r"[*?\[]")
-_BUFFER = 2**20  # bytes of the read buffer over an object (readline at C speed over fsspec's blocks)
+_BUFFER = 2**20  # bytes of a request and of the read buffer over an object (readline at C speed)
 
 
 @contextlib.contextmanager
@@ -105,7 +105,7 @@ def files(url: str, options: dict | None) -> tuple[list[tuple[str, str]], list[s
             top = "/".join(parts[: dot + 1])
             if top not in hidden:
                 hidden.append(top)
-        elif parts[-1] in ("dataset_info.json", "dataset_dict.json", "state.json"):
+        elif parts[-1] in ("dataset_info.json", "dataset_dict.json"):
             where = "/".join(parts[:-1]) or "."
             raise InputError(
                 f"Input {url} holds a datasets save_to_disk folder ({where}), which sftgo reads only from a "
@@ -130,7 +130,7 @@ def open_binary(url: str, options: dict | None):
 
     fs, path = filesystem(url, options)
     with errors(url):
-        fh = fs.open(path, "rb")
+        fh = fs.open(path, "rb", block_size=_BUFFER)  # a task reads its range, not a backend's default block
     return io.BufferedReader(fh, _BUFFER) if isinstance(fh, AbstractBufferedFile) else fh
 
 

@@ -207,3 +207,15 @@ def test_storage_options_are_typed_and_never_recorded():
     assert not any("storage-options" in n for n in ignored_settings(cfg, cfg.strategies))
     with pytest.raises(ConfigError, match="storage_options"):
         BuildConfig(inputs=["s3://b/x.jsonl"], out="o", storage_options={1: "x"}).validate()
+
+
+def test_outputs_and_url_inputs_meet_by_store_and_path():
+    from sftgo.pipeline.remote import overlap
+
+    assert overlap("s3://b/data/out", "s3://b/data") == "lies inside"
+    assert overlap("s3://b/data", "s3://b/data/x.jsonl") == "holds"
+    assert overlap("s3a://b/data/", "s3://b/data") == "is the same as"
+    assert overlap("s3://b/data/out", "s3://b/data/*.jsonl") == "lies inside"  # a glob counts from its folder
+    assert overlap("s3://b/other", "s3://b/data") is None and overlap("s3://c/data", "s3://b/data") is None
+    assert overlap("gs://b/data/out", "s3://b/data") is None and overlap("out", "s3://b/data") is None
+    assert overlap("/tmp/x/out", "file:///tmp/x") == "lies inside"
