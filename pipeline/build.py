@@ -37,9 +37,10 @@ from sftgo.core.errors import SftgoError
 from sftgo.core.fileio import atomic_write, atomic_write_text, check_writable, output_target, overlap, remove
 from sftgo.core.locks import exclusive
 from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, verify_shards, write_manifest
+from sftgo.core.storage import is_url
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
-from sftgo.pipeline import executor, readers
+from sftgo.pipeline import executor, readers, remote
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
 from sftgo.pipeline.prepare import STAGED, prepare_partition, read_staged, stage_path, tokenizer_facts, warm_up
@@ -56,9 +57,13 @@ class BuildError(SftgoError, RuntimeError):
 
 
 def _input_identity(cfg: BuildConfig) -> list:
-    """Sizes and mtimes of local inputs: a resumed build must read the same files."""
+    """Sizes and mtimes of local inputs, sizes and ETags (or modification times) of objects in a store: a resumed
+    build must read the same files."""
     ident = []
     for inp in cfg.inputs:
+        if is_url(inp):
+            ident.append([inp, remote.identity(inp, cfg.storage_options)])
+            continue
         p = Path(inp)
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
         ident.append([inp, [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]])
@@ -229,7 +234,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     # Fail on unreadable inputs, tokenizers or models before starting a cluster or touching the output.
     tok_location = models.tokenizer_dir(cfg.tokenizer)  # converts a GGUF tokenizer once (cached)
     _check_models(cfg)
-    parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split)
+    parts = readers.plan(cfg.inputs, cfg.rows_per_shard, cfg.split, cfg.storage_options)
     _warn_repeated_inputs(cfg)
     for note in ignored_settings(cfg, cfg.strategies):
         print(f"Note: {note}", file=sys.stderr)
@@ -481,7 +486,7 @@ def _check_outputs(cfg: BuildConfig, out: Path) -> None:
     build replaces in it are regular files (sftgo replaces no link or other node it did not make); --rejects
     passes the same tests (_check_rejects_path)."""
     for inp in cfg.inputs:
-        how = None if inp.startswith("hf:") else overlap(out, inp)
+        how = None if inp.startswith("hf:") else _overlap(out, inp)
         if how:
             raise BuildError(
                 f"--out {out} {how} the input {inp}: the build would write among the files it reads, and a "
@@ -505,7 +510,7 @@ def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:
         check_writable(where, "--rejects")
     target = Path(rejects).resolve()
     for inp in inputs:
-        if not inp.startswith("hf:") and overlap(rejects, inp):
+        if not inp.startswith("hf:") and _overlap(rejects, inp):
             raise BuildError(f"--rejects {rejects} would overwrite the input {inp} or land in it; write it elsewhere.")
     home = out.resolve()
     owned = target.parent == home and (
@@ -514,6 +519,11 @@ def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:
     )
     if owned or any(home / folder in target.parents for folder in (STAGING, SCORING)):
         raise BuildError(f"--rejects {rejects} names a file that the build in {out} writes; give another name.")
+
+
+def _overlap(out, inp: str) -> str | None:
+    """fileio.overlap, or remote.overlap when either is a URL."""
+    return remote.overlap(str(out), inp) if is_url(inp) or is_url(out) else overlap(out, inp)
 
 
 def _write_rejects(path: str, staging: Path, parts) -> None:

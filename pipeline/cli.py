@@ -27,6 +27,7 @@ Example:
   sftgo-prep build data/alpaca.jsonl data/chat.jsonl --out out/shards --eta 0.3
   sftgo-prep build train.parquet --out shards --format messages --workers 4 --rejects rejects.jsonl
   sftgo-prep build hf:tatsu-lab/alpaca --out shards --scheduler tcp://10.0.0.5:8786
+  sftgo-prep build 's3://bucket/data/*.jsonl' --out shards --storage-options '{"endpoint_url": "http://10.0.0.9:9000"}'
 """
 
 SCORE_EXAMPLE = """
@@ -175,11 +176,13 @@ def _strategy_list(text: str) -> list[str]:
 @field("max_record_bytes", type=int, metavar="BYTES")
 @field("rows_per_shard")
 @field("rejects", metavar="FILE", type=click.Path(dir_okay=False))
+@field("storage_options", metavar="JSON")
 @_strategy_options
 @click.pass_context
 @_user_errors
 def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
-    """Build shards from INPUTS (JSONL, JSON, Parquet, CSV, datasets folders, hf:NAME)."""
+    """Build shards from INPUTS (JSONL, JSON, Parquet, CSV, datasets folders, hf:NAME, s3:// and other URLs)."""
+    from sftgo.core.storage import parse_options
     from sftgo.pipeline.build import run
     from sftgo.pipeline.formats import parse_field_map
 
@@ -190,6 +193,7 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
         "inputs": list(inputs),
         "strategies": _strategy_list(strategy),
         "field_map": parse_field_map(field_map) if field_map else {},
+        "storage_options": parse_options(opts["storage_options"]),
         "progress": not quiet,
     }
     source = {"strategies": "strategy", "progress": "quiet"}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sftgo.core.config import check_fields
 from sftgo.core.errors import ConfigError
+from sftgo.core.storage import is_url, parse_options
 from sftgo.grouping import registry
 from sftgo.grouping.tfidf import WORD_PATTERN, find_terms
 from sftgo.pipeline.formats import CANONICAL_FIELDS
@@ -30,7 +31,8 @@ BYTES_PER_TOKEN = 64  # record bytes per --max-length token before a record is t
 @dataclass
 class BuildConfig:
     inputs: list[str] = field(default_factory=list)
-    """Input files, directories, `datasets` save_to_disk folders or hub dataset names (`hf:NAME`)."""
+    """Input files, directories, `datasets` save_to_disk folders, hub dataset names (`hf:NAME`) or URLs of an object
+    store: an object, a folder or a glob (s3://bucket/data/*.jsonl; also gs://, abfs://, hf://, memory://, file://)."""
     out: str = ""
     """Output directory: manifest.json, fitted artifacts and shard-NNNNN.parquet files."""
     strategies: list[str] = field(default_factory=lambda: ["tfidf"])
@@ -88,6 +90,11 @@ class BuildConfig:
     """Allow custom tokenizer code from the hub (only when you trust the source)."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    storage_options: dict = field(default_factory=dict)
+    """Options of the object store of URL inputs and outputs, as a JSON object (for S3 e.g. {"endpoint_url": ...,
+    "key": ..., "secret": ...}); {} = the backend's standard environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS,
+    AZURE_STORAGE_*, HF_TOKEN).  It may hold credentials: it is never written to the manifest or the build's
+    records, and it travels to the tasks as data."""
 
     def validate(self) -> BuildConfig:
         check_fields(self)  # values from Python callers stay typed too
@@ -106,6 +113,7 @@ class BuildConfig:
                 f"got {self.num_groups}."
             )
         check_field_map(self.field_map)
+        self.storage_options = parse_options(self.storage_options, "storage_options")
         for name in MODEL_SETTINGS:  # recorded in the manifest, read again by inspect/score/train from anywhere
             setattr(self, name, absolute_if_local(getattr(self, name)))
         if self.max_length < 8:
@@ -147,7 +155,7 @@ class BuildConfig:
 
     def params(self) -> dict:
         """Everything that determines the output bytes (recorded in the manifest)."""
-        skip = {"out", "workers", "scheduler", "rejects", "overwrite", "progress"}
+        skip = {"out", "workers", "scheduler", "rejects", "overwrite", "progress", "storage_options"}
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {**params, "max_record_bytes": self.record_limit()}  # the limit used, given or not
 
@@ -206,6 +214,8 @@ def ignored_settings(cfg: BuildConfig, strategies: list[str]) -> list[str]:
         notes.append("--semantic-encoder is ignored: --compressor-model replaces the embedding-occlusion default.")
     if "tfidf_token_pattern" in changed and "tfidf" in strategies and cfg.tfidf_unit == "token":
         notes.append("--tfidf-token-pattern is ignored: with --tfidf-unit token the terms are token ids.")
+    if "storage_options" in changed and not any(is_url(x) for x in [*cfg.inputs, cfg.out]):
+        notes.append("--storage-options is ignored: no input or output is a URL of an object store.")
     if "workers" in changed and cfg.scheduler:
         notes.append(f"--workers is ignored: the cluster at --scheduler {cfg.scheduler} runs with its own workers.")
     if "eta" in changed and cfg.num_groups > 2:

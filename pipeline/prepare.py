@@ -172,10 +172,11 @@ class _Accepted:
         pending.clear()
 
 
-def _items(part: readers.Partition, max_bytes: int):
-    """(position in the partition, piece, Item) of every record of `part`, in order."""
+def _items(part: readers.Partition, max_bytes: int, options: dict | None = None):
+    """(position in the partition, piece, Item) of every record of `part`, in order; `options`: the storage
+    options of pieces of objects in a store."""
     for k, piece in enumerate(part.pieces):
-        for item in readers.read_piece(piece, max_bytes):
+        for item in readers.read_piece(piece, max_bytes, options):
             yield (k, item.row), piece, item
 
 
@@ -201,7 +202,7 @@ def process(part: readers.Partition, cfg, encoder: ChatEncoder) -> tuple[dict, l
     hits = Counter(dict.fromkeys(field_map or (), 0))
     pending: list[tuple[str, readers.Item, list[dict], tuple]] = []  # (id, item, conversation, order) to encode
     rows_in: Counter = Counter()
-    for order, piece, item in _items(part, cfg.record_limit()):
+    for order, piece, item in _items(part, cfg.record_limit(), cfg.storage_options):
         rows_in[piece.source] += 1
         rid = f"{_id_base(piece.source, piece)}:{item.row}"
         if item.reject is not None:

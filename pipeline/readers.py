@@ -33,9 +33,12 @@ per-record check is two C-speed scans of a JSONL line plus a size check per JSON
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import functools
+import io
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -44,7 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from sftgo.core import storage
 from sftgo.core.errors import SftgoError
+from sftgo.pipeline import remote
 
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_DEPTH = 100  # containers inside containers; real records nest < 10 deep (tool schemas ~20)
@@ -69,12 +74,13 @@ class Piece:
 
     source: str  # input as the user gave it (recorded in record ids / rejects / the manifest's per-input counts)
     path: str  # file actually read
-    kind: str  # jsonl | json | parquet | csv | arrow
-    start: int  # first row (jsonl: first byte)
-    stop: int  # end row, exclusive (jsonl: end byte)
+    kind: str  # jsonl | json | parquet | csv | arrow | csv_bytes (a CSV object in a store, cut by bytes)
+    start: int  # first row (jsonl, csv_bytes: first byte)
+    stop: int  # end row, exclusive (jsonl, csv_bytes: end byte)
     first_row: int  # row number of the first record in `path`
     blank_lines: int = 0  # blank lines inside this piece: skipped, not records, counted here
     rows: int = 0  # rows it counts against --rows-per-shard (JSONL: non-blank lines; others: stop - start)
+    line: int = 0  # csv_bytes (a CSV object in a store, start/stop in bytes): the file's lines before the piece
 
 
 @dataclass(frozen=True)
@@ -148,24 +154,36 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".zip", ".lz4", ".7z", ".ta
 _NAMES_SHOWN = 3  # entries of a folder named in a message (skipped or unreadable ones)
 
 
-def _expand(inp: str, split: str) -> list[tuple[str, str, str]]:
-    """One user input -> [(source, path, kind)].  Only `hf:NAME` reaches the hub: any other input is a
-    local path, and one that does not exist is an InputError at once."""
+def _expand(inp: str, split: str, options: dict | None = None) -> list[tuple[str, str, str]]:
+    """One user input -> [(source, path, kind)].  Only `hf:NAME` reaches the hub; a URL is read from its store
+    (an object, or a folder read as a local one is); any other input is a local path, and one that does not
+    exist is an InputError at once."""
     if inp.startswith("hf:"):
         return [(inp, f, "arrow") for f in _hub_files(inp[3:], split)]
+    if storage.is_url(inp):
+        found, unknown, hidden, folder = remote.files(inp, options)
+        if folder:
+            _folder_report(inp, len(found), unknown, hidden)
+        else:
+            _check_suffix(inp, found[0][1])
+        return [(inp, url, _kind(url, options)) for url, _ in found]
     path = Path(inp)
     if path.is_dir():
         if _is_datasets_dir(path):
             return [(inp, f, "arrow") for f in _arrow_dir_files(str(path), split)]
         return _folder_files(inp, path, split)
     if path.is_file():
-        if path.suffix.lower() not in DATA_SUFFIXES:
-            raise InputError(
-                f"Input {inp} has an unsupported extension; use .jsonl, .ndjson, .json, .parquet or .csv "
-                "(decompress compressed files first)."
-            )
-        return [(inp, str(path), _kind(path))]
+        _check_suffix(inp, path.name)
+        return [(inp, str(path), _kind(str(path)))]
     raise InputError(f"Input {inp} does not exist (for a hub dataset write hf:NAME).")
+
+
+def _check_suffix(inp: str, name: str) -> None:
+    if os.path.splitext(name)[1].lower() not in DATA_SUFFIXES:
+        raise InputError(
+            f"Input {inp} has an unsupported extension; use .jsonl, .ndjson, .json, .parquet or .csv "
+            "(decompress compressed files first)."
+        )
 
 
 def _is_datasets_dir(path: Path) -> bool:
@@ -181,40 +199,47 @@ def _folder_files(inp: str, path: Path, split: str) -> list[tuple[str, str, str]
     unknown: list[Path] = []
     hidden: list[Path] = []
     _walk(path, found, unknown, hidden, set())
-    compressed = [p for p in unknown if p.suffix.lower() in COMPRESSED]
-    if compressed:  # data the user meant to give, in a form sftgo cannot read: not skippable
-        raise InputError(
-            f"Folder {inp} holds {len(compressed)} compressed file(s) ({_listed(compressed, path)}), which "
-            "sftgo does not read: decompress them (.jsonl, .ndjson, .json, .parquet or .csv)."
-        )
-    if not found:
-        why = f" (it skips {_listed(hidden + unknown, path)})" if hidden or unknown else ""
-        raise InputError(f"Folder {inp} holds no .jsonl, .json, .parquet or .csv files{why}.")
-    if hidden:
-        print(
-            f"Note: folder {escape_surrogates(inp)}: skipped {_listed(hidden, path)} (names starting with '.' "
-            "are not read).",
-            file=sys.stderr,
-        )
-    if unknown:  # a README, a licence, a script beside the data
-        print(
-            f"Note: folder {escape_surrogates(inp)}: skipped {len(unknown)} file(s) of no data format "
-            f"({_listed(unknown, path)}); sftgo reads .jsonl, .ndjson, .json, .parquet and .csv.",
-            file=sys.stderr,
-        )
+    relative = lambda paths: [str(p.relative_to(path)) for p in paths]  # noqa: E731
+    _folder_report(inp, len(found), relative(unknown), relative(hidden))
     out = []
     for f, kind in found:
         if kind == "datasets":
             out += [(inp, a, "arrow") for a in _arrow_dir_files(str(f), split)]
         else:
-            out.append((inp, str(f), _kind(f)))
+            out.append((inp, str(f), _kind(str(f))))
     return out
 
 
-def _listed(paths: list[Path], root: Path) -> str:
-    """'a, sub/b, c and 2 more': the first _NAMES_SHOWN paths, relative to root."""
-    shown = ", ".join(escape_surrogates(str(p.relative_to(root))) for p in paths[:_NAMES_SHOWN])
-    return shown + (f" and {len(paths) - _NAMES_SHOWN} more" if len(paths) > _NAMES_SHOWN else "")
+def _folder_report(inp: str, found: int, unknown: list[str], hidden: list[str]) -> None:
+    """The verdict on a folder's entries that are not read (names relative to the folder), local or in a store:
+    a compressed file is an InputError naming it, and so is a folder of no data file; other files of no data
+    format and names starting with "." are skipped with a note naming them."""
+    compressed = [n for n in unknown if os.path.splitext(n)[1].lower() in COMPRESSED]
+    if compressed:  # data the user meant to give, in a form sftgo cannot read: not skippable
+        raise InputError(
+            f"Folder {inp} holds {len(compressed)} compressed file(s) ({_listed(compressed)}), which "
+            "sftgo does not read: decompress them (.jsonl, .ndjson, .json, .parquet or .csv)."
+        )
+    if not found:
+        why = f" (it skips {_listed(hidden + unknown)})" if hidden or unknown else ""
+        raise InputError(f"Folder {inp} holds no .jsonl, .json, .parquet or .csv files{why}.")
+    if hidden:
+        print(
+            f"Note: folder {escape_surrogates(inp)}: skipped {_listed(hidden)} (names starting with '.' are not read).",
+            file=sys.stderr,
+        )
+    if unknown:  # a README, a licence, a script beside the data
+        print(
+            f"Note: folder {escape_surrogates(inp)}: skipped {len(unknown)} file(s) of no data format "
+            f"({_listed(unknown)}); sftgo reads .jsonl, .ndjson, .json, .parquet and .csv.",
+            file=sys.stderr,
+        )
+
+
+def _listed(names: list[str]) -> str:
+    """'a, sub/b, c and 2 more': the first _NAMES_SHOWN names."""
+    shown = ", ".join(escape_surrogates(n) for n in names[:_NAMES_SHOWN])
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
 
 
 def _walk(folder: Path, found: list, unknown: list, hidden: list, seen: set) -> None:
@@ -238,10 +263,10 @@ def _walk(folder: Path, found: list, unknown: list, hidden: list, seen: set) -> 
             unknown.append(p)
 
 
-def _kind(path: Path) -> str:
-    kind = DATA_SUFFIXES[path.suffix.lower()]
+def _kind(path: str, options: dict | None = None) -> str:
+    kind = DATA_SUFFIXES[os.path.splitext(path)[1].lower()]
     if kind == "json":  # a .json file may hold one array or one object per line
-        with open(path, "rb") as fh:
+        with _open(path, options) as fh:
             head = fh.read(4096).removeprefix(_BOM).lstrip()
         if not head.startswith(b"["):
             kind = "jsonl"
@@ -282,11 +307,22 @@ def _dataset_files(ds, name: str, split: str) -> list[str]:
     return [f["filename"] for f in ds.cache_files]
 
 
-def _jsonl_pieces(source: str, path: str, room: int, rows_per_shard: int) -> list[Piece]:
+def _open(path: str, options: dict | None):
+    """A binary file of a local path or of an object at a URL (remote.open_binary)."""
+    return remote.open_binary(path, options) if storage.is_url(path) else open(path, "rb")  # noqa: SIM115
+
+
+def _store_errors(path: str):
+    """Errors of a store while reading `path` as one sentence (remote.errors); nothing for a local path."""
+    return remote.errors(path) if storage.is_url(path) else contextlib.nullcontext()
+
+
+def _jsonl_pieces(source: str, path: str, room: int, rows_per_shard: int, options: dict | None = None) -> list[Piece]:
     """Pieces of a JSONL file: the first holds up to `room` non-blank lines, the others rows_per_shard each.
-    A file of blank lines only is one piece of no rows (its blank lines are counted)."""
+    A file of blank lines only is one piece of no rows (its blank lines are counted).  An object in a store is
+    streamed once, never held whole."""
     cuts, row, pos, start, first, blank, cap = [], 0, 0, 0, 0, 0, room
-    with open(path, "rb") as fh:
+    with _open(path, options) as fh, _store_errors(path):
         for size, _, line, whole in _lines(fh, 0, None, _CHUNK):
             if not whole or line.strip():
                 if row - first == cap:
@@ -329,10 +365,12 @@ def _ending(line: bytes) -> int:
     return 2 if line.endswith(b"\r\n") else 1 if line.endswith(b"\n") else 0
 
 
-def _row_pieces(source: str, path: str, kind: str, room: int, rows_per_shard: int) -> list[Piece]:
+def _row_pieces(
+    source: str, path: str, kind: str, room: int, rows_per_shard: int, options: dict | None = None
+) -> list[Piece]:
     """Pieces of a file read by rows: the first of up to `room` rows, the others rows_per_shard each."""
     if kind == "parquet":
-        pf = _parquet_file(path)
+        pf = _parquet_file(path, options)
         _check_columns(path, "Parquet", pf.schema_arrow)
         n, rows = pf.metadata.num_rows, None
     elif kind == "arrow":
@@ -340,7 +378,7 @@ def _row_pieces(source: str, path: str, kind: str, room: int, rows_per_shard: in
         _check_columns(path, "Arrow", table.schema)
         n, rows = table.num_rows, None
     else:
-        rows = _whole_file(path, kind)
+        rows = _whole_file(path, kind, options)
         n = len(rows)
     pieces, s, cap = [], 0, room
     while s < n:
@@ -380,17 +418,20 @@ def _twice_named(fields: list, prefix: str) -> str | None:
 OWN_SHARD_ROWS = 256  # an input of at least this many records starts a partition of its own
 
 
-def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[Partition]:
+def plan(inputs: list[str], rows_per_shard: int, split: str = "train", options: dict | None = None) -> list[Partition]:
     """The partitions of the inputs, in input order.  The files of one input (a folder's many files) are
     packed into partitions of rows_per_shard rows, each file cut where a partition fills up.  An input of
     fewer than OWN_SHARD_ROWS records that fits whole in the room the partition before it has left joins
     that partition (many small files given one by one, as a shell glob gives them, pack as a folder's
     files do); any other input starts a partition of its own and is cut every rows_per_shard rows from its
-    own start.  Deterministic."""
+    own start.  A glob URL (s3://b/data/*.jsonl) stands for the objects it matches, each an input as a shell glob's
+    files are; `options` are the storage options of URL inputs.  Deterministic."""
     groups: list[list[Piece]] = []
     room = 0  # rows the last partition can still take
-    for inp in inputs:
-        own = _input_partitions(inp, rows_per_shard, split)
+    for inp in [
+        each for given in inputs for each in (remote.expand(given, options) if storage.is_url(given) else [given])
+    ]:
+        own = _input_partitions(inp, rows_per_shard, split, options)
         rows = sum(p.rows for g in own for p in g)
         if not own:
             continue
@@ -405,20 +446,22 @@ def plan(inputs: list[str], rows_per_shard: int, split: str = "train") -> list[P
     return [Partition(i, tuple(g)) for i, g in enumerate(groups)]
 
 
-def _input_partitions(inp: str, rows_per_shard: int, split: str) -> list[list[Piece]]:
+def _input_partitions(inp: str, rows_per_shard: int, split: str, options: dict | None = None) -> list[list[Piece]]:
     """The pieces of one input's partitions on their own: its files packed into partitions of rows_per_shard
     rows (an input of one file cut every rows_per_shard rows); [] for an input without records."""
     groups: list[list[Piece]] = []
     pieces: list[Piece] = []
     room = rows_per_shard
-    for _, path, kind in _expand(inp, split):
+    for _, path, kind in _expand(inp, split, options):
         if not room:  # the partition is full: this file opens the next one
             groups.append(pieces)
             pieces, room = [], rows_per_shard
         if kind == "jsonl":
-            cut = _jsonl_pieces(inp, path, room, rows_per_shard)
+            cut = _jsonl_pieces(inp, path, room, rows_per_shard, options)
+        elif kind == "csv" and storage.is_url(path):
+            cut = _csv_pieces(inp, path, room, rows_per_shard, options)
         else:
-            cut = _row_pieces(inp, path, kind, room, rows_per_shard)
+            cut = _row_pieces(inp, path, kind, room, rows_per_shard, options)
         for k, piece in enumerate(cut):
             if k:  # a piece after the first exists only when the one before filled its partition
                 groups.append(pieces)
@@ -440,12 +483,20 @@ def plan_digest(parts: list[Partition]) -> str:
     return hashlib.sha256(text.encode("utf-8", errors="surrogateescape")).hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
-def _whole_file(path: str, kind: str) -> list:
+def _whole_file(path: str, kind: str, options: dict | None = None) -> list:
     """Entries of a JSON array or CSV file (parsed once per worker process): records, _Bad, _BLANK."""
-    with open(path, "rb") as fh:
-        # Bytes that are not UTF-8 become lone surrogates, which the record check rejects per record.
-        text = fh.read().removeprefix(_BOM).decode("utf-8", errors="surrogateescape")
+    return _parsed_file(path, kind, json.dumps(options or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_file(path: str, kind: str, options: str) -> list:
+    if storage.is_url(path):
+        data = remote.read_all(path, json.loads(options))
+    else:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    # Bytes that are not UTF-8 become lone surrogates, which the record check rejects per record.
+    text = data.removeprefix(_BOM).decode("utf-8", errors="surrogateescape")
     return _json_array(path, text) if kind == "json" else _csv_rows(path, text)
 
 
@@ -522,10 +573,17 @@ def _value_fault(exc: BaseException) -> tuple[str, str]:
 
 
 def _csv_rows(path: str, text: str) -> list:
-    import io
+    reader = _csv_reader(io.StringIO(text, newline=""))
+    header = _csv_header(path, reader)
+    return list(_csv_entries(reader, header))
 
+
+def _csv_reader(lines):
     csv.field_size_limit(sys.maxsize)  # one long field is that record's matter, not a file error
-    reader = csv.reader(io.StringIO(text, newline=""))  # stdlib csv keeps every field a string
+    return csv.reader(lines)  # stdlib csv keeps every field a string
+
+
+def _csv_header(path: str, reader) -> list[str]:
     try:
         header = next(reader, None)
     except csv.Error as exc:
@@ -535,24 +593,82 @@ def _csv_rows(path: str, text: str) -> list:
     twice = sorted(h for h, n in Counter(header).items() if n > 1)
     if twice:
         raise InputError(f"{path} has the CSV column {twice[0]!r} twice in its header.")
-    out: list = []
+    return header
+
+
+def _csv_entries(reader, header: list[str], line0: int = 0) -> Iterator:
+    """The entries (record, _Bad, _BLANK) of the rows `reader` gives after the header; `line0`: the file's lines
+    before the reader's first (line numbers in messages count from the file's start)."""
     while True:
         try:
             fields = next(reader)
         except StopIteration:
-            return out
+            return
         except csv.Error as exc:
-            out.append(
-                _Bad("malformed_csv", f"The CSV row ending on line {reader.line_num} cannot be parsed ({exc}).", "")
-            )
+            detail = f"The CSV row ending on line {line0 + reader.line_num} cannot be parsed ({exc})."
+            yield _Bad("malformed_csv", detail, "")
             continue
         if not fields:
-            out.append(_BLANK)
+            yield _BLANK
         elif len(fields) != len(header):
             detail = f"The CSV row has {len(fields)} field(s); the header has {len(header)}."
-            out.append(_Bad("malformed_csv", detail, json.dumps(fields, ensure_ascii=False)))
+            yield _Bad("malformed_csv", detail, json.dumps(fields, ensure_ascii=False))
         else:
-            out.append(dict(zip(header, fields)))
+            yield dict(zip(header, fields))
+
+
+class _CsvLines:
+    """The text lines of a binary CSV file from byte `pos` to byte `stop` (None: its end), split as
+    io.StringIO(text, newline="") splits the whole text (at \\n, \\r\\n and \\r), bytes that are not UTF-8 as
+    lone surrogates (as the whole file decoded), a BOM at the file's start dropped.  `pos` is the byte after the
+    last line handed out: where the record a csv.reader over these lines has just given ends."""
+
+    def __init__(self, fh, pos: int, stop: int | None = None):
+        self.fh, self.pos, self.stop = fh, pos, stop
+
+    def __iter__(self) -> Iterator[str]:
+        while self.stop is None or self.pos < self.stop:
+            data = self.fh.readline()
+            if not data:
+                return
+            if self.pos == 0 and data.startswith(_BOM):
+                data, self.pos = data[len(_BOM) :], len(_BOM)
+            for line in io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""):
+                if self.stop is not None and self.pos >= self.stop:
+                    return
+                self.pos += len(line.encode("utf-8", errors="surrogateescape"))
+                yield line
+
+
+def _csv_pieces(source: str, path: str, room: int, rows_per_shard: int, options: dict | None) -> list[Piece]:
+    """Pieces of a CSV object in a store, cut between records by byte offsets (kind csv_bytes), streamed once and
+    never held whole: the rows (blank ones included) and the cuts of _row_pieces, each piece also keeping the
+    file's lines before it (line numbers of malformed rows)."""
+    cuts, cap = [], room
+    with _open(path, options) as fh, _store_errors(path):
+        lines = _CsvLines(fh, 0)
+        reader = _csv_reader(lines)
+        header = _csv_header(path, reader)
+        start = end = lines.pos
+        line = end_line = reader.line_num
+        first = row = blank = 0
+        for entry in _csv_entries(reader, header):
+            if row - first == cap:
+                cuts.append(Piece(source, path, "csv_bytes", start, end, first, blank, cap, line))
+                start, line, first, blank, cap = end, end_line, row, 0, rows_per_shard
+            row, blank = row + 1, blank + (entry is _BLANK)
+            end, end_line = lines.pos, reader.line_num
+    if row > first:
+        cuts.append(Piece(source, path, "csv_bytes", start, end, first, blank, row - first, line))
+    return cuts
+
+
+def _csv_range(piece: Piece, options: dict | None) -> list:
+    """The entries of a csv_bytes piece: the header read from the object's start, then its own byte range."""
+    with _open(piece.path, options) as fh, _store_errors(piece.path):
+        header = _csv_header(piece.path, _csv_reader(_CsvLines(fh, 0)))
+        fh.seek(piece.start)
+        return list(_csv_entries(_csv_reader(_CsvLines(fh, piece.start, piece.stop)), header, piece.line))
 
 
 @functools.lru_cache(maxsize=4)
@@ -565,27 +681,30 @@ def _arrow_table(path: str):
         return pa.ipc.open_file(pa.memory_map(path)).read_all()
 
 
-def read(part: Partition, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[Item]:
+def read(part: Partition, max_bytes: int = MAX_RECORD_BYTES, options: dict | None = None) -> Iterator[Item]:
     """Every record of `part` as an Item, in file order (blank lines skipped)."""
     for piece in part.pieces:
-        yield from read_piece(piece, max_bytes)
+        yield from read_piece(piece, max_bytes, options)
 
 
-def read_piece(piece: Piece, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[Item]:
+def read_piece(piece: Piece, max_bytes: int = MAX_RECORD_BYTES, options: dict | None = None) -> Iterator[Item]:
     """Every record of one piece as an Item, in file order (blank lines skipped); rows count in its file.
     A record larger than `max_bytes` (0: no limit) is rejected as too_large: a JSONL line is measured in
     bytes and never held whole, a Parquet/Arrow row by the bytes of its string and binary values before it
     becomes Python objects, a JSON array element or CSV row (parsed whole with its file) by the UTF-8 bytes
-    of its strings and field names."""
+    of its strings and field names.  `options`: the storage options of a piece of an object in a store, which
+    is read from there (its own byte range or row groups)."""
     if piece.kind == "jsonl":
-        yield from _read_jsonl(piece, max_bytes)
+        yield from _read_jsonl(piece, max_bytes, options)
         return
     if piece.kind == "parquet":
-        rows = _parquet_rows(piece, max_bytes)
+        rows = _parquet_rows(piece, max_bytes, options)
     elif piece.kind == "arrow":
         rows = _table_rows(_arrow_table(piece.path).slice(piece.start, piece.stop - piece.start), max_bytes)
+    elif piece.kind == "csv_bytes":
+        rows = _csv_range(piece, options)
     else:
-        rows = _whole_file(piece.path, piece.kind)[piece.start : piece.stop]
+        rows = _whole_file(piece.path, piece.kind, options)[piece.start : piece.stop]
     for row, entry in enumerate(rows, piece.first_row):
         if entry is _BLANK:
             continue
@@ -600,11 +719,11 @@ def read_piece(piece: Piece, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[Item
             yield Item(row, entry, fault, None)
 
 
-def _read_jsonl(piece: Piece, max_bytes: int) -> Iterator[Item]:
+def _read_jsonl(piece: Piece, max_bytes: int, options: dict | None = None) -> Iterator[Item]:
     """Lines read one at a time, each at most max_bytes (and its line ending) held: a longer line is read
     past in chunks and rejected as too_large, its raw the first RAW_PREFIX bytes."""
     row = piece.first_row
-    with open(piece.path, "rb") as fh:
+    with _open(piece.path, options) as fh, _store_errors(piece.path):
         fh.seek(piece.start)
         for _, length, line, whole in _lines(fh, piece.start, piece.stop, max_bytes + 2 if max_bytes else None):
             if whole and not line.strip():  # the same test as _jsonl_pieces: row numbers agree with the plan
@@ -703,23 +822,27 @@ def raw_text(item: Item) -> str:
         return ""
 
 
-def _parquet_file(path: str):
+def _parquet_file(path: str, options: dict | None = None):
     import pyarrow.parquet as pq
 
+    source = remote.open_binary(path, options) if storage.is_url(path) else path
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(source)
     except Exception as exc:  # not Parquet, truncated, or a schema pyarrow refuses (e.g. nested past 100 levels)
         raise InputError(f"Cannot read the Parquet file {path} ({str(exc).splitlines()[0][:200]}).") from None
 
 
-def _parquet_rows(part: Piece, max_bytes: int) -> list:
-    pf = _parquet_file(part.path)
+def _parquet_rows(part: Piece, max_bytes: int, options: dict | None = None) -> list:
+    """The rows of a Parquet piece, reading only the row groups that hold them."""
+    pf = _parquet_file(part.path, options)
     out, row0 = [], 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
         lo, hi = max(part.start, row0), min(part.stop, row0 + n)
         if lo < hi:
-            out.extend(_table_rows(pf.read_row_group(g).slice(lo - row0, hi - lo), max_bytes))
+            with _store_errors(part.path):
+                group = pf.read_row_group(g)
+            out.extend(_table_rows(group.slice(lo - row0, hi - lo), max_bytes))
         row0 += n
     return out
 

@@ -82,7 +82,9 @@ def _type_name(tp) -> str:
 def check_type(value, tp, key: str):
     """`value` converted to the annotation `tp` (int -> float, list -> tuple), or a ConfigError
     naming `key`.  Supports None, bool, int, float, str, X | None, list[X], tuple[X, ...],
-    tuple[X, Y] and dict[str, X]."""
+    tuple[X, Y], dict[str, X] and dict (any keys and values)."""
+    if tp is dict:
+        tp = dict[typing.Any, typing.Any]
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
