@@ -40,7 +40,7 @@ from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifes
 from sftgo.core.storage import is_url
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
-from sftgo.pipeline import executor, readers, remote
+from sftgo.pipeline import executor, readers, sources
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
 from sftgo.pipeline.prepare import STAGED, prepare_partition, read_staged, stage_path, tokenizer_facts, warm_up
@@ -62,7 +62,7 @@ def _input_identity(cfg: BuildConfig) -> list:
     ident = []
     for inp in cfg.inputs:
         if is_url(inp):
-            ident.append([inp, remote.identity(inp, cfg.storage_options)])
+            ident.append([inp, sources.identity(inp, cfg.storage_options)])
             continue
         p = Path(inp)
         files = sorted(p.rglob("*")) if p.is_dir() else [p]
@@ -522,8 +522,8 @@ def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:
 
 
 def _overlap(out, inp: str) -> str | None:
-    """fileio.overlap, or remote.overlap when either is a URL."""
-    return remote.overlap(str(out), inp) if is_url(inp) or is_url(out) else overlap(out, inp)
+    """fileio.overlap, or sources.overlap when either is a URL."""
+    return sources.overlap(str(out), inp) if is_url(inp) or is_url(out) else overlap(out, inp)
 
 
 def _write_rejects(path: str, staging: Path, parts) -> None:

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 from sftgo.core import storage
 from sftgo.core.errors import SftgoError
-from sftgo.pipeline import remote
+from sftgo.pipeline import sources
 
 DATA_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_DEPTH = 100  # containers inside containers; real records nest < 10 deep (tool schemas ~20)
@@ -161,7 +161,7 @@ def _expand(inp: str, split: str, options: dict | None = None) -> list[tuple[str
     if inp.startswith("hf:"):
         return [(inp, f, "arrow") for f in _hub_files(inp[3:], split)]
     if storage.is_url(inp):
-        found, unknown, hidden, folder = remote.files(inp, options)
+        found, unknown, hidden, folder = sources.files(inp, options)
         if folder:
             _folder_report(inp, len(found), unknown, hidden)
         else:
@@ -308,13 +308,13 @@ def _dataset_files(ds, name: str, split: str) -> list[str]:
 
 
 def _open(path: str, options: dict | None):
-    """A binary file of a local path or of an object at a URL (remote.open_binary)."""
-    return remote.open_binary(path, options) if storage.is_url(path) else open(path, "rb")  # noqa: SIM115
+    """A binary file of a local path or of an object at a URL (sources.open_binary)."""
+    return sources.open_binary(path, options) if storage.is_url(path) else open(path, "rb")  # noqa: SIM115
 
 
 def _store_errors(path: str):
-    """Errors of a store while reading `path` as one sentence (remote.errors); nothing for a local path."""
-    return remote.errors(path) if storage.is_url(path) else contextlib.nullcontext()
+    """Errors of a store while reading `path` as one sentence (sources.errors); nothing for a local path."""
+    return sources.errors(path) if storage.is_url(path) else contextlib.nullcontext()
 
 
 def _jsonl_pieces(source: str, path: str, room: int, rows_per_shard: int, options: dict | None = None) -> list[Piece]:
@@ -429,7 +429,7 @@ def plan(inputs: list[str], rows_per_shard: int, split: str = "train", options: 
     groups: list[list[Piece]] = []
     room = 0  # rows the last partition can still take
     for inp in [
-        each for given in inputs for each in (remote.expand(given, options) if storage.is_url(given) else [given])
+        each for given in inputs for each in (sources.expand(given, options) if storage.is_url(given) else [given])
     ]:
         own = _input_partitions(inp, rows_per_shard, split, options)
         rows = sum(p.rows for g in own for p in g)
@@ -491,7 +491,7 @@ def _whole_file(path: str, kind: str, options: dict | None = None) -> list:
 @functools.lru_cache(maxsize=1)
 def _parsed_file(path: str, kind: str, options: str) -> list:
     if storage.is_url(path):
-        data = remote.read_all(path, json.loads(options))
+        data = sources.read_all(path, json.loads(options))
     else:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -825,7 +825,7 @@ def raw_text(item: Item) -> str:
 def _parquet_file(path: str, options: dict | None = None):
     import pyarrow.parquet as pq
 
-    source = remote.open_binary(path, options) if storage.is_url(path) else path
+    source = sources.open_binary(path, options) if storage.is_url(path) else path
     try:
         return pq.ParquetFile(source)
     except Exception as exc:  # not Parquet, truncated, or a schema pyarrow refuses (e.g. nested past 100 levels)

@@ -210,7 +210,7 @@ def test_storage_options_are_typed_and_never_recorded():
 
 
 def test_outputs_and_url_inputs_meet_by_store_and_path():
-    from sftgo.pipeline.remote import overlap
+    from sftgo.pipeline.sources import overlap
 
     assert overlap("s3://b/data/out", "s3://b/data") == "lies inside"
     assert overlap("s3://b/data", "s3://b/data/x.jsonl") == "holds"
