@@ -175,11 +175,19 @@ def _strategy_list(text: str) -> list[str]:
 @field("max_record_bytes", type=int, metavar="BYTES")
 @field("rows_per_shard")
 @field("rejects", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option(
+    "--storage-options",
+    default="",
+    metavar="JSON",
+    help='Options of the object store behind URLs, a JSON object (e.g. \'{"endpoint_url": "http://..."}\'); '
+    "by default the store's standard environment (AWS_*, ...).",
+)
 @_strategy_options
 @click.pass_context
 @_user_errors
-def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
+def build(ctx, inputs, config_file, strategy, field_map, storage_options, quiet, **opts):
     """Build shards from INPUTS (JSONL, JSON, Parquet, CSV, datasets folders, hf:NAME)."""
+    from sftgo.core.storage import parse_options
     from sftgo.pipeline.build import run
     from sftgo.pipeline.formats import parse_field_map
 
@@ -190,6 +198,7 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
         "inputs": list(inputs),
         "strategies": _strategy_list(strategy),
         "field_map": parse_field_map(field_map) if field_map else {},
+        "storage_options": parse_options(storage_options),
         "progress": not quiet,
     }
     source = {"strategies": "strategy", "progress": "quiet"}

@@ -32,7 +32,8 @@ class BuildConfig:
     inputs: list[str] = field(default_factory=list)
     """Input files, directories, `datasets` save_to_disk folders or hub dataset names (`hf:NAME`)."""
     out: str = ""
-    """Output directory: manifest.json, fitted artifacts and shard-NNNNN.parquet files."""
+    """Output directory or object-store URL (s3://bucket/prefix, gs://, abfs://): manifest.json, fitted artifacts
+    and shard-NNNNN.parquet files."""
     strategies: list[str] = field(default_factory=lambda: ["tfidf"])
     """Importance strategies to score; one importance_/group_ column pair each."""
     eta: float = 0.3
@@ -81,7 +82,10 @@ class BuildConfig:
     scheduler: str | None = None
     """Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."""
     rejects: str | None = None
-    """Optional JSONL file that receives every rejected record with its reason."""
+    """Optional JSONL file (or object-store URL) that receives every rejected record with its reason."""
+    storage_options: dict = field(default_factory=dict)
+    """Options of the object store behind URLs (a JSON object: credentials, endpoint_url, ...); by default each
+    store's standard environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)."""
     overwrite: bool = False
     """Replace an existing build (finished or not) in `out`."""
     trust_remote_code: bool = False
@@ -147,7 +151,7 @@ class BuildConfig:
 
     def params(self) -> dict:
         """Everything that determines the output bytes (recorded in the manifest)."""
-        skip = {"out", "workers", "scheduler", "rejects", "overwrite", "progress"}
+        skip = {"out", "workers", "scheduler", "rejects", "overwrite", "progress", "storage_options"}
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {**params, "max_record_bytes": self.record_limit()}  # the limit used, given or not
 
