@@ -33,8 +33,8 @@ def objects_of(url: str) -> dict[str, bytes]:
     """Every object directly under `url` (the lease aside) -> its bytes, read with a fresh S3 client."""
     import fsspec
 
-    fsspec.AbstractFileSystem.clear_instance_cache()
     fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()  # (listings other processes changed)
     return {
         p.rsplit("/", 1)[-1]: fs.cat_file(p)
         for p in sorted(fs.ls(root, detail=False))
