@@ -164,3 +164,35 @@ def test_a_missing_bucket_is_one_sentence(corpus, s3):
         f"Error: --out {url}: the bucket no-such-bucket-{os.getpid()} does not exist; create it first "
         "(sftgo-prep creates no buckets)."
     ]
+
+
+def test_the_lease_is_created_once_refuses_a_live_owner_and_is_taken_over_when_expired(s3):
+    """The lease object itself, against the S3 server: its conditional create lets one of two writers in; a live
+    lease is one sentence naming the owner and the expiry; an expired one is taken over, and its old holder learns
+    that it lost it (a build then publishes nothing)."""
+    import json
+
+    import fsspec
+
+    from sftgo.core import lease
+
+    url = f"s3://{s3.bucket()}/run"
+    a, b = lease.Lease(url, None), lease.Lease(url, None)
+    assert a._create() and not b._create()  # If-None-Match: the second create is refused by the store
+    a.fs.rm_file(a.key)
+    with lease.held(url) as first:
+        with pytest.raises(lease.LeaseError) as refused:
+            lease.Lease(url, None).take()
+        owner = first.owner
+        assert str(refused.value).startswith(
+            f"Another build ({owner['host']}, pid {owner['pid']}, lease {owner['id']}) holds {url}/.lock until "
+        )
+        assert str(refused.value).endswith(" UTC; wait for it or choose another --out.")
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.pipe_file(f"{root}/.lock", json.dumps({**owner, "expires": time.time() - 1}).encode())  # it expired
+        second = lease.Lease(url, None)
+        second.take()
+        assert first.lost()
+        second.release()
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/.lock")  # the holder released it; the one that lost it removed nothing
