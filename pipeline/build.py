@@ -2,7 +2,9 @@
 
 Input: a BuildConfig.
 Output: in config.out, shard-NNNNN.parquet (one per partition: rows_per_shard rows of one input), idf.parquet for
-tfidf, and manifest.json written last; the manifest dict is also returned.
+tfidf, and manifest.json written last; the manifest dict is also returned.  config.out may be the URL of an object
+store (s3://...): the tasks then write their work there themselves and the driver publishes it (pipeline/remote.py),
+under a lease instead of the directory lock (core/lease.py).
 Flow: plan partitions (driver) -> pass 1 on the cluster (prepare.py: tokenize, stage each
 strategy's columns and corpus statistics) -> fit the strategies' artifacts (e.g. the IDF) and,
 with --threshold corpus, the corpus cut-offs -> pass 2 on the cluster (finalize.py: score,

@@ -13,6 +13,11 @@ only what a manifest names, with its checksums), and removes the staging.
 build stays readable; from that moment until the new manifest is written (the copies of the new shards) there is no
 build at the URL (a reader is refused: no manifest), never a mix; old shards the new build does not name are removed
 before its manifest is written.
+A task of a killed build that an external cluster still runs checks, before it uploads, that its build start is still
+the one the staging records; one that passes the check just before a new start replaces the staging can still leave
+objects under its old work folder (never under the new one, whose name it does not know): the new build's resume
+or clean-up removes them if they land before it; later ones stay under URL/.staging/ (which no manifest names) until
+the next build into the URL clears its staging.
 Cost: per task one download of the staged objects it reads and one upload of what it writes; publishing copies each
 shard once inside the store.
 """
