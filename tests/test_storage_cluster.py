@@ -156,6 +156,33 @@ def test_a_driver_killed_in_pass_2_resumes_to_identical_bytes_and_holds_off_a_se
     assert objects_of(url) == reference
 
 
+def test_overwrite_on_a_store_replaces_the_old_build_at_publishing(corpus, reference, cluster, s3):
+    """A finished build with other parameters is refused without --overwrite; with it, the new build is published
+    (its manifest names exactly the shards present: the old build's extra shards are gone) and verifies."""
+    import fsspec
+
+    from sftgo.core.shards import read_manifest, verify_build
+
+    url = f"s3://{s3.bucket()}/run"
+    fs, root = fsspec.core.url_to_fs(url)
+    for name, data in reference.items():  # the old build: 12 shards
+        fs.pipe_file(f"{root}/{name}", data)
+    args = build_args(corpus, url, "--scheduler", cluster.address, "--rows-per-shard", "60", "--eta", "0.4")
+    refused = run_build(args)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"Error: {url} already holds a finished build with other parameters; pass --overwrite to replace it."
+    ]
+    assert objects_of(url) == reference  # untouched
+    done = run_build([*args, "--overwrite"])
+    assert done.returncode == 0, done.stderr
+    manifest = verify_build(url)
+    assert manifest == read_manifest(url) and manifest["params"]["eta"] == 0.4
+    shards = sorted(n for n in objects_of(url) if n.startswith("shard-"))
+    assert shards == sorted(s["path"] for s in manifest["shards"]) and len(shards) == 8
+    assert not [k for k in keys_under(url) if k.startswith(".staging")]
+
+
 def test_a_missing_bucket_is_one_sentence(corpus, s3):
     url = f"s3://no-such-bucket-{os.getpid()}/run"
     done = run_build(build_args(corpus, url))
