@@ -44,7 +44,14 @@ from sftgo.grouping import registry
 from sftgo.pipeline import executor, readers, remote
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
-from sftgo.pipeline.prepare import STAGED, prepare_partition, read_staged, stage_path, tokenizer_facts, warm_up
+from sftgo.pipeline.prepare import (
+    STAGED,
+    part_name,
+    prepare_partition,
+    read_staged,
+    tokenizer_facts,
+    warm_up,
+)
 
 STAGING = ".staging"
 BUILT = ".build.json"  # the parameters and input files (sizes, mtimes) of the finished build
@@ -340,13 +347,13 @@ def _build(
     published in out/ and the manifest last; the caller holds the lock."""
     work = target.work
     w, names = work.dir, set(work.names())
-    done = sum(stage_path(w, p.index, "json").name in names for p in parts)
+    done = sum(part_name(p.index, "json") in names for p in parts)
     resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
     _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {cfg.out}{resumed}")
     stats = executor.map_tasks(
         c,
         work.task(prepare_partition),
-        [work.args([_part(p.index, "json")], p, cfg, strategies, tok_location, w, light) for p in parts],
+        [work.args([part_name(p.index, "json")], p, cfg, strategies, tok_location, w, light) for p in parts],
         "tokenize",
         cfg.progress,
     )
@@ -368,7 +375,7 @@ def _build(
         work.task(write_partition),
         [
             work.args(
-                [_part(p.index, STAGED), _part(p.index, "scores.parquet"), shard_name(p.index), *arts],
+                [part_name(p.index, STAGED), part_name(p.index, "scores.parquet"), shard_name(p.index), *arts],
                 p.index,
                 cfg,
                 strategies,
@@ -386,7 +393,7 @@ def _build(
     )
     clock.lap("score+write")
     duplicates = executor.run_one(
-        c, work.task(count_duplicate_ids), *work.args([_part(i, STAGED) for i in indices], w, indices)
+        c, work.task(count_duplicate_ids), *work.args([part_name(i, STAGED) for i in indices], w, indices)
     )
     manifest = _manifest(cfg, tok_entry(), stats, shards, strategies, artifacts, thresholds, duplicates)
     target.publish([s["path"] for s in shards] + arts, manifest)
@@ -404,11 +411,6 @@ def _build(
             "(counted in the manifest as totals.duplicate_ids).",
         )
     return manifest
-
-
-def _part(index: int, suffix: str) -> str:
-    """The name of a staged file of partition `index` in the work folder."""
-    return stage_path("", index, suffix).name
 
 
 class _LocalOut:
@@ -518,7 +520,7 @@ def rejection_hint(reason: str, work: remote.LocalWork, parts: list) -> str:
     rejects of the work folder `work`)."""
     fields = ""
     for p in parts:
-        for line in (work.read(_part(p.index, "rejects.jsonl")) or b"").decode("utf-8").splitlines():
+        for line in (work.read(part_name(p.index, "rejects.jsonl")) or b"").decode("utf-8").splitlines():
             rec = json.loads(line)
             if rec.get("reason") == reason:
                 fields = ", ".join(safe_text(str(k)) for k in list(_as_object(rec.get("raw")))[:8])
@@ -635,7 +637,7 @@ def _write_rejects(path: str, work: remote.LocalWork, parts, options: dict) -> N
 
     def write(fh):
         for p in parts:
-            fh.write(work.read(_part(p.index, "rejects.jsonl")) or b"")
+            fh.write(work.read(part_name(p.index, "rejects.jsonl")) or b"")
 
     if storage.is_remote(path):
         fs, key = storage.filesystem(path, options)

@@ -26,7 +26,7 @@ from sftgo.core.shards import column_strategy, group_column, importance_column
 from sftgo.grouping import registry
 from sftgo.grouping.assign import assign_by_thresholds, assign_groups, corpus_thresholds
 from sftgo.pipeline import executor
-from sftgo.pipeline.prepare import STAGED, read_staged, stage_path, stats_suffix
+from sftgo.pipeline.prepare import STAGED, part_name, read_staged, stage_path, stats_suffix
 
 SHARD_COMPRESSION = "zstd"
 
@@ -50,15 +50,11 @@ def fit_all(
     task = work.task if work is not None else (lambda fn: fn)
     args = work.args if work is not None else (lambda fetch, *a: a)
     arts = registry.artifacts_of([s.name for s in strategies])
-    staged = lambda i: stage_path("", i, STAGED).name  # noqa: E731
-    scores = lambda i: stage_path("", i, "scores.parquet").name  # noqa: E731
     artifacts = {
         s.name: executor.run_one(
             c,
             task(fit_strategy),
-            *args(
-                [stage_path("", i, stats_suffix(s.name)).name for i in indices], s, staging, indices, documents, folder
-            ),
+            *args([part_name(i, stats_suffix(s.name)) for i in indices], s, staging, indices, documents, folder),
         )
         for s in strategies
         if registry.fitted(s)
@@ -68,11 +64,21 @@ def fit_all(
         executor.map_tasks(
             c,
             task(score_partition),
-            [args([staged(i), scores(i), *arts], i, strategies, staging, artifacts, folder) for i in indices],
+            [
+                args(
+                    [part_name(i, STAGED), part_name(i, "scores.parquet"), *arts],
+                    i,
+                    strategies,
+                    staging,
+                    artifacts,
+                    folder,
+                )
+                for i in indices
+            ],
             "score",
             cfg.progress,
         )
-        fetch = [name for i in indices for name in (staged(i), scores(i))]
+        fetch = [part_name(i, suffix) for i in indices for suffix in (STAGED, "scores.parquet")]
         thresholds = executor.run_one(
             c, task(fit_thresholds), *args(fetch, strategies, staging, indices, cfg.eta, cfg.num_groups)
         )
