@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -145,9 +146,15 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if not self._lost and self._mine(self._read()):
-            with contextlib.suppress(FileNotFoundError):
+        try:
+            if not self._lost and self._mine(self._read()):
                 self.fs.rm_file(self.key)
+        except Exception as exc:  # a store that does not answer now: the lease expires by itself
+            print(
+                f"Note: {storage.sentence(exc, f'{self.url}/{LEASE}').rstrip('.')}; the lease was not removed and "
+                f"expires within {TTL_S:.0f} s.",
+                file=sys.stderr,
+            )
 
 
 @contextlib.contextmanager
