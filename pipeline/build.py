@@ -2,7 +2,9 @@
 
 Input: a BuildConfig.
 Output: in config.out, shard-NNNNN.parquet (one per partition: rows_per_shard rows of one input), idf.parquet for
-tfidf, and manifest.json written last; the manifest dict is also returned.
+tfidf, and manifest.json written last; the manifest dict is also returned.  config.out may be the URL of an object
+store (s3://...): the tasks then write their work there themselves and the driver publishes it (pipeline/remote.py),
+under a lease instead of the directory lock (core/lease.py).
 Flow: plan partitions (driver) -> pass 1 on the cluster (prepare.py: tokenize, stage each
 strategy's columns and corpus statistics) -> fit the strategies' artifacts (e.g. the IDF) and,
 with --threshold corpus, the corpus cut-offs -> pass 2 on the cluster (finalize.py: score,
@@ -32,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sftgo import __version__ as VERSION
-from sftgo.core import models
+from sftgo.core import lease, models, storage
 from sftgo.core.errors import SftgoError
 from sftgo.core.fileio import atomic_write, atomic_write_text, check_writable, output_target, overlap, remove
 from sftgo.core.locks import exclusive
@@ -40,10 +42,17 @@ from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifes
 from sftgo.core.storage import is_url
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
-from sftgo.pipeline import executor, readers, sources
+from sftgo.pipeline import executor, readers, remote, sources
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
-from sftgo.pipeline.prepare import STAGED, prepare_partition, read_staged, stage_path, tokenizer_facts, warm_up
+from sftgo.pipeline.prepare import (
+    STAGED,
+    part_name,
+    prepare_partition,
+    read_staged,
+    tokenizer_facts,
+    warm_up,
+)
 
 STAGING = ".staging"
 BUILT = ".build.json"  # the parameters and input files (sizes, mtimes) of the finished build
@@ -92,6 +101,11 @@ def _check_ours(out: Path) -> None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         manifest = None
+    _refuse_foreign(out, manifest)
+
+
+def _refuse_foreign(out, manifest) -> None:
+    """Refuse an --out whose manifest (None: unreadable) sftgo did not write."""
     if not (isinstance(manifest, dict) and "sftgo_version" in manifest and "format_version" in manifest):
         raise BuildError(
             f"--out {out} holds a {MANIFEST} that sftgo-prep did not write; choose another --out "
@@ -99,15 +113,20 @@ def _check_ours(out: Path) -> None:
         )
 
 
-def _check_complete(out: Path, manifest: dict, key: dict) -> None:
+def _check_complete(out, manifest: dict, key: dict, built=None, options: dict | None = None) -> None:
     """A finished build of the same parameters is current only if its inputs are unchanged (the record
-    BUILT that the build left) and its shards are whole."""
-    built = out / BUILT
-    if built.is_file():
+    BUILT that the build left; on a store `built` is its JSON, None when absent) and its shards are whole."""
+    if not isinstance(out, Path):
+        record = built
+    elif (out / BUILT).is_file():
         try:
-            inputs = json.loads(built.read_text(encoding="utf-8")).get("inputs")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            inputs = None
+            record = json.loads((out / BUILT).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            record = {}
+    else:
+        record = None
+    if record is not None:
+        inputs = record.get("inputs") if isinstance(record, dict) else None
         if inputs != json.loads(json.dumps(key["inputs"])):
             raise BuildError(
                 f"{out} holds a finished build with these parameters, but its inputs changed since "
@@ -120,7 +139,7 @@ def _check_complete(out: Path, manifest: dict, key: dict) -> None:
             file=sys.stderr,
         )
     try:
-        verify_shards(out, manifest, tuple(manifest.get("strategies", {})))
+        verify_shards(out, manifest, tuple(manifest.get("strategies", {})), options=options)
     except ShardError as exc:
         raise BuildError(
             f"{out} holds a finished build with these parameters that is not whole: "
@@ -173,6 +192,19 @@ def _resumed_work(out: Path, staging: Path, key: dict) -> Path:
         found = json.loads((staging / "build.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         found = None
+    work = _recorded_work(out, found, key)
+    for p in staging.iterdir():
+        if p.name not in ("build.json", work):
+            remove(p)
+    if (staging / work).is_symlink() or (staging / work).is_file():
+        remove(staging / work)
+    (staging / work).mkdir(exist_ok=True)
+    return staging / work
+
+
+def _recorded_work(out, found, key: dict) -> str:
+    """The work folder's name that the record `found` of an unfinished build names when that build is this one
+    (same parameters, inputs and staged format), else one sentence."""
     if not isinstance(found, dict):
         raise BuildError(
             f"{out} holds an unfinished build whose record ({STAGING}/build.json) is damaged; pass "
@@ -193,13 +225,34 @@ def _resumed_work(out: Path, staging: Path, key: dict) -> Path:
         raise BuildError(
             f"{out} holds an unfinished build staged by another version of sftgo; pass --overwrite to start again."
         )
-    for p in staging.iterdir():
-        if p.name not in ("build.json", work):
-            remove(p)
-    if (staging / work).is_symlink() or (staging / work).is_file():
-        remove(staging / work)
-    (staging / work).mkdir(exist_ok=True)
-    return staging / work
+    return work
+
+
+def _start_store(cfg: BuildConfig, store: remote.Store, parts: list) -> tuple[str | None, bool]:
+    """_start for an --out on an object store: (the work folder's name, already_complete).  --overwrite keeps the
+    old build until the new one publishes (remote.publish)."""
+    key = {"params": cfg.params(), "inputs": _input_identity(cfg), "staged": STAGED, "plan": readers.plan_digest(parts)}
+    found = remote.read_json(store, MANIFEST)
+    if found is not None:
+        _refuse_foreign(cfg.out, found)
+        if not cfg.overwrite:
+            manifest = read_manifest(cfg.out, cfg.storage_options)
+            if manifest.get("params") != cfg.params():
+                raise BuildError(
+                    f"{cfg.out} already holds a finished build with other parameters; pass --overwrite to replace it."
+                )
+            _check_complete(cfg.out, manifest, key, remote.read_json(store, BUILT), cfg.storage_options)
+            remote.remove_staging(store)  # a kill between the manifest and the clean-up
+            return None, True
+    if not cfg.overwrite:
+        record = remote.read_json(store, f"{STAGING}/build.json")
+        if record is not None:
+            work = _recorded_work(cfg.out, record, key)
+            remote.keep_only(store, work)
+            return work, False
+        if found is None and remote.has_shards(store):
+            raise BuildError(f"{cfg.out} holds shards but no manifest or staging; pass --overwrite to replace them.")
+    return remote.new_work(store, key), False
 
 
 def _tokenizer(c, cfg: BuildConfig, tok_location: str) -> tuple[Callable[[], dict], bool]:
@@ -225,10 +278,14 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     """Build, resume or recognise the build of `cfg`: (its manifest, whether this call wrote it; False
     when cfg.out already held this very build)."""
     cfg.validate()
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
+    on_store = storage.is_remote(cfg.out)
+    out = cfg.out if on_store else Path(cfg.out)
+    if on_store:
+        _check_store_outputs(cfg)
+    elif out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} exists and is not a directory.")
-    _check_outputs(cfg, out)  # before anything is read, written or (with --overwrite) removed
+    else:
+        _check_outputs(cfg, out)  # before anything is read, written or (with --overwrite) removed
     clock = _Clock()
     strategies = cfg.strategy_objects()
     # Fail on unreadable inputs, tokenizers or models before starting a cluster or touching the output.
@@ -245,8 +302,15 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
             file=sys.stderr,
         )
     clock.lap("plan")
-    with exclusive(out):  # a second build into `out`, or one already finished, needs no cluster
-        staging, work, complete = _start(cfg, out, parts)
+    # a second build into `out`, or one already finished, needs no cluster
+    with lease.held(cfg.out, cfg.storage_options) if on_store else exclusive(out) as held:
+        if on_store:
+            store = remote.Store(cfg.out, cfg.storage_options)
+            name, complete = _start_store(cfg, store, parts)
+            target = None if complete else _StoreOut(store, name, held)
+        else:
+            staging, work, complete = _start(cfg, out, parts)
+            target = _LocalOut(out, staging, work)
         if complete:
             if cfg.rejects:
                 raise BuildError(
@@ -254,7 +318,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
                     "no rejected records; pass --overwrite to rebuild it and write them."
                 )
             _log(cfg, f"{out} already holds this build; nothing to do.")
-            return read_manifest(out), False
+            return read_manifest(out, cfg.storage_options), False
         with executor.client(cfg.workers, cfg.scheduler) as c:
             # Workers load the tokenizer before their first task: start-up cost paid once, in parallel.
             # They load it the light way (without torch); whether that gives the same tokenizer is checked
@@ -266,7 +330,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
             )
             tok_entry, light = _tokenizer(c, cfg, tok_location)
             clock.lap("cluster start")
-            manifest = _build(c, cfg, strategies, parts, staging, work, tok_entry, tok_location, light, clock)
+            manifest = _build(c, cfg, strategies, parts, target, tok_entry, tok_location, light, clock)
             del warm
         clock.lap("cluster stop")
     _log(cfg, f"Time: {clock}")
@@ -278,51 +342,53 @@ def _build(
     cfg: BuildConfig,
     strategies: list,
     parts: list,
-    staging: Path,
-    work: Path,
+    target: _LocalOut | _StoreOut,
     tok_entry: Callable[[], dict],
     tok_location: str,
     light: bool,
     clock: _Clock,
 ) -> dict:
-    """Pass 1, fit, pass 2 (the tasks write into `work`), then the shards and artifacts moved into out/ and
-    the manifest; the caller holds the lock."""
-    out = Path(cfg.out)
-    done = sum(stage_path(str(work), p.index, "json").exists() for p in parts)
+    """Pass 1, fit, pass 2 (the tasks write into the work folder of `target`), then the shards and artifacts
+    published in out/ and the manifest last; the caller holds the lock."""
+    work = target.work
+    w, names = work.dir, set(work.names())
+    done = sum(part_name(p.index, "json") in names for p in parts)
     resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
-    _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
+    _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {cfg.out}{resumed}")
     stats = executor.map_tasks(
         c,
-        prepare_partition,
-        [(p, cfg, strategies, tok_location, str(work), light) for p in parts],
+        work.task(prepare_partition),
+        [work.args([part_name(p.index, "json")], p, cfg, strategies, tok_location, w, light) for p in parts],
         "tokenize",
         cfg.progress,
     )
     clock.lap("tokenize")
     if cfg.rejects:
-        _write_rejects(cfg.rejects, work, parts)
+        _write_rejects(cfg.rejects, work, parts, cfg.storage_options)
     try:
         _check_outcome(cfg, stats, work, parts)
     except BuildError:
-        _clear(out)  # nothing worth resuming: the same command fails the same way
+        target.clear()  # nothing worth resuming: the same command fails the same way
         raise
     indices = [p.index for p in parts]
     n_docs = sum(s["written"] for s in stats)
-    artifacts, thresholds = fit_all(c, cfg, strategies, str(work), indices, n_docs, str(work))
+    artifacts, thresholds = fit_all(c, cfg, strategies, w, indices, n_docs, w, work)
     clock.lap("fit")
+    arts = registry.artifacts_of([s.name for s in strategies])
     shards = executor.map_tasks(
         c,
-        write_partition,
+        work.task(write_partition),
         [
-            (
+            work.args(
+                [part_name(p.index, STAGED), part_name(p.index, "scores.parquet"), shard_name(p.index), *arts],
                 p.index,
                 cfg,
                 strategies,
-                str(work),
+                w,
                 None,
-                str(work / shard_name(p.index)),
+                os.path.join(w, shard_name(p.index)),
                 artifacts,
-                str(work),
+                w,
                 thresholds,
             )
             for p in parts
@@ -331,18 +397,11 @@ def _build(
         cfg.progress,
     )
     clock.lap("score+write")
-    duplicates = executor.run_one(c, count_duplicate_ids, str(work), indices)
+    duplicates = executor.run_one(
+        c, work.task(count_duplicate_ids), *work.args([part_name(i, STAGED) for i in indices], w, indices)
+    )
     manifest = _manifest(cfg, tok_entry(), stats, shards, strategies, artifacts, thresholds, duplicates)
-    for name in [s["path"] for s in shards] + registry.artifacts_of([s.name for s in strategies]):
-        if (work / name).exists():  # (a shard already moved by a start killed while moving is written again)
-            os.replace(work / name, out / name)
-    record = json.loads((staging / "build.json").read_text(encoding="utf-8"))
-    record.pop("work", None)  # (a name of this start alone: the record of a build is the same every time)
-    atomic_write_text(
-        out / BUILT, json.dumps(record, sort_keys=True)
-    )  # what it was built from: a rerun checks its inputs
-    write_manifest(out, manifest)
-    shutil.rmtree(staging, ignore_errors=True)
+    target.publish([s["path"] for s in shards] + arts, manifest)
     clock.lap("manifest")
     if manifest["totals"]["blank_lines_skipped"]:
         _log(
@@ -357,6 +416,50 @@ def _build(
             "(counted in the manifest as totals.duplicate_ids).",
         )
     return manifest
+
+
+class _LocalOut:
+    """A build into a local folder: its tasks work in out/.staging/WORK; publishing moves the files into out/."""
+
+    def __init__(self, out: Path, staging: Path, work: Path):
+        self.out, self.staging, self.work = out, staging, remote.LocalWork(work)
+
+    def clear(self) -> None:
+        _clear(self.out)
+
+    def publish(self, names: list[str], manifest: dict) -> None:
+        work = Path(self.work.dir)
+        for name in names:
+            if (work / name).exists():  # (a shard already moved by a start killed while moving is written again)
+                os.replace(work / name, self.out / name)
+        record = json.loads((self.staging / "build.json").read_text(encoding="utf-8"))
+        record.pop("work", None)  # (a name of this start alone: the record of a build is the same every time)
+        atomic_write_text(
+            self.out / BUILT, json.dumps(record, sort_keys=True)
+        )  # what it was built from: a rerun checks its inputs
+        write_manifest(self.out, manifest)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class _StoreOut:
+    """A build into an object store (pipeline/remote.py): tasks work in URL/.staging/WORK; publishing copies the
+    files to their final keys and writes the manifest last, while this build still holds the lease."""
+
+    def __init__(self, store: remote.Store, name: str, held: lease.Lease):
+        self.store, self.name, self.lease = store, name, held
+        self.work = remote.StoreWork(store.child(STAGING, name))
+
+    def clear(self) -> None:
+        remote.remove_staging(self.store)
+
+    def publish(self, names: list[str], manifest: dict) -> None:
+        record = remote.read_json(self.store, f"{STAGING}/build.json")
+        if not (isinstance(record, dict) and record.pop("work", None) == self.name) or self.lease.lost():
+            raise BuildError(
+                f"Another build took over {self.store.url} while this one ran (its lease or staging changed); "
+                "nothing was published."
+            )
+        remote.publish(self.store, self.name, names, record, manifest)
 
 
 def _check_models(cfg: BuildConfig) -> None:
@@ -390,7 +493,7 @@ def _warn_repeated_inputs(cfg: BuildConfig) -> None:
         seen.setdefault(key, inp)
 
 
-def _check_outcome(cfg: BuildConfig, stats: list[dict], staging: Path, parts: list) -> None:
+def _check_outcome(cfg: BuildConfig, stats: list[dict], work: remote.LocalWork, parts: list) -> None:
     """A build that writes nothing fails; one whose rejections dominate says why and how to fix it;
     a --field-map entry that matched no record is an error."""
     records_in = sum(s["records_in"] for s in stats)
@@ -410,19 +513,19 @@ def _check_outcome(cfg: BuildConfig, stats: list[dict], staging: Path, parts: li
     if written and sum(rejected.values()) <= written:
         return
     reason, count = rejected.most_common(1)[0] if rejected else ("none", 0)
-    hint = rejection_hint(reason, staging, parts)
+    hint = rejection_hint(reason, work, parts)
     summary = f"{count} of {records_in} record(s) were rejected as {reason}"
     if not written:
         raise BuildError(f"Wrote 0 records: {summary}{hint}")
     _log(cfg, f"Warning: most records were rejected: {summary}{hint}")
 
 
-def rejection_hint(reason: str, staging: Path, parts: list) -> str:
-    """The usual fix of a rejection reason, with the fields the first such record has."""
+def rejection_hint(reason: str, work: remote.LocalWork, parts: list) -> str:
+    """The usual fix of a rejection reason, with the fields the first such record has (read from the staged
+    rejects of the work folder `work`)."""
     fields = ""
     for p in parts:
-        path = stage_path(str(staging), p.index, "rejects.jsonl")
-        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        for line in (work.read(part_name(p.index, "rejects.jsonl")) or b"").decode("utf-8").splitlines():
             rec = json.loads(line)
             if rec.get("reason") == reason:
                 fields = ", ".join(safe_text(str(k)) for k in list(_as_object(rec.get("raw")))[:8])
@@ -485,13 +588,7 @@ def _check_outputs(cfg: BuildConfig, out: Path) -> None:
     one (a later build would read the shards, the manifest and idf.parquet back as records); the files the
     build replaces in it are regular files (sftgo replaces no link or other node it did not make); --rejects
     passes the same tests (_check_rejects_path)."""
-    for inp in cfg.inputs:
-        how = None if inp.startswith("hf:") else _overlap(out, inp)
-        if how:
-            raise BuildError(
-                f"--out {out} {how} the input {inp}: the build would write among the files it reads, and a "
-                "later build would read its shards back as records; keep --out and the inputs apart."
-            )
+    _check_apart(cfg, out)
     check_writable(out, "--out")
     owned = [MANIFEST, BUILT, *registry.artifacts_of(registry.names())]
     shards = [p.name for p in out.glob("shard-*.parquet") if SHARD_FILE.fullmatch(p.name)] if out.is_dir() else []
@@ -499,6 +596,32 @@ def _check_outputs(cfg: BuildConfig, out: Path) -> None:
         output_target(out / name)
     if cfg.rejects:
         _check_rejects_path(cfg.rejects, cfg.inputs, out)
+
+
+def _check_apart(cfg: BuildConfig, out) -> None:
+    """--out is not an input, inside one or around one (a later build would read the shards, the manifest and
+    idf.parquet back as records), for local paths and URLs alike."""
+    for inp in cfg.inputs:
+        how = None if inp.startswith("hf:") else _overlap(out, inp)
+        if how:
+            raise BuildError(
+                f"--out {out} {how} the input {inp}: the build would write among the files it reads, and a "
+                "later build would read its shards back as records; keep --out and the inputs apart."
+            )
+
+
+def _check_store_outputs(cfg: BuildConfig) -> None:
+    """An --out (and a --rejects) on an object store: its bucket exists; a local --rejects passes the local
+    checks (_check_rejects_path); --out is apart from the inputs."""
+    _check_apart(cfg, cfg.out)
+    try:
+        remote.check_bucket(remote.Store(cfg.out, cfg.storage_options), "--out")
+        if cfg.rejects and storage.is_remote(cfg.rejects):
+            remote.check_bucket(remote.Store(cfg.rejects, cfg.storage_options), "--rejects")
+    except SftgoError as exc:
+        raise BuildError(str(exc)) from None
+    if cfg.rejects and not storage.is_remote(cfg.rejects):
+        _check_rejects_path(cfg.rejects, cfg.inputs, Path(os.devnull))
 
 
 def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:
@@ -526,15 +649,25 @@ def _overlap(out, inp: str) -> str | None:
     return sources.overlap(str(out), inp) if is_url(inp) or is_url(out) else overlap(out, inp)
 
 
-def _write_rejects(path: str, staging: Path, parts) -> None:
+def _write_rejects(path: str, work: remote.LocalWork, parts, options: dict) -> None:
+    """--rejects: the staged rejects of every partition, in order, written whole (to a file or a store URL)."""
+
+    def write(fh):
+        for p in parts:
+            fh.write(work.read(part_name(p.index, "rejects.jsonl")) or b"")
+
+    if storage.is_remote(path):
+        fs, key = storage.filesystem(path, options)
+        with fs.open(key, "wb") as fh:
+            write(fh)
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for p in parts:
-                fh.write(stage_path(str(staging), p.index, "rejects.jsonl").read_text(encoding="utf-8"))
+    def write_file(tmp):
+        with open(tmp, "wb") as fh:
+            write(fh)
 
-    atomic_write(path, write, "--rejects", stream=True, follow=True)
+    atomic_write(path, write_file, "--rejects", stream=True, follow=True)
 
 
 def _manifest(

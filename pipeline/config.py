@@ -34,7 +34,8 @@ class BuildConfig:
     """Input files, directories, `datasets` save_to_disk folders, hub dataset names (`hf:NAME`) or URLs of an object
     store: an object, a folder or a glob (s3://bucket/data/*.jsonl; also gs://, abfs://, hf://, memory://, file://)."""
     out: str = ""
-    """Output directory: manifest.json, fitted artifacts and shard-NNNNN.parquet files."""
+    """Output directory or object-store URL (s3://bucket/prefix, gs://, abfs://): manifest.json, fitted artifacts
+    and shard-NNNNN.parquet files."""
     strategies: list[str] = field(default_factory=lambda: ["tfidf"])
     """Importance strategies to score; one importance_/group_ column pair each."""
     eta: float = 0.3
@@ -83,7 +84,10 @@ class BuildConfig:
     scheduler: str | None = None
     """Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."""
     rejects: str | None = None
-    """Optional JSONL file that receives every rejected record with its reason."""
+    """Optional JSONL file (or object-store URL) that receives every rejected record with its reason."""
+    storage_options: dict = field(default_factory=dict)
+    """Options of the object store behind URLs (a JSON object: credentials, endpoint_url, ...); by default each
+    store's standard environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)."""
     overwrite: bool = False
     """Replace an existing build (finished or not) in `out`."""
     trust_remote_code: bool = False

@@ -26,7 +26,7 @@ from sftgo.core.shards import column_strategy, group_column, importance_column
 from sftgo.grouping import registry
 from sftgo.grouping.assign import assign_by_thresholds, assign_groups, corpus_thresholds
 from sftgo.pipeline import executor
-from sftgo.pipeline.prepare import read_staged, stage_path, stats_suffix
+from sftgo.pipeline.prepare import STAGED, part_name, read_staged, stage_path, stats_suffix
 
 SHARD_COMPRESSION = "zstd"
 
@@ -43,20 +43,45 @@ def fit_strategy(strategy, staging: str, indices: list[int], documents: int, fol
 
 
 def fit_all(
-    c, cfg, strategies: list, staging: str, indices: list[int], documents: int, folder: str
+    c, cfg, strategies: list, staging: str, indices: list[int], documents: int, folder: str, work=None
 ) -> tuple[dict, dict]:
-    """(artifacts, thresholds) by strategy name: corpus fits first, then corpus-wide cut-offs."""
+    """(artifacts, thresholds) by strategy name: corpus fits first, then corpus-wide cut-offs.  `work`
+    (pipeline/remote.py) says how tasks reach the staging of a build into an object store; None: a local folder."""
+    task = work.task if work is not None else (lambda fn: fn)
+    args = work.args if work is not None else (lambda fetch, *a: a)
+    arts = registry.artifacts_of([s.name for s in strategies])
     artifacts = {
-        s.name: executor.run_one(c, fit_strategy, s, staging, indices, documents, folder)
+        s.name: executor.run_one(
+            c,
+            task(fit_strategy),
+            *args([part_name(i, stats_suffix(s.name)) for i in indices], s, staging, indices, documents, folder),
+        )
         for s in strategies
         if registry.fitted(s)
     }
     thresholds: dict[str, list[float]] = {}
     if cfg.threshold == "corpus":
         executor.map_tasks(
-            c, score_partition, [(i, strategies, staging, artifacts, folder) for i in indices], "score", cfg.progress
+            c,
+            task(score_partition),
+            [
+                args(
+                    [part_name(i, STAGED), part_name(i, "scores.parquet"), *arts],
+                    i,
+                    strategies,
+                    staging,
+                    artifacts,
+                    folder,
+                )
+                for i in indices
+            ],
+            "score",
+            cfg.progress,
         )
-        thresholds = executor.run_one(c, fit_thresholds, strategies, staging, indices, cfg.eta, cfg.num_groups)
+        fetch = [part_name(i, suffix) for i in indices for suffix in (STAGED, "scores.parquet")]
+        thresholds = executor.run_one(
+            c, task(fit_thresholds), *args(fetch, strategies, staging, indices, cfg.eta, cfg.num_groups)
+        )
     return artifacts, thresholds
 
 

@@ -45,7 +45,12 @@ STAGED = "staged.arrow"  # the staged table's suffix; build.json records it (a s
 
 
 def stage_path(staging: str, index: int, suffix: str) -> Path:
-    return Path(staging) / f"part-{index:05d}.{suffix}"
+    return Path(staging) / part_name(index, suffix)
+
+
+def part_name(index: int, suffix: str) -> str:
+    """The name of a staged file of partition `index` in a work folder."""
+    return f"part-{index:05d}.{suffix}"
 
 
 def write_staged(staging: str, index: int, table: pa.Table) -> None:

@@ -125,7 +125,7 @@ def check_type(value, tp, key: str):
         item = args[0] if args else typing.Any
         items = [check_type(v, item, key) for v in value]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:  # (a bare `dict`: keys and values of any type)
         if not isinstance(value, dict):
             raise _wrong(key, tp, value)
         k_tp, v_tp = typing.get_args(tp) or (typing.Any, typing.Any)

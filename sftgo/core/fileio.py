@@ -203,10 +203,15 @@ def overlap(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+        return stream_sha256(fh)
+
+
+def stream_sha256(fh) -> str:
+    """The hex sha256 of what the binary file object `fh` reads from where it stands to its end."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

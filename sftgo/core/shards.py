@@ -21,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sftgo.core import storage
 from sftgo.core.errors import SftgoError
-from sftgo.core.fileio import atomic_write_text, file_sha256
+from sftgo.core.fileio import atomic_write_text, file_sha256, stream_sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -39,21 +40,57 @@ class ShardError(SftgoError, ValueError):
     """A shard directory is incomplete, corrupted, foreign or lacks what was asked for."""
 
 
+def manifest_text(manifest: dict) -> str:
+    """manifest.json as every build writes it (local folder or store): the same bytes for the same build."""
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
-    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(Path(out_dir) / MANIFEST, manifest_text(manifest))
 
 
-def read_manifest(out_dir: str | os.PathLike) -> dict:
-    out_dir = Path(out_dir)
-    path = out_dir / MANIFEST
+class Location(str):
+    """The URL of a build on an object store; `location / name` joins as a Path does (for messages and keys)."""
+
+    def __truediv__(self, name: str) -> Location:
+        return Location(storage.join(self, name))
+
+
+def _location(out_dir):
+    return Location(str(out_dir)) if storage.is_remote(out_dir) else Path(out_dir)
+
+
+def _store(out_dir: Location, options: dict | None):
+    """(filesystem, path inside it) of a build on a store, with no listing cached from before."""
+    fs, root = storage.filesystem(out_dir, options)
+    fs.invalidate_cache()
+    return fs, root.rstrip("/")
+
+
+def _manifest_bytes(out_dir, options: dict | None) -> bytes:
+    missing = f"{out_dir} has no {MANIFEST}: the build did not complete or this is not an sftgo-prep output."
+    if isinstance(out_dir, Location):
+        fs, root = _store(out_dir, options)
+        try:
+            return fs.cat_file(f"{root}/{MANIFEST}")
+        except FileNotFoundError:
+            raise ShardError(missing) from None
+        except Exception as exc:  # the store's own errors: credentials, endpoint, a missing bucket
+            raise ShardError(storage.sentence(exc, str(out_dir))) from None
     if not out_dir.is_dir():
         raise ShardError(f"{out_dir} is not a directory.")
-    if not path.is_file():
-        raise ShardError(
-            f"{out_dir} has no {MANIFEST}: the build did not complete or this is not an sftgo-prep output."
-        )
+    if not (out_dir / MANIFEST).is_file():
+        raise ShardError(missing)
+    return (out_dir / MANIFEST).read_bytes()
+
+
+def read_manifest(out_dir: str | os.PathLike, options: dict | None = None) -> dict:
+    """The checked manifest of the build in `out_dir` (a folder, or a URL opened with storage `options`)."""
+    out_dir = _location(out_dir)
+    path = out_dir / MANIFEST
+    data = _manifest_bytes(out_dir, options)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardError(f"{path} is not valid JSON ({exc}).") from None
     found = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -153,7 +190,6 @@ def _check_counts(path: Path, manifest: dict) -> dict:
 def member_path(directory: str | os.PathLike, name) -> Path:
     """The path of manifest entry `name` inside `directory`, refusing anything but a plain file name
     there: no folders, `..`, absolute paths, or symlinks that lead out."""
-    directory = Path(directory)
     plain = (
         isinstance(name, str)
         and name not in ("", ".", "..")
@@ -167,6 +203,9 @@ def member_path(directory: str | os.PathLike, name) -> Path:
             f"The manifest in {directory} names {name!r}, which is not a plain file name inside "
             "the build directory; refusing to read or write it."
         )
+    if isinstance(directory, Location):
+        return directory / name
+    directory = Path(directory)
     path = directory / name
     if path.is_symlink() and path.resolve().parent != directory.resolve():
         raise ShardError(f"{path} is a symlink that leads out of {directory}; refusing to read or write it.")
@@ -229,12 +268,14 @@ def verify_shards(
     strategies: tuple[str, ...] = (),
     checksums: bool = True,
     tokenizer_fingerprint: str | None = None,
+    options: dict | None = None,
 ) -> dict:
     """Check that every shard listed exists, matches its checksum and row count, and has the
     schema (base columns plus those of `strategies`); optionally that the tokenizer matches.
-    Returns the manifest."""
-    out_dir = Path(out_dir)
-    manifest = manifest or read_manifest(out_dir)
+    `out_dir` may be a URL (opened with storage `options`).  Returns the manifest."""
+    out_dir = _location(out_dir)
+    manifest = manifest or read_manifest(out_dir, options)
+    fs = _store(out_dir, options)[0] if isinstance(out_dir, Location) else None
     if tokenizer_fingerprint is not None:
         check_tokenizer(out_dir, manifest, tokenizer_fingerprint)
     for strategy in strategies:
@@ -253,20 +294,34 @@ def verify_shards(
                 member_path(out_dir, artifact["path"])
     for shard in shards:
         verify_shard(
-            member_path(out_dir, shard.get("path") if isinstance(shard, dict) else shard), shard, expected, checksums
+            member_path(out_dir, shard.get("path") if isinstance(shard, dict) else shard),
+            shard,
+            expected,
+            checksums,
+            fs,
         )
     return manifest
 
 
-def verify_shard(path: Path, shard: dict, expected: dict[str, str], checksums: bool = True) -> None:
+def verify_shard(path, shard: dict, expected: dict[str, str], checksums: bool = True, fs=None) -> None:
     """One shard file against its manifest entry: present, its sha256 (with `checksums`), a readable
-    Parquet file with the `expected` columns (name -> type) and the entry's row count."""
-    if not path.is_file():
+    Parquet file with the `expected` columns (name -> type) and the entry's row count.  With `fs` (an fsspec
+    filesystem), `path` is a URL in it."""
+    where = fs._strip_protocol(str(path)) if fs is not None else path
+    if not (fs.isfile(where) if fs is not None else path.is_file()):
         raise ShardError(f"Shard {path} listed in the manifest is missing.")
-    if checksums and file_sha256(path) != shard["sha256"]:
-        raise ShardError(f"Shard {path} does not match its checksum in the manifest: it is corrupted or was replaced.")
+    if checksums:
+        if fs is not None:
+            with fs.open(where, "rb") as fh:
+                digest = stream_sha256(fh)
+        else:
+            digest = file_sha256(path)
+        if digest != shard["sha256"]:
+            raise ShardError(
+                f"Shard {path} does not match its checksum in the manifest: it is corrupted or was replaced."
+            )
     try:
-        meta = pq.ParquetFile(path)
+        meta = pq.ParquetFile(fs.open(where, "rb") if fs is not None else path)
     except Exception as exc:  # pyarrow raises several types for garbage files
         raise ShardError(f"Shard {path} is not a readable Parquet file ({exc}).") from None
     schema = meta.schema_arrow
@@ -289,8 +344,13 @@ def expected_columns(strategies) -> dict[str, str]:
     return expected
 
 
-def verify_build(out_dir: str | os.PathLike, manifest: dict | None = None, checksums: bool = True) -> dict:
+def verify_build(
+    out_dir: str | os.PathLike, manifest: dict | None = None, checksums: bool = True, options: dict | None = None
+) -> dict:
     """What every reader of a whole build checks: its manifest (read_manifest: typed, counts consistent
-    with its shard list) and every shard against its entry, with the columns of every strategy listed."""
-    manifest = manifest if manifest is not None else read_manifest(out_dir)
-    return verify_shards(out_dir, manifest, strategies=tuple(manifest["strategies"]), checksums=checksums)
+    with its shard list) and every shard against its entry, with the columns of every strategy listed.
+    `out_dir` may be a URL of an object store (opened with storage `options`)."""
+    manifest = manifest if manifest is not None else read_manifest(out_dir, options)
+    return verify_shards(
+        out_dir, manifest, strategies=tuple(manifest["strategies"]), checksums=checksums, options=options
+    )
