@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -134,6 +135,7 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
     if not args:
         return []
     window = IN_FLIGHT_PER_THREAD * max(sum(c.nthreads().values()), 2)
+    run = secrets.token_hex(4)  # task keys unique to this call: two builds on one scheduler never share a result
     results: list = [None] * len(args)
     waiting = iter(enumerate(args))
     running: dict = {}  # future -> its task's number
@@ -142,7 +144,7 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
         empty_since = None
         while True:
             for i, a in itertools.islice(waiting, window - len(running)):
-                running[c.submit(fn, *a, pure=False, key=f"{desc}-{i:05d}")] = i
+                running[c.submit(fn, *a, pure=False, key=f"{desc}-{run}-{i:05d}")] = i
             if not running:
                 return results
             try:

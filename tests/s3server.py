@@ -72,9 +72,9 @@ class S3Server:
         """Point this process's S3 clients at the server (undone at the end of the test)."""
         for key, value in self.env.items():
             monkeypatch.setenv(key, value)
-        import fsspec
+        import s3fs
 
-        fsspec.AbstractFileSystem.clear_instance_cache()  # cached s3fs instances hold the old endpoint
+        s3fs.S3FileSystem.clear_instance_cache()  # cached s3fs instances hold the old endpoint
 
     def bucket(self, prefix: str = "b") -> str:
         """A new, empty bucket; its name."""

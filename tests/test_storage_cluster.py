@@ -3,8 +3,7 @@ real S3 server (tests/s3server.py): the workers share no folder with the driver,
 the store; the result is byte-identical to the same build into a local folder, through a killed worker and a killed
 driver; a second writer is refused by the lease; a missing bucket is one sentence.
 
-The inputs are local files with absolute paths, which every process of this one-machine cluster can read (the
-readers' own support for s3:// inputs is tested with them)."""
+The inputs are objects in the same store (s3:// to s3://); the reference build reads the same files locally."""
 
 from __future__ import annotations
 
@@ -92,17 +91,33 @@ def wait_for_key(url: str, pattern: str, proc: subprocess.Popen, timeout: float 
 
 
 def test_s3_to_s3_on_a_command_line_cluster_is_byte_identical_to_a_local_build(corpus, reference, cluster, s3):
+    import json
+
+    import fsspec
+
     from sftgo.core.shards import verify_build
 
-    url = f"s3://{s3.bucket()}/run"
-    done = run_build(build_args(corpus, url, "--scheduler", cluster.address))
+    bucket = s3.bucket()
+    fs = fsspec.filesystem("s3")
+    inputs = []
+    for path in corpus:
+        fs.put_file(path, f"{bucket}/in/{Path(path).name}")
+        inputs.append(f"s3://{bucket}/in/{Path(path).name}")
+    url = f"s3://{bucket}/run"
+    done = run_build(build_args(inputs, url, "--scheduler", cluster.address))
     assert done.returncode == 0, done.stderr
     got = objects_of(url)
-    assert got == reference  # every shard, idf.parquet, the record of the inputs and the manifest, byte for byte
-    assert len([n for n in got if n.startswith("shard-")]) == 12
+    assert set(got) == set(reference)
+    data = [n for n in reference if n.endswith(".parquet")]
+    assert len([n for n in data if n.startswith("shard-")]) == 12
+    assert {n: got[n] for n in data} == {n: reference[n] for n in data}  # every shard and idf.parquet, byte for byte
+    text = got["manifest.json"].decode()
+    for path, url_in in zip(corpus, inputs):
+        text = text.replace(json.dumps(url_in), json.dumps(path))
+    assert json.loads(text) == json.loads(reference["manifest.json"])  # the same manifest but for the input names
     assert not [k for k in keys_under(url) if k.startswith(".staging")]  # the staging is cleaned up
     verify_build(url)  # a reader checks the manifest and every shard's checksum through the store
-    again = run_build(build_args(corpus, url, "--scheduler", cluster.address))
+    again = run_build(build_args(inputs, url, "--scheduler", cluster.address))
     assert again.returncode == 0, again.stderr
     assert "Nothing written" in again.stdout and "already holds this build" in again.stdout
 
