@@ -96,6 +96,7 @@ OPTIONS = [
     "precision",
     "ce_chunk",
     "grad_checkpointing",
+    "ac_every",
     "fsdp",
     "lora_r",
     "lora_alpha",

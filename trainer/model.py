@@ -58,10 +58,14 @@ def load_for_training(
     lora_alpha: float = 16.0,
     adapter_dir: str | None = None,
     grad_checkpointing: bool = False,
+    ac_every: int = 1,
     trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """An fp32 causal LM in train mode (autocast handles bf16 on GPUs); LoRA-wrapped if asked."""
-    model = load_causal_lm(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    """A causal LM in train mode, its weights in `dtype` (fp32; autocast handles bf16 compute; bf16 for
+    --precision bf16-state, where peft still makes LoRA adapters fp32); LoRA-wrapped if asked.
+    `ac_every`: with grad_checkpointing, only every Nth decoder layer recomputes (see checkpoint_every)."""
+    model = load_causal_lm(name, dtype=dtype, trust_remote_code=trust_remote_code)
     check_plain_head(model, str(name))
     model.config.use_cache = False
     if grad_checkpointing:
@@ -70,6 +74,7 @@ def load_for_training(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        checkpoint_every(model, ac_every)
     if lora_r > 0:
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("--lora-r needs the peft package: pip install peft.")
@@ -81,6 +86,23 @@ def load_for_training(
             lora = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
             model = peft.get_peft_model(model, lora)
     return model.train()
+
+
+def checkpoint_every(model: nn.Module, every: int) -> list[int]:
+    """Keep activation checkpointing on decoder layers 0, every, 2*every, ... only (transformers' per-layer
+    switch); the others keep their activations.  Returns the indices of the checkpointed layers."""
+    from sftgo.trainer.fsdp import decoder_layers
+
+    layers = decoder_layers(model)
+    if every > 1 and not all(isinstance(getattr(m, "gradient_checkpointing", None), bool) for m in layers):
+        raise ConfigError(
+            f"--ac-every needs decoder layers with transformers' per-layer checkpointing switch; "
+            f"{type(causal_lm(model)).__name__}'s have none: use --ac-every 1."
+        )
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i % every == 0
+    return [i for i, m in enumerate(layers) if getattr(m, "gradient_checkpointing", False)]
 
 
 class _LookupIntoGrad(torch.autograd.Function):
@@ -132,6 +154,15 @@ def plain_lookup(embed: nn.Module) -> bool:
     )
 
 
+def add_token_ce_method(head: nn.Module) -> None:
+    """Give the LM head a `sftgo_token_ce(hidden, targets, chunk)` method (token_cross_entropy through it), which
+    FSDP2's register_fsdp_forward_method can wrap like a forward: the chunked loss reads the head's weight
+    without calling its forward."""
+    import types
+
+    head.sftgo_token_ce = types.MethodType(lambda self, h, t, chunk: token_cross_entropy(h, self, t, chunk), head)
+
+
 class TokenLossModel(nn.Module):
     """forward(input_ids, position_ids, targets) -> CE [N] of the N supervised targets.
 
@@ -156,4 +187,7 @@ class TokenLossModel(nn.Module):
             inputs = {"input_ids": input_ids}
         hidden = lm.get_decoder()(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
         keep = targets != IGNORE
-        return token_cross_entropy(hidden[keep], lm.get_output_embeddings(), targets[keep], self.ce_chunk)
+        head = lm.get_output_embeddings()
+        if hasattr(head, "sftgo_token_ce"):  # an FSDP unit of its own (trainer.fsdp.shard): gathered around it
+            return head.sftgo_token_ce(hidden[keep], targets[keep], self.ce_chunk)
+        return token_cross_entropy(hidden[keep], head, targets[keep], self.ce_chunk)

@@ -271,6 +271,7 @@ OPERATIONAL = (
     "skip_nonfinite",
     "ce_chunk",
     "grad_checkpointing",
+    "ac_every",
     "trust_remote_code",
     "eval_every",
     "save_every",
