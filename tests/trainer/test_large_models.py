@@ -175,8 +175,9 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_fsdp_gives_an_untied_embedding_and_head_units_of_their_own(one_rank_group, tiny_lm, tie):
+@pytest.mark.parametrize("tie, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+def test_fsdp_gives_an_untied_embedding_and_head_units_of_their_own(one_rank_group, tiny_lm, tie, dtype):
+    """bf16: --precision bf16-state's sharded parameters (gradients reduced in fp32, kept in bf16)."""
     from torch.distributed.fsdp import FSDPModule
     from transformers import LlamaForCausalLM
 
@@ -186,11 +187,11 @@ def test_fsdp_gives_an_untied_embedding_and_head_units_of_their_own(one_rank_gro
     if tie:
         model.config.tie_word_embeddings = True
         model = LlamaForCausalLM(model.config)
-    model.train()
+    model.to(dtype).train()
     assert fsdp.tied(model) is tie
     plain = TokenLossModel(copy.deepcopy(model), ce_chunk=8, lookup_into_grad=True)
     net = TokenLossModel(model, ce_chunk=8, lookup_into_grad=True)
-    fsdp.shard(net, model, bf16=False)
+    fsdp.shard(net, model, bf16=dtype == torch.bfloat16)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     units = {name for name, m in net.named_modules() if isinstance(m, FSDPModule)}
     layers = {f"model.model.layers.{i}" for i in range(model.config.num_hidden_layers)}
@@ -206,4 +207,5 @@ def test_fsdp_gives_an_untied_embedding_and_head_units_of_their_own(one_rank_gro
         torch.testing.assert_close(loss, want_loss)
         assert set(grads) == set(want)
         for name, g in want.items():
+            assert grads[name].dtype == dtype
             torch.testing.assert_close(grads[name], g, msg=name)
