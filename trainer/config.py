@@ -224,8 +224,8 @@ class TrainConfig:
     """With --grad-checkpointing: checkpoint every Nth decoder layer only (layers 0, N, 2N, ...): 1 recomputes all,
     larger values trade memory back for speed."""
     fsdp: bool = False
-    """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2, per decoder layer) instead of
-    DDP: for models that do not fit one device."""
+    """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2: one unit per decoder layer, the
+    input embedding and the LM head, a tied pair in the root) instead of DDP: for models that do not fit one device."""
     lora_r: int = 0
     """> 0 trains LoRA adapters of this rank through peft instead of all weights."""
     lora_alpha: float = 16.0
