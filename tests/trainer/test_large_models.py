@@ -49,6 +49,23 @@ def _batch(vocab: int, rows: int = 2, length: int = 12, seed: int = 0):
     return ids, torch.arange(length).expand(rows, length), targets
 
 
+def _tiny_llama(layers: int = 2, tie: bool = False, seed: int = 0):
+    """A random Llama of real transformers classes, small enough (512 words, hidden 32) for many passes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 def _loss_and_grads(net: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
     net.zero_grad(set_to_none=True)
     loss = net(*batch).sum()
@@ -124,21 +141,15 @@ def test_bf16_state_run_resumes_exactly_or_is_refused_on_a_cpu_without_native_bf
 
 
 # ---------------------------------------------------------------- --ac-every
-def test_ac_every_checkpoints_every_nth_layer_with_the_same_losses_and_gradients(tiny_lm):
-    from transformers import LlamaForCausalLM
-
+def test_ac_every_checkpoints_every_nth_layer_with_the_same_losses_and_gradients(tmp_path):
     from sftgo.trainer.fsdp import decoder_layers
 
-    path = tiny_lm(seed=3)
-    base = LlamaForCausalLM.from_pretrained(path)
-    base.config.num_hidden_layers = 4  # four layers: checkpointing every 2nd recomputes layers 0 and 2
-    deep = LlamaForCausalLM(base.config)
-    deep.save_pretrained(path + "-deep")
-    batch = _batch(base.config.vocab_size, seed=1)
+    _tiny_llama(layers=4, seed=3).save_pretrained(tmp_path / "deep")  # checkpointing every 2nd: layers 0 and 2
+    batch = _batch(512, seed=1)
     results = {}
     for every in (None, 1, 2, 3):
         torch.manual_seed(0)
-        model = load_for_training(path + "-deep", grad_checkpointing=every is not None, ac_every=every or 1)
+        model = load_for_training(str(tmp_path / "deep"), grad_checkpointing=every is not None, ac_every=every or 1)
         runs = [0] * 4
         for i, layer in enumerate(decoder_layers(model)):  # its first norm runs again where the layer recomputes
             layer.input_layernorm.register_forward_pre_hook(lambda *_, i=i, runs=runs: runs.__setitem__(i, runs[i] + 1))
@@ -176,18 +187,13 @@ def one_rank_group():
 
 
 @pytest.mark.parametrize("tie, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
-def test_fsdp_gives_an_untied_embedding_and_head_units_of_their_own(one_rank_group, tiny_lm, tie, dtype):
+def test_fsdp_gives_an_untied_embedding_and_head_units_of_their_own(one_rank_group, tie, dtype):
     """bf16: --precision bf16-state's sharded parameters (gradients reduced in fp32, kept in bf16)."""
     from torch.distributed.fsdp import FSDPModule
-    from transformers import LlamaForCausalLM
 
     from sftgo.trainer import fsdp
 
-    model = LlamaForCausalLM.from_pretrained(tiny_lm(seed=4))
-    if tie:
-        model.config.tie_word_embeddings = True
-        model = LlamaForCausalLM(model.config)
-    model.to(dtype).train()
+    model = _tiny_llama(tie=tie, seed=4).to(dtype).train()
     assert fsdp.tied(model) is tie
     plain = TokenLossModel(copy.deepcopy(model), ce_chunk=8, lookup_into_grad=True)
     net = TokenLossModel(model, ce_chunk=8, lookup_into_grad=True)
