@@ -74,7 +74,8 @@ def load_for_training(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        checkpoint_every(model, ac_every)
+        if ac_every > 1:  # 1: every layer, as transformers set it
+            checkpoint_every(model, ac_every)
     if lora_r > 0:
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("--lora-r needs the peft package: pip install peft.")
