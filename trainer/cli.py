@@ -97,6 +97,7 @@ OPTIONS = [
     "precision",
     "ce_chunk",
     "grad_checkpointing",
+    "ac_every",
     "fsdp",
     "compile",
     "lora_r",

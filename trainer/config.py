@@ -24,7 +24,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 
 REDUCES = ("sample", "batch")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "bf16-state", "fp32")
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # --report-to name -> package
 CHOICES = {"objective": registry.names, "lam_schedule": SCHEDULES, "reduce": REDUCES, "precision": PRECISIONS}
 
@@ -54,6 +54,7 @@ RANGES = {
     "skip_nonfinite": ("int", 0, math.inf, False, " (0: the first non-finite step stops the run)"),
     "seed": ("int", 0, 2**63 - 1, False, ""),
     "ce_chunk": ("int", 1, math.inf, False, ""),
+    "ac_every": ("int", 1, math.inf, False, " (1: every decoder layer)"),
     "lora_r": ("int", 0, math.inf, False, " (0 = no LoRA)"),
     "lora_alpha": ("float", 0.0, math.inf, True, ""),
     "eval_every": ("int", 0, math.inf, False, " (0: only at the start and the end)"),
@@ -216,14 +217,20 @@ class TrainConfig:
     """Seeds the data order and torch; the same seed gives the same run."""
     precision: str = "auto"
     """auto (bf16 autocast on GPUs that support it, fp32 otherwise), bf16 (on a GPU, or a CPU with native bf16:
-    AVX512-BF16 or AMX) or fp32."""
+    AVX512-BF16 or AMX), bf16-state or fp32.  auto and bf16 keep weights, gradients and AdamW's moments in fp32.
+    bf16-state (same devices as bf16) keeps all three in bf16, with no fp32 master copy: half their memory, at the
+    cost of update precision (an update smaller than about 1/256 of a weight is rounded away, so a low learning
+    rate can leave weights unchanged); use it for models whose fp32 state does not fit."""
     ce_chunk: int = 1024
     """Tokens per chunk of the lm_head + cross-entropy (bounds the fp32 logits in memory)."""
     grad_checkpointing: bool = False
     """Recompute activations in backward (less memory; each layer's forward runs again in backward)."""
+    ac_every: int = 1
+    """With --grad-checkpointing: checkpoint every Nth decoder layer only (layers 0, N, 2N, ...): 1 recomputes all,
+    larger values trade memory back for speed."""
     fsdp: bool = False
-    """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2, per decoder layer) instead of
-    DDP: for models that do not fit one device."""
+    """Shard weights, gradients and optimizer state across the torchrun ranks (FSDP2: one unit per decoder layer, the
+    input embedding and the LM head, a tied pair in the root) instead of DDP: for models that do not fit one device."""
     compile: bool | None = None
     """Compile each decoder layer with torch.compile (default: on with CUDA, off on a CPU); the time spent
     compiling is reported apart from the step time (compile_s in metrics.jsonl and summary.json)."""
@@ -347,6 +354,11 @@ def ignored_settings(cfg: TrainConfig, flag=cli_flag) -> list[str]:
         ("dro_step", plain, "λ is 0 throughout, which is plain SFT"),
         ("temperature", sftgo and not plain and cfg.dro_step > 0, f"{flag('dro_step')} replaces the max"),
         ("reduce", sftgo and not plain and cfg.dro_step > 0, f"{flag('dro_step')} replaces the max"),
+        (
+            "ac_every",
+            not cfg.grad_checkpointing,
+            f"there is no activation checkpointing without {flag('grad_checkpointing')}",
+        ),
         ("lora_alpha", cfg.lora_r == 0, f"there is no LoRA without {flag('lora_r')}"),
         ("eval_every", not cfg.eval_data, f"there is no {flag('eval_data')}"),
         ("eval_batches", not cfg.eval_data, f"there is no {flag('eval_data')}"),

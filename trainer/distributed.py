@@ -4,7 +4,8 @@ Input: the environment torchrun or `accelerate launch` sets (RANK, WORLD_SIZE, L
 a TrainConfig's --fsdp and --precision.
 Output: (rank, world size, device) with the process group initialised when there are several ranks (gloo on
 CPU, NCCL on GPU); `on_rank0` to run a decision on rank 0 and give every rank its result or its error;
-`barrier`; whether to compute in bf16 and the autocast context for it.
+`barrier`; whether to compute in bf16, the autocast context for it, and the dtype of the trained state
+(weights, gradients, optimizer moments: fp32, or bf16 under --precision bf16-state).
 Cost: one process-group initialisation; a broadcast of a small object per `on_rank0`.
 """
 
@@ -84,19 +85,27 @@ def bf16_native(device) -> bool:
     )
 
 
-def use_bf16(cfg: TrainConfig, device) -> bool:
-    """auto: bf16 on GPUs that support it; bf16: also on a CPU with native bf16 (faster than fp32 there,
-    see bf16_native); fp32: never.  Weights, gradients and optimizer state stay fp32 either way."""
+def use_bf16(cfg: TrainConfig, device, *, allow_emulated: bool = False) -> bool:
+    """auto: bf16 on GPUs that support it; bf16 and bf16-state: also on a CPU with native bf16 (faster than fp32
+    there, see bf16_native); fp32: never.  `allow_emulated` (tests only) lets a CPU without native bf16 through."""
     if cfg.precision == "fp32":
         return False
-    if cfg.precision == "bf16":
-        if not bf16_native(device):
+    if cfg.precision in ("bf16", "bf16-state"):
+        if not (allow_emulated or bf16_native(device)):
             raise ConfigError(
-                f"--precision bf16 needs a GPU or a CPU with native bf16 (AVX512-BF16 or AMX); this {device.type} "
-                "has none: use auto or fp32."
+                f"--precision {cfg.precision} needs a GPU or a CPU with native bf16 (AVX512-BF16 or AMX); this "
+                f"{device.type} has none: use auto or fp32."
             )
         return True
     return device.type == "cuda" and bf16_native(device)
+
+
+def state_dtype(cfg: TrainConfig, device, *, allow_emulated: bool = False) -> torch.dtype:
+    """The dtype of the weights, their gradients and AdamW's moments: bf16 under --precision bf16-state (no fp32
+    master copy: half the memory, but an update below bf16's resolution of the weight is lost), else fp32."""
+    if cfg.precision == "bf16-state" and use_bf16(cfg, device, allow_emulated=allow_emulated):
+        return torch.bfloat16
+    return torch.float32
 
 
 def autocast_for(cfg: TrainConfig, device):

@@ -2,17 +2,17 @@
 
 Input: the TokenLossModel around a causal LM (fp32 weights on this rank's device), the process
 group torchrun set up, and whether to train in bf16 (GPUs that support it).
-Output: the same module, sharded in place with `torch.distributed.fsdp.fully_shard`: one FSDP unit
-per decoder layer, then the TokenLossModel as the root (so the embeddings, final norm and the
-lm_head that the chunked cross-entropy reads live in the root unit and are gathered for the whole
-forward; `trainer.model.TokenLossModel` calls the decoder and the head itself, not the CausalLM's
-forward).  Parameters, gradients and optimizer state are sharded across ranks.  On GPUs with bf16,
+Output: the same module, sharded in place with `torch.distributed.fsdp.fully_shard`: the input
+embedding, one FSDP unit per decoder layer and the lm_head, then the TokenLossModel as the root (which
+keeps the final norm; `trainer.model.TokenLossModel` calls the decoder and the head itself, not the
+CausalLM's forward).  A tied embedding and head are one weight: both then stay in the root unit, gathered
+for the whole forward.  Parameters, gradients and optimizer state are sharded across ranks.  On GPUs with bf16,
 parameters are cast to bf16 for compute and gradients are reduced in fp32 (MixedPrecisionPolicy).
 Checkpoints: `save`/`load` write and read the sharded model and optimizer state with
 torch.distributed.checkpoint (every rank writes its own shard files; resuming needs the same number
 of ranks, as DDP resume does); `full_state_dict` gathers the consolidated weights on rank 0 for the
 final `save_pretrained` directory.
-Cost: per layer, one all-gather of its parameters in forward and in backward and one
+Cost: per unit (embedding, layer, head), one all-gather of its parameters in forward and in backward and one
 reduce-scatter of its gradients; memory per rank is about (weights + grads + Adam state) / world
 plus one layer's full parameters and the activations.
 """
@@ -41,15 +41,40 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ConfigError(f"Cannot find the decoder layers of {type(causal_lm(model)).__name__} to shard with --fsdp.")
 
 
+def tied(model: nn.Module) -> bool:
+    """Whether the input embedding and the LM head share one weight (SmolLM2, Llama-3.2 1B/3B)."""
+    from sftgo.trainer.model import causal_lm
+
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    return head is not None and lm.get_input_embeddings().weight is head.weight
+
+
 def shard(net: nn.Module, model: nn.Module, bf16: bool) -> nn.Module:
-    """fully_shard each decoder layer, then `net` (the root); returns `net`, now an FSDPModule."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """fully_shard the input embedding, each decoder layer and the LM head, then `net` (the root); returns
+    `net`, now an FSDPModule.  A tied embedding and head share one weight, so both stay in the root unit
+    (and keep TokenLossModel's in-place lookup gradient); untied, the embedding and the head are units of
+    their own (the lookup then runs as the embedding's forward, the head's chunked loss as its
+    `sftgo_token_ce` method, registered with FSDP so that its weight is gathered around it)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from sftgo.trainer.model import add_token_ce_method, causal_lm
 
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
+    lm = causal_lm(model)
+    split = not tied(model) and lm.get_output_embeddings() is not None
+    if split:
+        fully_shard(lm.get_input_embeddings(), mp_policy=mp)
+        net.lookup_into_grad = False  # the embedding's forward must run: FSDP gathers its weight there
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
+    if split:  # the backward starts with the head: keep its gathered weight from the forward (torchtitan's choice)
+        head = lm.get_output_embeddings()
+        add_token_ce_method(head)
+        fully_shard(head, mp_policy=mp, reshard_after_forward=False)
+        register_fsdp_forward_method(head, "sftgo_token_ce")
     fully_shard(net, mp_policy=mp)
     return net
 

@@ -38,7 +38,7 @@ from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.data import ShardStream
-from sftgo.trainer.distributed import autocast_for, barrier, on_rank0, setup_distributed, use_bf16
+from sftgo.trainer.distributed import autocast_for, barrier, on_rank0, setup_distributed, state_dtype, use_bf16
 from sftgo.trainer.memory import MemoryMeter
 from sftgo.trainer.metrics import (
     MetricsLog,
@@ -225,7 +225,9 @@ def load_model(cfg: TrainConfig, resume_from: Path | None, device):
         lora_alpha=cfg.lora_alpha,
         adapter_dir=str(resume_from) if lora_resume else None,
         grad_checkpointing=cfg.grad_checkpointing,
+        ac_every=cfg.ac_every,
         trust_remote_code=cfg.trust_remote_code,
+        dtype=state_dtype(cfg, device),
     )
     return model.to(device)
 
@@ -257,9 +259,9 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
     if compiled:  # each layer, after fully_shard and before DDP (torchtitan's order)
         compiling.compile_layers(fsdp.decoder_layers(model))
     if not cfg.fsdp and world > 1:
-        train_net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
+        train_net = torch.nn.parallel.DistributedDataParallel(  # gradients as views into the all-reduce buckets:
+            net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )  # no second copy of them (clip and zero_grad(set_to_none=True) work on views; DDP re-creates them)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as it would on different data
     batches = make_batches(cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True, flat=flat)
     total = count_steps(cfg, batches, device)

@@ -59,10 +59,14 @@ def load_for_training(
     lora_alpha: float = 16.0,
     adapter_dir: str | None = None,
     grad_checkpointing: bool = False,
+    ac_every: int = 1,
     trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """An fp32 causal LM in train mode (autocast handles bf16 on GPUs); LoRA-wrapped if asked."""
-    model = load_causal_lm(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    """A causal LM in train mode, its weights in `dtype` (fp32; autocast handles bf16 compute; bf16 for
+    --precision bf16-state, where peft still makes LoRA adapters fp32); LoRA-wrapped if asked.
+    `ac_every`: with grad_checkpointing, only every Nth decoder layer recomputes (see checkpoint_every)."""
+    model = load_causal_lm(name, dtype=dtype, trust_remote_code=trust_remote_code)
     check_plain_head(model, str(name))
     model.config.use_cache = False
     if grad_checkpointing:
@@ -71,6 +75,8 @@ def load_for_training(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if ac_every > 1:  # 1: every layer, as transformers set it
+            checkpoint_every(model, ac_every)
     if lora_r > 0:
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("--lora-r needs the peft package: pip install peft.")
@@ -82,6 +88,23 @@ def load_for_training(
             lora = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
             model = peft.get_peft_model(model, lora)
     return model.train()
+
+
+def checkpoint_every(model: nn.Module, every: int) -> list[int]:
+    """Keep activation checkpointing on decoder layers 0, every, 2*every, ... only (transformers' per-layer
+    switch); the others keep their activations.  Returns the indices of the checkpointed layers."""
+    from sftgo.trainer.fsdp import decoder_layers
+
+    layers = decoder_layers(model)
+    if every > 1 and not all(isinstance(getattr(m, "gradient_checkpointing", None), bool) for m in layers):
+        raise ConfigError(
+            f"--ac-every needs decoder layers with transformers' per-layer checkpointing switch; "
+            f"{type(causal_lm(model)).__name__}'s have none: use --ac-every 1."
+        )
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i % every == 0
+    return [i for i, m in enumerate(layers) if getattr(m, "gradient_checkpointing", False)]
 
 
 class _LookupIntoGrad(torch.autograd.Function):
@@ -143,6 +166,23 @@ def plain_lookup(embed: nn.Module) -> bool:
     )
 
 
+def add_token_ce_method(head: nn.Module) -> None:
+    """Give the LM head a `sftgo_token_ce(hidden, targets, chunk, token_grad)` method (head_cross_entropy), which
+    FSDP2's register_fsdp_forward_method can wrap like a forward: the chunked loss reads the head's weight
+    without calling its forward."""
+    import types
+
+    head.sftgo_token_ce = types.MethodType(head_cross_entropy, head)
+
+
+def head_cross_entropy(head: nn.Module, rows, targets, chunk, token_grad=None):
+    """The chunked CE of `rows` through `head`: the fused head (its gradient computed in the forward) when the
+    objective gave per-token weights, else the two-pass head (trainer.chunked_ce)."""
+    if token_grad is not None:
+        return fused_cross_entropy(rows, head, targets, token_grad, chunk)
+    return token_cross_entropy(rows, head, targets, chunk)
+
+
 class TokenLossModel(nn.Module):
     """forward(input_ids, position_ids, targets, index=None) -> CE [N] of the N supervised targets;
     forward(..., token_grad=f) -> (sum_i w_i * CE_i, detached CE [N]) through the fused head
@@ -186,6 +226,6 @@ class TokenLossModel(nn.Module):
         else:
             keep = targets != IGNORE
             rows, tgt = hidden[keep], targets[keep]
-        if token_grad is not None:
-            return fused_cross_entropy(rows, head, tgt, token_grad, self.ce_chunk)
-        return token_cross_entropy(rows, head, tgt, self.ce_chunk)
+        if hasattr(head, "sftgo_token_ce"):  # an FSDP unit of its own (trainer.fsdp.shard): gathered around it
+            return head.sftgo_token_ce(rows, tgt, self.ce_chunk, token_grad)
+        return head_cross_entropy(head, rows, tgt, self.ce_chunk, token_grad)

@@ -4,7 +4,7 @@ Input: the model (its trainable parameters) and a TrainConfig (lr, betas, weight
 schedule's floor).
 Output: a fused AdamW with weight decay on matrices only, and the schedule's factor per step (LRLambda, what
 torch's LambdaLR calls and saves in checkpoints).
-Cost: AdamW keeps two fp32 moments per trainable parameter.
+Cost: AdamW keeps two moments per trainable parameter, in its dtype (fp32; bf16 under --precision bf16-state).
 """
 
 from __future__ import annotations

@@ -273,6 +273,7 @@ OPERATIONAL = (
     "ce_chunk",
     "grad_checkpointing",
     "compile",
+    "ac_every",
     "trust_remote_code",
     "eval_every",
     "save_every",

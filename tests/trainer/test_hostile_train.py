@@ -135,6 +135,7 @@ OUT_OF_RANGE = {
     "warmup_steps": -5,
     "seed": -1,
     "ce_chunk": 0,
+    "ac_every": 0,
     "lora_r": -1,
     "eval_every": -1,
     "eval_batches": -1,
