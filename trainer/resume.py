@@ -281,6 +281,9 @@ OPERATIONAL = (
     "tensorboard",
     "report_to",
     "save_adapter",
+    "storage_options",
+    "cache_dir",
+    "cache_limit",
 )
 EXTENSIBLE = ("max_steps",)
 
