@@ -114,13 +114,13 @@ class DataCaches:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def summary(self, world: int) -> dict | None:
-        """What summary.json records: the limit, the most each rank's folder held, the shards each rank downloaded
-        (collective under torchrun: every rank calls it)."""
+        """What summary.json records: the limit, the most each rank's folder held, the shards each rank downloaded in
+        each pass over the data (collective under torchrun: every rank calls it)."""
         if not self.caches:
             return None
         mine = {
             "peak_bytes": sum(c.peak_bytes for c in self.caches.values()),
-            "shards": {role: list(dict.fromkeys(c.fetched)) for role, c in self.caches.items()},
+            "shards": {role: c.passes for role, c in self.caches.items()},  # per pass over the data, in order
         }
         ranks = [mine]
         if world > 1:

@@ -201,7 +201,7 @@ class ShardCache:
     against its sha256 as it arrives; a shard is deleted when the reader asks for the next one (or stops).  So the
     folder never holds more than `limit` bytes, whatever the size of the build, provided the limit holds its largest
     shard (the caller checks).  `peak_bytes` is the most the folder held, measured on disk after each download;
-    `fetched` the shards downloaded, in order.
+    `passes` the shards downloaded by each call of local_paths (one list per pass, e.g. an epoch), in order.
     """
 
     def __init__(self, build: RemoteBuild, folder: Path, limit: int, ahead: int = 2):
@@ -209,7 +209,7 @@ class ShardCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.held = 0  # bytes reserved by downloaded or downloading shards
         self.peak_bytes = 0
-        self.fetched: list[str] = []
+        self.passes: list[list[str]] = []
         self._cond = threading.Condition()
         self._sums = {s["path"]: s["sha256"] for s in build.manifest["shards"]}
 
@@ -242,6 +242,9 @@ class ShardCache:
     def local_paths(self, names):
         """Local paths of the shards `names`, in order (see the class)."""
         names = list(names)
+        fetched: list[str] = []
+        with self._cond:
+            self.passes.append(fetched)
         q: queue.Queue = queue.Queue()
         stop = threading.Event()
         files: list = []  # (path, size) downloaded or downloading and not yet released, oldest first
@@ -259,7 +262,7 @@ class ShardCache:
                     if not self.build.download(name, path, self._sums.get(name), cancel=stop):
                         return
                     with self._cond:
-                        self.fetched.append(name)
+                        fetched.append(name)
                         self.peak_bytes = max(self.peak_bytes, self.disk_bytes())
                     q.put(path)
             except BaseException as exc:  # handed to the reader

@@ -80,7 +80,7 @@ def test_streaming_from_s3_ends_with_the_weights_of_local_data_within_the_cache_
     cached = summary["data_cache"]
     assert cached["limit_bytes"] == limit
     assert 0 < cached["per_rank"][0]["peak_bytes"] <= limit
-    assert len(cached["per_rank"][0]["shards"]["data"]) == 3  # the run passed over every shard
+    assert sorted(cached["per_rank"][0]["shards"]["data"][0]) == [f"shard-0000{i}.parquet" for i in range(3)]
     assert list(cache.iterdir()) == [] and not Path(cached["folder"]).exists()  # emptied and removed
     written = "".join(p.read_text() for p in (out / "config.json", out / "summary.json", out / "metrics.jsonl"))
     assert "s3cr3t" not in written and "storage_options" not in written  # credentials are never written
@@ -116,8 +116,9 @@ def test_torchrun_ranks_stream_disjoint_shards_from_s3(tmp_path, s3_server, stor
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(s3_server))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = json.loads((out / "summary.json").read_text())["data_cache"]["per_rank"]
-    shards = [set(r["shards"]["data"]) for r in ranks]
-    assert len(shards) == 2 and all(shards) and not shards[0] & shards[1]  # each rank downloaded only its own
+    first = [set(r["shards"]["data"][0]) for r in ranks]  # each rank's shards of epoch 0
+    assert len(first) == 2 and all(first) and not first[0] & first[1]  # each rank downloaded only its own
+    assert first[0] | first[1] == {f"shard-0000{i}.parquet" for i in range(3)}
 
 
 def test_a_damaged_shard_on_the_store_is_one_sentence_naming_it(tmp_path, s3_server, shard_dir, tiny_model_dir):
