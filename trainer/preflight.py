@@ -250,6 +250,7 @@ def check_data(
             verify_shards(location, m, strategies=strategies, checksums=checksums, tokenizer_fingerprint=fingerprint)
 
     verify(cfg.data, manifest)
+    remote.cache_lanes(cfg)  # a --cache-limit too small for the store's shards: refused now
     eval_manifest = remote.manifest(cfg.eval_data, opts) if cfg.eval_data else None
     if eval_manifest is not None:
         verify(cfg.eval_data, eval_manifest)

@@ -61,14 +61,47 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 10**5 else f"{n} bytes"
 
 
+def remote_roles(cfg: TrainConfig) -> dict[str, str]:
+    """{"data": URL, "eval_data": URL} for those of --data / --eval-data that are on a store."""
+    given = {"data": cfg.data, "eval_data": cfg.eval_data}
+    return {r: loc for r, loc in given.items() if loc and storage.is_remote(loc)}
+
+
+def cache_lanes(cfg: TrainConfig) -> dict[str, tuple[int, int]]:
+    """{role: (bytes, shards read ahead)} of each store URL's cache lane within --cache-limit: --eval-data's holds its
+    largest shard, --data's the rest (default: its largest shard x (1 + AHEAD)); a limit that cannot hold the largest
+    shards is one sentence (checked before torch loads)."""
+    need = {r: largest_shard(build(loc, cfg.storage_options)) for r, loc in remote_roles(cfg).items()}
+    eval_need = need.get("eval_data", 0)
+    lanes = {"eval_data": (eval_need, 0)} if "eval_data" in need else {}
+    if cfg.cache_limit is None:
+        if "data" in need:
+            lanes["data"] = (need["data"] * (1 + AHEAD), AHEAD)
+        return lanes
+    limit = int(cfg.cache_limit)
+    if "data" in need and limit - eval_need < need["data"]:
+        beside = f" beside that of --eval-data ({_size(eval_need)})" if eval_need else ""
+        raise ConfigError(
+            f"--cache-limit {_size(limit)} cannot hold the largest shard of --data ({_size(need['data'])}){beside}; "
+            f"give at least {_size(need['data'] + eval_need)} (3 x the largest shard lets it read ahead)."
+        )
+    if eval_need > limit:
+        raise ConfigError(
+            f"--cache-limit {_size(limit)} cannot hold the largest shard of --eval-data ({_size(eval_need)}); "
+            f"give at least {_size(eval_need)}."
+        )
+    if "data" in need:
+        lanes["data"] = (limit - eval_need, AHEAD)
+    return lanes
+
+
 class DataCaches:
     """This process's cache folder and one ShardCache per store URL the run reads ("data", "eval_data")."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int):
         self.caches: dict[str, ShardCache] = {}
         self.root: Path | None = None
-        given = {"data": cfg.data, "eval_data": cfg.eval_data}
-        roles = {r: loc for r, loc in given.items() if loc and storage.is_remote(loc)}
+        roles = remote_roles(cfg)
         if not roles:
             return
         builds = {r: build(loc, cfg.storage_options) for r, loc in roles.items()}
@@ -78,31 +111,13 @@ class DataCaches:
                 "from a store each process streams whole shards, so it needs at least one shard per process; "
                 "rebuild with smaller shards or use fewer processes."
             )
-        need = {r: largest_shard(b) for r, b in builds.items()}
-        eval_need = need.get("eval_data", 0)
-        if cfg.cache_limit is None:
-            data_limit = need.get("data", 0) * (1 + AHEAD)
-        else:
-            data_limit = int(cfg.cache_limit) - eval_need
-            if "data" in need and data_limit < need["data"]:
-                beside = f" beside that of --eval-data ({_size(eval_need)})" if eval_need else ""
-                raise ConfigError(
-                    f"--cache-limit {_size(int(cfg.cache_limit))} cannot hold the largest shard of --data "
-                    f"({_size(need['data'])}){beside}; give at least {_size(need['data'] + eval_need)} "
-                    "(3 x the largest shard lets it read ahead)."
-                )
-            if eval_need > int(cfg.cache_limit):
-                raise ConfigError(
-                    f"--cache-limit {_size(int(cfg.cache_limit))} cannot hold the largest shard of --eval-data "
-                    f"({_size(eval_need)}); give at least {_size(eval_need)}."
-                )
-        self.limit = data_limit * ("data" in builds) + eval_need
+        lanes = cache_lanes(cfg)
+        self.limit = sum(limit for limit, _ in lanes.values())
         if cfg.cache_dir:
             Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
         self.root = Path(tempfile.mkdtemp(prefix=f"sftgo-cache-rank{rank}-", dir=cfg.cache_dir or None))
         for role, b in builds.items():
-            lane, ahead = (data_limit, AHEAD) if role == "data" else (eval_need, 0)
-            self.caches[role] = ShardCache(b, self.root / role, lane, ahead)
+            self.caches[role] = ShardCache(b, self.root / role, *lanes[role])
 
     def get(self, role: str) -> ShardCache | None:
         """The cache of --data ("data") or --eval-data ("eval_data"); None for a local folder."""
