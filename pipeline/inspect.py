@@ -1,6 +1,6 @@
 """`sftgo-prep inspect`: what is in a shard directory, as text and optionally HTML.
 
-Input: a finished build directory (manifest.json + shards); the manifest and the shards are
+Input: a finished build directory (manifest.json + shards), or its URL on a store; the manifest and the shards are
 untrusted (hand-edited, damaged or foreign): they are verified (checksums and schema, as the
 trainer does) before anything is shown, and every piece of text taken from them (token pieces,
 ids, strategy names, rejection reasons, manifest values, paths) is printed with its control and
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from sftgo.core.shards import (
     strategy_order,
     verify_build,
 )
+from sftgo.core.storage import is_remote, is_url
 from sftgo.core.text import safe_text as printable
 from sftgo.grouping import registry
 
@@ -261,12 +263,32 @@ def run(
     color: bool | None = None,
 ) -> str:
     """Text report; `strategy` names one or more (comma-separated) strategies to show side by side.
-    Errors are a ShardError of one sentence, its data-derived text escaped like the report."""
+    Errors are a ShardError of one sentence, its data-derived text escaped like the report.  A build on a store
+    (`directory` a URL: s3://...; credentials from the backend's environment) is read-only: it is copied to a
+    temporary folder (each shard checked against its sha256 as it arrives), reported as the URL and removed; a
+    store has no lock, so only what its manifest names is read.  The --html page is always a local file."""
+    if is_remote(directory):
+        return _remote_report(directory, strategy, sample, html_path, samples, color)
     try:
         with shared(Path(directory), "report"):  # no build or score rewrites the shards while they are read
             return _report(Path(directory), strategy, sample, html_path, samples, color)
     except ShardError as exc:  # messages quote paths and names from the manifest and the command line
         raise ShardError(printable(exc)) from exc
+
+
+def _remote_report(url: str, strategy, sample, html_path, samples, color) -> str:
+    """run() for a build on a store: the report of a verified temporary copy, naming the URL."""
+    from sftgo.core.remote import fetch_build
+
+    if html_path and is_url(html_path):
+        raise ShardError(f"--html {html_path} is a URL; the page is written to a local file: give a local path.")
+    with tempfile.TemporaryDirectory(prefix="sftgo-inspect-") as tmp:
+        local = Path(tmp) / "build"
+        try:
+            fetch_build(url, local)
+            return _report(local, strategy, sample, html_path, samples, color).replace(str(local), url)
+        except ShardError as exc:
+            raise ShardError(printable(str(exc).replace(str(local), url))) from exc
 
 
 def _report(

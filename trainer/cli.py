@@ -29,6 +29,7 @@ Example:
   sftgo-train --data out/demo/shards --out runs/go --objective sftgo --groups tfidf \\
               --lam 0.9 --max-steps 200 --batch-tokens 4096 --eval-data out/demo/eval
   sftgo-train --data out/demo/shards --out runs/go --max-steps 200 --resume
+  sftgo-train --data s3://bucket/shards --out runs/go --cache-limit 2GB --max-steps 200
   torchrun --nproc_per_node 2 -m sftgo.trainer.cli --data DIR --out RUN_DIR ...
 """
 
@@ -50,14 +51,14 @@ def opt(name: str, **kw):
     if isinstance(default, bool) or FIELDS[name].type == "bool | None":  # None: decided at run time
         shown = "" if default is None else f" [default: {default}]"
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=_help(name) + shown)
-    kw.setdefault("type", type(default) if default not in (None, "") else str)
+    kw.setdefault("type", TYPES.get(name) or (type(default) if default not in (None, "") else str))
     if name in METAVARS:
         kw.setdefault("metavar", METAVARS[name])
     return click.option(
         flag,
         name,
         default=None,
-        help=_help(name) + (f" [default: {default}]" if default not in (None, "") else ""),
+        help=_help(name) + (f" [default: {default}]" if default not in (None, "", {}) else ""),
         **kw,
     )
 
@@ -67,6 +68,9 @@ OPTIONS = [
     "out",
     "model",
     "eval_data",
+    "storage_options",
+    "cache_dir",
+    "cache_limit",
     "objective",
     "groups",
     "group_weight",
@@ -114,7 +118,9 @@ OPTIONS = [
     "report_to",
     "save_adapter",
 ]
-METAVARS = {"data": "DIR", "out": "RUN_DIR", "eval_data": "DIR", "model": "NAME", "groups": "STRATEGY"}
+METAVARS = {"data": "DIR|URL", "out": "RUN_DIR", "eval_data": "DIR|URL", "model": "NAME", "groups": "STRATEGY"}
+METAVARS.update(storage_options="JSON", cache_dir="DIR", cache_limit="SIZE")
+TYPES = {"storage_options": str}  # a JSON object on the command line, a dict in a config file
 CHOICES = {name: click.Choice(list(choices(name))) for name in SETTING_CHOICES}  # objectives: plug-ins too
 
 

@@ -13,9 +13,11 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 from sftgo.core.config import load_config_file
 from sftgo.core.errors import ConfigError  # the one both CLIs raise; importable from here as before
+from sftgo.core.storage import is_remote, parse_options
 from sftgo.trainer import registry
 
 # Importing this module (and trainer/registry.py) imports no torch, so that `sftgo-train` refuses a bad
@@ -64,6 +66,25 @@ RANGES = {
     "log_every": ("int", 1, math.inf, False, ""),
     "num_groups": ("int", 2, math.inf, False, " (the losses need two groups)"),
 }
+
+
+REMOTE_ONLY = ("storage_options", "cache_dir", "cache_limit")  # read only for --data / --eval-data URLs
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
+SIZE_UNITS.update({"GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12})
+
+
+def parse_size(value, what: str) -> int:
+    """Bytes from a size such as 2GB, 500MB, 1.5G, 64MiB or a plain number of bytes; one sentence otherwise."""
+    text = str(value).strip().upper().replace(" ", "") if not isinstance(value, bool) else ""
+    number = text.rstrip("KMGTIB")
+    unit = text[len(number) :]
+    try:
+        size = float(number) * SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        size = math.nan
+    if not math.isfinite(size) or size < 1:
+        raise ConfigError(f"{what} must be a size such as 2GB, 500MB or a number of bytes, not {value!r}.")
+    return int(size)
 
 
 def cli_flag(name: str) -> str:
@@ -141,6 +162,17 @@ class TrainConfig:
     """Model to fine-tune: None/"embedded" (SmolLM2-135M-Instruct), a local HF dir, a .gguf or a hub id."""
     eval_data: str | None = None
     """Held-out shard directory evaluated every `eval_every` steps (per-group loss)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """For --data/--eval-data URLs (s3://, gs://, ...): the store's options as a JSON object, e.g. '{"endpoint_url":
+    "http://127.0.0.1:9000"}' (default: the backend's standard environment, e.g. AWS_*). It may hold credentials, so
+    it is never written to the run's config.json, summary or trackers."""
+    cache_dir: str | None = None
+    """For --data/--eval-data URLs: where each process keeps the shards it streams (a folder of its own inside, removed
+    at the end); default: the system's temporary folder."""
+    cache_limit: str | None = None
+    """For --data/--eval-data URLs: the most bytes each process's cache folder holds, e.g. 2GB, 500MB or a number of
+    bytes; at least the largest shard of --data plus that of --eval-data (default: 3 x the largest --data shard, the one
+    read and 2 read ahead, plus the largest --eval-data shard)."""
 
     # --- objective
     objective: str = "sftgo"
@@ -282,6 +314,11 @@ class TrainConfig:
             elif f.type == "str | None" and value is not None and not isinstance(value, str):
                 raise ConfigError(f"{flag(f.name)} must be a string, not {value!r}.")
         self.betas = check_betas(self.betas, flag)
+        self.storage_options = parse_options(self.storage_options, flag("storage_options"))
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ConfigError(f"{flag('cache_dir')} must be a path, not {self.cache_dir!r}.")
+        if self.cache_limit is not None:
+            self.cache_limit = str(parse_size(self.cache_limit, flag("cache_limit")))
         for name in ("data", "out"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{flag(name)} must be a path, not {getattr(self, name)!r}.")
@@ -323,7 +360,14 @@ class TrainConfig:
         return self
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.public(), indent=2, sort_keys=True) + "\n"
+
+    def public(self) -> dict:
+        """The settings as a dict without those that may hold secrets (SECRET): what config.json and trackers get."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET}
+
+
+SECRET = ("storage_options",)  # never written anywhere by sftgo-train
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -340,6 +384,7 @@ def ignored_settings(cfg: TrainConfig, flag=cli_flag) -> list[str]:
         for name in registry.OBJECTIVE_FIELDS
         if name in changed and name not in reads
     ]
+    remote_data = any(is_remote(d) for d in (cfg.data, cfg.eval_data) if d)
     sftgo = "lam" in reads  # the rules below are about the worst-group term's settings
     plain = sftgo and cfg.lam == 0 and (cfg.lam_schedule == "constant" or cfg.lam_end == 0)  # λ = 0 throughout
     rules = (
@@ -361,6 +406,7 @@ def ignored_settings(cfg: TrainConfig, flag=cli_flag) -> list[str]:
         ),
         ("lora_alpha", cfg.lora_r == 0, f"there is no LoRA without {flag('lora_r')}"),
         ("eval_every", not cfg.eval_data, f"there is no {flag('eval_data')}"),
+        *((name, not remote_data, f"{flag('data')} and {flag('eval_data')} are local") for name in REMOTE_ONLY),
         ("eval_batches", not cfg.eval_data, f"there is no {flag('eval_data')}"),
         ("bucket_pool", cfg.pack, f"{flag('pack')} fills rows first-fit instead of bucketing"),
         ("epochs", cfg.max_steps > 0, f"{flag('max_steps')} sets the length of training"),

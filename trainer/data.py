@@ -16,10 +16,16 @@ decoding is cheap next to a training step, and this keeps ranks' sample counts w
 A shuffle buffer (seeded per seed/epoch/rank) then mixes rows across record batches and
 shards.  There are no DataLoader workers: tokenized shards need no CPU-heavy transform, so
 one reader thread per rank keeps up, and disjointness is per rank.
+
+From a store (a `cache`, core.remote.ShardCache, for a --data URL) each rank reads whole shards instead: those at
+positions rank, rank + world_size, ... of the epoch's shard order, downloaded a few ahead and deleted once read, so
+a rank downloads only its own shards (a build needs at least as many shards as processes).  With one process the
+order is the same as from a local folder; with several, each rank's samples differ from the local split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import threading
@@ -28,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from sftgo.core import storage
 from sftgo.core.shards import ShardError, column_strategy
 
 READ_ROWS = 512  # rows per Parquet record batch
@@ -138,8 +145,11 @@ class ShardStream:
         shuffle: bool = True,
         shuffle_buffer: int = 1024,
         readahead: int = 2,
+        cache=None,
     ):
         self.dir = Path(data_dir)
+        self.location = str(data_dir)
+        self.cache = cache  # a core.remote.ShardCache when data_dir is a store URL
         self.shards = [s["path"] for s in manifest["shards"]]
         self.group_column = group_column
         strategy = manifest.get("strategies", {}).get(column_strategy(group_column)) if group_column else None
@@ -154,14 +164,30 @@ class ShardStream:
         return order
 
     def _record_batches(self, epoch: int, columns: list[str]):
+        if self.cache is not None:
+            yield from self._cached_record_batches(epoch, columns)
+            return
         for path in self.shard_order(epoch):
             for rb in pq.ParquetFile(self.dir / path).iter_batches(batch_size=READ_ROWS, columns=columns):
                 yield path, rb
 
+    def _cached_record_batches(self, epoch: int, columns: list[str]):
+        """From a store: this rank's whole shards (every world_size-th of the epoch's order), each downloaded
+        through the cache and deleted once read."""
+        mine = self.shard_order(epoch)[self.rank :: self.world_size]
+        with contextlib.closing(self.cache.local_paths(mine)) as local:
+            for path, file in zip(mine, local):
+                for rb in pq.ParquetFile(file).iter_batches(batch_size=READ_ROWS, columns=columns):
+                    yield path, rb
+
+    def where(self, path: str):
+        """How messages name shard `path`."""
+        return self.dir / path if self.cache is None else storage.join(self.location, path)
+
     def _columns(self, path: str, rb, names) -> dict:
         """{name: (offsets, values)} of list columns of record batch `rb`, checked against the shard contract
         (in the reader thread: a contradiction reaches the loop as the ShardError naming the shard)."""
-        where = f"Shard {self.dir / path}"
+        where = f"Shard {self.where(path)}"
         cols = {}
         for name in names:
             arr = rb.column(name)
@@ -193,9 +219,10 @@ class ShardStream:
         if not lengths_only and self.group_column:
             columns.append(self.group_column)
         index = 0  # global row index in this epoch's order
+        share, rank = (self.world_size, self.rank) if self.cache is None else (1, 0)  # a store: whole shards
         for path, rb in prefetch(self._record_batches(epoch, columns), self.readahead):
             n = rb.num_rows
-            mine = [i for i in range(n) if (index + i) % self.world_size == self.rank]
+            mine = [i for i in range(n) if (index + i) % share == rank]
             index += n
             if lengths_only:
                 off, vals = self._columns(path, rb, ["loss_mask"])["loss_mask"]

@@ -26,6 +26,7 @@ processes (what Trainer itself does with `average_tokens_across_devices`).
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from sftgo.core import storage
 from sftgo.core.errors import TrainingError
 from sftgo.core.locks import shared
 from sftgo.core.models import tokenizer_fingerprint
@@ -59,14 +61,31 @@ EXTRA = ("sftgo_groups", "sftgo_segments")
 SHARDS_INFO = "sftgo-shards: "  # load_shards' line in the dataset's info.description (kept by select, map, ...)
 
 
-def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = True, tokenizer=None):
-    """The shards of `directory` as a datasets.Dataset (columns id, input_ids, loss_mask and, with
-    `groups`, group_<groups>), in manifest order; checked like sftgo-train checks them.  With `tokenizer`
-    (the model's), shards tokenized with another vocabulary are refused."""
-    import datasets
-
+def load_shards(
+    directory: str, groups: str | None = "tfidf", verify: bool = True, tokenizer=None, storage_options=None
+):
+    """The shards of `directory` (a folder, or a build's URL on a store: s3://..., with `storage_options`) as a
+    datasets.Dataset (columns id, input_ids, loss_mask and, with `groups`, group_<groups>), in manifest order;
+    checked like sftgo-train checks them.  With `tokenizer` (the model's), shards tokenized with another vocabulary
+    are refused.  A store's build is first copied to a temporary folder (each shard checked against its sha256 as
+    it arrives; no lock: a store has none, so only what the manifest names is read), removed once loaded."""
     if not isinstance(directory, (str, Path)) or (groups is not None and not isinstance(groups, str)):
         raise ConfigError(f"load_shards takes a directory and a strategy name, not {directory!r} and {groups!r}.")
+    if storage.is_remote(directory):
+        from sftgo.core.remote import fetch_build
+
+        options = storage.parse_options(storage_options, "storage_options")
+        with tempfile.TemporaryDirectory(prefix="sftgo-load-") as tmp:
+            local = fetch_build(str(directory), Path(tmp) / "build", options)
+            return _load_local(local, groups, verify, tokenizer, label=str(directory))
+    if storage_options:
+        raise ConfigError(f"load_shards got storage_options, but {directory} is a local folder, not a store URL.")
+    return _load_local(directory, groups, verify, tokenizer, label=str(directory))
+
+
+def _load_local(directory, groups, verify, tokenizer, label):
+    import datasets
+
     with shared(Path(directory), "load_shards"):  # no build or score rewrites them while they are read and copied
         manifest = read_manifest(directory)
         if tokenizer is not None:
@@ -78,7 +97,7 @@ def load_shards(directory: str, groups: str | None = "tfidf", verify: bool = Tru
         info = None
         if groups:  # SFTGOTrainer takes the number of groups from here (and checks what it is given against it)
             info = {
-                "data": str(directory),
+                "data": label,
                 "groups": groups,
                 "num_groups": declared_groups(manifest, groups),
                 "top_group": group_id_range(directory, manifest, groups),

@@ -32,8 +32,8 @@ from sftgo.core.errors import Interrupted, TrainingError
 from sftgo.core.fileio import atomic_write_text
 from sftgo.core.locks import LockedError, exclusive, shared
 from sftgo.core.models import load_tokenizer, tokenizer_fingerprint
-from sftgo.core.shards import read_manifest
-from sftgo.trainer import attention, compiling, fsdp, hostmem, preflight, resume
+from sftgo.core.storage import is_remote
+from sftgo.trainer import attention, compiling, fsdp, hostmem, preflight, remote, resume
 from sftgo.trainer import checkpoint as ckpt
 from sftgo.trainer.batching import IGNORE, Batches
 from sftgo.trainer.config import ConfigError, TrainConfig, ignored_settings
@@ -69,7 +69,10 @@ def lock_run_dir(stack: contextlib.ExitStack, out: str) -> None:
 
 def data_identity(cfg: TrainConfig) -> dict:
     """What a checkpoint records of the data (trainer.resume.data_identity): checksums, --groups entries."""
-    return resume.data_identity(cfg, read_manifest(cfg.data), read_manifest(cfg.eval_data) if cfg.eval_data else None)
+    opts = cfg.storage_options
+    return resume.data_identity(
+        cfg, remote.manifest(cfg.data, opts), remote.manifest(cfg.eval_data, opts) if cfg.eval_data else None
+    )
 
 
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path | None, list[str], str]:
@@ -121,6 +124,7 @@ def make_batches(
     shuffle: bool,
     cycle: bool,
     flat: bool = False,
+    cache=None,
 ) -> Batches:
     stream = ShardStream(
         data_dir,
@@ -132,6 +136,7 @@ def make_batches(
         shuffle=shuffle,
         shuffle_buffer=cfg.shuffle_buffer,
         readahead=cfg.readahead,
+        cache=cache,  # a store URL's ShardCache (trainer.remote), None for a local folder
     )
     return Batches(
         stream,
@@ -199,6 +204,7 @@ class Run:
     compile_s: float = 0.0  # compile time of this invocation (evaluations' included)
     feed: Prefetch | None = None  # the training batches, made ahead (trainer/prefetch.py), while train() runs
     host_malloc: dict = dataclasses.field(default_factory=dict)  # trainer.hostmem.apply()'s account
+    caches: remote.DataCaches | None = None  # the cache folders of --data / --eval-data URLs
 
     @property
     def main(self) -> bool:
@@ -232,7 +238,7 @@ def load_model(cfg: TrainConfig, resume_from: Path | None, device):
     return model.to(device)
 
 
-def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path | None, list[str]]:
+def set_up(cfg: TrainConfig, rank: int, world: int, device, caches=None) -> tuple[Run, Path | None, list[str]]:
     """Checks before anything expensive, then model, data, optimizer and schedule.  Rank 0
     decides about the run directory; the others must not race it (e.g. see its fresh
     metrics.jsonl and think the run already existed)."""
@@ -263,7 +269,10 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
             net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
         )  # no second copy of them (clip and zero_grad(set_to_none=True) work on views; DDP re-creates them)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank, as it would on different data
-    batches = make_batches(cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True, flat=flat)
+    cache = caches.get("data") if caches else None
+    batches = make_batches(
+        cfg, cfg.data, manifest, group_col, pad_id, rank, world, shuffle=True, cycle=True, flat=flat, cache=cache
+    )
     total = count_steps(cfg, batches, device)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRLambda(cfg.warmup_steps, total, cfg.min_lr_ratio))
@@ -294,6 +303,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
         run_id,
         memory=MemoryMeter(device),
         clock=compiling.CompileClock() if compiled else None,
+        caches=caches,
     )
     if resume_from is not None:
         resume.restore(r, resume_from)  # then config.json says what the run continues with (not before: a refused
@@ -304,7 +314,7 @@ def set_up(cfg: TrainConfig, rank: int, world: int, device) -> tuple[Run, Path |
             r.step if resume_from else None,
             tb,
             tuple(t for t in cfg.report_to if t != "tensorboard"),
-            dataclasses.asdict(cfg),
+            cfg.public(),  # without the storage options (credentials)
         )
     return r, resume_from, notes
 
@@ -371,7 +381,7 @@ def run_eval(r: Run, step: int) -> None:
     batches = make_batches(
         r.cfg,
         r.cfg.eval_data,
-        read_manifest(r.cfg.eval_data),
+        remote.manifest(r.cfg.eval_data, r.cfg.storage_options),
         r.group_col,
         r.pad_id,
         r.rank,
@@ -379,6 +389,7 @@ def run_eval(r: Run, step: int) -> None:
         shuffle=False,
         cycle=False,
         flat=r.batches.flat,  # the eval micro-batches in the training layout
+        cache=r.caches.get("eval_data") if r.caches else None,
     )
     rec = evaluate(r.cfg, r.net, batches, r.k, r.lam(step), r.device, r.autocast, r.objective)
     if r.main:
@@ -592,6 +603,9 @@ def finish(r: Run) -> dict:
             summary["model_dir"] = str(model_dir)
     summary["peak_memory_mb_per_rank"] = r.memory.per_rank(r.rank, r.world)
     summary["host_malloc"] = r.host_malloc
+    cached = r.caches.summary(r.world) if r.caches else None  # collective
+    if cached is not None:
+        summary["data_cache"] = cached
     if not r.main:
         return summary
     r.log.close()
@@ -658,11 +672,14 @@ def run(cfg: TrainConfig) -> dict:
             on_rank0(lambda: preflight.check_run_dir(cfg))  # before the lock creates RUN_DIR/.lock
             on_rank0(lambda: lock_run_dir(lock, cfg.out))  # rank 0 holds RUN_DIR/.lock for the whole run
             for folder in dict.fromkeys(f for f in (cfg.data, cfg.eval_data) if f):  # and every rank a shared lock
-                lock.enter_context(shared(Path(folder)))  # on the shards it reads: no build or score rewrites them
+                if not is_remote(folder):  # on local shards: no build or score rewrites them (a store has no lock)
+                    lock.enter_context(shared(Path(folder)))
+            caches = remote.DataCaches(cfg, rank, world)  # --data / --eval-data URLs stream through these folders
+            lock.callback(caches.close)
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # our own bar is the one to watch
-            r, _, notes = set_up(cfg, rank, world, device)
+            r, _, notes = set_up(cfg, rank, world, device, caches)
             if r.log is not None:
                 lock.callback(r.log.close)  # an interrupted or failed run's records and trackers are flushed too
             r.host_malloc = host_malloc

@@ -13,6 +13,7 @@ The run directory (--out) is recognised by RUN_MARKER, a small JSON file holding
 sftgo-train writes when a run starts (or, for runs of older versions, by a config.json that is an
 sftgo-train configuration).  sftgo-train writes only into a directory that does not exist, is empty,
 or is such a run; and never into, or around, its own inputs (--data, --eval-data, a local --model).
+--out is a local folder (a URL is refused for now); --data or --eval-data on a store cannot overlap it.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from sftgo.core import storage
 from sftgo.core.fileio import atomic_write_text, check_output_dir, check_writable, output_target, overlap
 from sftgo.core.locks import LOCK
-from sftgo.core.shards import ShardError, group_column, member_path, read_manifest, verify_shards
-from sftgo.trainer import registry
+from sftgo.core.shards import ShardError, group_column, member_path, verify_shards
+from sftgo.core.storage import is_url
+from sftgo.trainer import registry, remote
 from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, cli_flag
 
 RUN_MARKER = "sftgo-run.json"
@@ -101,11 +104,14 @@ def check_run_dir(cfg: TrainConfig) -> None:
     local --model; through symlinks), that sftgo may not write in, that holds a symlink or another node
     sftgo did not make where the run writes (RUN_FILES, RUN_FOLDERS), or that exists with files in it
     without being an sftgo-train run directory."""
+    from sftgo.trainer.remote import refuse_url_out
+
+    refuse_url_out(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is not a directory; choose a new or empty directory for the run.")
     for name, value in (("data", cfg.data), ("eval_data", cfg.eval_data), ("model", _local_model(cfg.model))):
-        how = overlap(out, value) if value else None
+        how = overlap(out, value) if value and not is_url(value) else None  # a URL never overlaps the local --out
         if how in ("is the same as", "lies inside"):
             how = "is the same directory as" if how == "is the same as" else how
             raise ConfigError(
@@ -159,7 +165,22 @@ def _min_max(row_group, column: str) -> tuple[int, int] | None:
     return None
 
 
-def group_id_range(directory, manifest: dict, groups: str | None) -> int | None:
+def _footers(directory, options: dict | None):
+    """name -> (how messages name the shard, its Parquet footer), for a local folder or a store URL."""
+    if storage.is_remote(directory):
+        from sftgo.trainer.remote import build
+
+        b = build(directory, options)
+        return lambda name: (b.url_of(name), b.footer(name))
+
+    def local(name):
+        path = member_path(directory, name)
+        return path, pq.ParquetFile(path)
+
+    return local
+
+
+def group_id_range(directory, manifest: dict, groups: str | None, options: dict | None = None) -> int | None:
     """The largest group id in the shards, from their Parquet footers' statistics (no data is read); a
     shard whose loss_mask leaves 0..1 or whose ids leave -1..K-1, or that trains tokens (loss_mask 1)
     without any group, is refused naming it.  None without `groups`, or when a shard has no statistics
@@ -167,9 +188,10 @@ def group_id_range(directory, manifest: dict, groups: str | None) -> int | None:
     column = group_column(groups) if groups else None
     k = num_groups(manifest, groups)
     top: int | None = -1 if groups else None
+    footer = _footers(directory, options)
     for shard in manifest["shards"]:
-        path = member_path(directory, shard["path"])
-        meta = pq.ParquetFile(path).metadata
+        path, pf = footer(shard["path"])
+        meta = pf.metadata
         for i in range(meta.num_row_groups):
             rg = meta.row_group(i)
             mask = _min_max(rg, "loss_mask")
@@ -216,22 +238,29 @@ def check_data(
 ) -> tuple[dict, str | None, int]:
     """Manifest, the --groups column, every shard's schema, row count, group ids (footer statistics) and
     (with `checksums`) sha256, and with `fingerprint` the tokenizer; for train and eval data."""
-    manifest = read_manifest(cfg.data)
+    opts = cfg.storage_options
+    manifest = remote.manifest(cfg.data, opts)
     groups = _groups(cfg, manifest)
     strategies = (groups,) if groups else ()
-    verify_shards(cfg.data, manifest, strategies=strategies, checksums=checksums, tokenizer_fingerprint=fingerprint)
-    eval_manifest = read_manifest(cfg.eval_data) if cfg.eval_data else None
+
+    def verify(location, m):
+        if storage.is_remote(location):  # footers now; each shard's sha256 as it is downloaded (trainer.remote)
+            remote.build(location, opts).verify(strategies, fingerprint)
+        else:
+            verify_shards(location, m, strategies=strategies, checksums=checksums, tokenizer_fingerprint=fingerprint)
+
+    verify(cfg.data, manifest)
+    remote.cache_lanes(cfg)  # a --cache-limit too small for the store's shards: refused now
+    eval_manifest = remote.manifest(cfg.eval_data, opts) if cfg.eval_data else None
     if eval_manifest is not None:
-        verify_shards(
-            cfg.eval_data, eval_manifest, strategies=strategies, checksums=checksums, tokenizer_fingerprint=fingerprint
-        )
+        verify(cfg.eval_data, eval_manifest)
     if not manifest["shards"]:
         raise ConfigError(f"{cfg.data} holds no shards (0 records written).")
     k = num_groups(manifest, groups)
     important = registry.get(cfg.objective).groups == "important"  # it trains on the important group, K - 1
     if important and k < 2:
         raise ConfigError(f"--objective {cfg.objective} needs at least 2 groups; '{groups}' has {k}.")
-    top = group_id_range(cfg.data, manifest, groups)
+    top = group_id_range(cfg.data, manifest, groups, opts)
     if groups:
         if important and top is not None and top < k - 1:
             raise ConfigError(empty_group_message(cfg.objective, groups, cfg.data, k, top))
@@ -243,7 +272,7 @@ def check_data(
                     "their per-group losses would not compare; use shards built with the same groups."
                 )
     if eval_manifest is not None:
-        group_id_range(cfg.eval_data, eval_manifest, groups)
+        group_id_range(cfg.eval_data, eval_manifest, groups, opts)
     return manifest, (group_column(groups) if groups else None), k
 
 
@@ -259,7 +288,7 @@ def data_notes(cfg: TrainConfig, manifest: dict) -> list[str]:
     if not groups:
         return []
     k = num_groups(manifest, groups)
-    top = group_id_range(cfg.data, manifest, groups)
+    top = group_id_range(cfg.data, manifest, groups, cfg.storage_options)
     if top is None or top >= k - 1:
         return []
     empty = list(range(top + 1, k))

@@ -284,6 +284,9 @@ OPERATIONAL = (
     "tensorboard",
     "report_to",
     "save_adapter",
+    "storage_options",
+    "cache_dir",
+    "cache_limit",
 )
 EXTENSIBLE = ("max_steps",)
 

@@ -87,8 +87,13 @@ def _manifest_bytes(out_dir, options: dict | None) -> bytes:
 def read_manifest(out_dir: str | os.PathLike, options: dict | None = None) -> dict:
     """The checked manifest of the build in `out_dir` (a folder, or a URL opened with storage `options`)."""
     out_dir = _location(out_dir)
-    path = out_dir / MANIFEST
-    data = _manifest_bytes(out_dir, options)
+    return parse_manifest(out_dir, _manifest_bytes(out_dir, options))
+
+
+def parse_manifest(out_dir, data: bytes) -> dict:
+    """The manifest of build `out_dir` (a folder or a store URL) from the bytes of its manifest.json, checked
+    like read_manifest checks a local one."""
+    path = manifest_location(out_dir)
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -97,6 +102,11 @@ def read_manifest(out_dir: str | os.PathLike, options: dict | None = None) -> di
     if type(found) is not int or found != FORMAT_VERSION:  # an int: not true, not 1.0
         raise ShardError(f"{path} has format version {found!r}; this sftgo reads version {FORMAT_VERSION}.")
     return check_manifest(out_dir, manifest)
+
+
+def manifest_location(out_dir) -> str | Path:
+    """Where the manifest of build `out_dir` (a folder or a store URL) lies, as messages name it."""
+    return storage.join(str(out_dir), MANIFEST) if storage.is_url(out_dir) else Path(out_dir) / MANIFEST
 
 
 def _is_count(value) -> bool:
@@ -151,7 +161,9 @@ def check_manifest(path: Path, manifest: dict) -> dict:
     }
     for key, ok in checks.items():
         if not ok:
-            raise ShardError(f"{path / MANIFEST} has a missing or malformed '{key}' entry: it was edited or damaged.")
+            raise ShardError(
+                f"{manifest_location(path)} has a missing or malformed '{key}' entry: it was edited or damaged."
+            )
     return _check_counts(path, manifest)
 
 
@@ -163,18 +175,18 @@ def _check_counts(path: Path, manifest: dict) -> dict:
     paths = [s["path"] for s in manifest["shards"]]
     if len(set(paths)) != len(paths):
         twice = next(p for i, p in enumerate(paths) if p in paths[:i])
-        raise ShardError(f"{path / MANIFEST} lists the shard {twice!r} twice: it was edited or damaged.")
+        raise ShardError(f"{manifest_location(path)} lists the shard {twice!r} twice: it was edited or damaged.")
     rows = sum(s["rows"] for s in manifest["shards"])
     if rows != totals["records_written"]:
         raise ShardError(
-            f"{path / MANIFEST} counts {totals['records_written']} records written "
+            f"{manifest_location(path)} counts {totals['records_written']} records written "
             f"but its shards hold {rows} rows: it was edited or damaged."
         )
     for key in ("tokens", "loss_tokens"):
         listed = sum(s[key] for s in manifest["shards"])
         if listed != totals[key]:
             raise ShardError(
-                f"{path / MANIFEST} counts {totals[key]} {key.replace('_', ' ')} in total but its "
+                f"{manifest_location(path)} counts {totals[key]} {key.replace('_', ' ')} in total but its "
                 f"shards hold {listed}: it was edited or damaged."
             )
     if (
@@ -182,7 +194,8 @@ def _check_counts(path: Path, manifest: dict) -> dict:
         or sum(manifest["rejected"].values()) != totals["records_rejected"]
     ):
         raise ShardError(
-            f"{path / MANIFEST} has records read, written and rejected that do not add up: it was edited or damaged."
+            f"{manifest_location(path)} has records read, written and rejected that do not add up: it was edited or "
+            "damaged."
         )
     return manifest
 
@@ -190,6 +203,18 @@ def _check_counts(path: Path, manifest: dict) -> dict:
 def member_path(directory: str | os.PathLike, name) -> Path:
     """The path of manifest entry `name` inside `directory`, refusing anything but a plain file name
     there: no folders, `..`, absolute paths, or symlinks that lead out."""
+    check_member_name(directory, name)
+    if isinstance(directory, Location):
+        return directory / name
+    directory = Path(directory)
+    path = directory / name
+    if path.is_symlink() and path.resolve().parent != directory.resolve():
+        raise ShardError(f"{path} is a symlink that leads out of {directory}; refusing to read or write it.")
+    return path
+
+
+def check_member_name(directory, name) -> str:
+    """Refuse a manifest entry `name` that is not a plain file name inside build `directory` (a folder or URL)."""
     plain = (
         isinstance(name, str)
         and name not in ("", ".", "..")
@@ -203,13 +228,7 @@ def member_path(directory: str | os.PathLike, name) -> Path:
             f"The manifest in {directory} names {name!r}, which is not a plain file name inside "
             "the build directory; refusing to read or write it."
         )
-    if isinstance(directory, Location):
-        return directory / name
-    directory = Path(directory)
-    path = directory / name
-    if path.is_symlink() and path.resolve().parent != directory.resolve():
-        raise ShardError(f"{path} is a symlink that leads out of {directory}; refusing to read or write it.")
-    return path
+    return name
 
 
 def strategy_order(manifest: dict) -> list[str]:
@@ -317,13 +336,21 @@ def verify_shard(path, shard: dict, expected: dict[str, str], checksums: bool = 
         else:
             digest = file_sha256(path)
         if digest != shard["sha256"]:
-            raise ShardError(
-                f"Shard {path} does not match its checksum in the manifest: it is corrupted or was replaced."
-            )
+            raise ShardError(checksum_message(path))
     try:
         meta = pq.ParquetFile(fs.open(where, "rb") if fs is not None else path)
     except Exception as exc:  # pyarrow raises several types for garbage files
         raise ShardError(f"Shard {path} is not a readable Parquet file ({exc}).") from None
+    check_footer(path, meta, shard, expected)
+
+
+def checksum_message(path) -> str:
+    return f"Shard {path} does not match its checksum in the manifest: it is corrupted or was replaced."
+
+
+def check_footer(path, meta, shard: dict, expected: dict[str, str]) -> None:
+    """A shard's Parquet footer (`meta`: a pq.ParquetFile or anything with .schema_arrow and .metadata) against its
+    manifest entry: the `expected` columns (name -> type) and the entry's row count; `path` names it."""
     schema = meta.schema_arrow
     for column, type_name in expected.items():
         if column not in schema.names:
