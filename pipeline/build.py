@@ -39,7 +39,7 @@ from sftgo.core.locks import exclusive
 from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifest, verify_shards, write_manifest
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
-from sftgo.pipeline import executor, readers
+from sftgo.pipeline import executor, gpus, readers
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
 from sftgo.pipeline.prepare import STAGED, prepare_partition, read_staged, stage_path, tokenizer_facts, warm_up
@@ -250,7 +250,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
                 )
             _log(cfg, f"{out} already holds this build; nothing to do.")
             return read_manifest(out), False
-        with executor.client(cfg.workers, cfg.scheduler) as c:
+        with executor.client(cfg.workers, cfg.scheduler, cfg.gpu_workers == "cuda") as c:
             # Workers load the tokenizer before their first task: start-up cost paid once, in parallel.
             # They load it the light way (without torch); whether that gives the same tokenizer is checked
             # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it; see
@@ -283,6 +283,7 @@ def _build(
     """Pass 1, fit, pass 2 (the tasks write into `work`), then the shards and artifacts moved into out/ and
     the manifest; the caller holds the lock."""
     out = Path(cfg.out)
+    model_resources = gpus.model_task_resources(c, cfg.gpu_workers, strategies)  # pass 1 runs the models
     done = sum(stage_path(str(work), p.index, "json").exists() for p in parts)
     resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
     _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {out}{resumed}")
@@ -292,6 +293,7 @@ def _build(
         [(p, cfg, strategies, tok_location, str(work), light) for p in parts],
         "tokenize",
         cfg.progress,
+        model_resources,
     )
     clock.lap("tokenize")
     if cfg.rejects:
