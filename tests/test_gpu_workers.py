@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN
+from tests.conftest import BIN, write_jsonl
 
 RECORDS = [
     {"instruction": f"Name a colour that rhymes with {w}.", "output": f"A colour that rhymes with {w} is {c}."}
@@ -33,7 +33,8 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         sched_file = root / "scheduler.json"
         self._start(
-            "scheduler", ["scheduler", "--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--port", "0"]
+            "scheduler",
+            ["scheduler", "--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
         )
         deadline = time.time() + 60
         while not sched_file.exists():
@@ -46,7 +47,7 @@ class Cluster:
         (home / "tmp").mkdir(parents=True)
         env = dict(os.environ, HOME=str(home), TMPDIR=str(home / "tmp"), OMP_NUM_THREADS="1")
         self.procs[name] = subprocess.Popen(
-            [str(BIN / "dask"), *args, "--no-dashboard"],
+            [str(BIN / "dask"), *args],
             cwd=home,
             env=env,
             start_new_session=True,
@@ -57,7 +58,20 @@ class Cluster:
     def add_worker(self, name: str, *extra: str) -> None:
         local = str(self.root / name / "dask")
         self._start(
-            name, ["worker", self.address, "--name", name, "--nthreads", "1", "--local-directory", local, *extra]
+            name,
+            [
+                "worker",
+                self.address,
+                "--name",
+                name,
+                "--nthreads",
+                "1",
+                "--local-directory",
+                local,
+                "--no-nanny",
+                "--no-dashboard",
+                *extra,
+            ],
         )
 
     def close(self) -> None:
@@ -78,7 +92,7 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, write_jsonl):
+def data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "colours.jsonl", RECORDS)
 
 
@@ -110,9 +124,10 @@ def test_require_without_a_gpu_worker_is_one_sentence(cluster, data, tmp_path, c
 def test_reference_scoring_runs_only_on_the_gpu_worker(cluster, data, tmp_path, cli):
     from distributed import Client, get_task_stream
 
-    local = tmp_path / "local"
-    cli("sftgo-prep", *build_args(data, local), "--workers", "1")
+    local = tmp_path / "local"  # the same build on a local cluster, run while the GPU worker starts
+    local_build = subprocess.Popen([str(BIN / "sftgo-prep"), *build_args(data, local), "--workers", "1"])
     cluster.add_worker("gpu", "--resources", "GPU=1")
+    assert local_build.wait(timeout=300) == 0
     out = tmp_path / "out"
     with Client(cluster.address, timeout="30s") as client:
         client.wait_for_workers(2, timeout=60)
@@ -135,16 +150,22 @@ def test_reference_scoring_runs_only_on_the_gpu_worker(cluster, data, tmp_path, 
 
 def test_tasks_needing_a_resource_no_worker_has_stop_with_a_sentence(monkeypatch):
     """A GPU worker that dies mid-build leaves its tasks waiting for the resource: after NO_WORKERS_S that
-    is a TaskError naming it, even while workers without it live."""
+    is a TaskError naming it, even while workers without it live (map_tasks asks this every 5 s)."""
     from distributed import Client, LocalCluster
 
     from sftgo.pipeline import executor
 
-    monkeypatch.setattr(executor, "NO_WORKERS_S", 1.0)
     with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
-        with pytest.raises(executor.TaskError, match=r"no worker with the resources \{'GPU': 1\} for 1 s"):
-            executor.map_tasks(c, abs, [(-1,)], "tokenize", progress=False, resources={"GPU": 1})
-        assert executor.map_tasks(c, abs, [(-1,)], "tokenize", progress=False) == [1]
+        assert executor._no_workers_since(c, None, "tokenize", 0, 3) is None  # a worker: nothing is stuck
+        since = executor._no_workers_since(c, None, "tokenize", 0, 3, {"GPU": 1})
+        assert since is not None  # none with the resource: counting from now
+        with pytest.raises(
+            executor.TaskError,
+            match=r"^tokenize stopped: the Dask cluster has had no worker with the resources \{'GPU': 1\} for "
+            r"120 s \(1 of 3 tasks done\); its workers died or never started\.$",
+        ):
+            executor._no_workers_since(c, since - executor.NO_WORKERS_S - 1, "tokenize", 1, 3, {"GPU": 1})
+        assert executor.workers_with(c, {"GPU": 1}) == []
 
 
 def test_settings_checked_and_notes(tmp_path):
