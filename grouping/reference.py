@@ -325,6 +325,7 @@ class ReferenceStrategy:
     """Importance = a reference LM's loss per token (or Rho-1's excess loss); no corpus fit."""
 
     name = "reference"
+    accelerator = True  # stage() runs the reference model: on GPU workers when the cluster has them (pipeline/gpus.py)
 
     def params(self, cfg) -> dict:
         return {

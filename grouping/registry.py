@@ -16,6 +16,9 @@ The protocol, per strategy:
   stage(cols, cfg, tokenizer) -> columns  pass 1, one partition held in memory: Arrow columns to
                                           stage (a model strategy stages its importance itself)
   importance(staged, artifacts, folder)   pass 2: float32 importance per token (list array)
+optional:
+  accelerator: bool                       True when stage() runs a model that wants a GPU: the pass-1 tasks then
+                                          run on the cluster's GPU workers (--gpu-workers, pipeline/gpus.py)
 optional, for strategies fitted on the whole corpus:
   artifacts: tuple of file names          files fit() writes (committed with the shards)
   partition_stats(staged) -> pa.Table     pass 1: what fit() needs of one partition

@@ -299,6 +299,7 @@ class SemanticStrategy:
     """Importance = LLMLingua-2 keep probability, or sentence-embedding occlusion; no corpus fit."""
 
     name = "semantic"
+    accelerator = True  # stage() runs the encoder or compressor: on GPU workers when the cluster has them
 
     def params(self, cfg) -> dict:
         return {"compressor_model": cfg.compressor_model, "encoder": cfg.semantic_encoder}

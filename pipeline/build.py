@@ -42,7 +42,7 @@ from sftgo.core.shards import FORMAT_VERSION, MANIFEST, ShardError, read_manifes
 from sftgo.core.storage import is_url
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
-from sftgo.pipeline import executor, readers, remote, sources
+from sftgo.pipeline import executor, gpus, readers, remote, sources
 from sftgo.pipeline.config import BuildConfig, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, shard_name, write_partition
 from sftgo.pipeline.prepare import (
@@ -319,7 +319,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
                 )
             _log(cfg, f"{out} already holds this build; nothing to do.")
             return read_manifest(out, cfg.storage_options), False
-        with executor.client(cfg.workers, cfg.scheduler) as c:
+        with executor.client(cfg.workers, cfg.scheduler, cfg.gpu_workers == "cuda") as c:
             # Workers load the tokenizer before their first task: start-up cost paid once, in parallel.
             # They load it the light way (without torch); whether that gives the same tokenizer is checked
             # once per tokenizer (models.load_build_tokenizer, in the driver, which then also loads it; see
@@ -352,6 +352,7 @@ def _build(
     published in out/ and the manifest last; the caller holds the lock."""
     work = target.work
     w, names = work.dir, set(work.names())
+    model_resources = gpus.model_task_resources(c, cfg.gpu_workers, strategies)  # pass 1 runs the models
     done = sum(part_name(p.index, "json") in names for p in parts)
     resumed = f" (resuming: {done} of {len(parts)} partition(s) already tokenized)" if done else ""
     _log(cfg, f"{len(parts)} partition(s) from {len(cfg.inputs)} input(s) -> {cfg.out}{resumed}")
@@ -361,6 +362,7 @@ def _build(
         [work.args([part_name(p.index, "json")], p, cfg, strategies, tok_location, w, light) for p in parts],
         "tokenize",
         cfg.progress,
+        model_resources,
     )
     clock.lap("tokenize")
     if cfg.rejects:

@@ -18,6 +18,7 @@ from sftgo.core.errors import ConfigError, SftgoError, signals_interrupt, unexpe
 from sftgo.core.fileio import os_error_sentence
 from sftgo.core.text import safe_text
 from sftgo.pipeline.config import FORMATS, THRESHOLDS, BuildConfig
+from sftgo.pipeline.gpus import GPU_MODES
 
 DOCS = field_docs(BuildConfig)
 
@@ -117,6 +118,7 @@ def _strategy_options(fn):
         field("tfidf_token_pattern", metavar="REGEX"),
         field("workers"),
         field("scheduler", metavar="ADDRESS"),
+        field("gpu_workers", type=click.Choice(GPU_MODES)),
         field("overwrite"),
         field("trust_remote_code"),
         click.option("--quiet", is_flag=True, help="No progress output."),
@@ -221,7 +223,16 @@ def build(ctx, inputs, config_file, strategy, field_map, quiet, **opts):
 
 
 # what a `score` config file may set (the build's other settings are fixed by the build)
-SCORE_SETTINGS = (*STRATEGY_FIELDS, "strategies", "workers", "scheduler", "overwrite", "trust_remote_code", "progress")
+SCORE_SETTINGS = (
+    *STRATEGY_FIELDS,
+    "strategies",
+    "workers",
+    "scheduler",
+    "gpu_workers",
+    "overwrite",
+    "trust_remote_code",
+    "progress",
+)
 
 
 @main.command(epilog=SCORE_EXAMPLE)
@@ -257,6 +268,7 @@ def score(ctx, directory, strategy, config_file, quiet, **opts):
     # the build's own settings stay unless given here (eta and threshold apply to the new strategies)
     options = {k: values[k] for k in STRATEGY_FIELDS if k in given or k in from_file}
     options["trust_remote_code"] = values["trust_remote_code"]
+    options["gpu_workers"] = values["gpu_workers"]
     manifest = run(
         directory, new, options, values["workers"], values["scheduler"], values["overwrite"], values["progress"]
     )

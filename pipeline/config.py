@@ -19,6 +19,7 @@ from sftgo.core.errors import ConfigError
 from sftgo.core.storage import is_url, parse_options
 from sftgo.grouping import registry
 from sftgo.grouping.tfidf import WORD_PATTERN, find_terms
+from sftgo.pipeline import gpus
 from sftgo.pipeline.formats import CANONICAL_FIELDS
 from sftgo.pipeline.readers import MAX_RECORD_BYTES
 
@@ -83,6 +84,11 @@ class BuildConfig:
     """Workers of the local Dask cluster (ignored with `scheduler`)."""
     scheduler: str | None = None
     """Address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786."""
+    gpu_workers: str = "auto"
+    """Where the model strategies (reference, semantic) run: auto = on the workers that advertise a GPU resource
+    (`dask worker ADDRESS --resources GPU=1 --nthreads 1`: one model per worker, one task at a time) if any, else
+    on any worker; require = the same, and a cluster without such a worker is an error; off = on any worker;
+    cuda = start a local dask-cuda cluster, one worker per visible GPU (needs dask-cuda; not with --scheduler)."""
     rejects: str | None = None
     """Optional JSONL file (or object-store URL) that receives every rejected record with its reason."""
     storage_options: dict = field(default_factory=dict)
@@ -142,6 +148,7 @@ class BuildConfig:
             raise ConfigError("--rows-per-shard must be at least 1.")
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1.")
+        gpus.check_mode(self.gpu_workers, self.scheduler)
         if self.format not in FORMATS:
             raise ConfigError(
                 f"Unknown --format {self.format!r}; choose auto, alpaca, messages, sharegpt or prompt_completion."
@@ -159,7 +166,7 @@ class BuildConfig:
 
     def params(self) -> dict:
         """Everything that determines the output bytes (recorded in the manifest)."""
-        skip = {"out", "workers", "scheduler", "rejects", "overwrite", "progress", "storage_options"}
+        skip = {"out", "workers", "scheduler", "gpu_workers", "rejects", "overwrite", "progress", "storage_options"}
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return {**params, "max_record_bytes": self.record_limit()}  # the limit used, given or not
 
@@ -222,6 +229,12 @@ def ignored_settings(cfg: BuildConfig, strategies: list[str]) -> list[str]:
         notes.append("--storage-options is ignored: no input or output is a URL of an object store.")
     if "workers" in changed and cfg.scheduler:
         notes.append(f"--workers is ignored: the cluster at --scheduler {cfg.scheduler} runs with its own workers.")
+    if "workers" in changed and cfg.gpu_workers == "cuda":
+        notes.append("--workers is ignored: --gpu-workers cuda starts one worker per visible GPU.")
+    if cfg.gpu_workers in ("require", "off") and not gpus.accelerated([registry.get(s) for s in strategies]):
+        notes.append(
+            f"--gpu-workers {cfg.gpu_workers} is ignored: no strategy of this run runs a model (reference, semantic)."
+        )
     if "eta" in changed and cfg.num_groups > 2:
         notes.append(
             f"--eta is ignored: --num-groups {cfg.num_groups} makes equal quantiles (eta sets group 1 of two)."

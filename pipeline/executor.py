@@ -51,12 +51,15 @@ def abandon_clusters() -> None:
 
 
 @contextlib.contextmanager
-def local_cluster(workers: int) -> Iterator:
+def local_cluster(workers: int, cuda: bool = False) -> Iterator:
     """A Dask LocalCluster of `workers` processes with one thread each, quiet, with no fixed
     dashboard port; closed on exit.  What `client` starts when no scheduler is given (the test
-    suite also starts one and hands its address to many builds as --scheduler)."""
+    suite also starts one and hands its address to many builds as --scheduler).  With `cuda`:
+    dask-cuda's LocalCUDACluster instead, one worker per visible GPU (pipeline/gpus.py)."""
     from dask import config as dask_config
     from distributed import LocalCluster
+
+    from sftgo.pipeline import gpus
 
     _quiet()
     # Workers inherit these: one thread each for tokenizers / BLAS so workers do not oversubscribe cores.
@@ -76,17 +79,16 @@ def local_cluster(workers: int) -> Iterator:
         "distributed.admin.system-monitor.interval": "5s",
         "distributed.worker.memory.monitor-interval": "1s",
         "distributed.worker.profile.enabled": False,
-        "distributed.nanny.pre-spawn-environ": environ,
+        # (dask-cuda replaces each worker's `env` with its CUDA_VISIBLE_DEVICES: its workers get ours here)
+        "distributed.nanny.pre-spawn-environ": {**environ, **env} if cuda else environ,
     }
+    # no fixed dashboard port: never collides with (or warns about) another cluster
+    common = {"threads_per_worker": 1, "dashboard_address": ":0", "silence_logs": logging.CRITICAL, "env": env}
     with dask_config.set(settings):
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",  # no fixed port: never collides with (or warns about) another cluster
-            silence_logs=logging.CRITICAL,
-            env=env,
-        )
+        if cuda:
+            cluster = gpus.cuda_cluster(**common)
+        else:
+            cluster = LocalCluster(n_workers=workers, processes=True, **common)
     try:
         yield cluster
     finally:
@@ -94,9 +96,10 @@ def local_cluster(workers: int) -> Iterator:
 
 
 @contextlib.contextmanager
-def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
+def client(workers: int = 2, scheduler: str | None = None, cuda: bool = False) -> Iterator:
     """A Dask client.  Dask's own logs and worker tracebacks are silenced: a failed task reaches
-    the user as one sentence (TaskError; the traceback only with --debug, as its __cause__)."""
+    the user as one sentence (TaskError; the traceback only with --debug, as its __cause__).
+    `cuda`: the local cluster is one of GPU workers (local_cluster)."""
     from distributed import Client
 
     _quiet()
@@ -110,7 +113,7 @@ def client(workers: int = 2, scheduler: str | None = None) -> Iterator:
         finally:
             c.close()
         return
-    with local_cluster(workers) as cluster:
+    with local_cluster(workers, cuda) as cluster:
         c = Client(cluster)
         try:
             yield c
@@ -124,12 +127,16 @@ NO_WORKERS_S = 120.0  # how long tasks wait on a cluster that has no worker befo
 IN_FLIGHT_PER_THREAD = 4  # tasks the scheduler holds per worker thread: enough to keep every worker busy
 
 
-def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = True) -> list:
-    """Run fn(*a) for every a in args on the cluster; results in the order of args.  At most
+def map_tasks(
+    c, fn: Callable, args: list[tuple], desc: str, progress: bool = True, resources: dict | None = None
+) -> list:
+    """Run fn(*a) for every a in args on the cluster; results in the order of args.  `resources`: the Dask
+    worker resources each task holds while it runs (e.g. {"GPU": 1}: only workers that advertise them run
+    it, as many at a time as they advertise; pipeline/gpus.py).  At most
     IN_FLIGHT_PER_THREAD tasks per worker thread are submitted at a time, and each result is collected and
     released as it arrives: however many tasks there are, the scheduler and the driver hold a few.  A
-    cluster left without workers (all died, or none ever joined) is a TaskError after NO_WORKERS_S, not a
-    wait forever."""
+    cluster left without workers (all died, or none ever joined; with `resources`, none that has them) is a
+    TaskError after NO_WORKERS_S, not a wait forever."""
     from distributed import wait
 
     if not args:
@@ -144,13 +151,13 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
         empty_since = None
         while True:
             for i, a in itertools.islice(waiting, window - len(running)):
-                running[c.submit(fn, *a, pure=False, key=f"{desc}-{run}-{i:05d}")] = i
+                running[c.submit(fn, *a, pure=False, key=f"{desc}-{run}-{i:05d}", resources=resources)] = i
             if not running:
                 return results
             try:
                 done, _ = wait(list(running), timeout=5, return_when="FIRST_COMPLETED")
             except TimeoutError:  # nothing finished in 5 s: is anyone working?
-                empty_since = _no_workers_since(c, empty_since, desc, bar.n, len(args))
+                empty_since = _no_workers_since(c, empty_since, desc, bar.n, len(args), resources)
                 continue
             for fut in done:
                 if fut.status == "error":
@@ -166,17 +173,30 @@ def map_tasks(c, fn: Callable, args: list[tuple], desc: str, progress: bool = Tr
             fut.release()
 
 
-def _no_workers_since(c, since: float | None, desc: str, done: int, total: int) -> float | None:
-    """When the cluster has had no worker since (None: it has workers); TaskError past NO_WORKERS_S."""
-    if c.nthreads():  # {worker address: threads}, asked of the scheduler
+def _no_workers_since(
+    c, since: float | None, desc: str, done: int, total: int, resources: dict | None = None
+) -> float | None:
+    """When the cluster has had no worker (with `resources`: none that has them) since (None: it has
+    one); TaskError past NO_WORKERS_S."""
+    if workers_with(c, resources) if resources else c.nthreads():  # c.nthreads(): {worker address: threads}
         return None
     now = time.monotonic()
     if since is not None and now - since > NO_WORKERS_S:
+        which = f"worker with the resources {resources}" if resources else "worker"
         raise TaskError(
-            f"{desc} stopped: the Dask cluster has had no worker for {NO_WORKERS_S:.0f} s ({done} of "
+            f"{desc} stopped: the Dask cluster has had no {which} for {NO_WORKERS_S:.0f} s ({done} of "
             f"{total} tasks done); its workers died or never started."
         )
     return now if since is None else since
+
+
+def workers_with(c, resources: dict) -> list[str]:
+    """Addresses of the cluster's workers that advertise at least `resources` (asked of the scheduler)."""
+    return [
+        address
+        for address, w in c.scheduler_info()["workers"].items()
+        if all((w.get("resources") or {}).get(name, 0) >= need for name, need in resources.items())
+    ]
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ from sftgo.core.shards import (
 )
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
-from sftgo.pipeline import executor
+from sftgo.pipeline import executor, gpus
 from sftgo.pipeline.build import WORK_NAME, BuildError
 from sftgo.pipeline.config import BuildConfig, check_strategies, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
@@ -393,7 +393,8 @@ def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path
     tok_location = models.tokenizer_dir(manifest["tokenizer"]["name"])
     shards = manifest["shards"]
     indices = list(range(len(shards)))
-    with executor.client(cfg.workers, cfg.scheduler) as c:
+    with executor.client(cfg.workers, cfg.scheduler, cfg.gpu_workers == "cuda") as c:
+        model_resources = gpus.model_task_resources(c, cfg.gpu_workers, new)  # pass A runs the models
         executor.map_tasks(
             c,
             stage_shard,
@@ -403,6 +404,7 @@ def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path
             ],
             "score",
             cfg.progress,
+            model_resources,
         )
         artifacts, thresholds = fit_all(
             c, cfg, new, str(work), indices, manifest["totals"]["records_written"], str(work)
