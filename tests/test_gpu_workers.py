@@ -78,7 +78,11 @@ class Cluster:
         for p in self.procs.values():
             os.killpg(p.pid, signal.SIGTERM)
         for p in self.procs.values():
-            p.wait(timeout=30)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a worker that holds a model can hang on the way out
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
 
 @pytest.fixture(scope="module")
