@@ -261,7 +261,7 @@ def test_records_without_ids_in_the_files_of_a_folder_get_distinct_ids(tmp_path,
 
 
 # ---------------------------------------------------------------- tool conversations and weights through the CLI
-def test_tool_conversations_build_with_a_template_that_renders_tools(tmp_path, tokenizer, cli):
+def test_tool_conversations_build_with_a_template_that_renders_tools(tmp_path, tokenizer, cli, dask_scheduler):
     """With a Qwen2.5 template the tool conversations build with no rejection and the weight-0 turns are
     counted; with the embedded template the same records are unsupported_content."""
     import copy
@@ -273,11 +273,12 @@ def test_tool_conversations_build_with_a_template_that_renders_tools(tmp_path, t
     tok.save_pretrained(tmp_path / "qwen-tok")
     data = tmp_path / "tools.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TOOL_RECORDS))
-    cli("sftgo-prep", "build", data, "--out", tmp_path / "q", "--tokenizer", tmp_path / "qwen-tok", "--workers", "1")
+    build = ("sftgo-prep", "build", data, "--scheduler", dask_scheduler)
+    cli(*build, "--out", tmp_path / "q", "--tokenizer", tmp_path / "qwen-tok")
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["totals"]["records_written"] == len(TOOL_RECORDS) and manifest["rejected"] == {}
     assert manifest["totals"]["unsupervised_by_weight"] == 2
-    cli("sftgo-prep", "build", data, "--out", tmp_path / "e", "--workers", "1")
+    cli(*build, "--out", tmp_path / "e")
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["rejected"] == {"unsupported_content": 3}  # the tool records; the plain one is written
     assert manifest["totals"]["records_written"] == 1 and manifest["totals"]["unsupervised_by_weight"] == 1

@@ -9,10 +9,12 @@ files is converted again with a note, not trusted for its marker.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 CONVERT_ON_RANK_1 = """
@@ -56,11 +58,24 @@ def test_a_rank_other_than_0_converts_the_weights(tmp_path):
         assert torch.equal(cached[key], direct[key]), key
 
 
-def test_a_cached_copy_without_its_files_is_converted_again(tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A cache in which the embedded tokenizer was converted, once for the module: (the cache, the folder)."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTGO_CACHE", str(cache))
+        from sftgo.core.models import tokenizer_dir
+
+        return cache, Path(tokenizer_dir(None))
+
+
+def test_a_cached_copy_without_its_files_is_converted_again(tmp_path, monkeypatch, capsys, converted):
+    shutil.copytree(converted[0], tmp_path, dirs_exist_ok=True)  # a finished conversion of its own
     monkeypatch.setenv("SFTGO_CACHE", str(tmp_path))
     from sftgo.core.models import tokenizer_dir
 
     first = Path(tokenizer_dir(None))
+    assert first.is_relative_to(tmp_path) and "Note" not in capsys.readouterr().err
     good = (first / "tokenizer.json").read_bytes()
     (first / "tokenizer.json").unlink()  # marked complete, but cut short
     assert (first / ".complete").exists()
@@ -116,11 +131,10 @@ def test_a_cache_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch):
     assert str(caught.value).endswith("; set SFTGO_CACHE to a writable folder.")
 
 
-def test_a_build_from_a_local_tokenizer_needs_no_writable_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SFTGO_CACHE", str(tmp_path / "writable"))
-    from sftgo.core.models import load_build_tokenizer, tokenizer_dir
+def test_a_build_from_a_local_tokenizer_needs_no_writable_cache(tmp_path, monkeypatch, converted):
+    from sftgo.core.models import load_build_tokenizer
 
-    local = tokenizer_dir(None)  # a plain Hugging Face tokenizer folder
+    local = str(converted[1])  # a plain Hugging Face tokenizer folder
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("SFTGO_CACHE", str(blocker / "cache"))  # the light-load memo cannot be written: no matter
@@ -128,14 +142,12 @@ def test_a_build_from_a_local_tokenizer_needs_no_writable_cache(tmp_path, monkey
     assert light_ok and tok("hello world")["input_ids"]
 
 
-def test_a_converted_copy_has_ordinary_folder_permissions(tmp_path, monkeypatch):
+def test_a_converted_copy_has_ordinary_folder_permissions(converted):
     """The converted folder is made with mkdtemp (0700); renamed into a cache that users share
     (SFTGO_CACHE), it must be readable by them like any folder the umask allows."""
     import stat
 
-    monkeypatch.setenv("SFTGO_CACHE", str(tmp_path))
     from sftgo.core.fileio import UMASK
-    from sftgo.core.models import tokenizer_dir
 
-    folder = Path(tokenizer_dir(None))
+    folder = converted[1]
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~UMASK != 0o700

@@ -78,10 +78,22 @@ def test_every_setting_is_classified_for_resume():
     assert sorted(names) == sorted(FIELDS) and len(names) == len(set(names))
 
 
+@pytest.fixture(scope="module")
+def stopped_template(tmp_path_factory, shared_shard_dir, tiny_model_dir):
+    """A run stopped at step 2 of 4, trained once for the module on the train shards; tests resume copies."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    run(cfg(shared_shard_dir, out, tiny_model_dir, stop_after=2))
+    return out
+
+
 @pytest.fixture
-def stopped_run(tmp_path, shard_dir, tiny_model_dir):
+def stopped_run(stopped_template, tmp_path, shard_dir):
+    """A copy of the stopped run, as if trained on this test's shard_dir (the same shards, which it may change)."""
     out = tmp_path / "run"
-    run(cfg(shard_dir, out, tiny_model_dir, stop_after=2))
+    shutil.copytree(stopped_template, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(data=str(shard_dir), out=str(out))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
