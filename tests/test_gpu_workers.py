@@ -79,7 +79,7 @@ class Cluster:
             os.killpg(p.pid, signal.SIGTERM)
         for p in self.procs.values():
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=3)
             except subprocess.TimeoutExpired:  # a worker that holds a model can hang on the way out
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()

@@ -245,6 +245,7 @@ class ShardCache:
         fetched: list[str] = []
         with self._cond:
             self.passes.append(fetched)
+            pass_no = len(self.passes)  # in the file names: a pass being closed never removes another's files
         q: queue.Queue = queue.Queue()
         stop = threading.Event()
         files: list = []  # (path, size) downloaded or downloading and not yet released, oldest first
@@ -256,7 +257,7 @@ class ShardCache:
                     size = self.build.size(name)
                     if not self._reserve(size, files, stop):
                         return
-                    path = self.folder / f"{i:06d}-{name}"
+                    path = self.folder / f"{pass_no:04d}-{i:06d}-{name}"
                     with lock:
                         files.append((path, size))
                     if not self.build.download(name, path, self._sums.get(name), cancel=stop):
