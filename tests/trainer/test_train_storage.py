@@ -1,7 +1,7 @@
 """sftgo-train --data s3://... against a real S3 server (moto, tests/s3server.py): the same weights as from the local
 folder, a cache folder that stays under --cache-limit and is removed at the end, an exact stop-and-resume, torchrun
-ranks that download disjoint shards, and one sentence for a damaged shard, a missing bucket or missing credentials;
-load_shards and sftgo-prep inspect on a URL."""
+ranks that download disjoint shards and resume exactly, and one sentence for a damaged shard, a missing bucket or
+missing credentials; load_shards and sftgo-prep inspect on a URL."""
 
 from __future__ import annotations
 
@@ -106,19 +106,32 @@ def test_a_run_stopped_and_resumed_from_s3_ends_as_an_uninterrupted_one(tmp_path
     assert sha(out / "model" / "model.safetensors") == sha(local_run / "model" / "model.safetensors")
 
 
-@pytest.mark.slow
-def test_torchrun_ranks_stream_disjoint_shards_from_s3(tmp_path, s3_server, store, tiny_model_dir):
-    url, _ = store
-    out = tmp_path / "ddp"
-    args = ["--data", url, "--out", out, "--model", tiny_model_dir, *ARGS, "--max-steps", 3]
+def torchrun(*args, environ):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "sftgo.trainer.cli", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(s3_server))
+    proc = subprocess.run(
+        [*cmd, "-m", "sftgo.trainer.cli", *map(str, args)], capture_output=True, text=True, timeout=300, env=environ
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stream_disjoint_shards_from_s3_and_resume_exactly(tmp_path, s3_server, store, tiny_model_dir):
+    url, _ = store
+    out, resumed = tmp_path / "ddp", tmp_path / "resumed"
+    args = ["--data", url, "--model", tiny_model_dir, *ARGS, "--max-steps", 4]
+    torchrun(*args, "--out", out, environ=env(s3_server))
     ranks = json.loads((out / "summary.json").read_text())["data_cache"]["per_rank"]
     first = [set(r["shards"]["data"][0]) for r in ranks]  # each rank's shards of epoch 0
     assert len(first) == 2 and all(first) and not first[0] & first[1]  # each rank downloaded only its own
     assert first[0] | first[1] == {f"shard-0000{i}.parquet" for i in range(3)}
+
+    # stopped after step 2 (a checkpoint, no model), then resumed: the weights of the uninterrupted run
+    torchrun(*args, "--out", resumed, "--stop-after", 2, environ=env(s3_server))
+    assert not (resumed / "model").exists()
+    proc = torchrun(*args, "--out", resumed, "--resume", environ=env(s3_server))
+    assert "resuming from step-0000002" in proc.stderr
+    assert sha(resumed / "model" / "model.safetensors") == sha(out / "model" / "model.safetensors")
 
 
 def test_a_damaged_shard_on_the_store_is_one_sentence_naming_it(tmp_path, s3_server, shard_dir, tiny_model_dir):
