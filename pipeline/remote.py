@@ -1,4 +1,5 @@
-"""A build whose --out is a URL of an object store: its work under URL/.staging/WORK, written by the tasks themselves.
+"""A build whose --out is a URL of an object store: its work under URL/.staging/WORK, written by the tasks themselves
+(and a `sftgo-prep score URL`: its work under URL/.scoring/WORK, by the same means; pipeline/score.py).
 
 Input: the output URL and its storage options (a `Store`, which travels to the workers with each task).
 Output: `StoreWork`, the one thing `build` asks of where its tasks work -- the work folder a task sees, how a task is

@@ -18,7 +18,20 @@ complete and intact (its manifest checked like the build's, its records and sett
 every file it lists matching its checksum); anything else there is discarded with a note.
 Trust: the build is read like every reader reads one (core.shards.verify_build), and its params
 must hold every BuildConfig setting, each valid, before anything is computed from them.
-Cost: one read and one write of every shard plus the strategy's own scoring work.
+On an object store (DIR a URL: s3://..., opened with the storage options): the lock is the store's lease
+(core/lease.py) instead of DIR/.lock; the tasks run as a store build's do (pipeline/remote.py, StoreWork): each in
+its worker's scratch folder, fetching the objects it reads (the shard it rewrites, the staged files) and uploading
+what it writes into URL/.scoring/WORK, so the workers share no folder with the driver; a task whose start is no
+longer the one .scoring/score.json names uploads nothing.  A store has no rename: a move is a copy then a delete,
+in the same order as locally (the pending manifest in .scoring first, then the shards and artifacts to their final
+keys, then manifest.json LAST, then .scoring removed), and the same code decides what a killed run left (`_Folder`
+and `_Store` give both the same file operations).  What a reader sees during the commit window (locally too):
+the shards are rewritten in place while manifest.json still names the old checksums, so a reader that verifies
+checksums (verify_build, inspect, sftgo-train, load_shards) is refused until the new manifest is written, never
+silently served a mix of old and new shards; one that reads without checksums would see a mix, as locally.
+Cost: one read and one write of every shard plus the strategy's own scoring work; on a store each shard is
+downloaded twice (pass A and pass B), its rewrite uploaded once and copied twice inside the store (into .scoring,
+then to its key).
 """
 
 from __future__ import annotations

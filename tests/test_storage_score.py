@@ -252,3 +252,19 @@ def test_a_url_never_becomes_a_local_path(tmp_path, monkeypatch):
     with pytest.raises(SftgoError), exclusive("s3://b/x"):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_score_killed_before_its_commit_resumes_in_its_work_folder(builds, s3):
+    """Killed once the tasks are done and the shards moved into .scoring (before the pending manifest): run again,
+    it takes up the work folder its marker names, drops what was moved out of it and ends byte-identical."""
+    url = copy_of(builds, s3)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Killed):
+        mp.setattr(score._Store, "check_held", lambda self: (_ for _ in ()).throw(Killed()))
+        rescore(builds, url)
+    keys = keys_under(url)
+    assert ".scoring/score.json" in keys and ".scoring/manifest.json" not in keys
+    work = [k for k in keys if k.startswith(".scoring/") and k.endswith("/part-00000.json")]
+    assert len(work) == 1
+    rescore(builds, url)
+    assert objects_of(url) == files_of(builds["scored"])
+    assert not [k for k in keys_under(url) if k.startswith(".scoring")]
