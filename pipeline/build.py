@@ -279,7 +279,7 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     when cfg.out already held this very build)."""
     cfg.validate()
     on_store = storage.is_remote(cfg.out)
-    out = cfg.out if on_store else Path(cfg.out)
+    out = cfg.out if on_store else storage.local_path(cfg.out, "--out")  # (a file:// URL: its path)
     if on_store:
         _check_store_outputs(cfg)
     elif out.exists() and not out.is_dir():

@@ -37,6 +37,7 @@ Example:
   sftgo-prep score out/shards --strategy reference
   sftgo-prep score out/shards --strategy reference --reference-mode excess --base-model HuggingFaceTB/SmolLM2-360M
   sftgo-prep score out/shards --strategy semantic --compressor-model ./llmlingua-2-checkpoint
+  sftgo-prep score s3://bucket/shards --strategy tfidf --eta 0.2 --overwrite --scheduler tcp://10.0.0.5:8786
 """
 
 INSPECT_EXAMPLE = """
@@ -232,6 +233,7 @@ SCORE_SETTINGS = (
     "overwrite",
     "trust_remote_code",
     "progress",
+    "storage_options",
 )
 
 
@@ -243,11 +245,14 @@ SCORE_SETTINGS = (
     help="Strategies to add, comma-separated (built in: tfidf, reference, semantic; installed plug-ins too).",
 )
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@field("storage_options", metavar="JSON")
 @_strategy_options
 @click.pass_context
 @_user_errors
 def score(ctx, directory, strategy, config_file, quiet, **opts):
-    """Add a strategy's importance and group columns to an existing build (no re-tokenizing)."""
+    """Add a strategy's importance and group columns to an existing build (no re-tokenizing); DIRECTORY may be a
+    URL of an object store (s3://...)."""
+    from sftgo.core.storage import parse_options
     from sftgo.pipeline.score import run
 
     skip = tuple(name for name in field_docs(BuildConfig) if name not in SCORE_SETTINGS)
@@ -270,7 +275,14 @@ def score(ctx, directory, strategy, config_file, quiet, **opts):
     options["trust_remote_code"] = values["trust_remote_code"]
     options["gpu_workers"] = values["gpu_workers"]
     manifest = run(
-        directory, new, options, values["workers"], values["scheduler"], values["overwrite"], values["progress"]
+        directory,
+        new,
+        options,
+        values["workers"],
+        values["scheduler"],
+        values["overwrite"],
+        values["progress"],
+        parse_options(values["storage_options"]),
     )
     click.echo(
         f"Added {', '.join(new)} groups to {len(manifest['shards'])} shard(s) in {safe_text(directory)}; "

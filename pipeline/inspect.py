@@ -39,7 +39,7 @@ from sftgo.core.shards import (
     strategy_order,
     verify_build,
 )
-from sftgo.core.storage import is_remote, is_url
+from sftgo.core.storage import is_remote, is_url, local_path
 from sftgo.core.text import safe_text as printable
 from sftgo.grouping import registry
 
@@ -270,8 +270,9 @@ def run(
     if is_remote(directory):
         return _remote_report(directory, strategy, sample, html_path, samples, color)
     try:
-        with shared(Path(directory), "report"):  # no build or score rewrites the shards while they are read
-            return _report(Path(directory), strategy, sample, html_path, samples, color)
+        folder = local_path(directory)  # (a file:// URL: its path)
+        with shared(folder, "report"):  # no build or score rewrites the shards while they are read
+            return _report(folder, strategy, sample, html_path, samples, color)
     except ShardError as exc:  # messages quote paths and names from the manifest and the command line
         raise ShardError(printable(exc)) from exc
 

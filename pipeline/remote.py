@@ -1,4 +1,5 @@
-"""A build whose --out is a URL of an object store: its work under URL/.staging/WORK, written by the tasks themselves.
+"""A build whose --out is a URL of an object store: its work under URL/.staging/WORK, written by the tasks themselves
+(and a `sftgo-prep score URL`: its work under URL/.scoring/WORK, by the same means; pipeline/score.py).
 
 Input: the output URL and its storage options (a `Store`, which travels to the workers with each task).
 Output: `StoreWork`, the one thing `build` asks of where its tasks work -- the work folder a task sees, how a task is
@@ -63,24 +64,30 @@ class StaleTaskError(SftgoError, RuntimeError):
     """A task of a build start that is no longer the current one: it writes nothing."""
 
 
-def on_store(fn, work: Store, fetch: list[str], *args):
-    """Worker task: fn(*args) in a scratch folder holding the objects `fetch` names that exist in `work` (an
-    argument SCRATCH[/name] stands for the scratch folder [/name]); what fn wrote there is uploaded to `work`,
-    .json files last.  A task whose build start is no longer the current one (its staging was replaced) uploads
-    nothing."""
+def on_store(fn, work: Store, fetch: list, *args, record: str = "build.json"):
+    """Worker task: fn(*args) in a scratch folder holding the objects `fetch` names that exist (an entry `name`:
+    the object `work`/name, fetched to scratch/name; an entry (store, name, local): the object store/name from
+    elsewhere, e.g. the shard a `score` rewrites, fetched to scratch/local); an argument SCRATCH[/name] stands for
+    the scratch folder [/name].  What fn wrote there (names that start with '.' aside) is uploaded to `work`, .json
+    files last.  A task whose start is no longer the current one (the object `record` beside its work folder names
+    another) uploads nothing."""
     fs, root = work.open()
     with tempfile.TemporaryDirectory(prefix="sftgo-task-") as tmp:
         had = set()
-        for name in fetch:
+        for item in fetch:
+            source, name, local = (None, item, item) if isinstance(item, str) else item
+            src_fs, src_root = (fs, root) if source is None else source.open()
+            target = os.path.join(tmp, local)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             try:
-                fs.get_file(f"{root}/{name}", os.path.join(tmp, name))
-                had.add(name)
+                src_fs.get_file(f"{src_root}/{name}", target)
+                had.add(local)
             except FileNotFoundError:
                 pass
         result = fn(*[tmp + a[len(SCRATCH) :] if isinstance(a, str) and a.startswith(SCRATCH) else a for a in args])
         new = sorted((n for n in os.listdir(tmp) if n not in had and not n.startswith(".")), key=_json_last)
         if new:
-            _check_current(fs, root)
+            _check_current(fs, root, record)
         for name in new:
             fs.put_file(os.path.join(tmp, name), f"{root}/{name}")
     return result
@@ -90,16 +97,17 @@ def _json_last(name: str) -> tuple:
     return (name.endswith(".json"), name)
 
 
-def _check_current(fs, work_root: str) -> None:
-    """The build start whose work folder is `work_root` is still the one its staging records."""
+def _check_current(fs, work_root: str, record_name: str = "build.json") -> None:
+    """The start whose work folder is `work_root` is still the one the record `record_name` beside that folder
+    names (build.json in a build's .staging, score.json in a score's .scoring)."""
     staging, name = work_root.rsplit("/", 1)
     try:
-        record = json.loads(fs.cat_file(f"{staging}/build.json"))
+        record = json.loads(fs.cat_file(f"{staging}/{record_name}"))
     except (FileNotFoundError, ValueError):
         record = None
     if not (isinstance(record, dict) and record.get("work") == name):
         raise StaleTaskError(
-            f"The build start {name} is no longer current (its staging was replaced); nothing written."
+            f"The start {name} is no longer current (its {staging.rsplit('/', 1)[-1]} was replaced); nothing written."
         )
 
 
@@ -127,13 +135,14 @@ class LocalWork:
 
 
 class StoreWork(LocalWork):
-    """Where the tasks of a build into a store work: URL/.staging/WORK, through each worker's scratch folder."""
+    """Where the tasks of a build (or a score) on a store work: URL/.staging/WORK (URL/.scoring/WORK), through each
+    worker's scratch folder; `record` is the object beside WORK that names the current start."""
 
-    def __init__(self, work: Store):
-        self.dir, self.store = SCRATCH, work
+    def __init__(self, work: Store, record: str = "build.json"):
+        self.dir, self.store, self.record = SCRATCH, work, record
 
     def task(self, fn):
-        call = functools.partial(on_store, fn)
+        call = functools.partial(on_store, fn, record=self.record)
         call.__name__ = getattr(fn, "__name__", "task")  # (what a failure names)
         return call
 
@@ -156,17 +165,21 @@ class StoreWork(LocalWork):
 
 
 def check_bucket(store: Store, what: str = "--out") -> None:
-    """The bucket (or container) of `store` exists and answers; else one sentence."""
+    """The bucket (or container) of `store` exists and answers; else one sentence (`what`, e.g. "--out", names the
+    setting; "" none)."""
     fs, root = store.open()
     bucket = root.split("/", 1)[0]
     try:
-        found = fs.exists(bucket)
+        if fs.exists(bucket):
+            return
+        fs.ls(bucket, detail=False)  # exists() says False on any failure (s3fs): a listing raises the store's error
+        return
+    except FileNotFoundError:
+        pass
     except Exception as exc:  # the store's own errors: credentials, endpoint, permission
-        raise SftgoError(f"{what} {storage.sentence(exc, store.url)}") from None
-    if not found:
-        raise SftgoError(
-            f"{what} {store.url}: the bucket {bucket} does not exist; create it first (sftgo-prep creates no buckets)."
-        )
+        raise SftgoError(f"{what} {storage.sentence(exc, store.url)}".lstrip()) from None
+    where = f"{what} {store.url}".lstrip()
+    raise SftgoError(f"{where}: the bucket {bucket} does not exist; create it first (sftgo-prep creates no buckets).")
 
 
 def read_json(store: Store, name: str):

@@ -18,15 +18,28 @@ complete and intact (its manifest checked like the build's, its records and sett
 every file it lists matching its checksum); anything else there is discarded with a note.
 Trust: the build is read like every reader reads one (core.shards.verify_build), and its params
 must hold every BuildConfig setting, each valid, before anything is computed from them.
-Cost: one read and one write of every shard plus the strategy's own scoring work.
+On an object store (DIR a URL: s3://..., opened with the storage options): the lock is the store's lease
+(core/lease.py) instead of DIR/.lock; the tasks run as a store build's do (pipeline/remote.py, StoreWork): each in
+its worker's scratch folder, fetching the objects it reads (the shard it rewrites, the staged files) and uploading
+what it writes into URL/.scoring/WORK, so the workers share no folder with the driver; a task whose start is no
+longer the one .scoring/score.json names uploads nothing.  A store has no rename: a move is a copy then a delete,
+in the same order as locally (the pending manifest in .scoring first, then the shards and artifacts to their final
+keys, then manifest.json LAST, then .scoring removed), and the same code decides what a killed run left (`_Folder`
+and `_Store` give both the same file operations).  What a reader sees during the commit window (locally too):
+the shards are rewritten in place while manifest.json still names the old checksums, so a reader that verifies
+checksums (verify_build, inspect, sftgo-train, load_shards) is refused until the new manifest is written, never
+silently served a mix of old and new shards; one that reads without checksums would see a mix, as locally.
+Cost: one read and one write of every shard plus the strategy's own scoring work; on a store each shard is
+downloaded twice (pass A and pass B), its rewrite uploaded once and copied twice inside the store (into .scoring,
+then to its key).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
-import shutil
 import sys
 from pathlib import Path
 
@@ -34,28 +47,40 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sftgo.core import models
-from sftgo.core.fileio import atomic_write_text, check_writable, file_sha256, output_target, remove
+from sftgo.core import lease, models, storage
+from sftgo.core.errors import ConfigError, SftgoError
+from sftgo.core.fileio import atomic_write_text, check_writable, file_sha256, output_target, remove, stream_sha256
 from sftgo.core.locks import exclusive
 from sftgo.core.shards import (
     MANIFEST,
+    Location,
     ShardError,
+    check_member_name,
     check_tokenizer,
     expected_columns,
+    manifest_text,
     member_path,
     read_manifest,
     strategy_order,
     verify_build,
     verify_shard,
-    write_manifest,
 )
+from sftgo.core.storage import parse_options
 from sftgo.core.text import safe_text
 from sftgo.grouping import registry
-from sftgo.pipeline import executor, gpus
+from sftgo.pipeline import executor, gpus, remote
 from sftgo.pipeline.build import WORK_NAME, BuildError
 from sftgo.pipeline.config import BuildConfig, check_strategies, ignored_settings
 from sftgo.pipeline.finalize import fit_all, manifest_entry, write_partition
-from sftgo.pipeline.prepare import stage_columns, stage_path, staged_table, worker_tokenizer, write_stage
+from sftgo.pipeline.prepare import (
+    STAGED,
+    part_name,
+    stage_columns,
+    stage_path,
+    staged_table,
+    worker_tokenizer,
+    write_stage,
+)
 
 SCORING = ".scoring"
 MARKER = "score.json"  # in SCORING: the key of the request it holds the work of
@@ -115,14 +140,15 @@ def stage_shard(index: int, shard: str, cfg: BuildConfig, new: list, tokenizer: 
     return write_stage(scoring, index, staged, [], {"index": index, "written": len(cols["id"])}, new)
 
 
-def _commit(out: Path, scoring: Path, manifest: dict, new: list[str]) -> dict:
+def _commit(place: _Folder, manifest: dict, new: list[str]) -> dict:
     """Move the rewritten shards and the artifacts of the strategies `new` of the checked pending
     `manifest` into place, then the manifest (last)."""
+    place.check_held()
     for name in [s["path"] for s in manifest["shards"]] + registry.artifacts_of(new):
-        if (scoring / name).exists():
-            os.replace(member_path(scoring, name), member_path(out, name))
-    write_manifest(out, manifest)
-    shutil.rmtree(scoring, ignore_errors=True)
+        if place.exists(place.scoring / name):
+            place.replace(member_path(place.scoring, name), member_path(place.out, name))
+    place.write_text(place.out / MANIFEST, manifest_text(manifest))
+    place.remove(place.scoring)
     return manifest
 
 
@@ -177,26 +203,178 @@ def _request_of(marker):
     return {k: v for k, v in marker.items() if k != "work"} if isinstance(marker, dict) else marker
 
 
-def _work_folder(scoring: Path, marker) -> Path:
+# ---------------------------------------------------------------- where the build lives: a folder or a store
+class _Folder:
+    """What `score` does to the files of a build in a local folder: `out` the build, `scoring` its DIR/.scoring;
+    every path is `out / name` or below `scoring` (`_Store` does the same on an object store)."""
+
+    options: dict | None = None
+
+    def __init__(self, out: Path):
+        self.out, self.scoring = out, out / SCORING
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the build's lock (DIR/.lock) for the whole request."""
+        if self.out.is_dir():
+            check_writable(self.out)  # score rewrites the build in place
+        with exclusive(self.out):
+            _check_work_folder(self.out, self.scoring)
+            yield
+
+    def check_held(self) -> None:
+        """The lock is still this request's (a local lock cannot be lost)."""
+
+    def check_targets(self, names: list[str]) -> None:
+        for name in names:
+            output_target(self.out / name)  # what the commit replaces is a regular file (never a link of the user's)
+
+    def work(self, name: str) -> remote.LocalWork:
+        return remote.LocalWork(self.scoring / name)
+
+    def base(self, name: str) -> tuple[list, str]:
+        """(what a task fetches, the argument naming the file) for the build's shard `name` that a task rewrites."""
+        return [], str(member_path(self.out, name))
+
+    def exists(self, path) -> bool:
+        return Path(path).exists()
+
+    def children(self, folder) -> list[tuple[str, bool]]:
+        """(name, is a folder of ours) of what `folder` holds."""
+        return [(p.name, p.is_dir() and not p.is_symlink()) for p in Path(folder).iterdir()]
+
+    def mkdir(self, path) -> None:
+        Path(path).mkdir(exist_ok=True)
+
+    def replace(self, src, dst) -> None:
+        os.replace(src, dst)
+
+    def remove(self, path) -> None:
+        remove(path)
+
+    def read_json(self, path):
+        """The JSON in `path`, or None when it is missing or unreadable (a work file of ours, cut short or
+        damaged)."""
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+
+    def write_text(self, path, text: str) -> None:
+        atomic_write_text(path, text)
+
+    def sha256(self, path) -> str | None:
+        return file_sha256(path) if Path(path).is_file() else None
+
+    def verify_shard(self, path, entry: dict, columns: dict) -> None:
+        verify_shard(path, entry, columns)
+
+
+class _Store(_Folder):
+    """A build on an object store (URL): the same operations on its objects.  A store has no rename: a move is a
+    copy and a delete (a kill between the two leaves both copies, the same bytes); the lock is the store's lease."""
+
+    def __init__(self, url: str, options: dict):
+        self.options, self.url = options, url
+        self.out = Location(url)
+        self.scoring = self.out / SCORING
+        self.fs = storage.filesystem(url, options)[0]
+        self.held = None
+
+    @contextlib.contextmanager
+    def lock(self):
+        try:
+            remote.check_bucket(remote.Store(self.url, self.options), "")
+        except SftgoError as exc:
+            raise ShardError(str(exc)) from None
+        read_manifest(self.out, self.options)  # not a build: refused before the lease object is written
+        with lease.held(self.url, self.options, "score") as held:
+            self.held = held
+            yield
+
+    def check_held(self) -> None:
+        if self.held is not None and self.held.lost():
+            raise BuildError(
+                f"Another writer took over {self.url} while this score ran (its lease changed); nothing was committed."
+            )
+
+    def check_targets(self, names: list[str]) -> None:
+        """(Objects are no links: nothing to check.)"""
+
+    def work(self, name: str) -> remote.StoreWork:
+        return remote.StoreWork(remote.Store(self.scoring / name, self.options), MARKER)
+
+    def base(self, name: str) -> tuple[list, str]:
+        local = f".base/{check_member_name(self.out, name)}"  # (a dot name: fetched, never uploaded)
+        return [(remote.Store(self.url, self.options), name, local)], f"{remote.SCRATCH}/{local}"
+
+    def _key(self, path) -> str:
+        return self.fs._strip_protocol(str(path)).rstrip("/")
+
+    def exists(self, path) -> bool:
+        self.fs.invalidate_cache()  # (tasks of other processes write here)
+        return self.fs.exists(self._key(path))
+
+    def children(self, folder) -> list[tuple[str, bool]]:
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.ls(self._key(folder), detail=True)
+        except FileNotFoundError:
+            return []
+        return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"] == "directory") for e in found]
+
+    def mkdir(self, path) -> None:
+        """(A store has no folders: a key's prefix is one.)"""
+
+    def replace(self, src, dst) -> None:
+        self.fs.copy(self._key(src), self._key(dst))
+        self.fs.rm_file(self._key(src))
+
+    def remove(self, path) -> None:
+        if self.exists(path):
+            self.fs.rm(self._key(path), recursive=True)
+
+    def read_json(self, path):
+        try:
+            return json.loads(self.fs.cat_file(self._key(path)))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+
+    def write_text(self, path, text: str) -> None:
+        self.fs.pipe_file(self._key(path), text.encode("utf-8"))
+
+    def sha256(self, path) -> str | None:
+        try:
+            with self.fs.open(self._key(path), "rb") as fh:
+                return stream_sha256(fh)
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def verify_shard(self, path, entry: dict, columns: dict) -> None:
+        verify_shard(path, entry, columns, fs=self.fs)
+
+
+def _place(directory: str, options: dict) -> _Folder:
+    """The build `directory` names: a local folder (a file:// URL is one), or a build on an object store."""
+    if storage.is_remote(directory):
+        return _Store(directory, options)
+    if options:
+        raise ConfigError(f"--storage-options is given, but {directory} is a local folder, not a store URL.")
+    return _Folder(storage.local_path(directory, "DIR"))
+
+
+def _work_folder(place: _Folder, marker) -> str:
     """The tasks' folder in .scoring: the one the marker of this same request names (resumed), else a new one;
     everything else in .scoring goes (a folder of an earlier start that a late task wrote into again, files
-    moved out of the work folder by a run killed before its pending manifest was written)."""
+    moved out of the work folder by a run killed before its pending manifest was written).  Its name."""
     name = marker.get("work") if isinstance(marker, dict) else None
     if not (isinstance(name, str) and WORK_NAME.fullmatch(name)):
         name = secrets.token_hex(8)
-    for p in scoring.iterdir():
-        if p.name != MARKER and not (p.name == name and p.is_dir() and not p.is_symlink()):
-            remove(p)
-    (scoring / name).mkdir(exist_ok=True)
-    return scoring / name
-
-
-def _read_json(path: Path):
-    """The JSON in `path`, or None when it is missing or unreadable (a work file of ours, cut short or damaged)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
+    for child, is_folder in place.children(place.scoring):
+        if child != MARKER and not (child == name and is_folder):
+            place.remove(place.scoring / child)
+    place.mkdir(place.scoring / name)
+    return name
 
 
 def _check_work_folder(out: Path, scoring: Path) -> None:
@@ -209,7 +387,7 @@ def _check_work_folder(out: Path, scoring: Path) -> None:
         )
 
 
-def _clash(out: Path, manifest: dict, new: list[str], overwrite: bool) -> None:
+def _clash(out, manifest: dict, new: list[str], overwrite: bool) -> None:
     clash = [s for s in new if s in strategy_order(manifest)]
     if clash and not overwrite:
         raise BuildError(f"{out} already has '{clash[0]}' groups; pass --overwrite to compute them again.")
@@ -223,18 +401,17 @@ def run(
     scheduler: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: dict | None = None,
 ) -> dict:
-    """Add strategies `new` to the build in `directory`; `options` overrides BuildConfig fields (eta, models)."""
+    """Add strategies `new` to the build in `directory` (a folder, or a URL of an object store opened with
+    `storage_options`); `options` overrides BuildConfig fields (eta, models)."""
     check_strategies(new)
-    out = Path(directory)
-    if out.is_dir():
-        check_writable(out)  # score rewrites the build in place
-    with exclusive(out):
-        scoring = out / SCORING
-        _check_work_folder(out, scoring)
-        manifest = read_manifest(out)
-        if (scoring / MANIFEST).exists():  # a previous run was killed while committing, or a stale folder
-            done = _resume_commit(out, scoring, manifest, new, options, overwrite)
+    place = _place(directory, parse_options(storage_options))
+    out, scoring = place.out, place.scoring
+    with place.lock():
+        manifest = read_manifest(out, place.options)
+        if place.exists(scoring / MANIFEST):  # a previous run was killed while committing, or a stale folder
+            done = _resume_commit(place, manifest, new, options, overwrite)
             if done is not None:
                 return done
         _clash(out, manifest, new, overwrite)
@@ -242,67 +419,68 @@ def run(
         for note in ignored_settings(BuildConfig(**options, workers=workers, scheduler=scheduler), new):  # given here
             print(f"Note: {note}", file=sys.stderr)
         marker = scoring / MARKER  # what an unfinished run was computing; anything else is stale
-        if scoring.exists() and _request_of(_read_json(marker)) != key:
-            remove(scoring)
-        verify_build(out, manifest)  # counts, paths, checksums, schemas: refused before a tokenizer or model loads
-        for name in [s["path"] for s in manifest["shards"]] + registry.artifacts_of(new) + [MANIFEST]:
-            output_target(out / name)  # what the commit replaces is a regular file (never a link of the user's)
+        if place.exists(scoring) and _request_of(place.read_json(marker)) != key:
+            place.remove(scoring)
+        verify_build(out, manifest, options=place.options)  # counts, paths, checksums, schemas: before a model loads
+        place.check_targets([s["path"] for s in manifest["shards"]] + registry.artifacts_of(new) + [MANIFEST])
         tok, light = models.load_build_tokenizer(manifest["tokenizer"]["name"], cfg.trust_remote_code)
         check_tokenizer(out, manifest, models.tokenizer_fingerprint(tok))
-        scoring.mkdir(exist_ok=True)
-        work = _work_folder(scoring, _read_json(marker))
-        atomic_write_text(marker, json.dumps({**key, "work": work.name}, sort_keys=True))
-        updated = _score(cfg, manifest, [registry.get(s) for s in new], out, scoring, work, light)
-        write_manifest(scoring, updated)
-        return _commit(out, scoring, updated, new)
+        place.mkdir(scoring)
+        work = _work_folder(place, place.read_json(marker))
+        place.write_text(marker, json.dumps({**key, "work": work}, sort_keys=True))
+        updated = _score(cfg, manifest, [registry.get(s) for s in new], place, work, light)
+        place.check_held()
+        place.write_text(scoring / MANIFEST, manifest_text(updated))
+        return _commit(place, updated, new)
 
 
 # ---------------------------------------------------------------- a commit left by a killed run
-def _resume_commit(
-    out: Path, scoring: Path, manifest: dict, new: list[str], options: dict, overwrite: bool
-) -> dict | None:
+def _resume_commit(place: _Folder, manifest: dict, new: list[str], options: dict, overwrite: bool) -> dict | None:
     """Finish the commit a killed `score` left in .scoring if it is this request's, for this build
     (`manifest`), complete and intact: the committed manifest.  Anything else is discarded with a note
     (None: score as usual), or refused in one sentence where discarding would lose a half-done commit."""
-    marker = _read_json(scoring / MARKER)
+    marker = place.read_json(place.scoring / MARKER)
     try:
-        staged = read_manifest(scoring)
+        staged = read_manifest(place.scoring, place.options)
     except ShardError as exc:
-        return _discard(scoring, f"its manifest is damaged ({str(exc).rstrip('.')})")
+        return _discard(place, f"its manifest is damaged ({str(exc).rstrip('.')})")
     if staged == manifest:
-        return _finished(out, scoring, manifest, new, options, marker)
-    cfg, key = request(out, manifest, new, options)
+        return _finished(place, manifest, new, options, marker)
+    cfg, key = request(place.out, manifest, new, options)
     if _request_of(marker) != key:
-        return _not_this_request(out, scoring, manifest, staged, marker)
-    problem = _pending_problem(out, scoring, manifest, staged, cfg, new)
+        return _not_this_request(place, manifest, staged, marker)
+    problem = _pending_problem(place, manifest, staged, cfg, new)
     if problem:
-        return _discard(scoring, problem)
-    _clash(out, manifest, new, overwrite)
-    return _commit(out, scoring, staged, new)
+        return _discard(place, problem)
+    _clash(place.out, manifest, new, overwrite)
+    return _commit(place, staged, new)
 
 
-def _discard(scoring: Path, why: str) -> None:
-    remove(scoring)
-    print(f"Note: discarded {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: {why}.", file=sys.stderr)
+def _discard(place: _Folder, why: str) -> None:
+    place.remove(place.scoring)
+    print(
+        f"Note: discarded {safe_text(str(place.scoring))}, left by an earlier `sftgo-prep score`: {why}.",
+        file=sys.stderr,
+    )
     return None
 
 
-def _finished(out: Path, scoring: Path, manifest: dict, new: list[str], options: dict, marker) -> dict | None:
+def _finished(place: _Folder, manifest: dict, new: list[str], options: dict, marker) -> dict | None:
     """The manifest in .scoring is already the build's: only the clean-up was left.  The manifest when
     that run was this request (its groups are in place), else None (score as usual)."""
-    _, key = request(out, manifest, new, options)  # the params an earlier run of this request recorded
-    remove(scoring)
+    _, key = request(place.out, manifest, new, options)  # the params an earlier run of this request recorded
+    place.remove(place.scoring)
     if isinstance(marker, dict) and marker.get("new") == new and marker.get("params") == key["params"]:
-        return verify_build(out, manifest)
+        return verify_build(place.out, manifest, options=place.options)
     print(
-        f"Note: removed {safe_text(str(scoring))}, left by an earlier `sftgo-prep score`: what it held is "
+        f"Note: removed {safe_text(str(place.scoring))}, left by an earlier `sftgo-prep score`: what it held is "
         "already in place.",
         file=sys.stderr,
     )
     return None
 
 
-def _not_this_request(out: Path, scoring: Path, manifest: dict, staged: dict, marker) -> None:
+def _not_this_request(place: _Folder, manifest: dict, staged: dict, marker) -> None:
     """A pending commit of another request (or build, or none we know): discarded, unless it is this
     build's and already half moved into place (discarding it would leave the build half rewritten)."""
     names = marker.get("new") if isinstance(marker, dict) else None
@@ -311,17 +489,15 @@ def _not_this_request(out: Path, scoring: Path, manifest: dict, staged: dict, ma
         and all(isinstance(n, str) for n in names)
         and marker.get("manifest_shards") == manifest["shards"]
     )
-    if ours and any(not (scoring / s["path"]).exists() for s in staged["shards"]):
+    if ours and any(not place.exists(place.scoring / s["path"]) for s in staged["shards"]):
         raise ShardError(
-            f"{out} is half-way through committing an earlier `sftgo-prep score --strategy "
+            f"{place.out} is half-way through committing an earlier `sftgo-prep score --strategy "
             f"{','.join(names)}` with other settings; run that command again to finish it first."
         )
-    return _discard(scoring, "it holds the commit of another request or of another build")
+    return _discard(place, "it holds the commit of another request or of another build")
 
 
-def _pending_problem(
-    out: Path, scoring: Path, manifest: dict, staged: dict, cfg: BuildConfig, new: list[str]
-) -> str | None:
+def _pending_problem(place: _Folder, manifest: dict, staged: dict, cfg: BuildConfig, new: list[str]) -> str | None:
     """Why the pending manifest `staged` is not the complete, intact result of this request on this
     build, or None: the same records and settings, the new strategies' entries, every file it lists."""
     added = {s: staged["strategies"].get(s) for s in new}
@@ -334,7 +510,7 @@ def _pending_problem(
     for s in new:
         if not _entry_matches(added[s], registry.get(s), cfg):
             return f"its '{s}' entry has other settings than this request"
-    return _files_problem(out, scoring, staged, cfg, new)
+    return _files_problem(place, staged, cfg, new)
 
 
 def _entry_matches(entry: dict, strategy, cfg: BuildConfig) -> bool:
@@ -348,28 +524,28 @@ def _entry_matches(entry: dict, strategy, cfg: BuildConfig) -> bool:
     )
 
 
-def _files_problem(out: Path, scoring: Path, staged: dict, cfg: BuildConfig, new: list[str]) -> str | None:
+def _files_problem(place: _Folder, staged: dict, cfg: BuildConfig, new: list[str]) -> str | None:
     """Every shard and new artifact the pending manifest lists, in .scoring or (already moved) in the
     build, matches its entry: checksum, and for shards the columns of every strategy and the rows."""
     columns = expected_columns(cfg.strategies)
     try:
         for entry in staged["shards"]:
-            verify_shard(_pending_file(out, scoring, entry["path"]), entry, columns)
+            place.verify_shard(_pending_file(place, entry["path"]), entry, columns)
         for s in new:
             for artifact in staged["strategies"][s].values():
                 if isinstance(artifact, dict) and "path" in artifact:
-                    path = _pending_file(out, scoring, artifact["path"])
-                    if not path.is_file() or file_sha256(path) != artifact.get("sha256"):
+                    path = _pending_file(place, artifact["path"])
+                    if place.sha256(path) != artifact.get("sha256"):
                         raise ShardError(f"{path} is missing or does not match its checksum")
     except ShardError as exc:
         return f"a file it lists is missing or damaged ({str(exc).rstrip('.')})"
     return None
 
 
-def _pending_file(out: Path, scoring: Path, name: str) -> Path:
+def _pending_file(place: _Folder, name: str):
     """Where pending file `name` is: still in .scoring, or already moved into the build."""
-    path = member_path(scoring, name)
-    return path if path.exists() else member_path(out, name)
+    path = member_path(place.scoring, name)
+    return path if place.exists(path) else member_path(place.out, name)
 
 
 def updated_manifest(manifest: dict, cfg: BuildConfig, added: dict, entries: list) -> dict:
@@ -387,50 +563,55 @@ def updated_manifest(manifest: dict, cfg: BuildConfig, added: dict, entries: lis
     }
 
 
-def _score(cfg: BuildConfig, manifest: dict, new: list, out: Path, scoring: Path, work: Path, light: bool) -> dict:
-    """Pass A, fit, pass B on the cluster, the tasks writing into `work`; the rewritten shards and the new
-    artifacts moved into `scoring`; the updated manifest (not yet written)."""
+def _score(cfg: BuildConfig, manifest: dict, new: list, place: _Folder, work_name: str, light: bool) -> dict:
+    """Pass A, fit, pass B on the cluster, the tasks writing into the work folder `work_name` (on a store, each in
+    its worker's scratch folder, fetching what it reads and uploading what it writes); the rewritten shards and
+    the new artifacts moved into .scoring; the updated manifest (not yet written)."""
     tok_location = models.tokenizer_dir(manifest["tokenizer"]["name"])
     shards = manifest["shards"]
     indices = list(range(len(shards)))
+    work = place.work(work_name)
+    w = work.dir
+    arts = registry.artifacts_of([s.name for s in new])
+    bases = [place.base(s["path"]) for s in shards]
     with executor.client(cfg.workers, cfg.scheduler, cfg.gpu_workers == "cuda") as c:
         model_resources = gpus.model_task_resources(c, cfg.gpu_workers, new)  # pass A runs the models
         executor.map_tasks(
             c,
-            stage_shard,
+            work.task(stage_shard),
             [
-                (i, str(member_path(out, s["path"])), cfg, new, tok_location, str(work), light)
-                for i, s in enumerate(shards)
+                work.args([part_name(i, "json"), *fetch], i, base, cfg, new, tok_location, w, light)
+                for i, (fetch, base) in enumerate(bases)
             ],
             "score",
             cfg.progress,
             model_resources,
         )
-        artifacts, thresholds = fit_all(
-            c, cfg, new, str(work), indices, manifest["totals"]["records_written"], str(work)
-        )
+        artifacts, thresholds = fit_all(c, cfg, new, w, indices, manifest["totals"]["records_written"], w, work)
         entries = executor.map_tasks(
             c,
-            write_partition,
+            work.task(write_partition),
             [
-                (
+                work.args(
+                    [part_name(i, STAGED), part_name(i, "scores.parquet"), s["path"], *arts, *fetch],
                     i,
                     cfg,
                     new,
-                    str(work),
-                    str(member_path(out, s["path"])),
-                    str(member_path(work, s["path"])),
+                    w,
+                    base,
+                    os.path.join(w, s["path"]),
                     artifacts,
-                    str(work),
+                    w,
                     thresholds,
                 )
-                for i, s in enumerate(shards)
+                for i, (s, (fetch, base)) in enumerate(zip(shards, bases))
             ],
             "write",
             cfg.progress,
         )
-    for name in [s["path"] for s in shards] + registry.artifacts_of(new):
-        if member_path(work, name).exists():
-            os.replace(member_path(work, name), member_path(scoring, name))
+    folder = place.scoring / work_name
+    for name in [s["path"] for s in shards] + arts:
+        if place.exists(folder / name):
+            place.replace(member_path(folder, name), member_path(place.scoring, name))
     added = {s.name: manifest_entry(s, cfg, artifacts, thresholds) for s in new}
     return updated_manifest(manifest, cfg, added, entries)

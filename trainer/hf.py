@@ -80,7 +80,7 @@ def load_shards(
             return _load_local(local, groups, verify, tokenizer, label=str(directory))
     if storage_options:
         raise ConfigError(f"load_shards got storage_options, but {directory} is a local folder, not a store URL.")
-    return _load_local(directory, groups, verify, tokenizer, label=str(directory))
+    return _load_local(storage.local_path(directory), groups, verify, tokenizer, label=str(directory))
 
 
 def _load_local(directory, groups, verify, tokenizer, label):

@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from sftgo.core.errors import SftgoError
+from sftgo.core.storage import is_url
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -57,13 +58,21 @@ def _named(path, what: str) -> str:
     return f"{what} {path}" if what else str(path)
 
 
+def local_only(path: str | os.PathLike, what: str = "") -> Path:
+    """`path` as a Path, or a PathError when it is a URL (s3://...): a URL never becomes a local path (Path would
+    make `s3://b/x` the folder s3:/b/x)."""
+    if is_url(path):
+        raise PathError(f"{_named(path, what)} is a URL, but sftgo writes this only to a local path; give one.")
+    return Path(path)
+
+
 def output_target(
     path: str | os.PathLike, what: str = "", stream: bool = False, follow: bool = False
 ) -> tuple[Path, bool]:
     """(where to write the output `path`, whether to write into it directly) or a PathError.  `what` names the
     output in the sentence (e.g. "--rejects"); `stream`: a text written front to back, which a FIFO or a
     character device may take; `follow`: a path the user named, which may be a symlink to where it goes."""
-    path = Path(path)
+    path = local_only(path, what)
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -111,7 +120,7 @@ def _direct(path: Path, what: str, stream: bool) -> bool:
 
 def check_output_dir(path: str | os.PathLike, what: str = "") -> None:
     """A folder sftgo fills or replaces (a checkpoint, an exported model) must be absent or a real folder."""
-    path = Path(path)
+    path = local_only(path, what)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         kind = "a symlink" if path.is_symlink() else _kind(os.lstat(path).st_mode)
         raise PathError(
@@ -122,7 +131,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "") -> None:
 def check_writable(path: str | os.PathLike, what: str = "") -> None:
     """Refuse, before any work, an output sftgo could not create: the folder `path` is (when it is one) or
     the nearest existing folder above it must take new files."""
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.abspath(local_only(path, what)))
     folder = path if path.is_dir() else path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

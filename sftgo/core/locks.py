@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sftgo.core.errors import SftgoError
-from sftgo.core.fileio import check_writable
+from sftgo.core.fileio import check_writable, local_only
 
 LOCK = ".lock"
 
@@ -74,7 +74,7 @@ def exclusive(out: Path, what: str = "build"):
     """Hold an exclusive lock on out/.lock for the whole job (released if the process dies).
     A second build (or training run) into the same directory is refused with one sentence, and so is a
     build or score while a training run reads the directory's shards (`shared`)."""
-    out = Path(out)
+    out = local_only(out)  # (a URL's lock is a lease: core/lease.py)
     out.mkdir(parents=True, exist_ok=True)
     fh = _open_lock(out)
     try:
@@ -111,7 +111,7 @@ def shared(folder: Path, what: str = "training run"):
     any reader holds it, a build or score into the folder (`exclusive`) is refused, so the shards cannot
     change under a run that reads them; and a reader is refused while a writer is at work.  A folder where
     no lock can be made (read-only) cannot be rewritten either: it is read without one."""
-    folder = Path(folder)
+    folder = local_only(folder)
     try:
         fh = _open_lock(folder)
     except LockedError:

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+from pathlib import Path
 
 from sftgo.core.errors import ConfigError
 
@@ -58,6 +59,20 @@ def is_url(location) -> bool:
 def is_remote(location) -> bool:
     """A URL whose data does not live in this machine's file system (not file:// or local://)."""
     return scheme(str(location)) not in (None, "file", "local")
+
+
+def local_path(location, what: str = "") -> Path:
+    """The local path `location` names: itself, or the path of a file:// (local://) URL.  A URL of a store is refused
+    in one sentence (`what`, e.g. "--out", names the setting): it never becomes a local path (Path("s3://b/x") is
+    the folder s3:/b/x, which nothing may create)."""
+    if not is_url(location):
+        return Path(location)
+    if is_remote(location):
+        raise StorageError(f"{what} {location} is a URL of an object store, but a local path is needed here.".lstrip())
+    check_backend(str(location))
+    import fsspec.core
+
+    return Path(fsspec.core.url_to_fs(str(location))[1])
 
 
 def parse_options(value, what: str = "--storage-options") -> dict:
