@@ -8,6 +8,8 @@ bench_scale.TreeRSS (wall time; peak RSS of the process tree; the driver's own p
   a  wall time of a build from s3:// inputs to an s3:// --out against the same build from local files to a local
      folder, --records (20,000) records, --repeats paired runs (the order alternates per pair), medians; the ratio
      store / local has no target: the loopback server is a single Python process sharing the 2 CPUs with the build.
+     Per store build it records the server's CPU seconds and the requests it logged; after the builds, the median
+     round trip of a small GET from this process.
   b  the driver's peak RSS (the sftgo-prep process alone, not its Dask workers) of a build reading from and writing
      to the store at the two --rss-records sizes; target <= 1.2x.  `make bench` runs 20,000 vs 200,000 records
      (a 200,000-record build from the store took about 75 s on 2 cores); `make bench-full` runs 100,000 vs
@@ -29,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -96,13 +100,30 @@ def main(argv=None) -> None:
                     flush=True,
                 )
 
+            moto, log = psutil.Process(server.proc.pid), tmp / "moto.log"
+
+            def served() -> tuple[float, int]:
+                """(CPU seconds the server has used, requests it has logged) so far."""
+                cpu = moto.cpu_times()
+                with open(log, "rb") as fh:
+                    return cpu.user + cpu.system, sum(b'HTTP/1.1" ' in line for line in fh)
+
             def store_build(n: int, out: str) -> dict:
-                return meter.run(build_cmd(uploaded[n], f"s3://{bucket}/{out}", args.workers), env=env)
+                cpu, requests = served()
+                res = meter.run(build_cmd(uploaded[n], f"s3://{bucket}/{out}", args.workers), env=env)
+                cpu2, requests2 = served()
+                return {**res, "server_cpu_s": cpu2 - cpu, "requests": requests2 - requests}
 
             def note(name: str, res: dict) -> None:
                 print(
                     f"{name:<10} {res['wall_s']:7.2f} s  driver peak RSS {res['driver_peak_rss_mb']:6.0f} MB  "
-                    f"tree {res['peak_rss_mb']:6.0f} MB  (load {os.getloadavg()[0]:.1f})",
+                    f"tree {res['peak_rss_mb']:6.0f} MB"
+                    + (
+                        f"  server {res['server_cpu_s']:.1f} CPU-s, {res['requests']} requests"
+                        if "requests" in res
+                        else ""
+                    )
+                    + f"  (load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
 
@@ -129,6 +150,12 @@ def main(argv=None) -> None:
             import s3fs
 
             fs = s3fs.S3FileSystem()
+            latency = []  # one small object's GET, from this process: the round trip of one request
+            fs.pipe_file(f"{bucket}/probe", b"x" * 100)
+            for _ in range(30):
+                t0 = time.perf_counter()
+                fs.cat_file(f"{bucket}/probe")
+                latency.append(time.perf_counter() - t0)
             totals = {
                 k: json.loads(fs.cat_file(f"{bucket}/{d}/manifest.json"))["totals"]
                 for k, d in (("store", "timing-out"), ("rss_small", "timing-out"), ("rss_large", "rss_large-out"))
@@ -161,6 +188,9 @@ def main(argv=None) -> None:
         "driver_peak_rss_mb_median": driver,
         "tree_peak_rss_mb_median": tree,
         "store_over_local_wall": wall["store"] / wall["local"],
+        "server_cpu_s_median": {k: med([x["server_cpu_s"] for x in runs[k]]) for k in ("store", "rss_large")},
+        "requests_median": {k: med([x["requests"] for x in runs[k]]) for k in ("store", "rss_large")},
+        "small_get_ms_median": 1000 * med(latency),
         "paired_store_over_local": [s["wall_s"] / x["wall_s"] for s, x in zip(runs["store"], runs["local"])],
         "driver_rss_large_over_small": driver["rss_large"] / driver["rss_small"],
         "target_rss": 1.2,
@@ -172,6 +202,10 @@ def main(argv=None) -> None:
     )
     print(f"local -> local : {wall['local']:7.2f} s")
     print(f"s3 -> s3       : {wall['store']:7.2f} s   store / local {result['store_over_local_wall']:.2f} (no target)")
+    print(
+        f"server per store build: {result['server_cpu_s_median']['store']:.1f} CPU-s, "
+        f"{result['requests_median']['store']:.0f} requests; a small GET {result['small_get_ms_median']:.1f} ms"
+    )
     print(
         f"driver peak RSS from the store, {rss_large:,} / {rss_small:,} records: {driver['rss_large']:.0f} / "
         f"{driver['rss_small']:.0f} MB = {result['driver_rss_large_over_small']:.2f} (target <= 1.2)"

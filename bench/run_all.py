@@ -629,7 +629,13 @@ def rows(res: dict, args_sizes: dict, commands: dict | None = None) -> list[dict
                 "note": f"{o['records']:,} records ({o['tokens']:,} tokens), --workers {o['workers']}, both real "
                 "`sftgo-prep build` subprocesses; the store is moto in server mode on the loopback "
                 "(tests/s3server.py), one Python process sharing the CPUs with the build; per-pair ratios "
-                + ", ".join(f"{x:.2f}" for x in o["paired_store_over_local"]),
+                + ", ".join(f"{x:.2f}" for x in o["paired_store_over_local"])
+                + (
+                    f"; per store build the server used {o['server_cpu_s_median']['store']:.1f} CPU-s for "
+                    f"{o['requests_median']['store']:.0f} requests (a small GET: {o['small_get_ms_median']:.1f} ms)"
+                    if "server_cpu_s_median" in o
+                    else ""
+                ),
             }
         )
         extra.append(
