@@ -12,10 +12,10 @@ bench_scale.TreeRSS (wall time; peak RSS of the process tree; the driver's own p
      round trip of a small GET from this process.
   b  the driver's peak RSS (the sftgo-prep process alone, not its Dask workers) of a build reading from and writing
      to the store at the two --rss-records sizes; target <= 1.2x.  `make bench` runs 20,000 vs 200,000 records
-     (a 200,000-record build from the store took about 75 s on 2 cores); `make bench-full` runs 100,000 vs
-     1,000,000 (the 1,000,000-record upload and build take several minutes there).  When the small size equals
-     --records, its figure is the median of a's store builds (the same command), not a run of its own.
-     --rss-repeats runs of each other measurement.
+     (a 200,000-record build from the store took 75-123 s on the 2 shared cores; the stage 3.8-4.1 minutes);
+     `make bench-full` runs 100,000 vs 1,000,000 (an 11 s upload and a 256 s build; the stage 13 minutes).
+     When the small size equals --records, its figure is the median of a's store builds (the same command), not a
+     run of its own; --rss-repeats runs of each other measurement.
 
 Usage: python bench/bench_store.py [--records 20000] [--rss-records 20000,200000] [--repeats 3] [--json FILE]
 """

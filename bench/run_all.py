@@ -21,16 +21,17 @@ reproduces each row.  Every timing is a median of --repeats (>= 3) runs, measure
 baseline in the same run.
 
 Two sizes (sizes(), below):
-- default (`make bench`), about 22 minutes on 2 CPU cores: every stage but scale; prep at 40,000 records,
+- default (`make bench`), about 23 minutes on 2 CPU cores: every stage but scale; prep at 40,000 records,
   strategies at 24 records, store at 20,000 records (its driver-RSS row at 20,000 vs 200,000), and one process
   per configuration for the peak-memory stages (memory, fsdp):
   a process's peak repeats from run to run far more closely than its timings (bench/analysis.md).  The
   estimate scales the stage times of the last full run (on 2 cores under a load average of about 2.6) to
-  these sizes: prep 1, strategies 2, train 5, memory 9, fsdp 1.5, store 3, profile 1 minutes.
-- --full (`make bench-full`), about 67 minutes there: prep at 200,000 records, the scale stage (200,000
+  these sizes: prep 1, strategies 2, train 5, memory 9, fsdp 1.5, profile 1 minutes; store 4 (measured alone,
+  3.8-4.1 minutes under a load average of about 5).
+- --full (`make bench-full`), about 68 minutes there: prep at 200,000 records, the scale stage (200,000
   and 1,000,000-record rows), strategies at 48 records, store at 100,000 records with its driver-RSS row at
-  100,000 vs 1,000,000 (about 12 minutes: the 1,000,000-record build from the loopback store alone takes
-  minutes), and --repeats processes for the memory stages.
+  100,000 vs 1,000,000 (13 minutes under a load average of 3.2, of which the 1,000,000-record build from the
+  loopback store took 4.3), and --repeats processes for the memory stages.
 A stage not run keeps the figures of the committed bench/results.json, and the report says when and on what
 CPU each stage ran.
 
@@ -120,8 +121,8 @@ def sizes(quick: bool, repeats: int, full: bool = True) -> dict:
         ],
         "fsdp": ["--steps", "3", "--repeats", peaks, "--batch-tokens", "256", "--grad-checkpointing"],
         "memory": ["--batch-tokens", "4096", "--steps", "2", "--repeats", peaks],
-        # the store's driver peak RSS: 1,000,000 records take about 8 minutes from the loopback server, so the
-        # default compares 20,000 with 200,000 (the same 10x); the small side is the timing builds' own
+        # the store's driver peak RSS: a 1,000,000-record build from the loopback server took 256 s (and 200,000
+        # 75-123 s), so the default compares 20,000 with 200,000 (the same 10x); the small side is the timing builds'
         "store": [
             "--records",
             "100000" if full else "20000",
