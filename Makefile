@@ -41,11 +41,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The rows users compare (every stage but scale; about 19 minutes on 2 CPU cores): bench/RESULTS.md.
+# The rows users compare (every stage but scale; about 23 minutes on 2 CPU cores): bench/RESULTS.md.
 bench: install
 	$(PY) bench/run_all.py
 
-# bench plus the 200,000- and 1,000,000-record scale rows and the larger sizes (about 55 minutes on 2 cores).
+# bench plus the 200,000- and 1,000,000-record scale and store rows and the larger sizes (about 68 minutes on 2 cores).
 bench-full: install
 	$(PY) bench/run_all.py --full
 

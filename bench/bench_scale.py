@@ -166,8 +166,19 @@ def hf_pipeline(inputs: list[str], out: str, num_proc: int = 2) -> dict:
 # measurement
 
 
+def high_water_kb(pid: int) -> int:
+    """The kernel's high-water mark of one process's resident set (VmHWM, kB); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 class TreeRSS:
-    """Runs a command; polls the summed RSS of its process tree every `interval` s; keeps the max."""
+    """Runs a command; polls the summed RSS of its process tree every `interval` s; keeps the max.  Also keeps the
+    command's own process's peak alone ("driver_peak_rss_mb": its VmHWM, which the kernel keeps between polls; the
+    last poll is at most `interval` s before it exits), without its children (e.g. Dask workers)."""
 
     def __init__(self, interval: float = 0.05):
         self.interval = interval
@@ -175,11 +186,12 @@ class TreeRSS:
     def run(self, cmd: list[str], env: dict | None = None) -> dict:
         import psutil
 
-        peak = 0
+        peak = hwm = 0
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
+            hwm = max(hwm, high_water_kb(proc.pid))
             total = 0
             try:
                 procs = [root] + root.children(recursive=True)
@@ -196,7 +208,7 @@ class TreeRSS:
         err = proc.stderr.read().decode(errors="replace")
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-        return {"wall_s": wall, "peak_rss_mb": peak / 2**20}
+        return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "driver_peak_rss_mb": hwm / 2**10}
 
 
 class LoadSampler(threading.Thread):

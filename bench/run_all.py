@@ -9,6 +9,10 @@ bench/_work/logs/STAGE.log and the figures in bench/_work/results/STAGE.json):
   scale       bench/bench_scale.py       at 200,000 records: vs datasets.map(num_proc=2); 2 vs 1 workers; start-up;
                                          peak RSS at 100,000 vs 1,000,000 records (--full only)
   fsdp        bench/bench_fsdp.py        per-rank peak memory of the training phase, 2-rank FSDP2 vs 2-rank DDP
+  store       bench/bench_store.py       a build from s3:// inputs to an s3:// --out (moto on the loopback, started
+                                         by the stage) vs the same build on local files (no target); the driver's
+                                         peak RSS of builds from the store at 20,000 vs 200,000 records
+                                         (100,000 vs 1,000,000 with --full)
   profile     py-spy (installed into bench/_work/tools from PyPI if missing) over one
               `sftgo-prep build --workers 1`, plus the build's own per-phase times at 1 and 2 workers
 Then writes bench/results.json and bench/RESULTS.md: one row per target (rows(), below: measured,
@@ -17,17 +21,21 @@ reproduces each row.  Every timing is a median of --repeats (>= 3) runs, measure
 baseline in the same run.
 
 Two sizes (sizes(), below):
-- default (`make bench`), about 19 minutes on 2 CPU cores: every stage but scale; prep at 40,000 records,
-  strategies at 24 records, and one process per configuration for the peak-memory stages (memory, fsdp):
+- default (`make bench`), about 23 minutes on 2 CPU cores: every stage but scale; prep at 40,000 records,
+  strategies at 24 records, store at 20,000 records (its driver-RSS row at 20,000 vs 200,000), and one process
+  per configuration for the peak-memory stages (memory, fsdp):
   a process's peak repeats from run to run far more closely than its timings (bench/analysis.md).  The
   estimate scales the stage times of the last full run (on 2 cores under a load average of about 2.6) to
-  these sizes: prep 1, strategies 2, train 5, memory 9, fsdp 1.5, profile 1 minutes.
-- --full (`make bench-full`), about 55 minutes there: prep at 200,000 records, the scale stage (200,000
-  and 1,000,000-record rows), strategies at 48 records, and --repeats processes for the memory stages.
+  these sizes: prep 1, strategies 2, train 5, memory 9, fsdp 1.5, profile 1 minutes; store 4 (measured alone,
+  3.8-4.1 minutes under a load average of about 5).
+- --full (`make bench-full`), about 68 minutes there: prep at 200,000 records, the scale stage (200,000
+  and 1,000,000-record rows), strategies at 48 records, store at 100,000 records with its driver-RSS row at
+  100,000 vs 1,000,000 (13 minutes under a load average of 3.2, of which the 1,000,000-record build from the
+  loopback store took 4.3), and --repeats processes for the memory stages.
 A stage not run keeps the figures of the committed bench/results.json, and the report says when and on what
 CPU each stage ran.
 
-Usage: python bench/run_all.py [--full] [--repeats 3] [--stages prep,strategies,train,...]
+Usage: python bench/run_all.py [--full] [--repeats 3] [--stages prep,strategies,train,store,...]
                                [--quick] [--report-only]
 """
 
@@ -51,7 +59,7 @@ WORK = ROOT / "bench" / "_work"
 RESULTS = WORK / "results"
 LOGS = WORK / "logs"
 PY = ".venv/bin/python"  # how the reproduce commands are written (make install's venv)
-STAGES = ("prep", "strategies", "train", "memory", "scale", "fsdp", "profile")
+STAGES = ("prep", "strategies", "train", "memory", "scale", "fsdp", "store", "profile")
 DEFAULT_STAGES = tuple(st for st in STAGES if st != "scale")  # `make bench`; --full adds the scale stage
 
 
@@ -75,6 +83,7 @@ def sizes(quick: bool, repeats: int, full: bool = True) -> dict:
             ],
             "fsdp": ["--steps", "1", "--repeats", "1"],
             "memory": ["--batch-tokens", "512", "--steps", "2", "--repeats", str(repeats)],
+            "store": ["--records", "2000", "--rss-records", "2000,20000", "--repeats", str(repeats)],
             "profile_records": 2000,
         }
     peaks = str(repeats) if full else "1"  # processes per configuration of the peak-memory stages
@@ -112,6 +121,16 @@ def sizes(quick: bool, repeats: int, full: bool = True) -> dict:
         ],
         "fsdp": ["--steps", "3", "--repeats", peaks, "--batch-tokens", "256", "--grad-checkpointing"],
         "memory": ["--batch-tokens", "4096", "--steps", "2", "--repeats", peaks],
+        # the store's driver peak RSS: a 1,000,000-record build from the loopback server took 256 s (and 200,000
+        # 75-123 s), so the default compares 20,000 with 200,000 (the same 10x); the small side is the timing builds'
+        "store": [
+            "--records",
+            "100000" if full else "20000",
+            "--rss-records",
+            "100000,1000000" if full else "20000,200000",
+            "--repeats",
+            str(repeats),
+        ],
         "profile_records": 10000,
     }
 
@@ -594,6 +613,48 @@ def rows(res: dict, args_sizes: dict, commands: dict | None = None) -> list[dict
                 f"{f['batch_tokens']}{' with gradient checkpointing' if f['grad_checkpointing'] else ''}",
             }
         )
+    if "store" in res:  # after the rows above, whose numbers bench/analysis.md cites
+        o = res["store"]
+        w, d = o["wall_s_median"], o["driver_peak_rss_mb_median"]
+        small, large = o["rss_records"]
+        extra.append(
+            {
+                "target": "prep from an object store: wall time of a build from s3:// inputs to an s3:// --out vs "
+                "the same build from local files to a local folder (no target)",
+                "measured": f"{w['store']:.1f} s",
+                "baseline": f"{w['local']:.1f} s",
+                "ratio": o["store_over_local_wall"],
+                "op": "<=",
+                "goal": None,
+                "command": cmd("bench_store.py", "store"),
+                "note": f"{o['records']:,} records ({o['tokens']:,} tokens), --workers {o['workers']}, both real "
+                "`sftgo-prep build` subprocesses; the store is moto in server mode on the loopback "
+                "(tests/s3server.py), one Python process sharing the CPUs with the build; per-pair ratios "
+                + ", ".join(f"{x:.2f}" for x in o["paired_store_over_local"])
+                + (
+                    f"; per store build the server used {o['server_cpu_s_median']['store']:.1f} CPU-s for "
+                    f"{o['requests_median']['store']:.0f} requests (a small GET: {o['small_get_ms_median']:.1f} ms)"
+                    if "server_cpu_s_median" in o
+                    else ""
+                ),
+            }
+        )
+        extra.append(
+            {
+                "target": f"memory: driver peak RSS (the sftgo-prep process alone) of a build from s3://, "
+                f"{large:,} vs {small:,} records",
+                "measured": f"{d['rss_large']:,.0f} MB",
+                "baseline": f"{d['rss_small']:,.0f} MB",
+                "ratio": o["driver_rss_large_over_small"],
+                "op": "<=",
+                "goal": o.get("target_rss", 1.2),
+                "command": cmd("bench_store.py", "store"),
+                "note": "the driver's VmHWM (Dask workers not counted), inputs read from and --out written to the "
+                f"store; process tree (workers and nannies too): {o['tree_peak_rss_mb_median']['rss_large']:,.0f} "
+                f"vs {o['tree_peak_rss_mb_median']['rss_small']:,.0f} MB; the local build's driver at "
+                f"{o['records']:,} records: {o['driver_peak_rss_mb_median']['local']:,.0f} MB",
+            }
+        )
     out += extra
     for r in out:  # a row without a goal is information, never a miss
         r["met"] = r["goal"] is None or (r["ratio"] >= r["goal"] if r["op"] == ">=" else r["ratio"] <= r["goal"])
@@ -873,6 +934,7 @@ def main() -> None:
         "scale": "bench_scale.py",
         "fsdp": "bench_fsdp.py",
         "memory": "bench_memory.py",
+        "store": "bench_store.py",
     }
     if not args.report_only:
         for st in stages:
