@@ -186,6 +186,7 @@ def test_a_cluster_without_workers_stops_the_build_with_a_sentence(monkeypatch):
     from sftgo.pipeline import executor
 
     monkeypatch.setattr(executor, "NO_WORKERS_S", 1.0)
+    monkeypatch.setattr(executor, "POLL_S", 0.25)  # looks for workers 4 times a second, not every 5 s
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
         with pytest.raises(
             executor.TaskError,
