@@ -122,6 +122,7 @@ def client(workers: int = 2, scheduler: str | None = None, cuda: bool = False) -
 
 
 NO_WORKERS_S = 120.0  # how long tasks wait on a cluster that has no worker before the build says so and stops
+POLL_S = 5.0  # how long map_tasks waits for a result before it asks whether the cluster has a worker at all
 
 
 IN_FLIGHT_PER_THREAD = 4  # tasks the scheduler holds per worker thread: enough to keep every worker busy
@@ -155,8 +156,8 @@ def map_tasks(
             if not running:
                 return results
             try:
-                done, _ = wait(list(running), timeout=5, return_when="FIRST_COMPLETED")
-            except TimeoutError:  # nothing finished in 5 s: is anyone working?
+                done, _ = wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:  # nothing finished in POLL_S: is anyone working?
                 empty_since = _no_workers_since(c, empty_since, desc, bar.n, len(args), resources)
                 continue
             for fut in done:

@@ -186,6 +186,7 @@ def test_a_cluster_without_workers_stops_the_build_with_a_sentence(monkeypatch):
     from sftgo.pipeline import executor
 
     monkeypatch.setattr(executor, "NO_WORKERS_S", 1.0)
+    monkeypatch.setattr(executor, "POLL_S", 0.25)  # looks for workers 4 times a second, not every 5 s
     with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
         with pytest.raises(
             executor.TaskError,
@@ -238,7 +239,7 @@ def test_a_late_task_of_a_killed_build_cannot_write_into_the_next_one(corpus, re
     assert files_of(out) == reference
 
 
-def test_a_late_task_of_a_killed_score_cannot_write_into_the_next_one(corpus, reference, tmp_path):
+def test_a_late_task_of_a_killed_score_cannot_write_into_the_next_one(corpus, reference, tmp_path, dask_scheduler):
     """The same for `sftgo-prep score`: a late pass-A task of a killed request (--eta 0.2) fails once another
     request (--eta 0.4) has started, which then gives what it gives uninterrupted."""
     from sftgo.core import models
@@ -255,7 +256,10 @@ def test_a_late_task_of_a_killed_score_cannot_write_into_the_next_one(corpus, re
 
     clean = fresh("clean")
     score = [str(BIN / "sftgo-prep"), "score", "--strategy", "tfidf", "--overwrite", "--workers", "1"]
-    subprocess.run(score[:2] + [str(clean)] + score[2:] + ["--eta", "0.4"], check=True, capture_output=True)
+    # the uninterrupted score, on the session's cluster (its bytes do not depend on the cluster; the killed
+    # requests below run on their own local cluster)
+    clean_args = score[:2] + [str(clean)] + score[2:] + ["--eta", "0.4", "--scheduler", dask_scheduler]
+    subprocess.run(clean_args, check=True, capture_output=True)
     out = fresh("out")
     _kill_when(score[:2] + [str(out)] + score[2:] + ["--eta", "0.2"], out, ".scoring/*/part-00002.json")
     a_work = out / ".scoring" / json.loads((out / ".scoring" / "score.json").read_text())["work"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,26 @@ def start(data, model, out, *extra, tensorboard=True):
     return proc
 
 
+@pytest.fixture(scope="module")
+def finished_template(tmp_path_factory, shared_shard_dir, tiny_model_dir):
+    """A finished run of 2 steps with a checkpoint at each (--save-every 1), trained once for the module."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = train(shared_shard_dir, tiny_model_dir, out, "--save-every", 1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture
+def finished_run(finished_template, tmp_path):
+    """A copy of the finished run for the test (it may change it), as if trained in the test's own folder."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_template, out, symlinks=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(out=str(out))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, shared_shard_dir, tiny_model_dir):
     out = tmp_path / "run"
     proc = start(shared_shard_dir, tiny_model_dir, out)
@@ -105,9 +126,8 @@ def test_a_signal_stops_the_run_with_a_checkpoint_and_resume_says_where_it_goes_
     assert f"Note: resuming from {latest}: training goes on from step {step}." in resumed.stderr
 
 
-def test_what_an_interrupted_save_left_is_removed_or_put_back(tmp_path, shared_shard_dir, tiny_model_dir):
-    out = tmp_path / "run"
-    assert train(shared_shard_dir, tiny_model_dir, out, "--save-every", 1).returncode == 0
+def test_what_an_interrupted_save_left_is_removed_or_put_back(finished_run, shared_shard_dir, tiny_model_dir):
+    out = finished_run
     (out / "checkpoints" / ".tmp-step-0000009").mkdir()  # a checkpoint save killed half-way
     (out / "checkpoints" / ".tmp-step-0000009" / "model.safetensors").write_bytes(b"half")
     (out / ".tmp-model").mkdir()  # an export killed before its first rename ...
@@ -134,9 +154,8 @@ def test_what_an_interrupted_save_left_is_removed_or_put_back(tmp_path, shared_s
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
 
 
-def test_a_cut_off_last_metrics_line_does_not_block_resume(tmp_path, shared_shard_dir, tiny_model_dir):
-    out = tmp_path / "run"
-    assert train(shared_shard_dir, tiny_model_dir, out, "--save-every", 1).returncode == 0
+def test_a_cut_off_last_metrics_line_does_not_block_resume(finished_run, shared_shard_dir, tiny_model_dir):
+    out = finished_run
     metrics = out / "metrics.jsonl"
     whole = metrics.read_text()
     metrics.write_text(whole + '{"step": 3, "split": "tra')  # the write a kill or a full disk cut short
@@ -155,9 +174,8 @@ def test_a_cut_off_last_metrics_line_does_not_block_resume(tmp_path, shared_shar
     ]
 
 
-def test_a_refused_resume_leaves_the_recorded_settings(tmp_path, shared_shard_dir, tiny_model_dir):
-    out = tmp_path / "run"
-    assert train(shared_shard_dir, tiny_model_dir, out, "--save-every", 1).returncode == 0
+def test_a_refused_resume_leaves_the_recorded_settings(finished_run, shared_shard_dir, tiny_model_dir):
+    out = finished_run
     config = (out / "config.json").read_bytes()
     state = out / "checkpoints" / "step-0000002" / "trainer_state.json"
     edited = json.loads(state.read_text())
