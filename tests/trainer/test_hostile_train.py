@@ -4,6 +4,7 @@ defects of the hostile-input review they cover."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from sftgo.core.fileio import file_sha256
 from sftgo.core.shards import ShardError, read_manifest, write_manifest
 from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, ignored_settings
 from sftgo.trainer.loop import run
+from tests.trainer.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = str(Path(sys.executable).parent / "sftgo-train")
@@ -59,21 +61,7 @@ def one_sentence(proc, *needles):
     return lines[0]
 
 
-def cfg(data, out, model, **kw):
-    base = dict(
-        data=str(data),
-        out=str(out),
-        model=model,
-        max_steps=4,
-        batch_tokens=160,
-        lr=3e-3,
-        progress=False,
-        tensorboard=False,
-        shuffle_buffer=8,
-        bucket_pool=2,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+cfg = functools.partial(tiny_config, max_steps=4)  # a short run on the tiny model
 
 
 def train_records(out):

@@ -20,24 +20,12 @@ from safetensors.torch import load_file
 from sftgo.trainer.config import ConfigError, TrainConfig
 from sftgo.trainer.distributed import bf16_native, state_dtype
 from sftgo.trainer.model import TokenLossModel, load_for_training
+from tests.trainer.tiny import tiny_config
 
 CPU = torch.device("cpu")
 
 
-def _cfg(shard_dir, out, model, **kw) -> TrainConfig:
-    base = dict(
-        data=str(shard_dir),
-        out=str(out),
-        model=model,
-        max_steps=2,
-        batch_tokens=160,
-        lr=3e-3,
-        progress=False,
-        tensorboard=False,
-        shuffle_buffer=8,
-        bucket_pool=2,
-    )
-    return TrainConfig(**{**base, **kw})
+_cfg = tiny_config  # a short run on the tiny model
 
 
 def _batch(vocab: int, rows: int = 2, length: int = 12, seed: int = 0):

@@ -15,6 +15,7 @@ from sftgo.trainer.config import TrainConfig
 from sftgo.trainer.loop import run
 from sftgo.trainer.objectives import dft_loss, weighted_loss
 from sftgo.trainer.step import Counts, Objective, objective_parts, token_weights
+from tests.trainer.tiny import tiny_config
 
 
 def _batch(seed=0, n=40, k=2):
@@ -104,21 +105,7 @@ def test_group_weight_is_relative_to_plain_sft():
 @pytest.mark.parametrize("extra", [dict(objective="dft"), dict(objective="weighted", group_weight=2.5)])
 def test_baselines_train_through_sftgo_train(tmp_path, shard_dir, tiny_model_dir, extra):
     out = tmp_path / "run"
-    run(
-        TrainConfig(
-            data=str(shard_dir),
-            out=str(out),
-            model=tiny_model_dir,
-            max_steps=3,
-            batch_tokens=160,
-            lr=3e-3,
-            progress=False,
-            tensorboard=False,
-            shuffle_buffer=8,
-            bucket_pool=2,
-            **extra,
-        )
-    )
+    run(tiny_config(shard_dir, out, tiny_model_dir, max_steps=3, **extra))
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["split"] == "train"]
     assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)

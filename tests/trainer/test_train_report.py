@@ -13,26 +13,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from sftgo.trainer.config import ConfigError, TrainConfig
+from sftgo.trainer.config import ConfigError
 from sftgo.trainer.loop import run
+from tests.trainer.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cfg(shard_dir, out, model, **kw):
-    base = dict(
-        data=str(shard_dir),
-        out=str(out),
-        model=model,
-        max_steps=2,
-        batch_tokens=160,
-        lr=3e-3,
-        progress=False,
-        tensorboard=False,
-        shuffle_buffer=8,
-        bucket_pool=2,
-    )
-    return TrainConfig(**{**base, **kw})
+cfg = tiny_config  # a short run on the tiny model
 
 
 def test_every_tracker_receives_the_metrics(tmp_path, shard_dir, tiny_model_dir, monkeypatch):

@@ -2,6 +2,7 @@
 --resume refuses changes, one training per run directory, TensorBoard, the final model's form."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -19,25 +20,12 @@ from sftgo.core.shards import read_manifest
 from sftgo.trainer import resume
 from sftgo.trainer.config import FIELDS, ConfigError, TrainConfig, read_config_file
 from sftgo.trainer.loop import run
+from tests.trainer.tiny import tiny_config
 
 BIN = str(Path(sys.executable).parent / "sftgo-train")
 
 
-def cfg(shard_dir, out, model, **kw):
-    base = dict(
-        data=str(shard_dir),
-        out=str(out),
-        model=model,
-        max_steps=4,
-        batch_tokens=160,
-        lr=3e-3,
-        progress=False,
-        tensorboard=False,
-        shuffle_buffer=8,
-        bucket_pool=2,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+cfg = functools.partial(tiny_config, max_steps=4)  # a short run on the tiny model
 
 
 def train_records(out):
