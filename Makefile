@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The rows users compare (every stage but scale; about 23 minutes on 2 CPU cores): bench/RESULTS.md.
+# The rows users compare (every stage but scale; about 25 minutes on 2 CPU cores): bench/RESULTS.md.
 bench: install
 	$(PY) bench/run_all.py
 

@@ -21,13 +21,13 @@ reproduces each row.  Every timing is a median of --repeats (>= 3) runs, measure
 baseline in the same run.
 
 Two sizes (sizes(), below):
-- default (`make bench`), about 23 minutes on 2 CPU cores: every stage but scale; prep at 40,000 records,
+- default (`make bench`), about 25 minutes on 2 CPU cores: every stage but scale; prep at 40,000 records,
   strategies at 24 records, store at 20,000 records (its driver-RSS row at 20,000 vs 200,000), and one process
   per configuration for the peak-memory stages (memory, fsdp):
-  a process's peak repeats from run to run far more closely than its timings (bench/analysis.md).  The
-  estimate scales the stage times of the last full run (on 2 cores under a load average of about 2.6) to
-  these sizes: prep 1, strategies 2, train 5, memory 9, fsdp 1.5, profile 1 minutes; store 4 (measured alone,
-  3.8-4.1 minutes under a load average of about 5).
+  a process's peak repeats from run to run far more closely than its timings (bench/analysis.md).  Stage
+  times: train 5.7 and memory 10.3 minutes measured at these sizes (under a load average of about 3), store
+  3.8-4.1 (load about 5); prep 1, strategies 2, fsdp 1.5 and profile 1 scaled from the last full run (load
+  about 2.6).  The memory stage's three 4,096-token training processes are its cost.
 - --full (`make bench-full`), about 68 minutes there: prep at 200,000 records, the scale stage (200,000
   and 1,000,000-record rows), strategies at 48 records, store at 100,000 records with its driver-RSS row at
   100,000 vs 1,000,000 (13 minutes under a load average of 3.2, of which the 1,000,000-record build from the
