@@ -17,7 +17,7 @@ from typing import Any
 
 from sftgo.core.config import load_config_file
 from sftgo.core.errors import ConfigError  # the one both CLIs raise; importable from here as before
-from sftgo.core.storage import is_remote, parse_options
+from sftgo.core.storage import is_remote, is_url, local_path, parse_options
 from sftgo.trainer import registry
 
 # Importing this module (and trainer/registry.py) imports no torch, so that `sftgo-train` refuses a bad
@@ -322,6 +322,10 @@ class TrainConfig:
         for name in ("data", "out"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{flag(name)} must be a path, not {getattr(self, name)!r}.")
+        for name in ("data", "eval_data", "out", "cache_dir"):  # a file:// URL is the local path it names
+            value = getattr(self, name)
+            if isinstance(value, str) and is_url(value) and not is_remote(value):
+                setattr(self, name, str(local_path(value, flag(name))))
         if not self.data:
             raise ConfigError(f"{flag('data')} is required: the shard directory written by `sftgo-prep build`.")
         if not self.out:

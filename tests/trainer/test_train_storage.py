@@ -186,3 +186,18 @@ def test_load_shards_and_inspect_read_a_build_on_s3(s3_server, store, shared_sha
     shown = run("sftgo-prep", "inspect", url, environ=env(s3_server)).stdout
     there = run("sftgo-prep", "inspect", shared_shard_dir, environ=env(s3_server)).stdout
     assert url in shown and shown.replace(url, "X") == there.replace(str(shared_shard_dir), "X")
+
+
+def test_file_urls_are_the_local_paths_they_name(tmp_path, shard_dir, tiny_model_dir):
+    from sftgo.trainer.loop import run as train
+    from tests.trainer.tiny import tiny_config
+
+    out = tmp_path / "run"
+    cfg = tiny_config(
+        f"file://{shard_dir}", f"file://{out}", tiny_model_dir, max_steps=1, eval_data=f"file://{shard_dir}"
+    )
+    train(cfg)
+    assert (out / "model" / "model.safetensors").is_file()  # the run folder is the path, not a folder "file:"
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["data"] == recorded["eval_data"] == str(shard_dir) and recorded["out"] == str(out)
+    assert not any(p.name.startswith("file:") for p in Path.cwd().iterdir())
