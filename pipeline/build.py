@@ -278,6 +278,8 @@ def run(cfg: BuildConfig) -> tuple[dict, bool]:
     """Build, resume or recognise the build of `cfg`: (its manifest, whether this call wrote it; False
     when cfg.out already held this very build)."""
     cfg.validate()
+    if cfg.rejects and not storage.is_remote(cfg.rejects):
+        cfg.rejects = str(storage.local_path(cfg.rejects, "--rejects"))  # (a file:// URL: its path)
     on_store = storage.is_remote(cfg.out)
     out = cfg.out if on_store else storage.local_path(cfg.out, "--out")  # (a file:// URL: its path)
     if on_store:
@@ -596,8 +598,7 @@ def _check_outputs(cfg: BuildConfig, out: Path) -> None:
     shards = [p.name for p in out.glob("shard-*.parquet") if SHARD_FILE.fullmatch(p.name)] if out.is_dir() else []
     for name in owned + shards:
         output_target(out / name)
-    if cfg.rejects:
-        _check_rejects_path(cfg.rejects, cfg.inputs, out)
+    _check_rejects(cfg, out)
 
 
 def _check_apart(cfg: BuildConfig, out) -> None:
@@ -618,12 +619,23 @@ def _check_store_outputs(cfg: BuildConfig) -> None:
     _check_apart(cfg, cfg.out)
     try:
         remote.check_bucket(remote.Store(cfg.out, cfg.storage_options), "--out")
-        if cfg.rejects and storage.is_remote(cfg.rejects):
-            remote.check_bucket(remote.Store(cfg.rejects, cfg.storage_options), "--rejects")
     except SftgoError as exc:
         raise BuildError(str(exc)) from None
-    if cfg.rejects and not storage.is_remote(cfg.rejects):
-        _check_rejects_path(cfg.rejects, cfg.inputs, Path(os.devnull))
+    _check_rejects(cfg, Path(os.devnull))
+
+
+def _check_rejects(cfg: BuildConfig, out) -> None:
+    """--rejects, where given: on a store, its bucket exists; a local path passes _check_rejects_path (`out`: the
+    local --out folder it may not land in)."""
+    if not cfg.rejects:
+        return
+    if storage.is_remote(cfg.rejects):
+        try:
+            remote.check_bucket(remote.Store(cfg.rejects, cfg.storage_options), "--rejects")
+        except SftgoError as exc:
+            raise BuildError(str(exc)) from None
+    else:
+        _check_rejects_path(cfg.rejects, cfg.inputs, out)
 
 
 def _check_rejects_path(rejects: str, inputs: list[str], out: Path) -> None:

@@ -108,10 +108,22 @@ def test_s3_inputs_give_the_shards_of_the_local_files(dask_scheduler, s3, tmp_pa
     # The S3 build runs with no AWS variable at all: the driver and the tasks get endpoint and keys as data.
     options = json.dumps({"endpoint_url": s3.endpoint, "key": "testing", "secret": "testing"})
     # (one build after the other: two builds at once on one scheduler would share task keys)
-    cli("sftgo-prep", "build", *local_inputs, "--out", tmp_path / "localout", *common)
-    remote = _prep(
-        "build", *urls, "--out", tmp_path / "s3out", "--storage-options", options, *common, env=_env_without_aws()
+    # --rejects: a file:// URL (its local path) beside a local --out, and an object in the store
+    local_rejects, rejects_url = tmp_path / "rejects.jsonl", f"s3://{bucket}/rejects/rejects.jsonl"
+    cli(
+        "sftgo-prep",
+        "build",
+        *local_inputs,
+        "--out",
+        tmp_path / "localout",
+        "--rejects",
+        f"file://{local_rejects}",
+        *common,
     )
+    remote = _prep(
+        "build", *urls, "--out", tmp_path / "s3out", "--rejects", rejects_url, "--storage-options", options, *common,
+        env=_env_without_aws(),
+    )  # fmt: skip
     stdout, stderr = remote.communicate(timeout=300)
     assert remote.returncode == 0, stderr
     assert "(README.txt)" in stderr and "skipped .hidden.jsonl" in stderr  # the rules of a local folder
@@ -130,6 +142,12 @@ def test_s3_inputs_give_the_shards_of_the_local_files(dask_scheduler, s3, tmp_pa
         for e in m["inputs"]:
             e.pop("input")
     assert got == want and want["rejected"] == {"malformed_csv": 1, "malformed_json": 1}
+    stored = [json.loads(x) for x in storage.filesystem(rejects_url)[0].cat_file(rejects_url).splitlines()]
+    written = [json.loads(x) for x in local_rejects.read_text().splitlines()]
+    assert [r.pop("source") for r in stored] == [f"{url}/a.jsonl", f"{url}/c.csv"]  # each record's own input
+    assert [r.pop("source") for r in written] == [str(local / "a.jsonl"), str(local / "c.csv")]
+    assert len(stored) == 2 and stored == written
+    assert not any(p.name.startswith(("file:", "s3:")) for p in [*tmp_path.iterdir(), *ROOT.iterdir()])
     built = (tmp_path / "s3out" / ".build.json").read_text() + (tmp_path / "s3out" / "manifest.json").read_text()
     assert "storage_options" not in built and "testing" not in built  # credentials are never written
 
