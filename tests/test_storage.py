@@ -50,3 +50,14 @@ def test_memory_and_s3_roundtrip(s3):
     with pytest.raises(FileNotFoundError) as info:
         storage.filesystem("s3://no-such-bucket-here/x")[0].cat("no-such-bucket-here/x")
     assert "does not exist" in storage.sentence(info.value, "s3://no-such-bucket-here/x")
+
+
+def test_a_config_file_is_local_a_file_url_is_its_path(tmp_path):
+    from sftgo.core.config import load_config_file
+    from sftgo.pipeline.config import BuildConfig
+
+    (tmp_path / "c.json").write_text('{"rows_per_shard": 7}')
+    assert load_config_file(f"file://{tmp_path}/c.json", BuildConfig) == {"rows_per_shard": 7}
+    for url in ("s3://bucket/c.json", "memory://c.yaml"):
+        with pytest.raises(storage.StorageError, match=r"^--config .* is a URL of an object store, but a local path"):
+            load_config_file(url, BuildConfig)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import types
 import typing
-from pathlib import Path
 
 import tomllib
 
@@ -23,7 +22,9 @@ from sftgo.core.errors import ConfigError
 
 
 def _parse(path: str) -> dict:
-    p = Path(path)
+    from sftgo.core.storage import local_path
+
+    p = local_path(path, "--config")  # a file:// URL is its path; a store's URL is refused in one sentence
     suffix = p.suffix.lower()
     kind = "TOML" if suffix == ".toml" else "YAML" if suffix in (".yaml", ".yml") else "JSON"
     try:
