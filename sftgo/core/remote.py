@@ -217,8 +217,16 @@ class ShardCache:
         return max((self.build.size(n) for n in self._sums), default=0)
 
     def disk_bytes(self) -> int:
-        """What the folder holds on disk now."""
-        return sum(e.stat().st_size for e in os.scandir(self.folder) if e.is_file())
+        """What the folder holds on disk now.  The reader releases (deletes) shards while the download thread measures:
+        a file listed but gone before its size is read holds nothing."""
+        total = 0
+        with os.scandir(self.folder) as entries:
+            for e in entries:
+                try:
+                    total += e.stat().st_size if e.is_file() else 0
+                except FileNotFoundError:
+                    continue
+        return total
 
     def _reserve(self, size: int, files: list, stop: threading.Event) -> bool:
         """Wait until a shard of `size` bytes fits beside what is held (at most 1 + ahead files of this reader) and

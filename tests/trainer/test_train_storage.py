@@ -109,9 +109,14 @@ def test_a_run_stopped_and_resumed_from_s3_ends_as_an_uninterrupted_one(tmp_path
 def torchrun(*args, environ):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*cmd, "-m", "sftgo.trainer.cli", *map(str, args)], capture_output=True, text=True, timeout=300, env=environ
+        [*cmd, "-m", "sftgo.trainer.cli", *map(str, args), "--debug"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environ,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]  # each rank's own
+    assert proc.returncode == 0, "\n".join(said[-20:]) + "\n" + proc.stderr[-3000:]
     return proc
 
 
@@ -201,3 +206,30 @@ def test_file_urls_are_the_local_paths_they_name(tmp_path, shard_dir, tiny_model
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["data"] == recorded["eval_data"] == str(shard_dir) and recorded["out"] == str(out)
     assert not any(p.name.startswith("file:") for p in Path.cwd().iterdir())
+
+
+def test_the_cache_measures_a_folder_whose_shard_the_reader_just_released(tmp_path, monkeypatch):
+    """The download thread sizes the cache folder while the reader deletes the shard it finished: a file listed but
+    gone before its size is read counts nothing (it once failed a resumed torchrun run, naming the vanished file)."""
+    from sftgo.core import remote
+
+    (tmp_path / "0001-000000-shard-00000.parquet").write_bytes(b"x" * 10)
+    (tmp_path / "0001-000001-shard-00001.parquet").write_bytes(b"y" * 5)
+    listing = os.scandir
+
+    class Listing(list):  # what os.scandir gives: a context manager over the entries
+        def __enter__(self):
+            return iter(self)
+
+        def __exit__(self, *exc):
+            return False
+
+    def released_after_listing(folder):
+        entries = Listing(listing(folder))
+        (tmp_path / "0001-000000-shard-00000.parquet").unlink()  # the reader is done with it
+        return entries
+
+    monkeypatch.setattr(remote.os, "scandir", released_after_listing)
+    cache = remote.ShardCache.__new__(remote.ShardCache)  # (only its folder is measured)
+    cache.folder = tmp_path
+    assert cache.disk_bytes() == 5
