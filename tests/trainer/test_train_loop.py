@@ -1,5 +1,6 @@
 """The loop in-process on a tiny model: exact resume, objectives, pre-flight checks, artifacts."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -9,26 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from sftgo.core.shards import ShardError
-from sftgo.trainer.config import ConfigError, TrainConfig
+from sftgo.trainer.config import ConfigError
 from sftgo.trainer.loop import run
+from tests.trainer.tiny import tiny_config
 
-
-def cfg(shard_dir, out, model, **kw):
-    base = dict(
-        data=str(shard_dir),
-        out=str(out),
-        model=model,
-        max_steps=6,
-        batch_tokens=160,
-        lr=3e-3,
-        warmup_steps=1,
-        progress=False,
-        tensorboard=False,
-        shuffle_buffer=8,
-        bucket_pool=2,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+cfg = functools.partial(tiny_config, max_steps=6, warmup_steps=1)  # a short run on the tiny model
 
 
 def weights(run_dir):
